@@ -1,0 +1,423 @@
+"""Everything that touches disk: config loading, checkpoints, camera files and rigs, datasets and
+the built-in toy datasets.
+
+Run it to make the toy mouse data and look at it:
+    python data.py toy_mice --out=data/toy_mice --n=200        # FaceLift-format samples + preview.png
+    python data.py rig_from_cameras SAMPLE/opencv_cameras.json --name=my_rig --out=configs/rigs/my_rig.json
+"""
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from models import get_rays, intrinsics_matrix, look_at_c2w, render_gaussians  # noqa: F401  (get_rays: re-exported for scripts)
+
+REPO = Path(__file__).resolve().parent
+RIGS_DIR = REPO / "configs" / "rigs"
+
+# @@CONFIG_AND_CHECKPOINTS@@
+
+# ----------------------------------------------------------------------------------------------
+# Camera files (FaceLift's opencv_cameras.json) and rigs
+
+FRAME_KEYS = ("w", "h", "fx", "fy", "cx", "cy", "w2c")
+
+
+def read_cameras(path):
+    """opencv_cameras.json -> the dict as stored (extra keys kept), after checking every frame."""
+    path = Path(path)
+    try:
+        cams = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: cannot read camera file ({err})") from None
+    if not isinstance(cams, dict) or not isinstance(cams.get("frames"), list) or not cams["frames"]:
+        raise ValueError(f"{path}: expected {{'id': ..., 'frames': [...]}} with at least one frame")
+    for i, fr in enumerate(cams["frames"]):
+        missing = [k for k in FRAME_KEYS if k not in fr]
+        if missing:
+            raise ValueError(f"{path}: frame {i} lacks keys {missing} (needs {list(FRAME_KEYS)})")
+        w2c = np.asarray(fr["w2c"], dtype=np.float64)
+        if w2c.shape != (4, 4) or not np.isfinite(w2c).all():
+            raise ValueError(f"{path}: frame {i} w2c must be a finite 4x4 matrix, got {fr['w2c']}")
+    return cams
+
+
+def write_cameras(path, cams):
+    Path(path).write_text(json.dumps(cams, indent=1))
+
+
+def frames_to_tensors(frames, size=None):
+    """Frames -> w2c (V, 4, 4) and fxfycxcy (V, 4), intrinsics scaled to a `size` x `size` image."""
+    w2c = torch.tensor([fr["w2c"] for fr in frames], dtype=torch.float32)  # (V, 4, 4)
+    K = torch.tensor([[fr["fx"], fr["fy"], fr["cx"], fr["cy"]] for fr in frames], dtype=torch.float32)  # (V, 4)
+    if size is not None:
+        wh = torch.tensor([[fr["w"], fr["h"], fr["w"], fr["h"]] for fr in frames], dtype=torch.float32)
+        K = K * size / wh
+    return w2c, K
+
+
+def make_frame(c2w, size, fx, fy=None, cx=None, cy=None, **extra):
+    """One opencv_cameras.json frame from a camera-to-world matrix."""
+    w2c = torch.linalg.inv(torch.as_tensor(c2w, dtype=torch.float64))
+    return {"w": size, "h": size, "fx": fx, "fy": fy or fx, "cx": size / 2 if cx is None else cx,
+            "cy": size / 2 if cy is None else cy, "w2c": [[round(v, 8) for v in row] for row in w2c.tolist()], **extra}
+
+
+def orbit_c2w(azimuth_deg, elevation_deg, radius, target=(0.0, 0.0, 0.0)):
+    """World z-up orbit camera at (r cos el cos az, r cos el sin az, r sin el) around `target`."""
+    az, el = math.radians(azimuth_deg), math.radians(elevation_deg)
+    eye = [radius * math.cos(el) * math.cos(az) + target[0], radius * math.cos(el) * math.sin(az) + target[1],
+           radius * math.sin(el) + target[2]]
+    return look_at_c2w(eye, target)
+
+
+def make_ring_rig(name, views, azimuths, elevation, prompt_embeds, description, radius=2.7, size=512, focal=548.99):
+    frames = [make_frame(orbit_c2w(az, elevation, radius), size, focal) for az in azimuths]
+    return {"name": name, "description": description, "prompt_embeds": prompt_embeds, "views": list(views), "frames": frames}
+
+
+# The rigs in configs/rigs/, written by `python data.py make_rigs`. Both: radius 2.7 around the
+# origin, fx = fy = 548.99, cx = cy = 256 at 512 px (FaceLift's 50 deg FOV), world z-up.
+BUILTIN_RIGS = {
+    # FaceLift's six diffusion views, in FaceLift's order: front camera at (0, -2.7, 0), subject facing -y
+    "facelift_6view": dict(
+        views=["front", "front_right", "right", "back", "left", "front_left"],
+        azimuths=[-90, -135, 180, 90, 0, -45], elevation=0,
+        prompt_embeds="mvdiffusion/data/fixed_prompt_embeds_6view/clr_embeds.pt",
+        description="FaceLift's 6 multi-view diffusion views: elevation 0, azimuth offsets from the front 0, -45, -90, 180, +90, +45 deg"),
+    # The directions of a published 6-camera mouse set-up (not evenly spaced, not in angular
+    # order), kept in that set-up's camera order so real captures map 1:1; elevation 20 deg.
+    "mouse_6view": dict(
+        views=["cam0_az-145", "cam1_az+32", "cam2_az+97", "cam3_az-24", "cam4_az+158", "cam5_az-79"],
+        azimuths=[-145, 32, 97, -24, 158, -79], elevation=20,
+        prompt_embeds="mvdiffusion/data/mouse_prompt_embeds_6view/clr_embeds.pt",
+        description="mouse rig: elevation 20 deg, world azimuths -145, 32, 97, -24, 158, -79 deg in the capture's camera order"),
+}
+
+
+def rig_from_cameras(cams, name, views=None, prompt_embeds="", description=""):
+    """A rig made from a real sample's cameras (a dict as read by read_cameras), e.g. a lab's
+    6-camera set-up: `views` picks and orders the frames (default: all)."""
+    idx = list(range(len(cams["frames"]))) if views is None else list(views)
+    frames = [{k: cams["frames"][i][k] for k in FRAME_KEYS} for i in idx]
+    return {"name": name, "description": description or f"made from {cams.get('id', 'a sample')}, frames {idx}",
+            "prompt_embeds": prompt_embeds, "views": [f"view{i}" for i in idx], "frames": frames}
+
+
+def load_rig(name_or_path):
+    """A rig by name (configs/rigs/<name>.json) or path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = RIGS_DIR / f"{name_or_path}.json"
+    if not path.exists():
+        known = sorted(p.stem for p in RIGS_DIR.glob("*.json"))
+        raise FileNotFoundError(f"rig {name_or_path!r} not found ({path}); rigs in {RIGS_DIR}: {known}")
+    rig = json.loads(path.read_text())
+    for key in ("name", "frames", "views", "prompt_embeds"):
+        if key not in rig:
+            raise ValueError(f"{path}: rig lacks key {key!r}")
+    for i, fr in enumerate(rig["frames"]):
+        if any(k not in fr for k in FRAME_KEYS):
+            raise ValueError(f"{path}: rig frame {i} lacks one of {FRAME_KEYS}")
+    return rig
+
+
+def camera_geometry(frames):
+    """Per-view viewing geometry relative to the point the cameras look at (the least-squares
+    meeting point of their optical axes; real rigs aim below the origin): azimuth and elevation
+    in degrees of each camera seen from that point, its distance, and size-normalised intrinsics."""
+    c2w = torch.linalg.inv(torch.tensor([fr["w2c"] for fr in frames], dtype=torch.float64))  # (V, 4, 4)
+    centres, axes = c2w[:, :3, 3], c2w[:, :3, 2]  # (V, 3) each
+    P = torch.eye(3, dtype=torch.float64) - axes[:, :, None] * axes[:, None, :]  # (V, 3, 3) projectors off each axis
+    target = torch.linalg.lstsq(P.sum(0), (P @ centres[:, :, None]).sum(0)).solution[:, 0]  # (3,)
+    if len(frames) < 2 or torch.linalg.matrix_rank(P.sum(0)) < 3:
+        target = torch.zeros(3, dtype=torch.float64)  # parallel axes meet nowhere: use the origin
+    rel = centres - target
+    dist = rel.norm(dim=-1)
+    d = rel / dist[:, None]
+    intr = torch.tensor([[fr["fx"] / fr["w"], fr["fy"] / fr["h"], fr["cx"] / fr["w"], fr["cy"] / fr["h"]] for fr in frames])
+    return {"dirs": d, "az": torch.rad2deg(torch.atan2(d[:, 1], d[:, 0])), "el": torch.rad2deg(torch.asin(d[:, 2].clamp(-1, 1))),
+            "dist": dist, "intr": intr, "target": target}
+
+
+def rig_mismatch(rig, frames, tol_deg=8.0, radius_rtol=0.1, intr_rtol=0.05):
+    """How the cameras `frames` (list of opencv frames, in view order) differ from `rig`, as a
+    readable text, or None if they agree. Directions are compared as seen from the point each
+    camera set looks at, so per-sample re-centring and a few degrees of jitter pass."""
+    name = rig.get("name", "rig")
+    if len(frames) != len(rig["frames"]):
+        return f"{len(frames)} cameras, but rig {name!r} has {len(rig['frames'])} views ({rig['views']})"
+    a, b = camera_geometry(frames), camera_geometry(rig["frames"])
+    angle = torch.rad2deg(torch.acos((a["dirs"][:, None] * b["dirs"][None]).sum(-1).clamp(-1, 1)))  # (V, V_rig)
+    fmt = lambda g, i: f"az {g['az'][i]:+.0f} el {g['el'][i]:+.0f}"  # noqa: E731
+    problems = []
+    if (angle.diagonal() > tol_deg).any():
+        best = angle.argmin(1)
+        if sorted(best.tolist()) == list(range(len(frames))) and (angle.min(1).values <= tol_deg).all():
+            problems.append("views are in another order than the rig's: " + ", ".join(
+                f"camera {i} looks like rig view {j} ({rig['views'][j]})" for i, j in enumerate(best.tolist()) if i != j))
+        elif (a["el"] - b["el"]).abs().mean() > tol_deg:
+            problems.append(f"elevation: cameras at {[round(v) for v in a['el'].tolist()]} deg, "
+                            f"rig {name!r} at {[round(v) for v in b['el'].tolist()]} deg")
+        else:
+            problems.append("viewing directions differ by more than {:.0f} deg: ".format(tol_deg) + "; ".join(
+                f"view {i} ({rig['views'][i]}): cameras {fmt(a, i)}, rig {fmt(b, i)}"
+                for i in range(len(frames)) if angle[i, i] > tol_deg))
+    rel = (a["dist"] - b["dist"]).abs() / b["dist"]
+    if (rel > radius_rtol).any():
+        problems.append(f"camera distance {[round(v, 2) for v in a['dist'].tolist()]} vs rig {[round(v, 2) for v in b['dist'].tolist()]}")
+    if ((a["intr"] - b["intr"]).abs() / b["intr"].abs().clamp(min=1e-6) > intr_rtol).any():
+        problems.append(f"intrinsics (fx/w, fy/h, cx/w, cy/h) {a['intr'][0].tolist()} vs rig {b['intr'][0].tolist()}")
+    return None if not problems else f"cameras do not match rig {name!r}: " + "; ".join(problems)
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-view samples (FaceLift format)
+
+
+def read_list_file(list_file):
+    """One sample directory per line; relative paths resolve against the list file's folder."""
+    list_file = Path(list_file)
+    if not list_file.exists():
+        raise FileNotFoundError(f"list file {list_file} does not exist")
+    lines = [ln.strip() for ln in list_file.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    return [Path(ln) if Path(ln).is_absolute() else list_file.parent / ln for ln in lines]
+
+
+def load_rgba(path, size=None, bg=1.0):
+    """RGBA PNG (8-bit, or 16-bit read at 8-bit precision by Pillow) -> (4, S, S) float in [0, 1]:
+    RGB composited on `bg`, alpha kept as channel 4. Resized (antialiased) to `size` if given."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: image missing")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode not in ("RGBA", "RGB"):
+                raise ValueError(f"mode {im.mode}, expected RGBA or RGB")
+            x = torch.from_numpy(np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0)  # (H, W, 4)
+    except (OSError, ValueError, SyntaxError) as err:
+        raise ValueError(f"{path}: cannot read image ({err})") from None
+    if x.shape[0] != x.shape[1]:
+        raise ValueError(f"{path}: image is {x.shape[1]}x{x.shape[0]}, expected a square image")
+    x = x.permute(2, 0, 1)  # (4, H, W)
+    x = torch.cat([x[:3] * x[3:] + bg * (1 - x[3:]), x[3:]])
+    if size is not None and size != x.shape[-1]:
+        x = F.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+    return x
+
+
+class MultiViewDataset(torch.utils.data.Dataset):
+    """FaceLift-format multi-view samples: `<dir>/opencv_cameras.json` + `images/cam_XXX.png`, or
+    (diffusion layout) `<dir>/cam_XXX.png` with no camera file, whose views are then the rig's.
+    Each item: the `input_views` (indices into the sample's frames) followed by
+    `num_target_views` others drawn at random per (seed, epoch, index). With a `rig`, the input
+    views' cameras must match it (else the rig-mismatch message)."""
+
+    def __init__(self, list_file, image_size, input_views=(0, 1, 2, 3, 4, 5), num_target_views=0, rig=None, seed=0):
+        self.samples = read_list_file(list_file)
+        if not self.samples:
+            raise ValueError(f"{list_file}: no samples listed")
+        self.size, self.input_views, self.num_target = image_size, list(input_views), num_target_views
+        self.rig, self.seed, self.epoch = rig, seed, 0
+
+    def __len__(self):
+        return len(self.samples)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def read_frames(self, d):
+        cam_file = d / "opencv_cameras.json"
+        if cam_file.exists():
+            frames = read_cameras(cam_file)["frames"]
+            missing = [i for i, fr in enumerate(frames) if "file_path" not in fr]
+            if missing:
+                raise ValueError(f"{cam_file}: frames {missing} lack 'file_path'")
+            return frames, cam_file
+        if self.rig is None:
+            raise FileNotFoundError(f"{cam_file} missing (a sample without cameras needs a rig)")
+        return [dict(fr, file_path=f"cam_{i:03d}.png") for i, fr in enumerate(self.rig["frames"])], None
+
+    def __getitem__(self, idx):
+        d = self.samples[idx]
+        frames, cam_file = self.read_frames(d)
+        need = len(self.input_views) + self.num_target
+        if len(frames) < need or max(self.input_views) >= len(frames):
+            raise ValueError(f"{d}: has {len(frames)} views, needs input views {self.input_views} + {self.num_target} targets")
+        if self.rig is not None and cam_file is not None:
+            msg = rig_mismatch(self.rig, [frames[i] for i in self.input_views])
+            if msg:
+                raise ValueError(f"{cam_file}: {msg}")
+        rest = [i for i in range(len(frames)) if i not in self.input_views]
+        rng = np.random.default_rng((self.seed, self.epoch, idx))
+        views = self.input_views + [rest[i] for i in rng.choice(len(rest), self.num_target, replace=False)]
+        sel = [frames[i] for i in views]
+        images = torch.stack([load_rgba(d / fr["file_path"], self.size) for fr in sel])  # (V, 4, S, S)
+        w2c, K = frames_to_tensors(sel, self.size)
+        return {"images": images, "w2c": w2c, "c2w": torch.linalg.inv(w2c), "fxfycxcy": K,
+                "views": torch.tensor(views), "path": str(d)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Toy mice: procedural animals made of 3D Gaussians, rendered into FaceLift-format samples
+
+
+def _ellipsoid_blobs(rng, n, centre, axes, colour, belly, jitter, scale):
+    """n Gaussians spread over the surface of an axis-aligned ellipsoid, belly side lighter."""
+    v = rng.normal(size=(n, 3))
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    pts = centre + v * axes * rng.uniform(0.75, 0.95, size=(n, 1))
+    col = np.where(v[:, 2:] < -0.3, belly, colour) + rng.normal(0, jitter, size=(n, 3))
+    return pts, np.full((n, 3), scale) * rng.uniform(0.8, 1.2, size=(n, 3)), col
+
+
+def toy_mouse(rng):
+    """A random mouse as Gaussian parameters (numpy): means (N, 3), scales (N, 3), quats (N, 4),
+    opacities (N,), colors (N, 3). Built facing +x, then turned by a random yaw."""
+    s = rng.uniform(1.1, 1.35)  # overall size (the 50 deg view is 2.5 units wide at the origin)
+    fur = rng.choice([[0.55, 0.42, 0.3], [0.5, 0.5, 0.52], [0.85, 0.83, 0.8], [0.25, 0.22, 0.2], [0.7, 0.55, 0.35]])
+    fur = np.clip(fur + rng.normal(0, 0.03, 3), 0, 1)
+    belly = np.clip(fur + 0.25, 0, 1)
+    pink = np.array([0.93, 0.62, 0.65])
+    body_axes = s * np.array([rng.uniform(0.34, 0.44), rng.uniform(0.19, 0.25), rng.uniform(0.17, 0.22)])
+    parts = [_ellipsoid_blobs(rng, 160, np.zeros(3), body_axes, fur, belly, 0.04, 0.07 * s)]
+
+    # head: its own ellipsoid in front of the body, turned by the head yaw around the neck
+    turn = np.radians(rng.uniform(-35, 35))
+    rot = np.array([[np.cos(turn), -np.sin(turn), 0], [np.sin(turn), np.cos(turn), 0], [0, 0, 1]])
+    neck = np.array([body_axes[0] * 0.8, 0, body_axes[2] * 0.25])
+    hl = s * rng.uniform(0.2, 0.26)  # head half-length
+    head_axes = np.array([hl, hl * 0.68, hl * 0.62])
+    head_parts = [_ellipsoid_blobs(rng, 70, np.array([hl * 0.9, 0, 0]), head_axes, fur, belly, 0.04, 0.05 * s)]
+    ear_r = s * rng.uniform(0.07, 0.1)
+    for side in (-1, 1):
+        head_parts.append((np.array([[hl * 0.45, side * hl * 0.55, hl * 0.75]]), np.array([[0.012, ear_r, ear_r]]), pink[None]))
+        head_parts.append((np.array([[hl * 0.5, side * hl * 0.52, hl * 0.28]]), np.full((1, 3), 0.028 * s), np.full((1, 3), 0.03)))  # eye
+    head_parts.append((np.array([[hl * 1.9, 0, 0]]), np.full((1, 3), 0.03 * s), pink[None]))  # nose
+    head_pts = np.concatenate([p for p, _, _ in head_parts]) @ rot.T + neck
+    parts.append((head_pts, np.concatenate([sc for _, sc, _ in head_parts]), np.concatenate([c for _, _, c in head_parts])))
+
+    # tail: a chain of shrinking Gaussians along a random smooth 3D curve from the rump
+    n_tail, length = 28, s * rng.uniform(0.6, 0.9)
+    t = np.linspace(0, 1, n_tail)[:, None]
+    bend, lift = rng.uniform(-2.5, 2.5), rng.uniform(-0.6, 0.8)
+    heading = np.pi + bend * t[:, 0]  # leaves backwards, curls sideways
+    steps = np.stack([np.cos(heading), np.sin(heading), lift * (1 - 2 * t[:, 0])], 1) * length / n_tail
+    tail = np.array([-body_axes[0] * 0.9, 0, -body_axes[2] * 0.2]) + np.cumsum(steps, 0)
+    tail_col = np.clip(pink * 0.8 + fur * 0.2, 0, 1) + rng.normal(0, 0.02, (n_tail, 3))
+    parts.append((tail, np.repeat(s * (0.028 - 0.015 * t), 3, 1), tail_col))
+
+    means = np.concatenate([p for p, _, _ in parts])
+    scales = np.concatenate([sc for _, sc, _ in parts])
+    colors = np.clip(np.concatenate([c for _, _, c in parts]), 0, 1)
+    yaw = rng.uniform(0, 2 * np.pi)
+    R = np.array([[np.cos(yaw), -np.sin(yaw), 0], [np.sin(yaw), np.cos(yaw), 0], [0, 0, 1]])
+    # one quaternion for the whole animal's yaw (w, x, y, z) so flattened ears turn with it
+    quats = np.tile([np.cos(yaw / 2), 0, 0, np.sin(yaw / 2)], (len(means), 1))
+    opac = np.full(len(means), 0.95)
+    return {"means": (means - means.mean(0) * [1, 1, 0]) @ R.T, "scales": scales, "quats": quats,
+            "opacities": opac, "colors": colors}
+
+
+def random_view_frames(rng, n, size, focal, radius=2.7, elevations=(-10.0, 50.0)):
+    """Extra cameras at random azimuth/elevation around the origin (novel-view supervision, as
+    FaceLift's 32-view GS-LRM samples give)."""
+    return [make_frame(orbit_c2w(rng.uniform(-180, 180), rng.uniform(*elevations), radius), size, focal) for _ in range(n)]
+
+
+def write_toy_mice(out, n=200, rig="mouse_6view", size=64, n_extra=4, n_val=None, seed=0, progress=True):
+    """Write n toy mice in the FaceLift GS-LRM sample format under `out`: each sample has the
+    rig's views first (cam_000..), then n_extra random views; plus data_train.txt / data_val.txt."""
+    from tqdm import tqdm
+    rig = load_rig(rig) if isinstance(rig, str) else rig
+    out = Path(out)
+    n_val = max(1, n // 10) if n_val is None else n_val
+    names = []
+    for i in tqdm(range(n), desc=f"toy mice -> {out}", disable=not progress):
+        rng = np.random.default_rng((seed, i))
+        m = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in toy_mouse(rng).items()}
+        focal = rig["frames"][0]["fx"] * size / rig["frames"][0]["w"]
+        frames = [make_frame(torch.linalg.inv(torch.tensor(fr["w2c"], dtype=torch.float64)), size, fr["fx"] * size / fr["w"])
+                  for fr in rig["frames"]] + random_view_frames(rng, n_extra, size, focal)
+        w2c, K = frames_to_tensors(frames)
+        # black background: the colour is then premultiplied by alpha; stored straight in RGBA
+        rgb, alpha = render_gaussians(m["means"], m["quats"], m["scales"], m["opacities"], m["colors"], w2c,
+                                      intrinsics_matrix(K), size, size, 0.0)  # (V, S, S, 3), (V, S, S, 1)
+        rgba = torch.cat([rgb / alpha.clamp(min=1e-6), alpha], -1).clamp(0, 1)
+        d = out / f"mouse_{i:05d}"
+        (d / "images").mkdir(parents=True, exist_ok=True)
+        for v, fr in enumerate(frames):
+            fr["file_path"] = f"images/cam_{v:03d}.png"
+            Image.fromarray((rgba[v].numpy() * 255 + 0.5).astype(np.uint8), "RGBA").save(d / fr["file_path"])
+        write_cameras(d / "opencv_cameras.json", {"id": d.name, "rig": rig["name"], "frames": frames})
+        names.append(d.name)
+    (out / "data_train.txt").write_text("\n".join(names[: n - n_val]) + "\n")
+    (out / "data_val.txt").write_text("\n".join(names[n - n_val:]) + "\n")
+    return out
+
+
+def save_image_grid(rows, path, pad=2):
+    """rows: list of (N, C, H, W) tensors in [0, 1] (C = 3, or 4 = RGB + alpha; alpha dropped) ->
+    one PNG with a row per entry (all rows the same H, W)."""
+    cols = max(r.shape[0] for r in rows)
+    H, W = rows[0].shape[-2:]
+    grid = torch.ones(3, len(rows) * (H + pad) + pad, cols * (W + pad) + pad)
+    for i, r in enumerate(rows):
+        for j, im in enumerate(r):
+            grid[:, pad + i * (H + pad): pad + i * (H + pad) + H, pad + j * (W + pad): pad + j * (W + pad) + W] = im[:3]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)).save(path)
+    return path
+
+
+def preview_samples(list_file, path, n=6, size=None):
+    """PNG grid: one row per sample, all its views (composited on white)."""
+    rows = []
+    for d in read_list_file(list_file)[:n]:
+        frames = read_cameras(d / "opencv_cameras.json")["frames"]
+        rows.append(torch.stack([load_rgba(d / fr["file_path"], size) for fr in frames]))
+    return save_image_grid(rows, path)
+
+
+def _main(argv):
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("toy_mice", help="write the toy mouse dataset and preview.png")
+    t.add_argument("--out", default="data/toy_mice")
+    t.add_argument("--n", type=int, default=200)
+    t.add_argument("--rig", default="mouse_6view")
+    t.add_argument("--size", type=int, default=64)
+    t.add_argument("--n_extra", type=int, default=4, help="random extra views per sample")
+    t.add_argument("--seed", type=int, default=0)
+    sub.add_parser("make_rigs", help=f"(re)write the built-in rigs {list(BUILTIN_RIGS)} into {RIGS_DIR}")
+    r = sub.add_parser("rig_from_cameras", help="make a rig file from a sample's opencv_cameras.json")
+    r.add_argument("cameras")
+    r.add_argument("--name", required=True)
+    r.add_argument("--out", required=True)
+    r.add_argument("--views", default=None, help="comma-separated frame indices, in rig order (default: all)")
+    r.add_argument("--prompt_embeds", default="")
+    a = p.parse_args(argv)
+    if a.cmd == "toy_mice":
+        out = write_toy_mice(a.out, a.n, a.rig, a.size, a.n_extra, seed=a.seed)
+        print(f"wrote {a.n} samples to {out}; preview: {preview_samples(out / 'data_train.txt', out / 'preview.png')}")
+    elif a.cmd == "make_rigs":
+        for name, spec in BUILTIN_RIGS.items():
+            (RIGS_DIR / f"{name}.json").write_text(json.dumps(make_ring_rig(name, **spec), indent=1))
+            print(f"wrote {RIGS_DIR / name}.json")
+    else:
+        views = None if a.views is None else [int(v) for v in a.views.split(",")]
+        rig = rig_from_cameras(read_cameras(a.cameras), a.name, views, a.prompt_embeds)
+        Path(a.out).write_text(json.dumps(rig, indent=1))
+        print(f"wrote rig {a.name!r} with {len(rig['frames'])} views to {a.out}")
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])
