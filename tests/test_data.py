@@ -1,0 +1,133 @@
+"""Toy mice and the FaceLift-format multi-view loader, including every bad-sample error."""
+import hashlib
+import json
+import shutil
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data import MultiViewDataset, load_rgba, load_rig, preview_samples, write_toy_mice
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return write_toy_mice(tmp_path_factory.mktemp("toy"), n=4, size=32, n_extra=3, seed=1, progress=False)
+
+
+def digest(root):
+    return hashlib.md5(b"".join(p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file())).hexdigest()
+
+
+def test_toy_mice_deterministic_and_both_rigs(toy, tmp_path):
+    again = write_toy_mice(tmp_path / "again", n=4, size=32, n_extra=3, seed=1, progress=False)
+    assert digest(toy) == digest(again)
+    other = write_toy_mice(tmp_path / "other", n=4, size=32, n_extra=3, seed=2, progress=False)
+    assert digest(toy) != digest(other)
+    face = write_toy_mice(tmp_path / "face", n=2, rig="facelift_6view", size=32, n_extra=1, progress=False)
+    cams = json.loads((face / "mouse_00000" / "opencv_cameras.json").read_text())
+    assert cams["rig"] == "facelift_6view" and len(cams["frames"]) == 7
+    assert (toy / "data_train.txt").read_text().split() == ["mouse_00000", "mouse_00001", "mouse_00002"]
+    assert (toy / "data_val.txt").read_text().split() == ["mouse_00003"]
+
+
+def test_toy_mouse_images_have_a_mouse(toy):
+    im = np.asarray(Image.open(toy / "mouse_00000" / "images" / "cam_000.png"))
+    assert im.shape == (32, 32, 4)
+    fg = im[..., 3] > 128
+    assert 0.03 < fg.mean() < 0.6 and not fg[0].any() and not fg[-1].any()  # inside the frame, not empty
+
+
+def test_loader_shapes_and_conventions(toy):
+    rig = load_rig("mouse_6view")
+    ds = MultiViewDataset(toy / "data_train.txt", image_size=16, num_target_views=2, rig=rig, seed=0)
+    item = ds[0]
+    assert item["images"].shape == (8, 4, 16, 16) and item["c2w"].shape == (8, 4, 4) and item["fxfycxcy"].shape == (8, 4)
+    assert item["views"][:6].tolist() == [0, 1, 2, 3, 4, 5] and set(item["views"][6:].tolist()) <= {6, 7, 8}
+    assert torch.allclose(item["fxfycxcy"][0], torch.tensor([548.99 / 32, 548.99 / 32, 8.0, 8.0]))
+    bg = item["images"][:, 3] == 0
+    assert torch.allclose(item["images"][:, :3].permute(1, 0, 2, 3)[:, bg], torch.ones(1))  # white background
+    assert torch.equal(ds[0]["views"], item["views"])  # deterministic per (seed, epoch, index)
+    ds.set_epoch(1)
+    assert any(not torch.equal(ds[i]["views"], MultiViewDataset(toy / "data_train.txt", 16, num_target_views=2)[i]["views"])
+               for i in range(3))
+
+
+def test_sample_without_camera_file_uses_rig(toy, tmp_path):
+    d = tmp_path / "mv" / "s0"
+    d.mkdir(parents=True)
+    for i in range(6):
+        shutil.copy(toy / "mouse_00000" / "images" / f"cam_{i:03d}.png", d / f"cam_{i:03d}.png")
+    (tmp_path / "mv" / "list.txt").write_text("s0\n")
+    rig = load_rig("mouse_6view")
+    item = MultiViewDataset(tmp_path / "mv" / "list.txt", 32, rig=rig)[0]
+    assert torch.allclose(item["images"], MultiViewDataset(toy / "data_train.txt", 32)[0]["images"][:6])
+    with pytest.raises(FileNotFoundError, match="needs a rig"):
+        MultiViewDataset(tmp_path / "mv" / "list.txt", 32)[0]
+
+
+def test_absolute_paths_in_list_file(toy, tmp_path):
+    (tmp_path / "abs.txt").write_text(f"{(toy / 'mouse_00001').resolve()}\n")
+    assert MultiViewDataset(tmp_path / "abs.txt", 16)[0]["path"].endswith("mouse_00001")
+
+
+def write_png16(path, rgba):
+    """A 16-bit RGBA PNG (Pillow cannot write one): (H, W, 4) uint16."""
+    h, w, _ = rgba.shape
+    raw = b"".join(b"\x00" + rgba[y].astype(">u2").tobytes() for y in range(h))
+    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))  # noqa: E731
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 6, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_16bit_png_loads(tmp_path):
+    x = (np.random.default_rng(0).random((8, 8, 4)) * 65535).astype(np.uint16)
+    x[..., 3] = 65535
+    write_png16(tmp_path / "a.png", x)
+    im = load_rgba(tmp_path / "a.png")
+    assert im.shape == (4, 8, 8)
+    assert (im - torch.from_numpy(x / 65535.0).permute(2, 0, 1).float()).abs().max() < 1.5 / 255
+
+
+def broken_copy(toy, tmp_path, fn):
+    """A one-sample list whose sample is a copy of a toy mouse that `fn` breaks."""
+    d = tmp_path / "bad" / "s"
+    shutil.copytree(toy / "mouse_00000", d)
+    fn(d)
+    (tmp_path / "bad" / "list.txt").write_text("s\n")
+    return tmp_path / "bad" / "list.txt"
+
+
+def edit_cameras(fn):
+    def edit(d):
+        cams = json.loads((d / "opencv_cameras.json").read_text())
+        fn(cams)
+        (d / "opencv_cameras.json").write_text(json.dumps(cams))
+    return edit
+
+
+@pytest.mark.parametrize("name, breaker, error, message", [
+    ("missing image", lambda d: (d / "images" / "cam_002.png").unlink(), FileNotFoundError, r"cam_002.png: image missing"),
+    ("corrupt png", lambda d: (d / "images" / "cam_001.png").write_bytes(b"\x89PNG garbage"), ValueError, r"cam_001.png: cannot read"),
+    ("non-square", lambda d: Image.new("RGBA", (32, 24)).save(d / "images" / "cam_003.png"), ValueError, r"cam_003.png: image is 32x24"),
+    ("missing keys", edit_cameras(lambda c: c["frames"][1].pop("fx")), ValueError, r"opencv_cameras.json: frame 1 lacks keys \['fx'\]"),
+    ("nan w2c", edit_cameras(lambda c: c["frames"][4]["w2c"][0].__setitem__(0, float("nan"))), ValueError, r"opencv_cameras.json: frame 4 w2c"),
+    ("too few views", edit_cameras(lambda c: c.__setitem__("frames", c["frames"][:7])), ValueError, r"s: has 7 views, needs"),
+])
+def test_bad_samples_raise_naming_the_file(toy, tmp_path, name, breaker, error, message):
+    ds = MultiViewDataset(broken_copy(toy, tmp_path, breaker), 16, num_target_views=2)
+    with pytest.raises(error, match=message):
+        ds[0]
+
+
+def test_rig_mismatch_stops_the_loader(toy):
+    with pytest.raises(ValueError, match="opencv_cameras.json: cameras do not match rig 'facelift_6view': elevation"):
+        MultiViewDataset(toy / "data_train.txt", 16, rig=load_rig("facelift_6view"))[0]
+
+
+def test_preview_grid(toy, tmp_path):
+    im = Image.open(preview_samples(toy / "data_train.txt", tmp_path / "p.png", n=2))
+    assert im.size == (9 * 34 + 2, 2 * 34 + 2)
