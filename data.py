@@ -5,23 +5,246 @@ Run it to make the toy mouse data and look at it:
     python data.py toy_mice --out=data/toy_mice --n=200        # FaceLift-format samples + preview.png
     python data.py rig_from_cameras SAMPLE/opencv_cameras.json --name=my_rig --out=configs/rigs/my_rig.json
 """
+import contextlib
+import dataclasses
+import inspect
+import io
 import json
 import math
 import os
+import pickle
+import random
+import re
+import shutil
 import sys
+import types
+import typing
+import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 from PIL import Image
+from safetensors.torch import load_model, save_model
 
-from models import get_rays, intrinsics_matrix, look_at_c2w, render_gaussians  # noqa: F401  (get_rays: re-exported for scripts)
+from models import intrinsics_matrix, look_at_c2w, render_gaussians
 
 REPO = Path(__file__).resolve().parent
 RIGS_DIR = REPO / "configs" / "rigs"
 
-# @@CONFIG_AND_CHECKPOINTS@@
+# ----------------------------------------------------------------------------------------------
+# Config: dataclass defaults -> --cfg file.yaml -> --key=value
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def type_name(tp):
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+
+
+def coerce(value, tp, cli=False):
+    """value (from yaml, or a command-line string when cli=True) -> type tp, else ValueError."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and (value is None or cli and str(value).lower() in ("none", "null")):
+            return None
+        for arm in (a for a in args if a is not type(None)):
+            with contextlib.suppress(TypeError, ValueError):
+                return coerce(value, arm, cli)
+    elif tp is str:  # yaml reads `name: 007` as the int 7: refuse non-strings rather than str() them
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{value!r} is not a string (quote it in the yaml)")
+    elif tp is bool:
+        if isinstance(value, (bool, int, str)) and str(value).strip().lower() in ("true", "1", "false", "0"):
+            return str(value).strip().lower() in ("true", "1")
+    elif tp in (int, float) and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        with contextlib.suppress(ValueError):  # strings too: yaml 1.1 reads `lr: 1e-4` as a string
+            number = value if isinstance(value, int) else float(value)
+            if tp is float:
+                return float(number)
+            if float(number).is_integer():  # '1e3' and 2.0 are ints, 1.5 is not
+                return int(number)
+    elif (origin or tp) in (list, tuple, dict):
+        kind = origin or tp
+        if isinstance(value, str):
+            value = yaml.safe_load(value)  # '[1,2]' or '{a: 1}' from the command line
+        if kind is dict and isinstance(value, dict):
+            kt, vt = args or (object, object)
+            return {coerce(k, kt): coerce(v, vt) for k, v in value.items()}
+        if kind is not dict and isinstance(value, (list, tuple)):
+            if not args or kind is list or args[1:] == (...,):
+                return kind(coerce(v, args[0] if args else object) for v in value)
+            if len(args) == len(value):
+                return tuple(coerce(v, a) for v, a in zip(value, args))
+    elif tp in (object, typing.Any):  # elements of a bare list/tuple/dict
+        return value
+    raise ValueError(f"{value!r} is not a {type_name(tp)}")
+
+
+def load_config(cls, argv=None):
+    """A new `cls` from its defaults, then every `--cfg file.yaml` (before any --key, wherever it
+    stands), then `--key=value` / `--key value` in argv order. Bad keys or values raise ConfigError."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(f"usage: {Path(sys.argv[0]).name} [--cfg x.yaml] [--key=value ...]\n\n{inspect.getsource(cls)}")
+        raise SystemExit(0)
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls) if f.init]
+
+    def fail(where, msg):
+        return ConfigError(f"{where}: {msg}\nvalid keys: {', '.join(valid)}")
+
+    files, cli, args = [], [], iter(argv)  # cli: (key, value, where, from_cli)
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        if not key.startswith("--") or key == "--":
+            raise fail(f"command line {arg!r}", "expected --key=value or --key value")
+        if not eq:
+            value = next(args, None)
+            if value is None:
+                raise fail(f"command line {arg!r}", "missing value")
+            arg = f"{arg} {value}"
+        if key == "--cfg":
+            files.append(value)
+        else:
+            cli.append((key[2:], value, f"command line {arg!r}", True))
+
+    overrides = []
+    for file in files:
+        try:
+            data = yaml.safe_load(Path(file).read_text())
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"config file {file}: cannot read it ({err})") from None
+        data = {} if data is None else data  # an empty file overrides nothing
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {file} must be a mapping (key: value), not a {type(data).__name__}")
+        overrides += [(key, value, f"{file}: key {key!r}", False) for key, value in data.items()]
+
+    values = {}
+    for key, value, where, from_cli in overrides + cli:
+        if key not in valid:
+            raise fail(where, f"unknown key {key!r}")
+        try:
+            values[key] = coerce(value, hints[key], cli=from_cli)
+        except (TypeError, ValueError, yaml.YAMLError) as err:
+            raise fail(where, f"{key} expects {type_name(hints[key])}: {err}") from None
+    return cls(**values)  # the fields not given get fresh defaults (default_factory runs per call)
+
+
+def config_to_dict(cfg):
+    def plain(v):
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return {k: plain(x) for k, x in v.items()} if isinstance(v, dict) else v
+    return plain(dataclasses.asdict(cfg))
+
+
+def save_config(cfg, path):
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: <ckpt_dir>/checkpoint-<step>/{<module>.safetensors, state.pt, config.yaml}
+
+CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
+
+
+@contextlib.contextmanager
+def atomic_dir(final_path):
+    """Yields a temporary sibling dir that becomes final_path only if the block finishes, so a crash
+    mid-save never leaves a directory that looks like a checkpoint."""
+    final = Path(final_path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()  # not tempfile.mkdtemp: its 0700 mode would stay on the renamed checkpoint
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():  # re-saving the same step
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def get_rng_state():
+    # numpy's and python's states as tensors/lists so that state.pt loads with weights_only=True
+    kind, keys, *rest = np.random.get_state()  # rest: pos, has_gauss, cached_gaussian (python numbers)
+    version, mt, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), *rest],
+             "python": [version, list(mt), gauss_next]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    version, mt, gauss_next = state["python"]
+    random.setstate((version, tuple(mt), gauss_next))
+
+
+def save_checkpoint(ckpt_dir, step, modules, optimizers=None, cfg=None, extra=None):
+    """Writes <ckpt_dir>/checkpoint-<step>/ atomically. Pass unwrapped modules (not DDP/compiled)."""
+    buf = io.BytesIO()
+    torch.save(extra or {}, buf)
+    try:  # fail now, not at resume: weights_only loading refuses e.g. numpy scalars
+        torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"extra={extra!r}: use only tensors, python numbers, strings, lists, dicts") from None
+    final = Path(ckpt_dir) / f"checkpoint-{step}"
+    with atomic_dir(final) as tmp:
+        for name, module in modules.items():
+            wrapped = [k for k in module.state_dict() if k.startswith(("module.", "_orig_mod."))]
+            if wrapped:  # a DDP/compiled wrapper's key prefixes would make the file unloadable elsewhere
+                raise ValueError(f"{name}: save the unwrapped model, got keys like {wrapped[0]!r}")
+            save_model(module, str(tmp / f"{name}.safetensors"))  # save_model handles tied weights
+        optim_states = {k: opt.state_dict() for k, opt in (optimizers or {}).items()}
+        state = {"step": int(step), "optimizers": optim_states, "rng": get_rng_state(), "extra": extra or {}}
+        torch.save(state, tmp / "state.pt")
+        if cfg is not None:
+            save_config(cfg, tmp / "config.yaml")
+    return final
+
+
+def latest_checkpoint(ckpt_dir):
+    """The complete checkpoint-<step> dir with the highest step, or None."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return None
+    found = [(int(m[1]), p) for p in ckpt_dir.iterdir()
+             if (m := CHECKPOINT_RE.fullmatch(p.name)) and (p / "state.pt").is_file()]
+    return max(found)[1] if found else None
+
+
+def load_checkpoint(path, modules, optimizers=None, restore_rng=True):
+    """Loads weights (strict), optimizer states and RNG; returns the state dict (step, extra, ...)."""
+    path = Path(path)
+    if not (path / "state.pt").is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no state.pt)")
+    for name, module in modules.items():
+        file = path / f"{name}.safetensors"
+        if not file.is_file():
+            have = sorted(p.stem for p in path.glob("*.safetensors"))
+            raise FileNotFoundError(f"{file} not found (the checkpoint holds modules {have})")
+        load_model(module, file, strict=True)  # RuntimeError naming missing/unexpected keys
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    for name, opt in (optimizers or {}).items():
+        if name not in state["optimizers"]:
+            raise KeyError(f"{path}: no optimizer state {name!r}, checkpoint has {list(state['optimizers'])}")
+        opt.load_state_dict(state["optimizers"][name])
+    if restore_rng:
+        set_rng_state(state["rng"])
+    return state
 
 # ----------------------------------------------------------------------------------------------
 # Camera files (FaceLift's opencv_cameras.json) and rigs

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from data import (BUILTIN_RIGS, RIGS_DIR, frames_to_tensors, load_rig, make_frame, make_ring_rig, orbit_c2w,
+from data import (BUILTIN_RIGS, frames_to_tensors, load_rig, make_frame, make_ring_rig, orbit_c2w,
                   read_cameras, rig_from_cameras, rig_mismatch, write_cameras)
 from models import look_at_c2w
 

@@ -1,0 +1,136 @@
+"""Checkpoint directories: exact round trip, RNG restore, atomic saves, latest pick, strict loading."""
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from data import atomic_dir, latest_checkpoint, load_checkpoint, load_config, save_checkpoint
+
+
+@dataclass
+class Cfg:
+    lr: float = 0.1
+    name: str = "tiny"
+
+
+class Tied(nn.Module):  # embedding and head share one tensor, which plain safetensors save_file refuses
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(5, 4)
+        self.head = nn.Linear(4, 5, bias=False)
+        self.head.weight = self.emb.weight
+        self.norm = nn.LayerNorm(4)
+
+    def forward(self, x):
+        return self.head(self.norm(self.emb(x)))
+
+
+def trained(seed=0):
+    torch.manual_seed(seed)
+    model = Tied()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    for _ in range(3):
+        model(torch.arange(5)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def test_round_trip(tmp_path):
+    model, opt = trained(0)
+    path = save_checkpoint(tmp_path, 3, {"model": model}, {"opt": opt}, Cfg(name="x"), extra={"batch": 17})
+    assert path == tmp_path / "checkpoint-3" and sorted(p.name for p in path.iterdir()) == [
+        "config.yaml", "model.safetensors", "state.pt"]
+    assert load_config(Cfg, ["--cfg", str(path / "config.yaml")]) == Cfg(name="x")
+
+    new_model, new_opt = trained(1)  # different weights and optimizer moments
+    assert not torch.equal(new_model.emb.weight, model.emb.weight)
+    state = load_checkpoint(path, {"model": new_model}, {"opt": new_opt})
+    assert state["step"] == 3 and state["extra"] == {"batch": 17}
+    for (k, a), b in zip(model.state_dict().items(), new_model.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert new_model.head.weight is new_model.emb.weight  # still tied after loading
+    a, b = opt.state_dict(), new_opt.state_dict()
+    assert a["param_groups"] == b["param_groups"]
+    for i in a["state"]:
+        for k in a["state"][i]:
+            assert torch.equal(a["state"][i][k], b["state"][i][k]), (i, k)
+    # one more identical step on both gives identical weights
+    for m, o in ((model, opt), (new_model, new_opt)):
+        m(torch.arange(5)).square().mean().backward()
+        o.step()
+    assert torch.equal(model.emb.weight, new_model.emb.weight)
+
+
+def test_rng_restore(tmp_path):
+    model, _ = trained()
+    path = save_checkpoint(tmp_path, 1, {"model": model})
+    want = torch.rand(3), np.random.rand(3), random.random()
+    state = load_checkpoint(path, {"model": model})  # restore_rng defaults to True
+    assert torch.equal(torch.rand(3), want[0]) and np.array_equal(np.random.rand(3), want[1])
+    assert random.random() == want[2]
+    load_checkpoint(path, {"model": model}, restore_rng=False)
+    assert not torch.equal(torch.rand(3), want[0])
+    assert state["optimizers"] == {} and state["extra"] == {}
+
+
+def test_interrupted_saves_are_never_latest(tmp_path):
+    model, _ = trained()
+    assert latest_checkpoint(tmp_path / "missing") is None and latest_checkpoint(tmp_path) is None
+    save_checkpoint(tmp_path, 5, {"model": model})
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_dir(tmp_path / "checkpoint-6") as tmp:
+            assert tmp.name.startswith(".tmp-") and tmp.parent == tmp_path
+            (tmp / "state.pt").write_bytes(b"half")
+            raise RuntimeError("boom")
+    assert not (tmp_path / "checkpoint-6").exists() and not tmp.exists()
+    crashed = tmp_path / ".tmp-checkpoint-8-abc"  # a killed process never reaches the rename
+    crashed.mkdir()
+    (crashed / "state.pt").write_bytes(b"half")
+    (tmp_path / "checkpoint-7").mkdir()  # no state.pt
+    (tmp_path / "checkpoint-7" / "model.safetensors").write_bytes(b"half")
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-5"
+    with pytest.raises(FileNotFoundError, match="checkpoint-7"):
+        load_checkpoint(tmp_path / "checkpoint-7", {"model": model})
+
+
+def test_numeric_order_and_resave(tmp_path):
+    model, _ = trained()
+    for step in (9, 10, 2):
+        save_checkpoint(tmp_path, step, {"model": model}, extra={"s": step})
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
+    save_checkpoint(tmp_path, 10, {"model": model}, extra={"s": 11})  # replaces the existing dir
+    assert load_checkpoint(tmp_path / "checkpoint-10", {"model": model})["extra"] == {"s": 11}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
+
+
+def test_strict_loading(tmp_path):
+    model, _ = trained()
+    path = save_checkpoint(tmp_path, 1, {"model": model})
+    other = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(RuntimeError, match=r"0\.weight"):
+        load_checkpoint(path, {"model": other})
+    model.extra = nn.Linear(2, 2)
+    with pytest.raises(RuntimeError, match=r"extra\.weight"):
+        load_checkpoint(path, {"model": model})
+    with pytest.raises(FileNotFoundError, match="ema"):
+        load_checkpoint(path, {"ema": model})
+
+
+def test_refuses_wrapped_module(tmp_path):
+    wrapper = nn.Module()
+    wrapper.module = nn.Linear(2, 2)  # the key layout of a DDP wrapper
+    with pytest.raises(ValueError, match="unwrapped"):
+        save_checkpoint(tmp_path, 1, {"model": wrapper})
+    assert latest_checkpoint(tmp_path) is None and list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="extra"):  # would only fail at resume, under weights_only
+        save_checkpoint(tmp_path, 1, {"model": nn.Linear(2, 2)}, extra={"batch": np.int64(3)})
+
+
+def test_checkpoint_dir_has_ordinary_permissions(tmp_path):  # others on a shared cluster can read it
+    path = save_checkpoint(tmp_path, 1, {"model": nn.Linear(2, 2)})
+    (tmp_path / "plain").mkdir()
+    assert path.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
