@@ -440,7 +440,7 @@ class MultiViewDataset(torch.utils.data.Dataset):
     """FaceLift-format multi-view samples: `<dir>/opencv_cameras.json` + `images/cam_XXX.png`, or
     (diffusion layout) `<dir>/cam_XXX.png` with no camera file, whose views are then the rig's.
     Each item: the `input_views` (indices into the sample's frames) followed by
-    `num_target_views` others drawn at random per (seed, epoch, index). With a `rig`, the input
+    `num_target_views` others drawn at random per (seed, epoch, index) (-1: all the others). With a `rig`, the input
     views' cameras must match it (else the rig-mismatch message)."""
 
     def __init__(self, list_file, image_size, input_views=(0, 1, 2, 3, 4, 5), num_target_views=0, rig=None, seed=0):
@@ -468,24 +468,48 @@ class MultiViewDataset(torch.utils.data.Dataset):
             raise FileNotFoundError(f"{cam_file} missing (a sample without cameras needs a rig)")
         return [dict(fr, file_path=f"cam_{i:03d}.png") for i, fr in enumerate(self.rig["frames"])], None
 
-    def __getitem__(self, idx):
+    def __getitem__(self, key):
+        idx, epoch = key if isinstance(key, tuple) else (key, self.epoch)  # StepSampler passes (index, epoch)
         d = self.samples[idx]
         frames, cam_file = self.read_frames(d)
-        need = len(self.input_views) + self.num_target
+        n_target = len(frames) - len(self.input_views) if self.num_target < 0 else self.num_target  # -1: all others
+        need = len(self.input_views) + n_target
         if len(frames) < need or max(self.input_views) >= len(frames):
-            raise ValueError(f"{d}: has {len(frames)} views, needs input views {self.input_views} + {self.num_target} targets")
+            raise ValueError(f"{d}: has {len(frames)} views, needs input views {self.input_views} + {n_target} targets")
         if self.rig is not None and cam_file is not None:
             msg = rig_mismatch(self.rig, [frames[i] for i in self.input_views])
             if msg:
                 raise ValueError(f"{cam_file}: {msg}")
         rest = [i for i in range(len(frames)) if i not in self.input_views]
-        rng = np.random.default_rng((self.seed, self.epoch, idx))
-        views = self.input_views + [rest[i] for i in rng.choice(len(rest), self.num_target, replace=False)]
+        rng = np.random.default_rng((self.seed, epoch, idx))
+        views = self.input_views + [rest[i] for i in rng.choice(len(rest), n_target, replace=False)]
         sel = [frames[i] for i in views]
         images = torch.stack([load_rgba(d / fr["file_path"], self.size) for fr in sel])  # (V, 4, S, S)
         w2c, K = frames_to_tensors(sel, self.size)
         return {"images": images, "w2c": w2c, "c2w": torch.linalg.inv(w2c), "fxfycxcy": K,
                 "views": torch.tensor(views), "path": str(d)}
+
+
+class StepSampler:
+    """Batches of (index, epoch) as a pure function of the step: global batch `step` holds items
+    step*B .. step*B + B - 1 of an endless sequence of seeded per-epoch permutations, and each
+    rank takes its own stride of it. Resuming at step s therefore continues with the very batch
+    an uninterrupted run would have drawn, for any number of processes that divides B."""
+
+    def __init__(self, n, global_batch, rank=0, world=1, seed=0, start_step=0):
+        assert global_batch % world == 0, f"global batch {global_batch} must divide by {world} processes"
+        self.n, self.B, self.rank, self.world, self.seed, self.step = n, global_batch, rank, world, seed, start_step
+
+    def batch(self, step):
+        items = [divmod(k, self.n) for k in range(step * self.B, (step + 1) * self.B)]  # (epoch, position)
+        perms = {e: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + e))
+                 for e in {e for e, _ in items}}
+        return [(int(perms[e][i]), e) for e, i in items][self.rank::self.world]
+
+    def __iter__(self):
+        while True:
+            yield self.batch(self.step)
+            self.step += 1
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Every nn.Module of the project and the math they need.
 
-So far: camera rays and ray encodings, and the 3D Gaussian rasterizer (gsplat on CUDA, our own
+So far: GS-LRM (as released with FaceLift, with a converter for its checkpoint), camera rays and ray encodings, and the 3D Gaussian rasterizer (gsplat on CUDA, our own
 sparse pure-PyTorch rasterizer everywhere else, and a dense all-pairs reference that tests use
 as the oracle). Conventions are 3DGS/gsplat's: OpenCV cameras (x right, y down, z forward),
 `w2c` world-to-camera matrices, intrinsics as 3x3 `K`, quaternions (w, x, y, z), RGB colours.
@@ -8,7 +8,10 @@ as the oracle). Conventions are 3DGS/gsplat's: OpenCV cameras (x right, y down, 
 import math
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
+from torch.utils.checkpoint import checkpoint
 
 # ----------------------------------------------------------------------------------------------
 # Cameras and rays
@@ -204,8 +207,10 @@ def _render_sparse(means, quats, scales, opacities, colors, w2c, K, bg, H, W):
         order = (pix * max(len(cam), 1) + depth_rank[e]).argsort()
         e, px, py, pix = e[order], px[order], py[order], pix[order]
 
-    pe = ent.index_select(0, e)  # (P, 6 + D)
-    alpha, _ = _pair_alpha(px + 0.5 - pe[:, 0], py + 0.5 - pe[:, 1], pe[:, 2:5], pe[:, 5])  # (P,)
+    # split (not slicing) so that backward concatenates the pieces' grads instead of
+    # scattering each into its own zero-filled (P, 6 + D) buffer
+    u, v, conic, opac, col = ent.index_select(0, e).split([1, 1, 3, 1, D], dim=1)  # (P, .) each
+    alpha, _ = _pair_alpha(px + 0.5 - u[:, 0], py + 0.5 - v[:, 0], conic, opac[:, 0])  # (P,)
     # Exclusive transmittance per pixel = exp(segmented cumsum of log(1 - alpha)). The running
     # sum spans all pixels, so it is taken in float64 to keep the per-pixel differences exact.
     la = torch.log1p(-alpha.double())
@@ -218,7 +223,7 @@ def _render_sparse(means, quats, scales, opacities, colors, w2c, K, bg, H, W):
     w = (alpha * T_excl * (T_incl > T_MIN)).to(alpha.dtype)  # (P,) compositing weight
 
     rgb = torch.zeros(B * C * H * W, D, dtype=colors.dtype, device=colors.device)
-    rgb = rgb.index_add(0, pix, w[:, None] * pe[:, 6:])  # (B*C*H*W, D)
+    rgb = rgb.index_add(0, pix, w[:, None] * col)  # (B*C*H*W, D)
     acc = torch.zeros(B * C * H * W, dtype=w.dtype, device=w.device).index_add(0, pix, w)
     rgb = rgb.view(B, C, H, W, D) + (1 - acc.view(B, C, H, W, 1)) * bg[:, :, None, None, :]
     return rgb, acc.view(B, C, H, W, 1)
@@ -246,3 +251,156 @@ def _render_dense(means, quats, scales, opacities, colors, w2c, K, bg, H, W):
     acc = w.sum(2)[..., None]  # (B, C, HW, 1)
     rgb = rgb + (1 - acc) * bg[:, :, None, :]
     return rgb.unflatten(2, (H, W)), acc.unflatten(2, (H, W))  # (B, C, H, W, D), (B, C, H, W, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# GS-LRM, exactly as released with FaceLift: posed views -> one pixel-aligned Gaussian per pixel
+# (+ 2 free Gaussians from 2 learned tokens). A plain pre-LN transformer over all views' patches.
+
+GSLRM_CONFIGS = {
+    "tiny": dict(d=32, layers=2, heads=2, patch=8),  # tests
+    "toy": dict(d=192, layers=6, heads=3, patch=4),  # the CPU toy run (32 px views)
+    "facelift": dict(d=1024, layers=24, heads=16, patch=8),  # FaceLift's released model (512 px views)
+}
+SH_C0 = 0.28209479177387814  # degree-0 spherical harmonic: rgb = 0.5 + SH_C0 * sh_dc
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.heads = heads
+        self.to_qkv = nn.Linear(d, 3 * d, bias=False)
+        self.fc = nn.Linear(d, d, bias=False)
+
+    def forward(self, x):
+        q, k, v = (rearrange(t, "b l (h e) -> b h l e", h=self.heads) for t in self.to_qkv(x).chunk(3, dim=-1))
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, L, d_head)
+        return self.fc(rearrange(x, "b h l e -> b l (h e)"))
+
+
+class Block(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(d, bias=False), nn.LayerNorm(d, bias=False)
+        self.attn = SelfAttention(d, heads)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d, bias=False), nn.GELU(), nn.Linear(4 * d, d, bias=False))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class GSLRM(nn.Module):
+    def __init__(self, d, layers, heads, patch, grad_checkpoint=False, deferred_render=False):
+        super().__init__()
+        self.patch, self.grad_checkpoint, self.deferred_render = patch, grad_checkpoint, deferred_render
+        self.patch_embed = nn.Linear(9 * patch * patch, d, bias=False)
+        self.extra_tokens = nn.Parameter(torch.zeros(2, d))
+        self.input_norm = nn.LayerNorm(d, bias=False)
+        self.blocks = nn.ModuleList([Block(d, heads) for _ in range(layers)])
+        self.extra_head = nn.Sequential(nn.LayerNorm(d, bias=False), nn.Linear(d, 14, bias=False))
+        self.pixel_head = nn.Sequential(nn.LayerNorm(d, bias=False), nn.Linear(d, patch * patch * 14, bias=False))
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+        nn.init.trunc_normal_(self.extra_tokens, std=0.02)
+
+    def forward(self, images, c2w, fxfycxcy):
+        """images (B, V, 3, H, W) in [0, 1], c2w (B, V, 4, 4), fxfycxcy (B, V, 4) ->
+        Gaussians {means, scales, quats, opacities, rgb}, each (B, 2 + V*H*W, ...)."""
+        B, V, _, H, W = images.shape
+        p = self.patch
+        o, d = get_rays(c2w, fxfycxcy, H, W)  # (B, V, H, W, 3) each
+        rays = rearrange(ray_encoding_facelift(o, d), "b v h w c -> b v c h w")  # (B, V, 6, H, W)
+        x = torch.cat([images * 2 - 1, rays.to(images.dtype)], dim=2)  # (B, V, 9, H, W)
+        x = rearrange(x, "b v c (h ph) (w pw) -> b (v h w) (ph pw c)", ph=p, pw=p)  # (B, V*h*w, 9*p*p)
+        x = torch.cat([self.extra_tokens.expand(B, -1, -1), self.patch_embed(x)], dim=1)  # (B, 2 + V*h*w, d)
+        x = self.input_norm(x)
+        for block in self.blocks:
+            x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpoint and self.training else block(x)
+        extra = self.extra_head(x[:, :2])  # (B, 2, 14)
+        pix = rearrange(self.pixel_head(x[:, 2:]), "b (v h w) (ph pw c) -> b v (h ph) (w pw) c",
+                        v=V, h=H // p, ph=p, pw=p)  # (B, V, H, W, 14)
+        # Pixel-aligned: each Gaussian sits on its pixel's ray, within +-1.8 of the ray's point
+        # closest to the origin (so the depth range does not depend on the camera distance).
+        t_mid = -(o * d).sum(-1, keepdim=True)  # (B, V, H, W, 1)
+        depth = (2 * torch.sigmoid(pix[..., :3].float().mean(-1, keepdim=True)) - 1) * 1.8 + t_mid
+        xyz = o + depth * d  # (B, V, H, W, 3)
+        pix = torch.cat([xyz.to(pix.dtype), pix[..., 3:]], -1).flatten(1, 3)  # (B, V*H*W, 14)
+        raw = torch.cat([extra, pix], dim=1).float()  # (B, 2 + V*H*W, 14), FaceLift's order
+        xyz, sh, scale, rot, opac = raw.split([3, 3, 3, 4, 1], dim=-1)
+        return {"means": xyz, "rgb": 0.5 + SH_C0 * sh, "scales": torch.exp((scale - 2.3).clamp(max=-1.2)),
+                "quats": F.normalize(rot, dim=-1), "opacities": torch.sigmoid(opac[..., 0] - 2.0)}
+
+    def render(self, gaussians, c2w, fxfycxcy, H, W, bg=1.0):
+        """Gaussians (B, N, ...) -> images (B, V, 3, H, W) seen by cameras c2w (B, V, 4, 4)."""
+        g = gaussians
+        args = (g["means"], g["quats"], g["scales"], g["opacities"], g["rgb"].clamp(min=0),
+                torch.linalg.inv(c2w.float()), intrinsics_matrix(fxfycxcy.float()))
+        render = DeferredRender.apply if self.deferred_render and torch.is_grad_enabled() else _render_views
+        return render(H, W, bg, *args)
+
+
+def _render_views(H, W, bg, means, quats, scales, opacities, colors, w2c, K):
+    rgb, _ = render_gaussians(means, quats, scales, opacities, colors, w2c, K, H, W, bg)  # (B, V, H, W, 3)
+    return rearrange(rgb, "b v h w c -> b v c h w")
+
+
+class DeferredRender(torch.autograd.Function):
+    """Render all views without a graph; in backward re-render one view at a time with a graph.
+    Peak memory is then one view's rasterizer state instead of all V views' (FaceLift's
+    deferred rendering), at the cost of rendering twice."""
+
+    @staticmethod
+    def forward(ctx, H, W, bg, *tensors):
+        ctx.H, ctx.W, ctx.bg = H, W, bg
+        ctx.save_for_backward(*tensors)
+        with torch.no_grad():
+            return _render_views(H, W, bg, *tensors)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # grad_out (B, V, 3, H, W)
+        tensors = ctx.saved_tensors
+        gaussians, cams = [t.detach().requires_grad_() for t in tensors[:5]], tensors[5:]
+        for v in range(grad_out.shape[1]):
+            with torch.enable_grad():
+                out = _render_views(ctx.H, ctx.W, ctx.bg, *gaussians, *(c[:, v:v + 1] for c in cams))
+                out.backward(grad_out[:, v:v + 1])
+        return (None, None, None, *(t.grad for t in gaussians), None, None)
+
+
+def facelift_gslrm_key_map(layers):
+    """FaceLift's GS-LRM state-dict keys -> ours."""
+    kmap = {"patch_embedder.1.weight": "patch_embed.weight", "gaussian_position_embeddings": "extra_tokens",
+            "input_layer_norm.weight": "input_norm.weight",
+            "gaussian_upsampler.layernorm.weight": "extra_head.0.weight", "gaussian_upsampler.linear.weight": "extra_head.1.weight",
+            "pixel_gaussian_decoder.0.weight": "pixel_head.0.weight", "pixel_gaussian_decoder.1.weight": "pixel_head.1.weight"}
+    for i in range(layers):
+        for theirs, ours in (("norm1", "norm1"), ("norm2", "norm2"), ("attn.to_qkv", "attn.to_qkv"),
+                             ("attn.fc", "attn.fc"), ("mlp.mlp.0", "mlp.0"), ("mlp.mlp.2", "mlp.2")):
+            kmap[f"transformer_layers.{i}.{theirs}.weight"] = f"blocks.{i}.{ours}.weight"
+    return kmap
+
+
+def load_facelift_gslrm(model, path):
+    """Load FaceLift's `ckpt_XXXXXXXXXXXXXXXX.pt` ({'model': state dict, 'optimizer', ...}) into
+    `model`: explicit key map, asserted shapes; only the frozen VGG of its loss (`loss_calculator.*`)
+    is ignored. Anything else missing or unexpected is an error that lists the keys."""
+    # weights_only=False: the file also pickles optimizer/scheduler state. Load only files you trust.
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise ValueError(f"{path}: expected a dict with a 'model' state dict (FaceLift's GS-LRM checkpoint)")
+    theirs = {k: v for k, v in ckpt["model"].items() if not k.startswith("loss_calculator.")}
+    kmap, ours = facelift_gslrm_key_map(len(model.blocks)), model.state_dict()
+    missing, unexpected = sorted(set(kmap) - set(theirs)), sorted(set(theirs) - set(kmap))
+    if missing or unexpected:
+        raise KeyError(f"{path}: not a FaceLift GS-LRM checkpoint for this preset ({len(model.blocks)} layers): "
+                       f"missing keys {missing}, unexpected keys {unexpected}")
+    for k, v in theirs.items():
+        if v.shape != ours[kmap[k]].shape:
+            raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, our {kmap[k]} expects {tuple(ours[kmap[k]].shape)}")
+    model.load_state_dict({kmap[k]: v for k, v in theirs.items()}, strict=True)
+    return ckpt
