@@ -200,8 +200,8 @@ def main(cfg):
             g["lr"] = g["initial_lr"] * lr / cfg.lr
         batch = {k: v.to(device) for k, v in next(loader).items() if torch.is_tensor(v)}
         (img, c2w, K), (tgt, tc2w, tK) = split_views(batch)
-        # supervise the novel views plus a random subset of the input views
-        pick = torch.randperm(6)[: cfg.num_input_views_supervised]
+        # supervise the novel views plus a random subset of the input views (a function of the step: resumable)
+        pick = torch.randperm(6, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + step))[: cfg.num_input_views_supervised]
         tgt = torch.cat([batch["images"][:, pick], tgt], 1)  # (B, Vt, 4, H, W)
         tc2w, tK = torch.cat([c2w[:, pick], tc2w], 1), torch.cat([K[:, pick], tK], 1)
         with accelerator.autocast():

@@ -1,0 +1,155 @@
+"""GS-LRM: shapes and FaceLift's activations, the checkpoint converter, deferred rendering,
+and the training script (runs, resumes exactly, DDP gradients)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_gslrm
+from data import load_config, load_rig, frames_to_tensors, write_toy_mice
+from models import GSLRM, GSLRM_CONFIGS, facelift_gslrm_key_map, get_rays, load_facelift_gslrm
+
+TINY = GSLRM_CONFIGS["tiny"]
+
+
+def rig_batch(B=2, S=16, seed=0):
+    w2c, K = frames_to_tensors(load_rig("mouse_6view")["frames"], S)
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(B, 6, 3, S, S, generator=g), torch.linalg.inv(w2c).expand(B, -1, -1, -1), K.expand(B, -1, -1)
+
+
+def test_forward_shapes_and_pixel_alignment():
+    torch.manual_seed(0)
+    model = GSLRM(**TINY)
+    img, c2w, K = rig_batch()
+    g = model(img, c2w, K)
+    N = 6 * 16 * 16 + 2
+    assert g["means"].shape == (2, N, 3) and g["quats"].shape == (2, N, 4) and g["opacities"].shape == (2, N)
+    o, d = get_rays(c2w, K, 16, 16)  # (B, V, H, W, 3)
+    rel = g["means"][:, 2:] - o.flatten(1, 3)
+    t = (rel * d.flatten(1, 3)).sum(-1)  # distance along each pixel's ray
+    assert torch.allclose(rel, t[..., None] * d.flatten(1, 3), atol=1e-4)  # on its own pixel's ray
+    t_mid = -(o * d).sum(-1).flatten(1)
+    assert ((t - t_mid).abs() <= 1.8 + 1e-4).all()
+    assert (g["scales"] <= torch.exp(torch.tensor(-1.2)) + 1e-6).all() and torch.allclose(g["quats"].norm(dim=-1), torch.ones(2, N))
+
+
+def fabricate_facelift_ckpt(path, layers=2, d=32, patch=8, drop=None, extra=None, bad_shape=None):
+    """A checkpoint in FaceLift's exact key layout (tiny sizes), with the VGG loss keys it carries."""
+    shapes = {"patch_embedder.1.weight": (d, 9 * patch * patch), "gaussian_position_embeddings": (2, d),
+              "input_layer_norm.weight": (d,), "gaussian_upsampler.layernorm.weight": (d,),
+              "gaussian_upsampler.linear.weight": (14, d), "pixel_gaussian_decoder.0.weight": (d,),
+              "pixel_gaussian_decoder.1.weight": (patch * patch * 14, d)}
+    for i in range(layers):
+        shapes.update({f"transformer_layers.{i}.norm1.weight": (d,), f"transformer_layers.{i}.norm2.weight": (d,),
+                       f"transformer_layers.{i}.attn.to_qkv.weight": (3 * d, d), f"transformer_layers.{i}.attn.fc.weight": (d, d),
+                       f"transformer_layers.{i}.mlp.mlp.0.weight": (4 * d, d), f"transformer_layers.{i}.mlp.mlp.2.weight": (d, 4 * d)})
+    sd = {k: torch.randn(s) for k, s in shapes.items()}
+    sd["loss_calculator.perceptual_loss_module.vgg.0.weight"] = torch.randn(64, 3, 3, 3)
+    if drop:
+        sd.pop(drop)
+    if extra:
+        sd[extra] = torch.zeros(1)
+    if bad_shape:
+        sd[bad_shape] = torch.zeros(3, 3)
+    torch.save({"model": sd, "optimizer": {}, "lr_scheduler": {}, "fwdbwd_pass_step": 21125, "param_update_step": 21125}, path)
+    return sd
+
+
+def test_facelift_converter(tmp_path):
+    sd = fabricate_facelift_ckpt(tmp_path / "ckpt_0000000000021125.pt")
+    model = GSLRM(**TINY)
+    load_facelift_gslrm(model, tmp_path / "ckpt_0000000000021125.pt")
+    ours = model.state_dict()
+    kmap = facelift_gslrm_key_map(2)
+    assert set(kmap.values()) == set(ours)  # the map covers every parameter of ours
+    for k, v in kmap.items():
+        assert torch.equal(ours[v], sd[k]), k
+
+
+@pytest.mark.parametrize("kw, error, match", [
+    (dict(drop="transformer_layers.1.attn.fc.weight"), KeyError, r"missing keys \['transformer_layers.1.attn.fc.weight'\]"),
+    (dict(extra="view_type_embeddings"), KeyError, r"unexpected keys \['view_type_embeddings'\]"),
+    (dict(layers=3), KeyError, r"unexpected keys \['transformer_layers.2"),
+    (dict(bad_shape="input_layer_norm.weight"), ValueError, r"input_layer_norm.weight has shape \(3, 3\)"),
+])
+def test_facelift_converter_fails_clearly(tmp_path, kw, error, match):
+    fabricate_facelift_ckpt(tmp_path / "c.pt", **kw)
+    with pytest.raises(error, match=match):
+        load_facelift_gslrm(GSLRM(**TINY), tmp_path / "c.pt")
+
+
+def grads_of(model, deferred):
+    torch.manual_seed(0)
+    model.zero_grad()
+    model.deferred_render = deferred
+    img, c2w, K = rig_batch()
+    out = model.render(model(img, c2w, K), c2w[:, :3], K[:, :3], 16, 16)  # (B, 3 views, 3, H, W)
+    (out * torch.linspace(0, 1, 16)).sum().backward()
+    return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def test_deferred_render_and_checkpointing_match_plain():
+    torch.manual_seed(0)
+    model = GSLRM(**TINY)
+    out, ref = grads_of(model, deferred=False)
+    out2, deferred = grads_of(model, deferred=True)
+    model.grad_checkpoint = True
+    _, ckpt = grads_of(model, deferred=False)
+    assert torch.allclose(out, out2)
+    for a, b, c in zip(ref, deferred, ckpt):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-3) and torch.allclose(a, c, atol=1e-4, rtol=1e-3)
+
+
+def test_lr_schedule_is_a_function_of_the_step():
+    cfg = train_gslrm.Config(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert train_gslrm.lr_at(0, cfg) == pytest.approx(0.1) and train_gslrm.lr_at(9, cfg) == pytest.approx(1.0)
+    assert train_gslrm.lr_at(60, cfg) == pytest.approx(0.55) and train_gslrm.lr_at(110, cfg) == pytest.approx(0.1)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return write_toy_mice(tmp_path_factory.mktemp("mice"), n=6, size=16, n_extra=3, n_val=2, progress=False)
+
+
+def tiny_cfg(data, out, **kw):
+    args = [f"--data_dir={data}", f"--out_dir={out}", "--preset=tiny", "--image_size=16", "--batch_size=2",
+            "--max_steps=6", "--warmup_steps=2", "--val_every=100", "--val_samples=2", "--log_every=1", "--ckpt_every=3"]
+    return load_config(train_gslrm.Config, args + [f"--{k}={v}" for k, v in kw.items()])
+
+
+def test_train_runs_and_resume_continues_exactly(tiny_data, tmp_path):
+    train_gslrm.main(tiny_cfg(tiny_data, tmp_path / "a"))
+    full = load_file(tmp_path / "a" / "checkpoint-6" / "model.safetensors")
+    assert (tmp_path / "a" / "val_000006.png").exists() and (tmp_path / "a" / "checkpoint-3").exists()
+    train_gslrm.main(tiny_cfg(tiny_data, tmp_path / "b", max_steps=3))
+    train_gslrm.main(tiny_cfg(tiny_data, tmp_path / "b", resume="auto"))
+    resumed = load_file(tmp_path / "b" / "checkpoint-6" / "model.safetensors")
+    first = load_file(tmp_path / "b" / "checkpoint-3" / "model.safetensors")
+    assert any(not torch.equal(first[k], resumed[k]) for k in full)  # it trained on after resuming
+    for k in full:
+        assert torch.allclose(full[k], resumed[k], atol=1e-6), k
+
+
+def test_init_from_facelift_checkpoint(tiny_data, tmp_path):
+    sd = fabricate_facelift_ckpt(tmp_path / "ckpt.pt")
+    model = train_gslrm.main(tiny_cfg(tiny_data, tmp_path / "c", max_steps=0, init_from=tmp_path / "ckpt.pt"))
+    assert torch.equal(model.patch_embed.weight, sd["patch_embedder.1.weight"])
+
+
+def test_ddp_gradients_equal_single_process_on_the_doubled_batch(tiny_data, tmp_path):
+    worker, repo = Path(__file__).parent / "ddp_grad_worker.py", Path(__file__).parent.parent
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", str(worker),
+           str(tiny_data), str(tmp_path / "ddp.pt")]
+    subprocess.run(cmd, check=True, timeout=300, env=env)
+    subprocess.run([sys.executable, str(worker), str(tiny_data), str(tmp_path / "single.pt")], check=True, timeout=300, env=env)
+    ddp, single = torch.load(tmp_path / "ddp.pt"), torch.load(tmp_path / "single.pt")
+    assert ddp["world"] == 2 and single["world"] == 1
+    assert ddp["samples"] != single["samples"][:1] and sorted(sum(ddp["all_samples"], [])) == sorted(single["samples"])
+    for a, b in zip(ddp["grads"], single["grads"]):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
