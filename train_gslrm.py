@@ -234,6 +234,7 @@ def main(cfg):
                   + f" | {dt * 1000:.0f} ms/step | {global_batch / dt:.1f} samples/s")
             accelerator.log({"train/loss": loss.item(), "train/lr": lr, "train/grad_norm": grad_norm,
                              **{f"train/{k}": v for k, v in parts.items()}}, step=step)
+    accelerator.wait_for_everyone()  # leave the process group together (gloo can abort at exit otherwise)
     accelerator.end_training()
     return raw_model
 

@@ -25,3 +25,7 @@ all_samples = acc.gather_for_metrics([samples], use_gather_object=True)
 if acc.is_main_process:
     torch.save({"world": acc.num_processes, "samples": samples, "all_samples": all_samples,
                 "grads": [p.grad for p in acc.unwrap_model(model).parameters()]}, out)
+# all ranks reach the end together, then leave the process group: a rank that exits while
+# another still talks to gloo sometimes aborts at shutdown ('terminate called without an active exception')
+acc.wait_for_everyone()
+acc.end_training()

@@ -144,7 +144,7 @@ def test_init_from_facelift_checkpoint(tiny_data, tmp_path):
 def test_ddp_gradients_equal_single_process_on_the_doubled_batch(tiny_data, tmp_path):
     worker, repo = Path(__file__).parent / "ddp_grad_worker.py", Path(__file__).parent.parent
     env = dict(os.environ, PYTHONPATH=str(repo))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", str(worker),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
            str(tiny_data), str(tmp_path / "ddp.pt")]
     subprocess.run(cmd, check=True, timeout=300, env=env)
     subprocess.run([sys.executable, str(worker), str(tiny_data), str(tmp_path / "single.pt")], check=True, timeout=300, env=env)
