@@ -633,6 +633,20 @@ def preview_samples(list_file, path, n=6, size=None):
     return save_image_grid(rows, path)
 
 
+# ----------------------------------------------------------------------------------------------
+# Multi-view diffusion data: rig prompt embeddings, toy rig embeddings
+# (train_mvdiff.py)
+
+# (end of section: Multi-view diffusion data: rig prompt embeddings, toy rig embeddings)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dance data: clip format, toy dancers with music, music features
+# (train_dance.py)
+
+# (end of section: Dance data: clip format, toy dancers with music, music features)
+
+
 def _main(argv):
     import argparse
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -32,3 +32,24 @@ def ssim(pred, target, max_val=1.0, window_size=11, sigma=1.5):
     c1, c2 = (0.01 * max_val) ** 2, (0.03 * max_val) ** 2
     s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
     return s.mean(dim=(-3, -2, -1)).reshape(lead)
+
+
+# ----------------------------------------------------------------------------------------------
+# Perceptual losses (GS-LRM)
+# (train_gslrm.py)
+
+# (end of section: Perceptual losses (GS-LRM))
+
+
+# ----------------------------------------------------------------------------------------------
+# Diffusion losses (multi-view diffusion)
+# (train_mvdiff.py)
+
+# (end of section: Diffusion losses (multi-view diffusion))
+
+
+# ----------------------------------------------------------------------------------------------
+# Dance losses and metrics
+# (train_dance.py)
+
+# (end of section: Dance losses and metrics)

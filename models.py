@@ -404,3 +404,24 @@ def load_facelift_gslrm(model, path):
             raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, our {kmap[k]} expects {tuple(ours[kmap[k]].shape)}")
     model.load_state_dict({kmap[k]: v for k, v in theirs.items()}, strict=True)
     return ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+# Perceptual networks: VGG feature extractors for the perceptual loss and LPIPS
+# (GS-LRM losses)
+
+# (end of section: Perceptual networks: VGG feature extractors for the perceptual loss and LPIPS)
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-view diffusion: FaceLift's UNet with multi-view attention, the sampler
+# (train_mvdiff.py, gen_synthetic.py)
+
+# (end of section: Multi-view diffusion: FaceLift's UNet with multi-view attention, the sampler)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dance: music-to-pose encoder, face recognizer (IResNet)
+# (train_dance.py)
+
+# (end of section: Dance: music-to-pose encoder, face recognizer (IResNet))
