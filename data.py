@@ -29,7 +29,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_model, save_model
 
-from models import intrinsics_matrix, look_at_c2w, render_gaussians
+from models import SH_C0, intrinsics_matrix, look_at_c2w, render_gaussians
 
 REPO = Path(__file__).resolve().parent
 RIGS_DIR = REPO / "configs" / "rigs"
@@ -622,6 +622,46 @@ def save_image_grid(rows, path, pad=2):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray((grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)).save(path)
     return path
+
+
+# 3DGS's PLY vertex layout, which its viewers (SIBR, SuperSplat, ...) read: position, normal
+# (unused, zero), SH coefficients (DC then 45 higher-order, zero here), opacity as a logit,
+# scale as a log, rotation (w, x, y, z).
+PLY_FIELDS = (["x", "y", "z", "nx", "ny", "nz"] + [f"f_dc_{i}" for i in range(3)] + [f"f_rest_{i}" for i in range(45)]
+              + ["opacity"] + [f"scale_{i}" for i in range(3)] + [f"rot_{i}" for i in range(4)])
+
+
+def save_ply(gaussians, path):
+    """One object's Gaussians {means (N, 3), rgb (N, 3), scales (N, 3), quats (N, 4), opacities (N,)}
+    (GSLRM's output for one sample) -> a binary little-endian PLY in the standard 3DGS layout."""
+    g = {k: v.detach().float().cpu() for k, v in gaussians.items()}
+    N = len(g["means"])
+    opac = g["opacities"].clamp(1e-6, 1 - 1e-6)
+    cols = torch.cat([g["means"], torch.zeros(N, 3), (g["rgb"] - 0.5) / SH_C0, torch.zeros(N, 45),
+                      torch.log(opac / (1 - opac))[:, None], torch.log(g["scales"]), g["quats"]], 1)  # (N, 62)
+    header = "".join(["ply\nformat binary_little_endian 1.0\n", f"element vertex {N}\n"]
+                     + [f"property float {f}\n" for f in PLY_FIELDS] + ["end_header\n"])
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(header.encode("ascii"))
+        f.write(cols.numpy().astype("<f4").tobytes())
+    return path
+
+
+def load_ply(path):
+    """Read a 3DGS PLY written by save_ply (or by 3DGS itself) back into the same dict."""
+    raw = Path(path).read_bytes()
+    end = raw.index(b"end_header\n") + len(b"end_header\n")
+    lines = raw[:end].decode("ascii").splitlines()
+    if lines[:2] != ["ply", "format binary_little_endian 1.0"]:
+        raise ValueError(f"{path}: not a binary little-endian PLY")
+    n = int(next(ln.split()[2] for ln in lines if ln.startswith("element vertex")))
+    names = [ln.split()[2] for ln in lines if ln.startswith("property float")]
+    v = torch.from_numpy(np.frombuffer(raw[end:], dtype="<f4", count=n * len(names)).reshape(n, len(names)).copy())
+    col = lambda *fs: v[:, [names.index(f) for f in fs]]  # noqa: E731
+    return {"means": col("x", "y", "z"), "rgb": 0.5 + SH_C0 * col("f_dc_0", "f_dc_1", "f_dc_2"),
+            "scales": col("scale_0", "scale_1", "scale_2").exp(), "quats": col("rot_0", "rot_1", "rot_2", "rot_3"),
+            "opacities": torch.sigmoid(col("opacity")[:, 0])}
 
 
 def preview_samples(list_file, path, n=6, size=None):

@@ -37,6 +37,42 @@ def ssim(pred, target, max_val=1.0, window_size=11, sigma=1.5):
 # ----------------------------------------------------------------------------------------------
 # Perceptual losses (GS-LRM)
 # (train_gslrm.py)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+# FaceLift's weights for [the image itself, relu1_2, relu2_2, relu3_2, relu4_2, relu5_2]
+PERCEPTUAL_WEIGHTS = (1.0, 1 / 2.6, 1 / 4.8, 1 / 3.7, 1 / 5.6, 10 / 1.5)
+
+
+def perceptual_loss(vgg19, pred, target):
+    """FaceLift's VGG19 perceptual loss: L1 between the images and between 5 ReLU activations,
+    weighted by PERCEPTUAL_WEIGHTS, on inputs x255 minus the ImageNet means (the caffe-style
+    preprocessing these weights were chosen for). The sum is divided by 255 (as FaceLift does)
+    to bring it back to the scale of [0, 1] images. pred, target (N, 3, H, W) in [0, 1] -> scalar."""
+    mean = torch.tensor(IMAGENET_MEAN, device=pred.device, dtype=pred.dtype)[:, None, None] * 255
+    x, y = pred * 255 - mean, target * 255 - mean  # (N, 3, H, W)
+    loss = PERCEPTUAL_WEIGHTS[0] * (x - y).abs().mean()
+    with torch.no_grad():
+        fy = vgg19(y)
+    for w, a, b in zip(PERCEPTUAL_WEIGHTS[1:], vgg19(x), fy):
+        loss = loss + w * (a - b).abs().mean()
+    return loss / 255
+
+
+LPIPS_SHIFT, LPIPS_SCALE = (-0.030, -0.088, -0.188), (0.458, 0.448, 0.450)
+
+
+def lpips(vgg16, heads, pred, target):
+    """LPIPS (v0.1, vgg): unit-normalise each VGG16 activation over channels, weight the squared
+    difference per channel by the learned head, average over space, sum over the 5 layers.
+    pred, target (..., 3, H, W) in [0, 1] -> (...)."""
+    lead = pred.shape[:-3]
+    shift = torch.tensor(LPIPS_SHIFT, device=pred.device)[:, None, None]
+    scale = torch.tensor(LPIPS_SCALE, device=pred.device)[:, None, None]
+    x, y = ((t.reshape(-1, *t.shape[-3:]) * 2 - 1 - shift) / scale for t in (pred, target))  # (N, 3, H, W)
+    dist = 0
+    for w, a, b in zip(heads, vgg16(x), vgg16(y)):
+        a, b = a / (a.norm(dim=1, keepdim=True) + 1e-10), b / (b.norm(dim=1, keepdim=True) + 1e-10)
+        dist = dist + ((a - b) ** 2 * w.to(a)[:, None, None]).sum(1).mean((-2, -1))  # (N,)
+    return dist.reshape(lead)
 
 # (end of section: Perceptual losses (GS-LRM))
 

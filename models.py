@@ -6,6 +6,7 @@ as the oracle). Conventions are 3DGS/gsplat's: OpenCV cameras (x right, y down, 
 `w2c` world-to-camera matrices, intrinsics as 3x3 `K`, quaternions (w, x, y, z), RGB colours.
 """
 import math
+import re
 
 import torch
 import torch.nn as nn
@@ -409,6 +410,65 @@ def load_facelift_gslrm(model, path):
 # ----------------------------------------------------------------------------------------------
 # Perceptual networks: VGG feature extractors for the perceptual loss and LPIPS
 # (GS-LRM losses)
+# torchvision's `vgg16().features` / `vgg19().features` layouts, so that their state dicts load
+# unchanged (keys `features.{i}.weight`); only the layers up to the deepest tap are built.
+VGG_LAYERS = {"vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512],
+              "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512]}
+# indices into `features` of the ReLUs whose outputs are compared
+VGG_TAPS = {"vgg19": (3, 8, 13, 22, 31),  # relu1_2, relu2_2, relu3_2, relu4_2, relu5_2 (FaceLift's perceptual loss)
+            "vgg16": (3, 8, 15, 22, 29)}  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 (LPIPS)
+
+
+class VGGFeatures(nn.Module):
+    """A frozen VGG trunk that returns the activations at `VGG_TAPS[arch]`."""
+
+    def __init__(self, arch):
+        super().__init__()
+        self.taps = VGG_TAPS[arch]
+        layers, c_in = [], 3
+        for v in VGG_LAYERS[arch]:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(c_in, v, 3, padding=1), nn.ReLU(inplace=False)]
+                c_in = v
+            if len(layers) > self.taps[-1]:
+                break
+        self.features = nn.Sequential(*layers[: self.taps[-1] + 1])
+        self.requires_grad_(False).eval()
+
+    def forward(self, x):
+        feats = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in self.taps:
+                feats.append(x)
+        return feats
+
+
+def load_vgg(path, arch):
+    """VGGFeatures from a torchvision-format state dict (`vgg19-dcbb9e9d.pth`): the `features.*`
+    keys we build must all be there; the classifier and deeper layers are the only keys ignored."""
+    vgg = VGGFeatures(arch)
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    ours = vgg.state_dict()
+    missing = sorted(set(ours) - set(sd))
+    deeper = lambda k: re.fullmatch(r"features\.(\d+)\.(weight|bias)", k) and int(k.split(".")[1]) > vgg.taps[-1]  # noqa: E731
+    unexpected = sorted(k for k in set(sd) - set(ours) if not (k.startswith("classifier.") or deeper(k)))
+    if missing or unexpected:
+        raise KeyError(f"{path}: not a torchvision {arch} state dict: missing keys {missing}, unexpected keys {unexpected}")
+    vgg.load_state_dict({k: sd[k] for k in ours}, strict=True)
+    return vgg
+
+
+def load_lpips_heads(path):
+    """The LPIPS linear heads (`lpips/weights/v0.1/vgg.pth`: `lin{k}.model.1.weight` of shape
+    (1, C_k, 1, 1)) -> a list of 5 tensors (C_k,)."""
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    want = [f"lin{k}.model.1.weight" for k in range(5)]
+    if sorted(sd) != sorted(want):
+        raise KeyError(f"{path}: expected the LPIPS vgg heads {want}, found {sorted(sd)}")
+    return [sd[k].flatten() for k in want]
 
 # (end of section: Perceptual networks: VGG feature extractors for the perceptual loss and LPIPS)
 

@@ -16,9 +16,9 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from data import (MultiViewDataset, StepSampler, latest_checkpoint, load_checkpoint, load_config, load_rig,
-                  save_checkpoint, save_config, save_image_grid, write_toy_mice)
-from losses import masked_psnr, psnr, ssim
-from models import GSLRM, GSLRM_CONFIGS, load_facelift_gslrm
+                  save_checkpoint, save_config, save_image_grid, save_ply, write_toy_mice)
+from losses import lpips, masked_psnr, perceptual_loss, psnr, ssim
+from models import GSLRM, GSLRM_CONFIGS, load_facelift_gslrm, load_lpips_heads, load_vgg
 
 
 @dataclass
@@ -48,6 +48,8 @@ class Config:
     skip_grad_norm_factor: float = 20.0  # a step whose grad norm exceeds this x grad_clip is skipped
     perceptual_weight: float = 0.5  # VGG19 perceptual loss, only when vgg19_path is set
     vgg19_path: str = ""  # torchvision-format vgg19 state dict (.pth)
+    lpips_vgg16_path: str = ""  # torchvision-format vgg16 state dict: LPIPS as a validation metric, with...
+    lpips_heads_path: str = ""  # ...the lpips package's linear heads (lpips/weights/v0.1/vgg.pth)
     l2_warmup_steps: int = 0  # MSE only for the first steps (FaceLift: 500)
     ssim_weight: float = 0.0
     mixed_precision: str = "bf16"  # bf16 | no; bf16 autocast is used on GPU only
@@ -81,21 +83,29 @@ def split_views(batch, n_in=6):
 
 
 @torch.no_grad()
-def evaluate(model, val_set, cfg, step, mean_image, device, out_dir):
-    """Novel-view PSNR / masked PSNR / SSIM on held-out samples (all their non-input views), the
-    same PSNR for the mean training image, and a PNG grid (inputs | ground truth | renders)."""
+def evaluate(model, val_set, cfg, step, mean_image, device, out_dir, lpips_net=None, ply_path=None):
+    """Novel-view PSNR / masked PSNR / SSIM (/ LPIPS) on held-out samples (all their non-input
+    views), the same PSNR for the mean training image, a PNG grid (inputs | ground truth |
+    renders); optionally the first sample's Gaussians as a 3DGS PLY (390 MB at FaceLift's size)."""
     model.eval()
     scores, rows = {"psnr": [], "masked_psnr": [], "ssim": [], "baseline_psnr": []}, []
+    if lpips_net is not None:
+        scores["lpips"] = []
     for i in range(min(cfg.val_samples, len(val_set))):
         item = val_set[i]
         batch = {k: v[None].to(device) for k, v in item.items() if torch.is_tensor(v)}
         (img, c2w, K), (tgt, tc2w, tK) = split_views(batch)
-        pred = model.render(model(img, c2w, K), tc2w, tK, cfg.image_size, cfg.image_size)[0]  # (Vt, 3, H, W)
+        gaussians = model(img, c2w, K)
+        pred = model.render(gaussians, tc2w, tK, cfg.image_size, cfg.image_size)[0]  # (Vt, 3, H, W)
         gt, alpha = tgt[0, :, :3], tgt[0, :, 3:]
         scores["psnr"].append(psnr(pred, gt))
         scores["masked_psnr"].append(masked_psnr(pred, gt, alpha))
         scores["ssim"].append(ssim(pred, gt))
         scores["baseline_psnr"].append(psnr(mean_image.expand_as(gt), gt))
+        if lpips_net is not None:
+            scores["lpips"].append(lpips(*lpips_net, pred, gt))
+        if i == 0 and ply_path:
+            save_ply({k: v[0] for k, v in gaussians.items()}, ply_path)
         if i < 4:
             rows.append(torch.cat([img[0], gt, pred]).cpu())
     model.train()
@@ -169,22 +179,26 @@ def main(cfg):
                           cfg.seed, start_step)
     loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers))
 
-    vgg = None
-    if cfg.vgg19_path and cfg.perceptual_weight > 0:
-        from losses import perceptual_loss
-        from models import load_vgg
-        vgg = load_vgg(cfg.vgg19_path, "vgg19").to(device)
-    elif main_proc and cfg.perceptual_weight > 0:
+    # frozen loss/metric networks, from local files only
+    vgg = load_vgg(cfg.vgg19_path, "vgg19").to(device) if cfg.vgg19_path and cfg.perceptual_weight > 0 else None
+    lpips_net = None
+    if cfg.lpips_vgg16_path and cfg.lpips_heads_path:
+        lpips_net = (load_vgg(cfg.lpips_vgg16_path, "vgg16").to(device), load_lpips_heads(cfg.lpips_heads_path))
+    if main_proc and vgg is None and cfg.perceptual_weight > 0:
         print("perceptual loss off: no vgg19_path configured (MSE only)")
+    if main_proc and lpips_net is None:
+        print("LPIPS off: set lpips_vgg16_path and lpips_heads_path to report it")
 
     H = cfg.image_size
     t_last = time.perf_counter()
     for step in range(start_step, cfg.max_steps + 1):
         if step % cfg.val_every == 0 or step == cfg.max_steps:
             if main_proc:
-                m, grid = evaluate(raw_model, val_set, cfg, step, mean_image, device, out_dir)
+                ply = out_dir / f"val_{step:06d}.ply" if step == cfg.max_steps else None
+                m, grid = evaluate(raw_model, val_set, cfg, step, mean_image, device, out_dir, lpips_net, ply)
                 print(f"val step {step}: novel-view psnr {m['psnr']:.2f} dB (mean-image baseline {m['baseline_psnr']:.2f} dB) | "
-                      f"masked psnr {m['masked_psnr']:.2f} | ssim {m['ssim']:.3f} | grid {grid}")
+                      f"masked psnr {m['masked_psnr']:.2f} | ssim {m['ssim']:.3f}"
+                      + (f" | lpips {m['lpips']:.3f}" if "lpips" in m else "") + f" | grid {grid}" + (f" | {ply}" if ply else ""))
                 accelerator.log({f"val/{k}": v for k, v in m.items()}, step=step)
             accelerator.wait_for_everyone()
         if step > start_step and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_gslrm
-from data import load_config, load_rig, frames_to_tensors, write_toy_mice
+from data import frames_to_tensors, load_config, load_ply, load_rig, write_toy_mice
 from models import GSLRM, GSLRM_CONFIGS, facelift_gslrm_key_map, get_rays, load_facelift_gslrm
 
 TINY = GSLRM_CONFIGS["tiny"]
@@ -153,3 +153,19 @@ def test_ddp_gradients_equal_single_process_on_the_doubled_batch(tiny_data, tmp_
     assert ddp["samples"] != single["samples"][:1] and sorted(sum(ddp["all_samples"], [])) == sorted(single["samples"])
     for a, b in zip(ddp["grads"], single["grads"]):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_train_with_perceptual_loss_lpips_and_ply_export(tiny_data, tmp_path, capsys):
+    from test_losses import save_torchvision_vgg
+    save_torchvision_vgg(tmp_path / "vgg19.pth", "vgg19")
+    save_torchvision_vgg(tmp_path / "vgg16.pth", "vgg16")
+    torch.save({f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate((64, 128, 256, 512, 512))},
+               tmp_path / "heads.pth")
+    cfg = tiny_cfg(tiny_data, tmp_path / "p", max_steps=3, l2_warmup_steps=1, vgg19_path=tmp_path / "vgg19.pth",
+                   lpips_vgg16_path=tmp_path / "vgg16.pth", lpips_heads_path=tmp_path / "heads.pth")
+    train_gslrm.main(cfg)
+    log = capsys.readouterr().out
+    assert "step 0 | loss" in log and " perc " not in log.split("step 1 |")[0]  # MSE only during l2_warmup_steps
+    assert " perc " in log.split("step 1 |")[1] and "| lpips " in log
+    g = load_ply(tmp_path / "p" / "val_000003.ply")
+    assert g["means"].shape == (6 * 16 * 16 + 2, 3) and torch.all((g["opacities"] > 0) & (g["opacities"] < 1))

@@ -35,3 +35,74 @@ def test_ssim_matches_pytorch_msssim():
     x, y = torch.rand(3, 3, 32, 32), torch.rand(3, 3, 32, 32)
     y = 0.5 * x + 0.5 * y
     assert torch.allclose(ssim(x, y), pm.ssim(x, y, data_range=1.0, size_average=False), atol=1e-5)
+
+
+# ---- perceptual losses: random VGG weights saved in torchvision's layout by the test
+
+
+def save_torchvision_vgg(path, arch, seed=0):
+    """A random state dict with torchvision's vgg16/vgg19 keys (features.* + classifier.*)."""
+    from models import VGG_LAYERS
+    g, sd, i, c_in = torch.Generator().manual_seed(seed), {}, 0, 3
+    for v in VGG_LAYERS[arch]:
+        if v == "M":
+            i += 1
+            continue
+        sd[f"features.{i}.weight"] = torch.randn(v, c_in, 3, 3, generator=g) * (2 / (9 * c_in)) ** 0.5
+        sd[f"features.{i}.bias"] = torch.randn(v, generator=g) * 0.01
+        i, c_in = i + 2, v
+    sd["classifier.0.weight"], sd["classifier.0.bias"] = torch.zeros(4, 8), torch.zeros(4)
+    torch.save(sd, path)
+    return sd
+
+
+def test_load_vgg_takes_torchvision_keys_and_rejects_others(tmp_path):
+    from models import load_vgg
+    sd = save_torchvision_vgg(tmp_path / "vgg19.pth", "vgg19")
+    vgg = load_vgg(tmp_path / "vgg19.pth", "vgg19")
+    for k, v in vgg.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    assert not any(p.requires_grad for p in vgg.parameters())
+    sd.pop("features.30.weight")
+    sd["features.foo"] = torch.zeros(1)
+    torch.save(sd, tmp_path / "bad.pth")
+    with pytest.raises(KeyError, match=r"missing keys \['features.30.weight'\], unexpected keys \['features.foo'\]"):
+        load_vgg(tmp_path / "bad.pth", "vgg19")
+
+
+def test_perceptual_loss_matches_its_definition(tmp_path):
+    """Recomputed layer by layer from torchvision indices: relu1_2=3, relu2_2=8, relu3_2=13, relu4_2=22, relu5_2=31."""
+    from losses import PERCEPTUAL_WEIGHTS, perceptual_loss
+    from models import load_vgg
+    save_torchvision_vgg(tmp_path / "vgg19.pth", "vgg19")
+    vgg = load_vgg(tmp_path / "vgg19.pth", "vgg19")
+    pred = torch.rand(2, 3, 32, 32, requires_grad=True)
+    target = torch.rand(2, 3, 32, 32)
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None] * 255
+    x, y = pred * 255 - mean, target * 255 - mean
+    ref = (x - y).abs().mean()
+    for w, idx in zip(PERCEPTUAL_WEIGHTS[1:], (3, 8, 13, 22, 31)):
+        ref = ref + w * (vgg.features[: idx + 1](x) - vgg.features[: idx + 1](y)).abs().mean()
+    loss = perceptual_loss(vgg, pred, target)
+    assert torch.allclose(loss, ref / 255, rtol=1e-5)
+    assert perceptual_loss(vgg, target, target).item() == 0.0
+    loss.backward()
+    assert pred.grad.abs().sum() > 0
+
+
+def test_lpips_is_a_distance_that_grows_with_the_error(tmp_path):
+    from losses import lpips
+    from models import load_lpips_heads, load_vgg
+    save_torchvision_vgg(tmp_path / "vgg16.pth", "vgg16")
+    torch.save({f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate((64, 128, 256, 512, 512))},
+               tmp_path / "vgg.pth")  # the lpips package's head file layout
+    vgg, heads = load_vgg(tmp_path / "vgg16.pth", "vgg16"), load_lpips_heads(tmp_path / "vgg.pth")
+    x = torch.rand(4, 3, 32, 32)
+    d = [lpips(vgg, heads, (x + s * torch.randn_like(x)).clamp(0, 1), x) for s in (0.0, 0.05, 0.2)]
+    assert d[0].shape == (4,) and torch.all(d[0] == 0)
+    assert torch.all(d[1] > 0) and torch.all(d[2] > d[1])
+    y = torch.rand(4, 3, 32, 32)
+    assert torch.allclose(lpips(vgg, heads, x, y), lpips(vgg, heads, y, x))
+    torch.save({"lin0.model.1.weight": torch.zeros(1, 64, 1, 1)}, tmp_path / "short.pth")
+    with pytest.raises(KeyError, match="LPIPS vgg heads"):
+        load_lpips_heads(tmp_path / "short.pth")
