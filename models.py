@@ -88,9 +88,10 @@ def quat_to_rotmat(q):
     return R.unflatten(-1, (3, 3))  # (..., 3, 3)
 
 
-def project_gaussians(means, quats, scales, w2c, K, H, W):
+def project_gaussians(means, quats, scales, opacities, w2c, K, H, W):
     """EWA projection of N Gaussians into C cameras (shared by every CPU back end).
-    means (..., N, 3), quats (..., N, 4), scales (..., N, 3), w2c (..., C, 4, 4), K (..., C, 3, 3).
+    means (..., N, 3), quats (..., N, 4), scales (..., N, 3), opacities (..., N), w2c (..., C, 4, 4),
+    K (..., C, 3, 3).
     Returns means2d (..., C, N, 2), conics (..., C, N, 3) = upper triangle of the inverse 2D
     covariance, depths (..., C, N), the footprint's pixel box (..., C, N, 4) = x0, x1, y0, y1
     (inclusive, clipped to the image) and valid (..., C, N)."""
@@ -116,13 +117,18 @@ def project_gaussians(means, quats, scales, w2c, K, H, W):
     det = (a * c - b * b).clamp(min=1e-12)
     conics = torch.stack([c / det, -b / det, a / det], -1)  # (..., C, N, 3)
 
-    with torch.no_grad():  # the footprint: tight box around the FOOTPRINT_SIGMAS ellipse
-        rx, ry = FOOTPRINT_SIGMAS * a.sqrt(), FOOTPRINT_SIGMAS * c.sqrt()
+    with torch.no_grad():  # the footprint: tight box around the ellipse where alpha can reach 1/255
+        # opacity * exp(-maha^2 / 2) >= 1/255  <=>  maha <= sqrt(2 ln(255 opacity)): a faint Gaussian
+        # gets a smaller box. The pairs this leaves out would all be dropped by the 1/255 test, so
+        # the image is the same; there are just fewer pairs to build.
+        o = opacities[..., None, :].expand_as(a)  # (..., C, N)
+        sig = torch.sqrt(2 * torch.log((255 * o).clamp(min=1))).clamp(max=FOOTPRINT_SIGMAS)
+        rx, ry = sig * a.sqrt(), sig * c.sqrt()
         u, v = means2d[..., 0], means2d[..., 1]
         # pixel i's centre is i + 0.5; keep the integer pixels whose centre is in the box
         box = torch.stack([torch.ceil(u - rx - 0.5).clamp(min=0), torch.floor(u + rx - 0.5).clamp(max=W - 1),
                            torch.ceil(v - ry - 0.5).clamp(min=0), torch.floor(v + ry - 0.5).clamp(max=H - 1)], -1)
-        valid = in_front & (box[..., 0] <= box[..., 1]) & (box[..., 2] <= box[..., 3]) & torch.isfinite(box).all(-1)
+        valid = in_front & (o >= ALPHA_MIN) & (box[..., 0] <= box[..., 1]) & (box[..., 2] <= box[..., 3]) & torch.isfinite(box).all(-1)
         box = torch.where(valid[..., None], box, torch.zeros_like(box)).long()  # (..., C, N, 4)
     return means2d, conics, p[..., 2], box, valid
 
@@ -184,7 +190,7 @@ def _render_sparse(means, quats, scales, opacities, colors, w2c, K, bg, H, W):
     """Sparse rasterizer: only (Gaussian, pixel) pairs inside each footprint exist, so time and
     memory scale with the number of pairs, not Gaussians x pixels."""
     B, C, N, D = w2c.shape[0], w2c.shape[1], means.shape[1], colors.shape[-1]
-    means2d, conics, depths, box, valid = project_gaussians(means, quats, scales, w2c, K, H, W)
+    means2d, conics, depths, box, valid = project_gaussians(means, quats, scales, opacities, w2c, K, H, W)
     cam, gid = valid.flatten(0, 1).nonzero(as_tuple=True)  # (E,) visible entries: camera b*C+c, Gaussian n
     entry, g = cam * N + gid, (cam // C) * N + gid  # index into (B*C*N) projections / (B*N) Gaussians
     # everything a pair needs from its entry, in one tensor so that one gather (and one
@@ -233,7 +239,7 @@ def _render_sparse(means, quats, scales, opacities, colors, w2c, K, bg, H, W):
 def _render_dense(means, quats, scales, opacities, colors, w2c, K, bg, H, W):
     """Dense all-pairs reference rasterizer: every Gaussian against every pixel, composited with
     cumprod. O(N x H x W) memory; only for tests and benchmarks."""
-    means2d, conics, depths, box, valid = project_gaussians(means, quats, scales, w2c, K, H, W)
+    means2d, conics, depths, box, valid = project_gaussians(means, quats, scales, opacities, w2c, K, H, W)
     ys, xs = torch.meshgrid(torch.arange(H, device=means.device), torch.arange(W, device=means.device), indexing="ij")
     xs, ys = xs.flatten(), ys.flatten()  # (HW,)
     dx = xs + 0.5 - means2d[..., 0, None]  # (B, C, N, HW)
