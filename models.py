@@ -343,7 +343,8 @@ class GSLRM(nn.Module):
                 "quats": F.normalize(rot, dim=-1), "opacities": torch.sigmoid(opac[..., 0] - 2.0)}
 
     def render(self, gaussians, c2w, fxfycxcy, H, W, bg=1.0):
-        """Gaussians (B, N, ...) -> images (B, V, 3, H, W) seen by cameras c2w (B, V, 4, 4)."""
+        """Gaussians (B, N, ...) -> images (B, V, 4, H, W) seen by cameras c2w (B, V, 4, 4):
+        RGB composited on `bg`, then the accumulated opacity (alpha)."""
         g = gaussians
         args = (g["means"], g["quats"], g["scales"], g["opacities"], g["rgb"].clamp(min=0),
                 torch.linalg.inv(c2w.float()), intrinsics_matrix(fxfycxcy.float()))
@@ -352,8 +353,8 @@ class GSLRM(nn.Module):
 
 
 def _render_views(H, W, bg, means, quats, scales, opacities, colors, w2c, K):
-    rgb, _ = render_gaussians(means, quats, scales, opacities, colors, w2c, K, H, W, bg)  # (B, V, H, W, 3)
-    return rearrange(rgb, "b v h w c -> b v c h w")
+    rgb, alpha = render_gaussians(means, quats, scales, opacities, colors, w2c, K, H, W, bg)  # (B, V, H, W, 3), (.., 1)
+    return rearrange(torch.cat([rgb, alpha], -1), "b v h w c -> b v c h w")  # (B, V, 4, H, W)
 
 
 class DeferredRender(torch.autograd.Function):
@@ -369,7 +370,7 @@ class DeferredRender(torch.autograd.Function):
             return _render_views(H, W, bg, *tensors)
 
     @staticmethod
-    def backward(ctx, grad_out):  # grad_out (B, V, 3, H, W)
+    def backward(ctx, grad_out):  # grad_out (B, V, 4, H, W)
         tensors = ctx.saved_tensors
         gaussians, cams = [t.detach().requires_grad_() for t in tensors[:5]], tensors[5:]
         for v in range(grad_out.shape[1]):

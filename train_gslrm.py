@@ -52,6 +52,7 @@ class Config:
     lpips_heads_path: str = ""  # ...the lpips package's linear heads (lpips/weights/v0.1/vgg.pth)
     l2_warmup_steps: int = 0  # MSE only for the first steps (FaceLift: 500)
     ssim_weight: float = 0.0
+    alpha_weight: float = 0.0  # MSE between rendered and target alpha (FaceLift: 0, it learns from colour alone)
     mixed_precision: str = "bf16"  # bf16 | no; bf16 autocast is used on GPU only
     compile: bool = False
     # run
@@ -96,7 +97,7 @@ def evaluate(model, val_set, cfg, step, mean_image, device, out_dir, lpips_net=N
         batch = {k: v[None].to(device) for k, v in item.items() if torch.is_tensor(v)}
         (img, c2w, K), (tgt, tc2w, tK) = split_views(batch)
         gaussians = model(img, c2w, K)
-        pred = model.render(gaussians, tc2w, tK, cfg.image_size, cfg.image_size)[0]  # (Vt, 3, H, W)
+        pred = model.render(gaussians, tc2w, tK, cfg.image_size, cfg.image_size)[0, :, :3]  # (Vt, 3, H, W)
         gt, alpha = tgt[0, :, :3], tgt[0, :, 3:]
         scores["psnr"].append(psnr(pred, gt))
         scores["masked_psnr"].append(masked_psnr(pred, gt, alpha))
@@ -220,10 +221,13 @@ def main(cfg):
         tc2w, tK = torch.cat([c2w[:, pick], tc2w], 1), torch.cat([K[:, pick], tK], 1)
         with accelerator.autocast():
             gaussians = model(img, c2w, K)
-        pred = raw_model.render(gaussians, tc2w, tK, H, H)  # (B, Vt, 3, H, W), fp32
+        pred, pred_alpha = raw_model.render(gaussians, tc2w, tK, H, H).split([3, 1], dim=2)  # (B, Vt, 3|1, H, W), fp32
         gt = tgt[:, :, :3]
         mse = torch.nn.functional.mse_loss(pred, gt)
         loss, parts = mse, {"mse": mse.item()}
+        if cfg.alpha_weight > 0:
+            a = torch.nn.functional.mse_loss(pred_alpha, tgt[:, :, 3:])
+            loss, parts["alpha"] = loss + cfg.alpha_weight * a, a.item()
         if vgg is not None and step >= cfg.l2_warmup_steps:
             perc = perceptual_loss(vgg, pred.flatten(0, 1), gt.flatten(0, 1))
             loss, parts["perc"] = loss + cfg.perceptual_weight * perc, perc.item()

@@ -18,7 +18,7 @@ keys = StepSampler(len(ds), 4, acc.process_index, acc.num_processes, seed=0).bat
 batch = torch.utils.data.default_collate([ds[k] for k in keys])
 img = batch["images"]  # (b, 8, 4, H, W)
 g = model(img[:, :6, :3], batch["c2w"][:, :6], batch["fxfycxcy"][:, :6])
-pred = acc.unwrap_model(model).render(g, batch["c2w"][:, 6:], batch["fxfycxcy"][:, 6:], 16, 16)
+pred = acc.unwrap_model(model).render(g, batch["c2w"][:, 6:], batch["fxfycxcy"][:, 6:], 16, 16)[:, :, :3]
 acc.backward(torch.nn.functional.mse_loss(pred, img[:, 6:, :3]))  # DDP averages the per-rank means
 samples = [k[0] for k in keys]
 all_samples = acc.gather_for_metrics([samples], use_gather_object=True)

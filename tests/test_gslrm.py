@@ -88,8 +88,8 @@ def grads_of(model, deferred):
     model.zero_grad()
     model.deferred_render = deferred
     img, c2w, K = rig_batch()
-    out = model.render(model(img, c2w, K), c2w[:, :3], K[:, :3], 16, 16)  # (B, 3 views, 3, H, W)
-    (out * torch.linspace(0, 1, 16)).sum().backward()
+    out = model.render(model(img, c2w, K), c2w[:, :3], K[:, :3], 16, 16)  # (B, 3 views, RGB + alpha, H, W)
+    (out * torch.linspace(0, 1, 16)).sum().backward()  # through both colour and alpha
     return out.detach(), [p.grad.clone() for p in model.parameters()]
 
 
