@@ -42,7 +42,7 @@ class Config:
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * this
     warmup_steps: int = 50
-    max_steps: int = 600
+    max_steps: int = 800
     weight_decay: float = 0.05  # on >= 2-D parameters only
     grad_clip: float = 1.0
     skip_grad_norm_factor: float = 20.0  # a step whose grad norm exceeds this x grad_clip is skipped
@@ -52,7 +52,10 @@ class Config:
     lpips_heads_path: str = ""  # ...the lpips package's linear heads (lpips/weights/v0.1/vgg.pth)
     l2_warmup_steps: int = 0  # MSE only for the first steps (FaceLift: 500)
     ssim_weight: float = 0.0
-    alpha_weight: float = 0.0  # MSE between rendered and target alpha (FaceLift: 0, it learns from colour alone)
+    # MSE between rendered and target alpha. FaceLift: 0 (it starts from pretrained weights). From
+    # scratch on the toy, colour alone often first turns every Gaussian transparent and stays there
+    # for hundreds of steps (3 of 5 runs at step 200); the mask pulls the foreground out of that at once.
+    alpha_weight: float = 1.0
     mixed_precision: str = "bf16"  # bf16 | no; bf16 autocast is used on GPU only
     compile: bool = False
     # run
