@@ -883,10 +883,13 @@ def toy_music(rng, seconds, sr):
     phase = (t - offset) / period  # in beats
     k = np.floor(phase).astype(int)  # the beat each sample belongs to (negative before the offset)
     tau = (phase - k) * period  # seconds since that beat
-    accent = np.where(k % 4 == 0, 1.0, 0.45)
-    kick = accent * np.exp(-tau / 0.06) * np.sin(2 * np.pi * 60 * tau * (1 + 2 * np.exp(-tau / 0.02)))
+    accent = np.where(k % 4 == 0, 1.0, 0.6)
+    noise = rng.standard_normal(len(t))
+    # the kick carries a broadband click so that onset detection (mel spectral flux) hears the beat
+    kick = accent * (np.exp(-tau / 0.06) * np.sin(2 * np.pi * 60 * tau * (1 + 2 * np.exp(-tau / 0.02)))
+                     + 0.6 * np.exp(-tau / 0.01) * noise)
     tau_half = ((phase + 0.5) % 1) * period  # seconds since the last off-beat
-    hihat = 0.12 * np.exp(-tau_half / 0.012) * rng.standard_normal(len(t))
+    hihat = 0.03 * np.exp(-tau_half / 0.008) * noise  # quiet, or the beat tracker locks onto the off-beats
     scale = 220 * 2 ** (np.array([0, 2, 4, 7, 9, 12, 14, 16]) / 12)  # pentatonic
     notes = scale[rng.integers(0, len(scale), size=k.max() - k.min() + 1)][k - k.min()]
     melody = 0.25 * accent * np.exp(-tau / 0.25) * (np.sin(2 * np.pi * notes * tau) + 0.3 * np.sin(4 * np.pi * notes * tau))
@@ -895,19 +898,18 @@ def toy_music(rng, seconds, sr):
 
 
 def pulse(phase, mode):
-    """0 on the beats and 1 halfway ('on': the move hits on the off-beat and returns on the beat),
-    shifted by half a beat for 'off'; zero speed on beats and half-beats either way."""
+    """A 2-beat move: 0 on even beats and 1 on odd beats ('on'), or the other way round ('off').
+    Either way its speed is zero exactly on the beats and largest between them (a dancer hits the
+    pose on the beat), so the motion beats are the music beats."""
     if mode == "still":
         return np.zeros_like(phase)
-    return (1 - np.cos(2 * np.pi * (phase + (0.5 if mode == "off" else 0.0)))) / 2
+    return (1 - np.cos(np.pi * (phase + (1.0 if mode == "off" else 0.0)))) / 2
 
 
 def toy_poses(dancer, phase):
     """Forward kinematics of the stick dancer over time -> poses [T, 134, 3] (body 18 + feet 6
     visible, face and hands invisible) and the head circle [T, 3] (cx, cy, r), all normalised."""
     s, T = dancer["scale"], len(phase)
-    bar = np.floor(phase).astype(int) % 4 == 0  # accented beats move more
-    accent = np.where(bar, 1.3, 1.0)
     P = np.zeros((T, 134, 3))
 
     def limb(start, angle, length, side):  # angle from straight down, positive = away from the body
@@ -921,12 +923,12 @@ def toy_poses(dancer, phase):
     P[:, 1, :2] = neck
     for j, side, (sh, el, wr), (hp, kn, an) in ((0, -1, (2, 3, 4), (8, 9, 10)), (1, 1, (5, 6, 7), (11, 12, 13))):
         P[:, sh, :2] = neck + np.stack([side * dancer["shoulder"] * s * np.ones(T), 0.01 * np.ones(T)], -1)
-        g = pulse(phase, dancer["modes"][j]) * accent
+        g = pulse(phase, dancer["modes"][j])
         up = dancer["arm_base"][j] + dancer["arm_amp"][j] * g
         P[:, el, :2] = limb(P[:, sh, :2], up, dancer["upper_arm"], side)
         P[:, wr, :2] = limb(P[:, el, :2], up + dancer["elbow"][j] * (0.5 + g), dancer["fore_arm"], side)
         P[:, hp, :2] = hip_c + np.stack([side * dancer["hip"] * s * np.ones(T), np.zeros(T)], -1)
-        gl = pulse(phase, dancer["modes"][2 + j]) * accent
+        gl = pulse(phase, dancer["modes"][2 + j])
         thigh = 0.06 + dancer["leg_amp"][j] * gl
         P[:, kn, :2] = limb(P[:, hp, :2], thigh, dancer["thigh"], side)
         P[:, an, :2] = limb(P[:, kn, :2], thigh - 1.5 * dancer["leg_amp"][j] * gl, dancer["shin"], side)

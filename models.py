@@ -426,7 +426,7 @@ def load_facelift_gslrm(model, path):
 
 M2P_CONFIGS = {
     "tiny": dict(d=32, layers=1, heads=2, heatmap=8),  # tests
-    "toy": dict(d=128, layers=3, heads=4, heatmap=16),  # the CPU toy run (64 px frames)
+    "toy": dict(d=128, layers=3, heads=4, heatmap=12),  # the CPU toy run (64 px frames)
     "base": dict(d=512, layers=8, heads=8, heatmap=64),  # real data
 }
 
@@ -435,13 +435,15 @@ class M2PEncoder(nn.Module):
     """Music window [B, T, D] + reference pose [B, J, 3] + reference face crop [B, 3, h, w] ->
     per-frame per-joint heatmap logits [B, T, J, H, H] and a 512-d L2-normalised face embedding.
 
-    A pre-LN transformer over time (bidirectional: the whole window of music is known) on tokens
+    A depthwise temporal convolution (~1 s: turns beat impulses into smooth phase signals) and a
+    pre-LN transformer over time (bidirectional: the whole window of music is known) on tokens
     music_proj(music) + pos[t] + pose_proj(ref pose) + face_proj(face features). The heatmap of a
     joint is a Gaussian (of learned per-joint width) around the reference joint moved by a
-    predicted offset, plus a free-form residual map (zero-initialised): training starts from the
-    reference pose instead of from noise, which matters on a CPU budget."""
+    predicted offset, plus a residual map, separable (x logits + y logits, zero-initialised; a
+    full H x W residual head costs 10x more for a toy whose targets are separable Gaussians):
+    training starts from the reference pose instead of from noise, which matters on a CPU budget."""
 
-    def __init__(self, music_dim, joints, d, layers, heads, heatmap, max_frames=300, face_size=32, embed_dim=512):
+    def __init__(self, music_dim, joints, d, layers, heads, heatmap, max_frames=300, face_size=32, embed_dim=512, conv_kernel=31):
         super().__init__()
         self.J, self.H, self.face_size = joints, heatmap, face_size
         # music features come in wildly different scales (MFCC ~100s, one-hots 0/1): normalised with
@@ -449,6 +451,7 @@ class M2PEncoder(nn.Module):
         self.register_buffer("music_mean", torch.zeros(music_dim))
         self.register_buffer("music_std", torch.ones(music_dim))
         self.music_proj = nn.Linear(music_dim, d)
+        self.music_conv = nn.Conv1d(d, d, conv_kernel, padding=conv_kernel // 2, groups=d)
         self.pos = nn.Parameter(torch.zeros(max_frames, d))  # learned positions for up to max_frames
         self.pose_proj = nn.Linear(joints * 3, d)
         self.face_cnn = nn.Sequential(  # 32 -> 16 -> 8 -> 4 -> pooled
@@ -459,7 +462,7 @@ class M2PEncoder(nn.Module):
         self.blocks = nn.ModuleList([Block(d, heads) for _ in range(layers)])
         self.norm = nn.LayerNorm(d)
         self.offset_head = nn.Linear(d, joints * 2)  # joint offsets from the reference pose (normalised coords)
-        self.residual_head = nn.Linear(d, joints * heatmap * heatmap)
+        self.residual_head = nn.Linear(d, joints * 2 * heatmap)  # x logits, then y logits
         self.log_width = nn.Parameter(torch.zeros(joints))  # Gaussian width per joint, in heatmap cells (exp)
         self.initialize_weights()
 
@@ -476,7 +479,9 @@ class M2PEncoder(nn.Module):
         f = self.face_cnn(face * 2 - 1)  # (B, d)
         pose_in = torch.cat([ref_pose[..., :2] - 0.5, ref_pose[..., 2:]], -1).flatten(1)  # (B, J * 3)
         cond = self.pose_proj(pose_in) + self.face_proj(f)  # (B, d)
-        x = self.music_proj((music - self.music_mean) / self.music_std) + self.pos[:T] + cond[:, None]  # (B, T, d)
+        x = self.music_proj((music - self.music_mean) / self.music_std)  # (B, T, d)
+        x = x + F.gelu(rearrange(self.music_conv(rearrange(x, "b t d -> b d t")), "b d t -> b t d"))
+        x = x + self.pos[:T] + cond[:, None]  # (B, T, d)
         for block in self.blocks:
             x = block(x)
         x = self.norm(x)
@@ -486,8 +491,8 @@ class M2PEncoder(nn.Module):
         width = self.log_width.exp()[:, None]  # (J, 1)
         gx = -((cells - mu[..., :1]) / width) ** 2 / 2  # (B, T, J, W): x along columns
         gy = -((cells - mu[..., 1:]) / width) ** 2 / 2  # (B, T, J, H)
-        residual = rearrange(self.residual_head(x), "b t (j h w) -> b t j h w", j=self.J, h=self.H)
-        logits = gy[..., :, None] + gx[..., None, :] + residual  # (B, T, J, H, W)
+        rx, ry = rearrange(self.residual_head(x), "b t (j c h) -> c b t j h", j=self.J, c=2)  # (B, T, J, H) each
+        logits = (gy + ry)[..., :, None] + (gx + rx)[..., None, :]  # (B, T, J, H, W)
         embedding = F.normalize(self.face_head(f), dim=-1)  # (B, 512)
         return logits, embedding
 
