@@ -4,6 +4,7 @@ the built-in toy datasets.
 Run it to make the toy mouse data and look at it:
     python data.py toy_mice --out=data/toy_mice --n=200        # FaceLift-format samples + preview.png
     python data.py rig_from_cameras SAMPLE/opencv_cameras.json --name=my_rig --out=configs/rigs/my_rig.json
+    python data.py toy_dance --out=data/toy_dance --n=100          # dance clips with music + preview.png
 """
 import contextlib
 import dataclasses
@@ -898,12 +899,12 @@ def toy_music(rng, seconds, sr):
 
 
 def pulse(phase, mode):
-    """A 2-beat move: 0 on even beats and 1 on odd beats ('on'), or the other way round ('off').
-    Either way its speed is zero exactly on the beats and largest between them (a dancer hits the
-    pose on the beat), so the motion beats are the music beats."""
+    """A 1-beat move: 0 on the beats and 1 halfway between them ('on'), or the other way round
+    ('off'). Either way its speed is zero on the beats (a dancer hits the pose on the beat), so the
+    music beats are motion beats (so are the half-beats, which the beat alignment score allows)."""
     if mode == "still":
         return np.zeros_like(phase)
-    return (1 - np.cos(np.pi * (phase + (1.0 if mode == "off" else 0.0)))) / 2
+    return (1 - np.cos(2 * np.pi * (phase + (0.5 if mode == "off" else 0.0)))) / 2
 
 
 def toy_poses(dancer, phase):
@@ -1041,8 +1042,17 @@ def _main(argv):
     r.add_argument("--out", required=True)
     r.add_argument("--views", default=None, help="comma-separated frame indices, in rig order (default: all)")
     r.add_argument("--prompt_embeds", default="")
+    dn = sub.add_parser("toy_dance", help="write the toy dance clips (stick dancers with music) and preview.png")
+    dn.add_argument("--out", default="data/toy_dance")
+    dn.add_argument("--n", type=int, default=100)
+    dn.add_argument("--seconds", type=float, default=8.0)
+    dn.add_argument("--size", type=int, default=64)
+    dn.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    if a.cmd == "toy_mice":
+    if a.cmd == "toy_dance":
+        out = write_toy_dance(a.out, a.n, seconds=a.seconds, size=a.size, seed=a.seed)
+        print(f"wrote {a.n} clips to {out}; preview: {out / 'preview.png'}")
+    elif a.cmd == "toy_mice":
         out = write_toy_mice(a.out, a.n, a.rig, a.size, a.n_extra, seed=a.seed)
         print(f"wrote {a.n} samples to {out}; preview: {preview_samples(out / 'data_train.txt', out / 'preview.png')}")
     elif a.cmd == "make_rigs":

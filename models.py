@@ -464,6 +464,10 @@ class M2PEncoder(nn.Module):
         self.offset_head = nn.Linear(d, joints * 2)  # joint offsets from the reference pose (normalised coords)
         self.residual_head = nn.Linear(d, joints * 2 * heatmap)  # x logits, then y logits
         self.log_width = nn.Parameter(torch.zeros(joints))  # Gaussian width per joint, in heatmap cells (exp)
+        # dance is smooth: the offsets are low-passed in time (a fixed Gaussian of 1.5 frames), so
+        # that per-frame feature spikes (onset/beat one-hots) cannot make the joints jitter
+        k = torch.exp(-torch.arange(-4, 5.0) ** 2 / (2 * 1.5**2))
+        self.register_buffer("smooth", (k / k.sum()).expand(joints * 2, 1, 9).clone(), persistent=False)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -485,7 +489,9 @@ class M2PEncoder(nn.Module):
         for block in self.blocks:
             x = block(x)
         x = self.norm(x)
-        offset = rearrange(self.offset_head(x), "b t (j c) -> b t j c", c=2)  # (B, T, J, 2)
+        offset = rearrange(self.offset_head(x), "b t jc -> b jc t")  # (B, J * 2, T)
+        offset = F.conv1d(F.pad(offset, (4, 4), mode="replicate"), self.smooth, groups=offset.shape[1])
+        offset = rearrange(offset, "b (j c) t -> b t j c", c=2)  # (B, T, J, 2)
         mu = (ref_pose[:, None, :, :2] + offset) * self.H - 0.5  # (B, T, J, 2) in heatmap cells (centres at i)
         cells = torch.arange(self.H, device=x.device, dtype=x.dtype)
         width = self.log_width.exp()[:, None]  # (J, 1)

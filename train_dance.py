@@ -48,7 +48,7 @@ class Config:
     face_recognizer_arch: str = "iresnet100"  # IRESNET_CONFIGS key for face_recognizer_path (glintr100 = iresnet100)
     # optimisation
     stage_a_steps: int = 1200
-    stage_a_lr: float = 1e-3  # the toy learns in minutes at 1e-3; the real config uses 1e-4
+    stage_a_lr: float = 2e-3  # the toy learns in minutes at 2e-3; the real config uses 1e-4
     pose_loss_weight: float = 0.5
     face_loss_weight: float = 0.1
     train_batch_size: int = 8  # per process, per micro-step
