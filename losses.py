@@ -81,7 +81,8 @@ def visible(poses, threshold=0.3):
 
 
 def masked_mean(x, mask):
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+    # where, not x * mask: whatever sits at a masked entry (inf, nan) must not leak into the mean
+    return torch.where(mask > 0, x, 0).sum() / mask.sum().clamp(min=1)
 
 
 def heatmap_loss(logits, poses, sigma=1.0):
@@ -92,7 +93,8 @@ def heatmap_loss(logits, poses, sigma=1.0):
     target = gaussian_heatmaps(poses.float(), H, sigma)
     logp = logits.float().flatten(-2).log_softmax(-1)  # (..., J, H * W)
     vis = visible(poses)
-    ce = masked_mean(-(target.flatten(-2) * logp).sum(-1), vis)
+    target = target.flatten(-2)
+    ce = masked_mean(-torch.where(target > 0, target * logp, 0).sum(-1), vis)  # 0 log 0 = 0
     l1 = masked_mean((soft_argmax(logits.float()) - poses[..., :2]).abs().sum(-1) * H, vis)
     return ce + l1, {"ce": ce, "l1": l1}
 
@@ -125,8 +127,11 @@ def motion_beats(motion, fps, smooth_s=5 / 60):
     motion = torch.as_tensor(motion, dtype=torch.float64)[..., :2]
     speed = (motion[1:] - motion[:-1]).norm(dim=-1).mean(-1)  # (T - 1,)
     v = gaussian_smooth(speed, smooth_s * fps)
-    k = torch.nonzero((v[1:-1] < v[:-2]) & (v[1:-1] < v[2:]))[:, 0] + 1
-    return (k.to(torch.float64) + 0.5) / fps
+    # a minimum exactly on a frame gives two equal speeds either side of it: a strict test on both
+    # sides (scipy's argrelextrema, as Bailando uses) would miss it; count it once, at the frame
+    tie = (v[1:] - v[:-1]).abs() <= 1e-9 * v.abs().max()  # (T - 2,): v[k] == v[k + 1]
+    k = torch.nonzero((v[1:-1] < v[:-2]) & ((v[1:-1] < v[2:]) | tie[1:]))[:, 0] + 1
+    return (k.to(torch.float64) + 0.5 + 0.5 * tie[k].to(torch.float64)) / fps
 
 
 def beat_alignment(music_beats_s, motion_beats_s, sigma_s=3 / 60):
