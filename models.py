@@ -464,9 +464,9 @@ class M2PEncoder(nn.Module):
         self.offset_head = nn.Linear(d, joints * 2)  # joint offsets from the reference pose (normalised coords)
         self.residual_head = nn.Linear(d, joints * 2 * heatmap)  # x logits, then y logits
         self.log_width = nn.Parameter(torch.zeros(joints))  # Gaussian width per joint, in heatmap cells (exp)
-        # dance is smooth: the offsets are low-passed in time (a fixed Gaussian of 1.5 frames), so
+        # dance is smooth: the offsets are low-passed in time (a fixed Gaussian of 2 frames), so
         # that per-frame feature spikes (onset/beat one-hots) cannot make the joints jitter
-        k = torch.exp(-torch.arange(-4, 5.0) ** 2 / (2 * 1.5**2))
+        k = torch.exp(-torch.arange(-4, 5.0) ** 2 / (2 * 2.0**2))
         self.register_buffer("smooth", (k / k.sum()).expand(joints * 2, 1, 9).clone(), persistent=False)
         self.initialize_weights()
 
