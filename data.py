@@ -784,13 +784,12 @@ def check_clip(d, fps=None):
     return {"dir": d, "T": T, "fps": clip_fps, "source": source, "boxes": boxes, "sr": info.samplerate}
 
 
-def cache_music_features(d, fps):
-    """music_feats.npy of the clip, computed from audio.wav (EDGE 35-d) and cached if missing."""
+def cache_music_features(d, fps, T):
+    """music_feats.npy of a clip of T frames, computed from audio.wav (EDGE 35-d) and cached if missing."""
     d = Path(d)
     path = d / "music_feats.npy"
     if not path.is_file():
         audio, sr = read_audio(d / "audio.wav")
-        T = len(json.loads((d / "faces.json").read_text())["boxes"])
         try:
             feats = music_features(audio, sr, fps, T)
         except (ValueError, AssertionError) as err:
@@ -824,7 +823,7 @@ class DanceClipDataset(torch.utils.data.Dataset):
         short = [str(c["dir"]) for c in self.clips if c["T"] < window]
         if short:
             raise ValueError(f"clips shorter than the window of {window} frames: {short}")
-        self.feats = [cache_music_features(c["dir"], fps) for c in self.clips]  # [T, D] each
+        self.feats = [cache_music_features(c["dir"], fps, c["T"]) for c in self.clips]  # [T, D] each
         widths = {f.shape[1] for f in self.feats}
         if len(widths) != 1:
             raise ValueError(f"{list_file}: clips have music features of different widths {sorted(widths)}")

@@ -163,6 +163,15 @@ def test_train_freezes_runs_and_resume_continues_exactly(toy, tmp_path, capsys):
         assert torch.allclose(full[k], resumed[k], atol=1e-6), k
 
 
+def test_gradient_accumulation_and_missing_features_are_computed(toy, tmp_path):
+    data = shutil.copytree(toy, tmp_path / "data")
+    (data / "clip_00000" / "music_feats.npy").unlink()  # computed from audio.wav and cached
+    m2p = train_dance.main(tiny_cfg(data, tmp_path / "out", stage_a_steps=1, gradient_accumulation_steps=2))
+    # the toy's cache came from the float audio, this one from the 16-bit WAV: equal up to quantisation
+    assert np.allclose(np.load(data / "clip_00000" / "music_feats.npy"), np.load(toy / "clip_00000" / "music_feats.npy"), rtol=1e-3, atol=1e-2)
+    assert all(p.requires_grad for p in m2p.parameters())
+
+
 def test_later_stages_say_they_are_not_there_yet(toy, tmp_path):
     with pytest.raises(NotImplementedError, match="only stage A"):
         train_dance.main(tiny_cfg(toy, tmp_path, training_stage="B"))
