@@ -1011,7 +1011,7 @@ def write_toy_dance(out, n=100, n_dancers=20, seconds=8.0, size=64, fps=DANCE_FP
         (d / "faces.json").write_text(json.dumps({"boxes": np.round(boxes, 5).tolist()}))
         (d / "meta.json").write_text(json.dumps({"fps": fps, "size": [size, size], "source": "toy", "dancer": i % n_dancers,
                                                   "bpm": round(bpm, 3), "first_beat_s": round(offset, 4)}))
-        np.save(d / "music_feats.npy", music_features(audio, sr, fps, T))
+        np.save(d / "music_feats.npy", music_features(read_audio(d / "audio.wav")[0], sr, fps, T))  # from the 16-bit WAV, as a re-computation would
         names.append(d.name)
     (out / "data_train.txt").write_text("\n".join(names[: n - n_val]) + "\n")
     (out / "data_val.txt").write_text("\n".join(names[n - n_val:]) + "\n")
