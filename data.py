@@ -4,6 +4,7 @@ the built-in toy datasets.
 Run it to make the toy mouse data and look at it:
     python data.py toy_mice --out=data/toy_mice --n=200        # FaceLift-format samples + preview.png
     python data.py rig_from_cameras SAMPLE/opencv_cameras.json --name=my_rig --out=configs/rigs/my_rig.json
+    python data.py toy_dance --out=data/toy_dance --n=100          # dance clips with music + preview.png
 """
 import contextlib
 import dataclasses
@@ -683,6 +684,381 @@ def preview_samples(list_file, path, n=6, size=None):
 # ----------------------------------------------------------------------------------------------
 # Dance data: clip format, toy dancers with music, music features
 # (train_dance.py)
+#
+# A clip is a directory:
+#   frames/000000.png ...      RGB frames (or images/frame_0.png ... (StableAnimator), or video.mp4)
+#   audio.wav                  the music, at least as long as the frames
+#   poses.npy                  [T, 134, 3] DWPose whole-body (x, y in [0, 1], score; < 0.3 = invisible)
+#   faces.json                 {"boxes": [[x0, y0, x1, y1] or null, ... T entries]}, normalised like poses
+#   meta.json                  {"fps": 30, "size": [W, H], "source": "..."}
+#   music_feats.npy            optional [T, D]: precomputed features of any width; if missing, the
+#                              EDGE 35-d librosa features are computed from audio.wav and cached here
+
+DANCE_FPS = 30
+HOP = 512  # one audio hop per video frame: SR = fps x HOP (EDGE / FACT)
+VISIBLE = 0.3  # DWPose: score below this = invisible
+JOINT_SETS = {"body18": 18, "body_feet24": 24, "all134": 134}  # the first n points of the 134 layout
+# OpenPose-18 body (0 nose, 1 neck, 2-4 right arm, 5-7 left arm, 8-10 right leg, 11-13 left leg,
+# 14/15 eyes, 16/17 ears), then feet 18-23 (left big toe, small toe, heel; right big toe, small toe, heel)
+LIMBS = [(1, 2), (2, 3), (3, 4), (1, 5), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10), (1, 11), (11, 12), (12, 13),
+         (1, 0), (0, 14), (14, 16), (0, 15), (15, 17), (13, 18), (18, 19), (13, 20), (10, 21), (21, 22), (10, 23)]
+
+
+def music_features(audio, sr, fps, n_frames):
+    """EDGE's 35-d features at the video rate [n_frames, 35]: onset envelope 1, MFCC 20, chroma_cens 12,
+    onset-peak one-hot 1, beat one-hot 1. Needs sr == fps * HOP so that one hop is one frame."""
+    import librosa
+    assert sr == fps * HOP, f"audio at {sr} Hz, features need fps x {HOP} = {fps * HOP} Hz"
+    env = librosa.onset.onset_strength(y=audio, sr=sr, hop_length=HOP)  # (F,), F = 1 + len // HOP (centred STFT)
+    mfcc = librosa.feature.mfcc(y=audio, sr=sr, n_mfcc=20, hop_length=HOP).T  # (F, 20)
+    chroma = librosa.feature.chroma_cens(y=audio, sr=sr, hop_length=HOP, n_chroma=12).T  # (F, 12)
+    peaks = np.zeros_like(env)
+    peaks[librosa.onset.onset_detect(onset_envelope=env, sr=sr, hop_length=HOP)] = 1.0
+    beats = np.zeros_like(env)
+    beats[librosa.beat.beat_track(onset_envelope=env, sr=sr, hop_length=HOP, tightness=100)[1]] = 1.0
+    n = min(len(env), len(mfcc), len(chroma))
+    if n < n_frames:
+        raise ValueError(f"audio gives {n} feature frames, the video has {n_frames}")
+    feats = np.concatenate([env[:, None][:n], mfcc[:n], chroma[:n], peaks[:n, None], beats[:n, None]], 1)
+    return feats[:n_frames].astype(np.float32)  # the centred STFT gives one extra frame: trim to T
+
+
+def music_beats(audio, sr):
+    """Music beat times in seconds from librosa's beat tracker (Bailando's beat alignment score)."""
+    import librosa
+    env = librosa.onset.onset_strength(y=audio, sr=sr, hop_length=HOP)
+    return librosa.frames_to_time(librosa.beat.beat_track(onset_envelope=env, sr=sr, hop_length=HOP, tightness=100)[1],
+                                  sr=sr, hop_length=HOP)
+
+
+def read_audio(path):
+    import soundfile
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: audio missing")
+    try:
+        audio, sr = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: cannot read audio ({err})") from None
+    return audio.mean(1), sr  # mono
+
+
+def frame_source(d):
+    """The clip's frames: ('png', [paths]) for frames/000000.png... or images/frame_0.png...
+    (StableAnimator's layout), else ('video', path) for a video.mp4 read with imageio."""
+    for folder, pattern, key in (("frames", "*.png", lambda p: p.stem), ("images", "frame_*.png", lambda p: p.stem[6:])):
+        paths = list((d / folder).glob(pattern)) if (d / folder).is_dir() else []
+        if paths:
+            return "png", sorted(paths, key=lambda p: int(key(p)))
+    for name in ("video.mp4", "video.webm", "video.avi"):
+        if (d / name).is_file():
+            return "video", d / name
+    raise FileNotFoundError(f"{d}: no frames (frames/000000.png..., images/frame_0.png... or video.mp4)")
+
+
+def read_frame(source, i):
+    """Frame i of a clip as (3, H, W) in [0, 1]."""
+    kind, src = source
+    if kind == "png":
+        try:
+            with Image.open(src[i]) as im:
+                x = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
+        except (OSError, SyntaxError) as err:
+            raise ValueError(f"{src[i]}: cannot read image ({err})") from None
+    else:
+        import imageio.v2 as imageio
+        with imageio.get_reader(src, "ffmpeg") as reader:
+            x = reader.get_data(i).astype(np.float32) / 255.0
+    return torch.from_numpy(x).permute(2, 0, 1)  # (3, H, W)
+
+
+def count_frames(source):
+    kind, src = source
+    if kind == "png":
+        return len(src)
+    import imageio.v2 as imageio
+    with imageio.get_reader(src, "ffmpeg") as reader:
+        return reader.count_frames()
+
+
+def check_clip(d, fps=None):
+    """Reads and checks a clip's metadata (not its frames' pixels); returns a dict with T, fps,
+    poses, face boxes. Every problem is an error naming the file."""
+    d = Path(d)
+    if not d.is_dir():
+        raise FileNotFoundError(f"{d}: clip directory missing")
+    for name in ("poses.npy", "faces.json", "meta.json", "audio.wav"):
+        if not (d / name).is_file():
+            raise FileNotFoundError(f"{d / name}: missing (a clip needs frames, audio.wav, poses.npy, faces.json, meta.json)")
+    try:
+        meta = json.loads((d / "meta.json").read_text())
+        clip_fps = float(meta["fps"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{d / 'meta.json'}: needs {{'fps', 'size', 'source'}} ({err!r})") from None
+    if fps is not None and clip_fps != fps:
+        raise ValueError(f"{d / 'meta.json'}: fps {clip_fps}, the run expects {fps}")
+    source = frame_source(d)
+    T = count_frames(source)
+    poses = np.load(d / "poses.npy", mmap_mode="r")
+    if poses.shape != (T, 134, 3):
+        raise ValueError(f"{d / 'poses.npy'}: shape {poses.shape}, expected ({T}, 134, 3) for {T} frames (DWPose 134 layout)")
+    try:
+        boxes = json.loads((d / "faces.json").read_text())["boxes"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{d / 'faces.json'}: expected {{'boxes': [[x0, y0, x1, y1] or null, ...]}} ({err!r})") from None
+    if len(boxes) != T or any(b is not None and len(b) != 4 for b in boxes):
+        raise ValueError(f"{d / 'faces.json'}: {len(boxes)} boxes for {T} frames (one [x0, y0, x1, y1] or null per frame)")
+    if all(b is None for b in boxes):
+        raise ValueError(f"{d / 'faces.json'}: no frame has a face box (the reference frame needs one)")
+    import soundfile
+    try:
+        info = soundfile.info(str(d / "audio.wav"))
+    except RuntimeError as err:
+        raise ValueError(f"{d / 'audio.wav'}: cannot read audio ({err})") from None
+    if info.duration < T / clip_fps - 1e-3:
+        raise ValueError(f"{d / 'audio.wav'}: {info.duration:.3f} s of audio is shorter than the {T} frames ({T / clip_fps:.3f} s at {clip_fps:g} fps)")
+    feats = d / "music_feats.npy"
+    if feats.is_file():
+        shape = np.load(feats, mmap_mode="r").shape
+        if len(shape) != 2 or shape[0] != T:
+            raise ValueError(f"{feats}: shape {shape}, expected ({T}, D) for {T} frames")
+    return {"dir": d, "T": T, "fps": clip_fps, "source": source, "boxes": boxes, "sr": info.samplerate}
+
+
+def cache_music_features(d, fps, T):
+    """music_feats.npy of a clip of T frames, computed from audio.wav (EDGE 35-d) and cached if missing."""
+    d = Path(d)
+    path = d / "music_feats.npy"
+    if not path.is_file():
+        audio, sr = read_audio(d / "audio.wav")
+        try:
+            feats = music_features(audio, sr, fps, T)
+        except (ValueError, AssertionError) as err:
+            raise ValueError(f"{d / 'audio.wav'}: {err}") from None
+        np.save(path, feats)
+    return np.load(path)
+
+
+def crop_box(image, box, size):
+    """Square crop around a normalised [x0, y0, x1, y1] box (its larger side), bilinear, -> (3, size, size)."""
+    x0, y0, x1, y1 = box
+    cx, cy, half = (x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0) / 2
+    # affine_grid works in [-1, 1] image coordinates: x_n = 2 x - 1
+    theta = torch.tensor([[2 * half, 0, 2 * cx - 1], [0, 2 * half, 2 * cy - 1]], dtype=image.dtype)[None]  # (1, 2, 3)
+    grid = F.affine_grid(theta, (1, 3, size, size), align_corners=False)  # (1, size, size, 2)
+    return F.grid_sample(image[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+
+
+class DanceClipDataset(torch.utils.data.Dataset):
+    """Windows of dance clips. Each item: music [W, D], poses [W, J, 3] (the first J points of the
+    134 layout), a reference frame (a random frame with a face box, or `ref_frame` when >= 0) with
+    its pose [J, 3] and its face crop [3, 112, 112] in [0, 1]. Windows start at random per (seed,
+    epoch, index), or at `start` when >= 0. Every clip is checked when the dataset is built."""
+
+    def __init__(self, list_file, window, joints="body_feet24", fps=DANCE_FPS, seed=0, start=-1, ref_frame=-1, face_size=112):
+        if joints not in JOINT_SETS:
+            raise ValueError(f"joints={joints!r}: expected one of {list(JOINT_SETS)}")
+        self.clips = [check_clip(d, fps) for d in read_list_file(list_file)]
+        if not self.clips:
+            raise ValueError(f"{list_file}: no clips listed")
+        short = [str(c["dir"]) for c in self.clips if c["T"] < window]
+        if short:
+            raise ValueError(f"clips shorter than the window of {window} frames: {short}")
+        self.feats = [cache_music_features(c["dir"], fps, c["T"]) for c in self.clips]  # [T, D] each
+        widths = {f.shape[1] for f in self.feats}
+        if len(widths) != 1:
+            raise ValueError(f"{list_file}: clips have music features of different widths {sorted(widths)}")
+        self.music_dim, self.J, self.window, self.fps = widths.pop(), JOINT_SETS[joints], window, fps
+        self.poses = [np.load(c["dir"] / "poses.npy")[:, : self.J].astype(np.float32) for c in self.clips]
+        self.seed, self.start, self.ref_frame, self.face_size, self.epoch = seed, start, ref_frame, face_size, 0
+
+    def __len__(self):
+        return len(self.clips)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __getitem__(self, key):
+        idx, epoch = key if isinstance(key, tuple) else (key, self.epoch)  # StepSampler passes (index, epoch)
+        clip = self.clips[idx]
+        rng = np.random.default_rng((self.seed, epoch, idx))
+        start = self.start if self.start >= 0 else int(rng.integers(0, clip["T"] - self.window + 1))
+        with_face = [i for i, b in enumerate(clip["boxes"]) if b is not None]
+        ref = self.ref_frame if self.ref_frame >= 0 else int(with_face[rng.integers(len(with_face))])
+        if clip["boxes"][ref] is None:
+            raise ValueError(f"{clip['dir'] / 'faces.json'}: reference frame {ref} has no face box")
+        image = read_frame(clip["source"], ref)  # (3, H, W)
+        return {"music": torch.from_numpy(self.feats[idx][start: start + self.window]),  # (W, D)
+                "poses": torch.from_numpy(self.poses[idx][start: start + self.window]),  # (W, J, 3)
+                "ref_pose": torch.from_numpy(self.poses[idx][ref]),  # (J, 3)
+                "face": crop_box(image, clip["boxes"][ref], self.face_size),  # (3, 112, 112)
+                "ref_image": image, "start": start, "index": idx}
+
+
+# --- toy dancers: stick figures whose motion is locked to procedurally generated music
+
+
+def toy_dancer(rng):
+    """A dancer's identity and style (fixed over all its clips): body proportions, clothing, a
+    textured face, and which limbs move on the beats / off the beats / not at all."""
+    modes = rng.choice(["on", "off", "still"], size=4, p=[0.4, 0.4, 0.2])  # right arm, left arm, right leg, left leg
+    modes[rng.integers(2)] = rng.choice(["on", "off"])  # at least one arm dances
+    return dict(
+        scale=rng.uniform(0.85, 1.0), shoulder=rng.uniform(0.075, 0.1), hip=rng.uniform(0.04, 0.055),
+        torso=rng.uniform(0.22, 0.27), upper_arm=rng.uniform(0.11, 0.14), fore_arm=rng.uniform(0.1, 0.13),
+        thigh=rng.uniform(0.14, 0.17), shin=rng.uniform(0.14, 0.17), head=rng.uniform(0.065, 0.08),
+        modes=list(modes), arm_base=rng.uniform(0.1, 0.5, 2), arm_amp=rng.uniform(0.6, 1.4, 2) * rng.choice([-1, 1], 2),
+        elbow=rng.uniform(0.2, 1.2, 2), leg_amp=rng.uniform(0.15, 0.45, 2), sway=rng.uniform(0.0, 0.04),
+        bounce=rng.uniform(0.005, 0.025), bounce_mode=rng.choice(["on", "off"]),
+        shirt=rng.uniform(0.1, 0.9, 3), trousers=rng.uniform(0.05, 0.6, 3), skin=rng.uniform(0.45, 0.95) * np.array([1.0, 0.8, 0.65]),
+        face_base=rng.uniform(0.2, 1.0, 3), face_stripe=rng.uniform(0.0, 0.8, 3), face_freq=rng.uniform(0.6, 1.6),
+        face_angle=rng.uniform(0, np.pi), face_spot=rng.uniform(-0.5, 0.5, 2))
+
+
+def toy_music(rng, seconds, sr):
+    """Kick on every beat (louder on the bar's first beat), hi-hat on the off-beats and one melody
+    note per beat, at a random tempo of 90-140 BPM. Returns audio [N] and the beat phase function."""
+    bpm = rng.uniform(90, 140)
+    period, offset = 60 / bpm, rng.uniform(0, 60 / bpm)  # first beat of a bar at t = offset (+ k bars)
+    t = np.arange(int(seconds * sr)) / sr
+    phase = (t - offset) / period  # in beats
+    k = np.floor(phase).astype(int)  # the beat each sample belongs to (negative before the offset)
+    tau = (phase - k) * period  # seconds since that beat
+    accent = np.where(k % 4 == 0, 1.0, 0.6)
+    noise = rng.standard_normal(len(t))
+    # the kick carries a broadband click so that onset detection (mel spectral flux) hears the beat
+    kick = accent * (np.exp(-tau / 0.06) * np.sin(2 * np.pi * 60 * tau * (1 + 2 * np.exp(-tau / 0.02)))
+                     + 0.6 * np.exp(-tau / 0.01) * noise)
+    tau_half = ((phase + 0.5) % 1) * period  # seconds since the last off-beat
+    hihat = 0.03 * np.exp(-tau_half / 0.008) * noise  # quiet, or the beat tracker locks onto the off-beats
+    scale = 220 * 2 ** (np.array([0, 2, 4, 7, 9, 12, 14, 16]) / 12)  # pentatonic
+    notes = scale[rng.integers(0, len(scale), size=k.max() - k.min() + 1)][k - k.min()]
+    melody = 0.25 * accent * np.exp(-tau / 0.25) * (np.sin(2 * np.pi * notes * tau) + 0.3 * np.sin(4 * np.pi * notes * tau))
+    audio = (kick + hihat + melody) * 0.5
+    return audio.astype(np.float32), bpm, offset
+
+
+def pulse(phase, mode):
+    """A 1-beat move: 0 on the beats and 1 halfway between them ('on'), or the other way round
+    ('off'). Either way its speed is zero on the beats (a dancer hits the pose on the beat), so the
+    music beats are motion beats (so are the half-beats, which the beat alignment score allows)."""
+    if mode == "still":
+        return np.zeros_like(phase)
+    return (1 - np.cos(2 * np.pi * (phase + (0.5 if mode == "off" else 0.0)))) / 2
+
+
+def toy_poses(dancer, phase):
+    """Forward kinematics of the stick dancer over time -> poses [T, 134, 3] (body 18 + feet 6
+    visible, face and hands invisible) and the head circle [T, 3] (cx, cy, r), all normalised."""
+    s, T = dancer["scale"], len(phase)
+    P = np.zeros((T, 134, 3))
+
+    def limb(start, angle, length, side):  # angle from straight down, positive = away from the body
+        return start + length * s * np.stack([side * np.sin(angle), np.cos(angle)], -1)
+
+    sway = dancer["sway"] * np.cos(np.pi * phase)  # 2-beat side-to-side, turning on the beats
+    bounce = dancer["bounce"] * pulse(phase, dancer["bounce_mode"])
+    legs = dancer["thigh"] + dancer["shin"]
+    hip_c = np.stack([0.5 + sway, 0.9 - legs * s - 0.02 + bounce], -1)  # (T, 2)
+    neck = hip_c + np.stack([0.4 * sway, -dancer["torso"] * s * np.ones(T)], -1)
+    P[:, 1, :2] = neck
+    for j, side, (sh, el, wr), (hp, kn, an) in ((0, -1, (2, 3, 4), (8, 9, 10)), (1, 1, (5, 6, 7), (11, 12, 13))):
+        P[:, sh, :2] = neck + np.stack([side * dancer["shoulder"] * s * np.ones(T), 0.01 * np.ones(T)], -1)
+        g = pulse(phase, dancer["modes"][j])
+        up = dancer["arm_base"][j] + dancer["arm_amp"][j] * g
+        P[:, el, :2] = limb(P[:, sh, :2], up, dancer["upper_arm"], side)
+        P[:, wr, :2] = limb(P[:, el, :2], up + dancer["elbow"][j] * (0.5 + g), dancer["fore_arm"], side)
+        P[:, hp, :2] = hip_c + np.stack([side * dancer["hip"] * s * np.ones(T), np.zeros(T)], -1)
+        gl = pulse(phase, dancer["modes"][2 + j])
+        thigh = 0.06 + dancer["leg_amp"][j] * gl
+        P[:, kn, :2] = limb(P[:, hp, :2], thigh, dancer["thigh"], side)
+        P[:, an, :2] = limb(P[:, kn, :2], thigh - 1.5 * dancer["leg_amp"][j] * gl, dancer["shin"], side)
+    r = dancer["head"] * s
+    head = neck + np.stack([0.3 * sway, -np.full(T, 1.25 * r)], -1)
+    for i, (dx, dy) in zip((0, 14, 15, 16, 17), ((0, 0.15), (-0.35, -0.1), (0.35, -0.1), (-0.95, 0), (0.95, 0))):
+        P[:, i, :2] = head + r * np.array([dx, dy])
+    for i, ank, side in ((18, 13, 1), (21, 10, -1)):  # big toe, small toe, heel of each foot
+        P[:, i, :2] = P[:, ank, :2] + s * np.array([side * 0.035, 0.02])
+        P[:, i + 1, :2] = P[:, ank, :2] + s * np.array([side * 0.02, 0.025])
+        P[:, i + 2, :2] = P[:, ank, :2] + s * np.array([-side * 0.012, 0.015])
+    P[:, :24, 2] = 1.0
+    return P.astype(np.float32), np.concatenate([head, np.full((T, 1), r)], -1).astype(np.float32)
+
+
+def face_texture(dancer, radius_px):
+    """The dancer's face as an RGBA patch (a disk of radius_px pixels): stripes at the dancer's
+    angle and frequency between two colours, and a dark spot; this is the identity a recognizer sees."""
+    n = 2 * int(np.ceil(radius_px)) + 2
+    c = (np.arange(n) + 0.5 - n / 2) / radius_px  # in head radii
+    v, u = np.meshgrid(c, c, indexing="ij")  # (n, n): rows are y, columns x
+    ang = dancer["face_angle"]
+    stripes = (0.5 + 0.5 * np.sin(2 * np.pi * dancer["face_freq"] * (u * np.cos(ang) + v * np.sin(ang))))[..., None]
+    rgb = dancer["face_base"] * (1 - stripes) + dancer["face_stripe"] * stripes  # (n, n, 3)
+    rgb = rgb * (((u - dancer["face_spot"][0]) ** 2 + (v - dancer["face_spot"][1]) ** 2) >= 0.12)[..., None]
+    alpha = np.clip((1 - np.sqrt(u * u + v * v)) * radius_px + 0.5, 0, 1)[..., None]  # anti-aliased rim
+    return Image.fromarray((np.concatenate([rgb, alpha], -1) * 255 + 0.5).astype(np.uint8), "RGBA")
+
+
+def render_dancer(dancer, poses, head, size, bg, supersample=4):
+    """Frames [T, size, size, 3] uint8: trousers, shirt, skin-coloured forearms and the textured
+    face, drawn with PIL at `supersample` x the size and box-filtered down (anti-aliasing)."""
+    from PIL import ImageDraw
+    S = size * supersample
+    w = max(1.5, size / 18) * supersample  # limb thickness in supersampled pixels
+    rgb = lambda c: tuple(int(255 * x + 0.5) for x in c)  # noqa: E731
+    parts = [([(8, 9), (9, 10), (11, 12), (12, 13), (10, 21), (13, 18), (8, 11)], w, rgb(dancer["trousers"])),
+             ([(1, 8), (1, 11), (8, 11), (1, 2), (1, 5), (2, 3), (5, 6)], w * 1.3, rgb(dancer["shirt"])),
+             ([(3, 4), (6, 7)], w * 0.8, rgb(dancer["skin"]))]
+    face = face_texture(dancer, head[0, 2] * S)  # the head radius is constant per dancer
+    P = poses[:, :, :2] * S  # (T, 134, 2) in supersampled pixels (pixel centres at i + 0.5 on both grids)
+    frames = np.empty((len(P), size, size, 3), np.uint8)
+    for t in range(len(P)):
+        im = Image.new("RGB", (S, S), rgb(bg))
+        draw = ImageDraw.Draw(im)
+        for pairs, width, colour in parts:
+            for i, j in pairs:
+                draw.line([tuple(P[t, i]), tuple(P[t, j])], fill=colour, width=int(round(width)))
+                for k in (i, j):  # round joints
+                    draw.ellipse([*(P[t, k] - width / 2), *(P[t, k] + width / 2)], fill=colour)
+        corner = np.round(head[t, :2] * S - face.size[0] / 2).astype(int)
+        im.paste(face, tuple(corner.tolist()), face)
+        frames[t] = np.asarray(im.resize((size, size), Image.BOX))
+    return frames
+
+
+def write_toy_dance(out, n=100, n_dancers=20, seconds=8.0, size=64, fps=DANCE_FPS, n_val=None, seed=0, progress=True):
+    """n toy clips (dancer i % n_dancers, each clip with its own music) in the clip format, with
+    music features cached, data_train.txt / data_val.txt (the last n_val clips) and preview.png."""
+    import soundfile
+    from tqdm import tqdm
+    out, sr, T = Path(out), fps * HOP, int(round(seconds * fps))
+    n_val = max(1, n // 10) if n_val is None else n_val
+    dancers = [toy_dancer(np.random.default_rng((seed, 1_000_000 + k))) for k in range(n_dancers)]
+    names = []
+    for i in tqdm(range(n), desc=f"toy dance -> {out}", disable=not progress):
+        rng = np.random.default_rng((seed, i))
+        audio, bpm, offset = toy_music(rng, seconds + 0.1, sr)  # a little longer than the frames
+        phase = (np.arange(T) / fps - offset) * bpm / 60  # beats at each frame
+        dancer = dancers[i % n_dancers]
+        poses, head = toy_poses(dancer, phase)
+        frames = render_dancer(dancer, poses, head, size, rng.uniform(0.8, 1.0, 3))
+        d = out / f"clip_{i:05d}"
+        (d / "frames").mkdir(parents=True, exist_ok=True)
+        for t in range(T):
+            Image.fromarray(frames[t]).save(d / "frames" / f"{t:06d}.png", compress_level=1)
+        soundfile.write(str(d / "audio.wav"), audio, sr, subtype="PCM_16")
+        np.save(d / "poses.npy", poses)
+        boxes = np.concatenate([head[:, :2] - head[:, 2:], head[:, :2] + head[:, 2:]], 1)  # (T, 4) x0 y0 x1 y1
+        (d / "faces.json").write_text(json.dumps({"boxes": np.round(boxes, 5).tolist()}))
+        (d / "meta.json").write_text(json.dumps({"fps": fps, "size": [size, size], "source": "toy", "dancer": i % n_dancers,
+                                                  "bpm": round(bpm, 3), "first_beat_s": round(offset, 4)}))
+        np.save(d / "music_feats.npy", music_features(read_audio(d / "audio.wav")[0], sr, fps, T))  # from the 16-bit WAV, as a re-computation would
+        names.append(d.name)
+    (out / "data_train.txt").write_text("\n".join(names[: n - n_val]) + "\n")
+    (out / "data_val.txt").write_text("\n".join(names[n - n_val:]) + "\n")
+    rows = [torch.stack([read_frame(("png", sorted((out / nm / "frames").glob("*.png"))), t) for t in range(0, T, T // 8)][:8])
+            for nm in names[:6]]
+    save_image_grid(rows, out / "preview.png")
+    return out
 
 # (end of section: Dance data: clip format, toy dancers with music, music features)
 
@@ -705,8 +1081,17 @@ def _main(argv):
     r.add_argument("--out", required=True)
     r.add_argument("--views", default=None, help="comma-separated frame indices, in rig order (default: all)")
     r.add_argument("--prompt_embeds", default="")
+    dn = sub.add_parser("toy_dance", help="write the toy dance clips (stick dancers with music) and preview.png")
+    dn.add_argument("--out", default="data/toy_dance")
+    dn.add_argument("--n", type=int, default=100)
+    dn.add_argument("--seconds", type=float, default=8.0)
+    dn.add_argument("--size", type=int, default=64)
+    dn.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    if a.cmd == "toy_mice":
+    if a.cmd == "toy_dance":
+        out = write_toy_dance(a.out, a.n, seconds=a.seconds, size=a.size, seed=a.seed)
+        print(f"wrote {a.n} clips to {out}; preview: {out / 'preview.png'}")
+    elif a.cmd == "toy_mice":
         out = write_toy_mice(a.out, a.n, a.rig, a.size, a.n_extra, seed=a.seed)
         print(f"wrote {a.n} samples to {out}; preview: {preview_samples(out / 'data_train.txt', out / 'preview.png')}")
     elif a.cmd == "make_rigs":

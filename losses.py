@@ -87,5 +87,99 @@ def lpips(vgg16, heads, pred, target):
 # ----------------------------------------------------------------------------------------------
 # Dance losses and metrics
 # (train_dance.py)
+#
+# Poses are [..., J, 3]: x, y normalised to [0, 1] (x along image columns) and a score; a joint
+# with score < 0.3 is invisible (DWPose). A heatmap has H x H cells, cell i centred at (i + 0.5) / H.
+
+
+def gaussian_heatmaps(poses, size, sigma):
+    """Target distributions [..., J, size, size]: a Gaussian of `sigma` cells around each joint,
+    normalised to sum 1 (invisible joints get one too; the losses mask them)."""
+    cells = torch.arange(size, device=poses.device, dtype=poses.dtype)
+    mu = poses[..., :2] * size - 0.5  # (..., J, 2) in cells
+    gx = torch.exp(-((cells - mu[..., :1]) ** 2) / (2 * sigma**2))  # (..., J, W)
+    gy = torch.exp(-((cells - mu[..., 1:]) ** 2) / (2 * sigma**2))  # (..., J, H)
+    heat = gy[..., :, None] * gx[..., None, :]  # (..., J, H, W)
+    return heat / heat.sum((-2, -1), keepdim=True).clamp(min=1e-12)
+
+
+def soft_argmax(logits):
+    """Heatmap logits [..., H, W] -> expected (x, y) [..., 2] in normalised coordinates."""
+    H, W = logits.shape[-2:]
+    p = logits.flatten(-2).softmax(-1).unflatten(-1, (H, W))  # (..., H, W)
+    xs = (torch.arange(W, device=p.device, dtype=p.dtype) + 0.5) / W
+    ys = (torch.arange(H, device=p.device, dtype=p.dtype) + 0.5) / H
+    return torch.stack([(p.sum(-2) * xs).sum(-1), (p.sum(-1) * ys).sum(-1)], -1)
+
+
+def visible(poses, threshold=0.3):
+    return (poses[..., 2] >= threshold).to(poses.dtype)
+
+
+def masked_mean(x, mask):
+    # where, not x * mask: whatever sits at a masked entry (inf, nan) must not leak into the mean
+    return torch.where(mask > 0, x, 0).sum() / mask.sum().clamp(min=1)
+
+
+def heatmap_loss(logits, poses, sigma=1.0):
+    """Cross-entropy of the logits [..., J, H, W] against the ground-truth Gaussian heatmaps of
+    poses [..., J, 3], plus L1 between the soft-argmax coordinates and the joints, in heatmap
+    cells (so that both terms are O(1)); invisible joints masked. Returns (loss, {ce, l1})."""
+    H = logits.shape[-1]
+    target = gaussian_heatmaps(poses.float(), H, sigma)
+    logp = logits.float().flatten(-2).log_softmax(-1)  # (..., J, H * W)
+    vis = visible(poses)
+    target = target.flatten(-2)
+    ce = masked_mean(-torch.where(target > 0, target * logp, 0).sum(-1), vis)  # 0 log 0 = 0
+    l1 = masked_mean((soft_argmax(logits.float()) - poses[..., :2]).abs().sum(-1) * H, vis)
+    return ce + l1, {"ce": ce, "l1": l1}
+
+
+def face_loss(pred, target):
+    """1 - cos(pred, target) per row, averaged (the recognizer's embedding is the target)."""
+    return (1 - F.cosine_similarity(pred, target.detach(), dim=-1)).mean()
+
+
+def pose_error(pred_xy, poses, pck_threshold=0.05):
+    """Mean L2 distance (normalised coordinates) and PCK@threshold over visible joints."""
+    vis = visible(poses)
+    dist = (pred_xy - poses[..., :2]).norm(dim=-1)
+    return masked_mean(dist, vis), masked_mean((dist < pck_threshold).to(dist.dtype), vis)
+
+
+def gaussian_smooth(x, sigma):
+    """1-D Gaussian smoothing (sigma in samples, reflect padding, kernel to 4 sigma) of a 1-D tensor."""
+    if sigma <= 0:
+        return x
+    r = min(int(4 * sigma + 0.5), len(x) - 1)
+    k = torch.exp(-(torch.arange(-r, r + 1, dtype=x.dtype) ** 2) / (2 * sigma**2))
+    xp = F.pad(x[None, None], (r, r), mode="reflect")  # (1, 1, T + 2r)
+    return F.conv1d(xp, (k / k.sum())[None, None])[0, 0]
+
+
+def motion_beats(motion, fps, smooth_s=5 / 60):
+    """Motion beats in seconds: local minima of the Gaussian-smoothed mean joint speed (Bailando).
+    motion [T, J, 2+] (visibility ignored); speed k lies between frames k and k + 1, so at (k + 0.5) / fps."""
+    motion = torch.as_tensor(motion, dtype=torch.float64)[..., :2]
+    speed = (motion[1:] - motion[:-1]).norm(dim=-1).mean(-1)  # (T - 1,)
+    v = gaussian_smooth(speed, smooth_s * fps)
+    # a minimum exactly on a frame gives two equal speeds either side of it: a strict test on both
+    # sides (scipy's argrelextrema, as Bailando uses) would miss it; count it once, at the frame
+    tie = (v[1:] - v[:-1]).abs() <= 1e-9 * v.abs().max()  # (T - 2,): v[k] == v[k + 1]
+    k = torch.nonzero((v[1:-1] < v[:-2]) & ((v[1:-1] < v[2:]) | tie[1:]))[:, 0] + 1
+    return (k.to(torch.float64) + 0.5 + 0.5 * tie[k].to(torch.float64)) / fps
+
+
+def beat_alignment(music_beats_s, motion_beats_s, sigma_s=3 / 60):
+    """Bailando's beat alignment score: mean over music beats of exp(-d^2 / (2 sigma^2)), d = the
+    distance to the nearest motion beat (all in seconds; Bailando: sigma 3 frames at 60 fps)."""
+    music = torch.as_tensor(music_beats_s, dtype=torch.float64)
+    motion = torch.as_tensor(motion_beats_s, dtype=torch.float64)
+    if len(music) == 0:
+        raise ValueError("no music beats")
+    if len(motion) == 0:
+        return 0.0
+    d = (music[:, None] - motion[None, :]).abs().min(1).values
+    return torch.exp(-d**2 / (2 * sigma_s**2)).mean().item()
 
 # (end of section: Dance losses and metrics)

@@ -491,4 +491,166 @@ def load_lpips_heads(path):
 # Dance: music-to-pose encoder, face recognizer (IResNet)
 # (train_dance.py)
 
+M2P_CONFIGS = {
+    "tiny": dict(d=32, layers=1, heads=2, heatmap=8),  # tests
+    "toy": dict(d=128, layers=3, heads=4, heatmap=12),  # the CPU toy run (64 px frames)
+    "base": dict(d=512, layers=8, heads=8, heatmap=64),  # real data
+}
+
+
+class M2PEncoder(nn.Module):
+    """Music window [B, T, D] + reference pose [B, J, 3] + reference face crop [B, 3, h, w] ->
+    per-frame per-joint heatmap logits [B, T, J, H, H] and a 512-d L2-normalised face embedding.
+
+    A depthwise temporal convolution (~1 s: turns beat impulses into smooth phase signals) and a
+    pre-LN transformer over time (bidirectional: the whole window of music is known) on tokens
+    music_proj(music) + pos[t] + pose_proj(ref pose) + face_proj(face features). The heatmap of a
+    joint is a Gaussian (of learned per-joint width) around the reference joint moved by a
+    predicted offset, plus a residual map, separable (x logits + y logits, zero-initialised; a
+    full H x W residual head costs 10x more for a toy whose targets are separable Gaussians):
+    training starts from the reference pose instead of from noise, which matters on a CPU budget."""
+
+    def __init__(self, music_dim, joints, d, layers, heads, heatmap, max_frames=300, face_size=32, embed_dim=512, conv_kernel=31):
+        super().__init__()
+        self.J, self.H, self.face_size = joints, heatmap, face_size
+        # music features come in wildly different scales (MFCC ~100s, one-hots 0/1): normalised with
+        # training-set statistics that the training script sets once and the checkpoint keeps
+        self.register_buffer("music_mean", torch.zeros(music_dim))
+        self.register_buffer("music_std", torch.ones(music_dim))
+        self.music_proj = nn.Linear(music_dim, d)
+        self.music_conv = nn.Conv1d(d, d, conv_kernel, padding=conv_kernel // 2, groups=d)
+        self.pos = nn.Parameter(torch.zeros(max_frames, d))  # learned positions for up to max_frames
+        self.pose_proj = nn.Linear(joints * 3, d)
+        self.face_cnn = nn.Sequential(  # 32 -> 16 -> 8 -> 4 -> pooled
+            nn.Conv2d(3, 32, 3, 2, 1), nn.GELU(), nn.Conv2d(32, 64, 3, 2, 1), nn.GELU(),
+            nn.Conv2d(64, d, 3, 2, 1), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.face_proj = nn.Linear(d, d)
+        self.face_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, embed_dim))
+        self.blocks = nn.ModuleList([Block(d, heads) for _ in range(layers)])
+        self.norm = nn.LayerNorm(d)
+        self.offset_head = nn.Linear(d, joints * 2)  # joint offsets from the reference pose (normalised coords)
+        self.residual_head = nn.Linear(d, joints * 2 * heatmap)  # x logits, then y logits
+        self.log_width = nn.Parameter(torch.zeros(joints))  # Gaussian width per joint, in heatmap cells (exp)
+        # dance is smooth: the offsets are low-passed in time (a fixed Gaussian of 2 frames), so
+        # that per-frame feature spikes (onset/beat one-hots) cannot make the joints jitter
+        k = torch.exp(-torch.arange(-4, 5.0) ** 2 / (2 * 2.0**2))
+        self.register_buffer("smooth", (k / k.sum()).expand(joints * 2, 1, 9).clone(), persistent=False)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        nn.init.normal_(self.pos, std=0.02)
+        for head in (self.offset_head, self.residual_head):  # start exactly at the reference pose
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+
+    def forward(self, music, ref_pose, face):
+        B, T, _ = music.shape
+        assert T <= self.pos.shape[0], f"window of {T} frames, positions only for {self.pos.shape[0]}"
+        face = F.interpolate(face, size=(self.face_size, self.face_size), mode="bilinear", antialias=True, align_corners=False)
+        f = self.face_cnn(face * 2 - 1)  # (B, d)
+        pose_in = torch.cat([ref_pose[..., :2] - 0.5, ref_pose[..., 2:]], -1).flatten(1)  # (B, J * 3)
+        cond = self.pose_proj(pose_in) + self.face_proj(f)  # (B, d)
+        x = self.music_proj((music - self.music_mean) / self.music_std)  # (B, T, d)
+        x = x + F.gelu(rearrange(self.music_conv(rearrange(x, "b t d -> b d t")), "b d t -> b t d"))
+        x = x + self.pos[:T] + cond[:, None]  # (B, T, d)
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        offset = rearrange(self.offset_head(x), "b t jc -> b jc t")  # (B, J * 2, T)
+        offset = F.conv1d(F.pad(offset, (4, 4), mode="replicate"), self.smooth, groups=offset.shape[1])
+        offset = rearrange(offset, "b (j c) t -> b t j c", c=2)  # (B, T, J, 2)
+        mu = (ref_pose[:, None, :, :2] + offset) * self.H - 0.5  # (B, T, J, 2) in heatmap cells (centres at i)
+        cells = torch.arange(self.H, device=x.device, dtype=x.dtype)
+        width = self.log_width.exp()[:, None]  # (J, 1)
+        gx = -((cells - mu[..., :1]) / width) ** 2 / 2  # (B, T, J, W): x along columns
+        gy = -((cells - mu[..., 1:]) / width) ** 2 / 2  # (B, T, J, H)
+        rx, ry = rearrange(self.residual_head(x), "b t (j c h) -> c b t j h", j=self.J, c=2)  # (B, T, J, H) each
+        logits = (gy + ry)[..., :, None] + (gx + rx)[..., None, :]  # (B, T, J, H, W)
+        embedding = F.normalize(self.face_head(f), dim=-1)  # (B, 512)
+        return logits, embedding
+
+
+# The face recognizer, in the layout of insightface's arcface_torch `iresnet.py` so that its
+# `backbone.pth` files (iresnet18/34/50/100, glintr100 = iresnet100) load key for key.
+IRESNET_CONFIGS = {
+    "toy": dict(layers=(1, 1, 1, 1), widths=(8, 16, 32, 64)),  # stands in for ArcFace in the toy (frozen, random)
+    "iresnet18": dict(layers=(2, 2, 2, 2)),
+    "iresnet34": dict(layers=(3, 4, 6, 3)),
+    "iresnet50": dict(layers=(3, 4, 14, 3)),
+    "iresnet100": dict(layers=(3, 13, 30, 3)),
+}
+
+
+class IBasicBlock(nn.Module):
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(inplanes, eps=1e-05)
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes, eps=1e-05)
+        self.prelu = nn.PReLU(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes, eps=1e-05)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x)))))) + identity
+
+
+class IResNet(nn.Module):
+    """ArcFace's IResNet: 112x112 RGB crops in [-1, 1] -> 512-d embeddings (not normalised; the
+    face loss compares directions). 4 stride-2 stages take 112 to 7x7 for the fc layer."""
+
+    def __init__(self, layers, widths=(64, 128, 256, 512), num_features=512, dropout=0.0):
+        super().__init__()
+        self.inplanes = widths[0]
+        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0], eps=1e-05)
+        self.prelu = nn.PReLU(widths[0])
+        self.layer1 = self._make_layer(widths[0], layers[0])
+        self.layer2 = self._make_layer(widths[1], layers[1])
+        self.layer3 = self._make_layer(widths[2], layers[2])
+        self.layer4 = self._make_layer(widths[3], layers[3])
+        self.bn2 = nn.BatchNorm2d(widths[3], eps=1e-05)
+        self.dropout = nn.Dropout(p=dropout)
+        self.fc = nn.Linear(widths[3] * 7 * 7, num_features)
+        self.features = nn.BatchNorm1d(num_features, eps=1e-05)
+        for m in self.modules():  # arcface_torch's initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0, 0.1)
+        nn.init.constant_(self.features.weight, 1.0)
+
+    def _make_layer(self, planes, blocks):
+        downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes, 1, 2, bias=False), nn.BatchNorm2d(planes, eps=1e-05))
+        layers = [IBasicBlock(self.inplanes, planes, 2, downsample)] + [IBasicBlock(planes, planes) for _ in range(1, blocks)]
+        self.inplanes = planes
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        assert x.shape[-2:] == (112, 112), f"IResNet takes 112x112 face crops, got {tuple(x.shape[-2:])}"
+        x = self.prelu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = self.dropout(torch.flatten(self.bn2(x), 1))  # (B, C * 7 * 7)
+        return self.features(self.fc(x))
+
+
+def load_iresnet(path, arch):
+    """An IResNet(arch) with the weights of an arcface_torch `backbone.pth` (a plain state dict,
+    or one under 'state_dict'; a DDP 'module.' prefix is removed), in eval mode and frozen."""
+    model = IResNet(**IRESNET_CONFIGS[arch])
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = sd.get("state_dict", sd)
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    ours = model.state_dict()
+    missing = sorted(k for k in ours if k not in sd and not k.endswith("num_batches_tracked"))
+    unexpected = sorted(k for k in sd if k not in ours)
+    if missing or unexpected:
+        raise KeyError(f"{path}: not an arcface_torch {arch} state dict: missing keys {missing[:5]}"
+                       f"{'...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(ours[k].shape)}" for k, v in sd.items() if v.shape != ours[k].shape]
+    if bad:
+        raise ValueError(f"{path}: shapes differ from {arch}: {bad[:5]}")
+    model.load_state_dict(sd, strict=True)  # num_batches_tracked, if absent, is filled in by BatchNorm
+    return model.eval().requires_grad_(False)
+
 # (end of section: Dance: music-to-pose encoder, face recognizer (IResNet))

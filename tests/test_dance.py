@@ -1,0 +1,176 @@
+"""Dance stage A: heatmaps and soft-argmax, beat alignment, music features at the video rate,
+the clip loader's errors, the ArcFace IResNet loader, and train_dance.py (runs, freezes, resumes)."""
+import json
+import re
+import shutil
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+import soundfile
+import torch
+from safetensors.torch import load_file
+
+import train_dance
+from data import DanceClipDataset, check_clip, load_config, write_toy_dance
+from losses import beat_alignment, gaussian_heatmaps, heatmap_loss, motion_beats, soft_argmax
+from models import IRESNET_CONFIGS, IResNet, M2P_CONFIGS, M2PEncoder, load_iresnet
+
+SECONDS, FPS = 2.0, 30
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    # one generation for the whole file: it also pays librosa's numba warm-up (~6 s) once
+    return write_toy_dance(tmp_path_factory.mktemp("dance"), n=4, n_dancers=2, seconds=SECONDS, size=32, n_val=2, progress=False)
+
+
+def test_gt_heatmap_soft_argmax_returns_the_joint_and_invisible_joints_are_masked():
+    g = torch.Generator().manual_seed(0)
+    poses = torch.cat([0.2 + 0.6 * torch.rand(2, 5, 7, 2, generator=g), torch.ones(2, 5, 7, 1)], -1)  # (B, T, J, 3)
+    heat = gaussian_heatmaps(poses, 16, sigma=1.0)  # (B, T, J, 16, 16)
+    assert torch.allclose(heat.sum((-2, -1)), torch.ones(2, 5, 7))
+    assert torch.allclose(soft_argmax(heat.log()), poses[..., :2], atol=1e-4)
+    poses[:, :, 3, 2] = 0.1  # joint 3 invisible
+    logits = heat.log().clone()
+    base, parts = heatmap_loss(logits, poses)
+    assert parts["l1"] < 1e-3
+    logits[:, :, 3] = torch.randn(2, 5, 16, 16, generator=g) * 5  # anything at an invisible joint
+    assert torch.allclose(heatmap_loss(logits, poses)[0], base)
+    logits[:, :, 4] = torch.randn(2, 5, 16, 16, generator=g) * 5  # a visible joint counts
+    assert heatmap_loss(logits, poses)[0] > base + 0.1
+
+
+def test_beat_alignment_on_beat_motion_scores_near_one_and_shifted_lower():
+    fps, period = 30, 0.5  # 120 BPM
+    t = np.arange(8 * fps) / fps
+    beats = np.arange(0.25, 7.8, period)
+
+    def dancer(shift):  # a limb swinging with zero speed at the beats (+ shift)
+        x = 0.5 + 0.1 * np.cos(2 * np.pi * (t - beats[0] - shift) / (2 * period))  # (T,)
+        return np.stack([np.stack([x, np.full_like(x, 0.5)], -1)] * 3, 1)  # (T, 3 joints, 2)
+
+    on = beat_alignment(beats, motion_beats(dancer(0.0), fps))
+    late = beat_alignment(beats, motion_beats(dancer(0.1), fps))
+    assert on > 0.95 and late < 0.3
+    # seconds, not frames: the same motion at 60 fps scores the same
+    t = np.arange(8 * 60) / 60
+    fps = 60
+    assert beat_alignment(beats, motion_beats(dancer(0.0), fps)) > 0.95
+
+
+def test_music_features_have_one_row_per_video_frame_and_beats_at_the_beats(toy):
+    T = int(SECONDS * FPS)
+    for clip in sorted(toy.glob("clip_*")):
+        feats = np.load(clip / "music_feats.npy")
+        assert feats.shape == (T, 35) and np.isfinite(feats).all()
+        assert len(list((clip / "frames").glob("*.png"))) == T and np.load(clip / "poses.npy").shape == (T, 134, 3)
+        meta = json.loads((clip / "meta.json").read_text())
+        true = meta["first_beat_s"] + np.arange(-1, 8) * 60 / meta["bpm"]
+        true = true[(true > 0.05) & (true < SECONDS - 0.05)]
+        peaks = np.nonzero(feats[:, -2])[0] / FPS  # onset-peak one-hot column: frame k is at k / fps seconds
+        # every beat (a kick with a click) is an onset peak within a frame of it: features are fps-aligned
+        # (librosa's beat tracker itself is not checked here: on a 2 s clip its tempo estimate is unreliable)
+        assert np.abs(true[:, None] - peaks[None]).min(1).max() <= 1.5 / FPS
+        assert feats[:, -1].sum() >= 1  # the beat one-hot column is filled
+
+
+def test_loader_items_and_joint_subsets(toy):
+    ds = DanceClipDataset(toy / "data_train.txt", window=30, joints="body18")
+    item = ds[0]
+    assert item["music"].shape == (30, 35) and item["poses"].shape == (30, 18, 3) and item["ref_pose"].shape == (18, 3)
+    assert item["face"].shape == (3, 112, 112) and ds[0]["start"] == item["start"]  # deterministic per (seed, epoch, index)
+    assert DanceClipDataset(toy / "data_train.txt", window=30, joints="all134")[1]["poses"].shape == (30, 134, 3)
+    with pytest.raises(ValueError, match="joints='body17'"):
+        DanceClipDataset(toy / "data_train.txt", window=30, joints="body17")
+
+
+@pytest.mark.parametrize("breakage, match", [
+    ("short_audio", r"audio.wav: .* shorter than the 60 frames"),
+    ("pose_shape", r"poses.npy: shape \(60, 133, 3\), expected \(60, 134, 3\)"),
+    ("no_faces", r"faces.json: missing"),
+    ("feature_rows", r"music_feats.npy: shape \(59, 35\)"),
+])
+def test_bad_clips_stop_with_an_error_naming_the_file(toy, tmp_path, breakage, match):
+    clip = shutil.copytree(toy / "clip_00000", tmp_path / "clip")
+    if breakage == "short_audio":
+        audio, sr = soundfile.read(clip / "audio.wav")
+        soundfile.write(clip / "audio.wav", audio[: sr], sr)  # 1 s of audio for 2 s of frames
+    elif breakage == "pose_shape":
+        np.save(clip / "poses.npy", np.zeros((60, 133, 3), np.float32))
+    elif breakage == "no_faces":
+        (clip / "faces.json").unlink()
+    else:
+        np.save(clip / "music_feats.npy", np.load(clip / "music_feats.npy")[:59])
+    (tmp_path / "list.txt").write_text("clip\n")
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        DanceClipDataset(tmp_path / "list.txt", window=30)
+    with pytest.raises((ValueError, FileNotFoundError), match=re.escape(str(clip))):
+        check_clip(clip)
+
+
+def test_iresnet_loads_an_arcface_torch_state_dict(tmp_path):
+    ref = IResNet(**IRESNET_CONFIGS["toy"])
+    with torch.no_grad():  # non-trivial batch-norm statistics, as in a trained backbone
+        for m in ref.modules():
+            if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.BatchNorm1d)):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    sd = {f"module.{k}": v for k, v in ref.state_dict().items() if not k.endswith("num_batches_tracked")}  # DDP-saved
+    torch.save(sd, tmp_path / "backbone.pth")
+    model = load_iresnet(tmp_path / "backbone.pth", "toy")
+    x = torch.rand(2, 3, 112, 112) * 2 - 1
+    assert torch.allclose(model(x), ref.eval()(x)) and model(x).shape == (2, 512)
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    # the arcface_torch key layout, e.g. iresnet18's
+    keys = set(IResNet(**IRESNET_CONFIGS["iresnet18"]).state_dict())
+    assert {"conv1.weight", "bn1.running_var", "prelu.weight", "layer1.0.bn1.weight", "layer1.0.conv1.weight",
+            "layer1.0.prelu.weight", "layer1.0.bn3.bias", "layer1.0.downsample.0.weight", "layer4.1.conv2.weight",
+            "bn2.weight", "fc.weight", "features.weight"} <= keys
+    with pytest.raises(KeyError, match=r"backbone.pth: not an arcface_torch iresnet18 state dict"):
+        load_iresnet(tmp_path / "backbone.pth", "iresnet18")
+
+
+def test_m2p_shapes_and_positions_for_150_frames():
+    m = M2PEncoder(35, 24, **M2P_CONFIGS["tiny"])
+    logits, emb = m(torch.randn(2, 150, 35), torch.rand(2, 24, 3), torch.rand(2, 3, 112, 112))
+    H = M2P_CONFIGS["tiny"]["heatmap"]
+    assert logits.shape == (2, 150, 24, H, H) and torch.allclose(emb.norm(dim=-1), torch.ones(2))
+
+
+def tiny_cfg(data, out, **kw):
+    args = [f"--data_dir={data}", f"--output_dir={out}", "--m2p_preset=tiny", "--window=30", "--train_batch_size=2",
+            "--stage_a_steps=4", "--lr_warmup_steps=2", "--val_every=100", "--val_clips=2", "--log_every=1", "--ckpt_every=2"]
+    return load_config(train_dance.Config, args + [f"--{k}={v}" for k, v in kw.items()])
+
+
+def test_train_freezes_runs_and_resume_continues_exactly(toy, tmp_path, capsys):
+    train_dance.main(tiny_cfg(toy, tmp_path / "a"))
+    out = capsys.readouterr().out
+    assert "stage A | recognizer   | False" in out and "stage A | m2p          | True" in out  # the freeze table
+    assert "pose error" in out and "beat alignment" in out and "music shuffled" in out
+    stage = tmp_path / "a" / "stage_A"
+    full = load_file(stage / "checkpoint-4" / "m2p.safetensors")
+    assert (stage / "final" / "m2p.safetensors").exists() and (stage / "checkpoint-2").exists()
+    video = imageio.mimread(stage / "val_000004.mp4", memtest=False)  # the skeleton video reads back
+    assert len(video) == int(SECONDS * FPS) and video[0].shape == (128, 256, 3)
+    train_dance.main(tiny_cfg(toy, tmp_path / "b", stage_a_steps=2))
+    train_dance.main(tiny_cfg(toy, tmp_path / "b", resume="auto"))
+    first = load_file(tmp_path / "b" / "stage_A" / "checkpoint-2" / "m2p.safetensors")
+    resumed = load_file(tmp_path / "b" / "stage_A" / "checkpoint-4" / "m2p.safetensors")
+    assert any(not torch.equal(first[k], resumed[k]) for k in full)  # it trained on after resuming
+    for k in full:
+        assert torch.allclose(full[k], resumed[k], atol=1e-6), k
+
+
+def test_gradient_accumulation_and_missing_features_are_computed(toy, tmp_path):
+    data = shutil.copytree(toy, tmp_path / "data")
+    (data / "clip_00000" / "music_feats.npy").unlink()  # computed from audio.wav and cached
+    m2p = train_dance.main(tiny_cfg(data, tmp_path / "out", stage_a_steps=1, gradient_accumulation_steps=2))
+    assert np.allclose(np.load(data / "clip_00000" / "music_feats.npy"), np.load(toy / "clip_00000" / "music_feats.npy"), atol=1e-4)
+    assert all(p.requires_grad for p in m2p.parameters())
+
+
+def test_later_stages_say_they_are_not_there_yet(toy, tmp_path):
+    with pytest.raises(NotImplementedError, match="only stage A"):
+        train_dance.main(tiny_cfg(toy, tmp_path, training_stage="B"))
