@@ -687,7 +687,8 @@ def clip_prompt_embeds(prompts, text_encoder_dir, tokenizer_dir=None):
     from transformers import CLIPTextModel, CLIPTokenizer
     tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir or Path(text_encoder_dir).parent / "tokenizer"), local_files_only=True)
     enc = CLIPTextModel.from_pretrained(str(text_encoder_dir), local_files_only=True).eval()
-    ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+    n = enc.config.max_position_embeddings  # 77 for every CLIP text encoder
+    ids = tok(list(prompts), padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids  # (V, 77)
     return enc(ids).last_hidden_state.float()  # (V, 77, D)
 
 
