@@ -4,6 +4,7 @@ the built-in toy datasets.
 Run it to make the toy mouse data and look at it:
     python data.py toy_mice --out=data/toy_mice --n=200        # FaceLift-format samples + preview.png
     python data.py rig_from_cameras SAMPLE/opencv_cameras.json --name=my_rig --out=configs/rigs/my_rig.json
+    python data.py rig_prompt_embeds --rig=my_rig --text_encoder=SD21/text_encoder --out=my_rig_clr_embeds.pt
 """
 import contextlib
 import dataclasses
@@ -745,6 +746,12 @@ def _main(argv):
     r.add_argument("--out", required=True)
     r.add_argument("--views", default=None, help="comma-separated frame indices, in rig order (default: all)")
     r.add_argument("--prompt_embeds", default="")
+    e = sub.add_parser("rig_prompt_embeds", help="per-view prompt embeddings [V, 77, D] for a rig, from a local CLIP text encoder")
+    e.add_argument("--rig", required=True)
+    e.add_argument("--text_encoder", required=True, help="a CLIPTextModel folder (e.g. an SD 2.1 pipeline's text_encoder/)")
+    e.add_argument("--tokenizer", default=None, help="CLIPTokenizer folder (default: tokenizer/ beside the text encoder)")
+    e.add_argument("--prompts", default=None, help="'|'-separated view words in rig order (default: the rig's view names)")
+    e.add_argument("--out", required=True)
     a = p.parse_args(argv)
     if a.cmd == "toy_mice":
         out = write_toy_mice(a.out, a.n, a.rig, a.size, a.n_extra, seed=a.seed)
@@ -753,6 +760,15 @@ def _main(argv):
         for name, spec in BUILTIN_RIGS.items():
             (RIGS_DIR / f"{name}.json").write_text(json.dumps(make_ring_rig(name, **spec), indent=1))
             print(f"wrote {RIGS_DIR / name}.json")
+    elif a.cmd == "rig_prompt_embeds":
+        rig = load_rig(a.rig)
+        names = rig["views"] if a.prompts is None else a.prompts.split("|")
+        if len(names) != len(rig["frames"]):
+            raise SystemExit(f"--prompts gives {len(names)} views, rig {rig['name']!r} has {len(rig['frames'])}")
+        pe = clip_prompt_embeds(rig_view_prompts(dict(rig, views=names)), a.text_encoder, a.tokenizer)
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(pe, a.out)
+        print(f"wrote prompt embeddings {tuple(pe.shape)} for rig {rig['name']!r} to {a.out}")
     else:
         views = None if a.views is None else [int(v) for v in a.views.split(",")]
         rig = rig_from_cameras(read_cameras(a.cameras), a.name, views, a.prompt_embeds)

@@ -40,7 +40,7 @@ class Config:
     prompt_embeds: str = "data/toy_mice_mv/toy_prompt_embeds.pt"  # [V, T, D] for the rig's views; "" = the file the rig names
     make_toy_prompt_embeds: bool = True  # if the prompt file is missing, write toy embeddings made from the rig's cameras (toy runs only)
     toy_samples: int = 400  # size of the generated toy set (only used when data_dir has no train list)
-    image_size: int = 32  # views are resized to this (FaceLift: 256, i.e. 32x32 latents)
+    image_size: int = 32  # views are resized to this (latent mode: 8x smaller latents)
     reference_view_idx: str = "random"  # "0" (FaceLift) | "random": any view is the input, all views are targets
     # model
     preset: str = "toy"  # MVDIFF_UNET_CONFIGS, when not initialised from a unet/ folder

@@ -8,6 +8,7 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from safetensors.torch import load_file, save_file
 
+import data
 import train_mvdiff
 from data import (clip_prompt_embeds, load_config, load_prompt_embeds, load_rig, rig_view_prompts, toy_rig_prompt_embeds,
                   write_toy_mice)
@@ -180,6 +181,9 @@ def test_clip_prompt_embeds_from_local_text_encoder(tmp_path):
     with torch.no_grad():
         assert torch.allclose(pe[2], enc(ids).last_hidden_state[0], atol=1e-6)
     assert not torch.allclose(pe[0], pe[1])  # the view names differ
+    out = tmp_path / "clr_embeds.pt"
+    data._main(["rig_prompt_embeds", "--rig=mouse_6view", f"--text_encoder={tmp_path / 'text_encoder'}", f"--out={out}"])
+    assert torch.allclose(load_prompt_embeds(out, load_rig("mouse_6view"), 24), pe)
 
 
 def test_sample_views_is_reproducible():
