@@ -63,13 +63,13 @@ class Config:
     lr: float = 2e-3
     min_lr_ratio: float = 0.05  # cosine decays to lr * this (1.0 = constant after warmup)
     warmup_steps: int = 50
-    max_steps: int = 900
+    max_steps: int = 600
     weight_decay: float = 0.0  # on >= 2-D parameters only
     grad_clip: float = 1.0
     ema_decay: float = 0.99  # 0 = no EMA; validation uses the EMA weights when there are any
     mixed_precision: str = "bf16"  # bf16 | no; used on GPU only
     # validation
-    val_every: int = 450
+    val_every: int = 600
     val_samples: int = 8  # held-out objects; reference view i % 6 for the i-th when random
     val_steps: int = 20  # DDIM steps (FaceLift: 50)
     val_eta: float = 0.0  # DDIM eta (FaceLift: 1.0)
@@ -78,7 +78,7 @@ class Config:
     out_dir: str = "out/mvdiff_toy"
     resume: str = ""  # "" | auto | path to a checkpoint-<step> dir
     log_every: int = 25
-    ckpt_every: int = 450
+    ckpt_every: int = 600
     num_workers: int = 0
     seed: int = 0
     wandb: bool = False
