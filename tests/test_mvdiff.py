@@ -236,3 +236,22 @@ def test_train_checkpoint_reload_and_resume(tiny_data, tmp_path):
     # init_from one of our checkpoints loads its unet/
     init, _ = train_mvdiff.main(tiny_cfg(tiny_data, tmp_path / "c", max_steps=0, init_from=ckpt, ema_decay=0))
     assert all(torch.equal(a, b) for a, b in zip(init.state_dict().values(), model.state_dict().values()))
+
+
+def test_latent_mode_from_a_facelift_pipeline_folder(tiny_data, tmp_path):
+    """The real path on small weights: a pipeline folder with FaceLift's unet/ layout (8 input channels,
+    projection class embedding), a VAE and a CLIP image encoder; train a step, validate, checkpoint."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    pipe = tmp_path / "pipeckpts"
+    torch.manual_seed(0)
+    AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8,) * 4,
+                  layers_per_block=1, norm_num_groups=8, latent_channels=4).save_pretrained(pipe / "vae")
+    CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                   image_size=224, patch_size=32, projection_dim=6)).save_pretrained(pipe / "image_encoder")
+    save_facelift_layout(tiny_facelift_unet(), pipe / "unet")  # class embedding input 12 = 6 (CLIP) + 6 (noise level)
+    cfg = tiny_cfg(tiny_data, tmp_path / "out", image_size=32, init_from=pipe, pipeline_dir=pipe, max_steps=2, clip_sample=False,
+                   beta_schedule="scaled_linear")
+    model, _ = train_mvdiff.main(cfg)
+    assert model.unet.config.in_channels == 8 and (tmp_path / "out" / "val_000002_g1.png").is_file()
+    assert json.loads((tmp_path / "out" / "checkpoint-2" / "unet" / "config.json").read_text())["_class_name"] == "UNet2DConditionModel"
