@@ -3,6 +3,7 @@
     python bench.py                     # everything
     python bench.py --only=render       # the rasterizer back ends
     python bench.py --only=toy_mice     # toy data generation
+    python bench.py --only=mvattn       # multi-view attention vs plain self-attention in the same UNet
 Timings are medians of a few repeats after a warm-up; compare figures from one run as ratios.
 """
 import argparse
@@ -13,7 +14,7 @@ import time
 import torch
 
 from data import write_toy_mice
-from models import intrinsics_matrix, look_at_c2w, render_gaussians
+from models import CrossAttnProcessor, build_mv_unet, install_mv_attention, intrinsics_matrix, look_at_c2w, render_gaussians
 
 
 def timeit(fn, repeat=3, warmup=1):
@@ -58,6 +59,36 @@ def bench_toy_mice(n=200, S=64):
     with tempfile.TemporaryDirectory() as d:
         t = timeit(lambda: write_toy_mice(d, n=n, size=S, progress=False), repeat=1, warmup=0)
     print(f"| toy mice: {n} samples x 10 views at {S} px | {t:.1f} s |")
+
+
+def bench_mvattn(B=4, V=6):
+    """UNet fwd+bwd on B objects x V views with multi-view attention (sparse: [reference; own] keys,
+    dense: all views) against the same UNet with plain per-view self-attention (diffusers' SDPA)."""
+    layouts = {"toy preset (attention at 8x8)": {},
+               "toy widths, attention at 32, 16, 8 px (SD's layout)": dict(
+                   down_block_types=("CrossAttnDownBlock2D",) * 2 + ("DownBlock2D",), up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 2)}
+    for name, kw in layouts.items():
+        torch.manual_seed(0)
+        model = build_mv_unet("toy", V, **kw)
+        g = torch.Generator().manual_seed(0)
+        args = (torch.randn(B, V, 3, 32, 32, generator=g), torch.randint(0, 1000, (B,), generator=g), torch.randn(V, 8, 32, generator=g),
+                torch.randint(0, V, (B,), generator=g), torch.randn(B, 3, 32, 32, generator=g))
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            model(*args).square().mean().backward()
+
+        t = {}
+        modes = ("plain", "sparse", "dense") if not kw else ("plain", "sparse")  # dense over 6 x 32x32 tokens: minutes on a CPU
+        for mode in modes:
+            if mode == "plain":  # every processor the plain SDPA one (it ignores the reference index)
+                model.unet.set_attn_processor(CrossAttnProcessor())
+            else:
+                install_mv_attention(model.unet, V, sparse=mode == "sparse")
+            t[mode] = timeit(step, repeat=3, warmup=1)
+        print(f"| UNet fwd+bwd, {B} objects x {V} views at 32 px, {name}: plain self-attention | {t['plain'] * 1e3:.0f} ms |")
+        for mode in modes[1:]:
+            print(f"| same, {mode} multi-view attention | {t[mode] * 1e3:.0f} ms ({100 * (t[mode] / t['plain'] - 1):+.0f}%) |")
 
 
 if __name__ == "__main__":

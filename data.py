@@ -5,6 +5,7 @@ Run it to make the toy mouse data and look at it:
     python data.py toy_mice --out=data/toy_mice --n=200        # FaceLift-format samples + preview.png
     python data.py rig_from_cameras SAMPLE/opencv_cameras.json --name=my_rig --out=configs/rigs/my_rig.json
     python data.py toy_dance --out=data/toy_dance --n=100          # dance clips with music + preview.png
+    python data.py rig_prompt_embeds --rig=my_rig --text_encoder=SD21/text_encoder --out=my_rig_clr_embeds.pt
 """
 import contextlib
 import dataclasses
@@ -677,6 +678,86 @@ def preview_samples(list_file, path, n=6, size=None):
 # ----------------------------------------------------------------------------------------------
 # Multi-view diffusion data: rig prompt embeddings, toy rig embeddings
 # (train_mvdiff.py)
+#
+# The diffusion model knows which view to generate only from each view's prompt embedding
+# (cross-attention context), so a prompt file belongs to one rig: FaceLift's `clr_embeds.pt` is a
+# tensor [6, 77, 1024] naming its 6 views in rig order; the rig JSON names it under "prompt_embeds".
+
+
+def load_prompt_embeds(path, rig, dim):
+    """[V, T, D] prompt embeddings for `rig`'s V views, checked against the UNet's cross-attention width D."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt embeddings {path} not found (rig {rig['name']!r} names {rig['prompt_embeds']!r}); "
+                                f"make them with `python data.py rig_prompt_embeds` (README, phase 1)")
+    pe = torch.load(path, map_location="cpu", weights_only=True)
+    if not torch.is_tensor(pe) or pe.dim() != 3:
+        raise ValueError(f"{path}: expected a tensor [views, tokens, dim], got {type(pe).__name__} {getattr(pe, 'shape', '')}")
+    V = len(rig["frames"])
+    if pe.shape[0] != V:
+        raise ValueError(f"{path}: embeddings for {pe.shape[0]} views, rig {rig['name']!r} has {V} ({rig['views']})")
+    if pe.shape[2] != dim:
+        raise ValueError(f"{path}: embedding width {pe.shape[2]}, the UNet's cross-attention width is {dim} "
+                         f"(SD 2.1 / FaceLift: 1024, OpenCLIP ViT-H/14; 768 means CLIP ViT-L/14 embeddings, which this UNet cannot read)")
+    return pe.float()
+
+
+def toy_rig_prompt_embeds(rig, dim, tokens=8, seed=0):
+    """Deterministic stand-in for text prompt embeddings of a rig's views: a fixed random projection
+    of each camera's geometry (viewing direction from the point the cameras aim at, azimuth and
+    elevation as sin/cos, distance, intrinsics) to [V, tokens, dim]. Same rig -> same embeddings."""
+    g = camera_geometry(rig["frames"])
+    az, el = torch.deg2rad(g["az"]), torch.deg2rad(g["el"])
+    feats = torch.cat([g["dirs"], torch.stack([az.sin(), az.cos(), el.sin(), el.cos(), g["dist"] / 2.7], 1),
+                       g["intr"].double()], 1).float()  # (V, 12)
+    W = torch.randn(tokens, feats.shape[1], dim, generator=torch.Generator().manual_seed(seed))  # (T, F, D)
+    pe = torch.einsum("vf,tfd->vtd", feats, W)  # (V, T, D)
+    return (pe - pe.mean(-1, keepdim=True)) / pe.std(-1, keepdim=True)  # unit scale per token, like a LayerNorm'd text encoder
+
+
+def rig_view_prompts(rig, template="a rendering image of 3D models, {view} view, color map."):
+    """One text prompt per rig view (Era3D/FaceLift's wording), from the rig's view names."""
+    return [template.format(view=v.replace("_", " ")) for v in rig["views"]]
+
+
+@torch.no_grad()
+def clip_prompt_embeds(prompts, text_encoder_dir, tokenizer_dir=None):
+    """Per-view prompt embeddings [V, 77, D] from a local CLIP text encoder (transformers
+    CLIPTextModel + CLIPTokenizer folders, e.g. an SD 2.1 pipeline's text_encoder/ and tokenizer/),
+    the way FaceLift made clr_embeds.pt: the encoder's last hidden state of each padded prompt,
+    as diffusers' Stable Diffusion pipelines use it."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+    tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir or Path(text_encoder_dir).parent / "tokenizer"), local_files_only=True)
+    enc = CLIPTextModel.from_pretrained(str(text_encoder_dir), local_files_only=True).eval()
+    n = enc.config.max_position_embeddings  # 77 for every CLIP text encoder
+    ids = tok(list(prompts), padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids  # (V, 77)
+    return enc(ids).last_hidden_state.float()  # (V, 77, D)
+
+
+def save_mv_checkpoint(ckpt_dir, step, model, ema, optimizer, cfg, rig, prompt_file, extra=None):
+    """checkpoint-<step>/{unet/, unet_ema/ (diffusers save_pretrained + the reference-view embedding),
+    rig.json, prompt_embeds.pt, state.pt, config.yaml}, written atomically. The rig and its prompt
+    file travel with the weights: the next stages check their cameras against them."""
+    from models import save_mv_unet
+    final = Path(ckpt_dir) / f"checkpoint-{step}"
+    with atomic_dir(final) as tmp:
+        save_mv_unet(model, tmp / "unet")
+        if ema is not None:
+            save_mv_unet(ema, tmp / "unet_ema")
+        (tmp / "rig.json").write_text(json.dumps(rig, indent=1))
+        shutil.copyfile(prompt_file, tmp / "prompt_embeds.pt")
+        torch.save({"step": int(step), "optimizers": {"optimizer": optimizer.state_dict()}, "rng": get_rng_state(),
+                    "extra": extra or {}}, tmp / "state.pt")
+        save_config(cfg, tmp / "config.yaml")
+    return final
+
+
+def load_mv_weights(model, unet_dir):
+    """Copies the weights of a unet/ folder (ours or FaceLift's) into `model` (an MVUNet), strictly."""
+    from models import load_mv_unet
+    src = load_mv_unet(unet_dir, model.num_views, model.sparse)
+    model.load_state_dict(src.state_dict())  # strict: same architecture or an error naming the keys
+    return model
 
 # (end of section: Multi-view diffusion data: rig prompt embeddings, toy rig embeddings)
 
@@ -1087,6 +1168,12 @@ def _main(argv):
     dn.add_argument("--seconds", type=float, default=8.0)
     dn.add_argument("--size", type=int, default=64)
     dn.add_argument("--seed", type=int, default=0)
+    e = sub.add_parser("rig_prompt_embeds", help="per-view prompt embeddings [V, 77, D] for a rig, from a local CLIP text encoder")
+    e.add_argument("--rig", required=True)
+    e.add_argument("--text_encoder", required=True, help="a CLIPTextModel folder (e.g. an SD 2.1 pipeline's text_encoder/)")
+    e.add_argument("--tokenizer", default=None, help="CLIPTokenizer folder (default: tokenizer/ beside the text encoder)")
+    e.add_argument("--prompts", default=None, help="'|'-separated view words in rig order (default: the rig's view names)")
+    e.add_argument("--out", required=True)
     a = p.parse_args(argv)
     if a.cmd == "toy_dance":
         out = write_toy_dance(a.out, a.n, seconds=a.seconds, size=a.size, seed=a.seed)
@@ -1098,6 +1185,15 @@ def _main(argv):
         for name, spec in BUILTIN_RIGS.items():
             (RIGS_DIR / f"{name}.json").write_text(json.dumps(make_ring_rig(name, **spec), indent=1))
             print(f"wrote {RIGS_DIR / name}.json")
+    elif a.cmd == "rig_prompt_embeds":
+        rig = load_rig(a.rig)
+        names = rig["views"] if a.prompts is None else a.prompts.split("|")
+        if len(names) != len(rig["frames"]):
+            raise SystemExit(f"--prompts gives {len(names)} views, rig {rig['name']!r} has {len(rig['frames'])}")
+        pe = clip_prompt_embeds(rig_view_prompts(dict(rig, views=names)), a.text_encoder, a.tokenizer)
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(pe, a.out)
+        print(f"wrote prompt embeddings {tuple(pe.shape)} for rig {rig['name']!r} to {a.out}")
     else:
         views = None if a.views is None else [int(v) for v in a.views.split(",")]
         rig = rig_from_cameras(read_cameras(a.cameras), a.name, views, a.prompt_embeds)

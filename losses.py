@@ -81,6 +81,28 @@ def lpips(vgg16, heads, pred, target):
 # Diffusion losses (multi-view diffusion)
 # (train_mvdiff.py)
 
+
+def min_snr_weight(alphas_cumprod_t, gamma=5.0, prediction_type="v_prediction"):
+    """Min-SNR-gamma loss weights (Hang et al. 2023) for the timesteps' alpha-bar values, shape kept.
+    Min-SNR means weighting the x0 error by min(SNR, gamma). The eps error equals SNR x the x0 error,
+    so the eps loss gets min(SNR, gamma) / SNR; the v error equals (SNR + 1) x the x0 error, so the v loss
+    gets min(SNR, gamma) / (SNR + 1) -- which also stays finite at SNR = 0 (zero-terminal-SNR schedules),
+    where the eps form would divide by zero."""
+    snr = alphas_cumprod_t / (1 - alphas_cumprod_t)
+    clipped = snr.clamp(max=gamma)
+    if prediction_type == "epsilon":
+        return clipped / snr
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    raise ValueError(f"prediction_type {prediction_type!r}: expected epsilon or v_prediction")
+
+
+def weighted_mse(pred, target, weight):
+    """Per-sample MSE (mean over every dim but the first) times weight (B,), averaged over the batch."""
+    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,)
+    return (per_sample * weight).mean()
+
+
 # (end of section: Diffusion losses (multi-view diffusion))
 
 

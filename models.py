@@ -5,13 +5,17 @@ sparse pure-PyTorch rasterizer everywhere else, and a dense all-pairs reference 
 as the oracle). Conventions are 3DGS/gsplat's: OpenCV cameras (x right, y down, z forward),
 `w2c` world-to-camera matrices, intrinsics as 3x3 `K`, quaternions (w, x, y, z), RGB colours.
 """
+import json
 import math
 import re
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
+from diffusers.models.attention_processor import AttnProcessor2_0
+from einops import rearrange, repeat
+from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
 # ----------------------------------------------------------------------------------------------
@@ -483,6 +487,228 @@ def load_lpips_heads(path):
 # ----------------------------------------------------------------------------------------------
 # Multi-view diffusion: FaceLift's UNet with multi-view attention, the sampler
 # (train_mvdiff.py, gen_synthetic.py)
+#
+# FaceLift's multi-view diffusion model is Stable Diffusion 2.1-unclip's UNet (diffusers key names)
+# whose self-attention (`attn1`) lets the views of one object look at each other. The views of an
+# object sit consecutively in the batch: (B objects * V views, ...). We keep diffusers'
+# UNet2DConditionModel as is and only swap the attention processors, so FaceLift's weights load
+# into it unchanged and our checkpoints stay plain diffusers `unet/` folders.
+
+MVDIFF_UNET_CONFIGS = {
+    # tests: a few seconds per step on a CPU
+    "tiny": dict(sample_size=16, in_channels=6, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                 cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8),
+    # the toy: pixel-space diffusion at 32 px (3 noisy + 3 reference channels), attention (multi-view and
+    # cross) at 8x8 only: at 16x16 the attention alone took 3x the CPU time of the rest of the UNet
+    "toy": dict(sample_size=32, in_channels=6, out_channels=3, layers_per_block=1, block_out_channels=(32, 64, 96),
+                down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+                cross_attention_dim=32, attention_head_dim=16, norm_num_groups=16),
+    # FaceLift = SD 2.1-unclip: 4 latent + 4 reference-latent channels, CLIP-H image embedding + noise-level
+    # embedding (2 x 1024) through a projection class embedding, OpenCLIP-H text width 1024
+    "facelift": dict(sample_size=32, in_channels=8, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+                     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                     cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
+                     class_embed_type="projection", projection_class_embeddings_input_dim=2048),
+}
+
+
+class MVAttnProcessor:
+    """Self-attention across the V views of each object (hidden states (B*V, N, C), views consecutive).
+    sparse: each view's queries attend to [reference view's keys/values; its own] concatenated along
+    the tokens, the reference view included (it sees its own tokens twice): FaceLift's pattern, which
+    its weights were trained with. dense: every view attends to all V*N tokens of its object."""
+
+    def __init__(self, num_views, sparse=True):
+        self.num_views, self.sparse = num_views, sparse
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, ref_idx=None):
+        # the SD UNet's attn1 uses none of these; refuse rather than silently ignore them
+        assert encoder_hidden_states is None and attention_mask is None, "multi-view attention is self-attention only"
+        assert attn.group_norm is None and attn.spatial_norm is None and not attn.residual_connection
+        assert attn.norm_q is None and attn.norm_k is None and attn.rescale_output_factor == 1.0
+        V = self.num_views
+        B = hidden_states.shape[0] // V
+        if ref_idx is None:
+            ref_idx = torch.zeros(B, dtype=torch.long, device=hidden_states.device)  # FaceLift: always view 0
+        q, k, v = (rearrange(f(hidden_states), "(b v) n (h d) -> b v h n d", v=V, h=attn.heads)
+                   for f in (attn.to_q, attn.to_k, attn.to_v))  # (B, V, heads, N, d) each
+        if self.sparse:
+            b = torch.arange(B, device=q.device)
+            k = torch.cat([k[b, ref_idx][:, None].expand_as(k), k], dim=3)  # (B, V, heads, 2N, d): [reference; own]
+            v = torch.cat([v[b, ref_idx][:, None].expand_as(v), v], dim=3)
+            # 4-D inputs: with 5-D ones SDPA falls back to its slow math path (25x slower backward on CPU)
+            q, k, v = (rearrange(t, "b v h n d -> (b v) h n d") for t in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v)  # (B*V, heads, N, d)
+            out = rearrange(out, "bv h n d -> bv n (h d)")
+        else:
+            q, k, v = (rearrange(t, "b v h n d -> b h (v n) d") for t in (q, k, v))  # (B, heads, V*N, d)
+            out = F.scaled_dot_product_attention(q, k, v)
+            out = rearrange(out, "b h (v n) d -> (b v) n (h d)", v=V)
+        return attn.to_out[1](attn.to_out[0](out))  # linear, dropout
+
+
+class CrossAttnProcessor(AttnProcessor2_0):
+    """diffusers' SDPA processor for attn2 (cross-attention to the prompt embeddings), taking and
+    ignoring the reference index that the UNet passes to every processor via cross_attention_kwargs."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, ref_idx=None):
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+def install_mv_attention(unet, num_views, sparse=True):
+    """Every attn1 -> MVAttnProcessor, every attn2 -> CrossAttnProcessor. Returns the attn1 count."""
+    mv = MVAttnProcessor(num_views, sparse)
+    procs = {name: mv if ".attn1." in name else CrossAttnProcessor() for name in unet.attn_processors}
+    n_mv = sum(p is mv for p in procs.values())
+    unet.set_attn_processor(procs)  # (empties the dict)
+    return n_mv
+
+
+class MVUNet(nn.Module):
+    """A diffusers UNet2DConditionModel run on the V views of B objects at once, with multi-view
+    attention and a per-rig-view embedding of the reference view added to the time embedding.
+    That embedding starts at zero, so loaded FaceLift weights behave exactly as released (where the
+    reference is always view 0) until training teaches the model to read it."""
+
+    def __init__(self, unet, num_views=6, sparse=True):
+        super().__init__()
+        self.unet, self.num_views, self.sparse = unet, num_views, sparse
+        self.n_mv_layers = install_mv_attention(unet, num_views, sparse)
+        self.ref_view_embed = nn.Embedding(num_views, unet.time_embedding.linear_2.out_features)
+        nn.init.zeros_(self.ref_view_embed.weight)
+        # diffusers' forward has no argument for an extra time-embedding term: add it at the output of
+        # `time_embedding` (SD has no time_embed_act after it, so this is the embedding every resnet gets)
+        self._ref_emb = None
+        self.unet.time_embedding.register_forward_hook(self._add_ref_emb)  # a bound method: deepcopy rebinds it to the copy
+
+    def _add_ref_emb(self, module, inputs, out):
+        return out if self._ref_emb is None else out + self._ref_emb
+
+    def forward(self, noisy, t, prompt_embeds, ref_idx, ref_cond, class_labels=None):
+        """noisy (B, V, C, H, W); t (B,) one timestep per object; prompt_embeds (V, T, D) or (B, V, T, D);
+        ref_idx (B,) long; ref_cond (B, Cr, H, W) concatenated to every view's input (FaceLift: the
+        reference's VAE latent; the toy: its pixels); class_labels (B, E) or None -> (B, V, C_out, H, W)."""
+        B, V = noisy.shape[:2]
+        assert V == self.num_views, f"{V} views, the model was built for {self.num_views}"
+        x = torch.cat([noisy, ref_cond[:, None].expand(-1, V, -1, -1, -1)], dim=2)  # (B, V, C + Cr, H, W)
+        ctx = prompt_embeds.expand(B, -1, -1, -1) if prompt_embeds.dim() == 3 else prompt_embeds  # (B, V, T, D)
+        rep = lambda a: None if a is None else repeat(a, "b ... -> (b v) ...", v=V)  # noqa: E731  per object -> per view
+        self._ref_emb = rep(self.ref_view_embed(ref_idx))  # (B*V, D_t)
+        try:
+            out = self.unet(rearrange(x, "b v c h w -> (b v) c h w"), rep(t), rearrange(ctx, "b v t d -> (b v) t d"),
+                            class_labels=rep(class_labels), cross_attention_kwargs={"ref_idx": ref_idx}).sample
+        finally:
+            self._ref_emb = None
+        return rearrange(out, "(b v) c h w -> b v c h w", v=V)
+
+
+def build_mv_unet(preset, num_views=6, sparse=True, **overrides):
+    from diffusers import UNet2DConditionModel
+    return MVUNet(UNet2DConditionModel(**{**MVDIFF_UNET_CONFIGS[preset], **overrides}), num_views, sparse)
+
+
+# FaceLift's unet/config.json names its own classes; the weights are those of the plain diffusers blocks
+FACELIFT_BLOCK_MAP = {"CrossAttnDownBlockMV2D": "CrossAttnDownBlock2D", "UNetMidBlockMV2DCrossAttn": "UNetMidBlock2DCrossAttn",
+                      "CrossAttnUpBlockMV2D": "CrossAttnUpBlock2D"}
+FACELIFT_EXTRA_KEYS = ("num_views", "multiview_attention", "sparse_mv_attention", "selfattn_block", "cd_attention_last",
+                       "cd_attention_mid", "addition_downsample", "addition_channels")
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def unet_config_from_facelift(config, where="config.json"):
+    """FaceLift's (or a plain diffusers) UNet config dict -> kwargs of a plain UNet2DConditionModel."""
+    import inspect as _inspect
+    from diffusers import UNet2DConditionModel
+    if config.get("_class_name") not in ("UNetMV2DConditionModel", "UNet2DConditionModel"):
+        raise ValueError(f"{where}: _class_name {config.get('_class_name')!r}, expected UNetMV2DConditionModel (FaceLift) or UNet2DConditionModel")
+    cfg = {k: v for k, v in config.items() if not k.startswith("_") and k not in FACELIFT_EXTRA_KEYS}
+    for key in ("down_block_types", "up_block_types"):
+        cfg[key] = [FACELIFT_BLOCK_MAP.get(b, b) for b in cfg[key]]
+    if "mid_block_type" in cfg:
+        cfg["mid_block_type"] = FACELIFT_BLOCK_MAP.get(cfg["mid_block_type"], cfg["mid_block_type"])
+    unknown = sorted(set(cfg) - set(_inspect.signature(UNet2DConditionModel.__init__).parameters))
+    if unknown:
+        raise ValueError(f"{where}: keys {unknown} are neither UNet2DConditionModel arguments nor FaceLift's known extras {FACELIFT_EXTRA_KEYS}")
+    return cfg
+
+
+def load_unet(path):
+    """A plain diffusers UNet2DConditionModel from a `unet/` folder in FaceLift's layout (its
+    config names UNetMV2DConditionModel and MV block types) or ours (save_pretrained). Weights must
+    match exactly: missing or unexpected keys and wrong shapes stop with their names."""
+    from diffusers import UNet2DConditionModel
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file} not found (expected a diffusers/FaceLift unet folder)")
+    unet = UNet2DConditionModel(**unet_config_from_facelift(json.loads(cfg_file.read_text()), cfg_file))
+    files = [path / f for f in WEIGHT_FILES if (path / f).is_file()]
+    if not files:
+        raise FileNotFoundError(f"{path}: no weights ({' or '.join(WEIGHT_FILES)})")
+    sd = load_file(files[0]) if files[0].suffix == ".safetensors" else torch.load(files[0], map_location="cpu", weights_only=True)
+    ours = unet.state_dict()
+    missing, unexpected = sorted(set(ours) - set(sd)), sorted(set(sd) - set(ours))
+    if missing or unexpected:
+        raise KeyError(f"{files[0]}: missing keys {missing[:8]}{'...' if len(missing) > 8 else ''} ({len(missing)}), "
+                       f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''} ({len(unexpected)})")
+    for k, v in sd.items():
+        if v.shape != ours[k].shape:
+            raise ValueError(f"{files[0]}: {k} has shape {tuple(v.shape)}, the config gives {tuple(ours[k].shape)}")
+    unet.load_state_dict(sd)  # strict
+    return unet
+
+
+REF_EMBED_FILE = "ref_view_embed.safetensors"  # beside diffusers' files in our unet/ folders; FaceLift's has none
+
+
+def load_mv_unet(path, num_views=6, sparse=True):
+    """MVUNet from a unet/ folder (FaceLift's: the reference-view embedding starts at zero)."""
+    model = MVUNet(load_unet(path), num_views, sparse)
+    if (Path(path) / REF_EMBED_FILE).is_file():
+        w = load_file(Path(path) / REF_EMBED_FILE)["weight"]
+        if w.shape != model.ref_view_embed.weight.shape:
+            raise ValueError(f"{Path(path) / REF_EMBED_FILE}: shape {tuple(w.shape)}, expected {tuple(model.ref_view_embed.weight.shape)} "
+                             f"({num_views} views)")
+        model.ref_view_embed.weight.data.copy_(w)
+    return model
+
+
+def save_mv_unet(model, path):
+    """diffusers save_pretrained of the UNet (loadable by any diffusers pipeline) + the reference-view embedding."""
+    model.unet.save_pretrained(path)
+    save_file({"weight": model.ref_view_embed.weight.detach().cpu().contiguous()}, str(Path(path) / REF_EMBED_FILE))
+
+
+@torch.no_grad()
+def sample_views(model, scheduler, ref_cond, ref_idx, prompt_embeds, shape, class_labels=None, num_steps=50, guidance=3.0,
+                 eta=1.0, generator=None):
+    """DDIM with classifier-free guidance: all V views of B objects from their reference conditions.
+    ref_cond (B, Cr, H, W), ref_idx (B,), prompt_embeds (V, T, D), shape = (C, H, W) of one view,
+    class_labels (B, E) or None. The unconditional branch zeroes the reference conditions (what
+    training's dropout does) and keeps the prompt embeddings (they say which view is which).
+    Returns the denoised views (B, V, C, H, W) in the model's space (latents, or pixels in [-1, 1])."""
+    B, V = ref_cond.shape[0], model.num_views
+    x = torch.randn((B, V, *shape), generator=generator, device=generator.device if generator else "cpu").to(ref_cond)
+    x = x * scheduler.init_noise_sigma
+    scheduler.set_timesteps(num_steps, device=ref_cond.device)
+    cfg = guidance != 1.0
+    if cfg:  # one batch of 2B objects: conditional, then unconditional
+        ref_cond2 = torch.cat([ref_cond, torch.zeros_like(ref_cond)])
+        labels2 = None if class_labels is None else torch.cat([class_labels, torch.zeros_like(class_labels)])
+        ref_idx2 = torch.cat([ref_idx, ref_idx])
+    for t in scheduler.timesteps:
+        tt = t.to(ref_cond.device).expand(B * (2 if cfg else 1))
+        if cfg:
+            out_c, out_u = model(torch.cat([x, x]), tt, prompt_embeds, ref_idx2, ref_cond2, labels2).chunk(2)
+            out = out_u + guidance * (out_c - out_u)
+        else:
+            out = model(x, tt, prompt_embeds, ref_idx, ref_cond, class_labels)
+        x = scheduler.step(out, t, x, eta=eta, generator=generator).prev_sample
+    return x
+
 
 # (end of section: Multi-view diffusion: FaceLift's UNet with multi-view attention, the sampler)
 

@@ -1,0 +1,257 @@
+"""Multi-view diffusion: attention semantics, the zero reference-view embedding, loading FaceLift's
+unet layout, prompt embeddings, the sampler, and the training script (runs, reloads, resumes)."""
+import json
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, UNet2DConditionModel
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from safetensors.torch import load_file, save_file
+
+import data
+import train_mvdiff
+from data import (clip_prompt_embeds, load_config, load_prompt_embeds, load_rig, rig_view_prompts, toy_rig_prompt_embeds,
+                  write_toy_mice)
+from losses import min_snr_weight
+from models import MVAttnProcessor, MVDIFF_UNET_CONFIGS, build_mv_unet, load_mv_unet, sample_views, save_mv_unet
+
+V = 4
+
+
+def attn_layer(seed=0):
+    torch.manual_seed(seed)
+    return Attention(query_dim=16, heads=2, dim_head=8)
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_which_views_each_view_sees(sparse):
+    """Perturb view j of object 0 at a single attention layer: sparse changes view k only when j is the
+    reference or k itself; dense changes every view of that object; the other object never changes."""
+    attn = attn_layer()
+    attn.set_processor(MVAttnProcessor(V, sparse))
+    x = torch.randn(2 * V, 5, 16)  # (B*V, N, C): 2 objects
+    ref_idx = torch.tensor([2, 0])
+    base = attn(x, ref_idx=ref_idx)
+    for j in range(V):
+        x2 = x.clone()
+        x2[j] += torch.randn(5, 16)
+        changed = (attn(x2, ref_idx=ref_idx) - base).abs().amax(dim=(1, 2)) > 1e-6  # (B*V,)
+        expect = [sparse is False or j == 2 or k == j for k in range(V)] + [False] * V
+        assert changed.tolist() == expect, (j, changed.tolist())
+
+
+def test_sparse_attention_is_facelifts_reference_plus_own():
+    """Each view's output = plain attention of its queries over [reference tokens; own tokens] (the
+    reference view too, which then sees its own tokens twice)."""
+    attn = attn_layer(1)
+    x = torch.randn(2 * V, 5, 16)
+    ref_idx = torch.tensor([3, 1])
+    attn.set_processor(MVAttnProcessor(V, sparse=True))
+    out = attn(x, ref_idx=ref_idx)
+    attn.set_processor(AttnProcessor2_0())
+    for b in range(2):
+        for k in range(V):
+            kv = torch.cat([x[b * V + ref_idx[b]], x[b * V + k]])[None]  # (1, 2N, C)
+            assert torch.allclose(out[b * V + k], attn(x[b * V + k][None], encoder_hidden_states=kv)[0], atol=1e-5)
+
+
+def mv_inputs(model, B=2, seed=0):
+    c = model.unet.config
+    g = torch.Generator().manual_seed(seed)
+    S, C = c.sample_size, c.out_channels
+    return (torch.randn(B, model.num_views, C, S, S, generator=g), torch.tensor([500, 20][:B]),
+            torch.randn(model.num_views, 8, c.cross_attention_dim, generator=g), torch.randn(B, c.in_channels - C, S, S, generator=g))
+
+
+def test_zero_reference_embedding_at_init():
+    """At init the reference-view embedding adds nothing: with dense attention (where the index only
+    reaches the embedding) every reference index gives the outputs of index 0, and with sparse attention
+    the outputs are those of the bare UNet with the same attention (FaceLift's model). Training the
+    embedding breaks the equality (so the test can fail)."""
+    torch.manual_seed(0)
+    dense = build_mv_unet("tiny", num_views=6, sparse=False).eval()
+    noisy, t, pe, ref = mv_inputs(dense)
+    out0 = dense(noisy, t, pe, torch.tensor([0, 0]), ref)
+    for k in range(1, 6):
+        assert torch.equal(dense(noisy, t, pe, torch.tensor([k, k]), ref), out0)
+    torch.manual_seed(0)
+    sparse = build_mv_unet("tiny", num_views=6, sparse=True).eval()
+    idx = torch.tensor([4, 1])
+    x = torch.cat([noisy, ref[:, None].expand(-1, 6, -1, -1, -1)], 2).flatten(0, 1)  # (B*V, C + Cr, H, W)
+    bare = sparse.unet(x, t.repeat_interleave(6), pe.repeat(2, 1, 1), cross_attention_kwargs={"ref_idx": idx}).sample
+    assert torch.equal(sparse(noisy, t, pe, idx, ref).flatten(0, 1), bare)
+    torch.nn.init.normal_(dense.ref_view_embed.weight)
+    assert not torch.allclose(dense(noisy, t, pe, torch.tensor([3, 3]), ref), out0, atol=1e-4)
+
+
+def save_facelift_layout(unet, path):
+    """A diffusers UNet saved the way FaceLift's unet/ folder looks: its class and block names, its extra keys."""
+    unet.save_pretrained(path)
+    cfg = json.loads((path / "config.json").read_text())
+    names = {"CrossAttnDownBlock2D": "CrossAttnDownBlockMV2D", "CrossAttnUpBlock2D": "CrossAttnUpBlockMV2D"}
+    cfg.update(_class_name="UNetMV2DConditionModel", mid_block_type="UNetMidBlockMV2DCrossAttn",
+               down_block_types=[names.get(b, b) for b in cfg["down_block_types"]],
+               up_block_types=[names.get(b, b) for b in cfg["up_block_types"]],
+               num_views=6, multiview_attention=True, sparse_mv_attention=True, selfattn_block="self_rowwise",
+               cd_attention_last=False, cd_attention_mid=False, addition_downsample=False, addition_channels=[64, 64, 64])
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def tiny_facelift_unet():
+    torch.manual_seed(0)  # FaceLift's conditioning: 4 + 4 latent channels, a projection class embedding
+    return UNet2DConditionModel(**{**MVDIFF_UNET_CONFIGS["tiny"], "in_channels": 8, "out_channels": 4,
+                                   "class_embed_type": "projection", "projection_class_embeddings_input_dim": 12})
+
+
+def test_facelift_layout_loads_exactly(tmp_path):
+    unet = tiny_facelift_unet()
+    save_facelift_layout(unet, tmp_path / "unet")
+    model = load_mv_unet(tmp_path / "unet")  # no ref_view_embed file: starts at zero
+    sd = unet.state_dict()
+    assert set(model.unet.state_dict()) == set(sd)
+    assert all(torch.equal(model.unet.state_dict()[k], v) for k, v in sd.items())
+    assert model.n_mv_layers > 0 and not model.ref_view_embed.weight.any()
+    noisy, t, pe, ref = mv_inputs(model, B=1)
+    out = model(noisy, t[:1], pe, torch.tensor([0]), ref, class_labels=torch.randn(1, 12))
+    assert out.shape == noisy.shape
+
+
+def test_facelift_layout_errors_name_the_problem(tmp_path):
+    save_facelift_layout(tiny_facelift_unet(), tmp_path / "unet")
+    weights = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(weights)
+    sd.pop("conv_in.weight")
+    sd["view_embedding.weight"] = torch.zeros(3)
+    save_file(sd, weights)
+    with pytest.raises(KeyError, match=r"missing keys \['conv_in.weight'\].*unexpected keys \['view_embedding.weight'\]"):
+        load_mv_unet(tmp_path / "unet")
+    cfg = json.loads((tmp_path / "unet" / "config.json").read_text())
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({**cfg, "camera_embedding_type": "e_de_da_sincos"}))
+    with pytest.raises(ValueError, match="camera_embedding_type"):
+        load_mv_unet(tmp_path / "unet")
+
+
+def test_min_snr_weights():
+    a = torch.tensor([0.999, 0.5, 0.01, 0.0], dtype=torch.float64)  # SNR 999, 1, ~0.0101, 0
+    snr = a / (1 - a)
+    v = min_snr_weight(a, 5.0, "v_prediction")
+    assert torch.allclose(v, snr.clamp(max=5) / (snr + 1)) and torch.isfinite(v).all() and v[-1] == 0
+    assert v[0].item() == pytest.approx(5 / 1000) and v[1].item() == pytest.approx(0.5)
+    eps = min_snr_weight(a[:3], 5.0, "epsilon")
+    assert eps.tolist() == pytest.approx([5 / 999, 1.0, 1.0])
+
+
+def test_toy_prompt_embeds_and_checks(tmp_path):
+    rig = load_rig("mouse_6view")
+    pe = toy_rig_prompt_embeds(rig, 32)
+    assert pe.shape == (6, 8, 32) and torch.equal(pe, toy_rig_prompt_embeds(rig, 32))
+    assert min((pe[i] - pe[j]).abs().mean() for i in range(6) for j in range(i)) > 0.1  # every view is told apart
+    assert not torch.allclose(pe, toy_rig_prompt_embeds(load_rig("facelift_6view"), 32))  # another rig, other embeddings
+    torch.save(torch.zeros(6, 77, 768), tmp_path / "vitl.pt")
+    with pytest.raises(ValueError, match="width 768.*cross-attention width is 1024"):
+        load_prompt_embeds(tmp_path / "vitl.pt", rig, 1024)
+    torch.save(torch.zeros(4, 77, 1024), tmp_path / "four.pt")
+    with pytest.raises(ValueError, match="embeddings for 4 views, rig 'mouse_6view' has 6"):
+        load_prompt_embeds(tmp_path / "four.pt", rig, 1024)
+
+
+def tiny_clip_text(tmp_path, dim=24):
+    """A tiny CLIP text encoder and a character-level CLIP tokenizer, saved in the layout of an SD pipeline."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789+-,.3"))
+    vocab = {t: i for i, t in enumerate(["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars])}
+    (tmp_path / "tokenizer").mkdir()
+    (tmp_path / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(tmp_path / "tokenizer" / "vocab.json"), str(tmp_path / "tokenizer" / "merges.txt"), model_max_length=77)
+    tok.save_pretrained(tmp_path / "tokenizer")
+    torch.manual_seed(0)
+    enc = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=dim, intermediate_size=48, num_hidden_layers=2,
+                                       num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1))
+    enc.save_pretrained(tmp_path / "text_encoder")
+    return tok, enc
+
+
+def test_clip_prompt_embeds_from_local_text_encoder(tmp_path):
+    tok, enc = tiny_clip_text(tmp_path)
+    prompts = rig_view_prompts(load_rig("mouse_6view"))
+    pe = clip_prompt_embeds(prompts, tmp_path / "text_encoder")  # tokenizer/ beside text_encoder/
+    assert pe.shape == (6, 77, 24)
+    ids = tok(prompts[2], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(pe[2], enc(ids).last_hidden_state[0], atol=1e-6)
+    assert not torch.allclose(pe[0], pe[1])  # the view names differ
+    out = tmp_path / "clr_embeds.pt"
+    data._main(["rig_prompt_embeds", "--rig=mouse_6view", f"--text_encoder={tmp_path / 'text_encoder'}", f"--out={out}"])
+    assert torch.allclose(load_prompt_embeds(out, load_rig("mouse_6view"), 24), pe)
+
+
+def test_sample_views_is_reproducible():
+    torch.manual_seed(0)
+    model = build_mv_unet("tiny").eval()
+    _, _, pe, ref = mv_inputs(model, B=2)
+    sched = DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", timestep_spacing="trailing")
+    run = lambda seed, g: sample_views(model, sched, ref, torch.tensor([0, 5]), pe, (3, 16, 16), num_steps=3, guidance=g,  # noqa: E731
+                                       generator=torch.Generator().manual_seed(seed))
+    a = run(0, 3.0)
+    assert a.shape == (2, 6, 3, 16, 16) and torch.equal(a, run(0, 3.0))
+    assert not torch.equal(a, run(1, 3.0)) and not torch.equal(a, run(0, 1.0))
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return write_toy_mice(tmp_path_factory.mktemp("mice"), n=6, size=16, n_extra=0, n_val=2, progress=False)
+
+
+def tiny_cfg(data, out, **kw):
+    args = [f"--data_dir={data}", f"--out_dir={out}", f"--prompt_embeds={data}/pe.pt", "--preset=tiny", "--image_size=16",
+            "--batch_size=2", "--max_steps=4", "--warmup_steps=2", "--val_every=100", "--val_samples=2", "--val_steps=2",
+            "--log_every=1", "--ckpt_every=2"]
+    return load_config(train_mvdiff.Config, args + [f"--{k}={v}" for k, v in kw.items()])
+
+
+def test_rig_mismatch_stops_with_the_message(tmp_path):
+    data = write_toy_mice(tmp_path / "facelift_rig_mice", n=3, rig="facelift_6view", size=16, n_extra=0, n_val=1, progress=False)
+    with pytest.raises(ValueError, match=r"opencv_cameras.json: cameras do not match rig 'mouse_6view'"):
+        train_mvdiff.main(tiny_cfg(data, tmp_path / "out"))
+
+
+def test_train_checkpoint_reload_and_resume(tiny_data, tmp_path):
+    model, ema = train_mvdiff.main(tiny_cfg(tiny_data, tmp_path / "a"))
+    ckpt = tmp_path / "a" / "checkpoint-4"
+    assert (ckpt / "unet_ema").is_dir() and (ckpt / "prompt_embeds.pt").is_file()
+    assert json.loads((ckpt / "rig.json").read_text())["name"] == "mouse_6view"
+    assert (tmp_path / "a" / "val_000004_g3.png").is_file()
+    assert model.ref_view_embed.weight.abs().sum() > 0  # random reference views: the embedding trains
+    for saved, live in ((ckpt / "unet", model), (ckpt / "unet_ema", ema)):
+        reloaded = load_mv_unet(saved)
+        assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), live.state_dict().values()))
+    # stop at 2, resume to 4: the same weights as the uninterrupted run
+    train_mvdiff.main(tiny_cfg(tiny_data, tmp_path / "b", max_steps=2))
+    resumed, _ = train_mvdiff.main(tiny_cfg(tiny_data, tmp_path / "b", resume="auto"))
+    first = load_mv_unet(tmp_path / "b" / "checkpoint-2" / "unet").state_dict()
+    assert any(not torch.equal(first[k], v) for k, v in resumed.state_dict().items())  # it trained on after resuming
+    for (k, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), k
+    # init_from one of our checkpoints loads its unet/
+    init, _ = train_mvdiff.main(tiny_cfg(tiny_data, tmp_path / "c", max_steps=0, init_from=ckpt, ema_decay=0))
+    assert all(torch.equal(a, b) for a, b in zip(init.state_dict().values(), model.state_dict().values()))
+
+
+def test_latent_mode_from_a_facelift_pipeline_folder(tiny_data, tmp_path):
+    """The real path on small weights: a pipeline folder with FaceLift's unet/ layout (8 input channels,
+    projection class embedding), a VAE and a CLIP image encoder; train a step, validate, checkpoint."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    pipe = tmp_path / "pipeckpts"
+    torch.manual_seed(0)
+    AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8,) * 4,
+                  layers_per_block=1, norm_num_groups=8, latent_channels=4).save_pretrained(pipe / "vae")
+    CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                   image_size=224, patch_size=32, projection_dim=6)).save_pretrained(pipe / "image_encoder")
+    save_facelift_layout(tiny_facelift_unet(), pipe / "unet")  # class embedding input 12 = 6 (CLIP) + 6 (noise level)
+    cfg = tiny_cfg(tiny_data, tmp_path / "out", image_size=32, init_from=pipe, pipeline_dir=pipe, max_steps=2, clip_sample=False,
+                   beta_schedule="scaled_linear")
+    model, _ = train_mvdiff.main(cfg)
+    assert model.unet.config.in_channels == 8 and (tmp_path / "out" / "val_000002_g1.png").is_file()
+    assert json.loads((tmp_path / "out" / "checkpoint-2" / "unet" / "config.json").read_text())["_class_name"] == "UNet2DConditionModel"

@@ -1,0 +1,333 @@
+"""Phase 1: fine-tune the multi-view diffusion model (1 reference view -> the rig's 6 views).
+
+    python train_mvdiff.py                                       # toy mice, pixel space, 32 px, CPU, minutes
+    torchrun --nproc_per_node=2 train_mvdiff.py                  # DDP (gloo on CPU, nccl on GPU)
+    accelerate launch train_mvdiff.py --cfg configs/mouse_mvdiffusion_6x_aug.yaml
+    python train_mvdiff.py --resume=auto                         # continue the latest checkpoint
+
+Every view of an object is generated at once (the views sit consecutively in the UNet's batch and
+see each other through multi-view attention), from one reference view: always view 0 (FaceLift),
+or any of the rig's views at random with all six as targets (`reference_view_idx: random`, a 6x
+augmentation). The views are told apart by the rig's prompt embeddings (cross-attention) and the
+reference by a per-view embedding added to the time embedding.
+"""
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from data import (MultiViewDataset, StepSampler, latest_checkpoint, load_config, load_mv_weights, load_prompt_embeds,
+                  load_rig, read_list_file, rig_mismatch, read_cameras, save_config, save_image_grid,
+                  save_mv_checkpoint, toy_rig_prompt_embeds, write_toy_mice)
+from losses import min_snr_weight, psnr, ssim, weighted_mse
+from models import build_mv_unet, load_mv_unet, sample_views
+
+
+@dataclass
+class Config:
+    # data
+    data_dir: str = "data/toy_mice_mv"  # FaceLift-format samples; the toy mice are generated here if missing
+    train_list: str = "data_train.txt"  # relative to data_dir, or absolute
+    val_list: str = "data_val.txt"
+    rig: str = "mouse_6view"  # the samples' cameras must match this rig (configs/rigs/<rig>.json)
+    prompt_embeds: str = "data/toy_mice_mv/toy_prompt_embeds.pt"  # [V, T, D] for the rig's views; "" = the file the rig names
+    make_toy_prompt_embeds: bool = True  # if the prompt file is missing, write toy embeddings made from the rig's cameras (toy runs only)
+    toy_samples: int = 400  # size of the generated toy set (only used when data_dir has no train list)
+    image_size: int = 32  # views are resized to this (latent mode: 8x smaller latents)
+    reference_view_idx: str = "random"  # "0" (FaceLift) | "random": any view is the input, all views are targets
+    # model
+    preset: str = "toy"  # MVDIFF_UNET_CONFIGS, when not initialised from a unet/ folder
+    init_from: str = ""  # FaceLift pipeline dir or one of our checkpoint dirs (its unet/ is loaded); fresh optimizer
+    pipeline_dir: str = ""  # FaceLift pipeline dir with vae/ and image_encoder/: latent diffusion; "" = pixel space (toy)
+    sparse_attention: bool = True  # each view attends to [reference; own] (FaceLift); False: all views
+    grad_checkpoint: bool = False
+    # diffusion
+    prediction_type: str = "v_prediction"  # v_prediction (FaceLift) | epsilon
+    beta_schedule: str = "squaredcos_cap_v2"  # FaceLift: scaled_linear 0.00085-0.012 (for latents)
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    clip_sample: bool = True  # clip predicted x0 to [-1, 1] when sampling: pixels yes, latents no
+    snr_gamma: float = 5.0  # min-SNR weighting; 0 = off
+    drop_ref_prob: float = 0.05  # classifier-free dropout of the reference image/latent
+    drop_clip_prob: float = 0.05  # ... and of the CLIP image embedding (latent mode only), independently
+    # optimisation
+    batch_size: int = 4  # objects per process per micro-step (x 6 views)
+    grad_accum: int = 1
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.05  # cosine decays to lr * this (1.0 = constant after warmup)
+    warmup_steps: int = 50
+    max_steps: int = 600
+    weight_decay: float = 0.0  # on >= 2-D parameters only
+    grad_clip: float = 1.0
+    ema_decay: float = 0.99  # 0 = no EMA; validation uses the EMA weights when there are any
+    mixed_precision: str = "bf16"  # bf16 | no; used on GPU only
+    # validation
+    val_every: int = 600
+    val_samples: int = 8  # held-out objects; reference view i % 6 for the i-th when random
+    val_steps: int = 20  # DDIM steps (FaceLift: 50)
+    val_eta: float = 0.0  # DDIM eta (FaceLift: 1.0)
+    val_guidance: tuple[float, ...] = (1.0, 3.0)
+    # run
+    out_dir: str = "out/mvdiff_toy"
+    resume: str = ""  # "" | auto | path to a checkpoint-<step> dir
+    log_every: int = 25
+    ckpt_every: int = 600
+    num_workers: int = 0
+    seed: int = 0
+    wandb: bool = False
+    wandb_project: str = "mouselift"
+
+
+def lr_at(step, cfg):
+    """Linear warmup, then cosine from lr to lr * min_lr_ratio at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    for ema_p, p in zip(ema.parameters(), model.parameters()):  # DiT's update_ema
+        ema_p.mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+
+def check_cameras(list_file, rig):
+    """Every sample's cameras against the rig, before training starts (the dataset checks again per item)."""
+    for d in read_list_file(list_file):
+        if (d / "opencv_cameras.json").exists():
+            frames = read_cameras(d / "opencv_cameras.json")["frames"][: len(rig["frames"])]
+            msg = rig_mismatch(rig, frames)
+            if msg:
+                raise ValueError(f"{d / 'opencv_cameras.json'}: {msg}")
+
+
+class Conditioner:
+    """The reference conditions. Pixel space (toy): the reference image itself, no class labels.
+    Latent space (FaceLift): VAE latents x 0.18215 for every view and the reference, and the CLIP
+    image embedding of the reference + the embedding of noise level 0 as class labels (SD 2.1-unclip;
+    at noise level 0 the unCLIP normaliser's noising is the identity, so it is left out)."""
+
+    def __init__(self, pipeline_dir, device):
+        self.latent = bool(pipeline_dir)
+        if self.latent:
+            from diffusers import AutoencoderKL
+            from transformers import CLIPVisionModelWithProjection
+            self.vae = AutoencoderKL.from_pretrained(Path(pipeline_dir) / "vae", local_files_only=True).to(device).eval()
+            self.clip = CLIPVisionModelWithProjection.from_pretrained(Path(pipeline_dir) / "image_encoder",
+                                                                      local_files_only=True).to(device).eval()
+            self.vae.requires_grad_(False)
+            self.clip.requires_grad_(False)
+
+    @torch.no_grad()
+    def __call__(self, images, ref_idx):
+        """images (B, V, 3, H, W) in [-1, 1] -> x0 (B, V, C, h, w), ref_cond (B, C, h, w), class_labels (B, E) or None."""
+        ref = images[torch.arange(len(images)), ref_idx]  # (B, 3, H, W)
+        if not self.latent:
+            return images, ref, None
+        from diffusers.models.embeddings import get_timestep_embedding
+        x0 = self.vae.encode(images.flatten(0, 1)).latent_dist.sample() * 0.18215  # (B*V, 4, h, w)
+        x0 = x0.unflatten(0, images.shape[:2])  # (B, V, 4, h, w)
+        px = torch.nn.functional.interpolate((ref + 1) / 2, size=224, mode="bicubic", align_corners=False)
+        mean = torch.tensor([0.4815, 0.4578, 0.4082], device=px.device)[:, None, None]
+        std = torch.tensor([0.2686, 0.2613, 0.2758], device=px.device)[:, None, None]
+        emb = self.clip((px - mean) / std).image_embeds  # (B, 1024)
+        level = get_timestep_embedding(torch.zeros(len(emb), device=emb.device), emb.shape[-1], flip_sin_to_cos=True, downscale_freq_shift=0)
+        return x0, x0[torch.arange(len(x0)), ref_idx], torch.cat([emb, level.to(emb)], -1)  # class labels (B, 2048)
+
+    @torch.no_grad()
+    def decode(self, x):
+        """(B, V, C, h, w) model space -> images (B, V, 3, H, W) in [0, 1]."""
+        if self.latent:
+            x = self.vae.decode(x.flatten(0, 1) / 0.18215).sample.unflatten(0, x.shape[:2])
+        return ((x + 1) / 2).clamp(0, 1)
+
+
+@torch.no_grad()
+def evaluate(model, cond, scheduler, val_set, prompt_embeds, cfg, step, device, out_dir):
+    """DDIM samples of every view from one reference view for held-out objects, at each guidance:
+    PSNR / SSIM of the non-reference views against the ground truth, the same for copying the
+    reference image into every view (the baseline), and a PNG grid (reference | ground truth | generated)."""
+    model.eval()
+    n, V = min(cfg.val_samples, len(val_set)), model.num_views
+    gt = torch.stack([val_set[i]["images"][:, :3] for i in range(n)]).to(device)  # (n, V, 3, H, W) in [0, 1]
+    ref_idx = torch.arange(n, device=device) % V if cfg.reference_view_idx == "random" else torch.zeros(n, dtype=torch.long, device=device)
+    _, ref_cond, labels = cond(gt * 2 - 1, ref_idx)
+    others = torch.arange(V, device=device)[None] != ref_idx[:, None]  # (n, V): the views to generate
+    ref_img = gt[torch.arange(n), ref_idx]  # (n, 3, H, W)
+    copy = ref_img[:, None].expand_as(gt)
+    metrics = {"baseline_psnr": psnr(copy, gt)[others].mean().item(), "baseline_ssim": ssim(copy, gt)[others].mean().item()}
+    for g in cfg.val_guidance:
+        gen = torch.Generator(device).manual_seed(cfg.seed)  # the same noise at every validation
+        x = sample_views(model, scheduler, ref_cond, ref_idx, prompt_embeds, ref_cond.shape[1:], labels,
+                         cfg.val_steps, g, cfg.val_eta, gen)  # (n, V, C, h, w)
+        pred = cond.decode(x)  # (n, V, 3, H, W)
+        metrics[f"psnr_g{g:g}"] = psnr(pred, gt)[others].mean().item()
+        metrics[f"ssim_g{g:g}"] = ssim(pred, gt)[others].mean().item()
+        rows = [torch.cat([ref_img[i:i + 1], gt[i], pred[i]]).cpu() for i in range(min(n, 6))]  # (1 + 2V, 3, H, W) each
+        metrics[f"grid_g{g:g}"] = str(save_image_grid(rows, Path(out_dir) / f"val_{step:06d}_g{g:g}.png"))
+    model.train()
+    return metrics
+
+
+def main(cfg):
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),  # on CPU: still real DDP over gloo under torchrun
+                              mixed_precision=cfg.mixed_precision if torch.cuda.is_available() else "no",
+                              log_with="wandb" if cfg.wandb else None)
+    main_proc, device, rank = accelerator.is_main_process, accelerator.device, accelerator.process_index
+    set_seed(cfg.seed + rank)
+    assert cfg.reference_view_idx in ("0", "random"), f"reference_view_idx {cfg.reference_view_idx!r}: expected 0 or random"
+    out_dir = Path(cfg.out_dir)
+    if main_proc:
+        print(f"config: {cfg}\nprocesses: {accelerator.num_processes}, device: {device}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+        if cfg.wandb:
+            accelerator.init_trackers(cfg.wandb_project, config=vars(cfg))
+
+    # data: generate the toy mice once (main process), everyone waits; every sample's cameras must match the rig
+    data_dir = Path(cfg.data_dir)
+    train_list, val_list = data_dir / cfg.train_list, data_dir / cfg.val_list
+    rig = load_rig(cfg.rig)
+    if main_proc and not train_list.exists() and data_dir == Path(Config.data_dir):
+        write_toy_mice(data_dir, n=cfg.toy_samples, rig=rig, size=64, n_extra=0, n_val=16, seed=cfg.seed)
+    accelerator.wait_for_everyone()
+    check_cameras(train_list, rig)
+    check_cameras(val_list, rig)
+    V = len(rig["frames"])
+    train_set = MultiViewDataset(train_list, cfg.image_size, range(V), 0, rig=rig, seed=cfg.seed)
+    val_set = MultiViewDataset(val_list, cfg.image_size, range(V), 0, rig=rig)
+
+    # model: FaceLift's / our unet/ folder, or a preset; the rig's prompt embeddings
+    if cfg.init_from:
+        model = load_mv_unet(Path(cfg.init_from) / "unet", V, cfg.sparse_attention)
+        print(f"initialised weights from {cfg.init_from}/unet") if main_proc else None
+    else:
+        model = build_mv_unet(cfg.preset, V, cfg.sparse_attention)
+    if cfg.grad_checkpoint:
+        model.unet.enable_gradient_checkpointing()
+    model.to(device).train()
+    ema = None
+    if cfg.ema_decay > 0:
+        ema = build_mv_unet(cfg.preset, V, cfg.sparse_attention) if not cfg.init_from else load_mv_unet(Path(cfg.init_from) / "unet", V, cfg.sparse_attention)
+        ema.load_state_dict(model.state_dict())
+        ema.to(device).eval().requires_grad_(False)
+    prompt_file = Path(cfg.prompt_embeds or rig["prompt_embeds"])
+    if main_proc and not prompt_file.exists() and cfg.make_toy_prompt_embeds:
+        prompt_file.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(toy_rig_prompt_embeds(rig, model.unet.config.cross_attention_dim), prompt_file)
+        print(f"wrote toy prompt embeddings for rig {rig['name']!r} to {prompt_file}")
+    accelerator.wait_for_everyone()
+    prompt_embeds = load_prompt_embeds(prompt_file, rig, model.unet.config.cross_attention_dim).to(device)  # (V, T, D)
+    cond = Conditioner(cfg.pipeline_dir, device)
+
+    # parameter groups, by hand: everything trains; weight decay on matrices only (nanoGPT)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    groups = [{"name": "unet_decay", "params": [p for n, p in params.items() if n.startswith("unet.") and p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"name": "unet_no_decay", "params": [p for n, p in params.items() if n.startswith("unet.") and p.dim() < 2], "weight_decay": 0.0},
+              {"name": "ref_view_embed", "params": [model.ref_view_embed.weight], "weight_decay": 0.0}]
+    assert sorted(map(id, params.values())) == sorted(id(p) for g in groups for p in g["params"])  # each in exactly one group
+    if main_proc:
+        for g in groups:
+            print(f"group {g['name']}: {len(g['params'])} tensors, {sum(p.numel() for p in g['params']):,} params, lr {cfg.lr}")
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=torch.cuda.is_available())
+    for g in optimizer.param_groups:
+        g["initial_lr"] = cfg.lr
+
+    start_step = 0
+    resume = latest_checkpoint(out_dir) if cfg.resume == "auto" else (cfg.resume or None)
+    if resume:
+        load_mv_weights(model, Path(resume) / "unet")
+        if ema is not None:
+            load_mv_weights(ema, Path(resume) / ("unet_ema" if (Path(resume) / "unet_ema").exists() else "unet"))
+        state = torch.load(Path(resume) / "state.pt", map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state["optimizers"]["optimizer"])
+        start_step = state["step"]
+        print(f"resumed from {resume} at step {start_step}") if main_proc else None
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model)
+
+    # diffusion: DDPM noising for training, DDIM (same betas) for sampling
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule=cfg.beta_schedule, beta_start=cfg.beta_start,
+                                    beta_end=cfg.beta_end, prediction_type=cfg.prediction_type, clip_sample=cfg.clip_sample)
+    sampler_scheduler = DDIMScheduler.from_config(noise_scheduler.config, timestep_spacing="trailing")  # trailing: few steps start at t = 999
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
+
+    global_batch = cfg.batch_size * accelerator.num_processes
+    sampler = StepSampler(len(train_set), global_batch, rank, accelerator.num_processes, cfg.seed, start_step * cfg.grad_accum)
+    loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers))
+
+    t_last = time.perf_counter()
+    for step in range(start_step, cfg.max_steps + 1):
+        if (step > start_step and step % cfg.val_every == 0) or step == cfg.max_steps:
+            if main_proc:
+                m = evaluate(ema or raw_model, cond, sampler_scheduler, val_set, prompt_embeds, cfg, step, device, out_dir)
+                print(f"val step {step}{' (ema)' if ema is not None else ''}: novel views of {min(cfg.val_samples, len(val_set))} held-out objects | "
+                      + " | ".join(f"g={g:g}: psnr {m[f'psnr_g{g:g}']:.2f} dB ssim {m[f'ssim_g{g:g}']:.3f}" for g in cfg.val_guidance)
+                      + f" | copy-the-reference baseline: psnr {m['baseline_psnr']:.2f} dB ssim {m['baseline_ssim']:.3f}"
+                      + f" | grids {', '.join(m[f'grid_g{g:g}'] for g in cfg.val_guidance)}")
+                accelerator.log({f"val/{k}": v for k, v in m.items() if not k.startswith("grid")}, step=step)
+            accelerator.wait_for_everyone()
+        if step > start_step and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
+            if main_proc:
+                path = save_mv_checkpoint(out_dir, step, raw_model, ema, optimizer, cfg, rig, prompt_file)
+                print(f"saved {path}")
+            accelerator.wait_for_everyone()
+        if step == cfg.max_steps:
+            break
+
+        lr = lr_at(step, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = g["initial_lr"] * lr / cfg.lr
+        for micro in range(cfg.grad_accum):
+            batch = next(loader)
+            # every random draw is a function of (seed, step, micro-step, rank): resuming continues the same run
+            gen = torch.Generator().manual_seed(((cfg.seed * 1_000_003 + step) * 64 + micro) * 1024 + rank)
+            images = batch["images"][:, :, :3].to(device) * 2 - 1  # (B, V, 3, H, W) in [-1, 1]
+            B = images.shape[0]
+            ref_idx = (torch.randint(0, V, (B,), generator=gen) if cfg.reference_view_idx == "random"
+                       else torch.zeros(B, dtype=torch.long)).to(device)
+            x0, ref_cond, labels = cond(images, ref_idx)  # (B, V, C, h, w), (B, C, h, w), (B, E) | None
+            # classifier-free dropout: each reference condition is dropped on its own, 5% each
+            keep_ref = (torch.rand(B, generator=gen) >= cfg.drop_ref_prob).to(device)
+            keep_clip = (torch.rand(B, generator=gen) >= cfg.drop_clip_prob).to(device)
+            ref_cond = ref_cond * keep_ref[:, None, None, None]
+            labels = None if labels is None else labels * keep_clip[:, None]
+            noise = torch.randn(x0.shape, generator=gen).to(device)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (B,), generator=gen).to(device)  # one per object
+            noisy = noise_scheduler.add_noise(x0, noise, t)  # (B, V, C, h, w)
+            target = noise if cfg.prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, t)
+            # min-SNR-5: v-prediction loss weighted by min(SNR, 5) / (SNR + 1), eps by min(SNR, 5) / SNR
+            # (both = min(SNR, 5) on the x0 error; see losses.min_snr_weight)
+            weight = min_snr_weight(alphas_cumprod[t], cfg.snr_gamma, cfg.prediction_type) if cfg.snr_gamma > 0 else torch.ones(B, device=device)
+            sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else nullcontext()  # all-reduce on the last micro-step only
+            with sync, accelerator.autocast():
+                pred = model(noisy, t, prompt_embeds, ref_idx, ref_cond, labels)
+                loss = weighted_mse(pred, target, weight) / cfg.grad_accum
+                accelerator.backward(loss)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:  # warm-up: the average forgets the random initialisation within the first steps
+            update_ema(ema, raw_model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+
+        if main_proc and step % cfg.log_every == 0:
+            dt = (time.perf_counter() - t_last) / (cfg.log_every if step > start_step else 1)
+            t_last = time.perf_counter()
+            print(f"step {step} | loss {loss.item() * cfg.grad_accum:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f}"
+                  f" | {dt * 1000:.0f} ms/step | {global_batch * cfg.grad_accum / dt:.1f} objects/s")
+            accelerator.log({"train/loss": loss.item() * cfg.grad_accum, "train/lr": lr, "train/grad_norm": grad_norm}, step=step)
+    accelerator.wait_for_everyone()  # leave the process group together (gloo can abort at exit otherwise)
+    accelerator.end_training()
+    return raw_model, ema
+
+
+if __name__ == "__main__":
+    main(load_config(Config, sys.argv[1:]))
