@@ -47,7 +47,7 @@ class Config:
     face_recognizer_path: str = ""  # arcface_torch backbone.pth; "": a frozen randomly initialised toy IResNet
     face_recognizer_arch: str = "iresnet100"  # IRESNET_CONFIGS key for face_recognizer_path (glintr100 = iresnet100)
     # optimisation
-    stage_a_steps: int = 600
+    stage_a_steps: int = 1500
     stage_a_lr: float = 2e-3  # the toy learns in minutes at 2e-3; the real config uses 1e-4
     pose_loss_weight: float = 0.5
     face_loss_weight: float = 0.1
@@ -63,9 +63,9 @@ class Config:
     output_dir: str = "out/dance"  # stage A writes to <output_dir>/stage_A/
     resume: str = ""  # "" | auto | path to a checkpoint-<step> dir
     log_every: int = 50
-    val_every: int = 300
+    val_every: int = 500
     val_clips: int = 10  # held-out clips evaluated (whole clips, in windows of `window` frames)
-    ckpt_every: int = 300
+    ckpt_every: int = 500
     seed: int = 0
     wandb: bool = False
     wandb_project: str = "mouselift"
