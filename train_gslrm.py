@@ -42,7 +42,7 @@ class Config:
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * this
     warmup_steps: int = 50
-    max_steps: int = 800
+    max_steps: int = 2000
     weight_decay: float = 0.05  # on >= 2-D parameters only
     grad_clip: float = 1.0
     skip_grad_norm_factor: float = 20.0  # a step whose grad norm exceeds this x grad_clip is skipped
@@ -62,9 +62,9 @@ class Config:
     out_dir: str = "out/gslrm_toy"
     resume: str = ""  # "" | auto | path to a checkpoint-<step> dir
     log_every: int = 10
-    val_every: int = 200
+    val_every: int = 500
     val_samples: int = 20  # held-out samples evaluated (all their novel views)
-    ckpt_every: int = 300
+    ckpt_every: int = 1000
     num_workers: int = 0
     seed: int = 0
     wandb: bool = False
