@@ -90,7 +90,7 @@ def min_snr_weight(alphas_cumprod_t, gamma=5.0, prediction_type="v_prediction"):
     the plain v loss up to SNR = gamma - 1, capped above. Why not Hang et al.'s min(SNR, gamma) / (SNR + 1)
     (diffusers' examples): it goes to 0 at pure noise, where a single-view model decides the layout of
     the unseen views; on the toy mice its x0 estimate at t = T stayed at 14.4 dB after 600 steps
-    (21.1 dB with ours) and the samples were 1.5 dB worse. Ours is also finite at SNR = 0."""
+    (21.1 dB with ours), and its samples scored 21.20 dB against 21.56 (DDIM eta 1). Ours is also finite at SNR = 0."""
     snr = alphas_cumprod_t / (1 - alphas_cumprod_t)
     if prediction_type == "epsilon":
         return snr.clamp(max=gamma) / snr
