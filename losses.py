@@ -90,13 +90,30 @@ def min_snr_weight(alphas_cumprod_t, gamma=5.0, prediction_type="v_prediction"):
     the plain v loss up to SNR = gamma - 1, capped above. Why not Hang et al.'s min(SNR, gamma) / (SNR + 1)
     (diffusers' examples): it goes to 0 at pure noise, where a single-view model decides the layout of
     the unseen views; on the toy mice its x0 estimate at t = T stayed at 14.4 dB after 600 steps
-    (21.1 dB with ours), and its samples scored 21.20 dB against 21.56 (DDIM eta 1). Ours is also finite at SNR = 0."""
+    (21.1 dB with ours), and its samples scored 21.20 dB against 21.56 (DDIM eta 1). Ours is also finite
+    at SNR = 0. x0 prediction ("sample") gets the same x0-space weight, min(SNR + 1, gamma), so v and x0
+    prediction optimise one objective and differ only in what the network outputs."""
     snr = alphas_cumprod_t / (1 - alphas_cumprod_t)
     if prediction_type == "epsilon":
         return snr.clamp(max=gamma) / snr
     if prediction_type == "v_prediction":
         return (snr + 1).clamp(max=gamma) / (snr + 1)
-    raise ValueError(f"prediction_type {prediction_type!r}: expected epsilon or v_prediction")
+    if prediction_type == "sample":
+        return (snr + 1).clamp(max=gamma)
+    raise ValueError(f"prediction_type {prediction_type!r}: expected epsilon, v_prediction or sample")
+
+
+def diffusion_target(scheduler, x0, noise, t):
+    """What the network learns to output under the (diffusers) scheduler's prediction_type; its
+    `step` reads the output the same way when sampling."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    if kind == "sample":
+        return x0
+    raise ValueError(f"prediction_type {kind!r}: expected epsilon, v_prediction or sample")
 
 
 def weighted_mse(pred, target, weight):

@@ -26,7 +26,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from data import (MultiViewDataset, StepSampler, latest_checkpoint, load_config, load_mv_weights, load_prompt_embeds,
                   load_rig, read_list_file, rig_mismatch, read_cameras, save_config, save_image_grid,
                   save_mv_checkpoint, toy_rig_prompt_embeds, write_toy_mice)
-from losses import min_snr_weight, psnr, ssim, weighted_mse
+from losses import diffusion_target, min_snr_weight, psnr, ssim, weighted_mse
 from models import build_mv_unet, load_mv_unet, sample_views
 
 
@@ -49,7 +49,7 @@ class Config:
     sparse_attention: bool = True  # each view attends to [reference; own] (FaceLift); False: all views
     grad_checkpoint: bool = False
     # diffusion
-    prediction_type: str = "v_prediction"  # v_prediction (FaceLift) | epsilon
+    prediction_type: str = "sample"  # sample = x0 (the toy: 22.49 against 21.65 dB for v at step 600) | v_prediction (FaceLift's weights) | epsilon
     beta_schedule: str = "squaredcos_cap_v2"  # FaceLift: scaled_linear 0.00085-0.012 (for latents)
     beta_start: float = 0.00085
     beta_end: float = 0.012
@@ -97,6 +97,18 @@ def lr_at(step, cfg):
 def update_ema(ema, model, decay):
     for ema_p, p in zip(ema.parameters(), model.parameters()):  # DiT's update_ema
         ema_p.mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+
+def check_prediction_type(init_from, prediction_type):
+    """Weights trained to output x0, v or the noise are read wrongly under another type, and training
+    then starts from nonsense: stop if FaceLift's scheduler/ or our checkpoint's config.yaml says otherwise."""
+    import json
+    import yaml
+    for file, read in ((Path(init_from) / "scheduler" / "scheduler_config.json", json.loads), (Path(init_from) / "config.yaml", yaml.safe_load)):
+        trained = read(file.read_text()).get("prediction_type") if file.is_file() else None
+        if trained and trained != prediction_type:
+            raise ValueError(f"{file}: the weights in {init_from} predict {trained!r}, this run trains {prediction_type!r}; "
+                             f"set --prediction_type={trained}")
 
 
 def check_cameras(list_file, rig):
@@ -184,6 +196,7 @@ def main(cfg):
     main_proc, device, rank = accelerator.is_main_process, accelerator.device, accelerator.process_index
     set_seed(cfg.seed + rank)
     assert cfg.reference_view_idx in ("0", "random"), f"reference_view_idx {cfg.reference_view_idx!r}: expected 0 or random"
+    assert cfg.prediction_type in ("sample", "v_prediction", "epsilon"), f"prediction_type {cfg.prediction_type!r}: expected sample, v_prediction or epsilon"
     out_dir = Path(cfg.out_dir)
     if main_proc:
         print(f"config: {cfg}\nprocesses: {accelerator.num_processes}, device: {device}")
@@ -207,6 +220,7 @@ def main(cfg):
 
     # model: FaceLift's / our unet/ folder, or a preset; the rig's prompt embeddings
     if cfg.init_from:
+        check_prediction_type(cfg.init_from, cfg.prediction_type)
         model = load_mv_unet(Path(cfg.init_from) / "unet", V, cfg.sparse_attention)
         print(f"initialised weights from {cfg.init_from}/unet") if main_proc else None
     else:
@@ -303,10 +317,11 @@ def main(cfg):
             noise = torch.randn(x0.shape, generator=gen).to(device)
             t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (B,), generator=gen).to(device)  # one per object
             noisy = noise_scheduler.add_noise(x0, noise, t)  # (B, V, C, h, w)
-            target = noise if cfg.prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, t)
+            target = diffusion_target(noise_scheduler, x0, noise, t)  # x0, v or the noise
             # min-SNR-5: the v loss weighted by min(SNR + 1, 5) / (SNR + 1), i.e. v's own SNR + 1 weight on the
             # x0 error capped at 5, so pure noise keeps weight 1 (Hang et al.'s min(SNR, 5) / (SNR + 1) gives it 0,
-            # and the unseen views' layout is decided there; see losses.min_snr_weight); eps: min(SNR, 5) / SNR
+            # and the unseen views' layout is decided there; see losses.min_snr_weight); x0 prediction: the same
+            # x0-space weight, min(SNR + 1, 5); eps: min(SNR, 5) / SNR
             weight = min_snr_weight(alphas_cumprod[t], cfg.snr_gamma, cfg.prediction_type) if cfg.snr_gamma > 0 else torch.ones(B, device=device)
             sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else nullcontext()  # all-reduce on the last micro-step only
             with sync, accelerator.autocast():

@@ -12,7 +12,7 @@ import data
 import train_mvdiff
 from data import (clip_prompt_embeds, load_config, load_prompt_embeds, load_rig, rig_view_prompts, toy_rig_prompt_embeds,
                   write_toy_mice)
-from losses import min_snr_weight
+from losses import diffusion_target, min_snr_weight
 from models import MVAttnProcessor, MVDIFF_UNET_CONFIGS, build_mv_unet, load_mv_unet, sample_views, save_mv_unet
 
 V = 4
@@ -139,6 +139,24 @@ def test_min_snr_weights():
     assert torch.isfinite(v).all() and v.tolist() == pytest.approx([5 / 1000, 1.0, 1.0, 1.0])
     eps = min_snr_weight(a[:3], 5.0, "epsilon")
     assert eps.tolist() == pytest.approx([5 / 999, 1.0, 1.0])
+    # x0 prediction: the same weight on the x0 error as the v loss puts there
+    assert torch.allclose(min_snr_weight(a, 5.0, "sample"), v * (snr + 1))
+    with pytest.raises(ValueError, match="prediction_type 'x0'"):
+        min_snr_weight(a, 5.0, "x0")
+
+
+@pytest.mark.parametrize("kind", ["sample", "v_prediction", "epsilon"])
+def test_training_target_is_what_the_sampler_reads(kind):
+    """The target the loop trains on, fed to the DDIM step as the model output, recovers x0 exactly."""
+    torch.manual_seed(0)
+    sched = DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type=kind, clip_sample=False, timestep_spacing="trailing")
+    sched.set_timesteps(10)
+    x0, noise = torch.rand(2, 3, 8, 8) * 2 - 1, torch.randn(2, 3, 8, 8)
+    # pure noise (not for eps: x0 = (x - sqrt(1 - a) eps) / sqrt(a) divides by ~0 there), the middle, nearly clean
+    for t in sched.timesteps[[5, 9] if kind == "epsilon" else [0, 5, 9]]:
+        noisy = sched.add_noise(x0, noise, t.expand(2))
+        out = sched.step(diffusion_target(sched, x0, noise, t.expand(2)), t, noisy).pred_original_sample
+        assert torch.allclose(out, x0, atol=1e-3), (kind, int(t))
 
 
 def test_toy_prompt_embeds_and_checks(tmp_path):
@@ -250,8 +268,12 @@ def test_latent_mode_from_a_facelift_pipeline_folder(tiny_data, tmp_path):
     CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                                    image_size=224, patch_size=32, projection_dim=6)).save_pretrained(pipe / "image_encoder")
     save_facelift_layout(tiny_facelift_unet(), pipe / "unet")  # class embedding input 12 = 6 (CLIP) + 6 (noise level)
-    cfg = tiny_cfg(tiny_data, tmp_path / "out", image_size=32, init_from=pipe, pipeline_dir=pipe, max_steps=2, clip_sample=False,
-                   beta_schedule="scaled_linear")
+    (pipe / "scheduler").mkdir()
+    (pipe / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}))
+    cfg = dict(image_size=32, init_from=pipe, pipeline_dir=pipe, max_steps=2, clip_sample=False, beta_schedule="scaled_linear")
+    with pytest.raises(ValueError, match=r"predict 'v_prediction', this run trains 'sample'; set --prediction_type=v_prediction"):
+        train_mvdiff.main(tiny_cfg(tiny_data, tmp_path / "wrong", **cfg))
+    cfg = tiny_cfg(tiny_data, tmp_path / "out", prediction_type="v_prediction", **cfg)
     model, _ = train_mvdiff.main(cfg)
     assert model.unet.config.in_channels == 8 and (tmp_path / "out" / "val_000002_g1.png").is_file()
     assert json.loads((tmp_path / "out" / "checkpoint-2" / "unet" / "config.json").read_text())["_class_name"] == "UNet2DConditionModel"
