@@ -72,7 +72,7 @@ class Config:
     val_every: int = 500
     val_samples: int = 16  # held-out objects; reference view i % 6 for the i-th when random
     val_steps: int = 20  # DDIM steps (FaceLift: 50)
-    val_eta: float = 1.0  # DDIM eta, FaceLift's (toy at step 1000: 22.07 dB at eta 1, 21.82 at eta 0)
+    val_eta: float = 1.0  # DDIM eta, FaceLift's (the v-prediction toy at step 1000: 22.07 dB at eta 1, 21.82 at eta 0)
     val_guidance: tuple[float, ...] = (1.0, 3.0)
     # run
     out_dir: str = "out/mvdiff_toy"
