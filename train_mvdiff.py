@@ -11,6 +11,7 @@ or any of the rig's views at random with all six as targets (`reference_view_idx
 augmentation). The views are told apart by the rig's prompt embeddings (cross-attention) and the
 reference by a per-view embedding added to the time embedding.
 """
+import json
 import math
 import sys
 import time
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import DDIMScheduler, DDPMScheduler
@@ -102,8 +104,6 @@ def update_ema(ema, model, decay):
 def check_prediction_type(init_from, prediction_type):
     """Weights trained to output x0, v or the noise are read wrongly under another type, and training
     then starts from nonsense: stop if FaceLift's scheduler/ or our checkpoint's config.yaml says otherwise."""
-    import json
-    import yaml
     for file, read in ((Path(init_from) / "scheduler" / "scheduler_config.json", json.loads), (Path(init_from) / "config.yaml", yaml.safe_load)):
         trained = read(file.read_text()).get("prediction_type") if file.is_file() else None
         if trained and trained != prediction_type:
