@@ -527,9 +527,10 @@ def _ellipsoid_blobs(rng, n, centre, axes, colour, belly, jitter, scale):
     return pts, np.full((n, 3), scale) * rng.uniform(0.8, 1.2, size=(n, 3)), col
 
 
-def toy_mouse(rng):
+def toy_mouse(rng, yaw_deg=None):
     """A random mouse as Gaussian parameters (numpy): means (N, 3), scales (N, 3), quats (N, 4),
-    opacities (N,), colors (N, 3). Built facing +x, then turned by a random yaw."""
+    opacities (N,), colors (N, 3). Built facing +x, then turned by a random yaw: any direction
+    (yaw_deg None) or within +-yaw_deg of +x."""
     s = rng.uniform(1.1, 1.35)  # overall size (the 50 deg view is 2.5 units wide at the origin)
     fur = rng.choice([[0.55, 0.42, 0.3], [0.5, 0.5, 0.52], [0.85, 0.83, 0.8], [0.25, 0.22, 0.2], [0.7, 0.55, 0.35]])
     fur = np.clip(fur + rng.normal(0, 0.03, 3), 0, 1)
@@ -566,7 +567,7 @@ def toy_mouse(rng):
     means = np.concatenate([p for p, _, _ in parts])
     scales = np.concatenate([sc for _, sc, _ in parts])
     colors = np.clip(np.concatenate([c for _, _, c in parts]), 0, 1)
-    yaw = rng.uniform(0, 2 * np.pi)
+    yaw = rng.uniform(0, 2 * np.pi) if yaw_deg is None else np.radians(rng.uniform(-yaw_deg, yaw_deg))
     R = np.array([[np.cos(yaw), -np.sin(yaw), 0], [np.sin(yaw), np.cos(yaw), 0], [0, 0, 1]])
     # one quaternion for the whole animal's yaw (w, x, y, z) so flattened ears turn with it
     quats = np.tile([np.cos(yaw / 2), 0, 0, np.sin(yaw / 2)], (len(means), 1))
@@ -581,9 +582,11 @@ def random_view_frames(rng, n, size, focal, radius=2.7, elevations=(-10.0, 50.0)
     return [make_frame(orbit_c2w(rng.uniform(-180, 180), rng.uniform(*elevations), radius), size, focal) for _ in range(n)]
 
 
-def write_toy_mice(out, n=200, rig="mouse_6view", size=64, n_extra=4, n_val=None, seed=0, progress=True):
+def write_toy_mice(out, n=200, rig="mouse_6view", size=64, n_extra=4, n_val=None, seed=0, yaw_deg=None, progress=True):
     """Write n toy mice in the FaceLift GS-LRM sample format under `out`: each sample has the
-    rig's views first (cam_000..), then n_extra random views; plus data_train.txt / data_val.txt."""
+    rig's views first (cam_000..), then n_extra random views; plus data_train.txt / data_val.txt and
+    toy.json (the arguments, so a later run can tell whether the folder is the set it asks for).
+    yaw_deg: mice face any way (None) or +x +- yaw_deg (see toy_mouse)."""
     from tqdm import tqdm
     rig = load_rig(rig) if isinstance(rig, str) else rig
     out = Path(out)
@@ -591,7 +594,7 @@ def write_toy_mice(out, n=200, rig="mouse_6view", size=64, n_extra=4, n_val=None
     names = []
     for i in tqdm(range(n), desc=f"toy mice -> {out}", disable=not progress):
         rng = np.random.default_rng((seed, i))
-        m = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in toy_mouse(rng).items()}
+        m = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in toy_mouse(rng, yaw_deg).items()}
         focal = rig["frames"][0]["fx"] * size / rig["frames"][0]["w"]
         frames = [make_frame(torch.linalg.inv(torch.tensor(fr["w2c"], dtype=torch.float64)), size, fr["fx"] * size / fr["w"])
                   for fr in rig["frames"]] + random_view_frames(rng, n_extra, size, focal)
@@ -609,7 +612,13 @@ def write_toy_mice(out, n=200, rig="mouse_6view", size=64, n_extra=4, n_val=None
         names.append(d.name)
     (out / "data_train.txt").write_text("\n".join(names[: n - n_val]) + "\n")
     (out / "data_val.txt").write_text("\n".join(names[n - n_val:]) + "\n")
+    (out / "toy.json").write_text(json.dumps(toy_spec(n, rig, size, n_extra, n_val, seed, yaw_deg)))
     return out
+
+
+def toy_spec(n, rig, size, n_extra, n_val, seed, yaw_deg):
+    """What write_toy_mice was asked for, as toy.json records it."""
+    return {"n": n, "rig": rig["name"], "size": size, "n_extra": n_extra, "n_val": n_val, "seed": seed, "yaw_deg": yaw_deg}
 
 
 def save_image_grid(rows, path, pad=2):

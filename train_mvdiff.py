@@ -27,7 +27,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 
 from data import (MultiViewDataset, StepSampler, latest_checkpoint, load_config, load_mv_weights, load_prompt_embeds,
                   load_rig, read_list_file, rig_mismatch, read_cameras, save_config, save_image_grid,
-                  save_mv_checkpoint, toy_rig_prompt_embeds, write_toy_mice)
+                  save_mv_checkpoint, toy_rig_prompt_embeds, toy_spec, write_toy_mice)
 from losses import diffusion_target, min_snr_weight, psnr, ssim, weighted_mse
 from models import build_mv_unet, load_mv_unet, sample_views
 
@@ -42,6 +42,7 @@ class Config:
     prompt_embeds: str = "data/toy_mice_mv/toy_prompt_embeds.pt"  # [V, T, D] for the rig's views; "" = the file the rig names
     make_toy_prompt_embeds: bool = True  # if the prompt file is missing, write toy embeddings made from the rig's cameras (toy runs only)
     toy_samples: int = 400  # size of the generated toy set (only used when data_dir has no train list)
+    toy_yaw_deg: float = 30.0  # toy mice face +x +- this (180: any way); see the README's toy status
     image_size: int = 32  # views are resized to this (latent mode: 8x smaller latents)
     reference_view_idx: str = "random"  # "0" (FaceLift) | "random": any view is the input, all views are targets
     # model
@@ -162,11 +163,20 @@ class Conditioner:
         return ((x + 1) / 2).clamp(0, 1)
 
 
+def wrong_views(others):
+    """(n, V) mask of the generated views -> (n, V) view index: each generated view's next generated
+    view of the same object (a cyclic shift among them), the reference its own."""
+    views = torch.arange(others.shape[1], device=others.device)
+    return torch.stack([views.masked_scatter(o, views[o].roll(1)) for o in others])
+
+
 @torch.no_grad()
 def evaluate(model, cond, scheduler, val_set, prompt_embeds, cfg, step, device, out_dir):
     """DDIM samples of every view from one reference view for held-out objects, at each guidance:
     PSNR / SSIM of the non-reference views against the ground truth, the same for copying the
-    reference image into every view (the baseline), and a PNG grid (reference | ground truth | generated)."""
+    reference image into every view (the baseline), PSNR against the ground truth of another
+    non-reference view of the same object (a model that ignores which camera it renders scores the
+    same on both), and a PNG grid (reference | ground truth | generated)."""
     model.eval()
     n, V = min(cfg.val_samples, len(val_set)), model.num_views
     gt = torch.stack([val_set[i]["images"][:, :3] for i in range(n)]).to(device)  # (n, V, 3, H, W) in [0, 1]
@@ -174,6 +184,7 @@ def evaluate(model, cond, scheduler, val_set, prompt_embeds, cfg, step, device, 
     _, ref_cond, labels = cond(gt * 2 - 1, ref_idx)
     others = torch.arange(V, device=device)[None] != ref_idx[:, None]  # (n, V): the views to generate
     ref_img = gt[torch.arange(n), ref_idx]  # (n, 3, H, W)
+    wrong = wrong_views(others)  # (n, V)
     copy = ref_img[:, None].expand_as(gt)
     metrics = {"baseline_psnr": psnr(copy, gt)[others].mean().item(), "baseline_ssim": ssim(copy, gt)[others].mean().item()}
     for g in cfg.val_guidance:
@@ -183,6 +194,7 @@ def evaluate(model, cond, scheduler, val_set, prompt_embeds, cfg, step, device, 
         pred = cond.decode(x)  # (n, V, 3, H, W)
         metrics[f"psnr_g{g:g}"] = psnr(pred, gt)[others].mean().item()
         metrics[f"ssim_g{g:g}"] = ssim(pred, gt)[others].mean().item()
+        metrics[f"psnr_g{g:g}_wrong_view"] = psnr(pred, gt[torch.arange(n)[:, None], wrong])[others].mean().item()
         rows = [torch.cat([ref_img[i:i + 1], gt[i], pred[i]]).cpu() for i in range(min(n, 6))]  # (1 + 2V, 3, H, W) each
         metrics[f"grid_g{g:g}"] = str(save_image_grid(rows, Path(out_dir) / f"val_{step:06d}_g{g:g}.png"))
     model.train()
@@ -209,9 +221,14 @@ def main(cfg):
     data_dir = Path(cfg.data_dir)
     train_list, val_list = data_dir / cfg.train_list, data_dir / cfg.val_list
     rig = load_rig(cfg.rig)
-    if main_proc and not train_list.exists() and data_dir == Path(Config.data_dir):
-        write_toy_mice(data_dir, n=cfg.toy_samples, rig=rig, size=64, n_extra=0, n_val=16, seed=cfg.seed)
+    toy = data_dir == Path(Config.data_dir)
+    spec = toy_spec(cfg.toy_samples, rig, 64, 0, 16, cfg.seed, cfg.toy_yaw_deg)
+    if main_proc and toy and not train_list.exists():
+        write_toy_mice(data_dir, n=cfg.toy_samples, rig=rig, size=64, n_extra=0, n_val=16, seed=cfg.seed, yaw_deg=cfg.toy_yaw_deg)
     accelerator.wait_for_everyone()
+    found = json.loads((data_dir / "toy.json").read_text()) if (data_dir / "toy.json").exists() else None
+    if toy and found != spec:
+        raise ValueError(f"{data_dir} holds another toy set ({found}) than this run asks for ({spec}): delete it to regenerate")
     check_cameras(train_list, rig)
     check_cameras(val_list, rig)
     V = len(rig["frames"])
@@ -284,7 +301,8 @@ def main(cfg):
             if main_proc:
                 m = evaluate(ema or raw_model, cond, sampler_scheduler, val_set, prompt_embeds, cfg, step, device, out_dir)
                 print(f"val step {step}{' (ema)' if ema is not None else ''}: novel views of {min(cfg.val_samples, len(val_set))} held-out objects | "
-                      + " | ".join(f"g={g:g}: psnr {m[f'psnr_g{g:g}']:.2f} dB ssim {m[f'ssim_g{g:g}']:.3f}" for g in cfg.val_guidance)
+                      + " | ".join(f"g={g:g}: psnr {m[f'psnr_g{g:g}']:.2f} dB ssim {m[f'ssim_g{g:g}']:.3f}"
+                                   f" (against another view's gt: {m[f'psnr_g{g:g}_wrong_view']:.2f} dB)" for g in cfg.val_guidance)
                       + f" | copy-the-reference baseline: psnr {m['baseline_psnr']:.2f} dB ssim {m['baseline_ssim']:.3f}"
                       + f" | grids {', '.join(m[f'grid_g{g:g}'] for g in cfg.val_guidance)}")
                 accelerator.log({f"val/{k}": v for k, v in m.items() if not k.startswith("grid")}, step=step)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data import MultiViewDataset, load_rgba, load_rig, preview_samples, write_toy_mice
+from data import MultiViewDataset, load_rgba, load_rig, preview_samples, toy_mouse, write_toy_mice
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,18 @@ def test_toy_mice_deterministic_and_both_rigs(toy, tmp_path):
     assert cams["rig"] == "facelift_6view" and len(cams["frames"]) == 7
     assert (toy / "data_train.txt").read_text().split() == ["mouse_00000", "mouse_00001", "mouse_00002"]
     assert (toy / "data_val.txt").read_text().split() == ["mouse_00003"]
+    assert json.loads((toy / "toy.json").read_text()) == {"n": 4, "rig": "mouse_6view", "size": 32, "n_extra": 3, "n_val": 1,
+                                                          "seed": 1, "yaw_deg": None}
+
+
+def test_toy_mouse_heading():
+    """yaw_deg None: any heading; yaw_deg 30: +x +- 30 deg (the yaw is in the shared quaternion (w, 0, 0, z))."""
+    def yaws(yaw_deg):
+        q = np.stack([toy_mouse(np.random.default_rng((0, i)), yaw_deg)["quats"][0] for i in range(200)])
+        return np.degrees(2 * np.arctan2(q[:, 3], q[:, 0]))  # in (-360, 360]
+    narrow, any_way = (yaws(30.0) + 180) % 360 - 180, (yaws(None) + 180) % 360 - 180
+    assert np.abs(narrow).max() <= 30 and np.abs(narrow).max() > 25
+    assert np.abs(any_way).max() > 170 and np.abs(any_way).min() < 10
 
 
 def test_toy_mouse_images_have_a_mouse(toy):

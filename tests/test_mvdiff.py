@@ -234,6 +234,24 @@ def test_rig_mismatch_stops_with_the_message(tmp_path):
         train_mvdiff.main(tiny_cfg(data, tmp_path / "out"))
 
 
+def test_default_toy_folder_must_hold_the_set_asked_for(tmp_path, monkeypatch):
+    """An old toy set (other heading spread, size, ...) in the default folder is refused, not trained on."""
+    monkeypatch.chdir(tmp_path)
+    write_toy_mice("data/toy_mice_mv", n=3, size=16, n_extra=0, n_val=1, progress=False)  # any heading, 3 mice
+    cfg = load_config(train_mvdiff.Config, ["--preset=tiny", "--image_size=16", "--max_steps=0"])
+    with pytest.raises(ValueError, match=r"data/toy_mice_mv holds another toy set .*'yaw_deg': None.* than this run asks for .*'yaw_deg': 30.0.*delete it"):
+        train_mvdiff.main(cfg)
+
+
+def test_wrong_views_is_a_derangement_of_the_generated_views():
+    ref = torch.tensor([0, 3, 5, 1])
+    others = torch.arange(6)[None] != ref[:, None]  # (4, 6)
+    wrong = train_mvdiff.wrong_views(others)
+    for r, o, w in zip(ref, others, wrong):
+        assert w[r] == r and sorted(w[o].tolist()) == torch.arange(6)[o].tolist()  # a permutation of the generated views
+        assert (w[o] != torch.arange(6)[o]).all()  # ... that moves every one of them
+
+
 def test_train_checkpoint_reload_and_resume(tiny_data, tmp_path):
     model, ema = train_mvdiff.main(tiny_cfg(tiny_data, tmp_path / "a"))
     ckpt = tmp_path / "a" / "checkpoint-4"
