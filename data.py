@@ -1164,6 +1164,7 @@ def _main(argv):
     t.add_argument("--size", type=int, default=64)
     t.add_argument("--n_extra", type=int, default=4, help="random extra views per sample")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--yaw_deg", type=float, default=None, help="mice face +x +- this many degrees (default: any way)")
     sub.add_parser("make_rigs", help=f"(re)write the built-in rigs {list(BUILTIN_RIGS)} into {RIGS_DIR}")
     r = sub.add_parser("rig_from_cameras", help="make a rig file from a sample's opencv_cameras.json")
     r.add_argument("cameras")
@@ -1188,7 +1189,7 @@ def _main(argv):
         out = write_toy_dance(a.out, a.n, seconds=a.seconds, size=a.size, seed=a.seed)
         print(f"wrote {a.n} clips to {out}; preview: {out / 'preview.png'}")
     elif a.cmd == "toy_mice":
-        out = write_toy_mice(a.out, a.n, a.rig, a.size, a.n_extra, seed=a.seed)
+        out = write_toy_mice(a.out, a.n, a.rig, a.size, a.n_extra, seed=a.seed, yaw_deg=a.yaw_deg)
         print(f"wrote {a.n} samples to {out}; preview: {preview_samples(out / 'data_train.txt', out / 'preview.png')}")
     elif a.cmd == "make_rigs":
         for name, spec in BUILTIN_RIGS.items():
