@@ -222,9 +222,10 @@ def main(cfg):
     train_list, val_list = data_dir / cfg.train_list, data_dir / cfg.val_list
     rig = load_rig(cfg.rig)
     toy = data_dir == Path(Config.data_dir)
-    spec = toy_spec(cfg.toy_samples, rig, 64, 0, 16, cfg.seed, cfg.toy_yaw_deg)
+    toy_args = dict(n=cfg.toy_samples, rig=rig, size=64, n_extra=0, n_val=16, seed=cfg.seed, yaw_deg=cfg.toy_yaw_deg)
+    spec = toy_spec(**toy_args)
     if main_proc and toy and not train_list.exists():
-        write_toy_mice(data_dir, n=cfg.toy_samples, rig=rig, size=64, n_extra=0, n_val=16, seed=cfg.seed, yaw_deg=cfg.toy_yaw_deg)
+        write_toy_mice(data_dir, **toy_args)
     accelerator.wait_for_everyone()
     found = json.loads((data_dir / "toy.json").read_text()) if (data_dir / "toy.json").exists() else None
     if toy and found != spec:
