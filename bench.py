@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from data import write_toy_mice
 from models import CrossAttnProcessor, build_mv_unet, install_mv_attention, intrinsics_matrix, look_at_c2w, render_gaussians
+from toy import write_toy_mice
 
 
 def timeit(fn, repeat=3, warmup=1):

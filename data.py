@@ -1,11 +1,10 @@
-"""Everything that touches disk: config loading, checkpoints, camera files and rigs, datasets and
-the built-in toy datasets.
+"""What touches real data on disk: config loading, checkpoints, camera files and rigs, multi-view
+samples, prompt embeddings, dance clips and music features, and outputs (grids, PLY, videos,
+metrics). The built-in toy datasets are in toy.py.
 
-Run it to make the toy mouse data and look at it:
-    python data.py toy_mice --out=data/toy_mice --n=200        # FaceLift-format samples + preview.png
     python data.py rig_from_cameras SAMPLE/opencv_cameras.json --name=my_rig --out=configs/rigs/my_rig.json
-    python data.py toy_dance --out=data/toy_dance --n=100          # dance clips with music + preview.png
     python data.py rig_prompt_embeds --rig=my_rig --text_encoder=SD21/text_encoder --out=my_rig_clr_embeds.pt
+    python data.py make_rigs      # (re)write the built-in rigs into configs/rigs/
 """
 import contextlib
 import dataclasses
@@ -31,7 +30,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_model, save_model
 
-from models import SH_C0, intrinsics_matrix, look_at_c2w, render_gaussians
+from models import SH_C0, look_at_c2w
 
 REPO = Path(__file__).resolve().parent
 RIGS_DIR = REPO / "configs" / "rigs"
@@ -247,6 +246,33 @@ def load_checkpoint(path, modules, optimizers=None, restore_rng=True):
     if restore_rng:
         set_rng_state(state["rng"])
     return state
+
+
+def save_mv_checkpoint(ckpt_dir, step, model, ema, optimizer, cfg, rig, prompt_file, extra=None):
+    """checkpoint-<step>/{unet/, unet_ema/ (diffusers save_pretrained + the reference-view embedding),
+    rig.json, prompt_embeds.pt, state.pt, config.yaml}, written atomically. The rig and its prompt
+    file travel with the weights: the next stages check their cameras against them."""
+    from models import save_mv_unet
+    final = Path(ckpt_dir) / f"checkpoint-{step}"
+    with atomic_dir(final) as tmp:
+        save_mv_unet(model, tmp / "unet")
+        if ema is not None:
+            save_mv_unet(ema, tmp / "unet_ema")
+        (tmp / "rig.json").write_text(json.dumps(rig, indent=1))
+        shutil.copyfile(prompt_file, tmp / "prompt_embeds.pt")
+        torch.save({"step": int(step), "optimizers": {"optimizer": optimizer.state_dict()}, "rng": get_rng_state(),
+                    "extra": extra or {}}, tmp / "state.pt")
+        save_config(cfg, tmp / "config.yaml")
+    return final
+
+
+def load_mv_weights(model, unet_dir):
+    """Copies the weights of a unet/ folder (ours or FaceLift's) into `model` (an MVUNet), strictly."""
+    from models import load_mv_unet
+    src = load_mv_unet(unet_dir, model.num_views, model.sparse)
+    model.load_state_dict(src.state_dict())  # strict: same architecture or an error naming the keys
+    return model
+
 
 # ----------------------------------------------------------------------------------------------
 # Camera files (FaceLift's opencv_cameras.json) and rigs
@@ -515,178 +541,7 @@ class StepSampler:
 
 
 # ----------------------------------------------------------------------------------------------
-# Toy mice: procedural animals made of 3D Gaussians, rendered into FaceLift-format samples
-
-
-def _ellipsoid_blobs(rng, n, centre, axes, colour, belly, jitter, scale):
-    """n Gaussians spread over the surface of an axis-aligned ellipsoid, belly side lighter."""
-    v = rng.normal(size=(n, 3))
-    v /= np.linalg.norm(v, axis=1, keepdims=True)
-    pts = centre + v * axes * rng.uniform(0.75, 0.95, size=(n, 1))
-    col = np.where(v[:, 2:] < -0.3, belly, colour) + rng.normal(0, jitter, size=(n, 3))
-    return pts, np.full((n, 3), scale) * rng.uniform(0.8, 1.2, size=(n, 3)), col
-
-
-def toy_mouse(rng, yaw_deg=None):
-    """A random mouse as Gaussian parameters (numpy): means (N, 3), scales (N, 3), quats (N, 4),
-    opacities (N,), colors (N, 3). Built facing +x, then turned by a random yaw: any direction
-    (yaw_deg None) or within +-yaw_deg of +x."""
-    s = rng.uniform(1.1, 1.35)  # overall size (the 50 deg view is 2.5 units wide at the origin)
-    fur = rng.choice([[0.55, 0.42, 0.3], [0.5, 0.5, 0.52], [0.85, 0.83, 0.8], [0.25, 0.22, 0.2], [0.7, 0.55, 0.35]])
-    fur = np.clip(fur + rng.normal(0, 0.03, 3), 0, 1)
-    belly = np.clip(fur + 0.25, 0, 1)
-    pink = np.array([0.93, 0.62, 0.65])
-    body_axes = s * np.array([rng.uniform(0.34, 0.44), rng.uniform(0.19, 0.25), rng.uniform(0.17, 0.22)])
-    parts = [_ellipsoid_blobs(rng, 160, np.zeros(3), body_axes, fur, belly, 0.04, 0.07 * s)]
-
-    # head: its own ellipsoid in front of the body, turned by the head yaw around the neck
-    turn = np.radians(rng.uniform(-35, 35))
-    rot = np.array([[np.cos(turn), -np.sin(turn), 0], [np.sin(turn), np.cos(turn), 0], [0, 0, 1]])
-    neck = np.array([body_axes[0] * 0.8, 0, body_axes[2] * 0.25])
-    hl = s * rng.uniform(0.2, 0.26)  # head half-length
-    head_axes = np.array([hl, hl * 0.68, hl * 0.62])
-    head_parts = [_ellipsoid_blobs(rng, 70, np.array([hl * 0.9, 0, 0]), head_axes, fur, belly, 0.04, 0.05 * s)]
-    ear_r = s * rng.uniform(0.07, 0.1)
-    for side in (-1, 1):
-        head_parts.append((np.array([[hl * 0.45, side * hl * 0.55, hl * 0.75]]), np.array([[0.012, ear_r, ear_r]]), pink[None]))
-        head_parts.append((np.array([[hl * 0.5, side * hl * 0.52, hl * 0.28]]), np.full((1, 3), 0.028 * s), np.full((1, 3), 0.03)))  # eye
-    head_parts.append((np.array([[hl * 1.9, 0, 0]]), np.full((1, 3), 0.03 * s), pink[None]))  # nose
-    head_pts = np.concatenate([p for p, _, _ in head_parts]) @ rot.T + neck
-    parts.append((head_pts, np.concatenate([sc for _, sc, _ in head_parts]), np.concatenate([c for _, _, c in head_parts])))
-
-    # tail: a chain of shrinking Gaussians along a random smooth 3D curve from the rump
-    n_tail, length = 28, s * rng.uniform(0.6, 0.9)
-    t = np.linspace(0, 1, n_tail)[:, None]
-    bend, lift = rng.uniform(-2.5, 2.5), rng.uniform(-0.6, 0.8)
-    heading = np.pi + bend * t[:, 0]  # leaves backwards, curls sideways
-    steps = np.stack([np.cos(heading), np.sin(heading), lift * (1 - 2 * t[:, 0])], 1) * length / n_tail
-    tail = np.array([-body_axes[0] * 0.9, 0, -body_axes[2] * 0.2]) + np.cumsum(steps, 0)
-    tail_col = np.clip(pink * 0.8 + fur * 0.2, 0, 1) + rng.normal(0, 0.02, (n_tail, 3))
-    parts.append((tail, np.repeat(s * (0.028 - 0.015 * t), 3, 1), tail_col))
-
-    means = np.concatenate([p for p, _, _ in parts])
-    scales = np.concatenate([sc for _, sc, _ in parts])
-    colors = np.clip(np.concatenate([c for _, _, c in parts]), 0, 1)
-    yaw = rng.uniform(0, 2 * np.pi) if yaw_deg is None else np.radians(rng.uniform(-yaw_deg, yaw_deg))
-    R = np.array([[np.cos(yaw), -np.sin(yaw), 0], [np.sin(yaw), np.cos(yaw), 0], [0, 0, 1]])
-    # one quaternion for the whole animal's yaw (w, x, y, z) so flattened ears turn with it
-    quats = np.tile([np.cos(yaw / 2), 0, 0, np.sin(yaw / 2)], (len(means), 1))
-    opac = np.full(len(means), 0.95)
-    return {"means": (means - means.mean(0) * [1, 1, 0]) @ R.T, "scales": scales, "quats": quats,
-            "opacities": opac, "colors": colors}
-
-
-def random_view_frames(rng, n, size, focal, radius=2.7, elevations=(-10.0, 50.0)):
-    """Extra cameras at random azimuth/elevation around the origin (novel-view supervision, as
-    FaceLift's 32-view GS-LRM samples give)."""
-    return [make_frame(orbit_c2w(rng.uniform(-180, 180), rng.uniform(*elevations), radius), size, focal) for _ in range(n)]
-
-
-def write_toy_mice(out, n=200, rig="mouse_6view", size=64, n_extra=4, n_val=None, seed=0, yaw_deg=None, progress=True):
-    """Write n toy mice in the FaceLift GS-LRM sample format under `out`: each sample has the
-    rig's views first (cam_000..), then n_extra random views; plus data_train.txt / data_val.txt and
-    toy.json (the arguments, so a later run can tell whether the folder is the set it asks for).
-    yaw_deg: mice face any way (None) or +x +- yaw_deg (see toy_mouse)."""
-    from tqdm import tqdm
-    rig = load_rig(rig) if isinstance(rig, str) else rig
-    out = Path(out)
-    n_val = max(1, n // 10) if n_val is None else n_val
-    names = []
-    for i in tqdm(range(n), desc=f"toy mice -> {out}", disable=not progress):
-        rng = np.random.default_rng((seed, i))
-        m = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in toy_mouse(rng, yaw_deg).items()}
-        focal = rig["frames"][0]["fx"] * size / rig["frames"][0]["w"]
-        frames = [make_frame(torch.linalg.inv(torch.tensor(fr["w2c"], dtype=torch.float64)), size, fr["fx"] * size / fr["w"])
-                  for fr in rig["frames"]] + random_view_frames(rng, n_extra, size, focal)
-        w2c, K = frames_to_tensors(frames)
-        # black background: the colour is then premultiplied by alpha; stored straight in RGBA
-        rgb, alpha = render_gaussians(m["means"], m["quats"], m["scales"], m["opacities"], m["colors"], w2c,
-                                      intrinsics_matrix(K), size, size, 0.0)  # (V, S, S, 3), (V, S, S, 1)
-        rgba = torch.cat([rgb / alpha.clamp(min=1e-6), alpha], -1).clamp(0, 1)
-        d = out / f"mouse_{i:05d}"
-        (d / "images").mkdir(parents=True, exist_ok=True)
-        for v, fr in enumerate(frames):
-            fr["file_path"] = f"images/cam_{v:03d}.png"
-            Image.fromarray((rgba[v].numpy() * 255 + 0.5).astype(np.uint8), "RGBA").save(d / fr["file_path"])
-        write_cameras(d / "opencv_cameras.json", {"id": d.name, "rig": rig["name"], "frames": frames})
-        names.append(d.name)
-    (out / "data_train.txt").write_text("\n".join(names[: n - n_val]) + "\n")
-    (out / "data_val.txt").write_text("\n".join(names[n - n_val:]) + "\n")
-    (out / "toy.json").write_text(json.dumps(toy_spec(n, rig, size, n_extra, n_val, seed, yaw_deg)))
-    return out
-
-
-def toy_spec(n, rig, size, n_extra, n_val, seed, yaw_deg):
-    """What write_toy_mice was asked for, as toy.json records it."""
-    return {"n": n, "rig": rig["name"], "size": size, "n_extra": n_extra, "n_val": n_val, "seed": seed, "yaw_deg": yaw_deg}
-
-
-def save_image_grid(rows, path, pad=2):
-    """rows: list of (N, C, H, W) tensors in [0, 1] (C = 3, or 4 = RGB + alpha; alpha dropped) ->
-    one PNG with a row per entry (all rows the same H, W)."""
-    cols = max(r.shape[0] for r in rows)
-    H, W = rows[0].shape[-2:]
-    grid = torch.ones(3, len(rows) * (H + pad) + pad, cols * (W + pad) + pad)
-    for i, r in enumerate(rows):
-        for j, im in enumerate(r):
-            grid[:, pad + i * (H + pad): pad + i * (H + pad) + H, pad + j * (W + pad): pad + j * (W + pad) + W] = im[:3]
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)).save(path)
-    return path
-
-
-# 3DGS's PLY vertex layout, which its viewers (SIBR, SuperSplat, ...) read: position, normal
-# (unused, zero), SH coefficients (DC then 45 higher-order, zero here), opacity as a logit,
-# scale as a log, rotation (w, x, y, z).
-PLY_FIELDS = (["x", "y", "z", "nx", "ny", "nz"] + [f"f_dc_{i}" for i in range(3)] + [f"f_rest_{i}" for i in range(45)]
-              + ["opacity"] + [f"scale_{i}" for i in range(3)] + [f"rot_{i}" for i in range(4)])
-
-
-def save_ply(gaussians, path):
-    """One object's Gaussians {means (N, 3), rgb (N, 3), scales (N, 3), quats (N, 4), opacities (N,)}
-    (GSLRM's output for one sample) -> a binary little-endian PLY in the standard 3DGS layout."""
-    g = {k: v.detach().float().cpu() for k, v in gaussians.items()}
-    N = len(g["means"])
-    opac = g["opacities"].clamp(1e-6, 1 - 1e-6)
-    cols = torch.cat([g["means"], torch.zeros(N, 3), (g["rgb"] - 0.5) / SH_C0, torch.zeros(N, 45),
-                      torch.log(opac / (1 - opac))[:, None], torch.log(g["scales"]), g["quats"]], 1)  # (N, 62)
-    header = "".join(["ply\nformat binary_little_endian 1.0\n", f"element vertex {N}\n"]
-                     + [f"property float {f}\n" for f in PLY_FIELDS] + ["end_header\n"])
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(header.encode("ascii"))
-        f.write(cols.numpy().astype("<f4").tobytes())
-    return path
-
-
-def load_ply(path):
-    """Read a 3DGS PLY written by save_ply (or by 3DGS itself) back into the same dict."""
-    raw = Path(path).read_bytes()
-    end = raw.index(b"end_header\n") + len(b"end_header\n")
-    lines = raw[:end].decode("ascii").splitlines()
-    if lines[:2] != ["ply", "format binary_little_endian 1.0"]:
-        raise ValueError(f"{path}: not a binary little-endian PLY")
-    n = int(next(ln.split()[2] for ln in lines if ln.startswith("element vertex")))
-    names = [ln.split()[2] for ln in lines if ln.startswith("property float")]
-    v = torch.from_numpy(np.frombuffer(raw[end:], dtype="<f4", count=n * len(names)).reshape(n, len(names)).copy())
-    col = lambda *fs: v[:, [names.index(f) for f in fs]]  # noqa: E731
-    return {"means": col("x", "y", "z"), "rgb": 0.5 + SH_C0 * col("f_dc_0", "f_dc_1", "f_dc_2"),
-            "scales": col("scale_0", "scale_1", "scale_2").exp(), "quats": col("rot_0", "rot_1", "rot_2", "rot_3"),
-            "opacities": torch.sigmoid(col("opacity")[:, 0])}
-
-
-def preview_samples(list_file, path, n=6, size=None):
-    """PNG grid: one row per sample, all its views (composited on white)."""
-    rows = []
-    for d in read_list_file(list_file)[:n]:
-        frames = read_cameras(d / "opencv_cameras.json")["frames"]
-        rows.append(torch.stack([load_rgba(d / fr["file_path"], size) for fr in frames]))
-    return save_image_grid(rows, path)
-
-
-# ----------------------------------------------------------------------------------------------
-# Multi-view diffusion data: rig prompt embeddings, toy rig embeddings
-# (train_mvdiff.py)
+# Prompt embeddings: the names of a rig's views for the diffusion model
 #
 # The diffusion model knows which view to generate only from each view's prompt embedding
 # (cross-attention context), so a prompt file belongs to one rig: FaceLift's `clr_embeds.pt` is a
@@ -711,18 +566,6 @@ def load_prompt_embeds(path, rig, dim):
     return pe.float()
 
 
-def toy_rig_prompt_embeds(rig, dim, tokens=8, seed=0):
-    """Deterministic stand-in for text prompt embeddings of a rig's views: a fixed random projection
-    of each camera's geometry (viewing direction from the point the cameras aim at, azimuth and
-    elevation as sin/cos, distance, intrinsics) to [V, tokens, dim]. Same rig -> same embeddings."""
-    g = camera_geometry(rig["frames"])
-    az, el = torch.deg2rad(g["az"]), torch.deg2rad(g["el"])
-    feats = torch.cat([g["dirs"], torch.stack([az.sin(), az.cos(), el.sin(), el.cos(), g["dist"] / 2.7], 1),
-                       g["intr"].double()], 1).float()  # (V, 12)
-    W = torch.randn(tokens, feats.shape[1], dim, generator=torch.Generator().manual_seed(seed))  # (T, F, D)
-    pe = torch.einsum("vf,tfd->vtd", feats, W)  # (V, T, D)
-    return (pe - pe.mean(-1, keepdim=True)) / pe.std(-1, keepdim=True)  # unit scale per token, like a LayerNorm'd text encoder
-
 
 def rig_view_prompts(rig, template="a rendering image of 3D models, {view} view, color map."):
     """One text prompt per rig view (Era3D/FaceLift's wording), from the rig's view names."""
@@ -743,37 +586,8 @@ def clip_prompt_embeds(prompts, text_encoder_dir, tokenizer_dir=None):
     return enc(ids).last_hidden_state.float()  # (V, 77, D)
 
 
-def save_mv_checkpoint(ckpt_dir, step, model, ema, optimizer, cfg, rig, prompt_file, extra=None):
-    """checkpoint-<step>/{unet/, unet_ema/ (diffusers save_pretrained + the reference-view embedding),
-    rig.json, prompt_embeds.pt, state.pt, config.yaml}, written atomically. The rig and its prompt
-    file travel with the weights: the next stages check their cameras against them."""
-    from models import save_mv_unet
-    final = Path(ckpt_dir) / f"checkpoint-{step}"
-    with atomic_dir(final) as tmp:
-        save_mv_unet(model, tmp / "unet")
-        if ema is not None:
-            save_mv_unet(ema, tmp / "unet_ema")
-        (tmp / "rig.json").write_text(json.dumps(rig, indent=1))
-        shutil.copyfile(prompt_file, tmp / "prompt_embeds.pt")
-        torch.save({"step": int(step), "optimizers": {"optimizer": optimizer.state_dict()}, "rng": get_rng_state(),
-                    "extra": extra or {}}, tmp / "state.pt")
-        save_config(cfg, tmp / "config.yaml")
-    return final
-
-
-def load_mv_weights(model, unet_dir):
-    """Copies the weights of a unet/ folder (ours or FaceLift's) into `model` (an MVUNet), strictly."""
-    from models import load_mv_unet
-    src = load_mv_unet(unet_dir, model.num_views, model.sparse)
-    model.load_state_dict(src.state_dict())  # strict: same architecture or an error naming the keys
-    return model
-
-# (end of section: Multi-view diffusion data: rig prompt embeddings, toy rig embeddings)
-
-
 # ----------------------------------------------------------------------------------------------
-# Dance data: clip format, toy dancers with music, music features
-# (train_dance.py)
+# Dance clips and music features
 #
 # A clip is a directory:
 #   frames/000000.png ...      RGB frames (or images/frame_0.png ... (StableAnimator), or video.mp4)
@@ -984,187 +798,129 @@ class DanceClipDataset(torch.utils.data.Dataset):
                 "ref_image": image, "start": start, "index": idx}
 
 
-# --- toy dancers: stick figures whose motion is locked to procedurally generated music
+# ----------------------------------------------------------------------------------------------
+# Outputs: image grids, 3DGS PLY files, skeleton videos, metrics
 
 
-def toy_dancer(rng):
-    """A dancer's identity and style (fixed over all its clips): body proportions, clothing, a
-    textured face, and which limbs move on the beats / off the beats / not at all."""
-    modes = rng.choice(["on", "off", "still"], size=4, p=[0.4, 0.4, 0.2])  # right arm, left arm, right leg, left leg
-    modes[rng.integers(2)] = rng.choice(["on", "off"])  # at least one arm dances
-    return dict(
-        scale=rng.uniform(0.85, 1.0), shoulder=rng.uniform(0.075, 0.1), hip=rng.uniform(0.04, 0.055),
-        torso=rng.uniform(0.22, 0.27), upper_arm=rng.uniform(0.11, 0.14), fore_arm=rng.uniform(0.1, 0.13),
-        thigh=rng.uniform(0.14, 0.17), shin=rng.uniform(0.14, 0.17), head=rng.uniform(0.065, 0.08),
-        modes=list(modes), arm_base=rng.uniform(0.1, 0.5, 2), arm_amp=rng.uniform(0.6, 1.4, 2) * rng.choice([-1, 1], 2),
-        elbow=rng.uniform(0.2, 1.2, 2), leg_amp=rng.uniform(0.15, 0.45, 2), sway=rng.uniform(0.0, 0.04),
-        bounce=rng.uniform(0.005, 0.025), bounce_mode=rng.choice(["on", "off"]),
-        shirt=rng.uniform(0.1, 0.9, 3), trousers=rng.uniform(0.05, 0.6, 3), skin=rng.uniform(0.45, 0.95) * np.array([1.0, 0.8, 0.65]),
-        face_base=rng.uniform(0.2, 1.0, 3), face_stripe=rng.uniform(0.0, 0.8, 3), face_freq=rng.uniform(0.6, 1.6),
-        face_angle=rng.uniform(0, np.pi), face_spot=rng.uniform(-0.5, 0.5, 2))
-
-
-def toy_music(rng, seconds, sr):
-    """Kick on every beat (louder on the bar's first beat), hi-hat on the off-beats and one melody
-    note per beat, at a random tempo of 90-140 BPM. Returns audio [N] and the beat phase function."""
-    bpm = rng.uniform(90, 140)
-    period, offset = 60 / bpm, rng.uniform(0, 60 / bpm)  # first beat of a bar at t = offset (+ k bars)
-    t = np.arange(int(seconds * sr)) / sr
-    phase = (t - offset) / period  # in beats
-    k = np.floor(phase).astype(int)  # the beat each sample belongs to (negative before the offset)
-    tau = (phase - k) * period  # seconds since that beat
-    accent = np.where(k % 4 == 0, 1.0, 0.6)
-    noise = rng.standard_normal(len(t))
-    # the kick carries a broadband click so that onset detection (mel spectral flux) hears the beat
-    kick = accent * (np.exp(-tau / 0.06) * np.sin(2 * np.pi * 60 * tau * (1 + 2 * np.exp(-tau / 0.02)))
-                     + 0.6 * np.exp(-tau / 0.01) * noise)
-    tau_half = ((phase + 0.5) % 1) * period  # seconds since the last off-beat
-    hihat = 0.03 * np.exp(-tau_half / 0.008) * noise  # quiet, or the beat tracker locks onto the off-beats
-    scale = 220 * 2 ** (np.array([0, 2, 4, 7, 9, 12, 14, 16]) / 12)  # pentatonic
-    notes = scale[rng.integers(0, len(scale), size=k.max() - k.min() + 1)][k - k.min()]
-    melody = 0.25 * accent * np.exp(-tau / 0.25) * (np.sin(2 * np.pi * notes * tau) + 0.3 * np.sin(4 * np.pi * notes * tau))
-    audio = (kick + hihat + melody) * 0.5
-    return audio.astype(np.float32), bpm, offset
-
-
-def pulse(phase, mode):
-    """A 1-beat move: 0 on the beats and 1 halfway between them ('on'), or the other way round
-    ('off'). Either way its speed is zero on the beats (a dancer hits the pose on the beat), so the
-    music beats are motion beats (so are the half-beats, which the beat alignment score allows)."""
-    if mode == "still":
-        return np.zeros_like(phase)
-    return (1 - np.cos(2 * np.pi * (phase + (0.5 if mode == "off" else 0.0)))) / 2
-
-
-def toy_poses(dancer, phase):
-    """Forward kinematics of the stick dancer over time -> poses [T, 134, 3] (body 18 + feet 6
-    visible, face and hands invisible) and the head circle [T, 3] (cx, cy, r), all normalised."""
-    s, T = dancer["scale"], len(phase)
-    P = np.zeros((T, 134, 3))
-
-    def limb(start, angle, length, side):  # angle from straight down, positive = away from the body
-        return start + length * s * np.stack([side * np.sin(angle), np.cos(angle)], -1)
-
-    sway = dancer["sway"] * np.cos(np.pi * phase)  # 2-beat side-to-side, turning on the beats
-    bounce = dancer["bounce"] * pulse(phase, dancer["bounce_mode"])
-    legs = dancer["thigh"] + dancer["shin"]
-    hip_c = np.stack([0.5 + sway, 0.9 - legs * s - 0.02 + bounce], -1)  # (T, 2)
-    neck = hip_c + np.stack([0.4 * sway, -dancer["torso"] * s * np.ones(T)], -1)
-    P[:, 1, :2] = neck
-    for j, side, (sh, el, wr), (hp, kn, an) in ((0, -1, (2, 3, 4), (8, 9, 10)), (1, 1, (5, 6, 7), (11, 12, 13))):
-        P[:, sh, :2] = neck + np.stack([side * dancer["shoulder"] * s * np.ones(T), 0.01 * np.ones(T)], -1)
-        g = pulse(phase, dancer["modes"][j])
-        up = dancer["arm_base"][j] + dancer["arm_amp"][j] * g
-        P[:, el, :2] = limb(P[:, sh, :2], up, dancer["upper_arm"], side)
-        P[:, wr, :2] = limb(P[:, el, :2], up + dancer["elbow"][j] * (0.5 + g), dancer["fore_arm"], side)
-        P[:, hp, :2] = hip_c + np.stack([side * dancer["hip"] * s * np.ones(T), np.zeros(T)], -1)
-        gl = pulse(phase, dancer["modes"][2 + j])
-        thigh = 0.06 + dancer["leg_amp"][j] * gl
-        P[:, kn, :2] = limb(P[:, hp, :2], thigh, dancer["thigh"], side)
-        P[:, an, :2] = limb(P[:, kn, :2], thigh - 1.5 * dancer["leg_amp"][j] * gl, dancer["shin"], side)
-    r = dancer["head"] * s
-    head = neck + np.stack([0.3 * sway, -np.full(T, 1.25 * r)], -1)
-    for i, (dx, dy) in zip((0, 14, 15, 16, 17), ((0, 0.15), (-0.35, -0.1), (0.35, -0.1), (-0.95, 0), (0.95, 0))):
-        P[:, i, :2] = head + r * np.array([dx, dy])
-    for i, ank, side in ((18, 13, 1), (21, 10, -1)):  # big toe, small toe, heel of each foot
-        P[:, i, :2] = P[:, ank, :2] + s * np.array([side * 0.035, 0.02])
-        P[:, i + 1, :2] = P[:, ank, :2] + s * np.array([side * 0.02, 0.025])
-        P[:, i + 2, :2] = P[:, ank, :2] + s * np.array([-side * 0.012, 0.015])
-    P[:, :24, 2] = 1.0
-    return P.astype(np.float32), np.concatenate([head, np.full((T, 1), r)], -1).astype(np.float32)
-
-
-def face_texture(dancer, radius_px):
-    """The dancer's face as an RGBA patch (a disk of radius_px pixels): stripes at the dancer's
-    angle and frequency between two colours, and a dark spot; this is the identity a recognizer sees."""
-    n = 2 * int(np.ceil(radius_px)) + 2
-    c = (np.arange(n) + 0.5 - n / 2) / radius_px  # in head radii
-    v, u = np.meshgrid(c, c, indexing="ij")  # (n, n): rows are y, columns x
-    ang = dancer["face_angle"]
-    stripes = (0.5 + 0.5 * np.sin(2 * np.pi * dancer["face_freq"] * (u * np.cos(ang) + v * np.sin(ang))))[..., None]
-    rgb = dancer["face_base"] * (1 - stripes) + dancer["face_stripe"] * stripes  # (n, n, 3)
-    rgb = rgb * (((u - dancer["face_spot"][0]) ** 2 + (v - dancer["face_spot"][1]) ** 2) >= 0.12)[..., None]
-    alpha = np.clip((1 - np.sqrt(u * u + v * v)) * radius_px + 0.5, 0, 1)[..., None]  # anti-aliased rim
-    return Image.fromarray((np.concatenate([rgb, alpha], -1) * 255 + 0.5).astype(np.uint8), "RGBA")
-
-
-def render_dancer(dancer, poses, head, size, bg, supersample=4):
-    """Frames [T, size, size, 3] uint8: trousers, shirt, skin-coloured forearms and the textured
-    face, drawn with PIL at `supersample` x the size and box-filtered down (anti-aliasing)."""
+def save_image_grid(rows, path, groups=(), pad=2, min_cell=96):
+    """rows: list of (N, C, H, W) tensors in [0, 1] (C = 3, or 4 = RGB + alpha; alpha dropped) ->
+    one PNG with a row per entry, cells upscaled (nearest) to >= min_cell px. groups: (label,
+    columns) pairs that name the columns in a header row, e.g. [("input", 1), ("ground truth", 6)]."""
     from PIL import ImageDraw
-    S = size * supersample
-    w = max(1.5, size / 18) * supersample  # limb thickness in supersampled pixels
-    rgb = lambda c: tuple(int(255 * x + 0.5) for x in c)  # noqa: E731
-    parts = [([(8, 9), (9, 10), (11, 12), (12, 13), (10, 21), (13, 18), (8, 11)], w, rgb(dancer["trousers"])),
-             ([(1, 8), (1, 11), (8, 11), (1, 2), (1, 5), (2, 3), (5, 6)], w * 1.3, rgb(dancer["shirt"])),
-             ([(3, 4), (6, 7)], w * 0.8, rgb(dancer["skin"]))]
-    face = face_texture(dancer, head[0, 2] * S)  # the head radius is constant per dancer
-    P = poses[:, :, :2] * S  # (T, 134, 2) in supersampled pixels (pixel centres at i + 0.5 on both grids)
-    frames = np.empty((len(P), size, size, 3), np.uint8)
-    for t in range(len(P)):
-        im = Image.new("RGB", (S, S), rgb(bg))
-        draw = ImageDraw.Draw(im)
-        for pairs, width, colour in parts:
-            for i, j in pairs:
-                draw.line([tuple(P[t, i]), tuple(P[t, j])], fill=colour, width=int(round(width)))
-                for k in (i, j):  # round joints
-                    draw.ellipse([*(P[t, k] - width / 2), *(P[t, k] + width / 2)], fill=colour)
-        corner = np.round(head[t, :2] * S - face.size[0] / 2).astype(int)
-        im.paste(face, tuple(corner.tolist()), face)
-        frames[t] = np.asarray(im.resize((size, size), Image.BOX))
-    return frames
+    k = max(1, -(-min_cell // rows[0].shape[-1]))  # integer upscale factor
+    cols, (H, W) = max(r.shape[0] for r in rows), (k * n for n in rows[0].shape[-2:])
+    top = 16 if groups else 0
+    grid = torch.ones(3, top + len(rows) * (H + pad) + pad, cols * (W + pad) + pad)
+    for i, r in enumerate(rows):
+        r = F.interpolate(r[:, :3].float(), scale_factor=k, mode="nearest")  # (N, 3, H, W)
+        for j, im in enumerate(r):
+            y, x = top + pad + i * (H + pad), pad + j * (W + pad)
+            grid[:, y: y + H, x: x + W] = im
+    im = Image.fromarray((grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8))
+    col = 0
+    for label, n in groups:
+        ImageDraw.Draw(im).text((pad + col * (W + pad) + 2, 2), label, fill=(0, 0, 0))
+        col += n
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    im.save(path)
+    return path
 
 
-def write_toy_dance(out, n=100, n_dancers=20, seconds=8.0, size=64, fps=DANCE_FPS, n_val=None, seed=0, progress=True):
-    """n toy clips (dancer i % n_dancers, each clip with its own music) in the clip format, with
-    music features cached, data_train.txt / data_val.txt (the last n_val clips) and preview.png."""
-    import soundfile
-    from tqdm import tqdm
-    out, sr, T = Path(out), fps * HOP, int(round(seconds * fps))
-    n_val = max(1, n // 10) if n_val is None else n_val
-    dancers = [toy_dancer(np.random.default_rng((seed, 1_000_000 + k))) for k in range(n_dancers)]
-    names = []
-    for i in tqdm(range(n), desc=f"toy dance -> {out}", disable=not progress):
-        rng = np.random.default_rng((seed, i))
-        audio, bpm, offset = toy_music(rng, seconds + 0.1, sr)  # a little longer than the frames
-        phase = (np.arange(T) / fps - offset) * bpm / 60  # beats at each frame
-        dancer = dancers[i % n_dancers]
-        poses, head = toy_poses(dancer, phase)
-        frames = render_dancer(dancer, poses, head, size, rng.uniform(0.8, 1.0, 3))
-        d = out / f"clip_{i:05d}"
-        (d / "frames").mkdir(parents=True, exist_ok=True)
-        for t in range(T):
-            Image.fromarray(frames[t]).save(d / "frames" / f"{t:06d}.png", compress_level=1)
-        soundfile.write(str(d / "audio.wav"), audio, sr, subtype="PCM_16")
-        np.save(d / "poses.npy", poses)
-        boxes = np.concatenate([head[:, :2] - head[:, 2:], head[:, :2] + head[:, 2:]], 1)  # (T, 4) x0 y0 x1 y1
-        (d / "faces.json").write_text(json.dumps({"boxes": np.round(boxes, 5).tolist()}))
-        (d / "meta.json").write_text(json.dumps({"fps": fps, "size": [size, size], "source": "toy", "dancer": i % n_dancers,
-                                                  "bpm": round(bpm, 3), "first_beat_s": round(offset, 4)}))
-        np.save(d / "music_feats.npy", music_features(read_audio(d / "audio.wav")[0], sr, fps, T))  # from the 16-bit WAV, as a re-computation would
-        names.append(d.name)
-    (out / "data_train.txt").write_text("\n".join(names[: n - n_val]) + "\n")
-    (out / "data_val.txt").write_text("\n".join(names[n - n_val:]) + "\n")
-    rows = [torch.stack([read_frame(("png", sorted((out / nm / "frames").glob("*.png"))), t) for t in range(0, T, T // 8)][:8])
-            for nm in names[:6]]
-    save_image_grid(rows, out / "preview.png")
-    return out
+# 3DGS's PLY vertex layout, which its viewers (SIBR, SuperSplat, ...) read: position, normal
+# (unused, zero), SH coefficients (DC then 45 higher-order, zero here), opacity as a logit,
+# scale as a log, rotation (w, x, y, z).
+PLY_FIELDS = (["x", "y", "z", "nx", "ny", "nz"] + [f"f_dc_{i}" for i in range(3)] + [f"f_rest_{i}" for i in range(45)]
+              + ["opacity"] + [f"scale_{i}" for i in range(3)] + [f"rot_{i}" for i in range(4)])
 
-# (end of section: Dance data: clip format, toy dancers with music, music features)
+
+def save_ply(gaussians, path):
+    """One object's Gaussians {means (N, 3), rgb (N, 3), scales (N, 3), quats (N, 4), opacities (N,)}
+    (GSLRM's output for one sample) -> a binary little-endian PLY in the standard 3DGS layout."""
+    g = {k: v.detach().float().cpu() for k, v in gaussians.items()}
+    N = len(g["means"])
+    opac = g["opacities"].clamp(1e-6, 1 - 1e-6)
+    cols = torch.cat([g["means"], torch.zeros(N, 3), (g["rgb"] - 0.5) / SH_C0, torch.zeros(N, 45),
+                      torch.log(opac / (1 - opac))[:, None], torch.log(g["scales"]), g["quats"]], 1)  # (N, 62)
+    header = "".join(["ply\nformat binary_little_endian 1.0\n", f"element vertex {N}\n"]
+                     + [f"property float {f}\n" for f in PLY_FIELDS] + ["end_header\n"])
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(header.encode("ascii"))
+        f.write(cols.numpy().astype("<f4").tobytes())
+    return path
+
+
+def load_ply(path):
+    """Read a 3DGS PLY written by save_ply (or by 3DGS itself) back into the same dict."""
+    raw = Path(path).read_bytes()
+    end = raw.index(b"end_header\n") + len(b"end_header\n")
+    lines = raw[:end].decode("ascii").splitlines()
+    if lines[:2] != ["ply", "format binary_little_endian 1.0"]:
+        raise ValueError(f"{path}: not a binary little-endian PLY")
+    n = int(next(ln.split()[2] for ln in lines if ln.startswith("element vertex")))
+    names = [ln.split()[2] for ln in lines if ln.startswith("property float")]
+    v = torch.from_numpy(np.frombuffer(raw[end:], dtype="<f4", count=n * len(names)).reshape(n, len(names)).copy())
+    col = lambda *fs: v[:, [names.index(f) for f in fs]]  # noqa: E731
+    return {"means": col("x", "y", "z"), "rgb": 0.5 + SH_C0 * col("f_dc_0", "f_dc_1", "f_dc_2"),
+            "scales": col("scale_0", "scale_1", "scale_2").exp(), "quats": col("rot_0", "rot_1", "rot_2", "rot_3"),
+            "opacities": torch.sigmoid(col("opacity")[:, 0])}
+
+
+def preview_samples(list_file, path, n=6, size=None):
+    """PNG grid: one row per sample, all its views (composited on white)."""
+    rows = []
+    for d in read_list_file(list_file)[:n]:
+        frames = read_cameras(d / "opencv_cameras.json")["frames"]
+        rows.append(torch.stack([load_rgba(d / fr["file_path"], size) for fr in frames]))
+    return save_image_grid(rows, path)
+
+
+def draw_skeleton(im, pose, colour, scale, width=2):
+    """Draws the visible limbs of pose [J, 3] (normalised) onto a PIL image of size `scale`."""
+    from PIL import ImageDraw
+    draw = ImageDraw.Draw(im)
+    for i, j in LIMBS:
+        if max(i, j) < len(pose) and pose[i, 2] >= VISIBLE and pose[j, 2] >= VISIBLE:
+            draw.line([tuple(pose[i, :2] * scale), tuple(pose[j, :2] * scale)], fill=colour, width=width)
+
+
+def write_skeleton_video(path, clip, gt, pred, fps, size=128):
+    """mp4 at the clip's fps with its music: left the frame with the ground-truth skeleton (green),
+    right the prediction (red) over the ground truth (grey). Returns the path and the middle frame."""
+    import imageio_ffmpeg
+    frames = []
+    for t in range(len(gt)):
+        frame = (read_frame(clip["source"], t).permute(1, 2, 0).numpy() * 255).astype(np.uint8)  # (H, W, 3)
+        left = Image.fromarray(frame).resize((size, size))
+        draw_skeleton(left, gt[t], (0, 160, 0), size)
+        right = Image.new("RGB", (size, size), (255, 255, 255))
+        draw_skeleton(right, gt[t], (190, 190, 190), size, 3)
+        draw_skeleton(right, np.concatenate([pred[t], gt[t, :, 2:]], -1), (220, 0, 0), size)
+        frames.append(np.concatenate([np.asarray(left), np.asarray(right)], 1))  # (size, 2 size, 3)
+    writer = imageio_ffmpeg.write_frames(str(path), (2 * size, size), fps=fps, audio_path=str(clip["dir"] / "audio.wav"),
+                                         audio_codec="aac", output_params=["-shortest"], ffmpeg_log_level="error")
+    writer.send(None)  # start the generator
+    for f in frames:
+        writer.send(np.ascontiguousarray(f))
+    writer.close()
+    return path, frames[len(frames) // 2]
+
+
+def log_metrics(metrics, step, out_dir, tag="val"):
+    """One printed line `val step N | key value | ...` and one JSON line {"step": N, ...} appended to
+    <out_dir>/metrics.jsonl, so runs can be compared and plotted without parsing logs."""
+    fmt = lambda v: f"{v:.2f}" if abs(v) >= 10 else f"{v:.4f}"  # noqa: E731
+    line = f"{tag} step {step} | " + " | ".join(f"{k} {fmt(v)}" for k, v in metrics.items())
+    with open(Path(out_dir) / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": int(step), **metrics}) + "\n")
+    print(line)
+    return line
 
 
 def _main(argv):
     import argparse
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("toy_mice", help="write the toy mouse dataset and preview.png")
-    t.add_argument("--out", default="data/toy_mice")
-    t.add_argument("--n", type=int, default=200)
-    t.add_argument("--rig", default="mouse_6view")
-    t.add_argument("--size", type=int, default=64)
-    t.add_argument("--n_extra", type=int, default=4, help="random extra views per sample")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--yaw_deg", type=float, default=None, help="mice face +x +- this many degrees (default: any way)")
     sub.add_parser("make_rigs", help=f"(re)write the built-in rigs {list(BUILTIN_RIGS)} into {RIGS_DIR}")
     r = sub.add_parser("rig_from_cameras", help="make a rig file from a sample's opencv_cameras.json")
     r.add_argument("cameras")
@@ -1172,26 +928,14 @@ def _main(argv):
     r.add_argument("--out", required=True)
     r.add_argument("--views", default=None, help="comma-separated frame indices, in rig order (default: all)")
     r.add_argument("--prompt_embeds", default="")
-    dn = sub.add_parser("toy_dance", help="write the toy dance clips (stick dancers with music) and preview.png")
-    dn.add_argument("--out", default="data/toy_dance")
-    dn.add_argument("--n", type=int, default=100)
-    dn.add_argument("--seconds", type=float, default=8.0)
-    dn.add_argument("--size", type=int, default=64)
-    dn.add_argument("--seed", type=int, default=0)
-    e = sub.add_parser("rig_prompt_embeds", help="per-view prompt embeddings [V, 77, D] for a rig, from a local CLIP text encoder")
+    e = sub.add_parser("rig_prompt_embeds", help="per-view prompt embeddings [V, 77, D] from a local CLIP text encoder")
     e.add_argument("--rig", required=True)
-    e.add_argument("--text_encoder", required=True, help="a CLIPTextModel folder (e.g. an SD 2.1 pipeline's text_encoder/)")
-    e.add_argument("--tokenizer", default=None, help="CLIPTokenizer folder (default: tokenizer/ beside the text encoder)")
-    e.add_argument("--prompts", default=None, help="'|'-separated view words in rig order (default: the rig's view names)")
+    e.add_argument("--text_encoder", required=True, help="a CLIPTextModel folder (an SD 2.1 pipeline's text_encoder/)")
+    e.add_argument("--tokenizer", default=None, help="CLIPTokenizer folder (default: tokenizer/ beside the encoder)")
+    e.add_argument("--prompts", default=None, help="'|'-separated view words in rig order (default: the rig's names)")
     e.add_argument("--out", required=True)
     a = p.parse_args(argv)
-    if a.cmd == "toy_dance":
-        out = write_toy_dance(a.out, a.n, seconds=a.seconds, size=a.size, seed=a.seed)
-        print(f"wrote {a.n} clips to {out}; preview: {out / 'preview.png'}")
-    elif a.cmd == "toy_mice":
-        out = write_toy_mice(a.out, a.n, a.rig, a.size, a.n_extra, seed=a.seed, yaw_deg=a.yaw_deg)
-        print(f"wrote {a.n} samples to {out}; preview: {preview_samples(out / 'data_train.txt', out / 'preview.png')}")
-    elif a.cmd == "make_rigs":
+    if a.cmd == "make_rigs":
         for name, spec in BUILTIN_RIGS.items():
             (RIGS_DIR / f"{name}.json").write_text(json.dumps(make_ring_rig(name, **spec), indent=1))
             print(f"wrote {RIGS_DIR / name}.json")

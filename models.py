@@ -1,8 +1,10 @@
 """Every nn.Module of the project and the math they need.
 
-So far: GS-LRM (as released with FaceLift, with a converter for its checkpoint), camera rays and ray encodings, and the 3D Gaussian rasterizer (gsplat on CUDA, our own
-sparse pure-PyTorch rasterizer everywhere else, and a dense all-pairs reference that tests use
-as the oracle). Conventions are 3DGS/gsplat's: OpenCV cameras (x right, y down, z forward),
+Camera rays and ray encodings; the 3D Gaussian rasterizer (gsplat on CUDA, our own sparse
+pure-PyTorch rasterizer everywhere else, and a dense all-pairs reference that tests use as the
+oracle); GS-LRM as released with FaceLift; FaceLift's multi-view UNet and its sampler; the dance
+modules (music-to-pose encoder, ArcFace's IResNet); loaders for released checkpoints.
+Conventions are 3DGS/gsplat's: OpenCV cameras (x right, y down, z forward),
 `w2c` world-to-camera matrices, intrinsics as 3x3 `K`, quaternions (w, x, y, z), RGB colours.
 """
 import json
@@ -50,7 +52,8 @@ def get_rays(c2w, fxfycxcy, H, W):
     ys, xs = torch.meshgrid(torch.arange(H, device=dev, dtype=dt) + 0.5,
                             torch.arange(W, device=dev, dtype=dt) + 0.5, indexing="ij")  # (H, W)
     fx, fy, cx, cy = (t[..., None, None] for t in fxfycxcy.unbind(-1))  # (..., 1, 1)
-    d_cam = torch.stack([(xs - cx) / fx, (ys - cy) / fy, torch.ones_like(xs).expand_as((xs - cx) / fx)], -1)  # (..., H, W, 3)
+    x_cam = (xs - cx) / fx  # (..., H, W)
+    d_cam = torch.stack([x_cam, (ys - cy) / fy, torch.ones_like(xs).expand_as(x_cam)], -1)  # (..., H, W, 3)
     dirs = F.normalize(torch.einsum("...ij,...hwj->...hwi", c2w[..., :3, :3], d_cam), dim=-1)
     origins = c2w[..., None, None, :3, 3].expand_as(dirs)  # (..., H, W, 3)
     return origins, dirs
@@ -115,8 +118,10 @@ def project_gaussians(means, quats, scales, opacities, w2c, K, H, W):
     tx = z * torch.clamp(p[..., 0] / z, -(cx / fx + 0.15 * W / fx), (W - cx) / fx + 0.15 * W / fx)
     ty = z * torch.clamp(p[..., 1] / z, -(cy / fy + 0.15 * H / fy), (H - cy) / fy + 0.15 * H / fy)
     zero = torch.zeros_like(z)
-    J = torch.stack([fx / z, zero, -fx * tx / z**2, zero, fy / z, -fy * ty / z**2], -1).unflatten(-1, (2, 3))  # (..., C, N, 2, 3)
-    cov2 = J @ cov_cam @ J.transpose(-1, -2) + EPS2D * torch.eye(2, dtype=p.dtype, device=p.device)  # (..., C, N, 2, 2)
+    J = torch.stack([fx / z, zero, -fx * tx / z**2,
+                     zero, fy / z, -fy * ty / z**2], -1).unflatten(-1, (2, 3))  # (..., C, N, 2, 3)
+    low_pass = EPS2D * torch.eye(2, dtype=p.dtype, device=p.device)
+    cov2 = J @ cov_cam @ J.transpose(-1, -2) + low_pass  # (..., C, N, 2, 2)
     a, b, c = cov2[..., 0, 0], cov2[..., 0, 1], cov2[..., 1, 1]
     det = (a * c - b * b).clamp(min=1e-12)
     conics = torch.stack([c / det, -b / det, a / det], -1)  # (..., C, N, 3)
@@ -131,8 +136,10 @@ def project_gaussians(means, quats, scales, opacities, w2c, K, H, W):
         u, v = means2d[..., 0], means2d[..., 1]
         # pixel i's centre is i + 0.5; keep the integer pixels whose centre is in the box
         box = torch.stack([torch.ceil(u - rx - 0.5).clamp(min=0), torch.floor(u + rx - 0.5).clamp(max=W - 1),
-                           torch.ceil(v - ry - 0.5).clamp(min=0), torch.floor(v + ry - 0.5).clamp(max=H - 1)], -1)
-        valid = in_front & (o >= ALPHA_MIN) & (box[..., 0] <= box[..., 1]) & (box[..., 2] <= box[..., 3]) & torch.isfinite(box).all(-1)
+                           torch.ceil(v - ry - 0.5).clamp(min=0),
+                           torch.floor(v + ry - 0.5).clamp(max=H - 1)], -1)  # (..., C, N, 4)
+        valid = (in_front & (o >= ALPHA_MIN) & (box[..., 0] <= box[..., 1]) & (box[..., 2] <= box[..., 3])
+                 & torch.isfinite(box).all(-1))
         box = torch.where(valid[..., None], box, torch.zeros_like(box)).long()  # (..., C, N, 4)
     return means2d, conics, p[..., 2], box, valid
 
@@ -204,7 +211,8 @@ def _render_sparse(means, quats, scales, opacities, colors, w2c, K, bg, H, W):
     with torch.no_grad():
         x0, x1, y0, y1 = box.flatten(0, 2)[entry].unbind(-1)  # (E,) each
         bw, count = x1 - x0 + 1, (x1 - x0 + 1) * (y1 - y0 + 1)
-        e = torch.repeat_interleave(torch.arange(len(cam), device=cam.device), count)  # (P,) entry of each pair
+        entries = torch.arange(len(cam), device=cam.device)  # (E,)
+        e = torch.repeat_interleave(entries, count)  # (P,) entry of each pair
         local = torch.arange(len(e), device=e.device) - (count.cumsum(0) - count)[e]
         px, py = x0[e] + local % bw[e], y0[e] + local // bw[e]
         pe = ent.detach().index_select(0, e)
@@ -244,7 +252,8 @@ def _render_dense(means, quats, scales, opacities, colors, w2c, K, bg, H, W):
     """Dense all-pairs reference rasterizer: every Gaussian against every pixel, composited with
     cumprod. O(N x H x W) memory; only for tests and benchmarks."""
     means2d, conics, depths, box, valid = project_gaussians(means, quats, scales, opacities, w2c, K, H, W)
-    ys, xs = torch.meshgrid(torch.arange(H, device=means.device), torch.arange(W, device=means.device), indexing="ij")
+    ys, xs = torch.meshgrid(torch.arange(H, device=means.device), torch.arange(W, device=means.device),
+                            indexing="ij")  # (H, W)
     xs, ys = xs.flatten(), ys.flatten()  # (HW,)
     dx = xs + 0.5 - means2d[..., 0, None]  # (B, C, N, HW)
     dy = ys + 0.5 - means2d[..., 1, None]
@@ -257,7 +266,8 @@ def _render_dense(means, quats, scales, opacities, colors, w2c, K, bg, H, W):
     T_incl = torch.cumprod(1 - alpha, dim=2)
     T_excl = torch.cat([torch.ones_like(T_incl[:, :, :1]), T_incl[:, :, :-1]], dim=2)
     w = alpha * T_excl * (T_incl > T_MIN)  # (B, C, N, HW)
-    col = colors[:, None].expand(-1, w.shape[1], -1, -1).gather(2, order[..., None].expand(-1, -1, -1, colors.shape[-1]))
+    by_depth = order[..., None].expand(-1, -1, -1, colors.shape[-1])  # (B, C, N, D)
+    col = colors[:, None].expand(-1, w.shape[1], -1, -1).gather(2, by_depth)  # (B, C, N, D)
     rgb = torch.einsum("bcnp,bcnd->bcpd", w, col)  # (B, C, HW, D)
     acc = w.sum(2)[..., None]  # (B, C, HW, 1)
     rgb = rgb + (1 - acc) * bg[:, :, None, :]
@@ -284,7 +294,8 @@ class SelfAttention(nn.Module):
         self.fc = nn.Linear(d, d, bias=False)
 
     def forward(self, x):
-        q, k, v = (rearrange(t, "b l (h e) -> b h l e", h=self.heads) for t in self.to_qkv(x).chunk(3, dim=-1))
+        qkv = self.to_qkv(x).chunk(3, dim=-1)
+        q, k, v = (rearrange(t, "b l (h e) -> b h l e", h=self.heads) for t in qkv)  # (B, heads, L, d_head)
         x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, L, d_head)
         return self.fc(rearrange(x, "b h l e -> b l (h e)"))
 
@@ -310,7 +321,8 @@ class GSLRM(nn.Module):
         self.input_norm = nn.LayerNorm(d, bias=False)
         self.blocks = nn.ModuleList([Block(d, heads) for _ in range(layers)])
         self.extra_head = nn.Sequential(nn.LayerNorm(d, bias=False), nn.Linear(d, 14, bias=False))
-        self.pixel_head = nn.Sequential(nn.LayerNorm(d, bias=False), nn.Linear(d, patch * patch * 14, bias=False))
+        self.pixel_head = nn.Sequential(nn.LayerNorm(d, bias=False),
+                                        nn.Linear(d, patch * patch * 14, bias=False))
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -330,8 +342,9 @@ class GSLRM(nn.Module):
         x = rearrange(x, "b v c (h ph) (w pw) -> b (v h w) (ph pw c)", ph=p, pw=p)  # (B, V*h*w, 9*p*p)
         x = torch.cat([self.extra_tokens.expand(B, -1, -1), self.patch_embed(x)], dim=1)  # (B, 2 + V*h*w, d)
         x = self.input_norm(x)
+        ckpt = self.grad_checkpoint and self.training
         for block in self.blocks:
-            x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpoint and self.training else block(x)
+            x = checkpoint(block, x, use_reentrant=False) if ckpt else block(x)
         extra = self.extra_head(x[:, :2])  # (B, 2, 14)
         pix = rearrange(self.pixel_head(x[:, 2:]), "b (v h w) (ph pw c) -> b v (h ph) (w pw) c",
                         v=V, h=H // p, ph=p, pw=p)  # (B, V, H, W, 14)
@@ -341,7 +354,9 @@ class GSLRM(nn.Module):
         depth = (2 * torch.sigmoid(pix[..., :3].float().mean(-1, keepdim=True)) - 1) * 1.8 + t_mid
         xyz = o + depth * d  # (B, V, H, W, 3)
         pix = torch.cat([xyz.to(pix.dtype), pix[..., 3:]], -1).flatten(1, 3)  # (B, V*H*W, 14)
-        raw = torch.cat([extra, pix], dim=1).float()  # (B, 2 + V*H*W, 14), FaceLift's order
+        # Order: the 2 extra Gaussians, then one per pixel by view, image row, image column. FaceLift's
+        # list goes by view, patch row, patch column, row in patch, column in patch (same set, other order).
+        raw = torch.cat([extra, pix], dim=1).float()  # (B, 2 + V*H*W, 14)
         xyz, sh, scale, rot, opac = raw.split([3, 3, 3, 4, 1], dim=-1)
         return {"means": xyz, "rgb": 0.5 + SH_C0 * sh, "scales": torch.exp((scale - 2.3).clamp(max=-1.2)),
                 "quats": F.normalize(rot, dim=-1), "opacities": torch.sigmoid(opac[..., 0] - 2.0)}
@@ -357,7 +372,8 @@ class GSLRM(nn.Module):
 
 
 def _render_views(H, W, bg, means, quats, scales, opacities, colors, w2c, K):
-    rgb, alpha = render_gaussians(means, quats, scales, opacities, colors, w2c, K, H, W, bg)  # (B, V, H, W, 3), (.., 1)
+    # rgb (B, V, H, W, 3), alpha (B, V, H, W, 1)
+    rgb, alpha = render_gaussians(means, quats, scales, opacities, colors, w2c, K, H, W, bg)
     return rearrange(torch.cat([rgb, alpha], -1), "b v h w c -> b v c h w")  # (B, V, 4, H, W)
 
 
@@ -384,12 +400,27 @@ class DeferredRender(torch.autograd.Function):
         return (None, None, None, *(t.grad for t in gaussians), None, None)
 
 
+def check_keys(where, ours, theirs, ignore=lambda k: False):
+    """Stop with a KeyError naming up to 8 missing and 8 unexpected keys (not counting `ignore`d ones)
+    unless the key sets `ours` (what we load into) and `theirs` (what the file holds) are equal."""
+    missing = sorted(k for k in set(ours) - set(theirs) if not ignore(k))
+    unexpected = sorted(k for k in set(theirs) - set(ours) if not ignore(k))
+    if missing or unexpected:
+        def first(keys):
+            return f"{keys[:8]}" + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+        raise KeyError(f"{where}: missing keys {first(missing)}, unexpected keys {first(unexpected)} "
+                       f"({len(missing)} missing, {len(unexpected)} unexpected)")
+
+
 def facelift_gslrm_key_map(layers):
     """FaceLift's GS-LRM state-dict keys -> ours."""
-    kmap = {"patch_embedder.1.weight": "patch_embed.weight", "gaussian_position_embeddings": "extra_tokens",
+    kmap = {"patch_embedder.1.weight": "patch_embed.weight",
+            "gaussian_position_embeddings": "extra_tokens",
             "input_layer_norm.weight": "input_norm.weight",
-            "gaussian_upsampler.layernorm.weight": "extra_head.0.weight", "gaussian_upsampler.linear.weight": "extra_head.1.weight",
-            "pixel_gaussian_decoder.0.weight": "pixel_head.0.weight", "pixel_gaussian_decoder.1.weight": "pixel_head.1.weight"}
+            "gaussian_upsampler.layernorm.weight": "extra_head.0.weight",
+            "gaussian_upsampler.linear.weight": "extra_head.1.weight",
+            "pixel_gaussian_decoder.0.weight": "pixel_head.0.weight",
+            "pixel_gaussian_decoder.1.weight": "pixel_head.1.weight"}
     for i in range(layers):
         for theirs, ours in (("norm1", "norm1"), ("norm2", "norm2"), ("attn.to_qkv", "attn.to_qkv"),
                              ("attn.fc", "attn.fc"), ("mlp.mlp.0", "mlp.0"), ("mlp.mlp.2", "mlp.2")):
@@ -405,15 +436,14 @@ def load_facelift_gslrm(model, path):
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ValueError(f"{path}: expected a dict with a 'model' state dict (FaceLift's GS-LRM checkpoint)")
-    theirs = {k: v for k, v in ckpt["model"].items() if not k.startswith("loss_calculator.")}
     kmap, ours = facelift_gslrm_key_map(len(model.blocks)), model.state_dict()
-    missing, unexpected = sorted(set(kmap) - set(theirs)), sorted(set(theirs) - set(kmap))
-    if missing or unexpected:
-        raise KeyError(f"{path}: not a FaceLift GS-LRM checkpoint for this preset ({len(model.blocks)} layers): "
-                       f"missing keys {missing}, unexpected keys {unexpected}")
+    check_keys(f"{path}: not a FaceLift GS-LRM checkpoint for this preset ({len(model.blocks)} layers)",
+               kmap, ckpt["model"], ignore=lambda k: k.startswith("loss_calculator."))
+    theirs = {k: v for k, v in ckpt["model"].items() if k in kmap}
     for k, v in theirs.items():
         if v.shape != ours[kmap[k]].shape:
-            raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, our {kmap[k]} expects {tuple(ours[kmap[k]].shape)}")
+            raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, "
+                             f"our {kmap[k]} expects {tuple(ours[kmap[k]].shape)}")
     model.load_state_dict({kmap[k]: v for k, v in theirs.items()}, strict=True)
     return ckpt
 
@@ -423,11 +453,16 @@ def load_facelift_gslrm(model, path):
 # (GS-LRM losses)
 # torchvision's `vgg16().features` / `vgg19().features` layouts, so that their state dicts load
 # unchanged (keys `features.{i}.weight`); only the layers up to the deepest tap are built.
-VGG_LAYERS = {"vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512],
-              "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512]}
+VGG_LAYERS = {
+    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512],
+    "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
+              512, 512, 512, 512],
+}
 # indices into `features` of the ReLUs whose outputs are compared
-VGG_TAPS = {"vgg19": (3, 8, 13, 22, 31),  # relu1_2, relu2_2, relu3_2, relu4_2, relu5_2 (FaceLift's perceptual loss)
-            "vgg16": (3, 8, 15, 22, 29)}  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 (LPIPS)
+VGG_TAPS = {
+    "vgg19": (3, 8, 13, 22, 31),  # relu1_2, relu2_2, relu3_2, relu4_2, relu5_2 (FaceLift's perceptual loss)
+    "vgg16": (3, 8, 15, 22, 29),  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 (LPIPS)
+}
 
 
 class VGGFeatures(nn.Module):
@@ -463,11 +498,12 @@ def load_vgg(path, arch):
     vgg = VGGFeatures(arch)
     sd = torch.load(path, map_location="cpu", weights_only=True)
     ours = vgg.state_dict()
-    missing = sorted(set(ours) - set(sd))
-    deeper = lambda k: re.fullmatch(r"features\.(\d+)\.(weight|bias)", k) and int(k.split(".")[1]) > vgg.taps[-1]  # noqa: E731
-    unexpected = sorted(k for k in set(sd) - set(ours) if not (k.startswith("classifier.") or deeper(k)))
-    if missing or unexpected:
-        raise KeyError(f"{path}: not a torchvision {arch} state dict: missing keys {missing}, unexpected keys {unexpected}")
+
+    def unused(k):  # torchvision's classifier and the layers past our deepest tap
+        deeper = re.fullmatch(r"features\.(\d+)\.(weight|bias)", k) and int(k.split(".")[1]) > vgg.taps[-1]
+        return k.startswith("classifier.") or deeper
+
+    check_keys(f"{path}: not a torchvision {arch} state dict", ours, sd, ignore=unused)
     vgg.load_state_dict({k: sd[k] for k in ours}, strict=True)
     return vgg
 
@@ -480,8 +516,6 @@ def load_lpips_heads(path):
     if sorted(sd) != sorted(want):
         raise KeyError(f"{path}: expected the LPIPS vgg heads {want}, found {sorted(sd)}")
     return [sd[k].flatten() for k in want]
-
-# (end of section: Perceptual networks: VGG feature extractors for the perceptual loss and LPIPS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -496,18 +530,22 @@ def load_lpips_heads(path):
 
 MVDIFF_UNET_CONFIGS = {
     # tests: a few seconds per step on a CPU
-    "tiny": dict(sample_size=16, in_channels=6, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    "tiny": dict(sample_size=16, in_channels=6, out_channels=3, layers_per_block=1,
+                 block_out_channels=(16, 32),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
                  cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8),
-    # the toy: pixel-space diffusion at 32 px (3 noisy + 3 reference channels), attention (multi-view and
-    # cross) at 8x8 only: at 16x16 the attention alone took 3x the CPU time of the rest of the UNet
-    "toy": dict(sample_size=32, in_channels=6, out_channels=3, layers_per_block=1, block_out_channels=(32, 64, 96),
+    # the toy: pixel-space diffusion at 32 px (3 noisy + 3 reference channels); attention only at 8x8
+    # (multi-view and cross), as attention at 16x16 costs more CPU time than the rest of the UNet
+    "toy": dict(sample_size=32, in_channels=6, out_channels=3, layers_per_block=1,
+                block_out_channels=(32, 64, 96),
                 down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
                 cross_attention_dim=32, attention_head_dim=16, norm_num_groups=16),
-    # FaceLift = SD 2.1-unclip: 4 latent + 4 reference-latent channels, CLIP-H image embedding + noise-level
-    # embedding (2 x 1024) through a projection class embedding, OpenCLIP-H text width 1024
-    "facelift": dict(sample_size=32, in_channels=8, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    # FaceLift = SD 2.1-unclip: 4 latent + 4 reference-latent channels, CLIP-H image embedding +
+    # noise-level embedding (2 x 1024) through a projection class embedding, OpenCLIP-H text width 1024
+    "facelift": dict(sample_size=32, in_channels=8, out_channels=4, layers_per_block=2,
+                     block_out_channels=(320, 640, 1280, 1280),
                      down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                      up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
                      cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
@@ -524,9 +562,11 @@ class MVAttnProcessor:
     def __init__(self, num_views, sparse=True):
         self.num_views, self.sparse = num_views, sparse
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, ref_idx=None):
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 ref_idx=None):
         # the SD UNet's attn1 uses none of these; refuse rather than silently ignore them
-        assert encoder_hidden_states is None and attention_mask is None, "multi-view attention is self-attention only"
+        assert encoder_hidden_states is None and attention_mask is None, (
+            "multi-view attention is self-attention only")
         assert attn.group_norm is None and attn.spatial_norm is None and not attn.residual_connection
         assert attn.norm_q is None and attn.norm_k is None and attn.rescale_output_factor == 1.0
         V = self.num_views
@@ -537,9 +577,10 @@ class MVAttnProcessor:
                    for f in (attn.to_q, attn.to_k, attn.to_v))  # (B, V, heads, N, d) each
         if self.sparse:
             b = torch.arange(B, device=q.device)
-            k = torch.cat([k[b, ref_idx][:, None].expand_as(k), k], dim=3)  # (B, V, heads, 2N, d): [reference; own]
+            # keys and values: [reference view's; own] along the tokens
+            k = torch.cat([k[b, ref_idx][:, None].expand_as(k), k], dim=3)  # (B, V, heads, 2N, d)
             v = torch.cat([v[b, ref_idx][:, None].expand_as(v), v], dim=3)
-            # 4-D inputs: with 5-D ones SDPA falls back to its slow math path (25x slower backward on CPU)
+            # 4-D inputs: with 5-D ones SDPA falls back to its slow math path
             q, k, v = (rearrange(t, "b v h n d -> (b v) h n d") for t in (q, k, v))
             out = F.scaled_dot_product_attention(q, k, v)  # (B*V, heads, N, d)
             out = rearrange(out, "bv h n d -> bv n (h d)")
@@ -554,7 +595,8 @@ class CrossAttnProcessor(AttnProcessor2_0):
     """diffusers' SDPA processor for attn2 (cross-attention to the prompt embeddings), taking and
     ignoring the reference index that the UNet passes to every processor via cross_attention_kwargs."""
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, ref_idx=None):
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 ref_idx=None):
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
 
@@ -582,7 +624,8 @@ class MVUNet(nn.Module):
         # diffusers' forward has no argument for an extra time-embedding term: add it at the output of
         # `time_embedding` (SD has no time_embed_act after it, so this is the embedding every resnet gets)
         self._ref_emb = None
-        self.unet.time_embedding.register_forward_hook(self._add_ref_emb)  # a bound method: deepcopy rebinds it to the copy
+        # a bound method: deepcopy rebinds it to the copy
+        self.unet.time_embedding.register_forward_hook(self._add_ref_emb)
 
     def _add_ref_emb(self, module, inputs, out):
         return out if self._ref_emb is None else out + self._ref_emb
@@ -594,12 +637,17 @@ class MVUNet(nn.Module):
         B, V = noisy.shape[:2]
         assert V == self.num_views, f"{V} views, the model was built for {self.num_views}"
         x = torch.cat([noisy, ref_cond[:, None].expand(-1, V, -1, -1, -1)], dim=2)  # (B, V, C + Cr, H, W)
-        ctx = prompt_embeds.expand(B, -1, -1, -1) if prompt_embeds.dim() == 3 else prompt_embeds  # (B, V, T, D)
-        rep = lambda a: None if a is None else repeat(a, "b ... -> (b v) ...", v=V)  # noqa: E731  per object -> per view
+        one_set = prompt_embeds.dim() == 3  # (V, T, D): the same for every object
+        ctx = prompt_embeds.expand(B, -1, -1, -1) if one_set else prompt_embeds  # (B, V, T, D)
+
+        def rep(a):  # per object -> per view
+            return None if a is None else repeat(a, "b ... -> (b v) ...", v=V)
+
         self._ref_emb = rep(self.ref_view_embed(ref_idx))  # (B*V, D_t)
         try:
-            out = self.unet(rearrange(x, "b v c h w -> (b v) c h w"), rep(t), rearrange(ctx, "b v t d -> (b v) t d"),
-                            class_labels=rep(class_labels), cross_attention_kwargs={"ref_idx": ref_idx}).sample
+            out = self.unet(rearrange(x, "b v c h w -> (b v) c h w"), rep(t),
+                            rearrange(ctx, "b v t d -> (b v) t d"), class_labels=rep(class_labels),
+                            cross_attention_kwargs={"ref_idx": ref_idx}).sample  # (B*V, C_out, H, W)
         finally:
             self._ref_emb = None
         return rearrange(out, "(b v) c h w -> b v c h w", v=V)
@@ -611,10 +659,11 @@ def build_mv_unet(preset, num_views=6, sparse=True, **overrides):
 
 
 # FaceLift's unet/config.json names its own classes; the weights are those of the plain diffusers blocks
-FACELIFT_BLOCK_MAP = {"CrossAttnDownBlockMV2D": "CrossAttnDownBlock2D", "UNetMidBlockMV2DCrossAttn": "UNetMidBlock2DCrossAttn",
+FACELIFT_BLOCK_MAP = {"CrossAttnDownBlockMV2D": "CrossAttnDownBlock2D",
+                      "UNetMidBlockMV2DCrossAttn": "UNetMidBlock2DCrossAttn",
                       "CrossAttnUpBlockMV2D": "CrossAttnUpBlock2D"}
-FACELIFT_EXTRA_KEYS = ("num_views", "multiview_attention", "sparse_mv_attention", "selfattn_block", "cd_attention_last",
-                       "cd_attention_mid", "addition_downsample", "addition_channels")
+FACELIFT_EXTRA_KEYS = ("num_views", "multiview_attention", "sparse_mv_attention", "selfattn_block",
+                       "cd_attention_last", "cd_attention_mid", "addition_downsample", "addition_channels")
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
@@ -623,7 +672,8 @@ def unet_config_from_facelift(config, where="config.json"):
     import inspect as _inspect
     from diffusers import UNet2DConditionModel
     if config.get("_class_name") not in ("UNetMV2DConditionModel", "UNet2DConditionModel"):
-        raise ValueError(f"{where}: _class_name {config.get('_class_name')!r}, expected UNetMV2DConditionModel (FaceLift) or UNet2DConditionModel")
+        raise ValueError(f"{where}: _class_name {config.get('_class_name')!r}, "
+                         "expected UNetMV2DConditionModel (FaceLift) or UNet2DConditionModel")
     cfg = {k: v for k, v in config.items() if not k.startswith("_") and k not in FACELIFT_EXTRA_KEYS}
     for key in ("down_block_types", "up_block_types"):
         cfg[key] = [FACELIFT_BLOCK_MAP.get(b, b) for b in cfg[key]]
@@ -631,7 +681,8 @@ def unet_config_from_facelift(config, where="config.json"):
         cfg["mid_block_type"] = FACELIFT_BLOCK_MAP.get(cfg["mid_block_type"], cfg["mid_block_type"])
     unknown = sorted(set(cfg) - set(_inspect.signature(UNet2DConditionModel.__init__).parameters))
     if unknown:
-        raise ValueError(f"{where}: keys {unknown} are neither UNet2DConditionModel arguments nor FaceLift's known extras {FACELIFT_EXTRA_KEYS}")
+        raise ValueError(f"{where}: keys {unknown} are neither UNet2DConditionModel arguments "
+                         f"nor FaceLift's known extras {FACELIFT_EXTRA_KEYS}")
     return cfg
 
 
@@ -648,20 +699,22 @@ def load_unet(path):
     files = [path / f for f in WEIGHT_FILES if (path / f).is_file()]
     if not files:
         raise FileNotFoundError(f"{path}: no weights ({' or '.join(WEIGHT_FILES)})")
-    sd = load_file(files[0]) if files[0].suffix == ".safetensors" else torch.load(files[0], map_location="cpu", weights_only=True)
+    if files[0].suffix == ".safetensors":
+        sd = load_file(files[0])
+    else:
+        sd = torch.load(files[0], map_location="cpu", weights_only=True)
     ours = unet.state_dict()
-    missing, unexpected = sorted(set(ours) - set(sd)), sorted(set(sd) - set(ours))
-    if missing or unexpected:
-        raise KeyError(f"{files[0]}: missing keys {missing[:8]}{'...' if len(missing) > 8 else ''} ({len(missing)}), "
-                       f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''} ({len(unexpected)})")
+    check_keys(f"{files[0]}: not the weights of the UNet that {cfg_file.name} describes", ours, sd)
     for k, v in sd.items():
         if v.shape != ours[k].shape:
-            raise ValueError(f"{files[0]}: {k} has shape {tuple(v.shape)}, the config gives {tuple(ours[k].shape)}")
+            raise ValueError(f"{files[0]}: {k} has shape {tuple(v.shape)}, "
+                             f"the config gives {tuple(ours[k].shape)}")
     unet.load_state_dict(sd)  # strict
     return unet
 
 
-REF_EMBED_FILE = "ref_view_embed.safetensors"  # beside diffusers' files in our unet/ folders; FaceLift's has none
+# beside diffusers' files in our unet/ folders; FaceLift's has none
+REF_EMBED_FILE = "ref_view_embed.safetensors"
 
 
 def load_mv_unet(path, num_views=6, sparse=True):
@@ -670,28 +723,31 @@ def load_mv_unet(path, num_views=6, sparse=True):
     if (Path(path) / REF_EMBED_FILE).is_file():
         w = load_file(Path(path) / REF_EMBED_FILE)["weight"]
         if w.shape != model.ref_view_embed.weight.shape:
-            raise ValueError(f"{Path(path) / REF_EMBED_FILE}: shape {tuple(w.shape)}, expected {tuple(model.ref_view_embed.weight.shape)} "
-                             f"({num_views} views)")
+            raise ValueError(f"{Path(path) / REF_EMBED_FILE}: shape {tuple(w.shape)}, "
+                             f"expected {tuple(model.ref_view_embed.weight.shape)} ({num_views} views)")
         model.ref_view_embed.weight.data.copy_(w)
     return model
 
 
 def save_mv_unet(model, path):
-    """diffusers save_pretrained of the UNet (loadable by any diffusers pipeline) + the reference-view embedding."""
+    """diffusers save_pretrained of the UNet (loadable by any diffusers pipeline) + the
+    reference-view embedding."""
     model.unet.save_pretrained(path)
-    save_file({"weight": model.ref_view_embed.weight.detach().cpu().contiguous()}, str(Path(path) / REF_EMBED_FILE))
+    weight = model.ref_view_embed.weight.detach().cpu().contiguous()
+    save_file({"weight": weight}, str(Path(path) / REF_EMBED_FILE))
 
 
 @torch.no_grad()
-def sample_views(model, scheduler, ref_cond, ref_idx, prompt_embeds, shape, class_labels=None, num_steps=50, guidance=3.0,
-                 eta=1.0, generator=None):
+def sample_views(model, scheduler, ref_cond, ref_idx, prompt_embeds, shape, class_labels=None,
+                 num_steps=50, guidance=3.0, eta=1.0, generator=None):
     """DDIM with classifier-free guidance: all V views of B objects from their reference conditions.
     ref_cond (B, Cr, H, W), ref_idx (B,), prompt_embeds (V, T, D), shape = (C, H, W) of one view,
     class_labels (B, E) or None. The unconditional branch zeroes the reference conditions (what
     training's dropout does) and keeps the prompt embeddings (they say which view is which).
     Returns the denoised views (B, V, C, H, W) in the model's space (latents, or pixels in [-1, 1])."""
     B, V = ref_cond.shape[0], model.num_views
-    x = torch.randn((B, V, *shape), generator=generator, device=generator.device if generator else "cpu").to(ref_cond)
+    device = generator.device if generator else "cpu"
+    x = torch.randn((B, V, *shape), generator=generator, device=device).to(ref_cond)  # (B, V, C, H, W)
     x = x * scheduler.init_noise_sigma
     scheduler.set_timesteps(num_steps, device=ref_cond.device)
     cfg = guidance != 1.0
@@ -708,9 +764,6 @@ def sample_views(model, scheduler, ref_cond, ref_idx, prompt_embeds, shape, clas
             out = model(x, tt, prompt_embeds, ref_idx, ref_cond, class_labels)
         x = scheduler.step(out, t, x, eta=eta, generator=generator).prev_sample
     return x
-
-
-# (end of section: Multi-view diffusion: FaceLift's UNet with multi-view attention, the sampler)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -732,11 +785,11 @@ class M2PEncoder(nn.Module):
     pre-LN transformer over time (bidirectional: the whole window of music is known) on tokens
     music_proj(music) + pos[t] + pose_proj(ref pose) + face_proj(face features). The heatmap of a
     joint is a Gaussian (of learned per-joint width) around the reference joint moved by a
-    predicted offset, plus a residual map, separable (x logits + y logits, zero-initialised; a
-    full H x W residual head costs 10x more for a toy whose targets are separable Gaussians):
-    training starts from the reference pose instead of from noise, which matters on a CPU budget."""
+    predicted offset, plus a zero-initialised separable residual (x logits + y logits): training
+    starts from the reference pose instead of from noise."""
 
-    def __init__(self, music_dim, joints, d, layers, heads, heatmap, max_frames=300, face_size=32, embed_dim=512, conv_kernel=31):
+    def __init__(self, music_dim, joints, d, layers, heads, heatmap, max_frames=300, face_size=32,
+                 embed_dim=512, conv_kernel=31):
         super().__init__()
         self.J, self.H, self.face_size = joints, heatmap, face_size
         # music features come in wildly different scales (MFCC ~100s, one-hots 0/1): normalised with
@@ -754,7 +807,7 @@ class M2PEncoder(nn.Module):
         self.face_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, embed_dim))
         self.blocks = nn.ModuleList([Block(d, heads) for _ in range(layers)])
         self.norm = nn.LayerNorm(d)
-        self.offset_head = nn.Linear(d, joints * 2)  # joint offsets from the reference pose (normalised coords)
+        self.offset_head = nn.Linear(d, joints * 2)  # offsets from the reference joints (normalised coords)
         self.residual_head = nn.Linear(d, joints * 2 * heatmap)  # x logits, then y logits
         self.log_width = nn.Parameter(torch.zeros(joints))  # Gaussian width per joint, in heatmap cells (exp)
         # dance is smooth: the offsets are low-passed in time (a fixed Gaussian of 2 frames), so
@@ -772,7 +825,8 @@ class M2PEncoder(nn.Module):
     def forward(self, music, ref_pose, face):
         B, T, _ = music.shape
         assert T <= self.pos.shape[0], f"window of {T} frames, positions only for {self.pos.shape[0]}"
-        face = F.interpolate(face, size=(self.face_size, self.face_size), mode="bilinear", antialias=True, align_corners=False)
+        face = F.interpolate(face, size=(self.face_size, self.face_size), mode="bilinear", antialias=True,
+                             align_corners=False)  # (B, 3, face_size, face_size)
         f = self.face_cnn(face * 2 - 1)  # (B, d)
         pose_in = torch.cat([ref_pose[..., :2] - 0.5, ref_pose[..., 2:]], -1).flatten(1)  # (B, J * 3)
         cond = self.pose_proj(pose_in) + self.face_proj(f)  # (B, d)
@@ -785,12 +839,13 @@ class M2PEncoder(nn.Module):
         offset = rearrange(self.offset_head(x), "b t jc -> b jc t")  # (B, J * 2, T)
         offset = F.conv1d(F.pad(offset, (4, 4), mode="replicate"), self.smooth, groups=offset.shape[1])
         offset = rearrange(offset, "b (j c) t -> b t j c", c=2)  # (B, T, J, 2)
-        mu = (ref_pose[:, None, :, :2] + offset) * self.H - 0.5  # (B, T, J, 2) in heatmap cells (centres at i)
+        mu = (ref_pose[:, None, :, :2] + offset) * self.H - 0.5  # (B, T, J, 2) in cells (centres at i)
         cells = torch.arange(self.H, device=x.device, dtype=x.dtype)
         width = self.log_width.exp()[:, None]  # (J, 1)
         gx = -((cells - mu[..., :1]) / width) ** 2 / 2  # (B, T, J, W): x along columns
         gy = -((cells - mu[..., 1:]) / width) ** 2 / 2  # (B, T, J, H)
-        rx, ry = rearrange(self.residual_head(x), "b t (j c h) -> c b t j h", j=self.J, c=2)  # (B, T, J, H) each
+        res = self.residual_head(x)  # (B, T, J * 2 * H)
+        rx, ry = rearrange(res, "b t (j c h) -> c b t j h", j=self.J, c=2)  # (B, T, J, H) each
         logits = (gy + ry)[..., :, None] + (gx + rx)[..., None, :]  # (B, T, J, H, W)
         embedding = F.normalize(self.face_head(f), dim=-1)  # (B, 512)
         return logits, embedding
@@ -799,7 +854,7 @@ class M2PEncoder(nn.Module):
 # The face recognizer, in the layout of insightface's arcface_torch `iresnet.py` so that its
 # `backbone.pth` files (iresnet18/34/50/100, glintr100 = iresnet100) load key for key.
 IRESNET_CONFIGS = {
-    "toy": dict(layers=(1, 1, 1, 1), widths=(8, 16, 32, 64)),  # stands in for ArcFace in the toy (frozen, random)
+    "toy": dict(layers=(1, 1, 1, 1), widths=(8, 16, 32, 64)),  # the toy's ArcFace (frozen, random)
     "iresnet18": dict(layers=(2, 2, 2, 2)),
     "iresnet34": dict(layers=(3, 4, 6, 3)),
     "iresnet50": dict(layers=(3, 4, 14, 3)),
@@ -847,8 +902,10 @@ class IResNet(nn.Module):
         nn.init.constant_(self.features.weight, 1.0)
 
     def _make_layer(self, planes, blocks):
-        downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes, 1, 2, bias=False), nn.BatchNorm2d(planes, eps=1e-05))
-        layers = [IBasicBlock(self.inplanes, planes, 2, downsample)] + [IBasicBlock(planes, planes) for _ in range(1, blocks)]
+        downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes, 1, 2, bias=False),
+                                   nn.BatchNorm2d(planes, eps=1e-05))
+        layers = [IBasicBlock(self.inplanes, planes, 2, downsample)]
+        layers += [IBasicBlock(planes, planes) for _ in range(1, blocks)]
         self.inplanes = planes
         return nn.Sequential(*layers)
 
@@ -868,15 +925,12 @@ def load_iresnet(path, arch):
     sd = sd.get("state_dict", sd)
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     ours = model.state_dict()
-    missing = sorted(k for k in ours if k not in sd and not k.endswith("num_batches_tracked"))
-    unexpected = sorted(k for k in sd if k not in ours)
-    if missing or unexpected:
-        raise KeyError(f"{path}: not an arcface_torch {arch} state dict: missing keys {missing[:5]}"
-                       f"{'...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
-    bad = [f"{k} {tuple(v.shape)} vs {tuple(ours[k].shape)}" for k, v in sd.items() if v.shape != ours[k].shape]
+    # a file may lack BatchNorm's num_batches_tracked (load_state_dict then fills it in)
+    check_keys(f"{path}: not an arcface_torch {arch} state dict", ours, sd,
+               ignore=lambda k: k in ours and k.endswith("num_batches_tracked"))
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(ours[k].shape)}"
+           for k, v in sd.items() if v.shape != ours[k].shape]
     if bad:
         raise ValueError(f"{path}: shapes differ from {arch}: {bad[:5]}")
-    model.load_state_dict(sd, strict=True)  # num_batches_tracked, if absent, is filled in by BatchNorm
+    model.load_state_dict(sd, strict=True)
     return model.eval().requires_grad_(False)
-
-# (end of section: Dance: music-to-pose encoder, face recognizer (IResNet))

@@ -16,9 +16,10 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from data import (MultiViewDataset, StepSampler, latest_checkpoint, load_checkpoint, load_config, load_rig,
-                  save_checkpoint, save_config, save_image_grid, save_ply, write_toy_mice)
+                  log_metrics, save_checkpoint, save_config, save_image_grid, save_ply)
 from losses import lpips, masked_psnr, perceptual_loss, psnr, ssim
 from models import GSLRM, GSLRM_CONFIGS, load_facelift_gslrm, load_lpips_heads, load_vgg
+from toy import toy_mice
 
 
 @dataclass
@@ -52,10 +53,7 @@ class Config:
     lpips_heads_path: str = ""  # ...the lpips package's linear heads (lpips/weights/v0.1/vgg.pth)
     l2_warmup_steps: int = 0  # MSE only for the first steps (FaceLift: 500)
     ssim_weight: float = 0.0
-    # MSE between rendered and target alpha. FaceLift: 0 (it starts from pretrained weights). From
-    # scratch on the toy, colour alone often first turns every Gaussian transparent and stays there
-    # for hundreds of steps (3 of 5 runs at step 200); the mask pulls the foreground out of that at once.
-    alpha_weight: float = 1.0
+    alpha_weight: float = 1.0  # MSE on rendered alpha: a from-scratch toy stays opaque (FaceLift: 0)
     mixed_precision: str = "bf16"  # bf16 | no; bf16 autocast is used on GPU only
     compile: bool = False
     # run
@@ -81,9 +79,9 @@ def lr_at(step, cfg):
 
 def split_views(batch, n_in=6):
     """Batch from MultiViewDataset -> inputs (first n_in views) and targets (the rest)."""
-    img = batch["images"]  # (B, V, 4, H, W): RGB on white + alpha
-    return (img[:, :n_in, :3], batch["c2w"][:, :n_in], batch["fxfycxcy"][:, :n_in]), \
-        (img[:, n_in:], batch["c2w"][:, n_in:], batch["fxfycxcy"][:, n_in:])
+    img, c2w, K = batch["images"], batch["c2w"], batch["fxfycxcy"]  # (B, V, 4, H, W): RGB on white + alpha
+    inputs = (img[:, :n_in, :3], c2w[:, :n_in], K[:, :n_in])
+    return inputs, (img[:, n_in:], c2w[:, n_in:], K[:, n_in:])
 
 
 @torch.no_grad()
@@ -92,7 +90,7 @@ def evaluate(model, val_set, cfg, step, mean_image, device, out_dir, lpips_net=N
     views), the same PSNR for the mean training image, a PNG grid (inputs | ground truth |
     renders); optionally the first sample's Gaussians as a 3DGS PLY (390 MB at FaceLift's size)."""
     model.eval()
-    scores, rows = {"psnr": [], "masked_psnr": [], "ssim": [], "baseline_psnr": []}, []
+    scores, rows = {"psnr": [], "baseline_psnr": [], "masked_psnr": [], "ssim": []}, []
     if lpips_net is not None:
         scores["lpips"] = []
     for i in range(min(cfg.val_samples, len(val_set))):
@@ -114,12 +112,15 @@ def evaluate(model, val_set, cfg, step, mean_image, device, out_dir, lpips_net=N
             rows.append(torch.cat([img[0], gt, pred]).cpu())
     model.train()
     metrics = {k: torch.cat(v).mean().item() for k, v in scores.items()}
-    grid = save_image_grid(rows, Path(out_dir) / f"val_{step:06d}.png")
+    n_tgt = (len(rows[0]) - 6) // 2  # a row: 6 inputs, n_tgt ground truths, n_tgt renders
+    groups = [("input views", 6), ("ground truth", n_tgt), (f"rendered, step {step}", n_tgt)]
+    grid = save_image_grid(rows, Path(out_dir) / f"val_{step:06d}.png", groups)
     return metrics, grid
 
 
 def main(cfg):
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),  # on CPU: still real DDP over gloo under torchrun
+    # cpu=True without CUDA: torchrun then still gives real DDP over gloo
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               mixed_precision=cfg.mixed_precision if torch.cuda.is_available() else "no",
                               log_with="wandb" if cfg.wandb else None)
     main_proc, device = accelerator.is_main_process, accelerator.device
@@ -135,32 +136,38 @@ def main(cfg):
     # data: generate the toy mice once (main process), everyone waits
     data_dir = Path(cfg.data_dir)
     train_list, val_list = data_dir / cfg.train_list, data_dir / cfg.val_list
-    if main_proc and not train_list.exists() and data_dir == Path(Config.data_dir):
-        write_toy_mice(data_dir, n=cfg.toy_samples, rig=cfg.rig, size=64, seed=cfg.seed)
-    accelerator.wait_for_everyone()
+    if data_dir == Path(Config.data_dir):
+        toy_mice(data_dir, accelerator, n=cfg.toy_samples, rig=cfg.rig, size=64, seed=cfg.seed)
     rig = load_rig(cfg.rig)
-    train_set = MultiViewDataset(train_list, cfg.image_size, range(6), cfg.num_novel_views, rig=rig, seed=cfg.seed)
-    val_set = MultiViewDataset(val_list, cfg.image_size, range(6), -1, rig=rig)  # every extra view is a novel view
+    train_set = MultiViewDataset(train_list, cfg.image_size, range(6), cfg.num_novel_views, rig, cfg.seed)
+    val_set = MultiViewDataset(val_list, cfg.image_size, range(6), -1, rig)  # every extra view is a novel view
     # the baseline that knows nothing about the input: the mean training image
-    mean_image = torch.stack([train_set[i]["images"][:, :3].mean(0) for i in range(min(100, len(train_set)))]).mean(0).to(device)
+    first = [train_set[i]["images"][:, :3].mean(0) for i in range(min(100, len(train_set)))]  # (3, H, W) each
+    mean_image = torch.stack(first).mean(0).to(device)
 
     # model
-    model = GSLRM(**GSLRM_CONFIGS[cfg.preset], grad_checkpoint=cfg.grad_checkpoint, deferred_render=cfg.deferred_render)
+    model = GSLRM(**GSLRM_CONFIGS[cfg.preset], grad_checkpoint=cfg.grad_checkpoint,
+                  deferred_render=cfg.deferred_render)
     if cfg.init_from:
         if cfg.init_from.endswith(".pt"):
             load_facelift_gslrm(model, cfg.init_from)
         else:
             load_checkpoint(cfg.init_from, {"model": model}, restore_rng=False)
-        print(f"initialised weights from {cfg.init_from}") if main_proc else None
+        if main_proc:
+            print(f"initialised weights from {cfg.init_from}")
 
     # parameter groups, by hand: weight decay on matrices only (nanoGPT)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    groups = [{"name": "decay", "params": [p for p in params.values() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+    groups = [{"name": "decay", "params": [p for p in params.values() if p.dim() >= 2],
+               "weight_decay": cfg.weight_decay},
               {"name": "no_decay", "params": [p for p in params.values() if p.dim() < 2], "weight_decay": 0.0}]
-    assert sum(len(g["params"]) for g in groups) == len(params)  # every trainable tensor in exactly one group
+    # every trainable parameter in exactly one group, no frozen one in any
+    grouped = sorted(id(p) for g in groups for p in g["params"])
+    assert grouped == sorted(id(p) for p in model.parameters() if p.requires_grad), "groups != trainable"
     if main_proc:
         for g in groups:
-            print(f"group {g['name']}: {len(g['params'])} tensors, {sum(p.numel() for p in g['params']):,} params, lr {cfg.lr}")
+            n = sum(p.numel() for p in g["params"])
+            print(f"group {g['name']}: {len(g['params'])} tensors, {n:,} params, lr {cfg.lr:g}")
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=torch.cuda.is_available())
     for g in optimizer.param_groups:
         g["initial_lr"] = cfg.lr
@@ -168,11 +175,12 @@ def main(cfg):
     start_step, skipped = 0, 0
     resume = latest_checkpoint(out_dir) if cfg.resume == "auto" else (cfg.resume or None)
     if resume:
-        # per-rank randomness is re-seeded from (seed, rank, step) rather than restored (only rank 0's was saved)
+        # per-rank randomness is re-seeded from (seed, rank, step): only rank 0's RNG state was saved
         state = load_checkpoint(resume, {"model": model}, {"optimizer": optimizer}, restore_rng=False)
         start_step, skipped = state["step"], state["extra"]["skipped"]
         set_seed(cfg.seed + accelerator.process_index + 1000 * start_step)
-        print(f"resumed from {resume} at step {start_step}") if main_proc else None
+        if main_proc:
+            print(f"resumed from {resume} at step {start_step}")
     if cfg.compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -200,14 +208,14 @@ def main(cfg):
             if main_proc:
                 ply = out_dir / f"val_{step:06d}.ply" if step == cfg.max_steps else None
                 m, grid = evaluate(raw_model, val_set, cfg, step, mean_image, device, out_dir, lpips_net, ply)
-                print(f"val step {step}: novel-view psnr {m['psnr']:.2f} dB (mean-image baseline {m['baseline_psnr']:.2f} dB) | "
-                      f"masked psnr {m['masked_psnr']:.2f} | ssim {m['ssim']:.3f}"
-                      + (f" | lpips {m['lpips']:.3f}" if "lpips" in m else "") + f" | grid {grid}" + (f" | {ply}" if ply else ""))
+                log_metrics(m, step, out_dir)  # novel views; baseline: the mean training image
+                print(f"grid {grid}" + (f" | gaussians {ply}" if ply else ""))
                 accelerator.log({f"val/{k}": v for k, v in m.items()}, step=step)
             accelerator.wait_for_everyone()
         if step > start_step and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
             if main_proc:
-                path = save_checkpoint(out_dir, step, {"model": raw_model}, {"optimizer": optimizer}, cfg, {"skipped": skipped})
+                path = save_checkpoint(out_dir, step, {"model": raw_model}, {"optimizer": optimizer}, cfg,
+                                       {"skipped": skipped})
                 print(f"saved {path}")
             accelerator.wait_for_everyone()
         if step == cfg.max_steps:
@@ -219,12 +227,14 @@ def main(cfg):
         batch = {k: v.to(device) for k, v in next(loader).items() if torch.is_tensor(v)}
         (img, c2w, K), (tgt, tc2w, tK) = split_views(batch)
         # supervise the novel views plus a random subset of the input views (a function of the step: resumable)
-        pick = torch.randperm(6, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + step))[: cfg.num_input_views_supervised]
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + step)
+        pick = torch.randperm(6, generator=gen)[: cfg.num_input_views_supervised]
         tgt = torch.cat([batch["images"][:, pick], tgt], 1)  # (B, Vt, 4, H, W)
         tc2w, tK = torch.cat([c2w[:, pick], tc2w], 1), torch.cat([K[:, pick], tK], 1)
         with accelerator.autocast():
             gaussians = model(img, c2w, K)
-        pred, pred_alpha = raw_model.render(gaussians, tc2w, tK, H, H).split([3, 1], dim=2)  # (B, Vt, 3|1, H, W), fp32
+        render = raw_model.render(gaussians, tc2w, tK, H, H)  # (B, Vt, 4, H, W), fp32
+        pred, pred_alpha = render.split([3, 1], dim=2)
         gt = tgt[:, :, :3]
         mse = torch.nn.functional.mse_loss(pred, gt)
         loss, parts = mse, {"mse": mse.item()}
@@ -245,7 +255,8 @@ def main(cfg):
             optimizer.step()
         else:
             skipped += 1
-            print(f"step {step}: skipped (loss {loss.item():.4g}, grad norm {grad_norm:.4g}), {skipped} so far") if main_proc else None
+            if main_proc:
+                print(f"step {step}: skipped (loss {loss.item():.4g}, grad norm {grad_norm:.4g}), {skipped} so far")
 
         if main_proc and step % cfg.log_every == 0:
             dt = (time.perf_counter() - t_last) / (cfg.log_every if step > start_step else 1)

@@ -12,9 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 import train_dance
-from data import DanceClipDataset, check_clip, load_config, write_toy_dance
+from data import DanceClipDataset, check_clip, load_config
 from losses import beat_alignment, gaussian_heatmaps, heatmap_loss, motion_beats, soft_argmax
 from models import IRESNET_CONFIGS, IResNet, M2P_CONFIGS, M2PEncoder, load_iresnet
+from toy import write_toy_dance
 
 SECONDS, FPS = 2.0, 30
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data import MultiViewDataset, load_rgba, load_rig, preview_samples, toy_mouse, write_toy_mice
+from data import MultiViewDataset, load_rgba, load_rig, preview_samples, save_image_grid
+from toy import toy_mouse, write_toy_mice
 
 
 @pytest.fixture(scope="module")
@@ -142,4 +143,17 @@ def test_rig_mismatch_stops_the_loader(toy):
 
 def test_preview_grid(toy, tmp_path):
     im = Image.open(preview_samples(toy / "data_train.txt", tmp_path / "p.png", n=2))
-    assert im.size == (9 * 34 + 2, 2 * 34 + 2)
+    assert im.size == (9 * 98 + 2, 2 * 98 + 2)  # 32-px views upscaled x3 to 96-px cells, 2 px gaps
+
+
+def test_grid_cells_are_nearest_upscaled_under_a_header_row(tmp_path):
+    rows = [torch.rand(3, 3, 32, 32), torch.rand(3, 3, 32, 32)]
+    plain = np.asarray(Image.open(save_image_grid(rows, tmp_path / "a.png")))
+    named = np.asarray(Image.open(save_image_grid(rows, tmp_path / "b.png", [("input", 1), ("output", 2)])))
+    assert named.shape == (plain.shape[0] + 16, plain.shape[1], 3)
+    assert np.array_equal(named[16:], plain)  # the header only adds a strip on top
+    assert (named[:16] < 128).any() and (named[:16] < 128).sum() < 0.3 * named[:16].size  # dark text on white
+    cell = plain[2:98, 2:98]  # (96, 96, 3): the first cell, each source pixel a 3x3 block
+    assert np.array_equal(cell, np.repeat(np.repeat(cell[::3, ::3], 3, 0), 3, 1))
+    expect = (rows[0][0].permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+    assert np.array_equal(cell[::3, ::3], expect)

@@ -1,0 +1,393 @@
+"""The built-in toy datasets: procedural data in the real formats, so that every stage runs on a
+CPU in minutes with nothing downloaded (like nanoGPT's data/*/prepare.py).
+
+    python toy.py mice --out=data/toy_mice --n=200          # FaceLift-format mice + preview.png
+    python toy.py mice --out=data/toy_mice_mv --yaw_deg=30  # mice facing +x +- 30 deg
+    python toy.py dance --out=data/toy_dance --n=100        # stick dancers with music + preview.png
+
+The training scripts call `toy_mice(...)` / `toy_dance(...)` when they run on their default folder:
+the set is written once, and a folder holding another set (its toy.json differs) is refused.
+"""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data import (DANCE_FPS, HOP, camera_geometry, frames_to_tensors, load_rig, make_frame, music_features,
+                  orbit_c2w, preview_samples, read_audio, read_frame, save_image_grid, write_cameras)
+from models import intrinsics_matrix, render_gaussians
+
+
+def check_toy_set(out, spec):
+    """Stops unless the folder `out` holds the toy set `spec` (its toy.json)."""
+    file = Path(out) / "toy.json"
+    found = json.loads(file.read_text()) if file.exists() else None
+    if found != spec:
+        raise ValueError(f"{out} holds another toy set ({found}) than this run asks for ({spec}): "
+                         "delete it to regenerate")
+
+
+def with_barrier(accelerator, make, out, spec):
+    """The main process writes the set unless its train list exists; then every process checks it."""
+    if (accelerator is None or accelerator.is_main_process) and not (Path(out) / "data_train.txt").exists():
+        make()
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    check_toy_set(out, spec)
+    return Path(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Toy mice: procedural animals made of 3D Gaussians, rendered into FaceLift-format samples
+
+def _ellipsoid_blobs(rng, n, centre, axes, colour, belly, jitter, scale):
+    """n Gaussians spread over the surface of an axis-aligned ellipsoid, belly side lighter."""
+    v = rng.normal(size=(n, 3))
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    pts = centre + v * axes * rng.uniform(0.75, 0.95, size=(n, 1))
+    col = np.where(v[:, 2:] < -0.3, belly, colour) + rng.normal(0, jitter, size=(n, 3))
+    return pts, np.full((n, 3), scale) * rng.uniform(0.8, 1.2, size=(n, 3)), col
+
+
+def toy_mouse(rng, yaw_deg=None):
+    """A random mouse as Gaussian parameters (numpy): means (N, 3), scales (N, 3), quats (N, 4),
+    opacities (N,), colors (N, 3). Built facing +x, then turned by a random yaw: any direction
+    (yaw_deg None) or within +-yaw_deg of +x."""
+    s = rng.uniform(1.1, 1.35)  # overall size (the 50 deg view is 2.5 units wide at the origin)
+    fur = rng.choice([[0.55, 0.42, 0.3], [0.5, 0.5, 0.52], [0.85, 0.83, 0.8], [0.25, 0.22, 0.2], [0.7, 0.55, 0.35]])
+    fur = np.clip(fur + rng.normal(0, 0.03, 3), 0, 1)
+    belly = np.clip(fur + 0.25, 0, 1)
+    pink = np.array([0.93, 0.62, 0.65])
+    body_axes = s * np.array([rng.uniform(0.34, 0.44), rng.uniform(0.19, 0.25), rng.uniform(0.17, 0.22)])
+    parts = [_ellipsoid_blobs(rng, 160, np.zeros(3), body_axes, fur, belly, 0.04, 0.07 * s)]
+
+    # head: its own ellipsoid in front of the body, turned by the head yaw around the neck
+    turn = np.radians(rng.uniform(-35, 35))
+    rot = np.array([[np.cos(turn), -np.sin(turn), 0], [np.sin(turn), np.cos(turn), 0], [0, 0, 1]])
+    neck = np.array([body_axes[0] * 0.8, 0, body_axes[2] * 0.25])
+    hl = s * rng.uniform(0.2, 0.26)  # head half-length
+    head_axes = np.array([hl, hl * 0.68, hl * 0.62])
+    head_parts = [_ellipsoid_blobs(rng, 70, np.array([hl * 0.9, 0, 0]), head_axes, fur, belly, 0.04, 0.05 * s)]
+    ear_r = s * rng.uniform(0.07, 0.1)
+    for side in (-1, 1):
+        head_parts.append((np.array([[hl * 0.45, side * hl * 0.55, hl * 0.75]]), np.array([[0.012, ear_r, ear_r]]), pink[None]))
+        head_parts.append((np.array([[hl * 0.5, side * hl * 0.52, hl * 0.28]]), np.full((1, 3), 0.028 * s), np.full((1, 3), 0.03)))  # eye
+    head_parts.append((np.array([[hl * 1.9, 0, 0]]), np.full((1, 3), 0.03 * s), pink[None]))  # nose
+    head_pts = np.concatenate([p for p, _, _ in head_parts]) @ rot.T + neck
+    parts.append((head_pts, np.concatenate([sc for _, sc, _ in head_parts]), np.concatenate([c for _, _, c in head_parts])))
+
+    # tail: a chain of shrinking Gaussians along a random smooth 3D curve from the rump
+    n_tail, length = 28, s * rng.uniform(0.6, 0.9)
+    t = np.linspace(0, 1, n_tail)[:, None]
+    bend, lift = rng.uniform(-2.5, 2.5), rng.uniform(-0.6, 0.8)
+    heading = np.pi + bend * t[:, 0]  # leaves backwards, curls sideways
+    steps = np.stack([np.cos(heading), np.sin(heading), lift * (1 - 2 * t[:, 0])], 1) * length / n_tail
+    tail = np.array([-body_axes[0] * 0.9, 0, -body_axes[2] * 0.2]) + np.cumsum(steps, 0)
+    tail_col = np.clip(pink * 0.8 + fur * 0.2, 0, 1) + rng.normal(0, 0.02, (n_tail, 3))
+    parts.append((tail, np.repeat(s * (0.028 - 0.015 * t), 3, 1), tail_col))
+
+    means = np.concatenate([p for p, _, _ in parts])
+    scales = np.concatenate([sc for _, sc, _ in parts])
+    colors = np.clip(np.concatenate([c for _, _, c in parts]), 0, 1)
+    yaw = rng.uniform(0, 2 * np.pi) if yaw_deg is None else np.radians(rng.uniform(-yaw_deg, yaw_deg))
+    R = np.array([[np.cos(yaw), -np.sin(yaw), 0], [np.sin(yaw), np.cos(yaw), 0], [0, 0, 1]])
+    # one quaternion for the whole animal's yaw (w, x, y, z) so flattened ears turn with it
+    quats = np.tile([np.cos(yaw / 2), 0, 0, np.sin(yaw / 2)], (len(means), 1))
+    opac = np.full(len(means), 0.95)
+    return {"means": (means - means.mean(0) * [1, 1, 0]) @ R.T, "scales": scales, "quats": quats,
+            "opacities": opac, "colors": colors}
+
+
+def random_view_frames(rng, n, size, focal, radius=2.7, elevations=(-10.0, 50.0)):
+    """Extra cameras at random azimuth/elevation around the origin (novel-view supervision, as
+    FaceLift's 32-view GS-LRM samples give)."""
+    return [make_frame(orbit_c2w(rng.uniform(-180, 180), rng.uniform(*elevations), radius), size, focal) for _ in range(n)]
+
+
+def write_toy_mice(out, n=200, rig="mouse_6view", size=64, n_extra=4, n_val=None, seed=0, yaw_deg=None, progress=True):
+    """Write n toy mice in the FaceLift GS-LRM sample format under `out`: each sample has the
+    rig's views first (cam_000..), then n_extra random views; plus data_train.txt / data_val.txt and
+    toy.json (the arguments, so a later run can tell whether the folder is the set it asks for).
+    yaw_deg: mice face any way (None) or +x +- yaw_deg (see toy_mouse)."""
+    from tqdm import tqdm
+    rig = load_rig(rig) if isinstance(rig, str) else rig
+    out = Path(out)
+    n_val = max(1, n // 10) if n_val is None else n_val
+    names = []
+    for i in tqdm(range(n), desc=f"toy mice -> {out}", disable=not progress):
+        rng = np.random.default_rng((seed, i))
+        m = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in toy_mouse(rng, yaw_deg).items()}
+        focal = rig["frames"][0]["fx"] * size / rig["frames"][0]["w"]
+        frames = [make_frame(torch.linalg.inv(torch.tensor(fr["w2c"], dtype=torch.float64)), size, fr["fx"] * size / fr["w"])
+                  for fr in rig["frames"]] + random_view_frames(rng, n_extra, size, focal)
+        w2c, K = frames_to_tensors(frames)
+        # black background: the colour is then premultiplied by alpha; stored straight in RGBA
+        rgb, alpha = render_gaussians(m["means"], m["quats"], m["scales"], m["opacities"], m["colors"], w2c,
+                                      intrinsics_matrix(K), size, size, 0.0)  # (V, S, S, 3), (V, S, S, 1)
+        rgba = torch.cat([rgb / alpha.clamp(min=1e-6), alpha], -1).clamp(0, 1)
+        d = out / f"mouse_{i:05d}"
+        (d / "images").mkdir(parents=True, exist_ok=True)
+        for v, fr in enumerate(frames):
+            fr["file_path"] = f"images/cam_{v:03d}.png"
+            Image.fromarray((rgba[v].numpy() * 255 + 0.5).astype(np.uint8), "RGBA").save(d / fr["file_path"])
+        write_cameras(d / "opencv_cameras.json", {"id": d.name, "rig": rig["name"], "frames": frames})
+        names.append(d.name)
+    (out / "data_train.txt").write_text("\n".join(names[: n - n_val]) + "\n")
+    (out / "data_val.txt").write_text("\n".join(names[n - n_val:]) + "\n")
+    (out / "toy.json").write_text(json.dumps(toy_spec(n, rig, size, n_extra, n_val, seed, yaw_deg)))
+    return out
+
+
+def toy_spec(n, rig, size, n_extra, n_val, seed, yaw_deg):
+    """What write_toy_mice was asked for, as toy.json records it."""
+    return {"n": n, "rig": rig["name"], "size": size, "n_extra": n_extra, "n_val": n_val, "seed": seed, "yaw_deg": yaw_deg}
+
+
+def toy_mice(out, accelerator=None, progress=True, **spec):
+    """The toy mouse set write_toy_mice(out, **spec) describes, in `out` (see with_barrier)."""
+    rig = spec.get("rig", "mouse_6view")
+    rig = load_rig(rig) if isinstance(rig, str) else rig
+    args = {**dict(n=200, size=64, n_extra=4, n_val=None, seed=0, yaw_deg=None), **spec, "rig": rig}
+    n_val = max(1, args["n"] // 10) if args["n_val"] is None else args["n_val"]
+    want = toy_spec(**dict(args, n_val=n_val))
+    return with_barrier(accelerator, lambda: write_toy_mice(out, **args, progress=progress), out, want)
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Toy prompt embeddings: the rig's views named by their camera geometry instead of text
+
+def toy_rig_prompt_embeds(rig, dim, tokens=8, seed=0):
+    """Deterministic stand-in for text prompt embeddings of a rig's views: a fixed random projection
+    of each camera's geometry (viewing direction from the point the cameras aim at, azimuth and
+    elevation as sin/cos, distance, intrinsics) to [V, tokens, dim]. Same rig -> same embeddings."""
+    g = camera_geometry(rig["frames"])
+    az, el = torch.deg2rad(g["az"]), torch.deg2rad(g["el"])
+    feats = torch.cat([g["dirs"], torch.stack([az.sin(), az.cos(), el.sin(), el.cos(), g["dist"] / 2.7], 1),
+                       g["intr"].double()], 1).float()  # (V, 12)
+    W = torch.randn(tokens, feats.shape[1], dim, generator=torch.Generator().manual_seed(seed))  # (T, F, D)
+    pe = torch.einsum("vf,tfd->vtd", feats, W)  # (V, T, D)
+    return (pe - pe.mean(-1, keepdim=True)) / pe.std(-1, keepdim=True)  # unit scale per token, like a LayerNorm'd text encoder
+
+
+def toy_prompt_embeds(path, rig, dim, accelerator=None):
+    """Writes toy_rig_prompt_embeds(rig, dim) to `path` if it is missing (main process)."""
+    path = Path(path)
+    if (accelerator is None or accelerator.is_main_process) and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(toy_rig_prompt_embeds(rig, dim), path)
+        print(f"wrote toy prompt embeddings for rig {rig['name']!r} to {path}")
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Toy dancers: stick figures whose motion is locked to procedurally generated music
+
+
+def toy_dancer(rng):
+    """A dancer's identity and style (fixed over all its clips): body proportions, clothing, a
+    textured face, and which limbs move on the beats / off the beats / not at all."""
+    modes = rng.choice(["on", "off", "still"], size=4, p=[0.4, 0.4, 0.2])  # right arm, left arm, right leg, left leg
+    modes[rng.integers(2)] = rng.choice(["on", "off"])  # at least one arm dances
+    return dict(
+        scale=rng.uniform(0.85, 1.0), shoulder=rng.uniform(0.075, 0.1), hip=rng.uniform(0.04, 0.055),
+        torso=rng.uniform(0.22, 0.27), upper_arm=rng.uniform(0.11, 0.14), fore_arm=rng.uniform(0.1, 0.13),
+        thigh=rng.uniform(0.14, 0.17), shin=rng.uniform(0.14, 0.17), head=rng.uniform(0.065, 0.08),
+        modes=list(modes), arm_base=rng.uniform(0.1, 0.5, 2), arm_amp=rng.uniform(0.6, 1.4, 2) * rng.choice([-1, 1], 2),
+        elbow=rng.uniform(0.2, 1.2, 2), leg_amp=rng.uniform(0.15, 0.45, 2), sway=rng.uniform(0.0, 0.04),
+        bounce=rng.uniform(0.005, 0.025), bounce_mode=rng.choice(["on", "off"]),
+        shirt=rng.uniform(0.1, 0.9, 3), trousers=rng.uniform(0.05, 0.6, 3), skin=rng.uniform(0.45, 0.95) * np.array([1.0, 0.8, 0.65]),
+        face_base=rng.uniform(0.2, 1.0, 3), face_stripe=rng.uniform(0.0, 0.8, 3), face_freq=rng.uniform(0.6, 1.6),
+        face_angle=rng.uniform(0, np.pi), face_spot=rng.uniform(-0.5, 0.5, 2))
+
+
+def toy_music(rng, seconds, sr):
+    """Kick on every beat (louder on the bar's first beat), hi-hat on the off-beats and one melody
+    note per beat, at a random tempo of 90-140 BPM. Returns audio [N] and the beat phase function."""
+    bpm = rng.uniform(90, 140)
+    period, offset = 60 / bpm, rng.uniform(0, 60 / bpm)  # first beat of a bar at t = offset (+ k bars)
+    t = np.arange(int(seconds * sr)) / sr
+    phase = (t - offset) / period  # in beats
+    k = np.floor(phase).astype(int)  # the beat each sample belongs to (negative before the offset)
+    tau = (phase - k) * period  # seconds since that beat
+    accent = np.where(k % 4 == 0, 1.0, 0.6)
+    noise = rng.standard_normal(len(t))
+    # the kick carries a broadband click so that onset detection (mel spectral flux) hears the beat
+    kick = accent * (np.exp(-tau / 0.06) * np.sin(2 * np.pi * 60 * tau * (1 + 2 * np.exp(-tau / 0.02)))
+                     + 0.6 * np.exp(-tau / 0.01) * noise)
+    tau_half = ((phase + 0.5) % 1) * period  # seconds since the last off-beat
+    hihat = 0.03 * np.exp(-tau_half / 0.008) * noise  # quiet, or the beat tracker locks onto the off-beats
+    scale = 220 * 2 ** (np.array([0, 2, 4, 7, 9, 12, 14, 16]) / 12)  # pentatonic
+    notes = scale[rng.integers(0, len(scale), size=k.max() - k.min() + 1)][k - k.min()]
+    melody = 0.25 * accent * np.exp(-tau / 0.25) * (np.sin(2 * np.pi * notes * tau) + 0.3 * np.sin(4 * np.pi * notes * tau))
+    audio = (kick + hihat + melody) * 0.5
+    return audio.astype(np.float32), bpm, offset
+
+
+def pulse(phase, mode):
+    """A 1-beat move: 0 on the beats and 1 halfway between them ('on'), or the other way round
+    ('off'). Either way its speed is zero on the beats (a dancer hits the pose on the beat), so the
+    music beats are motion beats (so are the half-beats, which the beat alignment score allows)."""
+    if mode == "still":
+        return np.zeros_like(phase)
+    return (1 - np.cos(2 * np.pi * (phase + (0.5 if mode == "off" else 0.0)))) / 2
+
+
+def toy_poses(dancer, phase):
+    """Forward kinematics of the stick dancer over time -> poses [T, 134, 3] (body 18 + feet 6
+    visible, face and hands invisible) and the head circle [T, 3] (cx, cy, r), all normalised."""
+    s, T = dancer["scale"], len(phase)
+    P = np.zeros((T, 134, 3))
+
+    def limb(start, angle, length, side):  # angle from straight down, positive = away from the body
+        return start + length * s * np.stack([side * np.sin(angle), np.cos(angle)], -1)
+
+    sway = dancer["sway"] * np.cos(np.pi * phase)  # 2-beat side-to-side, turning on the beats
+    bounce = dancer["bounce"] * pulse(phase, dancer["bounce_mode"])
+    legs = dancer["thigh"] + dancer["shin"]
+    hip_c = np.stack([0.5 + sway, 0.9 - legs * s - 0.02 + bounce], -1)  # (T, 2)
+    neck = hip_c + np.stack([0.4 * sway, -dancer["torso"] * s * np.ones(T)], -1)
+    P[:, 1, :2] = neck
+    for j, side, (sh, el, wr), (hp, kn, an) in ((0, -1, (2, 3, 4), (8, 9, 10)), (1, 1, (5, 6, 7), (11, 12, 13))):
+        P[:, sh, :2] = neck + np.stack([side * dancer["shoulder"] * s * np.ones(T), 0.01 * np.ones(T)], -1)
+        g = pulse(phase, dancer["modes"][j])
+        up = dancer["arm_base"][j] + dancer["arm_amp"][j] * g
+        P[:, el, :2] = limb(P[:, sh, :2], up, dancer["upper_arm"], side)
+        P[:, wr, :2] = limb(P[:, el, :2], up + dancer["elbow"][j] * (0.5 + g), dancer["fore_arm"], side)
+        P[:, hp, :2] = hip_c + np.stack([side * dancer["hip"] * s * np.ones(T), np.zeros(T)], -1)
+        gl = pulse(phase, dancer["modes"][2 + j])
+        thigh = 0.06 + dancer["leg_amp"][j] * gl
+        P[:, kn, :2] = limb(P[:, hp, :2], thigh, dancer["thigh"], side)
+        P[:, an, :2] = limb(P[:, kn, :2], thigh - 1.5 * dancer["leg_amp"][j] * gl, dancer["shin"], side)
+    r = dancer["head"] * s
+    head = neck + np.stack([0.3 * sway, -np.full(T, 1.25 * r)], -1)
+    for i, (dx, dy) in zip((0, 14, 15, 16, 17), ((0, 0.15), (-0.35, -0.1), (0.35, -0.1), (-0.95, 0), (0.95, 0))):
+        P[:, i, :2] = head + r * np.array([dx, dy])
+    for i, ank, side in ((18, 13, 1), (21, 10, -1)):  # big toe, small toe, heel of each foot
+        P[:, i, :2] = P[:, ank, :2] + s * np.array([side * 0.035, 0.02])
+        P[:, i + 1, :2] = P[:, ank, :2] + s * np.array([side * 0.02, 0.025])
+        P[:, i + 2, :2] = P[:, ank, :2] + s * np.array([-side * 0.012, 0.015])
+    P[:, :24, 2] = 1.0
+    return P.astype(np.float32), np.concatenate([head, np.full((T, 1), r)], -1).astype(np.float32)
+
+
+def face_texture(dancer, radius_px):
+    """The dancer's face as an RGBA patch (a disk of radius_px pixels): stripes at the dancer's
+    angle and frequency between two colours, and a dark spot; this is the identity a recognizer sees."""
+    n = 2 * int(np.ceil(radius_px)) + 2
+    c = (np.arange(n) + 0.5 - n / 2) / radius_px  # in head radii
+    v, u = np.meshgrid(c, c, indexing="ij")  # (n, n): rows are y, columns x
+    ang = dancer["face_angle"]
+    stripes = (0.5 + 0.5 * np.sin(2 * np.pi * dancer["face_freq"] * (u * np.cos(ang) + v * np.sin(ang))))[..., None]
+    rgb = dancer["face_base"] * (1 - stripes) + dancer["face_stripe"] * stripes  # (n, n, 3)
+    rgb = rgb * (((u - dancer["face_spot"][0]) ** 2 + (v - dancer["face_spot"][1]) ** 2) >= 0.12)[..., None]
+    alpha = np.clip((1 - np.sqrt(u * u + v * v)) * radius_px + 0.5, 0, 1)[..., None]  # anti-aliased rim
+    return Image.fromarray((np.concatenate([rgb, alpha], -1) * 255 + 0.5).astype(np.uint8), "RGBA")
+
+
+def render_dancer(dancer, poses, head, size, bg, supersample=4):
+    """Frames [T, size, size, 3] uint8: trousers, shirt, skin-coloured forearms and the textured
+    face, drawn with PIL at `supersample` x the size and box-filtered down (anti-aliasing)."""
+    from PIL import ImageDraw
+    S = size * supersample
+    w = max(1.5, size / 18) * supersample  # limb thickness in supersampled pixels
+    rgb = lambda c: tuple(int(255 * x + 0.5) for x in c)  # noqa: E731
+    parts = [([(8, 9), (9, 10), (11, 12), (12, 13), (10, 21), (13, 18), (8, 11)], w, rgb(dancer["trousers"])),
+             ([(1, 8), (1, 11), (8, 11), (1, 2), (1, 5), (2, 3), (5, 6)], w * 1.3, rgb(dancer["shirt"])),
+             ([(3, 4), (6, 7)], w * 0.8, rgb(dancer["skin"]))]
+    face = face_texture(dancer, head[0, 2] * S)  # the head radius is constant per dancer
+    P = poses[:, :, :2] * S  # (T, 134, 2) in supersampled pixels (pixel centres at i + 0.5 on both grids)
+    frames = np.empty((len(P), size, size, 3), np.uint8)
+    for t in range(len(P)):
+        im = Image.new("RGB", (S, S), rgb(bg))
+        draw = ImageDraw.Draw(im)
+        for pairs, width, colour in parts:
+            for i, j in pairs:
+                draw.line([tuple(P[t, i]), tuple(P[t, j])], fill=colour, width=int(round(width)))
+                for k in (i, j):  # round joints
+                    draw.ellipse([*(P[t, k] - width / 2), *(P[t, k] + width / 2)], fill=colour)
+        corner = np.round(head[t, :2] * S - face.size[0] / 2).astype(int)
+        im.paste(face, tuple(corner.tolist()), face)
+        frames[t] = np.asarray(im.resize((size, size), Image.BOX))
+    return frames
+
+
+def write_toy_dance(out, n=100, n_dancers=20, seconds=8.0, size=64, fps=DANCE_FPS, n_val=None, seed=0, progress=True):
+    """n toy clips (dancer i % n_dancers, each clip with its own music) in the clip format, with
+    music features cached, data_train.txt / data_val.txt (the last n_val clips) and preview.png."""
+    import soundfile
+    from tqdm import tqdm
+    out, sr, T = Path(out), fps * HOP, int(round(seconds * fps))
+    n_val = max(1, n // 10) if n_val is None else n_val
+    dancers = [toy_dancer(np.random.default_rng((seed, 1_000_000 + k))) for k in range(n_dancers)]
+    names = []
+    for i in tqdm(range(n), desc=f"toy dance -> {out}", disable=not progress):
+        rng = np.random.default_rng((seed, i))
+        audio, bpm, offset = toy_music(rng, seconds + 0.1, sr)  # a little longer than the frames
+        phase = (np.arange(T) / fps - offset) * bpm / 60  # beats at each frame
+        dancer = dancers[i % n_dancers]
+        poses, head = toy_poses(dancer, phase)
+        frames = render_dancer(dancer, poses, head, size, rng.uniform(0.8, 1.0, 3))
+        d = out / f"clip_{i:05d}"
+        (d / "frames").mkdir(parents=True, exist_ok=True)
+        for t in range(T):
+            Image.fromarray(frames[t]).save(d / "frames" / f"{t:06d}.png", compress_level=1)
+        soundfile.write(str(d / "audio.wav"), audio, sr, subtype="PCM_16")
+        np.save(d / "poses.npy", poses)
+        boxes = np.concatenate([head[:, :2] - head[:, 2:], head[:, :2] + head[:, 2:]], 1)  # (T, 4) x0 y0 x1 y1
+        (d / "faces.json").write_text(json.dumps({"boxes": np.round(boxes, 5).tolist()}))
+        (d / "meta.json").write_text(json.dumps({"fps": fps, "size": [size, size], "source": "toy", "dancer": i % n_dancers,
+                                                  "bpm": round(bpm, 3), "first_beat_s": round(offset, 4)}))
+        np.save(d / "music_feats.npy", music_features(read_audio(d / "audio.wav")[0], sr, fps, T))  # from the 16-bit WAV, as a re-computation would
+        names.append(d.name)
+    (out / "data_train.txt").write_text("\n".join(names[: n - n_val]) + "\n")
+    (out / "data_val.txt").write_text("\n".join(names[n - n_val:]) + "\n")
+    spec = dict(n=n, n_dancers=n_dancers, seconds=seconds, size=size, fps=fps, n_val=n_val, seed=seed)
+    (out / "toy.json").write_text(json.dumps(spec))
+    rows = [torch.stack([read_frame(("png", sorted((out / nm / "frames").glob("*.png"))), t) for t in range(0, T, T // 8)][:8])
+            for nm in names[:6]]
+    save_image_grid(rows, out / "preview.png")
+    return out
+
+def toy_dance(out, accelerator=None, progress=True, **spec):
+    """The toy dance set write_toy_dance(out, **spec) describes, in `out` (see with_barrier)."""
+    args = {**dict(n=100, n_dancers=20, seconds=8.0, size=64, fps=DANCE_FPS, n_val=None, seed=0), **spec}
+    want = dict(args, n_val=max(1, args["n"] // 10) if args["n_val"] is None else args["n_val"])
+    return with_barrier(accelerator, lambda: write_toy_dance(out, **args, progress=progress), out, want)
+
+
+def _main(argv):
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("mice", help="write the toy mouse dataset and preview.png")
+    t.add_argument("--out", default="data/toy_mice")
+    t.add_argument("--n", type=int, default=200)
+    t.add_argument("--rig", default="mouse_6view")
+    t.add_argument("--size", type=int, default=64)
+    t.add_argument("--n_extra", type=int, default=4, help="random extra views per sample")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--yaw_deg", type=float, default=None, help="mice face +x +- this (default: any way)")
+    dn = sub.add_parser("dance", help="write the toy dance clips (stick dancers with music) and preview.png")
+    dn.add_argument("--out", default="data/toy_dance")
+    dn.add_argument("--n", type=int, default=100)
+    dn.add_argument("--seconds", type=float, default=8.0)
+    dn.add_argument("--size", type=int, default=64)
+    dn.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.cmd == "mice":
+        out = write_toy_mice(a.out, a.n, a.rig, a.size, a.n_extra, seed=a.seed, yaw_deg=a.yaw_deg)
+        preview = preview_samples(out / "data_train.txt", out / "preview.png")
+    else:
+        out = write_toy_dance(a.out, a.n, seconds=a.seconds, size=a.size, seed=a.seed)
+        preview = out / "preview.png"
+    print(f"wrote {a.n} samples to {out}; preview: {preview}")
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])
