@@ -87,12 +87,16 @@ def coerce(value, tp, cli=False):
     raise ValueError(f"{value!r} is not a {type_name(tp)}")
 
 
-def load_config(cls, argv=None):
+def load_config(cls, argv=None, aliases=None):
     """A new `cls` from its defaults, then every `--cfg file.yaml` (before any --key, wherever it
-    stands), then `--key=value` / `--key value` in argv order. Bad keys or values raise ConfigError."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    stands), then `--key=value` / `--key value` in argv order. `aliases` maps other names (e.g. the
+    seed's command-line names) to fields, in files and on the command line. Bad keys or values raise
+    ConfigError."""
+    argv, aliases = list(sys.argv[1:] if argv is None else argv), aliases or {}
     if "-h" in argv or "--help" in argv:
-        print(f"usage: {Path(sys.argv[0]).name} [--cfg x.yaml] [--key=value ...]\n\n{inspect.getsource(cls)}")
+        also = "".join(f"\n  --{a} = --{k}" for a, k in aliases.items())
+        print(f"usage: {Path(sys.argv[0]).name} [--cfg x.yaml] [--key=value ...]\n\n{inspect.getsource(cls)}"
+              + (f"\naliases:{also}" if also else ""))
         raise SystemExit(0)
     hints = typing.get_type_hints(cls)
     valid = [f.name for f in dataclasses.fields(cls) if f.init]
@@ -128,6 +132,7 @@ def load_config(cls, argv=None):
 
     values = {}
     for key, value, where, from_cli in overrides + cli:
+        key = aliases.get(key, key)
         if key not in valid:
             raise fail(where, f"unknown key {key!r}")
         try:

@@ -19,13 +19,14 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from PIL import Image, ImageDraw
+from PIL import Image
 from safetensors.torch import save_model
 
-from data import (LIMBS, DanceClipDataset, StepSampler, atomic_dir, latest_checkpoint, load_checkpoint, load_config,
-                  music_beats, read_audio, read_frame, save_checkpoint, save_config, save_image_grid, write_toy_dance)
+from data import (VISIBLE, DanceClipDataset, StepSampler, atomic_dir, latest_checkpoint, load_checkpoint, load_config,
+                  log_metrics, music_beats, read_audio, save_checkpoint, save_config, write_skeleton_video)
 from losses import beat_alignment, face_loss, heatmap_loss, motion_beats, pose_error, soft_argmax
 from models import IRESNET_CONFIGS, M2P_CONFIGS, IResNet, M2PEncoder, load_iresnet
+from toy import toy_dance
 
 
 @dataclass
@@ -46,21 +47,22 @@ class Config:
     heatmap_sigma: float = 1.0  # ground-truth Gaussian, in heatmap cells
     face_recognizer_path: str = ""  # arcface_torch backbone.pth; "": a frozen randomly initialised toy IResNet
     face_recognizer_arch: str = "iresnet100"  # IRESNET_CONFIGS key for face_recognizer_path (glintr100 = iresnet100)
-    # optimisation
+    grad_checkpoint: bool = False  # per-layer activation checkpointing in M2P's transformer
+    # optimisation (stage A)
     stage_a_steps: int = 1500
-    stage_a_lr: float = 2e-3  # the toy learns in minutes at 2e-3; the real config uses 1e-4
+    stage_a_lr: float = 2e-3  # the toy's; the real config uses 1e-4
     pose_loss_weight: float = 0.5
     face_loss_weight: float = 0.1
-    train_batch_size: int = 8  # per process, per micro-step
-    gradient_accumulation_steps: int = 1
+    batch_size: int = 8  # per process, per micro-step
+    grad_accum: int = 1
     mixed_precision: str = "no"  # no | bf16 | fp16, used on GPU only
-    lr_warmup_steps: int = 50
-    lr_min_ratio: float = 0.1  # cosine decays to lr * this
-    adam_weight_decay: float = 0.01  # on >= 2-D parameters only
-    gradient_clip_norm: float = 1.0
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1  # cosine decays to lr * this
+    weight_decay: float = 0.01  # on >= 2-D parameters only
+    grad_clip: float = 1.0
     num_workers: int = 0
     # run
-    output_dir: str = "out/dance"  # stage A writes to <output_dir>/stage_A/
+    out_dir: str = "out/dance"  # stage A writes to <out_dir>/stage_A/
     resume: str = ""  # "" | auto | path to a checkpoint-<step> dir
     log_every: int = 50
     val_every: int = 500
@@ -71,42 +73,19 @@ class Config:
     wandb_project: str = "mouselift"
 
 
+# The seed's generic command-line names, accepted as they are written (and in yaml files)
+ALIASES = {"train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+           "lr_warmup_steps": "warmup_steps", "gradient_clip_norm": "grad_clip", "output_dir": "out_dir",
+           "gradient_checkpointing": "grad_checkpoint", "num_workers": "num_workers"}
+
+
 def lr_at(step, cfg):
-    """Linear warmup, then cosine from stage_a_lr to stage_a_lr * lr_min_ratio at stage_a_steps."""
+    """Linear warmup, then cosine from stage_a_lr to stage_a_lr * min_lr_ratio at stage_a_steps."""
     lr = cfg.stage_a_lr
-    if step < cfg.lr_warmup_steps:
-        return lr * (step + 1) / cfg.lr_warmup_steps
-    t = min(1.0, (step - cfg.lr_warmup_steps) / max(1, cfg.stage_a_steps - cfg.lr_warmup_steps))
-    return lr * (cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
-
-
-def draw_skeleton(im, pose, colour, scale, width=2):
-    """Draws the visible limbs of pose [J, 3] (normalised) onto a PIL image of size `scale`."""
-    draw = ImageDraw.Draw(im)
-    for i, j in LIMBS:
-        if max(i, j) < len(pose) and pose[i, 2] >= 0.3 and pose[j, 2] >= 0.3:
-            draw.line([tuple(pose[i, :2] * scale), tuple(pose[j, :2] * scale)], fill=colour, width=width)
-
-
-def write_skeleton_video(path, clip, gt, pred, fps, size=128):
-    """mp4 at the clip's fps with its music: left the frame with the ground-truth skeleton (green),
-    right the prediction (red) over the ground truth (grey). Returns the path and the middle frame."""
-    import imageio_ffmpeg
-    frames = []
-    for t in range(len(gt)):
-        left = Image.fromarray((read_frame(clip["source"], t).permute(1, 2, 0).numpy() * 255).astype(np.uint8)).resize((size, size))
-        draw_skeleton(left, gt[t], (0, 160, 0), size)
-        right = Image.new("RGB", (size, size), (255, 255, 255))
-        draw_skeleton(right, gt[t], (190, 190, 190), size, 3)
-        draw_skeleton(right, np.concatenate([pred[t], gt[t, :, 2:]], -1), (220, 0, 0), size)
-        frames.append(np.concatenate([np.asarray(left), np.asarray(right)], 1))  # (size, 2 size, 3)
-    writer = imageio_ffmpeg.write_frames(str(path), (2 * size, size), fps=fps, audio_path=str(clip["dir"] / "audio.wav"),
-                                         audio_codec="aac", output_params=["-shortest"], ffmpeg_log_level="error")
-    writer.send(None)  # start the generator
-    for f in frames:
-        writer.send(np.ascontiguousarray(f))
-    writer.close()
-    return path, frames[len(frames) // 2]
+    if step < cfg.warmup_steps:
+        return lr * (step + 1) / cfg.warmup_steps
+    t = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.stage_a_steps - cfg.warmup_steps))
+    return lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 @torch.no_grad()
@@ -116,7 +95,7 @@ def evaluate(m2p, recognizer, val_set, mean_pose, beats, cfg, step, out_dir, dev
     score with the music shuffled across clips, face-embedding cosine, and the skeleton video."""
     m2p.eval()
     n = min(cfg.val_clips, len(val_set))
-    s = {k: [] for k in ("err", "pck", "mean_err", "mean_pck", "ref_err", "ref_pck", "cos")}
+    s = {k: [] for k in ("err", "mean_err", "ref_err", "pck", "mean_pck", "ref_pck", "cos")}
     preds, gts = [], []
     for i in range(n):
         item = val_set[i]  # start 0, reference frame 0
@@ -128,7 +107,8 @@ def evaluate(m2p, recognizer, val_set, mean_pose, beats, cfg, step, out_dir, dev
             logits, emb = m2p(music[None, t0: t0 + cfg.window], ref_pose, face)
             pred.append(soft_argmax(logits.float())[0])  # (w, J, 2)
         pred = torch.cat(pred)  # (T, J, 2)
-        for name, guess in (("", pred), ("mean_", mean_pose.expand_as(pred)), ("ref_", ref_pose[:, :, :2].expand_as(pred))):
+        guesses = {"": pred, "mean_": mean_pose.expand_as(pred), "ref_": ref_pose[:, :, :2].expand_as(pred)}
+        for name, guess in guesses.items():
             err, pck = pose_error(guess, gt)
             s[name + "err"].append(err.item())
             s[name + "pck"].append(pck.item())
@@ -140,7 +120,8 @@ def evaluate(m2p, recognizer, val_set, mean_pose, beats, cfg, step, out_dir, dev
     # music (a derangement: the same motion statistics, music that did not drive it)
     mb = [motion_beats(p, cfg.fps) for p in preds]
     m["beat_align"] = float(np.mean([beat_alignment(beats[i], mb[i]) for i in range(n)]))
-    m["beat_align_shuffled"] = float(np.mean([beat_alignment(beats[(i + 1) % n], mb[i]) for i in range(n)])) if n > 1 else float("nan")
+    shuffled = [beat_alignment(beats[(i + 1) % n], mb[i]) for i in range(n)] if n > 1 else [float("nan")]
+    m["beat_align_shuffled"] = float(np.mean(shuffled))
     m["beat_align_gt"] = float(np.mean([beat_alignment(beats[i], motion_beats(g, cfg.fps)) for i, g in enumerate(gts)]))
     video, frame = write_skeleton_video(out_dir / f"val_{step:06d}.mp4", val_set.clips[0], gts[0], preds[0], cfg.fps)
     Image.fromarray(frame).save(out_dir / f"val_{step:06d}.png")
@@ -148,16 +129,15 @@ def evaluate(m2p, recognizer, val_set, mean_pose, beats, cfg, step, out_dir, dev
     return m, video
 
 
-def main(cfg):
-    if cfg.training_stage != "A":
-        raise NotImplementedError(f"training_stage={cfg.training_stage!r}: only stage A (M2P pretraining) is implemented "
-                                  "so far; stages B, C and all land with the denoiser and the temporal modules")
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),  # on CPU: still real DDP over gloo under torchrun
+def stage_a(cfg):
+    """Stage A: the M2P encoder trains at stage_a_lr, the face recognizer is frozen."""
+    # cpu=True without CUDA: torchrun then still gives real DDP over gloo
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               mixed_precision=cfg.mixed_precision if torch.cuda.is_available() else "no",
                               log_with="wandb" if cfg.wandb else None)
     main_proc, device = accelerator.is_main_process, accelerator.device
     set_seed(cfg.seed + accelerator.process_index)
-    out_dir = Path(cfg.output_dir) / "stage_A"
+    out_dir = Path(cfg.out_dir) / "stage_A"
     if main_proc:
         print(f"config: {cfg}\nprocesses: {accelerator.num_processes}, device: {device}")
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -165,25 +145,25 @@ def main(cfg):
         if cfg.wandb:
             accelerator.init_trackers(cfg.wandb_project, config=vars(cfg))
 
-    # data: generate the toy dancers once (main process), everyone waits
+    # data: the toy dancers on the default folder
     data_dir = Path(cfg.data_dir)
     train_list, val_list = data_dir / cfg.train_list, data_dir / cfg.val_list
-    if main_proc and not train_list.exists() and data_dir == Path(Config.data_dir):
-        t0 = time.perf_counter()
-        write_toy_dance(data_dir, n=cfg.toy_clips, seconds=cfg.toy_seconds, size=cfg.toy_image_size, fps=cfg.fps, seed=cfg.seed)
-        print(f"toy dance data: {cfg.toy_clips} clips in {time.perf_counter() - t0:.1f} s")
-    accelerator.wait_for_everyone()
+    if data_dir == Path(Config.data_dir):
+        toy_dance(data_dir, accelerator, n=cfg.toy_clips, seconds=cfg.toy_seconds, size=cfg.toy_image_size,
+                  fps=cfg.fps, seed=cfg.seed)
     train_set = DanceClipDataset(train_list, cfg.window, cfg.joints, cfg.fps, seed=cfg.seed)
     val_set = DanceClipDataset(val_list, cfg.window, cfg.joints, cfg.fps, start=0, ref_frame=0)
     if val_set.music_dim != train_set.music_dim:
-        raise ValueError(f"{val_list}: music features of width {val_set.music_dim}, {train_list}: {train_set.music_dim}")
+        raise ValueError(f"{val_list}: music features of width {val_set.music_dim}, "
+                         f"{train_list}: {train_set.music_dim}")
     # the baseline that ignores music and reference: each joint's mean position over the training clips
     P = torch.from_numpy(np.concatenate(train_set.poses))  # (N, J, 3)
-    vis = (P[..., 2:] >= 0.3).float()
+    vis = (P[..., 2:] >= VISIBLE).float()
     mean_pose = ((P[..., :2] * vis).sum(0) / vis.sum(0).clamp(min=1)).to(device)  # (J, 2)
 
     # models: the M2P encoder (trained) and the face recognizer (frozen)
     m2p = M2PEncoder(train_set.music_dim, train_set.J, **M2P_CONFIGS[cfg.m2p_preset], max_frames=max(300, cfg.window))
+    m2p.grad_checkpoint = cfg.grad_checkpoint
     feats = torch.from_numpy(np.concatenate(train_set.feats))  # (N, D)
     m2p.music_mean.copy_(feats.mean(0))
     m2p.music_std.copy_(feats.std(0).clamp(min=1e-3))  # constant features (e.g. silent one-hots) stay finite
@@ -196,22 +176,24 @@ def main(cfg):
     recognizer.requires_grad_(False).to(device)
 
     # freeze and parameter groups, by hand: M2P trains (weight decay on matrices only), the recognizer is frozen
-    params = {f"m2p.{n}": p for n, p in m2p.named_parameters()}
-    groups = [{"name": "m2p_decay", "params": [p for p in params.values() if p.dim() >= 2], "weight_decay": cfg.adam_weight_decay},
-              {"name": "m2p_no_decay", "params": [p for p in params.values() if p.dim() < 2], "weight_decay": 0.0}]
-    trainable = {id(p) for m in (m2p, recognizer) for p in m.parameters() if p.requires_grad}
-    grouped = [id(p) for g in groups for p in g["params"]]
-    assert len(grouped) == len(set(grouped)) and set(grouped) == trainable  # every trainable tensor in exactly one group
+    params = list(m2p.parameters())
+    groups = [{"name": "m2p_decay", "params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"name": "m2p_no_decay", "params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    # every trainable parameter in exactly one group, no frozen one in any
+    grouped = sorted(id(p) for g in groups for p in g["params"])
+    trainable = sorted(id(p) for m in (m2p, recognizer) for p in m.parameters() if p.requires_grad)
+    assert grouped == trainable, "groups != trainable"
     assert not any(p.requires_grad for p in recognizer.parameters())  # the recognizer stays frozen
     if main_proc:
         print(f"stage A | {'module':<12} | {'trainable':<9} | {'tensors':>7} | {'params':>11} | lr")
         for name, module, lr in (("m2p", m2p, cfg.stage_a_lr), ("recognizer", recognizer, 0.0)):
             ps = list(module.parameters())
-            print(f"stage A | {name:<12} | {str(ps[0].requires_grad):<9} | {len(ps):>7} | {sum(p.numel() for p in ps):>11,} | "
-                  + (f"{lr:g}" if ps[0].requires_grad else "frozen"))
+            print(f"stage A | {name:<12} | {str(ps[0].requires_grad):<9} | {len(ps):>7} | "
+                  f"{sum(p.numel() for p in ps):>11,} | " + (f"{lr:g}" if ps[0].requires_grad else "frozen"))
         for g in groups:
-            print(f"group {g['name']}: {len(g['params'])} tensors, {sum(p.numel() for p in g['params']):,} params, "
-                  f"lr {cfg.stage_a_lr:g}, weight decay {g['weight_decay']}")
+            n = sum(p.numel() for p in g["params"])
+            print(f"group {g['name']}: {len(g['params'])} tensors, {n:,} params, lr {cfg.stage_a_lr:g}, "
+                  f"weight decay {g['weight_decay']}")
     optimizer = torch.optim.AdamW(groups, lr=cfg.stage_a_lr, betas=(0.9, 0.95))
     for g in optimizer.param_groups:
         g["initial_lr"] = cfg.stage_a_lr
@@ -223,12 +205,13 @@ def main(cfg):
         state = load_checkpoint(resume, {"m2p": m2p}, {"optimizer": optimizer}, restore_rng=False)
         start_step = state["step"]
         set_seed(cfg.seed + accelerator.process_index + 1000 * start_step)
-        print(f"resumed from {resume} at step {start_step}") if main_proc else None
+        if main_proc:
+            print(f"resumed from {resume} at step {start_step}")
     model, optimizer = accelerator.prepare(m2p, optimizer)
     raw = accelerator.unwrap_model(model)
 
-    G = cfg.gradient_accumulation_steps
-    global_batch = cfg.train_batch_size * accelerator.num_processes
+    G = cfg.grad_accum
+    global_batch = cfg.batch_size * accelerator.num_processes
     sampler = StepSampler(len(train_set), global_batch, accelerator.process_index, accelerator.num_processes,
                           cfg.seed, start_step * G)  # one sampler step per micro-batch
     loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers))
@@ -237,15 +220,12 @@ def main(cfg):
     t_last = time.perf_counter()
     for step in range(start_step, cfg.stage_a_steps + 1):
         if step % cfg.val_every == 0 or step == cfg.stage_a_steps:
-            if main_proc:
+            if main_proc:  # baselines: the mean pose, the reference pose; control: music shuffled across clips
                 if beats is None:
                     beats = [music_beats(*read_audio(c["dir"] / "audio.wav")) for c in val_set.clips[: cfg.val_clips]]
                 m, video = evaluate(raw, recognizer, val_set, mean_pose, beats, cfg, step, out_dir, device)
-                print(f"val step {step}: pose error {m['err']:.4f} (mean-pose baseline {m['mean_err']:.4f}, "
-                      f"reference-pose baseline {m['ref_err']:.4f}) | PCK@0.05 {m['pck']:.3f} (mean pose {m['mean_pck']:.3f}, "
-                      f"reference pose {m['ref_pck']:.3f}) | beat alignment {m['beat_align']:.3f} (music shuffled "
-                      f"{m['beat_align_shuffled']:.3f}, ground-truth motion {m['beat_align_gt']:.3f}) | "
-                      f"face cosine {m['cos']:.3f} | video {video}")
+                log_metrics(m, step, out_dir)
+                print(f"video {video}")
                 accelerator.log({f"val/{k}": v for k, v in m.items()}, step=step)
             accelerator.wait_for_everyone()
         if step > start_step and (step % cfg.ckpt_every == 0 or step == cfg.stage_a_steps):
@@ -258,7 +238,7 @@ def main(cfg):
         lr = lr_at(step, cfg)
         for g in optimizer.param_groups:
             g["lr"] = g["initial_lr"] * lr / cfg.stage_a_lr
-        parts = {"pose": 0.0, "ce": 0.0, "l1": 0.0, "face": 0.0}
+        parts = {"loss": 0.0, "pose": 0.0, "ce": 0.0, "l1": 0.0, "face": 0.0}
         for micro in range(G):
             batch = {k: v.to(device) for k, v in next(loader).items() if torch.is_tensor(v)}
             # only the last micro-batch all-reduces the gradients
@@ -272,21 +252,22 @@ def main(cfg):
                 face = face_loss(emb.float(), target)
                 loss = cfg.pose_loss_weight * pose + cfg.face_loss_weight * face
                 accelerator.backward(loss / G)
-            for k, v in (("pose", pose), ("ce", hm["ce"]), ("l1", hm["l1"]), ("face", face)):
+            for k, v in (("loss", loss), ("pose", pose), ("ce", hm["ce"]), ("l1", hm["l1"]), ("face", face)):
                 parts[k] += v.item() / G
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.gradient_clip_norm).item()
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
         if main_proc and step % cfg.log_every == 0:
             dt = (time.perf_counter() - t_last) / (cfg.log_every if step > start_step else 1)
             t_last = time.perf_counter()
-            print(f"step {step} | loss {cfg.pose_loss_weight * parts['pose'] + cfg.face_loss_weight * parts['face']:.4f} "
-                  + " ".join(f"{k} {v:.4f}" for k, v in parts.items())
-                  + f" | lr {lr:.2e} | grad norm {grad_norm:.3f} | {dt * 1000:.0f} ms/step | {global_batch * G / dt:.1f} samples/s")
-            accelerator.log({"train/lr": lr, "train/grad_norm": grad_norm, **{f"train/{k}": v for k, v in parts.items()}}, step=step)
+            print(f"step {step} | " + " ".join(f"{k} {v:.4f}" for k, v in parts.items())
+                  + f" | lr {lr:.2e} | grad norm {grad_norm:.3f} | {dt * 1000:.0f} ms/step"
+                  + f" | {global_batch * G / dt:.1f} samples/s")
+            accelerator.log({"train/lr": lr, "train/grad_norm": grad_norm,
+                             **{f"train/{k}": v for k, v in parts.items()}}, step=step)
 
-    if main_proc:  # the weights for stage B: <output_dir>/stage_A/final/m2p.safetensors + config.yaml
+    if main_proc:  # the weights for stage B: <out_dir>/stage_A/final/m2p.safetensors + config.yaml
         with atomic_dir(out_dir / "final") as tmp:
             save_model(raw, str(tmp / "m2p.safetensors"))
             save_config(cfg, tmp / "config.yaml")
@@ -296,5 +277,13 @@ def main(cfg):
     return raw
 
 
+def main(cfg):
+    if cfg.training_stage != "A":
+        raise NotImplementedError(f"training_stage={cfg.training_stage!r}: only stage A (M2P pretraining) is "
+                                  "implemented so far; stages B, C and all land with the denoiser and the temporal "
+                                  "modules")
+    return stage_a(cfg)
+
+
 if __name__ == "__main__":
-    main(load_config(Config, sys.argv[1:]))
+    main(load_config(Config, sys.argv[1:], ALIASES))

@@ -11,6 +11,7 @@ or any of the rig's views at random with all six as targets (`reference_view_idx
 augmentation). The views are told apart by the rig's prompt embeddings (cross-attention) and the
 reference by a per-view embedding added to the time embedding.
 """
+import copy
 import json
 import math
 import sys
@@ -25,11 +26,12 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from data import (MultiViewDataset, StepSampler, latest_checkpoint, load_config, load_mv_weights, load_prompt_embeds,
-                  load_rig, read_list_file, rig_mismatch, read_cameras, save_config, save_image_grid,
-                  save_mv_checkpoint, toy_rig_prompt_embeds, toy_spec, write_toy_mice)
+from data import (MultiViewDataset, StepSampler, latest_checkpoint, load_config, load_mv_weights,
+                  load_prompt_embeds, load_rig, log_metrics, read_cameras, read_list_file, rig_mismatch,
+                  save_config, save_image_grid, save_mv_checkpoint)
 from losses import diffusion_target, min_snr_weight, psnr, ssim, weighted_mse
 from models import build_mv_unet, load_mv_unet, sample_views
+from toy import toy_mice, toy_prompt_embeds
 
 
 @dataclass
@@ -39,20 +41,20 @@ class Config:
     train_list: str = "data_train.txt"  # relative to data_dir, or absolute
     val_list: str = "data_val.txt"
     rig: str = "mouse_6view"  # the samples' cameras must match this rig (configs/rigs/<rig>.json)
-    prompt_embeds: str = "data/toy_mice_mv/toy_prompt_embeds.pt"  # [V, T, D] for the rig's views; "" = the file the rig names
-    make_toy_prompt_embeds: bool = True  # if the prompt file is missing, write toy embeddings made from the rig's cameras (toy runs only)
+    prompt_embeds: str = "data/toy_mice_mv/toy_prompt_embeds.pt"  # [V, T, D]; "" = the file the rig names
+    make_toy_prompt_embeds: bool = True  # a missing prompt file is made from the rig's cameras (toy only)
     toy_samples: int = 400  # size of the generated toy set (only used when data_dir has no train list)
-    toy_yaw_deg: float = 30.0  # toy mice face +x +- this (180: any way); see the README's toy status
+    toy_yaw_deg: float = 30.0  # toy mice face +x +- this (180: any way; docs/experiments.md says why)
     image_size: int = 32  # views are resized to this (latent mode: 8x smaller latents)
-    reference_view_idx: str = "random"  # "0" (FaceLift) | "random": any view is the input, all views are targets
+    reference_view_idx: str = "random"  # "0" (FaceLift) | "random": any view is the input, all are targets
     # model
     preset: str = "toy"  # MVDIFF_UNET_CONFIGS, when not initialised from a unet/ folder
-    init_from: str = ""  # FaceLift pipeline dir or one of our checkpoint dirs (its unet/ is loaded); fresh optimizer
-    pipeline_dir: str = ""  # FaceLift pipeline dir with vae/ and image_encoder/: latent diffusion; "" = pixel space (toy)
+    init_from: str = ""  # FaceLift pipeline dir or one of our checkpoints (its unet/); fresh optimizer
+    pipeline_dir: str = ""  # FaceLift pipeline dir (vae/, image_encoder/): latent diffusion; "" = pixels (toy)
     sparse_attention: bool = True  # each view attends to [reference; own] (FaceLift); False: all views
     grad_checkpoint: bool = False
     # diffusion
-    prediction_type: str = "sample"  # sample = x0 (the toy: 22.49 against 21.65 dB for v at step 600) | v_prediction (FaceLift's weights) | epsilon
+    prediction_type: str = "sample"  # sample (x0, the toy's) | v_prediction (FaceLift's weights) | epsilon
     beta_schedule: str = "squaredcos_cap_v2"  # FaceLift: scaled_linear 0.00085-0.012 (for latents)
     beta_start: float = 0.00085
     beta_end: float = 0.012
@@ -72,10 +74,10 @@ class Config:
     ema_decay: float = 0.99  # 0 = no EMA; validation uses the EMA weights when there are any
     mixed_precision: str = "bf16"  # bf16 | no; used on GPU only
     # validation
-    val_every: int = 1000  # and at the last step; one toy validation (g=1 and g=3, 16 mice) costs ~40 s on 2 CPU cores
+    val_every: int = 1000  # and at the last step (one toy validation costs ~40 s on 2 CPU cores)
     val_samples: int = 16  # held-out objects; reference view i % 6 for the i-th when random
     val_steps: int = 20  # DDIM steps (FaceLift: 50)
-    val_eta: float = 1.0  # DDIM eta, FaceLift's (the v-prediction toy at step 1000: 22.07 dB at eta 1, 21.82 at eta 0)
+    val_eta: float = 1.0  # DDIM eta (FaceLift's)
     val_guidance: tuple[float, ...] = (1.0, 3.0)
     # run
     out_dir: str = "out/mvdiff_toy"
@@ -97,19 +99,21 @@ def lr_at(step, cfg):
 
 
 @torch.no_grad()
-def update_ema(ema, model, decay):
-    for ema_p, p in zip(ema.parameters(), model.parameters()):  # DiT's update_ema
+def update_ema(ema, model, decay):  # DiT's
+    for ema_p, p in zip(ema.parameters(), model.parameters()):
         ema_p.mul_(decay).add_(p.detach(), alpha=1 - decay)
 
 
 def check_prediction_type(init_from, prediction_type):
     """Weights trained to output x0, v or the noise are read wrongly under another type, and training
     then starts from nonsense: stop if FaceLift's scheduler/ or our checkpoint's config.yaml says otherwise."""
-    for file, read in ((Path(init_from) / "scheduler" / "scheduler_config.json", json.loads), (Path(init_from) / "config.yaml", yaml.safe_load)):
+    files = ((Path(init_from) / "scheduler" / "scheduler_config.json", json.loads),
+             (Path(init_from) / "config.yaml", yaml.safe_load))
+    for file, read in files:
         trained = read(file.read_text()).get("prediction_type") if file.is_file() else None
         if trained and trained != prediction_type:
-            raise ValueError(f"{file}: the weights in {init_from} predict {trained!r}, this run trains {prediction_type!r}; "
-                             f"set --prediction_type={trained}")
+            raise ValueError(f"{file}: the weights in {init_from} predict {trained!r}, this run trains "
+                             f"{prediction_type!r}; set --prediction_type={trained}")
 
 
 def check_cameras(list_file, rig):
@@ -133,15 +137,16 @@ class Conditioner:
         if self.latent:
             from diffusers import AutoencoderKL
             from transformers import CLIPVisionModelWithProjection
-            self.vae = AutoencoderKL.from_pretrained(Path(pipeline_dir) / "vae", local_files_only=True).to(device).eval()
-            self.clip = CLIPVisionModelWithProjection.from_pretrained(Path(pipeline_dir) / "image_encoder",
+            root = Path(pipeline_dir)
+            self.vae = AutoencoderKL.from_pretrained(root / "vae", local_files_only=True).to(device).eval()
+            self.clip = CLIPVisionModelWithProjection.from_pretrained(root / "image_encoder",
                                                                       local_files_only=True).to(device).eval()
             self.vae.requires_grad_(False)
             self.clip.requires_grad_(False)
 
     @torch.no_grad()
     def __call__(self, images, ref_idx):
-        """images (B, V, 3, H, W) in [-1, 1] -> x0 (B, V, C, h, w), ref_cond (B, C, h, w), class_labels (B, E) or None."""
+        """images (B, V, 3, H, W) in [-1, 1] -> x0 (B, V, C, h, w), ref_cond (B, C, h, w), labels (B, E) | None."""
         ref = images[torch.arange(len(images)), ref_idx]  # (B, 3, H, W)
         if not self.latent:
             return images, ref, None
@@ -152,8 +157,9 @@ class Conditioner:
         mean = torch.tensor([0.4815, 0.4578, 0.4082], device=px.device)[:, None, None]
         std = torch.tensor([0.2686, 0.2613, 0.2758], device=px.device)[:, None, None]
         emb = self.clip((px - mean) / std).image_embeds  # (B, 1024)
-        level = get_timestep_embedding(torch.zeros(len(emb), device=emb.device), emb.shape[-1], flip_sin_to_cos=True, downscale_freq_shift=0)
-        return x0, x0[torch.arange(len(x0)), ref_idx], torch.cat([emb, level.to(emb)], -1)  # class labels (B, 2048)
+        level = get_timestep_embedding(torch.zeros(len(emb), device=emb.device), emb.shape[-1],
+                                       flip_sin_to_cos=True, downscale_freq_shift=0)  # (B, 1024)
+        return x0, x0[torch.arange(len(x0)), ref_idx], torch.cat([emb, level.to(emb)], -1)  # labels (B, 2048)
 
     @torch.no_grad()
     def decode(self, x):
@@ -180,35 +186,42 @@ def evaluate(model, cond, scheduler, val_set, prompt_embeds, cfg, step, device, 
     model.eval()
     n, V = min(cfg.val_samples, len(val_set)), model.num_views
     gt = torch.stack([val_set[i]["images"][:, :3] for i in range(n)]).to(device)  # (n, V, 3, H, W) in [0, 1]
-    ref_idx = torch.arange(n, device=device) % V if cfg.reference_view_idx == "random" else torch.zeros(n, dtype=torch.long, device=device)
+    ref_idx = torch.arange(n, device=device) % V  # reference view i % V for the i-th object...
+    if cfg.reference_view_idx == "0":
+        ref_idx = torch.zeros_like(ref_idx)  # ...or always view 0
     _, ref_cond, labels = cond(gt * 2 - 1, ref_idx)
     others = torch.arange(V, device=device)[None] != ref_idx[:, None]  # (n, V): the views to generate
     ref_img = gt[torch.arange(n), ref_idx]  # (n, 3, H, W)
-    wrong = wrong_views(others)  # (n, V)
-    copy = ref_img[:, None].expand_as(gt)
-    metrics = {"baseline_psnr": psnr(copy, gt)[others].mean().item(), "baseline_ssim": ssim(copy, gt)[others].mean().item()}
+    wrong = gt[torch.arange(n)[:, None], wrong_views(others)]  # (n, V, 3, H, W): another view's ground truth
+    copied = ref_img[:, None].expand_as(gt)  # the baseline: the reference in every view
+    score = lambda metric, x, y: metric(x, y)[others].mean().item()  # noqa: E731
+    metrics, grids = {"baseline_psnr": score(psnr, copied, gt), "baseline_ssim": score(ssim, copied, gt)}, []
     for g in cfg.val_guidance:
         gen = torch.Generator(device).manual_seed(cfg.seed)  # the same noise at every validation
         x = sample_views(model, scheduler, ref_cond, ref_idx, prompt_embeds, ref_cond.shape[1:], labels,
                          cfg.val_steps, g, cfg.val_eta, gen)  # (n, V, C, h, w)
         pred = cond.decode(x)  # (n, V, 3, H, W)
-        metrics[f"psnr_g{g:g}"] = psnr(pred, gt)[others].mean().item()
-        metrics[f"ssim_g{g:g}"] = ssim(pred, gt)[others].mean().item()
-        metrics[f"psnr_g{g:g}_wrong_view"] = psnr(pred, gt[torch.arange(n)[:, None], wrong])[others].mean().item()
-        rows = [torch.cat([ref_img[i:i + 1], gt[i], pred[i]]).cpu() for i in range(min(n, 6))]  # (1 + 2V, 3, H, W) each
-        metrics[f"grid_g{g:g}"] = str(save_image_grid(rows, Path(out_dir) / f"val_{step:06d}_g{g:g}.png"))
+        metrics[f"psnr_g{g:g}"] = score(psnr, pred, gt)
+        metrics[f"ssim_g{g:g}"] = score(ssim, pred, gt)
+        metrics[f"psnr_g{g:g}_wrong_view"] = score(psnr, pred, wrong)
+        rows = [torch.cat([ref_img[i:i + 1], gt[i], pred[i]]).cpu() for i in range(min(n, 6))]  # (1 + 2V, 3, H, W)
+        groups = [("reference", 1), ("ground truth", V), (f"generated, g={g:g}, step {step}", V)]
+        grids.append(save_image_grid(rows, Path(out_dir) / f"val_{step:06d}_g{g:g}.png", groups))
     model.train()
-    return metrics
+    return metrics, grids
 
 
 def main(cfg):
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),  # on CPU: still real DDP over gloo under torchrun
+    # cpu=True without CUDA: torchrun then still gives real DDP over gloo
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               mixed_precision=cfg.mixed_precision if torch.cuda.is_available() else "no",
                               log_with="wandb" if cfg.wandb else None)
     main_proc, device, rank = accelerator.is_main_process, accelerator.device, accelerator.process_index
     set_seed(cfg.seed + rank)
-    assert cfg.reference_view_idx in ("0", "random"), f"reference_view_idx {cfg.reference_view_idx!r}: expected 0 or random"
-    assert cfg.prediction_type in ("sample", "v_prediction", "epsilon"), f"prediction_type {cfg.prediction_type!r}: expected sample, v_prediction or epsilon"
+    if cfg.reference_view_idx not in ("0", "random"):
+        raise ValueError(f"reference_view_idx {cfg.reference_view_idx!r}: expected 0 or random")
+    if cfg.prediction_type not in ("sample", "v_prediction", "epsilon"):
+        raise ValueError(f"prediction_type {cfg.prediction_type!r}: expected sample, v_prediction or epsilon")
     out_dir = Path(cfg.out_dir)
     if main_proc:
         print(f"config: {cfg}\nprocesses: {accelerator.num_processes}, device: {device}")
@@ -217,58 +230,51 @@ def main(cfg):
         if cfg.wandb:
             accelerator.init_trackers(cfg.wandb_project, config=vars(cfg))
 
-    # data: generate the toy mice once (main process), everyone waits; every sample's cameras must match the rig
+    # data: the toy mice on the default folder; every sample's cameras must match the rig
     data_dir = Path(cfg.data_dir)
     train_list, val_list = data_dir / cfg.train_list, data_dir / cfg.val_list
     rig = load_rig(cfg.rig)
-    toy = data_dir == Path(Config.data_dir)
-    toy_args = dict(n=cfg.toy_samples, rig=rig, size=64, n_extra=0, n_val=16, seed=cfg.seed, yaw_deg=cfg.toy_yaw_deg)
-    spec = toy_spec(**toy_args)
-    if main_proc and toy and not train_list.exists():
-        write_toy_mice(data_dir, **toy_args)
-    accelerator.wait_for_everyone()
-    found = json.loads((data_dir / "toy.json").read_text()) if (data_dir / "toy.json").exists() else None
-    if toy and found != spec:
-        raise ValueError(f"{data_dir} holds another toy set ({found}) than this run asks for ({spec}): delete it to regenerate")
+    if data_dir == Path(Config.data_dir):
+        toy_mice(data_dir, accelerator, n=cfg.toy_samples, rig=rig, size=64, n_extra=0, n_val=16,
+                 seed=cfg.seed, yaw_deg=cfg.toy_yaw_deg)
     check_cameras(train_list, rig)
     check_cameras(val_list, rig)
     V = len(rig["frames"])
-    train_set = MultiViewDataset(train_list, cfg.image_size, range(V), 0, rig=rig, seed=cfg.seed)
-    val_set = MultiViewDataset(val_list, cfg.image_size, range(V), 0, rig=rig)
+    train_set = MultiViewDataset(train_list, cfg.image_size, range(V), 0, rig, cfg.seed)
+    val_set = MultiViewDataset(val_list, cfg.image_size, range(V), 0, rig)
 
     # model: FaceLift's / our unet/ folder, or a preset; the rig's prompt embeddings
     if cfg.init_from:
         check_prediction_type(cfg.init_from, cfg.prediction_type)
         model = load_mv_unet(Path(cfg.init_from) / "unet", V, cfg.sparse_attention)
-        print(f"initialised weights from {cfg.init_from}/unet") if main_proc else None
+        if main_proc:
+            print(f"initialised weights from {cfg.init_from}/unet")
     else:
         model = build_mv_unet(cfg.preset, V, cfg.sparse_attention)
     if cfg.grad_checkpoint:
         model.unet.enable_gradient_checkpointing()
     model.to(device).train()
-    ema = None
-    if cfg.ema_decay > 0:
-        ema = build_mv_unet(cfg.preset, V, cfg.sparse_attention) if not cfg.init_from else load_mv_unet(Path(cfg.init_from) / "unet", V, cfg.sparse_attention)
-        ema.load_state_dict(model.state_dict())
-        ema.to(device).eval().requires_grad_(False)
+    ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema_decay > 0 else None  # DiT's EMA
+    dim = model.unet.config.cross_attention_dim
     prompt_file = Path(cfg.prompt_embeds or rig["prompt_embeds"])
-    if main_proc and not prompt_file.exists() and cfg.make_toy_prompt_embeds:
-        prompt_file.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(toy_rig_prompt_embeds(rig, model.unet.config.cross_attention_dim), prompt_file)
-        print(f"wrote toy prompt embeddings for rig {rig['name']!r} to {prompt_file}")
-    accelerator.wait_for_everyone()
-    prompt_embeds = load_prompt_embeds(prompt_file, rig, model.unet.config.cross_attention_dim).to(device)  # (V, T, D)
+    if cfg.make_toy_prompt_embeds:
+        toy_prompt_embeds(prompt_file, rig, dim, accelerator)
+    prompt_embeds = load_prompt_embeds(prompt_file, rig, dim).to(device)  # (V, T, D)
     cond = Conditioner(cfg.pipeline_dir, device)
 
     # parameter groups, by hand: everything trains; weight decay on matrices only (nanoGPT)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    groups = [{"name": "unet_decay", "params": [p for n, p in params.items() if n.startswith("unet.") and p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"name": "unet_no_decay", "params": [p for n, p in params.items() if n.startswith("unet.") and p.dim() < 2], "weight_decay": 0.0},
+    unet = [(n, p) for n, p in model.named_parameters() if n.startswith("unet.")]
+    groups = [{"name": "unet_decay", "params": [p for n, p in unet if p.dim() >= 2],
+               "weight_decay": cfg.weight_decay},
+              {"name": "unet_no_decay", "params": [p for n, p in unet if p.dim() < 2], "weight_decay": 0.0},
               {"name": "ref_view_embed", "params": [model.ref_view_embed.weight], "weight_decay": 0.0}]
-    assert sorted(map(id, params.values())) == sorted(id(p) for g in groups for p in g["params"])  # each in exactly one group
+    # every trainable parameter in exactly one group, no frozen one in any
+    grouped = sorted(id(p) for g in groups for p in g["params"])
+    assert grouped == sorted(id(p) for p in model.parameters() if p.requires_grad), "groups != trainable"
     if main_proc:
         for g in groups:
-            print(f"group {g['name']}: {len(g['params'])} tensors, {sum(p.numel() for p in g['params']):,} params, lr {cfg.lr}")
+            n = sum(p.numel() for p in g["params"])
+            print(f"group {g['name']}: {len(g['params'])} tensors, {n:,} params, lr {cfg.lr:g}")
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=torch.cuda.is_available())
     for g in optimizer.param_groups:
         g["initial_lr"] = cfg.lr
@@ -282,31 +288,34 @@ def main(cfg):
         state = torch.load(Path(resume) / "state.pt", map_location="cpu", weights_only=True)
         optimizer.load_state_dict(state["optimizers"]["optimizer"])
         start_step = state["step"]
-        print(f"resumed from {resume} at step {start_step}") if main_proc else None
+        if main_proc:
+            print(f"resumed from {resume} at step {start_step}")
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
 
     # diffusion: DDPM noising for training, DDIM (same betas) for sampling
-    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule=cfg.beta_schedule, beta_start=cfg.beta_start,
-                                    beta_end=cfg.beta_end, prediction_type=cfg.prediction_type, clip_sample=cfg.clip_sample)
-    sampler_scheduler = DDIMScheduler.from_config(noise_scheduler.config, timestep_spacing="trailing")  # trailing: few steps start at t = 999
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule=cfg.beta_schedule,
+                                    beta_start=cfg.beta_start, beta_end=cfg.beta_end,
+                                    prediction_type=cfg.prediction_type, clip_sample=cfg.clip_sample)
+    # trailing spacing: a few sampling steps still start at t = 999
+    sampler_scheduler = DDIMScheduler.from_config(noise_scheduler.config, timestep_spacing="trailing")
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
 
+    G = cfg.grad_accum
     global_batch = cfg.batch_size * accelerator.num_processes
-    sampler = StepSampler(len(train_set), global_batch, rank, accelerator.num_processes, cfg.seed, start_step * cfg.grad_accum)
+    sampler = StepSampler(len(train_set), global_batch, rank, accelerator.num_processes, cfg.seed,
+                          start_step * G)  # one sampler step per micro-batch
     loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers))
 
     t_last = time.perf_counter()
     for step in range(start_step, cfg.max_steps + 1):
         if (step > start_step and step % cfg.val_every == 0) or step == cfg.max_steps:
-            if main_proc:
-                m = evaluate(ema or raw_model, cond, sampler_scheduler, val_set, prompt_embeds, cfg, step, device, out_dir)
-                print(f"val step {step}{' (ema)' if ema is not None else ''}: novel views of {min(cfg.val_samples, len(val_set))} held-out objects | "
-                      + " | ".join(f"g={g:g}: psnr {m[f'psnr_g{g:g}']:.2f} dB ssim {m[f'ssim_g{g:g}']:.3f}"
-                                   f" (against another view's gt: {m[f'psnr_g{g:g}_wrong_view']:.2f} dB)" for g in cfg.val_guidance)
-                      + f" | copy-the-reference baseline: psnr {m['baseline_psnr']:.2f} dB ssim {m['baseline_ssim']:.3f}"
-                      + f" | grids {', '.join(m[f'grid_g{g:g}'] for g in cfg.val_guidance)}")
-                accelerator.log({f"val/{k}": v for k, v in m.items() if not k.startswith("grid")}, step=step)
+            if main_proc:  # novel views; baseline: copy the reference; control: another view's ground truth
+                m, grids = evaluate(ema or raw_model, cond, sampler_scheduler, val_set, prompt_embeds, cfg, step,
+                                    device, out_dir)
+                log_metrics(m, step, out_dir)
+                print(f"{'ema ' if ema is not None else ''}grids {', '.join(map(str, grids))}")
+                accelerator.log({f"val/{k}": v for k, v in m.items()}, step=step)
             accelerator.wait_for_everyone()
         if step > start_step and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
             if main_proc:
@@ -319,34 +328,35 @@ def main(cfg):
         lr = lr_at(step, cfg)
         for g in optimizer.param_groups:
             g["lr"] = g["initial_lr"] * lr / cfg.lr
-        for micro in range(cfg.grad_accum):
+        loss_sum = 0.0
+        for micro in range(G):
             batch = next(loader)
-            # every random draw is a function of (seed, step, micro-step, rank): resuming continues the same run
+            # every random draw is a function of (seed, step, micro-step, rank): resume continues the run
             gen = torch.Generator().manual_seed(((cfg.seed * 1_000_003 + step) * 64 + micro) * 1024 + rank)
             images = batch["images"][:, :, :3].to(device) * 2 - 1  # (B, V, 3, H, W) in [-1, 1]
             B = images.shape[0]
             ref_idx = (torch.randint(0, V, (B,), generator=gen) if cfg.reference_view_idx == "random"
                        else torch.zeros(B, dtype=torch.long)).to(device)
             x0, ref_cond, labels = cond(images, ref_idx)  # (B, V, C, h, w), (B, C, h, w), (B, E) | None
-            # classifier-free dropout: each reference condition is dropped on its own, 5% each
+            # classifier-free dropout: each reference condition is dropped on its own
             keep_ref = (torch.rand(B, generator=gen) >= cfg.drop_ref_prob).to(device)
             keep_clip = (torch.rand(B, generator=gen) >= cfg.drop_clip_prob).to(device)
             ref_cond = ref_cond * keep_ref[:, None, None, None]
             labels = None if labels is None else labels * keep_clip[:, None]
             noise = torch.randn(x0.shape, generator=gen).to(device)
-            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (B,), generator=gen).to(device)  # one per object
+            T = noise_scheduler.config.num_train_timesteps
+            t = torch.randint(0, T, (B,), generator=gen).to(device)  # one timestep per object
             noisy = noise_scheduler.add_noise(x0, noise, t)  # (B, V, C, h, w)
             target = diffusion_target(noise_scheduler, x0, noise, t)  # x0, v or the noise
-            # min-SNR-5: the v loss weighted by min(SNR + 1, 5) / (SNR + 1), i.e. v's own SNR + 1 weight on the
-            # x0 error capped at 5, so pure noise keeps weight 1 (Hang et al.'s min(SNR, 5) / (SNR + 1) gives it 0,
-            # and the unseen views' layout is decided there; see losses.min_snr_weight); x0 prediction: the same
-            # x0-space weight, min(SNR + 1, 5); eps: min(SNR, 5) / SNR
-            weight = min_snr_weight(alphas_cumprod[t], cfg.snr_gamma, cfg.prediction_type) if cfg.snr_gamma > 0 else torch.ones(B, device=device)
-            sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else nullcontext()  # all-reduce on the last micro-step only
+            weight = torch.ones(B, device=device)
+            if cfg.snr_gamma > 0:  # min-SNR, with pure noise kept at weight 1 (losses.min_snr_weight)
+                weight = min_snr_weight(alphas_cumprod[t], cfg.snr_gamma, cfg.prediction_type)
+            sync = accelerator.no_sync(model) if micro < G - 1 else nullcontext()  # all-reduce on the last only
             with sync, accelerator.autocast():
                 pred = model(noisy, t, prompt_embeds, ref_idx, ref_cond, labels)
-                loss = weighted_mse(pred, target, weight) / cfg.grad_accum
+                loss = weighted_mse(pred, target, weight) / G
                 accelerator.backward(loss)
+            loss_sum += loss.item()
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -356,9 +366,9 @@ def main(cfg):
         if main_proc and step % cfg.log_every == 0:
             dt = (time.perf_counter() - t_last) / (cfg.log_every if step > start_step else 1)
             t_last = time.perf_counter()
-            print(f"step {step} | loss {loss.item() * cfg.grad_accum:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f}"
-                  f" | {dt * 1000:.0f} ms/step | {global_batch * cfg.grad_accum / dt:.1f} objects/s")
-            accelerator.log({"train/loss": loss.item() * cfg.grad_accum, "train/lr": lr, "train/grad_norm": grad_norm}, step=step)
+            print(f"step {step} | loss {loss_sum:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f}"
+                  f" | {dt * 1000:.0f} ms/step | {global_batch * G / dt:.1f} objects/s")
+            accelerator.log({"train/loss": loss_sum, "train/lr": lr, "train/grad_norm": grad_norm}, step=step)
     accelerator.wait_for_everyone()  # leave the process group together (gloo can abort at exit otherwise)
     accelerator.end_training()
     return raw_model, ema

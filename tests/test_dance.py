@@ -140,16 +140,39 @@ def test_m2p_shapes_and_positions_for_150_frames():
 
 
 def tiny_cfg(data, out, **kw):
-    args = [f"--data_dir={data}", f"--output_dir={out}", "--m2p_preset=tiny", "--window=30", "--train_batch_size=2",
-            "--stage_a_steps=4", "--lr_warmup_steps=2", "--val_every=100", "--val_clips=2", "--log_every=1", "--ckpt_every=2"]
+    args = [f"--data_dir={data}", f"--out_dir={out}", "--m2p_preset=tiny", "--window=30", "--batch_size=2",
+            "--stage_a_steps=4", "--warmup_steps=2", "--val_every=100", "--val_clips=2", "--log_every=1",
+            "--ckpt_every=2"]
     return load_config(train_dance.Config, args + [f"--{k}={v}" for k, v in kw.items()])
+
+
+def test_the_seeds_command_line_names_are_aliases(tmp_path, capsys):
+    seed = "--training_stage A --stage_a_steps 5000 --train_batch_size 1 --gradient_accumulation_steps 8".split()
+    cfg = load_config(train_dance.Config, seed, train_dance.ALIASES)
+    assert (cfg.stage_a_steps, cfg.batch_size, cfg.grad_accum) == (5000, 1, 8)
+    more = ["--lr_warmup_steps=7", "--gradient_clip_norm=0.5", f"--output_dir={tmp_path}",
+            "--gradient_checkpointing=true", "--num_workers=3"]
+    cfg = load_config(train_dance.Config, more, train_dance.ALIASES)
+    assert (cfg.warmup_steps, cfg.grad_clip, cfg.out_dir, cfg.grad_checkpoint, cfg.num_workers) == (
+        7, 0.5, str(tmp_path), True, 3)
+    (tmp_path / "seed.yaml").write_text("train_batch_size: 4\n")  # in a config file too
+    assert load_config(train_dance.Config, ["--cfg", str(tmp_path / "seed.yaml")], train_dance.ALIASES).batch_size == 4
+    fields = set(train_dance.Config.__dataclass_fields__)
+    assert set(train_dance.ALIASES.values()) <= fields  # every alias names a real knob
+    with pytest.raises(SystemExit):
+        load_config(train_dance.Config, ["--help"], train_dance.ALIASES)
+    out = capsys.readouterr().out
+    assert "class Config" in out and "--train_batch_size = --batch_size" in out
 
 
 def test_train_freezes_runs_and_resume_continues_exactly(toy, tmp_path, capsys):
     train_dance.main(tiny_cfg(toy, tmp_path / "a"))
     out = capsys.readouterr().out
     assert "stage A | recognizer   | False" in out and "stage A | m2p          | True" in out  # the freeze table
-    assert "pose error" in out and "beat alignment" in out and "music shuffled" in out
+    assert "val step 4 | err " in out and "| mean_err " in out and "| beat_align_shuffled " in out
+    logged = [json.loads(line) for line in (tmp_path / "a" / "stage_A" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged] == [0, 4]
+    assert {"err", "mean_err", "ref_err", "pck", "beat_align", "beat_align_shuffled", "cos"} <= set(logged[-1])
     stage = tmp_path / "a" / "stage_A"
     full = load_file(stage / "checkpoint-4" / "m2p.safetensors")
     assert (stage / "final" / "m2p.safetensors").exists() and (stage / "checkpoint-2").exists()
@@ -167,7 +190,7 @@ def test_train_freezes_runs_and_resume_continues_exactly(toy, tmp_path, capsys):
 def test_gradient_accumulation_and_missing_features_are_computed(toy, tmp_path):
     data = shutil.copytree(toy, tmp_path / "data")
     (data / "clip_00000" / "music_feats.npy").unlink()  # computed from audio.wav and cached
-    m2p = train_dance.main(tiny_cfg(data, tmp_path / "out", stage_a_steps=1, gradient_accumulation_steps=2))
+    m2p = train_dance.main(tiny_cfg(data, tmp_path / "out", stage_a_steps=1, grad_accum=2))
     assert np.allclose(np.load(data / "clip_00000" / "music_feats.npy"), np.load(toy / "clip_00000" / "music_feats.npy"), atol=1e-4)
     assert all(p.requires_grad for p in m2p.parameters())
 
