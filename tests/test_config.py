@@ -151,3 +151,13 @@ def test_help_prints_source(capsys):
         load_config(Cfg, ["--steps=3", "--help"])
     assert exit_.value.code == 0
     assert "# peak learning rate" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script", ["train_gslrm", "train_mvdiff", "train_dance"])
+def test_help_prints_the_scripts_config(script, capsys):
+    import importlib
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit):
+        load_config(module.Config, ["--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage:") and "class Config:" in out and "out_dir: str" in out

@@ -15,15 +15,9 @@ import train_dance
 from data import DanceClipDataset, check_clip, load_config
 from losses import beat_alignment, gaussian_heatmaps, heatmap_loss, motion_beats, soft_argmax
 from models import IRESNET_CONFIGS, IResNet, M2P_CONFIGS, M2PEncoder, load_iresnet
-from toy import write_toy_dance
+from conftest import DANCE_FPS, DANCE_SECONDS
 
-SECONDS, FPS = 2.0, 30
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    # one generation for the whole file: it also pays librosa's numba warm-up (~6 s) once
-    return write_toy_dance(tmp_path_factory.mktemp("dance"), n=4, n_dancers=2, seconds=SECONDS, size=32, n_val=2, progress=False)
+SECONDS, FPS = DANCE_SECONDS, DANCE_FPS
 
 
 def test_gt_heatmap_soft_argmax_returns_the_joint_and_invisible_joints_are_masked():
@@ -60,9 +54,9 @@ def test_beat_alignment_on_beat_motion_scores_near_one_and_shifted_lower():
     assert beat_alignment(beats, motion_beats(dancer(0.0), fps)) > 0.95
 
 
-def test_music_features_have_one_row_per_video_frame_and_beats_at_the_beats(toy):
+def test_music_features_have_one_row_per_video_frame_and_beats_at_the_beats(tiny_dance):
     T = int(SECONDS * FPS)
-    for clip in sorted(toy.glob("clip_*")):
+    for clip in sorted(tiny_dance.glob("clip_*")):
         feats = np.load(clip / "music_feats.npy")
         assert feats.shape == (T, 35) and np.isfinite(feats).all()
         assert len(list((clip / "frames").glob("*.png"))) == T and np.load(clip / "poses.npy").shape == (T, 134, 3)
@@ -76,14 +70,14 @@ def test_music_features_have_one_row_per_video_frame_and_beats_at_the_beats(toy)
         assert feats[:, -1].sum() >= 1  # the beat one-hot column is filled
 
 
-def test_loader_items_and_joint_subsets(toy):
-    ds = DanceClipDataset(toy / "data_train.txt", window=30, joints="body18")
+def test_loader_items_and_joint_subsets(tiny_dance):
+    ds = DanceClipDataset(tiny_dance / "data_train.txt", window=30, joints="body18")
     item = ds[0]
     assert item["music"].shape == (30, 35) and item["poses"].shape == (30, 18, 3) and item["ref_pose"].shape == (18, 3)
     assert item["face"].shape == (3, 112, 112) and ds[0]["start"] == item["start"]  # deterministic per (seed, epoch, index)
-    assert DanceClipDataset(toy / "data_train.txt", window=30, joints="all134")[1]["poses"].shape == (30, 134, 3)
+    assert DanceClipDataset(tiny_dance / "data_train.txt", window=30, joints="all134")[1]["poses"].shape == (30, 134, 3)
     with pytest.raises(ValueError, match="joints='body17'"):
-        DanceClipDataset(toy / "data_train.txt", window=30, joints="body17")
+        DanceClipDataset(tiny_dance / "data_train.txt", window=30, joints="body17")
 
 
 @pytest.mark.parametrize("breakage, match", [
@@ -92,8 +86,8 @@ def test_loader_items_and_joint_subsets(toy):
     ("no_faces", r"faces.json: missing"),
     ("feature_rows", r"music_feats.npy: shape \(59, 35\)"),
 ])
-def test_bad_clips_stop_with_an_error_naming_the_file(toy, tmp_path, breakage, match):
-    clip = shutil.copytree(toy / "clip_00000", tmp_path / "clip")
+def test_bad_clips_stop_with_an_error_naming_the_file(tiny_dance, tmp_path, breakage, match):
+    clip = shutil.copytree(tiny_dance / "clip_00000", tmp_path / "clip")
     if breakage == "short_audio":
         audio, sr = soundfile.read(clip / "audio.wav")
         soundfile.write(clip / "audio.wav", audio[: sr], sr)  # 1 s of audio for 2 s of frames
@@ -139,13 +133,6 @@ def test_m2p_shapes_and_positions_for_150_frames():
     assert logits.shape == (2, 150, 24, H, H) and torch.allclose(emb.norm(dim=-1), torch.ones(2))
 
 
-def tiny_cfg(data, out, **kw):
-    args = [f"--data_dir={data}", f"--out_dir={out}", "--m2p_preset=tiny", "--window=30", "--batch_size=2",
-            "--stage_a_steps=4", "--warmup_steps=2", "--val_every=100", "--val_clips=2", "--log_every=1",
-            "--ckpt_every=2"]
-    return load_config(train_dance.Config, args + [f"--{k}={v}" for k, v in kw.items()])
-
-
 def test_the_seeds_command_line_names_are_aliases(tmp_path, capsys):
     seed = "--training_stage A --stage_a_steps 5000 --train_batch_size 1 --gradient_accumulation_steps 8".split()
     cfg = load_config(train_dance.Config, seed, train_dance.ALIASES)
@@ -165,8 +152,8 @@ def test_the_seeds_command_line_names_are_aliases(tmp_path, capsys):
     assert "class Config" in out and "--train_batch_size = --batch_size" in out
 
 
-def test_train_freezes_runs_and_resume_continues_exactly(toy, tmp_path, capsys):
-    train_dance.main(tiny_cfg(toy, tmp_path / "a"))
+def test_train_freezes_runs_and_resume_continues_exactly(tiny_dance, tmp_path, capsys, tiny_cfg):
+    train_dance.main(tiny_cfg(train_dance, tiny_dance, tmp_path / "a"))
     out = capsys.readouterr().out
     assert "stage A | recognizer   | False" in out and "stage A | m2p          | True" in out  # the freeze table
     assert "val step 4 | err " in out and "| mean_err " in out and "| beat_align_shuffled " in out
@@ -178,8 +165,8 @@ def test_train_freezes_runs_and_resume_continues_exactly(toy, tmp_path, capsys):
     assert (stage / "final" / "m2p.safetensors").exists() and (stage / "checkpoint-2").exists()
     video = imageio.mimread(stage / "val_000004.mp4", memtest=False)  # the skeleton video reads back
     assert len(video) == int(SECONDS * FPS) and video[0].shape == (128, 256, 3)
-    train_dance.main(tiny_cfg(toy, tmp_path / "b", stage_a_steps=2))
-    train_dance.main(tiny_cfg(toy, tmp_path / "b", resume="auto"))
+    train_dance.main(tiny_cfg(train_dance, tiny_dance, tmp_path / "b", stage_a_steps=2))
+    train_dance.main(tiny_cfg(train_dance, tiny_dance, tmp_path / "b", resume="auto"))
     first = load_file(tmp_path / "b" / "stage_A" / "checkpoint-2" / "m2p.safetensors")
     resumed = load_file(tmp_path / "b" / "stage_A" / "checkpoint-4" / "m2p.safetensors")
     assert any(not torch.equal(first[k], resumed[k]) for k in full)  # it trained on after resuming
@@ -187,14 +174,14 @@ def test_train_freezes_runs_and_resume_continues_exactly(toy, tmp_path, capsys):
         assert torch.allclose(full[k], resumed[k], atol=1e-6), k
 
 
-def test_gradient_accumulation_and_missing_features_are_computed(toy, tmp_path):
-    data = shutil.copytree(toy, tmp_path / "data")
+def test_gradient_accumulation_and_missing_features_are_computed(tiny_dance, tmp_path, tiny_cfg):
+    data = shutil.copytree(tiny_dance, tmp_path / "data")
     (data / "clip_00000" / "music_feats.npy").unlink()  # computed from audio.wav and cached
-    m2p = train_dance.main(tiny_cfg(data, tmp_path / "out", stage_a_steps=1, grad_accum=2))
-    assert np.allclose(np.load(data / "clip_00000" / "music_feats.npy"), np.load(toy / "clip_00000" / "music_feats.npy"), atol=1e-4)
+    m2p = train_dance.main(tiny_cfg(train_dance, data, tmp_path / "out", stage_a_steps=1, grad_accum=2))
+    assert np.allclose(np.load(data / "clip_00000" / "music_feats.npy"), np.load(tiny_dance / "clip_00000" / "music_feats.npy"), atol=1e-4)
     assert all(p.requires_grad for p in m2p.parameters())
 
 
-def test_later_stages_say_they_are_not_there_yet(toy, tmp_path):
+def test_later_stages_say_they_are_not_there_yet(tiny_dance, tmp_path, tiny_cfg):
     with pytest.raises(NotImplementedError, match="only stage A"):
-        train_dance.main(tiny_cfg(toy, tmp_path, training_stage="B"))
+        train_dance.main(tiny_cfg(train_dance, tiny_dance, tmp_path, training_stage="B"))

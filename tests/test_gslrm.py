@@ -1,5 +1,6 @@
 """GS-LRM: shapes and FaceLift's activations, the checkpoint converter, deferred rendering,
 and the training script (runs, resumes exactly, DDP gradients)."""
+import json
 import os
 import subprocess
 import sys
@@ -112,23 +113,14 @@ def test_lr_schedule_is_a_function_of_the_step():
     assert train_gslrm.lr_at(60, cfg) == pytest.approx(0.55) and train_gslrm.lr_at(110, cfg) == pytest.approx(0.1)
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    return write_toy_mice(tmp_path_factory.mktemp("mice"), n=6, size=16, n_extra=3, n_val=2, progress=False)
-
-
-def tiny_cfg(data, out, **kw):
-    args = [f"--data_dir={data}", f"--out_dir={out}", "--preset=tiny", "--image_size=16", "--batch_size=2",
-            "--max_steps=6", "--warmup_steps=2", "--val_every=100", "--val_samples=2", "--log_every=1", "--ckpt_every=3"]
-    return load_config(train_gslrm.Config, args + [f"--{k}={v}" for k, v in kw.items()])
-
-
-def test_train_runs_and_resume_continues_exactly(tiny_data, tmp_path):
-    train_gslrm.main(tiny_cfg(tiny_data, tmp_path / "a"))
+def test_train_runs_and_resume_continues_exactly(tiny_mice, tmp_path, tiny_cfg):
+    train_gslrm.main(tiny_cfg(train_gslrm, tiny_mice, tmp_path / "a"))
     full = load_file(tmp_path / "a" / "checkpoint-6" / "model.safetensors")
     assert (tmp_path / "a" / "val_000006.png").exists() and (tmp_path / "a" / "checkpoint-3").exists()
-    train_gslrm.main(tiny_cfg(tiny_data, tmp_path / "b", max_steps=3))
-    train_gslrm.main(tiny_cfg(tiny_data, tmp_path / "b", resume="auto"))
+    logged = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged] == [0, 6] and {"psnr", "baseline_psnr", "ssim"} <= set(logged[-1])
+    train_gslrm.main(tiny_cfg(train_gslrm, tiny_mice, tmp_path / "b", max_steps=3))
+    train_gslrm.main(tiny_cfg(train_gslrm, tiny_mice, tmp_path / "b", resume="auto"))
     resumed = load_file(tmp_path / "b" / "checkpoint-6" / "model.safetensors")
     first = load_file(tmp_path / "b" / "checkpoint-3" / "model.safetensors")
     assert any(not torch.equal(first[k], resumed[k]) for k in full)  # it trained on after resuming
@@ -136,33 +128,35 @@ def test_train_runs_and_resume_continues_exactly(tiny_data, tmp_path):
         assert torch.allclose(full[k], resumed[k], atol=1e-6), k
 
 
-def test_init_from_facelift_checkpoint(tiny_data, tmp_path):
+def test_init_from_facelift_checkpoint(tiny_mice, tmp_path, tiny_cfg):
     sd = fabricate_facelift_ckpt(tmp_path / "ckpt.pt")
-    model = train_gslrm.main(tiny_cfg(tiny_data, tmp_path / "c", max_steps=0, init_from=tmp_path / "ckpt.pt"))
+    model = train_gslrm.main(tiny_cfg(train_gslrm, tiny_mice, tmp_path / "c", max_steps=0, init_from=tmp_path / "ckpt.pt"))
     assert torch.equal(model.patch_embed.weight, sd["patch_embedder.1.weight"])
 
 
-def test_ddp_gradients_equal_single_process_on_the_doubled_batch(tiny_data, tmp_path):
+def test_ddp_gradients_equal_single_process_on_the_doubled_batch(tiny_mice, tmp_path, tiny_cfg):
     worker, repo = Path(__file__).parent / "ddp_grad_worker.py", Path(__file__).parent.parent
     env = dict(os.environ, PYTHONPATH=str(repo))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
-           str(tiny_data), str(tmp_path / "ddp.pt")]
+           str(tiny_mice), str(tmp_path / "ddp.pt")]
     subprocess.run(cmd, check=True, timeout=300, env=env)
-    subprocess.run([sys.executable, str(worker), str(tiny_data), str(tmp_path / "single.pt")], check=True, timeout=300, env=env)
+    subprocess.run([sys.executable, str(worker), str(tiny_mice), str(tmp_path / "single.pt")], check=True, timeout=300, env=env)
     ddp, single = torch.load(tmp_path / "ddp.pt"), torch.load(tmp_path / "single.pt")
     assert ddp["world"] == 2 and single["world"] == 1
-    assert ddp["samples"] != single["samples"][:1] and sorted(sum(ddp["all_samples"], [])) == sorted(single["samples"])
+    rank0, rank1 = ddp["all_samples"]  # each rank's share of the global batch
+    assert rank0 == ddp["samples"] and len(rank0) == len(rank1) == 2
+    assert not set(rank0) & set(rank1)  # no sample drawn by both ranks
+    assert sorted(rank0 + rank1) == sorted(single["samples"])  # together: the single process's batch
     for a, b in zip(ddp["grads"], single["grads"]):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
 
 
-def test_train_with_perceptual_loss_lpips_and_ply_export(tiny_data, tmp_path, capsys):
-    from test_losses import save_torchvision_vgg
-    save_torchvision_vgg(tmp_path / "vgg19.pth", "vgg19")
-    save_torchvision_vgg(tmp_path / "vgg16.pth", "vgg16")
+def test_train_with_perceptual_loss_lpips_and_ply_export(tiny_mice, tmp_path, capsys, tiny_cfg, write_vgg):
+    write_vgg(tmp_path / "vgg19.pth", "vgg19")
+    write_vgg(tmp_path / "vgg16.pth", "vgg16")
     torch.save({f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate((64, 128, 256, 512, 512))},
                tmp_path / "heads.pth")
-    cfg = tiny_cfg(tiny_data, tmp_path / "p", max_steps=3, l2_warmup_steps=1, vgg19_path=tmp_path / "vgg19.pth",
+    cfg = tiny_cfg(train_gslrm, tiny_mice, tmp_path / "p", max_steps=3, l2_warmup_steps=1, vgg19_path=tmp_path / "vgg19.pth",
                    lpips_vgg16_path=tmp_path / "vgg16.pth", lpips_heads_path=tmp_path / "heads.pth")
     train_gslrm.main(cfg)
     log = capsys.readouterr().out

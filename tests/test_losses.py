@@ -31,7 +31,7 @@ def test_ssim_basic():
 
 
 def test_ssim_matches_pytorch_msssim():
-    pm = pytest.importorskip("pytorch_msssim")
+    import pytorch_msssim as pm  # installed by requirements.txt: this oracle must run, not skip
     x, y = torch.rand(3, 3, 32, 32), torch.rand(3, 3, 32, 32)
     y = 0.5 * x + 0.5 * y
     assert torch.allclose(ssim(x, y), pm.ssim(x, y, data_range=1.0, size_average=False), atol=1e-5)
@@ -40,25 +40,9 @@ def test_ssim_matches_pytorch_msssim():
 # ---- perceptual losses: random VGG weights saved in torchvision's layout by the test
 
 
-def save_torchvision_vgg(path, arch, seed=0):
-    """A random state dict with torchvision's vgg16/vgg19 keys (features.* + classifier.*)."""
-    from models import VGG_LAYERS
-    g, sd, i, c_in = torch.Generator().manual_seed(seed), {}, 0, 3
-    for v in VGG_LAYERS[arch]:
-        if v == "M":
-            i += 1
-            continue
-        sd[f"features.{i}.weight"] = torch.randn(v, c_in, 3, 3, generator=g) * (2 / (9 * c_in)) ** 0.5
-        sd[f"features.{i}.bias"] = torch.randn(v, generator=g) * 0.01
-        i, c_in = i + 2, v
-    sd["classifier.0.weight"], sd["classifier.0.bias"] = torch.zeros(4, 8), torch.zeros(4)
-    torch.save(sd, path)
-    return sd
-
-
-def test_load_vgg_takes_torchvision_keys_and_rejects_others(tmp_path):
+def test_load_vgg_takes_torchvision_keys_and_rejects_others(tmp_path, write_vgg):
     from models import load_vgg
-    sd = save_torchvision_vgg(tmp_path / "vgg19.pth", "vgg19")
+    sd = write_vgg(tmp_path / "vgg19.pth", "vgg19")
     vgg = load_vgg(tmp_path / "vgg19.pth", "vgg19")
     for k, v in vgg.state_dict().items():
         assert torch.equal(v, sd[k]), k
@@ -70,11 +54,11 @@ def test_load_vgg_takes_torchvision_keys_and_rejects_others(tmp_path):
         load_vgg(tmp_path / "bad.pth", "vgg19")
 
 
-def test_perceptual_loss_matches_its_definition(tmp_path):
+def test_perceptual_loss_matches_its_definition(tmp_path, write_vgg):
     """Recomputed layer by layer from torchvision indices: relu1_2=3, relu2_2=8, relu3_2=13, relu4_2=22, relu5_2=31."""
     from losses import PERCEPTUAL_WEIGHTS, perceptual_loss
     from models import load_vgg
-    save_torchvision_vgg(tmp_path / "vgg19.pth", "vgg19")
+    write_vgg(tmp_path / "vgg19.pth", "vgg19")
     vgg = load_vgg(tmp_path / "vgg19.pth", "vgg19")
     pred = torch.rand(2, 3, 32, 32, requires_grad=True)
     target = torch.rand(2, 3, 32, 32)
@@ -90,10 +74,10 @@ def test_perceptual_loss_matches_its_definition(tmp_path):
     assert pred.grad.abs().sum() > 0
 
 
-def test_lpips_is_a_distance_that_grows_with_the_error(tmp_path):
+def test_lpips_is_a_distance_that_grows_with_the_error(tmp_path, write_vgg):
     from losses import lpips
     from models import load_lpips_heads, load_vgg
-    save_torchvision_vgg(tmp_path / "vgg16.pth", "vgg16")
+    write_vgg(tmp_path / "vgg16.pth", "vgg16")
     torch.save({f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate((64, 128, 256, 512, 512))},
                tmp_path / "vgg.pth")  # the lpips package's head file layout
     vgg, heads = load_vgg(tmp_path / "vgg16.pth", "vgg16"), load_lpips_heads(tmp_path / "vgg.pth")

@@ -216,22 +216,10 @@ def test_sample_views_is_reproducible():
     assert not torch.equal(a, run(1, 3.0)) and not torch.equal(a, run(0, 1.0))
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    return write_toy_mice(tmp_path_factory.mktemp("mice"), n=6, size=16, n_extra=0, n_val=2, progress=False)
-
-
-def tiny_cfg(data, out, **kw):
-    args = [f"--data_dir={data}", f"--out_dir={out}", f"--prompt_embeds={data}/pe.pt", "--preset=tiny", "--image_size=16",
-            "--batch_size=2", "--max_steps=4", "--warmup_steps=2", "--val_every=100", "--val_samples=2", "--val_steps=2",
-            "--log_every=1", "--ckpt_every=2"]
-    return load_config(train_mvdiff.Config, args + [f"--{k}={v}" for k, v in kw.items()])
-
-
-def test_rig_mismatch_stops_with_the_message(tmp_path):
+def test_rig_mismatch_stops_with_the_message(tmp_path, tiny_cfg):
     data = write_toy_mice(tmp_path / "facelift_rig_mice", n=3, rig="facelift_6view", size=16, n_extra=0, n_val=1, progress=False)
     with pytest.raises(ValueError, match=r"opencv_cameras.json: cameras do not match rig 'mouse_6view'"):
-        train_mvdiff.main(tiny_cfg(data, tmp_path / "out"))
+        train_mvdiff.main(tiny_cfg(train_mvdiff, data, tmp_path / "out"))
 
 
 def test_default_toy_folder_must_hold_the_set_asked_for(tmp_path, monkeypatch):
@@ -252,29 +240,31 @@ def test_wrong_views_is_a_derangement_of_the_generated_views():
         assert (w[o] != torch.arange(6)[o]).all()  # ... that moves every one of them
 
 
-def test_train_checkpoint_reload_and_resume(tiny_data, tmp_path):
-    model, ema = train_mvdiff.main(tiny_cfg(tiny_data, tmp_path / "a"))
+def test_train_checkpoint_reload_and_resume(tiny_mice, tmp_path, tiny_cfg):
+    model, ema = train_mvdiff.main(tiny_cfg(train_mvdiff, tiny_mice, tmp_path / "a"))
     ckpt = tmp_path / "a" / "checkpoint-4"
     assert (ckpt / "unet_ema").is_dir() and (ckpt / "prompt_embeds.pt").is_file()
     assert json.loads((ckpt / "rig.json").read_text())["name"] == "mouse_6view"
     assert (tmp_path / "a" / "val_000004_g3.png").is_file()
+    logged = json.loads((tmp_path / "a" / "metrics.jsonl").read_text())  # one validation: one line
+    assert logged["step"] == 4 and {"psnr_g1", "psnr_g1_wrong_view", "baseline_psnr", "ssim_g3"} <= set(logged)
     assert model.ref_view_embed.weight.abs().sum() > 0  # random reference views: the embedding trains
     for saved, live in ((ckpt / "unet", model), (ckpt / "unet_ema", ema)):
         reloaded = load_mv_unet(saved)
         assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), live.state_dict().values()))
     # stop at 2, resume to 4: the same weights as the uninterrupted run
-    train_mvdiff.main(tiny_cfg(tiny_data, tmp_path / "b", max_steps=2))
-    resumed, _ = train_mvdiff.main(tiny_cfg(tiny_data, tmp_path / "b", resume="auto"))
+    train_mvdiff.main(tiny_cfg(train_mvdiff, tiny_mice, tmp_path / "b", max_steps=2))
+    resumed, _ = train_mvdiff.main(tiny_cfg(train_mvdiff, tiny_mice, tmp_path / "b", resume="auto"))
     first = load_mv_unet(tmp_path / "b" / "checkpoint-2" / "unet").state_dict()
     assert any(not torch.equal(first[k], v) for k, v in resumed.state_dict().items())  # it trained on after resuming
     for (k, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), k
     # init_from one of our checkpoints loads its unet/
-    init, _ = train_mvdiff.main(tiny_cfg(tiny_data, tmp_path / "c", max_steps=0, init_from=ckpt, ema_decay=0))
+    init, _ = train_mvdiff.main(tiny_cfg(train_mvdiff, tiny_mice, tmp_path / "c", max_steps=0, init_from=ckpt, ema_decay=0))
     assert all(torch.equal(a, b) for a, b in zip(init.state_dict().values(), model.state_dict().values()))
 
 
-def test_latent_mode_from_a_facelift_pipeline_folder(tiny_data, tmp_path):
+def test_latent_mode_from_a_facelift_pipeline_folder(tiny_mice, tmp_path, tiny_cfg):
     """The real path on small weights: a pipeline folder with FaceLift's unet/ layout (8 input channels,
     projection class embedding), a VAE and a CLIP image encoder; train a step, validate, checkpoint."""
     from diffusers import AutoencoderKL
@@ -290,8 +280,8 @@ def test_latent_mode_from_a_facelift_pipeline_folder(tiny_data, tmp_path):
     (pipe / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}))
     cfg = dict(image_size=32, init_from=pipe, pipeline_dir=pipe, max_steps=2, clip_sample=False, beta_schedule="scaled_linear")
     with pytest.raises(ValueError, match=r"predict 'v_prediction', this run trains 'sample'; set --prediction_type=v_prediction"):
-        train_mvdiff.main(tiny_cfg(tiny_data, tmp_path / "wrong", **cfg))
-    cfg = tiny_cfg(tiny_data, tmp_path / "out", prediction_type="v_prediction", **cfg)
+        train_mvdiff.main(tiny_cfg(train_mvdiff, tiny_mice, tmp_path / "wrong", **cfg))
+    cfg = tiny_cfg(train_mvdiff, tiny_mice, tmp_path / "out", prediction_type="v_prediction", **cfg)
     model, _ = train_mvdiff.main(cfg)
     assert model.unet.config.in_channels == 8 and (tmp_path / "out" / "val_000002_g1.png").is_file()
     assert json.loads((tmp_path / "out" / "checkpoint-2" / "unet" / "config.json").read_text())["_class_name"] == "UNet2DConditionModel"
