@@ -14,7 +14,6 @@ import json
 import math
 import os
 import pickle
-import random
 import re
 import shutil
 import sys
@@ -178,27 +177,6 @@ def atomic_dir(final_path):
     os.replace(tmp, final)
 
 
-def get_rng_state():
-    # numpy's and python's states as tensors/lists so that state.pt loads with weights_only=True
-    kind, keys, *rest = np.random.get_state()  # rest: pos, has_gauss, cached_gaussian (python numbers)
-    version, mt, gauss_next = random.getstate()
-    state = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), *rest],
-             "python": [version, list(mt), gauss_next]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    version, mt, gauss_next = state["python"]
-    random.setstate((version, tuple(mt), gauss_next))
-
-
 def save_checkpoint(ckpt_dir, step, modules, optimizers=None, cfg=None, extra=None):
     """Writes <ckpt_dir>/checkpoint-<step>/ atomically. Pass unwrapped modules (not DDP/compiled)."""
     buf = io.BytesIO()
@@ -215,8 +193,7 @@ def save_checkpoint(ckpt_dir, step, modules, optimizers=None, cfg=None, extra=No
                 raise ValueError(f"{name}: save the unwrapped model, got keys like {wrapped[0]!r}")
             save_model(module, str(tmp / f"{name}.safetensors"))  # save_model handles tied weights
         optim_states = {k: opt.state_dict() for k, opt in (optimizers or {}).items()}
-        state = {"step": int(step), "optimizers": optim_states, "rng": get_rng_state(), "extra": extra or {}}
-        torch.save(state, tmp / "state.pt")
+        torch.save({"step": int(step), "optimizers": optim_states, "extra": extra or {}}, tmp / "state.pt")
         if cfg is not None:
             save_config(cfg, tmp / "config.yaml")
     return final
@@ -232,8 +209,9 @@ def latest_checkpoint(ckpt_dir):
     return max(found)[1] if found else None
 
 
-def load_checkpoint(path, modules, optimizers=None, restore_rng=True):
-    """Loads weights (strict), optimizer states and RNG; returns the state dict (step, extra, ...)."""
+def load_checkpoint(path, modules, optimizers=None):
+    """Loads weights (strict) and optimizer states; returns the state dict (step, extra, ...). No RNG
+    state: the scripts draw every random number from generators seeded by (seed, step, rank)."""
     path = Path(path)
     if not (path / "state.pt").is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no state.pt)")
@@ -248,8 +226,6 @@ def load_checkpoint(path, modules, optimizers=None, restore_rng=True):
         if name not in state["optimizers"]:
             raise KeyError(f"{path}: no optimizer state {name!r}, checkpoint has {list(state['optimizers'])}")
         opt.load_state_dict(state["optimizers"][name])
-    if restore_rng:
-        set_rng_state(state["rng"])
     return state
 
 
@@ -265,8 +241,8 @@ def save_mv_checkpoint(ckpt_dir, step, model, ema, optimizer, cfg, rig, prompt_f
             save_mv_unet(ema, tmp / "unet_ema")
         (tmp / "rig.json").write_text(json.dumps(rig, indent=1))
         shutil.copyfile(prompt_file, tmp / "prompt_embeds.pt")
-        torch.save({"step": int(step), "optimizers": {"optimizer": optimizer.state_dict()}, "rng": get_rng_state(),
-                    "extra": extra or {}}, tmp / "state.pt")
+        optim_states = {"optimizer": optimizer.state_dict()}
+        torch.save({"step": int(step), "optimizers": optim_states, "extra": extra or {}}, tmp / "state.pt")
         save_config(cfg, tmp / "config.yaml")
     return final
 

@@ -202,7 +202,7 @@ def stage_a(cfg):
     resume = latest_checkpoint(out_dir) if cfg.resume == "auto" else (cfg.resume or None)
     if resume:
         # per-rank randomness is re-seeded from (seed, rank, step); the data is a function of the step
-        state = load_checkpoint(resume, {"m2p": m2p}, {"optimizer": optimizer}, restore_rng=False)
+        state = load_checkpoint(resume, {"m2p": m2p}, {"optimizer": optimizer})
         start_step = state["step"]
         set_seed(cfg.seed + accelerator.process_index + 1000 * start_step)
         if main_proc:

@@ -152,7 +152,7 @@ def main(cfg):
         if cfg.init_from.endswith(".pt"):
             load_facelift_gslrm(model, cfg.init_from)
         else:
-            load_checkpoint(cfg.init_from, {"model": model}, restore_rng=False)
+            load_checkpoint(cfg.init_from, {"model": model})
         if main_proc:
             print(f"initialised weights from {cfg.init_from}")
 
@@ -176,7 +176,7 @@ def main(cfg):
     resume = latest_checkpoint(out_dir) if cfg.resume == "auto" else (cfg.resume or None)
     if resume:
         # per-rank randomness is re-seeded from (seed, rank, step): only rank 0's RNG state was saved
-        state = load_checkpoint(resume, {"model": model}, {"optimizer": optimizer}, restore_rng=False)
+        state = load_checkpoint(resume, {"model": model}, {"optimizer": optimizer})
         start_step, skipped = state["step"], state["extra"]["skipped"]
         set_seed(cfg.seed + accelerator.process_index + 1000 * start_step)
         if main_proc:

@@ -11,9 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import train_gslrm
-from data import frames_to_tensors, load_config, load_ply, load_rig
+from data import frames_to_tensors, load_ply, load_rig
 from models import GSLRM, GSLRM_CONFIGS, facelift_gslrm_key_map, get_rays, load_facelift_gslrm
-from toy import write_toy_mice
 
 TINY = GSLRM_CONFIGS["tiny"]
 

@@ -12,7 +12,7 @@ import data
 import train_mvdiff
 from data import clip_prompt_embeds, load_config, load_prompt_embeds, load_rig, rig_view_prompts
 from losses import diffusion_target, min_snr_weight
-from models import MVAttnProcessor, MVDIFF_UNET_CONFIGS, build_mv_unet, load_mv_unet, sample_views, save_mv_unet
+from models import MVAttnProcessor, MVDIFF_UNET_CONFIGS, build_mv_unet, load_mv_unet, sample_views
 from toy import toy_rig_prompt_embeds, write_toy_mice
 
 V = 4
