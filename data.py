@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from PIL import Image
+from PIL import Image, ImageDraw
 from safetensors.torch import load_model, save_model
 
 from models import SH_C0, look_at_c2w
@@ -126,7 +126,8 @@ def load_config(cls, argv=None, aliases=None):
             raise ConfigError(f"config file {file}: cannot read it ({err})") from None
         data = {} if data is None else data  # an empty file overrides nothing
         if not isinstance(data, dict):
-            raise ConfigError(f"config file {file} must be a mapping (key: value), not a {type(data).__name__}")
+            raise ConfigError(f"config file {file} must be a mapping (key: value), "
+                              f"not a {type(data).__name__}")
         overrides += [(key, value, f"{file}: key {key!r}", False) for key, value in data.items()]
 
     values = {}
@@ -184,7 +185,8 @@ def save_checkpoint(ckpt_dir, step, modules, optimizers=None, cfg=None, extra=No
     try:  # fail now, not at resume: weights_only loading refuses e.g. numpy scalars
         torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
     except pickle.UnpicklingError:
-        raise ValueError(f"extra={extra!r}: use only tensors, python numbers, strings, lists, dicts") from None
+        raise ValueError(f"extra={extra!r}: use only tensors, python numbers, strings, "
+                         "lists, dicts") from None
     final = Path(ckpt_dir) / f"checkpoint-{step}"
     with atomic_dir(final) as tmp:
         for name, module in modules.items():
@@ -287,7 +289,8 @@ def write_cameras(path, cams):
 def frames_to_tensors(frames, size=None):
     """Frames -> w2c (V, 4, 4) and fxfycxcy (V, 4), intrinsics scaled to a `size` x `size` image."""
     w2c = torch.tensor([fr["w2c"] for fr in frames], dtype=torch.float32)  # (V, 4, 4)
-    K = torch.tensor([[fr["fx"], fr["fy"], fr["cx"], fr["cy"]] for fr in frames], dtype=torch.float32)  # (V, 4)
+    K = torch.tensor([[fr["fx"], fr["fy"], fr["cx"], fr["cy"]] for fr in frames],
+                     dtype=torch.float32)  # (V, 4)
     if size is not None:
         wh = torch.tensor([[fr["w"], fr["h"], fr["w"], fr["h"]] for fr in frames], dtype=torch.float32)
         K = K * size / wh
@@ -296,9 +299,9 @@ def frames_to_tensors(frames, size=None):
 
 def make_frame(c2w, size, fx, fy=None, cx=None, cy=None, **extra):
     """One opencv_cameras.json frame from a camera-to-world matrix."""
-    w2c = torch.linalg.inv(torch.as_tensor(c2w, dtype=torch.float64))
+    w2c = torch.linalg.inv(torch.as_tensor(c2w, dtype=torch.float64)).tolist()
     return {"w": size, "h": size, "fx": fx, "fy": fy or fx, "cx": size / 2 if cx is None else cx,
-            "cy": size / 2 if cy is None else cy, "w2c": [[round(v, 8) for v in row] for row in w2c.tolist()], **extra}
+            "cy": size / 2 if cy is None else cy, "w2c": [[round(v, 8) for v in row] for row in w2c], **extra}
 
 
 def orbit_c2w(azimuth_deg, elevation_deg, radius, target=(0.0, 0.0, 0.0)):
@@ -309,9 +312,11 @@ def orbit_c2w(azimuth_deg, elevation_deg, radius, target=(0.0, 0.0, 0.0)):
     return look_at_c2w(eye, target)
 
 
-def make_ring_rig(name, views, azimuths, elevation, prompt_embeds, description, radius=2.7, size=512, focal=548.99):
+def make_ring_rig(name, views, azimuths, elevation, prompt_embeds, description,
+                  radius=2.7, size=512, focal=548.99):
     frames = [make_frame(orbit_c2w(az, elevation, radius), size, focal) for az in azimuths]
-    return {"name": name, "description": description, "prompt_embeds": prompt_embeds, "views": list(views), "frames": frames}
+    return {"name": name, "description": description, "prompt_embeds": prompt_embeds,
+            "views": list(views), "frames": frames}
 
 
 # The rigs in configs/rigs/, written by `python data.py make_rigs`. Both: radius 2.7 around the
@@ -322,14 +327,16 @@ BUILTIN_RIGS = {
         views=["front", "front_right", "right", "back", "left", "front_left"],
         azimuths=[-90, -135, 180, 90, 0, -45], elevation=0,
         prompt_embeds="mvdiffusion/data/fixed_prompt_embeds_6view/clr_embeds.pt",
-        description="FaceLift's 6 multi-view diffusion views: elevation 0, azimuth offsets from the front 0, -45, -90, 180, +90, +45 deg"),
+        description="FaceLift's 6 multi-view diffusion views: elevation 0, "
+                    "azimuth offsets from the front 0, -45, -90, 180, +90, +45 deg"),
     # The directions of a published 6-camera mouse set-up (not evenly spaced, not in angular
     # order), kept in that set-up's camera order so real captures map 1:1; elevation 20 deg.
     "mouse_6view": dict(
         views=["cam0_az-145", "cam1_az+32", "cam2_az+97", "cam3_az-24", "cam4_az+158", "cam5_az-79"],
         azimuths=[-145, 32, 97, -24, 158, -79], elevation=20,
         prompt_embeds="mvdiffusion/data/mouse_prompt_embeds_6view/clr_embeds.pt",
-        description="mouse rig: elevation 20 deg, world azimuths -145, 32, 97, -24, 158, -79 deg in the capture's camera order"),
+        description="mouse rig: elevation 20 deg, world azimuths -145, 32, 97, -24, 158, -79 deg "
+                    "in the capture's camera order"),
 }
 
 
@@ -338,8 +345,9 @@ def rig_from_cameras(cams, name, views=None, prompt_embeds="", description=""):
     6-camera set-up: `views` picks and orders the frames (default: all)."""
     idx = list(range(len(cams["frames"]))) if views is None else list(views)
     frames = [{k: cams["frames"][i][k] for k in FRAME_KEYS} for i in idx]
-    return {"name": name, "description": description or f"made from {cams.get('id', 'a sample')}, frames {idx}",
-            "prompt_embeds": prompt_embeds, "views": [f"view{i}" for i in idx], "frames": frames}
+    description = description or f"made from {cams.get('id', 'a sample')}, frames {idx}"
+    return {"name": name, "description": description, "prompt_embeds": prompt_embeds,
+            "views": [f"view{i}" for i in idx], "frames": frames}
 
 
 def load_rig(name_or_path):
@@ -366,16 +374,17 @@ def camera_geometry(frames):
     in degrees of each camera seen from that point, its distance, and size-normalised intrinsics."""
     c2w = torch.linalg.inv(torch.tensor([fr["w2c"] for fr in frames], dtype=torch.float64))  # (V, 4, 4)
     centres, axes = c2w[:, :3, 3], c2w[:, :3, 2]  # (V, 3) each
-    P = torch.eye(3, dtype=torch.float64) - axes[:, :, None] * axes[:, None, :]  # (V, 3, 3) projectors off each axis
+    P = torch.eye(3, dtype=torch.float64) - axes[:, :, None] * axes[:, None, :]  # (V, 3, 3) projectors
     target = torch.linalg.lstsq(P.sum(0), (P @ centres[:, :, None]).sum(0)).solution[:, 0]  # (3,)
     if len(frames) < 2 or torch.linalg.matrix_rank(P.sum(0)) < 3:
         target = torch.zeros(3, dtype=torch.float64)  # parallel axes meet nowhere: use the origin
     rel = centres - target
     dist = rel.norm(dim=-1)
     d = rel / dist[:, None]
-    intr = torch.tensor([[fr["fx"] / fr["w"], fr["fy"] / fr["h"], fr["cx"] / fr["w"], fr["cy"] / fr["h"]] for fr in frames])
-    return {"dirs": d, "az": torch.rad2deg(torch.atan2(d[:, 1], d[:, 0])), "el": torch.rad2deg(torch.asin(d[:, 2].clamp(-1, 1))),
-            "dist": dist, "intr": intr, "target": target}
+    intr = torch.tensor([[fr["fx"] / fr["w"], fr["fy"] / fr["h"], fr["cx"] / fr["w"], fr["cy"] / fr["h"]]
+                         for fr in frames])  # (V, 4)
+    az, el = torch.rad2deg(torch.atan2(d[:, 1], d[:, 0])), torch.rad2deg(torch.asin(d[:, 2].clamp(-1, 1)))
+    return {"dirs": d, "az": az, "el": el, "dist": dist, "intr": intr, "target": target}
 
 
 def rig_mismatch(rig, frames, tol_deg=8.0, radius_rtol=0.1, intr_rtol=0.05):
@@ -386,14 +395,15 @@ def rig_mismatch(rig, frames, tol_deg=8.0, radius_rtol=0.1, intr_rtol=0.05):
     if len(frames) != len(rig["frames"]):
         return f"{len(frames)} cameras, but rig {name!r} has {len(rig['frames'])} views ({rig['views']})"
     a, b = camera_geometry(frames), camera_geometry(rig["frames"])
-    angle = torch.rad2deg(torch.acos((a["dirs"][:, None] * b["dirs"][None]).sum(-1).clamp(-1, 1)))  # (V, V_rig)
+    angle = torch.rad2deg(torch.acos((a["dirs"][:, None] * b["dirs"][None]).sum(-1).clamp(-1, 1)))  # (V, V)
     fmt = lambda g, i: f"az {g['az'][i]:+.0f} el {g['el'][i]:+.0f}"  # noqa: E731
     problems = []
     if (angle.diagonal() > tol_deg).any():
         best = angle.argmin(1)
         if sorted(best.tolist()) == list(range(len(frames))) and (angle.min(1).values <= tol_deg).all():
-            problems.append("views are in another order than the rig's: " + ", ".join(
-                f"camera {i} looks like rig view {j} ({rig['views'][j]})" for i, j in enumerate(best.tolist()) if i != j))
+            swaps = [f"camera {i} looks like rig view {j} ({rig['views'][j]})"
+                     for i, j in enumerate(best.tolist()) if i != j]
+            problems.append("views are in another order than the rig's: " + ", ".join(swaps))
         elif (a["el"] - b["el"]).abs().mean() > tol_deg:
             problems.append(f"elevation: cameras at {[round(v) for v in a['el'].tolist()]} deg, "
                             f"rig {name!r} at {[round(v) for v in b['el'].tolist()]} deg")
@@ -403,9 +413,11 @@ def rig_mismatch(rig, frames, tol_deg=8.0, radius_rtol=0.1, intr_rtol=0.05):
                 for i in range(len(frames)) if angle[i, i] > tol_deg))
     rel = (a["dist"] - b["dist"]).abs() / b["dist"]
     if (rel > radius_rtol).any():
-        problems.append(f"camera distance {[round(v, 2) for v in a['dist'].tolist()]} vs rig {[round(v, 2) for v in b['dist'].tolist()]}")
+        problems.append(f"camera distance {[round(v, 2) for v in a['dist'].tolist()]} "
+                        f"vs rig {[round(v, 2) for v in b['dist'].tolist()]}")
     if ((a["intr"] - b["intr"]).abs() / b["intr"].abs().clamp(min=1e-6) > intr_rtol).any():
-        problems.append(f"intrinsics (fx/w, fy/h, cx/w, cy/h) {a['intr'][0].tolist()} vs rig {b['intr'][0].tolist()}")
+        problems.append(f"intrinsics (fx/w, fy/h, cx/w, cy/h) {a['intr'][0].tolist()} "
+                        f"vs rig {b['intr'][0].tolist()}")
     return None if not problems else f"cameras do not match rig {name!r}: " + "; ".join(problems)
 
 
@@ -448,11 +460,12 @@ def load_rgba(path, size=None, bg=1.0):
 class MultiViewDataset(torch.utils.data.Dataset):
     """FaceLift-format multi-view samples: `<dir>/opencv_cameras.json` + `images/cam_XXX.png`, or
     (diffusion layout) `<dir>/cam_XXX.png` with no camera file, whose views are then the rig's.
-    Each item: the `input_views` (indices into the sample's frames) followed by
-    `num_target_views` others drawn at random per (seed, epoch, index) (-1: all the others). With a `rig`, the input
+    Each item: the `input_views` (indices into the sample's frames) followed by `num_target_views`
+    others drawn at random per (seed, epoch, index) (-1: all the others). With a `rig`, the input
     views' cameras must match it (else the rig-mismatch message)."""
 
-    def __init__(self, list_file, image_size, input_views=(0, 1, 2, 3, 4, 5), num_target_views=0, rig=None, seed=0):
+    def __init__(self, list_file, image_size, input_views=(0, 1, 2, 3, 4, 5), num_target_views=0,
+                 rig=None, seed=0):
         self.samples = read_list_file(list_file)
         if not self.samples:
             raise ValueError(f"{list_file}: no samples listed")
@@ -481,10 +494,11 @@ class MultiViewDataset(torch.utils.data.Dataset):
         idx, epoch = key if isinstance(key, tuple) else (key, self.epoch)  # StepSampler passes (index, epoch)
         d = self.samples[idx]
         frames, cam_file = self.read_frames(d)
-        n_target = len(frames) - len(self.input_views) if self.num_target < 0 else self.num_target  # -1: all others
+        n_target = len(frames) - len(self.input_views) if self.num_target < 0 else self.num_target
         need = len(self.input_views) + n_target
         if len(frames) < need or max(self.input_views) >= len(frames):
-            raise ValueError(f"{d}: has {len(frames)} views, needs input views {self.input_views} + {n_target} targets")
+            raise ValueError(f"{d}: has {len(frames)} views, "
+                             f"needs input views {self.input_views} + {n_target} targets")
         if self.rig is not None and cam_file is not None:
             msg = rig_mismatch(self.rig, [frames[i] for i in self.input_views])
             if msg:
@@ -507,7 +521,8 @@ class StepSampler:
 
     def __init__(self, n, global_batch, rank=0, world=1, seed=0, start_step=0):
         assert global_batch % world == 0, f"global batch {global_batch} must divide by {world} processes"
-        self.n, self.B, self.rank, self.world, self.seed, self.step = n, global_batch, rank, world, seed, start_step
+        self.n, self.B, self.rank, self.world = n, global_batch, rank, world
+        self.seed, self.step = seed, start_step
 
     def batch(self, step):
         items = [divmod(k, self.n) for k in range(step * self.B, (step + 1) * self.B)]  # (epoch, position)
@@ -524,28 +539,29 @@ class StepSampler:
 # ----------------------------------------------------------------------------------------------
 # Prompt embeddings: the names of a rig's views for the diffusion model
 #
-# The diffusion model knows which view to generate only from each view's prompt embedding
-# (cross-attention context), so a prompt file belongs to one rig: FaceLift's `clr_embeds.pt` is a
-# tensor [6, 77, 1024] naming its 6 views in rig order; the rig JSON names it under "prompt_embeds".
+# A prompt file belongs to one rig (its views in rig order; the rig JSON names it): docs/formats.md
 
 
 def load_prompt_embeds(path, rig, dim):
     """[V, T, D] prompt embeddings for `rig`'s V views, checked against the UNet's cross-attention width D."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt embeddings {path} not found (rig {rig['name']!r} names {rig['prompt_embeds']!r}); "
-                                f"make them with `python data.py rig_prompt_embeds` (README, phase 1)")
+        raise FileNotFoundError(f"prompt embeddings {path} not found (rig {rig['name']!r} names "
+                                f"{rig['prompt_embeds']!r}); make them with "
+                                "`python data.py rig_prompt_embeds` (README, phase 1)")
     pe = torch.load(path, map_location="cpu", weights_only=True)
     if not torch.is_tensor(pe) or pe.dim() != 3:
-        raise ValueError(f"{path}: expected a tensor [views, tokens, dim], got {type(pe).__name__} {getattr(pe, 'shape', '')}")
+        raise ValueError(f"{path}: expected a tensor [views, tokens, dim], "
+                         f"got {type(pe).__name__} {getattr(pe, 'shape', '')}")
     V = len(rig["frames"])
     if pe.shape[0] != V:
-        raise ValueError(f"{path}: embeddings for {pe.shape[0]} views, rig {rig['name']!r} has {V} ({rig['views']})")
+        raise ValueError(f"{path}: embeddings for {pe.shape[0]} views, "
+                         f"rig {rig['name']!r} has {V} ({rig['views']})")
     if pe.shape[2] != dim:
         raise ValueError(f"{path}: embedding width {pe.shape[2]}, the UNet's cross-attention width is {dim} "
-                         f"(SD 2.1 / FaceLift: 1024, OpenCLIP ViT-H/14; 768 means CLIP ViT-L/14 embeddings, which this UNet cannot read)")
+                         "(SD 2.1 / FaceLift: 1024, OpenCLIP ViT-H/14; 768 means CLIP ViT-L/14 embeddings, "
+                         "which this UNet cannot read)")
     return pe.float()
-
 
 
 def rig_view_prompts(rig, template="a rendering image of 3D models, {view} view, color map."):
@@ -560,24 +576,20 @@ def clip_prompt_embeds(prompts, text_encoder_dir, tokenizer_dir=None):
     the way FaceLift made clr_embeds.pt: the encoder's last hidden state of each padded prompt,
     as diffusers' Stable Diffusion pipelines use it."""
     from transformers import CLIPTextModel, CLIPTokenizer
-    tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir or Path(text_encoder_dir).parent / "tokenizer"), local_files_only=True)
+    tok_dir = tokenizer_dir or Path(text_encoder_dir).parent / "tokenizer"
+    tok = CLIPTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
     enc = CLIPTextModel.from_pretrained(str(text_encoder_dir), local_files_only=True).eval()
     n = enc.config.max_position_embeddings  # 77 for every CLIP text encoder
-    ids = tok(list(prompts), padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids  # (V, 77)
+    ids = tok(list(prompts), padding="max_length", max_length=n, truncation=True,
+              return_tensors="pt").input_ids  # (V, 77)
     return enc(ids).last_hidden_state.float()  # (V, 77, D)
 
 
 # ----------------------------------------------------------------------------------------------
 # Dance clips and music features
 #
-# A clip is a directory:
-#   frames/000000.png ...      RGB frames (or images/frame_0.png ... (StableAnimator), or video.mp4)
-#   audio.wav                  the music, at least as long as the frames
-#   poses.npy                  [T, 134, 3] DWPose whole-body (x, y in [0, 1], score; < 0.3 = invisible)
-#   faces.json                 {"boxes": [[x0, y0, x1, y1] or null, ... T entries]}, normalised like poses
-#   meta.json                  {"fps": 30, "size": [W, H], "source": "..."}
-#   music_feats.npy            optional [T, D]: precomputed features of any width; if missing, the
-#                              EDGE 35-d librosa features are computed from audio.wav and cached here
+# A clip is a directory with frames, audio.wav, poses.npy, faces.json, meta.json and optionally
+# music_feats.npy: docs/formats.md
 
 DANCE_FPS = 30
 HOP = 512  # one audio hop per video frame: SR = fps x HOP (EDGE / FACT)
@@ -585,8 +597,9 @@ VISIBLE = 0.3  # DWPose: score below this = invisible
 JOINT_SETS = {"body18": 18, "body_feet24": 24, "all134": 134}  # the first n points of the 134 layout
 # OpenPose-18 body (0 nose, 1 neck, 2-4 right arm, 5-7 left arm, 8-10 right leg, 11-13 left leg,
 # 14/15 eyes, 16/17 ears), then feet 18-23 (left big toe, small toe, heel; right big toe, small toe, heel)
-LIMBS = [(1, 2), (2, 3), (3, 4), (1, 5), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10), (1, 11), (11, 12), (12, 13),
-         (1, 0), (0, 14), (14, 16), (0, 15), (15, 17), (13, 18), (18, 19), (13, 20), (10, 21), (21, 22), (10, 23)]
+LIMBS = [(1, 2), (2, 3), (3, 4), (1, 5), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10), (1, 11), (11, 12),
+         (12, 13), (1, 0), (0, 14), (14, 16), (0, 15), (15, 17), (13, 18), (18, 19), (13, 20), (10, 21),
+         (21, 22), (10, 23)]
 
 
 def music_features(audio, sr, fps, n_frames):
@@ -594,7 +607,7 @@ def music_features(audio, sr, fps, n_frames):
     onset-peak one-hot 1, beat one-hot 1. Needs sr == fps * HOP so that one hop is one frame."""
     import librosa
     assert sr == fps * HOP, f"audio at {sr} Hz, features need fps x {HOP} = {fps * HOP} Hz"
-    env = librosa.onset.onset_strength(y=audio, sr=sr, hop_length=HOP)  # (F,), F = 1 + len // HOP (centred STFT)
+    env = librosa.onset.onset_strength(y=audio, sr=sr, hop_length=HOP)  # (F,), F = 1 + len // HOP
     mfcc = librosa.feature.mfcc(y=audio, sr=sr, n_mfcc=20, hop_length=HOP).T  # (F, 20)
     chroma = librosa.feature.chroma_cens(y=audio, sr=sr, hop_length=HOP, n_chroma=12).T  # (F, 12)
     peaks = np.zeros_like(env)
@@ -612,8 +625,8 @@ def music_beats(audio, sr):
     """Music beat times in seconds from librosa's beat tracker (Bailando's beat alignment score)."""
     import librosa
     env = librosa.onset.onset_strength(y=audio, sr=sr, hop_length=HOP)
-    return librosa.frames_to_time(librosa.beat.beat_track(onset_envelope=env, sr=sr, hop_length=HOP, tightness=100)[1],
-                                  sr=sr, hop_length=HOP)
+    beats = librosa.beat.beat_track(onset_envelope=env, sr=sr, hop_length=HOP, tightness=100)[1]
+    return librosa.frames_to_time(beats, sr=sr, hop_length=HOP)
 
 
 def read_audio(path):
@@ -630,7 +643,8 @@ def read_audio(path):
 def frame_source(d):
     """The clip's frames: ('png', [paths]) for frames/000000.png... or images/frame_0.png...
     (StableAnimator's layout), else ('video', path) for a video.mp4 read with imageio."""
-    for folder, pattern, key in (("frames", "*.png", lambda p: p.stem), ("images", "frame_*.png", lambda p: p.stem[6:])):
+    layouts = (("frames", "*.png", lambda p: p.stem), ("images", "frame_*.png", lambda p: p.stem[6:]))
+    for folder, pattern, key in layouts:
         paths = list((d / folder).glob(pattern)) if (d / folder).is_dir() else []
         if paths:
             return "png", sorted(paths, key=lambda p: int(key(p)))
@@ -673,7 +687,8 @@ def check_clip(d, fps=None):
         raise FileNotFoundError(f"{d}: clip directory missing")
     for name in ("poses.npy", "faces.json", "meta.json", "audio.wav"):
         if not (d / name).is_file():
-            raise FileNotFoundError(f"{d / name}: missing (a clip needs frames, audio.wav, poses.npy, faces.json, meta.json)")
+            raise FileNotFoundError(f"{d / name}: missing "
+                                    "(a clip needs frames, audio.wav, poses.npy, faces.json, meta.json)")
     try:
         meta = json.loads((d / "meta.json").read_text())
         clip_fps = float(meta["fps"])
@@ -685,13 +700,16 @@ def check_clip(d, fps=None):
     T = count_frames(source)
     poses = np.load(d / "poses.npy", mmap_mode="r")
     if poses.shape != (T, 134, 3):
-        raise ValueError(f"{d / 'poses.npy'}: shape {poses.shape}, expected ({T}, 134, 3) for {T} frames (DWPose 134 layout)")
+        raise ValueError(f"{d / 'poses.npy'}: shape {poses.shape}, "
+                         f"expected ({T}, 134, 3) for {T} frames (DWPose 134 layout)")
     try:
         boxes = json.loads((d / "faces.json").read_text())["boxes"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{d / 'faces.json'}: expected {{'boxes': [[x0, y0, x1, y1] or null, ...]}} ({err!r})") from None
+        raise ValueError(f"{d / 'faces.json'}: "
+                         f"expected {{'boxes': [[x0, y0, x1, y1] or null, ...]}} ({err!r})") from None
     if len(boxes) != T or any(b is not None and len(b) != 4 for b in boxes):
-        raise ValueError(f"{d / 'faces.json'}: {len(boxes)} boxes for {T} frames (one [x0, y0, x1, y1] or null per frame)")
+        raise ValueError(f"{d / 'faces.json'}: {len(boxes)} boxes for {T} frames "
+                         "(one [x0, y0, x1, y1] or null per frame)")
     if all(b is None for b in boxes):
         raise ValueError(f"{d / 'faces.json'}: no frame has a face box (the reference frame needs one)")
     import soundfile
@@ -700,7 +718,8 @@ def check_clip(d, fps=None):
     except RuntimeError as err:
         raise ValueError(f"{d / 'audio.wav'}: cannot read audio ({err})") from None
     if info.duration < T / clip_fps - 1e-3:
-        raise ValueError(f"{d / 'audio.wav'}: {info.duration:.3f} s of audio is shorter than the {T} frames ({T / clip_fps:.3f} s at {clip_fps:g} fps)")
+        raise ValueError(f"{d / 'audio.wav'}: {info.duration:.3f} s of audio is shorter than the {T} frames "
+                         f"({T / clip_fps:.3f} s at {clip_fps:g} fps)")
     feats = d / "music_feats.npy"
     if feats.is_file():
         shape = np.load(feats, mmap_mode="r").shape
@@ -724,11 +743,12 @@ def cache_music_features(d, fps, T):
 
 
 def crop_box(image, box, size):
-    """Square crop around a normalised [x0, y0, x1, y1] box (its larger side), bilinear, -> (3, size, size)."""
+    """Bilinear square crop around a normalised [x0, y0, x1, y1] box (its larger side) -> (3, size, size)."""
     x0, y0, x1, y1 = box
     cx, cy, half = (x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0) / 2
     # affine_grid works in [-1, 1] image coordinates: x_n = 2 x - 1
-    theta = torch.tensor([[2 * half, 0, 2 * cx - 1], [0, 2 * half, 2 * cy - 1]], dtype=image.dtype)[None]  # (1, 2, 3)
+    theta = torch.tensor([[2 * half, 0, 2 * cx - 1], [0, 2 * half, 2 * cy - 1]],
+                         dtype=image.dtype)[None]  # (1, 2, 3)
     grid = F.affine_grid(theta, (1, 3, size, size), align_corners=False)  # (1, size, size, 2)
     return F.grid_sample(image[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
 
@@ -739,7 +759,8 @@ class DanceClipDataset(torch.utils.data.Dataset):
     its pose [J, 3] and its face crop [3, 112, 112] in [0, 1]. Windows start at random per (seed,
     epoch, index), or at `start` when >= 0. Every clip is checked when the dataset is built."""
 
-    def __init__(self, list_file, window, joints="body_feet24", fps=DANCE_FPS, seed=0, start=-1, ref_frame=-1, face_size=112):
+    def __init__(self, list_file, window, joints="body_feet24", fps=DANCE_FPS, seed=0, start=-1, ref_frame=-1,
+                 face_size=112):
         if joints not in JOINT_SETS:
             raise ValueError(f"joints={joints!r}: expected one of {list(JOINT_SETS)}")
         self.clips = [check_clip(d, fps) for d in read_list_file(list_file)]
@@ -754,7 +775,8 @@ class DanceClipDataset(torch.utils.data.Dataset):
             raise ValueError(f"{list_file}: clips have music features of different widths {sorted(widths)}")
         self.music_dim, self.J, self.window, self.fps = widths.pop(), JOINT_SETS[joints], window, fps
         self.poses = [np.load(c["dir"] / "poses.npy")[:, : self.J].astype(np.float32) for c in self.clips]
-        self.seed, self.start, self.ref_frame, self.face_size, self.epoch = seed, start, ref_frame, face_size, 0
+        self.seed, self.start, self.ref_frame, self.face_size = seed, start, ref_frame, face_size
+        self.epoch = 0
 
     def __len__(self):
         return len(self.clips)
@@ -787,7 +809,6 @@ def save_image_grid(rows, path, groups=(), pad=2, min_cell=96):
     """rows: list of (N, C, H, W) tensors in [0, 1] (C = 3, or 4 = RGB + alpha; alpha dropped) ->
     one PNG with a row per entry, cells upscaled (nearest) to >= min_cell px. groups: (label,
     columns) pairs that name the columns in a header row, e.g. [("input", 1), ("ground truth", 6)]."""
-    from PIL import ImageDraw
     k = max(1, -(-min_cell // rows[0].shape[-1]))  # integer upscale factor
     cols, (H, W) = max(r.shape[0] for r in rows), (k * n for n in rows[0].shape[-2:])
     top = 16 if groups else 0
@@ -810,8 +831,9 @@ def save_image_grid(rows, path, groups=(), pad=2, min_cell=96):
 # 3DGS's PLY vertex layout, which its viewers (SIBR, SuperSplat, ...) read: position, normal
 # (unused, zero), SH coefficients (DC then 45 higher-order, zero here), opacity as a logit,
 # scale as a log, rotation (w, x, y, z).
-PLY_FIELDS = (["x", "y", "z", "nx", "ny", "nz"] + [f"f_dc_{i}" for i in range(3)] + [f"f_rest_{i}" for i in range(45)]
-              + ["opacity"] + [f"scale_{i}" for i in range(3)] + [f"rot_{i}" for i in range(4)])
+PLY_FIELDS = (["x", "y", "z", "nx", "ny", "nz"] + [f"f_dc_{i}" for i in range(3)]
+              + [f"f_rest_{i}" for i in range(45)] + ["opacity"] + [f"scale_{i}" for i in range(3)]
+              + [f"rot_{i}" for i in range(4)])
 
 
 def save_ply(gaussians, path):
@@ -820,8 +842,9 @@ def save_ply(gaussians, path):
     g = {k: v.detach().float().cpu() for k, v in gaussians.items()}
     N = len(g["means"])
     opac = g["opacities"].clamp(1e-6, 1 - 1e-6)
+    logit = torch.log(opac / (1 - opac))[:, None]  # (N, 1)
     cols = torch.cat([g["means"], torch.zeros(N, 3), (g["rgb"] - 0.5) / SH_C0, torch.zeros(N, 45),
-                      torch.log(opac / (1 - opac))[:, None], torch.log(g["scales"]), g["quats"]], 1)  # (N, 62)
+                      logit, torch.log(g["scales"]), g["quats"]], 1)  # (N, 62)
     header = "".join(["ply\nformat binary_little_endian 1.0\n", f"element vertex {N}\n"]
                      + [f"property float {f}\n" for f in PLY_FIELDS] + ["end_header\n"])
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -840,10 +863,12 @@ def load_ply(path):
         raise ValueError(f"{path}: not a binary little-endian PLY")
     n = int(next(ln.split()[2] for ln in lines if ln.startswith("element vertex")))
     names = [ln.split()[2] for ln in lines if ln.startswith("property float")]
-    v = torch.from_numpy(np.frombuffer(raw[end:], dtype="<f4", count=n * len(names)).reshape(n, len(names)).copy())
+    rows = np.frombuffer(raw[end:], dtype="<f4", count=n * len(names)).reshape(n, len(names))  # (N, fields)
+    v = torch.from_numpy(rows.copy())
     col = lambda *fs: v[:, [names.index(f) for f in fs]]  # noqa: E731
     return {"means": col("x", "y", "z"), "rgb": 0.5 + SH_C0 * col("f_dc_0", "f_dc_1", "f_dc_2"),
-            "scales": col("scale_0", "scale_1", "scale_2").exp(), "quats": col("rot_0", "rot_1", "rot_2", "rot_3"),
+            "scales": col("scale_0", "scale_1", "scale_2").exp(),
+            "quats": col("rot_0", "rot_1", "rot_2", "rot_3"),
             "opacities": torch.sigmoid(col("opacity")[:, 0])}
 
 
@@ -858,7 +883,6 @@ def preview_samples(list_file, path, n=6, size=None):
 
 def draw_skeleton(im, pose, colour, scale, width=2):
     """Draws the visible limbs of pose [J, 3] (normalised) onto a PIL image of size `scale`."""
-    from PIL import ImageDraw
     draw = ImageDraw.Draw(im)
     for i, j in LIMBS:
         if max(i, j) < len(pose) and pose[i, 2] >= VISIBLE and pose[j, 2] >= VISIBLE:
@@ -878,8 +902,9 @@ def write_skeleton_video(path, clip, gt, pred, fps, size=128):
         draw_skeleton(right, gt[t], (190, 190, 190), size, 3)
         draw_skeleton(right, np.concatenate([pred[t], gt[t, :, 2:]], -1), (220, 0, 0), size)
         frames.append(np.concatenate([np.asarray(left), np.asarray(right)], 1))  # (size, 2 size, 3)
-    writer = imageio_ffmpeg.write_frames(str(path), (2 * size, size), fps=fps, audio_path=str(clip["dir"] / "audio.wav"),
-                                         audio_codec="aac", output_params=["-shortest"], ffmpeg_log_level="error")
+    writer = imageio_ffmpeg.write_frames(str(path), (2 * size, size), fps=fps,
+                                         audio_path=str(clip["dir"] / "audio.wav"), audio_codec="aac",
+                                         output_params=["-shortest"], ffmpeg_log_level="error")
     writer.send(None)  # start the generator
     for f in frames:
         writer.send(np.ascontiguousarray(f))
@@ -909,11 +934,15 @@ def _main(argv):
     r.add_argument("--out", required=True)
     r.add_argument("--views", default=None, help="comma-separated frame indices, in rig order (default: all)")
     r.add_argument("--prompt_embeds", default="")
-    e = sub.add_parser("rig_prompt_embeds", help="per-view prompt embeddings [V, 77, D] from a local CLIP text encoder")
+    e = sub.add_parser("rig_prompt_embeds",
+                       help="per-view prompt embeddings [V, 77, D] from a local CLIP text encoder")
     e.add_argument("--rig", required=True)
-    e.add_argument("--text_encoder", required=True, help="a CLIPTextModel folder (an SD 2.1 pipeline's text_encoder/)")
-    e.add_argument("--tokenizer", default=None, help="CLIPTokenizer folder (default: tokenizer/ beside the encoder)")
-    e.add_argument("--prompts", default=None, help="'|'-separated view words in rig order (default: the rig's names)")
+    e.add_argument("--text_encoder", required=True,
+                   help="a CLIPTextModel folder (an SD 2.1 pipeline's text_encoder/)")
+    e.add_argument("--tokenizer", default=None,
+                   help="CLIPTokenizer folder (default: tokenizer/ beside the encoder)")
+    e.add_argument("--prompts", default=None,
+                   help="'|'-separated view words in rig order (default: the rig's names)")
     e.add_argument("--out", required=True)
     a = p.parse_args(argv)
     if a.cmd == "make_rigs":
@@ -924,7 +953,8 @@ def _main(argv):
         rig = load_rig(a.rig)
         names = rig["views"] if a.prompts is None else a.prompts.split("|")
         if len(names) != len(rig["frames"]):
-            raise SystemExit(f"--prompts gives {len(names)} views, rig {rig['name']!r} has {len(rig['frames'])}")
+            raise SystemExit(f"--prompts gives {len(names)} views, "
+                             f"rig {rig['name']!r} has {len(rig['frames'])}")
         pe = clip_prompt_embeds(rig_view_prompts(dict(rig, views=names)), a.text_encoder, a.tokenizer)
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         torch.save(pe, a.out)

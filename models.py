@@ -789,9 +789,9 @@ class M2PEncoder(nn.Module):
     starts from the reference pose instead of from noise."""
 
     def __init__(self, music_dim, joints, d, layers, heads, heatmap, max_frames=300, face_size=32,
-                 embed_dim=512, conv_kernel=31):
+                 embed_dim=512, conv_kernel=31, grad_checkpoint=False):
         super().__init__()
-        self.J, self.H, self.face_size = joints, heatmap, face_size
+        self.J, self.H, self.face_size, self.grad_checkpoint = joints, heatmap, face_size, grad_checkpoint
         # music features come in wildly different scales (MFCC ~100s, one-hots 0/1): normalised with
         # training-set statistics that the training script sets once and the checkpoint keeps
         self.register_buffer("music_mean", torch.zeros(music_dim))
@@ -833,8 +833,9 @@ class M2PEncoder(nn.Module):
         x = self.music_proj((music - self.music_mean) / self.music_std)  # (B, T, d)
         x = x + F.gelu(rearrange(self.music_conv(rearrange(x, "b t d -> b d t")), "b d t -> b t d"))
         x = x + self.pos[:T] + cond[:, None]  # (B, T, d)
+        ckpt = self.grad_checkpoint and self.training
         for block in self.blocks:
-            x = block(x)
+            x = checkpoint(block, x, use_reentrant=False) if ckpt else block(x)
         x = self.norm(x)
         offset = rearrange(self.offset_head(x), "b t jc -> b jc t")  # (B, J * 2, T)
         offset = F.conv1d(F.pad(offset, (4, 4), mode="replicate"), self.smooth, groups=offset.shape[1])

@@ -162,8 +162,8 @@ def stage_a(cfg):
     mean_pose = ((P[..., :2] * vis).sum(0) / vis.sum(0).clamp(min=1)).to(device)  # (J, 2)
 
     # models: the M2P encoder (trained) and the face recognizer (frozen)
-    m2p = M2PEncoder(train_set.music_dim, train_set.J, **M2P_CONFIGS[cfg.m2p_preset], max_frames=max(300, cfg.window))
-    m2p.grad_checkpoint = cfg.grad_checkpoint
+    m2p = M2PEncoder(train_set.music_dim, train_set.J, **M2P_CONFIGS[cfg.m2p_preset],
+                     max_frames=max(300, cfg.window), grad_checkpoint=cfg.grad_checkpoint)
     feats = torch.from_numpy(np.concatenate(train_set.feats))  # (N, D)
     m2p.music_mean.copy_(feats.mean(0))
     m2p.music_std.copy_(feats.std(0).clamp(min=1e-3))  # constant features (e.g. silent one-hots) stay finite
