@@ -13,7 +13,8 @@ import time
 
 import torch
 
-from models import CrossAttnProcessor, build_mv_unet, install_mv_attention, intrinsics_matrix, look_at_c2w, render_gaussians
+from models import (CrossAttnProcessor, build_mv_unet, install_mv_attention, intrinsics_matrix, look_at_c2w,
+                    render_gaussians)
 from toy import write_toy_mice
 
 
@@ -33,10 +34,12 @@ def pixel_sized_gaussians(V=6, S=64, seed=0):
     count and footprint for V input views at S px)."""
     g = torch.Generator().manual_seed(seed)
     N = V * S * S
-    means = torch.nn.functional.normalize(torch.randn(N, 3, generator=g), dim=-1) * torch.rand(N, 1, generator=g) ** (1 / 3) * 0.9
+    dirs = torch.nn.functional.normalize(torch.randn(N, 3, generator=g), dim=-1)  # (N, 3)
+    means = dirs * torch.rand(N, 1, generator=g) ** (1 / 3) * 0.9
     pixel = 2.7 / (548.99 * S / 512)  # world size of a pixel at the origin
     scales = pixel * (0.25 + 0.5 * torch.rand(N, 3, generator=g))
-    return [means, torch.randn(N, 4, generator=g), scales, 0.05 + 0.9 * torch.rand(N, generator=g), torch.rand(N, 3, generator=g)]
+    return [means, torch.randn(N, 4, generator=g), scales, 0.05 + 0.9 * torch.rand(N, generator=g),
+            torch.rand(N, 3, generator=g)]
 
 
 def bench_render(S=64):
@@ -48,9 +51,11 @@ def bench_render(S=64):
         rgb, alpha = render_gaussians(*params, w2c, K, S, S, 1.0, backend=backend)
         (rgb.mean() + alpha.mean()).backward()
 
-    t = {b: timeit(lambda: step(b), repeat=3 if b == "sparse" else 1, warmup=1 if b == "sparse" else 0) for b in ("sparse", "dense")}
+    t = {b: timeit(lambda: step(b), repeat=3 if b == "sparse" else 1, warmup=1 if b == "sparse" else 0)
+         for b in ("sparse", "dense")}
     n = len(params[0])
-    print(f"| render fwd+bwd, {n} pixel-sized Gaussians -> one {S}x{S} view, sparse | {t['sparse'] * 1e3:.0f} ms |")
+    print(f"| render fwd+bwd, {n} pixel-sized Gaussians -> one {S}x{S} view, sparse "
+          f"| {t['sparse'] * 1e3:.0f} ms |")
     print(f"| same, dense all-pairs reference | {t['dense'] * 1e3:.0f} ms |")
     print(f"| sparse speed-up over dense | {t['dense'] / t['sparse']:.0f}x |")
 
@@ -66,29 +71,34 @@ def bench_mvattn(B=4, V=6):
     dense: all views) against the same UNet with plain per-view self-attention (diffusers' SDPA)."""
     layouts = {"toy preset (attention at 8x8)": {},
                "toy widths, attention at 32, 16, 8 px (SD's layout)": dict(
-                   down_block_types=("CrossAttnDownBlock2D",) * 2 + ("DownBlock2D",), up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 2)}
+                   down_block_types=("CrossAttnDownBlock2D",) * 2 + ("DownBlock2D",),
+                   up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 2)}
     for name, kw in layouts.items():
         torch.manual_seed(0)
         model = build_mv_unet("toy", V, **kw)
         g = torch.Generator().manual_seed(0)
-        args = (torch.randn(B, V, 3, 32, 32, generator=g), torch.randint(0, 1000, (B,), generator=g), torch.randn(V, 8, 32, generator=g),
-                torch.randint(0, V, (B,), generator=g), torch.randn(B, 3, 32, 32, generator=g))
+        args = (torch.randn(B, V, 3, 32, 32, generator=g), torch.randint(0, 1000, (B,), generator=g),
+                torch.randn(V, 8, 32, generator=g), torch.randint(0, V, (B,), generator=g),
+                torch.randn(B, 3, 32, 32, generator=g))
 
         def step():
             model.zero_grad(set_to_none=True)
             model(*args).square().mean().backward()
 
         t = {}
-        modes = ("plain", "sparse", "dense") if not kw else ("plain", "sparse")  # dense over 6 x 32x32 tokens: minutes on a CPU
+        # no dense at 32 px: all-pairs attention over 6 x 32x32 tokens takes minutes on a CPU
+        modes = ("plain", "sparse", "dense") if not kw else ("plain", "sparse")
         for mode in modes:
             if mode == "plain":  # every processor the plain SDPA one (it ignores the reference index)
                 model.unet.set_attn_processor(CrossAttnProcessor())
             else:
                 install_mv_attention(model.unet, V, sparse=mode == "sparse")
             t[mode] = timeit(step, repeat=3, warmup=1)
-        print(f"| UNet fwd+bwd, {B} objects x {V} views at 32 px, {name}: plain self-attention | {t['plain'] * 1e3:.0f} ms |")
+        print(f"| UNet fwd+bwd, {B} objects x {V} views at 32 px, {name}: plain self-attention "
+              f"| {t['plain'] * 1e3:.0f} ms |")
         for mode in modes[1:]:
-            print(f"| same, {mode} multi-view attention | {t[mode] * 1e3:.0f} ms ({100 * (t[mode] / t['plain'] - 1):+.0f}%) |")
+            change = 100 * (t[mode] / t["plain"] - 1)
+            print(f"| same, {mode} multi-view attention | {t[mode] * 1e3:.0f} ms ({change:+.0f}%) |")
 
 
 if __name__ == "__main__":

@@ -37,18 +37,26 @@ def ssim(pred, target, max_val=1.0, window_size=11, sigma=1.5):
 # ----------------------------------------------------------------------------------------------
 # Perceptual losses (GS-LRM)
 # (train_gslrm.py)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision weights
+CAFFE_MEAN = (123.68, 116.779, 103.939)  # MatConvNet VGG19: RGB x255 minus this mean pixel
 # FaceLift's weights for [the image itself, relu1_2, relu2_2, relu3_2, relu4_2, relu5_2]
 PERCEPTUAL_WEIGHTS = (1.0, 1 / 2.6, 1 / 4.8, 1 / 3.7, 1 / 5.6, 10 / 1.5)
 
 
 def perceptual_loss(vgg19, pred, target):
-    """FaceLift's VGG19 perceptual loss: L1 between the images and between 5 ReLU activations,
-    weighted by PERCEPTUAL_WEIGHTS, on inputs x255 minus the ImageNet means (the caffe-style
-    preprocessing these weights were chosen for). The sum is divided by 255 (as FaceLift does)
-    to bring it back to the scale of [0, 1] images. pred, target (N, 3, H, W) in [0, 1] -> scalar."""
-    mean = torch.tensor(IMAGENET_MEAN, device=pred.device, dtype=pred.dtype)[:, None, None] * 255
-    x, y = pred * 255 - mean, target * 255 - mean  # (N, 3, H, W)
+    """FaceLift's VGG19 perceptual loss: L1 between the normalised images and between 5 ReLU
+    activations, weighted by PERCEPTUAL_WEIGHTS, summed and divided by 255. The normalisation is the
+    one `vgg19.preprocess` names: "caffe" (MatConvNet `.mat`, exactly FaceLift's loss) x255 minus
+    CAFFE_MEAN; "torchvision" (`.pth`) (x - IMAGENET_MEAN) / IMAGENET_STD, which the image L1 term
+    then also uses (inputs span ~4.5, not 255: a far smaller loss; perceptual_weight won't carry over).
+    pred, target (N, 3, H, W) in [0, 1] -> scalar."""
+    if vgg19.preprocess == "caffe":
+        mean = torch.tensor(CAFFE_MEAN, device=pred.device, dtype=pred.dtype)[:, None, None]
+        x, y = pred * 255 - mean, target * 255 - mean  # (N, 3, H, W)
+    else:
+        mean = torch.tensor(IMAGENET_MEAN, device=pred.device, dtype=pred.dtype)[:, None, None]
+        std = torch.tensor(IMAGENET_STD, device=pred.device, dtype=pred.dtype)[:, None, None]
+        x, y = (pred - mean) / std, (target - mean) / std  # (N, 3, H, W)
     loss = PERCEPTUAL_WEIGHTS[0] * (x - y).abs().mean()
     with torch.no_grad():
         fy = vgg19(y)

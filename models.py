@@ -453,6 +453,8 @@ def load_facelift_gslrm(model, path):
 # (GS-LRM losses)
 # torchvision's `vgg16().features` / `vgg19().features` layouts, so that their state dicts load
 # unchanged (keys `features.{i}.weight`); only the layers up to the deepest tap are built.
+# MatConvNet's `imagenet-vgg-verydeep-19.mat` (FaceLift's loss) lists its layers in the same order,
+# so its conv `layers[i]` is our `features[i]`.
 VGG_LAYERS = {
     "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512],
     "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
@@ -466,15 +468,17 @@ VGG_TAPS = {
 
 
 class VGGFeatures(nn.Module):
-    """A frozen VGG trunk that returns the activations at `VGG_TAPS[arch]`."""
+    """A frozen VGG trunk that returns the activations at `VGG_TAPS[arch]`. `pool`: "max"
+    (torchvision) or "avg" (FaceLift's VGG19); `preprocess` names the input normalisation that its
+    weights expect (the loader sets it; perceptual_loss reads it)."""
 
-    def __init__(self, arch):
+    def __init__(self, arch, pool="max"):
         super().__init__()
-        self.taps = VGG_TAPS[arch]
+        self.taps, self.preprocess = VGG_TAPS[arch], "torchvision"
         layers, c_in = [], 3
         for v in VGG_LAYERS[arch]:
             if v == "M":
-                layers.append(nn.MaxPool2d(2, 2))
+                layers.append({"max": nn.MaxPool2d, "avg": nn.AvgPool2d}[pool](2, 2))
             else:
                 layers += [nn.Conv2d(c_in, v, 3, padding=1), nn.ReLU(inplace=False)]
                 c_in = v
@@ -493,8 +497,11 @@ class VGGFeatures(nn.Module):
 
 
 def load_vgg(path, arch):
-    """VGGFeatures from a torchvision-format state dict (`vgg19-dcbb9e9d.pth`): the `features.*`
-    keys we build must all be there; the classifier and deeper layers are the only keys ignored."""
+    """VGGFeatures from a MatConvNet `.mat` (load_matconvnet_vgg) or from a torchvision-format state
+    dict (`vgg19-dcbb9e9d.pth`): the `features.*` keys we build must all be there; the classifier and
+    deeper layers are the only keys ignored. Max pooling, torchvision input normalisation."""
+    if str(path).endswith(".mat"):
+        return load_matconvnet_vgg(path, arch)
     vgg = VGGFeatures(arch)
     sd = torch.load(path, map_location="cpu", weights_only=True)
     ours = vgg.state_dict()
@@ -505,6 +512,38 @@ def load_vgg(path, arch):
 
     check_keys(f"{path}: not a torchvision {arch} state dict", ours, sd, ignore=unused)
     vgg.load_state_dict({k: sd[k] for k in ours}, strict=True)
+    return vgg
+
+
+def load_matconvnet_vgg(path, arch):
+    """FaceLift's perceptual VGG19 from MatConvNet's `imagenet-vgg-verydeep-19.mat`: `layers` is a
+    1xN cell of structs; conv `layers[i]` holds `weights` = {W (3, 3, in, out), b (out)}. Average
+    pooling and caffe-style input (RGB x255 minus the mean pixel), as FaceLift uses it."""
+    import scipy.io  # only this loader reads .mat files
+    if arch != "vgg19":  # LPIPS's vgg16 needs torchvision's weights and normalisation
+        raise ValueError(f"{path}: MatConvNet weights are read for vgg19 only, not {arch}")
+    vgg = VGGFeatures(arch, pool="avg")
+    vgg.preprocess = "caffe"
+    mat = scipy.io.loadmat(path, variable_names=["layers"])
+    if "layers" not in mat:
+        raise KeyError(f"{path}: no `layers` cell: not a MatConvNet (imagenet-vgg-verydeep-19) file")
+    layers = mat["layers"].ravel()  # (N,) of (1, 1) structs
+    sd = {}
+    for i, conv in enumerate(vgg.features):
+        if not isinstance(conv, nn.Conv2d):
+            continue
+        want = (3, 3, conv.in_channels, conv.out_channels)
+        try:  # W (H, W, in, out), b (out, 1) or (1, out)
+            w, b = layers[i].ravel()[0]["weights"].ravel()
+        except (IndexError, KeyError, ValueError):  # no such layer, no weights field, not {W, b}
+            raise ValueError(f"{path}: layer {i} of {len(layers)} is not a conv layer with "
+                             f"weights {{W {want}, b ({want[3]},)}}") from None
+        if w.shape != want or b.size != want[3]:
+            raise ValueError(f"{path}: layer {i} has W {w.shape}, b {b.shape}; "
+                             f"expected W {want}, b ({want[3]},)")
+        sd[f"features.{i}.weight"] = torch.from_numpy(w).permute(3, 2, 0, 1).float()  # (out, in, 3, 3)
+        sd[f"features.{i}.bias"] = torch.from_numpy(b).reshape(-1).float()  # (out,)
+    vgg.load_state_dict(sd, strict=True)
     return vgg
 
 
@@ -662,18 +701,34 @@ def build_mv_unet(preset, num_views=6, sparse=True, **overrides):
 FACELIFT_BLOCK_MAP = {"CrossAttnDownBlockMV2D": "CrossAttnDownBlock2D",
                       "UNetMidBlockMV2DCrossAttn": "UNetMidBlock2DCrossAttn",
                       "CrossAttnUpBlockMV2D": "CrossAttnUpBlock2D"}
-FACELIFT_EXTRA_KEYS = ("num_views", "multiview_attention", "sparse_mv_attention", "selfattn_block",
-                       "cd_attention_last", "cd_attention_mid", "addition_downsample", "addition_channels")
+# FaceLift's extra keys that MVUNet implements at one value only (its released config's, also the
+# default of its UNetMV2DConditionModel): any other value asks for a module we lack
+FACELIFT_FIXED_KEYS = {
+    "multiview_attention": (True, "self-attention within each view only"),
+    "selfattn_block": ("custom", "another self-attention block (FaceLift's code builds only 'custom')"),
+    "cd_attention_last": (False, "cross-domain attention after each transformer block"),
+    "cd_attention_mid": (False, "cross-domain attention inside each transformer block"),
+    "addition_downsample": (False, "an extra downsampling conv branch after the mid block")}
+# read by facelift_mv_settings; addition_channels only sizes the addition_downsample branch
+FACELIFT_EXTRA_KEYS = ("num_views", "sparse_mv_attention", "addition_channels", *FACELIFT_FIXED_KEYS)
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
 def unet_config_from_facelift(config, where="config.json"):
-    """FaceLift's (or a plain diffusers) UNet config dict -> kwargs of a plain UNet2DConditionModel."""
+    """FaceLift's (or a plain diffusers) UNet config dict -> kwargs of a plain UNet2DConditionModel.
+    A FaceLift key asking for a module that MVUNet lacks is a ValueError naming key and value."""
     import inspect as _inspect
     from diffusers import UNet2DConditionModel
     if config.get("_class_name") not in ("UNetMV2DConditionModel", "UNet2DConditionModel"):
         raise ValueError(f"{where}: _class_name {config.get('_class_name')!r}, "
                          "expected UNetMV2DConditionModel (FaceLift) or UNet2DConditionModel")
+    extra = sorted(k for k in FACELIFT_EXTRA_KEYS if k in config)
+    if extra and config["_class_name"] != "UNetMV2DConditionModel":
+        raise ValueError(f"{where}: FaceLift's keys {extra} in a UNet2DConditionModel config")
+    for key, (ours, feature) in FACELIFT_FIXED_KEYS.items():
+        if config.get(key, ours) != ours:
+            raise ValueError(f"{where}: {key}={config[key]!r} asks for {feature}, which MVUNet "
+                             f"does not implement (FaceLift's released weights: {key}={ours!r})")
     cfg = {k: v for k, v in config.items() if not k.startswith("_") and k not in FACELIFT_EXTRA_KEYS}
     for key in ("down_block_types", "up_block_types"):
         cfg[key] = [FACELIFT_BLOCK_MAP.get(b, b) for b in cfg[key]]
@@ -684,6 +739,21 @@ def unet_config_from_facelift(config, where="config.json"):
         raise ValueError(f"{where}: keys {unknown} are neither UNet2DConditionModel arguments "
                          f"nor FaceLift's known extras {FACELIFT_EXTRA_KEYS}")
     return cfg
+
+
+def facelift_mv_settings(config, where="config.json"):
+    """(num_views, sparse) that FaceLift's unet config describes; None for a plain diffusers config
+    (ours). FaceLift writes both keys; its defaults (1 view, dense) are not what it trained."""
+    if config.get("_class_name") != "UNetMV2DConditionModel":
+        return None
+    missing = [k for k in ("num_views", "sparse_mv_attention") if k not in config]
+    if missing:
+        raise ValueError(f"{where}: no {missing} in a UNetMV2DConditionModel config")
+    V, sparse = config["num_views"], config["sparse_mv_attention"]
+    if type(V) is not int or V < 1 or type(sparse) is not bool:
+        raise ValueError(f"{where}: num_views={V!r}, sparse_mv_attention={sparse!r}: "
+                         "expected a positive int and a bool")
+    return V, sparse
 
 
 def load_unet(path):
@@ -717,13 +787,30 @@ def load_unet(path):
 REF_EMBED_FILE = "ref_view_embed.safetensors"
 
 
-def load_mv_unet(path, num_views=6, sparse=True):
-    """MVUNet from a unet/ folder (FaceLift's: the reference-view embedding starts at zero)."""
-    model = MVUNet(load_unet(path), num_views, sparse)
-    if (Path(path) / REF_EMBED_FILE).is_file():
-        w = load_file(Path(path) / REF_EMBED_FILE)["weight"]
+def load_mv_unet(path, num_views=None, sparse=None):
+    """MVUNet from a unet/ folder, FaceLift's or ours. The folder decides what it can: FaceLift's
+    config.json gives the view count (num_views) and the attention (sparse_mv_attention), ours the
+    view count (the rows of its reference-view embedding). An argument given (not None) must agree
+    with the folder, else a ValueError names both; None takes the folder's value. Ours records no
+    attention: `sparse` decides (None: True). FaceLift's reference-view embedding starts at zero."""
+    path = Path(path)
+    cfg_file, emb_file = path / "config.json", path / REF_EMBED_FILE
+    mv = facelift_mv_settings(json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}, cfg_file)
+    if mv is not None:  # checked before reading the weights
+        if num_views is not None and num_views != mv[0]:
+            raise ValueError(f"{cfg_file}: num_views={mv[0]}, but the rig has {num_views} views")
+        if sparse is not None and sparse != mv[1]:
+            raise ValueError(f"{cfg_file}: sparse_mv_attention={mv[1]}, but sparse={sparse} was asked "
+                             f"for (train_mvdiff: set --sparse_attention={str(mv[1]).lower()})")
+        num_views, sparse = mv
+    unet = load_unet(path)
+    w = load_file(emb_file)["weight"] if emb_file.is_file() else None
+    if num_views is None:
+        num_views = len(w) if w is not None else 6
+    model = MVUNet(unet, num_views, True if sparse is None else sparse)
+    if w is not None:
         if w.shape != model.ref_view_embed.weight.shape:
-            raise ValueError(f"{Path(path) / REF_EMBED_FILE}: shape {tuple(w.shape)}, "
+            raise ValueError(f"{emb_file}: shape {tuple(w.shape)}, "
                              f"expected {tuple(model.ref_view_embed.weight.shape)} ({num_views} views)")
         model.ref_view_embed.weight.data.copy_(w)
     return model

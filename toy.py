@@ -57,7 +57,8 @@ def toy_mouse(rng, yaw_deg=None):
     opacities (N,), colors (N, 3). Built facing +x, then turned by a random yaw: any direction
     (yaw_deg None) or within +-yaw_deg of +x."""
     s = rng.uniform(1.1, 1.35)  # overall size (the 50 deg view is 2.5 units wide at the origin)
-    fur = rng.choice([[0.55, 0.42, 0.3], [0.5, 0.5, 0.52], [0.85, 0.83, 0.8], [0.25, 0.22, 0.2], [0.7, 0.55, 0.35]])
+    fur = rng.choice([[0.55, 0.42, 0.3], [0.5, 0.5, 0.52], [0.85, 0.83, 0.8], [0.25, 0.22, 0.2],
+                      [0.7, 0.55, 0.35]])
     fur = np.clip(fur + rng.normal(0, 0.03, 3), 0, 1)
     belly = np.clip(fur + 0.25, 0, 1)
     pink = np.array([0.93, 0.62, 0.65])
@@ -70,14 +71,18 @@ def toy_mouse(rng, yaw_deg=None):
     neck = np.array([body_axes[0] * 0.8, 0, body_axes[2] * 0.25])
     hl = s * rng.uniform(0.2, 0.26)  # head half-length
     head_axes = np.array([hl, hl * 0.68, hl * 0.62])
-    head_parts = [_ellipsoid_blobs(rng, 70, np.array([hl * 0.9, 0, 0]), head_axes, fur, belly, 0.04, 0.05 * s)]
+    head_centre = np.array([hl * 0.9, 0, 0])
+    head_parts = [_ellipsoid_blobs(rng, 70, head_centre, head_axes, fur, belly, 0.04, 0.05 * s)]
     ear_r = s * rng.uniform(0.07, 0.1)
     for side in (-1, 1):
-        head_parts.append((np.array([[hl * 0.45, side * hl * 0.55, hl * 0.75]]), np.array([[0.012, ear_r, ear_r]]), pink[None]))
-        head_parts.append((np.array([[hl * 0.5, side * hl * 0.52, hl * 0.28]]), np.full((1, 3), 0.028 * s), np.full((1, 3), 0.03)))  # eye
+        ear = np.array([[hl * 0.45, side * hl * 0.55, hl * 0.75]])
+        head_parts.append((ear, np.array([[0.012, ear_r, ear_r]]), pink[None]))
+        eye = np.array([[hl * 0.5, side * hl * 0.52, hl * 0.28]])
+        head_parts.append((eye, np.full((1, 3), 0.028 * s), np.full((1, 3), 0.03)))
     head_parts.append((np.array([[hl * 1.9, 0, 0]]), np.full((1, 3), 0.03 * s), pink[None]))  # nose
     head_pts = np.concatenate([p for p, _, _ in head_parts]) @ rot.T + neck
-    parts.append((head_pts, np.concatenate([sc for _, sc, _ in head_parts]), np.concatenate([c for _, _, c in head_parts])))
+    parts.append((head_pts, np.concatenate([sc for _, sc, _ in head_parts]),
+                  np.concatenate([c for _, _, c in head_parts])))
 
     # tail: a chain of shrinking Gaussians along a random smooth 3D curve from the rump
     n_tail, length = 28, s * rng.uniform(0.6, 0.9)
@@ -104,10 +109,12 @@ def toy_mouse(rng, yaw_deg=None):
 def random_view_frames(rng, n, size, focal, radius=2.7, elevations=(-10.0, 50.0)):
     """Extra cameras at random azimuth/elevation around the origin (novel-view supervision, as
     FaceLift's 32-view GS-LRM samples give)."""
-    return [make_frame(orbit_c2w(rng.uniform(-180, 180), rng.uniform(*elevations), radius), size, focal) for _ in range(n)]
+    return [make_frame(orbit_c2w(rng.uniform(-180, 180), rng.uniform(*elevations), radius), size, focal)
+            for _ in range(n)]
 
 
-def write_toy_mice(out, n=200, rig="mouse_6view", size=64, n_extra=4, n_val=None, seed=0, yaw_deg=None, progress=True):
+def write_toy_mice(out, n=200, rig="mouse_6view", size=64, n_extra=4, n_val=None, seed=0, yaw_deg=None,
+                   progress=True):
     """Write n toy mice in the FaceLift GS-LRM sample format under `out`: each sample has the
     rig's views first (cam_000..), then n_extra random views; plus data_train.txt / data_val.txt and
     toy.json (the arguments, so a later run can tell whether the folder is the set it asks for).
@@ -121,8 +128,9 @@ def write_toy_mice(out, n=200, rig="mouse_6view", size=64, n_extra=4, n_val=None
         rng = np.random.default_rng((seed, i))
         m = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in toy_mouse(rng, yaw_deg).items()}
         focal = rig["frames"][0]["fx"] * size / rig["frames"][0]["w"]
-        frames = [make_frame(torch.linalg.inv(torch.tensor(fr["w2c"], dtype=torch.float64)), size, fr["fx"] * size / fr["w"])
-                  for fr in rig["frames"]] + random_view_frames(rng, n_extra, size, focal)
+        frames = [make_frame(torch.linalg.inv(torch.tensor(fr["w2c"], dtype=torch.float64)), size,
+                             fr["fx"] * size / fr["w"]) for fr in rig["frames"]]
+        frames += random_view_frames(rng, n_extra, size, focal)
         w2c, K = frames_to_tensors(frames)
         # black background: the colour is then premultiplied by alpha; stored straight in RGBA
         rgb, alpha = render_gaussians(m["means"], m["quats"], m["scales"], m["opacities"], m["colors"], w2c,
@@ -143,7 +151,8 @@ def write_toy_mice(out, n=200, rig="mouse_6view", size=64, n_extra=4, n_val=None
 
 def toy_spec(n, rig, size, n_extra, n_val, seed, yaw_deg):
     """What write_toy_mice was asked for, as toy.json records it."""
-    return {"n": n, "rig": rig["name"], "size": size, "n_extra": n_extra, "n_val": n_val, "seed": seed, "yaw_deg": yaw_deg}
+    return {"n": n, "rig": rig["name"], "size": size, "n_extra": n_extra, "n_val": n_val, "seed": seed,
+            "yaw_deg": yaw_deg}
 
 
 def toy_mice(out, accelerator=None, progress=True, **spec):
@@ -154,7 +163,6 @@ def toy_mice(out, accelerator=None, progress=True, **spec):
     n_val = max(1, args["n"] // 10) if args["n_val"] is None else args["n_val"]
     want = toy_spec(**dict(args, n_val=n_val))
     return with_barrier(accelerator, lambda: write_toy_mice(out, **args, progress=progress), out, want)
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,7 +178,8 @@ def toy_rig_prompt_embeds(rig, dim, tokens=8, seed=0):
                        g["intr"].double()], 1).float()  # (V, 12)
     W = torch.randn(tokens, feats.shape[1], dim, generator=torch.Generator().manual_seed(seed))  # (T, F, D)
     pe = torch.einsum("vf,tfd->vtd", feats, W)  # (V, T, D)
-    return (pe - pe.mean(-1, keepdim=True)) / pe.std(-1, keepdim=True)  # unit scale per token, like a LayerNorm'd text encoder
+    # unit scale per token, like a LayerNorm'd text encoder
+    return (pe - pe.mean(-1, keepdim=True)) / pe.std(-1, keepdim=True)
 
 
 def toy_prompt_embeds(path, rig, dim, accelerator=None):
@@ -192,18 +201,22 @@ def toy_prompt_embeds(path, rig, dim, accelerator=None):
 def toy_dancer(rng):
     """A dancer's identity and style (fixed over all its clips): body proportions, clothing, a
     textured face, and which limbs move on the beats / off the beats / not at all."""
-    modes = rng.choice(["on", "off", "still"], size=4, p=[0.4, 0.4, 0.2])  # right arm, left arm, right leg, left leg
+    # right arm, left arm, right leg, left leg
+    modes = rng.choice(["on", "off", "still"], size=4, p=[0.4, 0.4, 0.2])
     modes[rng.integers(2)] = rng.choice(["on", "off"])  # at least one arm dances
     return dict(
         scale=rng.uniform(0.85, 1.0), shoulder=rng.uniform(0.075, 0.1), hip=rng.uniform(0.04, 0.055),
         torso=rng.uniform(0.22, 0.27), upper_arm=rng.uniform(0.11, 0.14), fore_arm=rng.uniform(0.1, 0.13),
         thigh=rng.uniform(0.14, 0.17), shin=rng.uniform(0.14, 0.17), head=rng.uniform(0.065, 0.08),
-        modes=list(modes), arm_base=rng.uniform(0.1, 0.5, 2), arm_amp=rng.uniform(0.6, 1.4, 2) * rng.choice([-1, 1], 2),
+        modes=list(modes), arm_base=rng.uniform(0.1, 0.5, 2),
+        arm_amp=rng.uniform(0.6, 1.4, 2) * rng.choice([-1, 1], 2),
         elbow=rng.uniform(0.2, 1.2, 2), leg_amp=rng.uniform(0.15, 0.45, 2), sway=rng.uniform(0.0, 0.04),
         bounce=rng.uniform(0.005, 0.025), bounce_mode=rng.choice(["on", "off"]),
-        shirt=rng.uniform(0.1, 0.9, 3), trousers=rng.uniform(0.05, 0.6, 3), skin=rng.uniform(0.45, 0.95) * np.array([1.0, 0.8, 0.65]),
-        face_base=rng.uniform(0.2, 1.0, 3), face_stripe=rng.uniform(0.0, 0.8, 3), face_freq=rng.uniform(0.6, 1.6),
-        face_angle=rng.uniform(0, np.pi), face_spot=rng.uniform(-0.5, 0.5, 2))
+        shirt=rng.uniform(0.1, 0.9, 3), trousers=rng.uniform(0.05, 0.6, 3),
+        skin=rng.uniform(0.45, 0.95) * np.array([1.0, 0.8, 0.65]),
+        face_base=rng.uniform(0.2, 1.0, 3), face_stripe=rng.uniform(0.0, 0.8, 3),
+        face_freq=rng.uniform(0.6, 1.6), face_angle=rng.uniform(0, np.pi),
+        face_spot=rng.uniform(-0.5, 0.5, 2))
 
 
 def toy_music(rng, seconds, sr):
@@ -224,7 +237,8 @@ def toy_music(rng, seconds, sr):
     hihat = 0.03 * np.exp(-tau_half / 0.008) * noise  # quiet, or the beat tracker locks onto the off-beats
     scale = 220 * 2 ** (np.array([0, 2, 4, 7, 9, 12, 14, 16]) / 12)  # pentatonic
     notes = scale[rng.integers(0, len(scale), size=k.max() - k.min() + 1)][k - k.min()]
-    melody = 0.25 * accent * np.exp(-tau / 0.25) * (np.sin(2 * np.pi * notes * tau) + 0.3 * np.sin(4 * np.pi * notes * tau))
+    tone = np.sin(2 * np.pi * notes * tau) + 0.3 * np.sin(4 * np.pi * notes * tau)  # the note and its octave
+    melody = 0.25 * accent * np.exp(-tau / 0.25) * tone
     audio = (kick + hihat + melody) * 0.5
     return audio.astype(np.float32), bpm, offset
 
@@ -253,7 +267,8 @@ def toy_poses(dancer, phase):
     hip_c = np.stack([0.5 + sway, 0.9 - legs * s - 0.02 + bounce], -1)  # (T, 2)
     neck = hip_c + np.stack([0.4 * sway, -dancer["torso"] * s * np.ones(T)], -1)
     P[:, 1, :2] = neck
-    for j, side, (sh, el, wr), (hp, kn, an) in ((0, -1, (2, 3, 4), (8, 9, 10)), (1, 1, (5, 6, 7), (11, 12, 13))):
+    sides = ((0, -1, (2, 3, 4), (8, 9, 10)), (1, 1, (5, 6, 7), (11, 12, 13)))  # right, then left
+    for j, side, (sh, el, wr), (hp, kn, an) in sides:
         P[:, sh, :2] = neck + np.stack([side * dancer["shoulder"] * s * np.ones(T), 0.01 * np.ones(T)], -1)
         g = pulse(phase, dancer["modes"][j])
         up = dancer["arm_base"][j] + dancer["arm_amp"][j] * g
@@ -266,7 +281,8 @@ def toy_poses(dancer, phase):
         P[:, an, :2] = limb(P[:, kn, :2], thigh - 1.5 * dancer["leg_amp"][j] * gl, dancer["shin"], side)
     r = dancer["head"] * s
     head = neck + np.stack([0.3 * sway, -np.full(T, 1.25 * r)], -1)
-    for i, (dx, dy) in zip((0, 14, 15, 16, 17), ((0, 0.15), (-0.35, -0.1), (0.35, -0.1), (-0.95, 0), (0.95, 0))):
+    offsets = ((0, 0.15), (-0.35, -0.1), (0.35, -0.1), (-0.95, 0), (0.95, 0))  # in head radii
+    for i, (dx, dy) in zip((0, 14, 15, 16, 17), offsets):  # nose, eyes, ears
         P[:, i, :2] = head + r * np.array([dx, dy])
     for i, ank, side in ((18, 13, 1), (21, 10, -1)):  # big toe, small toe, heel of each foot
         P[:, i, :2] = P[:, ank, :2] + s * np.array([side * 0.035, 0.02])
@@ -283,7 +299,8 @@ def face_texture(dancer, radius_px):
     c = (np.arange(n) + 0.5 - n / 2) / radius_px  # in head radii
     v, u = np.meshgrid(c, c, indexing="ij")  # (n, n): rows are y, columns x
     ang = dancer["face_angle"]
-    stripes = (0.5 + 0.5 * np.sin(2 * np.pi * dancer["face_freq"] * (u * np.cos(ang) + v * np.sin(ang))))[..., None]
+    along = u * np.cos(ang) + v * np.sin(ang)  # (n, n): position across the stripes
+    stripes = (0.5 + 0.5 * np.sin(2 * np.pi * dancer["face_freq"] * along))[..., None]
     rgb = dancer["face_base"] * (1 - stripes) + dancer["face_stripe"] * stripes  # (n, n, 3)
     rgb = rgb * (((u - dancer["face_spot"][0]) ** 2 + (v - dancer["face_spot"][1]) ** 2) >= 0.12)[..., None]
     alpha = np.clip((1 - np.sqrt(u * u + v * v)) * radius_px + 0.5, 0, 1)[..., None]  # anti-aliased rim
@@ -317,7 +334,8 @@ def render_dancer(dancer, poses, head, size, bg, supersample=4):
     return frames
 
 
-def write_toy_dance(out, n=100, n_dancers=20, seconds=8.0, size=64, fps=DANCE_FPS, n_val=None, seed=0, progress=True):
+def write_toy_dance(out, n=100, n_dancers=20, seconds=8.0, size=64, fps=DANCE_FPS, n_val=None, seed=0,
+                    progress=True):
     """n toy clips (dancer i % n_dancers, each clip with its own music) in the clip format, with
     music features cached, data_train.txt / data_val.txt (the last n_val clips) and preview.png."""
     import soundfile
@@ -339,20 +357,24 @@ def write_toy_dance(out, n=100, n_dancers=20, seconds=8.0, size=64, fps=DANCE_FP
             Image.fromarray(frames[t]).save(d / "frames" / f"{t:06d}.png", compress_level=1)
         soundfile.write(str(d / "audio.wav"), audio, sr, subtype="PCM_16")
         np.save(d / "poses.npy", poses)
-        boxes = np.concatenate([head[:, :2] - head[:, 2:], head[:, :2] + head[:, 2:]], 1)  # (T, 4) x0 y0 x1 y1
+        centre, r = head[:, :2], head[:, 2:]
+        boxes = np.concatenate([centre - r, centre + r], 1)  # (T, 4) x0 y0 x1 y1
         (d / "faces.json").write_text(json.dumps({"boxes": np.round(boxes, 5).tolist()}))
-        (d / "meta.json").write_text(json.dumps({"fps": fps, "size": [size, size], "source": "toy", "dancer": i % n_dancers,
-                                                  "bpm": round(bpm, 3), "first_beat_s": round(offset, 4)}))
-        np.save(d / "music_feats.npy", music_features(read_audio(d / "audio.wav")[0], sr, fps, T))  # from the 16-bit WAV, as a re-computation would
+        meta = {"fps": fps, "size": [size, size], "source": "toy", "dancer": i % n_dancers,
+                "bpm": round(bpm, 3), "first_beat_s": round(offset, 4)}
+        (d / "meta.json").write_text(json.dumps(meta))
+        wav = read_audio(d / "audio.wav")[0]  # the 16-bit WAV, as a re-computation would read it
+        np.save(d / "music_feats.npy", music_features(wav, sr, fps, T))
         names.append(d.name)
     (out / "data_train.txt").write_text("\n".join(names[: n - n_val]) + "\n")
     (out / "data_val.txt").write_text("\n".join(names[n - n_val:]) + "\n")
     spec = dict(n=n, n_dancers=n_dancers, seconds=seconds, size=size, fps=fps, n_val=n_val, seed=seed)
     (out / "toy.json").write_text(json.dumps(spec))
-    rows = [torch.stack([read_frame(("png", sorted((out / nm / "frames").glob("*.png"))), t) for t in range(0, T, T // 8)][:8])
-            for nm in names[:6]]
+    sources = [("png", sorted((out / nm / "frames").glob("*.png"))) for nm in names[:6]]
+    rows = [torch.stack([read_frame(src, t) for t in range(0, T, T // 8)][:8]) for src in sources]
     save_image_grid(rows, out / "preview.png")
     return out
+
 
 def toy_dance(out, accelerator=None, progress=True, **spec):
     """The toy dance set write_toy_dance(out, **spec) describes, in `out` (see with_barrier)."""

@@ -22,8 +22,9 @@ from accelerate.utils import set_seed
 from PIL import Image
 from safetensors.torch import save_model
 
-from data import (VISIBLE, DanceClipDataset, StepSampler, atomic_dir, latest_checkpoint, load_checkpoint, load_config,
-                  log_metrics, music_beats, read_audio, save_checkpoint, save_config, write_skeleton_video)
+from data import (VISIBLE, DanceClipDataset, StepSampler, atomic_dir, latest_checkpoint, load_checkpoint,
+                  load_config, log_metrics, music_beats, read_audio, save_checkpoint, save_config,
+                  write_skeleton_video)
 from losses import beat_alignment, face_loss, heatmap_loss, motion_beats, pose_error, soft_argmax
 from models import IRESNET_CONFIGS, M2P_CONFIGS, IResNet, M2PEncoder, load_iresnet
 from toy import toy_dance
@@ -33,7 +34,7 @@ from toy import toy_dance
 class Config:
     training_stage: str = "A"  # A: M2P pretraining | B | C | all (B and C land later)
     # data
-    data_dir: str = "data/toy_dance"  # clip directories + list files; the toy dancers are generated here if missing
+    data_dir: str = "data/toy_dance"  # clip dirs + list files; the toy dancers are made here if missing
     train_list: str = "data_train.txt"  # relative to data_dir, or absolute
     val_list: str = "data_val.txt"
     toy_clips: int = 100  # size of the generated toy set (only when data_dir has no train list)
@@ -45,8 +46,8 @@ class Config:
     # model
     m2p_preset: str = "toy"  # M2P_CONFIGS: tiny | toy | base
     heatmap_sigma: float = 1.0  # ground-truth Gaussian, in heatmap cells
-    face_recognizer_path: str = ""  # arcface_torch backbone.pth; "": a frozen randomly initialised toy IResNet
-    face_recognizer_arch: str = "iresnet100"  # IRESNET_CONFIGS key for face_recognizer_path (glintr100 = iresnet100)
+    face_recognizer_path: str = ""  # arcface_torch backbone.pth; "": a frozen random toy IResNet
+    face_recognizer_arch: str = "iresnet100"  # IRESNET_CONFIGS key of that file (glintr100 = iresnet100)
     grad_checkpoint: bool = False  # per-layer activation checkpointing in M2P's transformer
     # optimisation (stage A)
     stage_a_steps: int = 1500
@@ -122,8 +123,10 @@ def evaluate(m2p, recognizer, val_set, mean_pose, beats, cfg, step, out_dir, dev
     m["beat_align"] = float(np.mean([beat_alignment(beats[i], mb[i]) for i in range(n)]))
     shuffled = [beat_alignment(beats[(i + 1) % n], mb[i]) for i in range(n)] if n > 1 else [float("nan")]
     m["beat_align_shuffled"] = float(np.mean(shuffled))
-    m["beat_align_gt"] = float(np.mean([beat_alignment(beats[i], motion_beats(g, cfg.fps)) for i, g in enumerate(gts)]))
-    video, frame = write_skeleton_video(out_dir / f"val_{step:06d}.mp4", val_set.clips[0], gts[0], preds[0], cfg.fps)
+    m["beat_align_gt"] = float(np.mean([beat_alignment(beats[i], motion_beats(g, cfg.fps))
+                                        for i, g in enumerate(gts)]))
+    video = out_dir / f"val_{step:06d}.mp4"
+    video, frame = write_skeleton_video(video, val_set.clips[0], gts[0], preds[0], cfg.fps)
     Image.fromarray(frame).save(out_dir / f"val_{step:06d}.png")
     m2p.train()
     return m, video
@@ -177,7 +180,8 @@ def stage_a(cfg):
 
     # freeze and parameter groups, by hand: M2P trains (weight decay on matrices only), the recognizer is frozen
     params = list(m2p.parameters())
-    groups = [{"name": "m2p_decay", "params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+    groups = [{"name": "m2p_decay", "params": [p for p in params if p.dim() >= 2],
+               "weight_decay": cfg.weight_decay},
               {"name": "m2p_no_decay", "params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     # every trainable parameter in exactly one group, no frozen one in any
     grouped = sorted(id(p) for g in groups for p in g["params"])
@@ -220,13 +224,17 @@ def stage_a(cfg):
     t_last = time.perf_counter()
     for step in range(start_step, cfg.stage_a_steps + 1):
         if step % cfg.val_every == 0 or step == cfg.stage_a_steps:
-            if main_proc:  # baselines: the mean pose, the reference pose; control: music shuffled across clips
+            if main_proc:  # baselines: the mean pose, the reference pose; control: music shuffled
                 if beats is None:
-                    beats = [music_beats(*read_audio(c["dir"] / "audio.wav")) for c in val_set.clips[: cfg.val_clips]]
+                    clips = val_set.clips[: cfg.val_clips]
+                    beats = [music_beats(*read_audio(c["dir"] / "audio.wav")) for c in clips]
                 m, video = evaluate(raw, recognizer, val_set, mean_pose, beats, cfg, step, out_dir, device)
                 log_metrics(m, step, out_dir)
                 print(f"video {video}")
                 accelerator.log({f"val/{k}": v for k, v in m.items()}, step=step)
+                if cfg.wandb:  # the video's middle frame as a picture beside the scalars
+                    import wandb
+                    accelerator.log({"val/frame": wandb.Image(str(video.with_suffix(".png")))}, step=step)
             accelerator.wait_for_everyone()
         if step > start_step and (step % cfg.ckpt_every == 0 or step == cfg.stage_a_steps):
             if main_proc:
@@ -245,7 +253,8 @@ def stage_a(cfg):
             sync = contextlib.nullcontext() if micro == G - 1 else accelerator.no_sync(model)
             with sync:
                 with accelerator.autocast():
-                    logits, emb = model(batch["music"], batch["ref_pose"], batch["face"])  # (B, W, J, h, h), (B, 512)
+                    # (B, W, J, h, h), (B, 512)
+                    logits, emb = model(batch["music"], batch["ref_pose"], batch["face"])
                 with torch.no_grad():
                     target = recognizer(batch["face"] * 2 - 1)  # (B, 512), 112x112 crops in [-1, 1]
                 pose, hm = heatmap_loss(logits, batch["poses"], cfg.heatmap_sigma)
@@ -279,9 +288,9 @@ def stage_a(cfg):
 
 def main(cfg):
     if cfg.training_stage != "A":
-        raise NotImplementedError(f"training_stage={cfg.training_stage!r}: only stage A (M2P pretraining) is "
-                                  "implemented so far; stages B, C and all land with the denoiser and the temporal "
-                                  "modules")
+        raise NotImplementedError(f"training_stage={cfg.training_stage!r}: only stage A (M2P pretraining) "
+                                  "is implemented so far; stages B, C and all land with the denoiser and "
+                                  "the temporal modules")
     return stage_a(cfg)
 
 

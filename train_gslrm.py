@@ -48,7 +48,7 @@ class Config:
     grad_clip: float = 1.0
     skip_grad_norm_factor: float = 20.0  # a step whose grad norm exceeds this x grad_clip is skipped
     perceptual_weight: float = 0.5  # VGG19 perceptual loss, only when vgg19_path is set
-    vgg19_path: str = ""  # torchvision-format vgg19 state dict (.pth)
+    vgg19_path: str = ""  # FaceLift's exact loss: imagenet-vgg-verydeep-19.mat; or a torchvision .pth
     lpips_vgg16_path: str = ""  # torchvision-format vgg16 state dict: LPIPS as a validation metric, with...
     lpips_heads_path: str = ""  # ...the lpips package's linear heads (lpips/weights/v0.1/vgg.pth)
     l2_warmup_steps: int = 0  # MSE only for the first steps (FaceLift: 500)
@@ -140,7 +140,7 @@ def main(cfg):
         toy_mice(data_dir, accelerator, n=cfg.toy_samples, rig=cfg.rig, size=64, seed=cfg.seed)
     rig = load_rig(cfg.rig)
     train_set = MultiViewDataset(train_list, cfg.image_size, range(6), cfg.num_novel_views, rig, cfg.seed)
-    val_set = MultiViewDataset(val_list, cfg.image_size, range(6), -1, rig)  # every extra view is a novel view
+    val_set = MultiViewDataset(val_list, cfg.image_size, range(6), -1, rig)  # all extra views: novel views
     # the baseline that knows nothing about the input: the mean training image
     first = [train_set[i]["images"][:, :3].mean(0) for i in range(min(100, len(train_set)))]  # (3, H, W) each
     mean_image = torch.stack(first).mean(0).to(device)
@@ -160,7 +160,8 @@ def main(cfg):
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     groups = [{"name": "decay", "params": [p for p in params.values() if p.dim() >= 2],
                "weight_decay": cfg.weight_decay},
-              {"name": "no_decay", "params": [p for p in params.values() if p.dim() < 2], "weight_decay": 0.0}]
+              {"name": "no_decay", "params": [p for p in params.values() if p.dim() < 2],
+               "weight_decay": 0.0}]
     # every trainable parameter in exactly one group, no frozen one in any
     grouped = sorted(id(p) for g in groups for p in g["params"])
     assert grouped == sorted(id(p) for p in model.parameters() if p.requires_grad), "groups != trainable"
@@ -192,8 +193,9 @@ def main(cfg):
     loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers))
 
     # frozen loss/metric networks, from local files only
-    vgg = load_vgg(cfg.vgg19_path, "vgg19").to(device) if cfg.vgg19_path and cfg.perceptual_weight > 0 else None
-    lpips_net = None
+    vgg, lpips_net = None, None
+    if cfg.vgg19_path and cfg.perceptual_weight > 0:
+        vgg = load_vgg(cfg.vgg19_path, "vgg19").to(device)
     if cfg.lpips_vgg16_path and cfg.lpips_heads_path:
         lpips_net = (load_vgg(cfg.lpips_vgg16_path, "vgg16").to(device), load_lpips_heads(cfg.lpips_heads_path))
     if main_proc and vgg is None and cfg.perceptual_weight > 0:
@@ -211,6 +213,9 @@ def main(cfg):
                 log_metrics(m, step, out_dir)  # novel views; baseline: the mean training image
                 print(f"grid {grid}" + (f" | gaussians {ply}" if ply else ""))
                 accelerator.log({f"val/{k}": v for k, v in m.items()}, step=step)
+                if cfg.wandb:  # the grid as a picture beside the scalars
+                    import wandb
+                    accelerator.log({"val/grid": wandb.Image(str(grid))}, step=step)
             accelerator.wait_for_everyone()
         if step > start_step and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
             if main_proc:
@@ -226,7 +231,7 @@ def main(cfg):
             g["lr"] = g["initial_lr"] * lr / cfg.lr
         batch = {k: v.to(device) for k, v in next(loader).items() if torch.is_tensor(v)}
         (img, c2w, K), (tgt, tc2w, tK) = split_views(batch)
-        # supervise the novel views plus a random subset of the input views (a function of the step: resumable)
+        # supervise the novel views + a random subset of the input views (a function of the step)
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + step)
         pick = torch.randperm(6, generator=gen)[: cfg.num_input_views_supervised]
         tgt = torch.cat([batch["images"][:, pick], tgt], 1)  # (B, Vt, 4, H, W)
@@ -256,13 +261,15 @@ def main(cfg):
         else:
             skipped += 1
             if main_proc:
-                print(f"step {step}: skipped (loss {loss.item():.4g}, grad norm {grad_norm:.4g}), {skipped} so far")
+                print(f"step {step}: skipped (loss {loss.item():.4g}, grad norm {grad_norm:.4g}), "
+                      f"{skipped} so far")
 
         if main_proc and step % cfg.log_every == 0:
             dt = (time.perf_counter() - t_last) / (cfg.log_every if step > start_step else 1)
             t_last = time.perf_counter()
             print(f"step {step} | loss {loss.item():.4f} " + " ".join(f"{k} {v:.4f}" for k, v in parts.items())
-                  + f" | psnr {-10 * math.log10(max(parts['mse'], 1e-10)):.2f} | lr {lr:.2e} | grad norm {grad_norm:.3f}"
+                  + f" | psnr {-10 * math.log10(max(parts['mse'], 1e-10)):.2f} | lr {lr:.2e}"
+                  + f" | grad norm {grad_norm:.3f}"
                   + f" | {dt * 1000:.0f} ms/step | {global_batch / dt:.1f} samples/s")
             accelerator.log({"train/loss": loss.item(), "train/lr": lr, "train/grad_norm": grad_norm,
                              **{f"train/{k}": v for k, v in parts.items()}}, step=step)

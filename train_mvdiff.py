@@ -29,8 +29,8 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from data import (MultiViewDataset, StepSampler, latest_checkpoint, load_config, load_mv_weights,
                   load_prompt_embeds, load_rig, log_metrics, read_cameras, read_list_file, rig_mismatch,
                   save_config, save_image_grid, save_mv_checkpoint)
-from losses import diffusion_target, min_snr_weight, psnr, ssim, weighted_mse
-from models import build_mv_unet, load_mv_unet, sample_views
+from losses import diffusion_target, lpips, min_snr_weight, psnr, ssim, weighted_mse
+from models import build_mv_unet, load_lpips_heads, load_mv_unet, load_vgg, sample_views
 from toy import toy_mice, toy_prompt_embeds
 
 
@@ -50,7 +50,7 @@ class Config:
     # model
     preset: str = "toy"  # MVDIFF_UNET_CONFIGS, when not initialised from a unet/ folder
     init_from: str = ""  # FaceLift pipeline dir or one of our checkpoints (its unet/); fresh optimizer
-    pipeline_dir: str = ""  # FaceLift pipeline dir (vae/, image_encoder/): latent diffusion; "" = pixels (toy)
+    pipeline_dir: str = ""  # FaceLift pipeline dir (vae/, image_encoder/): latents; "" = pixels (toy)
     sparse_attention: bool = True  # each view attends to [reference; own] (FaceLift); False: all views
     grad_checkpoint: bool = False
     # diffusion
@@ -60,8 +60,8 @@ class Config:
     beta_end: float = 0.012
     clip_sample: bool = True  # clip predicted x0 to [-1, 1] when sampling: pixels yes, latents no
     snr_gamma: float = 5.0  # min-SNR weighting; 0 = off
-    drop_ref_prob: float = 0.05  # classifier-free dropout of the reference image/latent
-    drop_clip_prob: float = 0.05  # ... and of the CLIP image embedding (latent mode only), independently
+    cond_drop_rate: float = 0.05  # FaceLift's drop_as_a_whole: u < r drops CLIP, < 2r both, < 3r the reference
+    train_bg: str = "white"  # white | three_choices (white, black or grey per object: FaceLift's training)
     # optimisation
     batch_size: int = 4  # objects per process per micro-step (x 6 views)
     grad_accum: int = 1
@@ -79,6 +79,8 @@ class Config:
     val_steps: int = 20  # DDIM steps (FaceLift: 50)
     val_eta: float = 1.0  # DDIM eta (FaceLift's)
     val_guidance: tuple[float, ...] = (1.0, 3.0)
+    lpips_vgg16_path: str = ""  # torchvision-format vgg16 state dict: LPIPS as a validation metric, with...
+    lpips_heads_path: str = ""  # ...the lpips package's linear heads (lpips/weights/v0.1/vgg.pth)
     # run
     out_dir: str = "out/mvdiff_toy"
     resume: str = ""  # "" | auto | path to a checkpoint-<step> dir
@@ -106,7 +108,7 @@ def update_ema(ema, model, decay):  # DiT's
 
 def check_prediction_type(init_from, prediction_type):
     """Weights trained to output x0, v or the noise are read wrongly under another type, and training
-    then starts from nonsense: stop if FaceLift's scheduler/ or our checkpoint's config.yaml says otherwise."""
+    then starts from nonsense: stop if FaceLift's scheduler/ or our config.yaml says otherwise."""
     files = ((Path(init_from) / "scheduler" / "scheduler_config.json", json.loads),
              (Path(init_from) / "config.yaml", yaml.safe_load))
     for file, read in files:
@@ -128,9 +130,9 @@ def check_cameras(list_file, rig):
 
 class Conditioner:
     """The reference conditions. Pixel space (toy): the reference image itself, no class labels.
-    Latent space (FaceLift): VAE latents x 0.18215 for every view and the reference, and the CLIP
-    image embedding of the reference + the embedding of noise level 0 as class labels (SD 2.1-unclip;
-    at noise level 0 the unCLIP normaliser's noising is the identity, so it is left out)."""
+    Latent space (FaceLift): VAE latents x 0.18215 (the targets sampled from the posterior, the
+    reference its mode, as FaceLift), and the CLIP image embedding of the reference + the embedding
+    of noise level 0 as class labels (SD 2.1-unclip; the unCLIP noising at level 0 is left out)."""
 
     def __init__(self, pipeline_dir, device):
         self.latent = bool(pipeline_dir)
@@ -145,21 +147,25 @@ class Conditioner:
             self.clip.requires_grad_(False)
 
     @torch.no_grad()
-    def __call__(self, images, ref_idx):
-        """images (B, V, 3, H, W) in [-1, 1] -> x0 (B, V, C, h, w), ref_cond (B, C, h, w), labels (B, E) | None."""
+    def __call__(self, images, ref_idx, gen=None):
+        """images (B, V, 3, H, W) in [-1, 1] -> x0 (B, V, C, h, w), ref (B, C, h, w), labels (B, E) | None.
+        `gen` draws the targets' posterior samples (a step-seeded generator: resumable)."""
         ref = images[torch.arange(len(images)), ref_idx]  # (B, 3, H, W)
         if not self.latent:
             return images, ref, None
         from diffusers.models.embeddings import get_timestep_embedding
-        x0 = self.vae.encode(images.flatten(0, 1)).latent_dist.sample() * 0.18215  # (B*V, 4, h, w)
+        x0 = self.vae.encode(images.flatten(0, 1)).latent_dist.sample(gen) * 0.18215  # (B*V, 4, h, w)
         x0 = x0.unflatten(0, images.shape[:2])  # (B, V, 4, h, w)
-        px = torch.nn.functional.interpolate((ref + 1) / 2, size=224, mode="bicubic", align_corners=False)
+        ref_latent = self.vae.encode(ref).latent_dist.mode() * 0.18215  # (B, 4, h, w)
+        # bicubic with antialiasing, as torchvision's resize (FaceLift's CLIP preprocessing)
+        px = torch.nn.functional.interpolate((ref + 1) / 2, size=224, mode="bicubic", align_corners=False,
+                                             antialias=True)
         mean = torch.tensor([0.4815, 0.4578, 0.4082], device=px.device)[:, None, None]
         std = torch.tensor([0.2686, 0.2613, 0.2758], device=px.device)[:, None, None]
         emb = self.clip((px - mean) / std).image_embeds  # (B, 1024)
         level = get_timestep_embedding(torch.zeros(len(emb), device=emb.device), emb.shape[-1],
                                        flip_sin_to_cos=True, downscale_freq_shift=0)  # (B, 1024)
-        return x0, x0[torch.arange(len(x0)), ref_idx], torch.cat([emb, level.to(emb)], -1)  # labels (B, 2048)
+        return x0, ref_latent, torch.cat([emb, level.to(emb)], -1)  # labels (B, 2048)
 
     @torch.no_grad()
     def decode(self, x):
@@ -177,12 +183,13 @@ def wrong_views(others):
 
 
 @torch.no_grad()
-def evaluate(model, cond, scheduler, val_set, prompt_embeds, cfg, step, device, out_dir):
+def evaluate(model, cond, scheduler, val_set, prompt_embeds, cfg, step, device, out_dir, lpips_net=None):
     """DDIM samples of every view from one reference view for held-out objects, at each guidance:
-    PSNR / SSIM of the non-reference views against the ground truth, the same for copying the
-    reference image into every view (the baseline), PSNR against the ground truth of another
-    non-reference view of the same object (a model that ignores which camera it renders scores the
-    same on both), and a PNG grid (reference | ground truth | generated)."""
+    PSNR / SSIM (/ LPIPS) of the non-reference views against the ground truth, and FaceLift's way
+    (`_all`: the reference view included), the same for copying the reference image into every view
+    (the baseline), PSNR against the ground truth of another non-reference view of the same object
+    (a model that ignores which camera it renders scores the same on both), and a PNG grid
+    (reference | ground truth | generated)."""
     model.eval()
     n, V = min(cfg.val_samples, len(val_set)), model.num_views
     gt = torch.stack([val_set[i]["images"][:, :3] for i in range(n)]).to(device)  # (n, V, 3, H, W) in [0, 1]
@@ -194,17 +201,21 @@ def evaluate(model, cond, scheduler, val_set, prompt_embeds, cfg, step, device, 
     ref_img = gt[torch.arange(n), ref_idx]  # (n, 3, H, W)
     wrong = gt[torch.arange(n)[:, None], wrong_views(others)]  # (n, V, 3, H, W): another view's ground truth
     copied = ref_img[:, None].expand_as(gt)  # the baseline: the reference in every view
-    score = lambda metric, x, y: metric(x, y)[others].mean().item()  # noqa: E731
+    score = lambda metric, x, y, views=others: metric(x, y)[views].mean().item()  # noqa: E731
     metrics, grids = {"baseline_psnr": score(psnr, copied, gt), "baseline_ssim": score(ssim, copied, gt)}, []
+    scored = {"psnr": psnr, "ssim": ssim}
+    if lpips_net is not None:
+        scored["lpips"] = lambda x, y: lpips(*lpips_net, x, y)  # (n, V)
     for g in cfg.val_guidance:
         gen = torch.Generator(device).manual_seed(cfg.seed)  # the same noise at every validation
         x = sample_views(model, scheduler, ref_cond, ref_idx, prompt_embeds, ref_cond.shape[1:], labels,
                          cfg.val_steps, g, cfg.val_eta, gen)  # (n, V, C, h, w)
         pred = cond.decode(x)  # (n, V, 3, H, W)
-        metrics[f"psnr_g{g:g}"] = score(psnr, pred, gt)
-        metrics[f"ssim_g{g:g}"] = score(ssim, pred, gt)
+        for name, metric in scored.items():
+            metrics[f"{name}_g{g:g}"] = score(metric, pred, gt)
+            metrics[f"{name}_g{g:g}_all"] = score(metric, pred, gt, torch.ones_like(others))
         metrics[f"psnr_g{g:g}_wrong_view"] = score(psnr, pred, wrong)
-        rows = [torch.cat([ref_img[i:i + 1], gt[i], pred[i]]).cpu() for i in range(min(n, 6))]  # (1 + 2V, 3, H, W)
+        rows = [torch.cat([ref_img[i:i + 1], gt[i], pred[i]]).cpu() for i in range(min(n, 6))]  # (1+2V, 3, H, W)
         groups = [("reference", 1), ("ground truth", V), (f"generated, g={g:g}, step {step}", V)]
         grids.append(save_image_grid(rows, Path(out_dir) / f"val_{step:06d}_g{g:g}.png", groups))
     model.train()
@@ -222,6 +233,8 @@ def main(cfg):
         raise ValueError(f"reference_view_idx {cfg.reference_view_idx!r}: expected 0 or random")
     if cfg.prediction_type not in ("sample", "v_prediction", "epsilon"):
         raise ValueError(f"prediction_type {cfg.prediction_type!r}: expected sample, v_prediction or epsilon")
+    if cfg.train_bg not in ("white", "three_choices"):
+        raise ValueError(f"train_bg {cfg.train_bg!r}: expected white or three_choices")
     out_dir = Path(cfg.out_dir)
     if main_proc:
         print(f"config: {cfg}\nprocesses: {accelerator.num_processes}, device: {device}")
@@ -261,6 +274,11 @@ def main(cfg):
         toy_prompt_embeds(prompt_file, rig, dim, accelerator)
     prompt_embeds = load_prompt_embeds(prompt_file, rig, dim).to(device)  # (V, T, D)
     cond = Conditioner(cfg.pipeline_dir, device)
+    lpips_net = None  # frozen metric networks, from local files only
+    if cfg.lpips_vgg16_path and cfg.lpips_heads_path:
+        lpips_net = (load_vgg(cfg.lpips_vgg16_path, "vgg16").to(device), load_lpips_heads(cfg.lpips_heads_path))
+    elif main_proc:
+        print("LPIPS off: set lpips_vgg16_path and lpips_heads_path to report it")
 
     # parameter groups, by hand: everything trains; weight decay on matrices only (nanoGPT)
     unet = [(n, p) for n, p in model.named_parameters() if n.startswith("unet.")]
@@ -284,7 +302,8 @@ def main(cfg):
     if resume:
         load_mv_weights(model, Path(resume) / "unet")
         if ema is not None:
-            load_mv_weights(ema, Path(resume) / ("unet_ema" if (Path(resume) / "unet_ema").exists() else "unet"))
+            ema_dir = Path(resume) / "unet_ema"
+            load_mv_weights(ema, ema_dir if ema_dir.exists() else Path(resume) / "unet")
         state = torch.load(Path(resume) / "state.pt", map_location="cpu", weights_only=True)
         optimizer.load_state_dict(state["optimizers"]["optimizer"])
         start_step = state["step"]
@@ -299,6 +318,12 @@ def main(cfg):
                                     prediction_type=cfg.prediction_type, clip_sample=cfg.clip_sample)
     # trailing spacing: a few sampling steps still start at t = 999
     sampler_scheduler = DDIMScheduler.from_config(noise_scheduler.config, timestep_spacing="trailing")
+    if cfg.pipeline_dir and (Path(cfg.pipeline_dir) / "scheduler").is_dir():  # FaceLift samples with its own
+        sampler_scheduler = DDIMScheduler.from_pretrained(cfg.pipeline_dir, subfolder="scheduler")
+        for key in ("prediction_type", "beta_schedule", "beta_start", "beta_end"):
+            if sampler_scheduler.config[key] != noise_scheduler.config[key]:
+                raise ValueError(f"{cfg.pipeline_dir}/scheduler: {key} {sampler_scheduler.config[key]!r}, "
+                                 f"this run trains with {noise_scheduler.config[key]!r}")
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
 
     G = cfg.grad_accum
@@ -311,11 +336,15 @@ def main(cfg):
     for step in range(start_step, cfg.max_steps + 1):
         if (step > start_step and step % cfg.val_every == 0) or step == cfg.max_steps:
             if main_proc:  # novel views; baseline: copy the reference; control: another view's ground truth
-                m, grids = evaluate(ema or raw_model, cond, sampler_scheduler, val_set, prompt_embeds, cfg, step,
-                                    device, out_dir)
+                m, grids = evaluate(ema or raw_model, cond, sampler_scheduler, val_set, prompt_embeds, cfg,
+                                    step, device, out_dir, lpips_net)
                 log_metrics(m, step, out_dir)
                 print(f"{'ema ' if ema is not None else ''}grids {', '.join(map(str, grids))}")
                 accelerator.log({f"val/{k}": v for k, v in m.items()}, step=step)
+                if cfg.wandb:  # the grids as pictures beside the scalars
+                    import wandb
+                    accelerator.log({f"val/grid_g{g:g}": wandb.Image(str(p))
+                                     for g, p in zip(cfg.val_guidance, grids)}, step=step)
             accelerator.wait_for_everyone()
         if step > start_step and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
             if main_proc:
@@ -333,16 +362,19 @@ def main(cfg):
             batch = next(loader)
             # every random draw is a function of (seed, step, micro-step, rank): resume continues the run
             gen = torch.Generator().manual_seed(((cfg.seed * 1_000_003 + step) * 64 + micro) * 1024 + rank)
-            images = batch["images"][:, :, :3].to(device) * 2 - 1  # (B, V, 3, H, W) in [-1, 1]
-            B = images.shape[0]
+            rgb, alpha = batch["images"].to(device).split([3, 1], dim=2)  # (B, V, 3|1, H, W), RGB on white
+            B = rgb.shape[0]
+            if cfg.train_bg == "three_choices":  # one background per object: white, black or grey
+                bg = torch.tensor([1.0, 0.0, 0.5])[torch.randint(0, 3, (B,), generator=gen)].to(device)
+                rgb = rgb + (1 - alpha) * (bg[:, None, None, None, None] - 1)
+            images = rgb * 2 - 1  # (B, V, 3, H, W) in [-1, 1]
             ref_idx = (torch.randint(0, V, (B,), generator=gen) if cfg.reference_view_idx == "random"
                        else torch.zeros(B, dtype=torch.long)).to(device)
-            x0, ref_cond, labels = cond(images, ref_idx)  # (B, V, C, h, w), (B, C, h, w), (B, E) | None
-            # classifier-free dropout: each reference condition is dropped on its own
-            keep_ref = (torch.rand(B, generator=gen) >= cfg.drop_ref_prob).to(device)
-            keep_clip = (torch.rand(B, generator=gen) >= cfg.drop_clip_prob).to(device)
-            ref_cond = ref_cond * keep_ref[:, None, None, None]
-            labels = None if labels is None else labels * keep_clip[:, None]
+            x0, ref_cond, labels = cond(images, ref_idx, gen)  # (B, V, C, h, w), (B, C, h, w), (B, E) | None
+            # classifier-free dropout, FaceLift's drop_as_a_whole: one draw per object picks what to drop
+            u, r = torch.rand(B, generator=gen).to(device), cfg.cond_drop_rate
+            ref_cond = ref_cond * ~((u >= r) & (u < 3 * r))[:, None, None, None]
+            labels = None if labels is None else labels * (u >= 2 * r)[:, None]
             noise = torch.randn(x0.shape, generator=gen).to(device)
             T = noise_scheduler.config.num_train_timesteps
             t = torch.randint(0, T, (B,), generator=gen).to(device)  # one timestep per object
@@ -351,7 +383,8 @@ def main(cfg):
             weight = torch.ones(B, device=device)
             if cfg.snr_gamma > 0:  # min-SNR, with pure noise kept at weight 1 (losses.min_snr_weight)
                 weight = min_snr_weight(alphas_cumprod[t], cfg.snr_gamma, cfg.prediction_type)
-            sync = accelerator.no_sync(model) if micro < G - 1 else nullcontext()  # all-reduce on the last only
+            # only the last micro-batch all-reduces the gradients
+            sync = accelerator.no_sync(model) if micro < G - 1 else nullcontext()
             with sync, accelerator.autocast():
                 pred = model(noisy, t, prompt_embeds, ref_idx, ref_cond, labels)
                 loss = weighted_mse(pred, target, weight) / G

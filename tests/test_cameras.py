@@ -13,7 +13,8 @@ from models import look_at_c2w
 def test_rig_files_load_and_are_up_to_date():
     for name, spec in BUILTIN_RIGS.items():
         rig = load_rig(name)
-        assert rig == json.loads(json.dumps(make_ring_rig(name, **spec))), f"run `python data.py make_rigs` ({name})"
+        want = json.loads(json.dumps(make_ring_rig(name, **spec)))
+        assert rig == want, f"run `python data.py make_rigs` ({name})"
         assert len(rig["frames"]) == len(rig["views"]) == 6 and rig["prompt_embeds"].endswith("clr_embeds.pt")
     with pytest.raises(FileNotFoundError, match="mouse_6view"):
         load_rig("no_such_rig")
@@ -25,7 +26,8 @@ def test_facelift_rig_geometry():
     centres = dict(zip(rig["views"], c2w[:, :3, 3]))
     assert torch.allclose(centres["front"], torch.tensor([0.0, -2.7, 0.0], dtype=torch.float64), atol=1e-6)
     assert torch.allclose(centres["right"], torch.tensor([-2.7, 0.0, 0.0], dtype=torch.float64), atol=1e-6)
-    assert torch.allclose(c2w[:, :3, 1] @ torch.tensor([0.0, 0, 1], dtype=torch.float64), -torch.ones(6, dtype=torch.float64))  # image y = down = -z
+    y_dot_z = c2w[:, :3, 1] @ torch.tensor([0.0, 0, 1], dtype=torch.float64)  # image y = down = -z
+    assert torch.allclose(y_dot_z, -torch.ones(6, dtype=torch.float64))
     fr = rig["frames"][0]
     assert (fr["fx"], fr["cx"], fr["w"]) == (548.99, 256.0, 512)
 
@@ -37,8 +39,9 @@ def test_intrinsics_scale_with_size():
 
 
 def test_camera_file_keeps_extra_keys(tmp_path):
-    cams = {"id": "x", "frames": [make_frame(look_at_c2w((0, -2.7, 0)), 512, 549.0, file_path="images/cam_000.png",
-                                             blender_camera_name="Cam0")], "note": "extra"}
+    frame = make_frame(look_at_c2w((0, -2.7, 0)), 512, 549.0, file_path="images/cam_000.png",
+                       blender_camera_name="Cam0")
+    cams = {"id": "x", "frames": [frame], "note": "extra"}
     write_cameras(tmp_path / "c.json", cams)
     back = read_cameras(tmp_path / "c.json")
     assert back == cams

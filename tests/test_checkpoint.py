@@ -68,7 +68,8 @@ def test_state_holds_the_step_optimizers_and_extra(tmp_path):
     model, _ = trained()
     path = save_checkpoint(tmp_path, 1, {"model": model}, extra={"skipped": 2})
     state = load_checkpoint(path, {"model": model})
-    assert state == {"step": 1, "optimizers": {}, "extra": {"skipped": 2}}  # no RNG: draws are seeded by the step
+    # no RNG: draws are seeded by the step
+    assert state == {"step": 1, "optimizers": {}, "extra": {"skipped": 2}}
 
 
 def test_interrupted_saves_are_never_latest(tmp_path):

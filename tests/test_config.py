@@ -47,12 +47,14 @@ def test_both_cli_forms_and_numbers(tmp_path):
     assert load_config(Cfg, ["--lr=-1"]).lr == -1.0  # a negative value in the '=' form
     cfg = load_config(Cfg, ["--lr=3"])
     assert cfg.lr == 3.0 and isinstance(cfg.lr, float)  # int accepted for float
-    cfg = load_config(Cfg, ["--cfg", write(tmp_path, "lr: 1e-4\nsteps: 2.0\n")])  # yaml 1.1 reads 1e-4 as a str
+    # yaml 1.1 reads 1e-4 as a str
+    cfg = load_config(Cfg, ["--cfg", write(tmp_path, "lr: 1e-4\nsteps: 2.0\n")])
     assert (cfg.lr, cfg.steps) == (1e-4, 2) and isinstance(cfg.steps, int)
     assert load_config(Cfg, ["--steps=1e3"]).steps == 1000
 
 
-@pytest.mark.parametrize("text,want", [("true", True), ("False", False), ("TRUE", True), ("1", True), ("0", False)])
+@pytest.mark.parametrize("text,want", [("true", True), ("False", False), ("TRUE", True), ("1", True),
+                                       ("0", False)])
 def test_bools(text, want):
     assert load_config(Cfg, [f"--flag={text}"]).flag is want
 

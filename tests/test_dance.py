@@ -22,7 +22,8 @@ SECONDS, FPS = DANCE_SECONDS, DANCE_FPS
 
 def test_gt_heatmap_soft_argmax_returns_the_joint_and_invisible_joints_are_masked():
     g = torch.Generator().manual_seed(0)
-    poses = torch.cat([0.2 + 0.6 * torch.rand(2, 5, 7, 2, generator=g), torch.ones(2, 5, 7, 1)], -1)  # (B, T, J, 3)
+    xy = 0.2 + 0.6 * torch.rand(2, 5, 7, 2, generator=g)  # (B, T, J, 2)
+    poses = torch.cat([xy, torch.ones(2, 5, 7, 1)], -1)  # (B, T, J, 3)
     heat = gaussian_heatmaps(poses, 16, sigma=1.0)  # (B, T, J, 16, 16)
     assert torch.allclose(heat.sum((-2, -1)), torch.ones(2, 5, 7))
     assert torch.allclose(soft_argmax(heat.log()), poses[..., :2], atol=1e-4)
@@ -59,7 +60,8 @@ def test_music_features_have_one_row_per_video_frame_and_beats_at_the_beats(tiny
     for clip in sorted(tiny_dance.glob("clip_*")):
         feats = np.load(clip / "music_feats.npy")
         assert feats.shape == (T, 35) and np.isfinite(feats).all()
-        assert len(list((clip / "frames").glob("*.png"))) == T and np.load(clip / "poses.npy").shape == (T, 134, 3)
+        assert len(list((clip / "frames").glob("*.png"))) == T
+        assert np.load(clip / "poses.npy").shape == (T, 134, 3)
         meta = json.loads((clip / "meta.json").read_text())
         true = meta["first_beat_s"] + np.arange(-1, 8) * 60 / meta["bpm"]
         true = true[(true > 0.05) & (true < SECONDS - 0.05)]
@@ -73,9 +75,11 @@ def test_music_features_have_one_row_per_video_frame_and_beats_at_the_beats(tiny
 def test_loader_items_and_joint_subsets(tiny_dance):
     ds = DanceClipDataset(tiny_dance / "data_train.txt", window=30, joints="body18")
     item = ds[0]
-    assert item["music"].shape == (30, 35) and item["poses"].shape == (30, 18, 3) and item["ref_pose"].shape == (18, 3)
-    assert item["face"].shape == (3, 112, 112) and ds[0]["start"] == item["start"]  # deterministic per (seed, epoch, index)
-    assert DanceClipDataset(tiny_dance / "data_train.txt", window=30, joints="all134")[1]["poses"].shape == (30, 134, 3)
+    assert item["music"].shape == (30, 35) and item["poses"].shape == (30, 18, 3)
+    assert item["ref_pose"].shape == (18, 3) and item["face"].shape == (3, 112, 112)
+    assert ds[0]["start"] == item["start"]  # deterministic per (seed, epoch, index)
+    all134 = DanceClipDataset(tiny_dance / "data_train.txt", window=30, joints="all134")
+    assert all134[1]["poses"].shape == (30, 134, 3)
     with pytest.raises(ValueError, match="joints='body17'"):
         DanceClipDataset(tiny_dance / "data_train.txt", window=30, joints="body17")
 
@@ -111,7 +115,8 @@ def test_iresnet_loads_an_arcface_torch_state_dict(tmp_path):
             if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.BatchNorm1d)):
                 m.running_mean.uniform_(-0.1, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
-    sd = {f"module.{k}": v for k, v in ref.state_dict().items() if not k.endswith("num_batches_tracked")}  # DDP-saved
+    # DDP-saved
+    sd = {f"module.{k}": v for k, v in ref.state_dict().items() if not k.endswith("num_batches_tracked")}
     torch.save(sd, tmp_path / "backbone.pth")
     model = load_iresnet(tmp_path / "backbone.pth", "toy")
     x = torch.rand(2, 3, 112, 112) * 2 - 1
@@ -120,8 +125,8 @@ def test_iresnet_loads_an_arcface_torch_state_dict(tmp_path):
     # the arcface_torch key layout, e.g. iresnet18's
     keys = set(IResNet(**IRESNET_CONFIGS["iresnet18"]).state_dict())
     assert {"conv1.weight", "bn1.running_var", "prelu.weight", "layer1.0.bn1.weight", "layer1.0.conv1.weight",
-            "layer1.0.prelu.weight", "layer1.0.bn3.bias", "layer1.0.downsample.0.weight", "layer4.1.conv2.weight",
-            "bn2.weight", "fc.weight", "features.weight"} <= keys
+            "layer1.0.prelu.weight", "layer1.0.bn3.bias", "layer1.0.downsample.0.weight",
+            "layer4.1.conv2.weight", "bn2.weight", "fc.weight", "features.weight"} <= keys
     with pytest.raises(KeyError, match=r"backbone.pth: not an arcface_torch iresnet18 state dict"):
         load_iresnet(tmp_path / "backbone.pth", "iresnet18")
 
@@ -134,7 +139,8 @@ def test_m2p_shapes_and_positions_for_150_frames():
 
 
 def test_the_seeds_command_line_names_are_aliases(tmp_path, capsys):
-    seed = "--training_stage A --stage_a_steps 5000 --train_batch_size 1 --gradient_accumulation_steps 8".split()
+    seed = ("--training_stage A --stage_a_steps 5000 --train_batch_size 1 "
+            "--gradient_accumulation_steps 8").split()
     cfg = load_config(train_dance.Config, seed, train_dance.ALIASES)
     assert (cfg.stage_a_steps, cfg.batch_size, cfg.grad_accum) == (5000, 1, 8)
     more = ["--lr_warmup_steps=7", "--gradient_clip_norm=0.5", f"--output_dir={tmp_path}",
@@ -143,7 +149,8 @@ def test_the_seeds_command_line_names_are_aliases(tmp_path, capsys):
     assert (cfg.warmup_steps, cfg.grad_clip, cfg.out_dir, cfg.grad_checkpoint, cfg.num_workers) == (
         7, 0.5, str(tmp_path), True, 3)
     (tmp_path / "seed.yaml").write_text("train_batch_size: 4\n")  # in a config file too
-    assert load_config(train_dance.Config, ["--cfg", str(tmp_path / "seed.yaml")], train_dance.ALIASES).batch_size == 4
+    cfg = load_config(train_dance.Config, ["--cfg", str(tmp_path / "seed.yaml")], train_dance.ALIASES)
+    assert cfg.batch_size == 4
     fields = set(train_dance.Config.__dataclass_fields__)
     assert set(train_dance.ALIASES.values()) <= fields  # every alias names a real knob
     with pytest.raises(SystemExit):
@@ -155,12 +162,13 @@ def test_the_seeds_command_line_names_are_aliases(tmp_path, capsys):
 def test_train_freezes_runs_and_resume_continues_exactly(tiny_dance, tmp_path, capsys, tiny_cfg):
     train_dance.main(tiny_cfg(train_dance, tiny_dance, tmp_path / "a"))
     out = capsys.readouterr().out
-    assert "stage A | recognizer   | False" in out and "stage A | m2p          | True" in out  # the freeze table
+    assert "stage A | recognizer   | False" in out and "stage A | m2p          | True" in out  # freeze table
     assert "val step 4 | err " in out and "| mean_err " in out and "| beat_align_shuffled " in out
-    logged = [json.loads(line) for line in (tmp_path / "a" / "stage_A" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in logged] == [0, 4]
-    assert {"err", "mean_err", "ref_err", "pck", "beat_align", "beat_align_shuffled", "cos"} <= set(logged[-1])
     stage = tmp_path / "a" / "stage_A"
+    logged = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged] == [0, 4]
+    metrics = {"err", "mean_err", "ref_err", "pck", "beat_align", "beat_align_shuffled", "cos"}
+    assert metrics <= set(logged[-1])
     full = load_file(stage / "checkpoint-4" / "m2p.safetensors")
     assert (stage / "final" / "m2p.safetensors").exists() and (stage / "checkpoint-2").exists()
     video = imageio.mimread(stage / "val_000004.mp4", memtest=False)  # the skeleton video reads back
@@ -178,7 +186,8 @@ def test_gradient_accumulation_and_missing_features_are_computed(tiny_dance, tmp
     data = shutil.copytree(tiny_dance, tmp_path / "data")
     (data / "clip_00000" / "music_feats.npy").unlink()  # computed from audio.wav and cached
     m2p = train_dance.main(tiny_cfg(train_dance, data, tmp_path / "out", stage_a_steps=1, grad_accum=2))
-    assert np.allclose(np.load(data / "clip_00000" / "music_feats.npy"), np.load(tiny_dance / "clip_00000" / "music_feats.npy"), atol=1e-4)
+    cached, made = (np.load(d / "clip_00000" / "music_feats.npy") for d in (data, tiny_dance))
+    assert np.allclose(cached, made, atol=1e-4)
     assert all(p.requires_grad for p in m2p.parameters())
 
 

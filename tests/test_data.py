@@ -33,12 +33,13 @@ def test_toy_mice_deterministic_and_both_rigs(toy, tmp_path):
     assert cams["rig"] == "facelift_6view" and len(cams["frames"]) == 7
     assert (toy / "data_train.txt").read_text().split() == ["mouse_00000", "mouse_00001", "mouse_00002"]
     assert (toy / "data_val.txt").read_text().split() == ["mouse_00003"]
-    assert json.loads((toy / "toy.json").read_text()) == {"n": 4, "rig": "mouse_6view", "size": 32, "n_extra": 3, "n_val": 1,
-                                                          "seed": 1, "yaw_deg": None}
+    spec = {"n": 4, "rig": "mouse_6view", "size": 32, "n_extra": 3, "n_val": 1, "seed": 1, "yaw_deg": None}
+    assert json.loads((toy / "toy.json").read_text()) == spec
 
 
 def test_toy_mouse_heading():
-    """yaw_deg None: any heading; yaw_deg 30: +x +- 30 deg (the yaw is in the shared quaternion (w, 0, 0, z))."""
+    """yaw_deg None: any heading; yaw_deg 30: +x +- 30 deg (the yaw is in the shared quaternion
+    (w, 0, 0, z))."""
     def yaws(yaw_deg):
         q = np.stack([toy_mouse(np.random.default_rng((0, i)), yaw_deg)["quats"][0] for i in range(200)])
         return np.degrees(2 * np.arctan2(q[:, 3], q[:, 0]))  # in (-360, 360]
@@ -58,15 +59,16 @@ def test_loader_shapes_and_conventions(toy):
     rig = load_rig("mouse_6view")
     ds = MultiViewDataset(toy / "data_train.txt", image_size=16, num_target_views=2, rig=rig, seed=0)
     item = ds[0]
-    assert item["images"].shape == (8, 4, 16, 16) and item["c2w"].shape == (8, 4, 4) and item["fxfycxcy"].shape == (8, 4)
+    assert item["images"].shape == (8, 4, 16, 16) and item["c2w"].shape == (8, 4, 4)
+    assert item["fxfycxcy"].shape == (8, 4)
     assert item["views"][:6].tolist() == [0, 1, 2, 3, 4, 5] and set(item["views"][6:].tolist()) <= {6, 7, 8}
     assert torch.allclose(item["fxfycxcy"][0], torch.tensor([548.99 / 32, 548.99 / 32, 8.0, 8.0]))
     bg = item["images"][:, 3] == 0
     assert torch.allclose(item["images"][:, :3].permute(1, 0, 2, 3)[:, bg], torch.ones(1))  # white background
     assert torch.equal(ds[0]["views"], item["views"])  # deterministic per (seed, epoch, index)
     ds.set_epoch(1)
-    assert any(not torch.equal(ds[i]["views"], MultiViewDataset(toy / "data_train.txt", 16, num_target_views=2)[i]["views"])
-               for i in range(3))
+    epoch0 = MultiViewDataset(toy / "data_train.txt", 16, num_target_views=2)
+    assert any(not torch.equal(ds[i]["views"], epoch0[i]["views"]) for i in range(3))
 
 
 def test_sample_without_camera_file_uses_rig(toy, tmp_path):
@@ -91,7 +93,10 @@ def write_png16(path, rgba):
     """A 16-bit RGBA PNG (Pillow cannot write one): (H, W, 4) uint16."""
     h, w, _ = rgba.shape
     raw = b"".join(b"\x00" + rgba[y].astype(">u2").tobytes() for y in range(h))
-    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))  # noqa: E731
+
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
+
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 6, 0, 0, 0))
                      + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
 
@@ -123,12 +128,18 @@ def edit_cameras(fn):
 
 
 @pytest.mark.parametrize("name, breaker, error, message", [
-    ("missing image", lambda d: (d / "images" / "cam_002.png").unlink(), FileNotFoundError, r"cam_002.png: image missing"),
-    ("corrupt png", lambda d: (d / "images" / "cam_001.png").write_bytes(b"\x89PNG garbage"), ValueError, r"cam_001.png: cannot read"),
-    ("non-square", lambda d: Image.new("RGBA", (32, 24)).save(d / "images" / "cam_003.png"), ValueError, r"cam_003.png: image is 32x24"),
-    ("missing keys", edit_cameras(lambda c: c["frames"][1].pop("fx")), ValueError, r"opencv_cameras.json: frame 1 lacks keys \['fx'\]"),
-    ("nan w2c", edit_cameras(lambda c: c["frames"][4]["w2c"][0].__setitem__(0, float("nan"))), ValueError, r"opencv_cameras.json: frame 4 w2c"),
-    ("too few views", edit_cameras(lambda c: c.__setitem__("frames", c["frames"][:7])), ValueError, r"s: has 7 views, needs"),
+    ("missing image", lambda d: (d / "images" / "cam_002.png").unlink(),
+     FileNotFoundError, r"cam_002.png: image missing"),
+    ("corrupt png", lambda d: (d / "images" / "cam_001.png").write_bytes(b"\x89PNG garbage"),
+     ValueError, r"cam_001.png: cannot read"),
+    ("non-square", lambda d: Image.new("RGBA", (32, 24)).save(d / "images" / "cam_003.png"),
+     ValueError, r"cam_003.png: image is 32x24"),
+    ("missing keys", edit_cameras(lambda c: c["frames"][1].pop("fx")),
+     ValueError, r"opencv_cameras.json: frame 1 lacks keys \['fx'\]"),
+    ("nan w2c", edit_cameras(lambda c: c["frames"][4]["w2c"][0].__setitem__(0, float("nan"))),
+     ValueError, r"opencv_cameras.json: frame 4 w2c"),
+    ("too few views", edit_cameras(lambda c: c.__setitem__("frames", c["frames"][:7])),
+     ValueError, r"s: has 7 views, needs"),
 ])
 def test_bad_samples_raise_naming_the_file(toy, tmp_path, name, breaker, error, message):
     ds = MultiViewDataset(broken_copy(toy, tmp_path, breaker), 16, num_target_views=2)
@@ -137,7 +148,8 @@ def test_bad_samples_raise_naming_the_file(toy, tmp_path, name, breaker, error, 
 
 
 def test_rig_mismatch_stops_the_loader(toy):
-    with pytest.raises(ValueError, match="opencv_cameras.json: cameras do not match rig 'facelift_6view': elevation"):
+    message = "opencv_cameras.json: cameras do not match rig 'facelift_6view': elevation"
+    with pytest.raises(ValueError, match=message):
         MultiViewDataset(toy / "data_train.txt", 16, rig=load_rig("facelift_6view"))[0]
 
 

@@ -20,7 +20,8 @@ TINY = GSLRM_CONFIGS["tiny"]
 def rig_batch(B=2, S=16, seed=0):
     w2c, K = frames_to_tensors(load_rig("mouse_6view")["frames"], S)
     g = torch.Generator().manual_seed(seed)
-    return torch.rand(B, 6, 3, S, S, generator=g), torch.linalg.inv(w2c).expand(B, -1, -1, -1), K.expand(B, -1, -1)
+    images = torch.rand(B, 6, 3, S, S, generator=g)  # (B, V, 3, S, S)
+    return images, torch.linalg.inv(w2c).expand(B, -1, -1, -1), K.expand(B, -1, -1)
 
 
 def test_forward_shapes_and_pixel_alignment():
@@ -36,7 +37,8 @@ def test_forward_shapes_and_pixel_alignment():
     assert torch.allclose(rel, t[..., None] * d.flatten(1, 3), atol=1e-4)  # on its own pixel's ray
     t_mid = -(o * d).sum(-1).flatten(1)
     assert ((t - t_mid).abs() <= 1.8 + 1e-4).all()
-    assert (g["scales"] <= torch.exp(torch.tensor(-1.2)) + 1e-6).all() and torch.allclose(g["quats"].norm(dim=-1), torch.ones(2, N))
+    assert (g["scales"] <= torch.exp(torch.tensor(-1.2)) + 1e-6).all()
+    assert torch.allclose(g["quats"].norm(dim=-1), torch.ones(2, N))
 
 
 def fabricate_facelift_ckpt(path, layers=2, d=32, patch=8, drop=None, extra=None, bad_shape=None):
@@ -46,9 +48,10 @@ def fabricate_facelift_ckpt(path, layers=2, d=32, patch=8, drop=None, extra=None
               "gaussian_upsampler.linear.weight": (14, d), "pixel_gaussian_decoder.0.weight": (d,),
               "pixel_gaussian_decoder.1.weight": (patch * patch * 14, d)}
     for i in range(layers):
-        shapes.update({f"transformer_layers.{i}.norm1.weight": (d,), f"transformer_layers.{i}.norm2.weight": (d,),
-                       f"transformer_layers.{i}.attn.to_qkv.weight": (3 * d, d), f"transformer_layers.{i}.attn.fc.weight": (d, d),
-                       f"transformer_layers.{i}.mlp.mlp.0.weight": (4 * d, d), f"transformer_layers.{i}.mlp.mlp.2.weight": (d, 4 * d)})
+        p = f"transformer_layers.{i}"
+        shapes.update({f"{p}.norm1.weight": (d,), f"{p}.norm2.weight": (d,),
+                       f"{p}.attn.to_qkv.weight": (3 * d, d), f"{p}.attn.fc.weight": (d, d),
+                       f"{p}.mlp.mlp.0.weight": (4 * d, d), f"{p}.mlp.mlp.2.weight": (d, 4 * d)})
     sd = {k: torch.randn(s) for k, s in shapes.items()}
     sd["loss_calculator.perceptual_loss_module.vgg.0.weight"] = torch.randn(64, 3, 3, 3)
     if drop:
@@ -57,7 +60,8 @@ def fabricate_facelift_ckpt(path, layers=2, d=32, patch=8, drop=None, extra=None
         sd[extra] = torch.zeros(1)
     if bad_shape:
         sd[bad_shape] = torch.zeros(3, 3)
-    torch.save({"model": sd, "optimizer": {}, "lr_scheduler": {}, "fwdbwd_pass_step": 21125, "param_update_step": 21125}, path)
+    torch.save({"model": sd, "optimizer": {}, "lr_scheduler": {}, "fwdbwd_pass_step": 21125,
+                "param_update_step": 21125}, path)
     return sd
 
 
@@ -73,7 +77,8 @@ def test_facelift_converter(tmp_path):
 
 
 @pytest.mark.parametrize("kw, error, match", [
-    (dict(drop="transformer_layers.1.attn.fc.weight"), KeyError, r"missing keys \['transformer_layers.1.attn.fc.weight'\]"),
+    (dict(drop="transformer_layers.1.attn.fc.weight"), KeyError,
+     r"missing keys \['transformer_layers.1.attn.fc.weight'\]"),
     (dict(extra="view_type_embeddings"), KeyError, r"unexpected keys \['view_type_embeddings'\]"),
     (dict(layers=3), KeyError, r"unexpected keys \['transformer_layers.2"),
     (dict(bad_shape="input_layer_norm.weight"), ValueError, r"input_layer_norm.weight has shape \(3, 3\)"),
@@ -109,7 +114,8 @@ def test_deferred_render_and_checkpointing_match_plain():
 def test_lr_schedule_is_a_function_of_the_step():
     cfg = train_gslrm.Config(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
     assert train_gslrm.lr_at(0, cfg) == pytest.approx(0.1) and train_gslrm.lr_at(9, cfg) == pytest.approx(1.0)
-    assert train_gslrm.lr_at(60, cfg) == pytest.approx(0.55) and train_gslrm.lr_at(110, cfg) == pytest.approx(0.1)
+    assert train_gslrm.lr_at(60, cfg) == pytest.approx(0.55)
+    assert train_gslrm.lr_at(110, cfg) == pytest.approx(0.1)
 
 
 def test_train_runs_and_resume_continues_exactly(tiny_mice, tmp_path, tiny_cfg):
@@ -129,7 +135,8 @@ def test_train_runs_and_resume_continues_exactly(tiny_mice, tmp_path, tiny_cfg):
 
 def test_init_from_facelift_checkpoint(tiny_mice, tmp_path, tiny_cfg):
     sd = fabricate_facelift_ckpt(tmp_path / "ckpt.pt")
-    model = train_gslrm.main(tiny_cfg(train_gslrm, tiny_mice, tmp_path / "c", max_steps=0, init_from=tmp_path / "ckpt.pt"))
+    cfg = tiny_cfg(train_gslrm, tiny_mice, tmp_path / "c", max_steps=0, init_from=tmp_path / "ckpt.pt")
+    model = train_gslrm.main(cfg)
     assert torch.equal(model.patch_embed.weight, sd["patch_embedder.1.weight"])
 
 
@@ -139,7 +146,8 @@ def test_ddp_gradients_equal_single_process_on_the_doubled_batch(tiny_mice, tmp_
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
            str(tiny_mice), str(tmp_path / "ddp.pt")]
     subprocess.run(cmd, check=True, timeout=300, env=env)
-    subprocess.run([sys.executable, str(worker), str(tiny_mice), str(tmp_path / "single.pt")], check=True, timeout=300, env=env)
+    cmd = [sys.executable, str(worker), str(tiny_mice), str(tmp_path / "single.pt")]
+    subprocess.run(cmd, check=True, timeout=300, env=env)
     ddp, single = torch.load(tmp_path / "ddp.pt"), torch.load(tmp_path / "single.pt")
     assert ddp["world"] == 2 and single["world"] == 1
     rank0, rank1 = ddp["all_samples"]  # each rank's share of the global batch
@@ -153,13 +161,15 @@ def test_ddp_gradients_equal_single_process_on_the_doubled_batch(tiny_mice, tmp_
 def test_train_with_perceptual_loss_lpips_and_ply_export(tiny_mice, tmp_path, capsys, tiny_cfg, write_vgg):
     write_vgg(tmp_path / "vgg19.pth", "vgg19")
     write_vgg(tmp_path / "vgg16.pth", "vgg16")
-    torch.save({f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate((64, 128, 256, 512, 512))},
-               tmp_path / "heads.pth")
-    cfg = tiny_cfg(train_gslrm, tiny_mice, tmp_path / "p", max_steps=3, l2_warmup_steps=1, vgg19_path=tmp_path / "vgg19.pth",
-                   lpips_vgg16_path=tmp_path / "vgg16.pth", lpips_heads_path=tmp_path / "heads.pth")
+    heads = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate((64, 128, 256, 512, 512))}
+    torch.save(heads, tmp_path / "heads.pth")
+    cfg = tiny_cfg(train_gslrm, tiny_mice, tmp_path / "p", max_steps=3, l2_warmup_steps=1,
+                   vgg19_path=tmp_path / "vgg19.pth", lpips_vgg16_path=tmp_path / "vgg16.pth",
+                   lpips_heads_path=tmp_path / "heads.pth")
     train_gslrm.main(cfg)
     log = capsys.readouterr().out
-    assert "step 0 | loss" in log and " perc " not in log.split("step 1 |")[0]  # MSE only during l2_warmup_steps
+    # MSE only during l2_warmup_steps
+    assert "step 0 | loss" in log and " perc " not in log.split("step 1 |")[0]
     assert " perc " in log.split("step 1 |")[1] and "| lpips " in log
     g = load_ply(tmp_path / "p" / "val_000003.ply")
     assert g["means"].shape == (6 * 16 * 16 + 2, 3) and torch.all((g["opacities"] > 0) & (g["opacities"] < 1))

@@ -50,12 +50,14 @@ def test_load_vgg_takes_torchvision_keys_and_rejects_others(tmp_path, write_vgg)
     sd.pop("features.30.weight")
     sd["features.foo"] = torch.zeros(1)
     torch.save(sd, tmp_path / "bad.pth")
-    with pytest.raises(KeyError, match=r"missing keys \['features.30.weight'\], unexpected keys \['features.foo'\]"):
+    with pytest.raises(KeyError, match=r"missing keys \['features.30.weight'\], "
+                                       r"unexpected keys \['features.foo'\]"):
         load_vgg(tmp_path / "bad.pth", "vgg19")
 
 
 def test_perceptual_loss_matches_its_definition(tmp_path, write_vgg):
-    """Recomputed layer by layer from torchvision indices: relu1_2=3, relu2_2=8, relu3_2=13, relu4_2=22, relu5_2=31."""
+    """Recomputed layer by layer from torchvision indices: relu1_2=3, relu2_2=8, relu3_2=13,
+    relu4_2=22, relu5_2=31."""
     from losses import PERCEPTUAL_WEIGHTS, perceptual_loss
     from models import load_vgg
     write_vgg(tmp_path / "vgg19.pth", "vgg19")
@@ -78,8 +80,8 @@ def test_lpips_is_a_distance_that_grows_with_the_error(tmp_path, write_vgg):
     from losses import lpips
     from models import load_lpips_heads, load_vgg
     write_vgg(tmp_path / "vgg16.pth", "vgg16")
-    torch.save({f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate((64, 128, 256, 512, 512))},
-               tmp_path / "vgg.pth")  # the lpips package's head file layout
+    heads = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate((64, 128, 256, 512, 512))}
+    torch.save(heads, tmp_path / "vgg.pth")  # the lpips package's head file layout
     vgg, heads = load_vgg(tmp_path / "vgg16.pth", "vgg16"), load_lpips_heads(tmp_path / "vgg.pth")
     x = torch.rand(4, 3, 32, 32)
     d = [lpips(vgg, heads, (x + s * torch.randn_like(x)).clamp(0, 1), x) for s in (0.0, 0.05, 0.2)]

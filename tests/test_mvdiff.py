@@ -52,7 +52,8 @@ def test_sparse_attention_is_facelifts_reference_plus_own():
     for b in range(2):
         for k in range(V):
             kv = torch.cat([x[b * V + ref_idx[b]], x[b * V + k]])[None]  # (1, 2N, C)
-            assert torch.allclose(out[b * V + k], attn(x[b * V + k][None], encoder_hidden_states=kv)[0], atol=1e-5)
+            expect = attn(x[b * V + k][None], encoder_hidden_states=kv)[0]
+            assert torch.allclose(out[b * V + k], expect, atol=1e-5)
 
 
 def mv_inputs(model, B=2, seed=0):
@@ -60,7 +61,8 @@ def mv_inputs(model, B=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     S, C = c.sample_size, c.out_channels
     return (torch.randn(B, model.num_views, C, S, S, generator=g), torch.tensor([500, 20][:B]),
-            torch.randn(model.num_views, 8, c.cross_attention_dim, generator=g), torch.randn(B, c.in_channels - C, S, S, generator=g))
+            torch.randn(model.num_views, 8, c.cross_attention_dim, generator=g),
+            torch.randn(B, c.in_channels - C, S, S, generator=g))
 
 
 def test_zero_reference_embedding_at_init():
@@ -78,14 +80,16 @@ def test_zero_reference_embedding_at_init():
     sparse = build_mv_unet("tiny", num_views=6, sparse=True).eval()
     idx = torch.tensor([4, 1])
     x = torch.cat([noisy, ref[:, None].expand(-1, 6, -1, -1, -1)], 2).flatten(0, 1)  # (B*V, C + Cr, H, W)
-    bare = sparse.unet(x, t.repeat_interleave(6), pe.repeat(2, 1, 1), cross_attention_kwargs={"ref_idx": idx}).sample
+    bare = sparse.unet(x, t.repeat_interleave(6), pe.repeat(2, 1, 1),
+                       cross_attention_kwargs={"ref_idx": idx}).sample
     assert torch.equal(sparse(noisy, t, pe, idx, ref).flatten(0, 1), bare)
     torch.nn.init.normal_(dense.ref_view_embed.weight)
     assert not torch.allclose(dense(noisy, t, pe, torch.tensor([3, 3]), ref), out0, atol=1e-4)
 
 
 def save_facelift_layout(unet, path):
-    """A diffusers UNet saved the way FaceLift's unet/ folder looks: its class and block names, its extra keys."""
+    """A diffusers UNet saved the way FaceLift's unet/ folder looks: its class and block names, its
+    extra keys."""
     unet.save_pretrained(path)
     cfg = json.loads((path / "config.json").read_text())
     names = {"CrossAttnDownBlock2D": "CrossAttnDownBlockMV2D", "CrossAttnUpBlock2D": "CrossAttnUpBlockMV2D"}
@@ -93,14 +97,16 @@ def save_facelift_layout(unet, path):
                down_block_types=[names.get(b, b) for b in cfg["down_block_types"]],
                up_block_types=[names.get(b, b) for b in cfg["up_block_types"]],
                num_views=6, multiview_attention=True, sparse_mv_attention=True, selfattn_block="self_rowwise",
-               cd_attention_last=False, cd_attention_mid=False, addition_downsample=False, addition_channels=[64, 64, 64])
+               cd_attention_last=False, cd_attention_mid=False, addition_downsample=False,
+               addition_channels=[64, 64, 64])
     (path / "config.json").write_text(json.dumps(cfg))
 
 
 def tiny_facelift_unet():
     torch.manual_seed(0)  # FaceLift's conditioning: 4 + 4 latent channels, a projection class embedding
-    return UNet2DConditionModel(**{**MVDIFF_UNET_CONFIGS["tiny"], "in_channels": 8, "out_channels": 4,
-                                   "class_embed_type": "projection", "projection_class_embeddings_input_dim": 12})
+    cfg = {**MVDIFF_UNET_CONFIGS["tiny"], "in_channels": 8, "out_channels": 4,
+           "class_embed_type": "projection", "projection_class_embeddings_input_dim": 12}
+    return UNet2DConditionModel(**cfg)
 
 
 def test_facelift_layout_loads_exactly(tmp_path):
@@ -123,10 +129,12 @@ def test_facelift_layout_errors_name_the_problem(tmp_path):
     sd.pop("conv_in.weight")
     sd["view_embedding.weight"] = torch.zeros(3)
     save_file(sd, weights)
-    with pytest.raises(KeyError, match=r"missing keys \['conv_in.weight'\].*unexpected keys \['view_embedding.weight'\]"):
+    with pytest.raises(KeyError, match=r"missing keys \['conv_in.weight'\].*"
+                                       r"unexpected keys \['view_embedding.weight'\]"):
         load_mv_unet(tmp_path / "unet")
-    cfg = json.loads((tmp_path / "unet" / "config.json").read_text())
-    (tmp_path / "unet" / "config.json").write_text(json.dumps({**cfg, "camera_embedding_type": "e_de_da_sincos"}))
+    config = tmp_path / "unet" / "config.json"
+    cfg = {**json.loads(config.read_text()), "camera_embedding_type": "e_de_da_sincos"}
+    config.write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="camera_embedding_type"):
         load_mv_unet(tmp_path / "unet")
 
@@ -149,10 +157,11 @@ def test_min_snr_weights():
 def test_training_target_is_what_the_sampler_reads(kind):
     """The target the loop trains on, fed to the DDIM step as the model output, recovers x0 exactly."""
     torch.manual_seed(0)
-    sched = DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type=kind, clip_sample=False, timestep_spacing="trailing")
+    sched = DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type=kind, clip_sample=False,
+                          timestep_spacing="trailing")
     sched.set_timesteps(10)
     x0, noise = torch.rand(2, 3, 8, 8) * 2 - 1, torch.randn(2, 3, 8, 8)
-    # pure noise (not for eps: x0 = (x - sqrt(1 - a) eps) / sqrt(a) divides by ~0 there), the middle, nearly clean
+    # pure noise (not for eps: x0 = (x - sqrt(1 - a) eps) / sqrt(a) divides by ~0), middle, nearly clean
     for t in sched.timesteps[[5, 9] if kind == "epsilon" else [0, 5, 9]]:
         noisy = sched.add_noise(x0, noise, t.expand(2))
         out = sched.step(diffusion_target(sched, x0, noise, t.expand(2)), t, noisy).pred_original_sample
@@ -163,8 +172,9 @@ def test_toy_prompt_embeds_and_checks(tmp_path):
     rig = load_rig("mouse_6view")
     pe = toy_rig_prompt_embeds(rig, 32)
     assert pe.shape == (6, 8, 32) and torch.equal(pe, toy_rig_prompt_embeds(rig, 32))
-    assert min((pe[i] - pe[j]).abs().mean() for i in range(6) for j in range(i)) > 0.1  # every view is told apart
-    assert not torch.allclose(pe, toy_rig_prompt_embeds(load_rig("facelift_6view"), 32))  # another rig, other embeddings
+    assert min((pe[i] - pe[j]).abs().mean() for i in range(6) for j in range(i)) > 0.1  # views told apart
+    other_rig = toy_rig_prompt_embeds(load_rig("facelift_6view"), 32)
+    assert not torch.allclose(pe, other_rig)  # another rig, other embeddings
     torch.save(torch.zeros(6, 77, 768), tmp_path / "vitl.pt")
     with pytest.raises(ValueError, match="width 768.*cross-attention width is 1024"):
         load_prompt_embeds(tmp_path / "vitl.pt", rig, 1024)
@@ -174,18 +184,22 @@ def test_toy_prompt_embeds_and_checks(tmp_path):
 
 
 def tiny_clip_text(tmp_path, dim=24):
-    """A tiny CLIP text encoder and a character-level CLIP tokenizer, saved in the layout of an SD pipeline."""
+    """A tiny CLIP text encoder and a character-level CLIP tokenizer, saved in the layout of an SD
+    pipeline."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
     chars = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789+-,.3"))
-    vocab = {t: i for i, t in enumerate(["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars])}
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
+    vocab = {t: i for i, t in enumerate(tokens)}
     (tmp_path / "tokenizer").mkdir()
     (tmp_path / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
     (tmp_path / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(str(tmp_path / "tokenizer" / "vocab.json"), str(tmp_path / "tokenizer" / "merges.txt"), model_max_length=77)
+    tok = CLIPTokenizer(str(tmp_path / "tokenizer" / "vocab.json"),
+                        str(tmp_path / "tokenizer" / "merges.txt"), model_max_length=77)
     tok.save_pretrained(tmp_path / "tokenizer")
     torch.manual_seed(0)
-    enc = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=dim, intermediate_size=48, num_hidden_layers=2,
-                                       num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1))
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=dim, intermediate_size=48, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1)
+    enc = CLIPTextModel(config)
     enc.save_pretrained(tmp_path / "text_encoder")
     return tok, enc
 
@@ -200,7 +214,8 @@ def test_clip_prompt_embeds_from_local_text_encoder(tmp_path):
         assert torch.allclose(pe[2], enc(ids).last_hidden_state[0], atol=1e-6)
     assert not torch.allclose(pe[0], pe[1])  # the view names differ
     out = tmp_path / "clr_embeds.pt"
-    data._main(["rig_prompt_embeds", "--rig=mouse_6view", f"--text_encoder={tmp_path / 'text_encoder'}", f"--out={out}"])
+    data._main(["rig_prompt_embeds", "--rig=mouse_6view", f"--text_encoder={tmp_path / 'text_encoder'}",
+                f"--out={out}"])
     assert torch.allclose(load_prompt_embeds(out, load_rig("mouse_6view"), 24), pe)
 
 
@@ -208,16 +223,21 @@ def test_sample_views_is_reproducible():
     torch.manual_seed(0)
     model = build_mv_unet("tiny").eval()
     _, _, pe, ref = mv_inputs(model, B=2)
-    sched = DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", timestep_spacing="trailing")
-    run = lambda seed, g: sample_views(model, sched, ref, torch.tensor([0, 5]), pe, (3, 16, 16), num_steps=3, guidance=g,  # noqa: E731
-                                       generator=torch.Generator().manual_seed(seed))
+    sched = DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+                          timestep_spacing="trailing")
+
+    def run(seed, g):
+        return sample_views(model, sched, ref, torch.tensor([0, 5]), pe, (3, 16, 16), num_steps=3, guidance=g,
+                            generator=torch.Generator().manual_seed(seed))
+
     a = run(0, 3.0)
     assert a.shape == (2, 6, 3, 16, 16) and torch.equal(a, run(0, 3.0))
     assert not torch.equal(a, run(1, 3.0)) and not torch.equal(a, run(0, 1.0))
 
 
 def test_rig_mismatch_stops_with_the_message(tmp_path, tiny_cfg):
-    data = write_toy_mice(tmp_path / "facelift_rig_mice", n=3, rig="facelift_6view", size=16, n_extra=0, n_val=1, progress=False)
+    data = write_toy_mice(tmp_path / "facelift_rig_mice", n=3, rig="facelift_6view", size=16, n_extra=0,
+                          n_val=1, progress=False)
     with pytest.raises(ValueError, match=r"opencv_cameras.json: cameras do not match rig 'mouse_6view'"):
         train_mvdiff.main(tiny_cfg(train_mvdiff, data, tmp_path / "out"))
 
@@ -225,9 +245,10 @@ def test_rig_mismatch_stops_with_the_message(tmp_path, tiny_cfg):
 def test_default_toy_folder_must_hold_the_set_asked_for(tmp_path, monkeypatch):
     """An old toy set (other heading spread, size, ...) in the default folder is refused, not trained on."""
     monkeypatch.chdir(tmp_path)
-    write_toy_mice("data/toy_mice_mv", n=3, size=16, n_extra=0, n_val=1, progress=False)  # any heading, 3 mice
+    write_toy_mice("data/toy_mice_mv", n=3, size=16, n_extra=0, n_val=1, progress=False)  # any heading
     cfg = load_config(train_mvdiff.Config, ["--preset=tiny", "--image_size=16", "--max_steps=0"])
-    with pytest.raises(ValueError, match=r"data/toy_mice_mv holds another toy set .*'yaw_deg': None.* than this run asks for .*'yaw_deg': 30.0.*delete it"):
+    with pytest.raises(ValueError, match=r"data/toy_mice_mv holds another toy set .*'yaw_deg': None.* "
+                                         r"than this run asks for .*'yaw_deg': 30.0.*delete it"):
         train_mvdiff.main(cfg)
 
 
@@ -236,7 +257,8 @@ def test_wrong_views_is_a_derangement_of_the_generated_views():
     others = torch.arange(6)[None] != ref[:, None]  # (4, 6)
     wrong = train_mvdiff.wrong_views(others)
     for r, o, w in zip(ref, others, wrong):
-        assert w[r] == r and sorted(w[o].tolist()) == torch.arange(6)[o].tolist()  # a permutation of the generated views
+        # a permutation of the generated views ...
+        assert w[r] == r and sorted(w[o].tolist()) == torch.arange(6)[o].tolist()
         assert (w[o] != torch.arange(6)[o]).all()  # ... that moves every one of them
 
 
@@ -247,20 +269,24 @@ def test_train_checkpoint_reload_and_resume(tiny_mice, tmp_path, tiny_cfg):
     assert json.loads((ckpt / "rig.json").read_text())["name"] == "mouse_6view"
     assert (tmp_path / "a" / "val_000004_g3.png").is_file()
     logged = json.loads((tmp_path / "a" / "metrics.jsonl").read_text())  # one validation: one line
-    assert logged["step"] == 4 and {"psnr_g1", "psnr_g1_wrong_view", "baseline_psnr", "ssim_g3"} <= set(logged)
+    assert logged["step"] == 4
+    assert {"psnr_g1", "psnr_g1_wrong_view", "baseline_psnr", "ssim_g3"} <= set(logged)
     assert model.ref_view_embed.weight.abs().sum() > 0  # random reference views: the embedding trains
     for saved, live in ((ckpt / "unet", model), (ckpt / "unet_ema", ema)):
         reloaded = load_mv_unet(saved)
-        assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), live.state_dict().values()))
+        pairs = zip(reloaded.state_dict().values(), live.state_dict().values())
+        assert all(torch.equal(a, b) for a, b in pairs)
     # stop at 2, resume to 4: the same weights as the uninterrupted run
     train_mvdiff.main(tiny_cfg(train_mvdiff, tiny_mice, tmp_path / "b", max_steps=2))
     resumed, _ = train_mvdiff.main(tiny_cfg(train_mvdiff, tiny_mice, tmp_path / "b", resume="auto"))
     first = load_mv_unet(tmp_path / "b" / "checkpoint-2" / "unet").state_dict()
-    assert any(not torch.equal(first[k], v) for k, v in resumed.state_dict().items())  # it trained on after resuming
+    # it trained on after resuming
+    assert any(not torch.equal(first[k], v) for k, v in resumed.state_dict().items())
     for (k, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), k
     # init_from one of our checkpoints loads its unet/
-    init, _ = train_mvdiff.main(tiny_cfg(train_mvdiff, tiny_mice, tmp_path / "c", max_steps=0, init_from=ckpt, ema_decay=0))
+    cfg = tiny_cfg(train_mvdiff, tiny_mice, tmp_path / "c", max_steps=0, init_from=ckpt, ema_decay=0)
+    init, _ = train_mvdiff.main(cfg)
     assert all(torch.equal(a, b) for a, b in zip(init.state_dict().values(), model.state_dict().values()))
 
 
@@ -271,17 +297,24 @@ def test_latent_mode_from_a_facelift_pipeline_folder(tiny_mice, tmp_path, tiny_c
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
     pipe = tmp_path / "pipeckpts"
     torch.manual_seed(0)
-    AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8,) * 4,
-                  layers_per_block=1, norm_num_groups=8, latent_channels=4).save_pretrained(pipe / "vae")
-    CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                                   image_size=224, patch_size=32, projection_dim=6)).save_pretrained(pipe / "image_encoder")
-    save_facelift_layout(tiny_facelift_unet(), pipe / "unet")  # class embedding input 12 = 6 (CLIP) + 6 (noise level)
+    AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                  block_out_channels=(8,) * 4, layers_per_block=1, norm_num_groups=8,
+                  latent_channels=4).save_pretrained(pipe / "vae")
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                              num_attention_heads=2, image_size=224, patch_size=32, projection_dim=6)
+    CLIPVisionModelWithProjection(vision).save_pretrained(pipe / "image_encoder")
+    # class embedding input 12 = 6 (CLIP) + 6 (noise level)
+    save_facelift_layout(tiny_facelift_unet(), pipe / "unet")
     (pipe / "scheduler").mkdir()
-    (pipe / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}))
-    cfg = dict(image_size=32, init_from=pipe, pipeline_dir=pipe, max_steps=2, clip_sample=False, beta_schedule="scaled_linear")
-    with pytest.raises(ValueError, match=r"predict 'v_prediction', this run trains 'sample'; set --prediction_type=v_prediction"):
+    scheduler = {"_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}
+    (pipe / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
+    cfg = dict(image_size=32, init_from=pipe, pipeline_dir=pipe, max_steps=2, clip_sample=False,
+               beta_schedule="scaled_linear")
+    with pytest.raises(ValueError, match=r"predict 'v_prediction', this run trains 'sample'; "
+                                         r"set --prediction_type=v_prediction"):
         train_mvdiff.main(tiny_cfg(train_mvdiff, tiny_mice, tmp_path / "wrong", **cfg))
     cfg = tiny_cfg(train_mvdiff, tiny_mice, tmp_path / "out", prediction_type="v_prediction", **cfg)
     model, _ = train_mvdiff.main(cfg)
     assert model.unet.config.in_channels == 8 and (tmp_path / "out" / "val_000002_g1.png").is_file()
-    assert json.loads((tmp_path / "out" / "checkpoint-2" / "unet" / "config.json").read_text())["_class_name"] == "UNet2DConditionModel"
+    saved = json.loads((tmp_path / "out" / "checkpoint-2" / "unet" / "config.json").read_text())
+    assert saved["_class_name"] == "UNet2DConditionModel"

@@ -10,7 +10,8 @@ from models import (get_rays, intrinsics_matrix, look_at_c2w, plucker, quat_to_r
 
 def cameras(C, size, dtype, focal=1.1):
     """C cameras on a ring at radius 2.7 looking at the origin; K for a size x size image."""
-    c2w = torch.stack([look_at_c2w((2.7 * math.cos(a), 2.7 * math.sin(a), 0.8)) for a in torch.linspace(0, 4, C).tolist()])
+    angles = torch.linspace(0, 4, C).tolist()
+    c2w = torch.stack([look_at_c2w((2.7 * math.cos(a), 2.7 * math.sin(a), 0.8)) for a in angles])  # (C, 4, 4)
     K = intrinsics_matrix(torch.tensor([focal * size, focal * size, size / 2, size / 2], dtype=torch.float64))
     return torch.linalg.inv(c2w).to(dtype), K.expand(C, 3, 3).to(dtype)
 
@@ -20,7 +21,8 @@ def hard_scene(N=300, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.rand(*s, generator=g, dtype=dtype)  # noqa: E731
     means = (r(N, 3) - 0.5) * 2.0
-    means[:10] = torch.tensor([2.7 * math.cos(0.0), 0.0, 0.8], dtype=dtype) * (1.0 + r(10, 1))  # behind camera 0
+    camera0 = torch.tensor([2.7 * math.cos(0.0), 0.0, 0.8], dtype=dtype)
+    means[:10] = camera0 * (1.0 + r(10, 1))  # behind camera 0
     means[10:20] = (r(10, 3) - 0.5) * 40.0  # far off-screen
     scales = r(N, 3) * 0.15 + 0.01
     scales[20:25] = 1.5 + r(5, 3)  # very large: cover the whole image
@@ -79,11 +81,16 @@ def test_gradients_agree_with_dense():
 def test_gradcheck_tiny_scene():
     w2c, K = cameras(1, 8, torch.float64, focal=1.0)
     means = torch.tensor([[0.05, 0.1, 0.02], [-0.1, 0.0, 0.1], [0.1, -0.1, -0.1]], dtype=torch.float64)
-    quats = torch.tensor([[1.0, 0.1, 0.2, 0.0], [0.9, 0.0, 0.3, 0.1], [1.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    quats = torch.tensor([[1.0, 0.1, 0.2, 0.0], [0.9, 0.0, 0.3, 0.1], [1.0, 0.0, 0.0, 0.0]],
+                         dtype=torch.float64)
     scales = torch.tensor([[0.3, 0.2, 0.25], [0.2, 0.3, 0.2], [0.25, 0.25, 0.3]], dtype=torch.float64)
     opac, col = torch.tensor([0.6, 0.5, 0.7], dtype=torch.float64), torch.rand(3, 3, dtype=torch.float64)
-    fn = lambda m, q, s, o, c: render_gaussians(m, q, s, o, c, w2c, K, 8, 8, 1.0, backend="sparse")[0]  # noqa: E731
-    assert torch.autograd.gradcheck(fn, [t.requires_grad_() for t in (means, quats, scales, opac, col)], eps=1e-6, atol=1e-5)
+
+    def fn(m, q, s, o, c):
+        return render_gaussians(m, q, s, o, c, w2c, K, 8, 8, 1.0, backend="sparse")[0]
+
+    inputs = [t.requires_grad_() for t in (means, quats, scales, opac, col)]
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5)
 
 
 def test_batched_equals_per_sample():
@@ -120,7 +127,8 @@ def test_ray_encodings():
     o = torch.randn(10, 3)
     d = torch.nn.functional.normalize(torch.randn(10, 3), dim=-1)
     enc = ray_encoding_facelift(o, d)
-    assert torch.allclose(enc[:, :3], d) and torch.allclose((enc[:, 3:] * d).sum(-1), torch.zeros(10), atol=1e-5)
+    assert torch.allclose(enc[:, :3], d)
+    assert torch.allclose((enc[:, 3:] * d).sum(-1), torch.zeros(10), atol=1e-5)
     assert torch.allclose(enc, ray_encoding_facelift(o + 0.7 * d, d), atol=1e-5)  # same ray, same code
     assert torch.allclose(plucker(o, d), plucker(o - 1.3 * d, d), atol=1e-5)
 
