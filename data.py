@@ -29,14 +29,12 @@ import yaml
 from PIL import Image, ImageDraw
 from safetensors.torch import load_model, save_model
 
-from models import SH_C0, look_at_c2w
+from models import SH_C0, load_mv_unet, look_at_c2w, save_mv_unet
 
-REPO = Path(__file__).resolve().parent
-RIGS_DIR = REPO / "configs" / "rigs"
+RIGS_DIR = Path(__file__).resolve().parent / "configs" / "rigs"
 
 # ----------------------------------------------------------------------------------------------
 # Config: dataclass defaults -> --cfg file.yaml -> --key=value
-
 
 class ConfigError(ValueError):
     pass
@@ -69,8 +67,7 @@ def coerce(value, tp, cli=False):
                 return float(number)
             if float(number).is_integer():  # '1e3' and 2.0 are ints, 1.5 is not
                 return int(number)
-    elif (origin or tp) in (list, tuple, dict):
-        kind = origin or tp
+    elif (kind := origin or tp) in (list, tuple, dict):
         if isinstance(value, str):
             value = yaml.safe_load(value)  # '[1,2]' or '{a: 1}' from the command line
         if kind is dict and isinstance(value, dict):
@@ -87,10 +84,8 @@ def coerce(value, tp, cli=False):
 
 
 def load_config(cls, argv=None, aliases=None):
-    """A new `cls` from its defaults, then every `--cfg file.yaml` (before any --key, wherever it
-    stands), then `--key=value` / `--key value` in argv order. `aliases` maps other names (e.g. the
-    seed's command-line names) to fields, in files and on the command line. Bad keys or values raise
-    ConfigError."""
+    """`cls` defaults, then every `--cfg x.yaml` (before any --key, wherever it stands), then --key=value /
+    --key value in argv order. `aliases` maps other names (e.g. the seed's) to fields. Errors: ConfigError."""
     argv, aliases = list(sys.argv[1:] if argv is None else argv), aliases or {}
     if "-h" in argv or "--help" in argv:
         also = "".join(f"\n  --{a} = --{k}" for a, k in aliases.items())
@@ -117,7 +112,6 @@ def load_config(cls, argv=None, aliases=None):
             files.append(value)
         else:
             cli.append((key[2:], value, f"command line {arg!r}", True))
-
     overrides = []
     for file in files:
         try:
@@ -129,7 +123,6 @@ def load_config(cls, argv=None, aliases=None):
             raise ConfigError(f"config file {file} must be a mapping (key: value), "
                               f"not a {type(data).__name__}")
         overrides += [(key, value, f"{file}: key {key!r}", False) for key, value in data.items()]
-
     values = {}
     for key, value, where, from_cli in overrides + cli:
         key = aliases.get(key, key)
@@ -157,13 +150,10 @@ def save_config(cfg, path):
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: <ckpt_dir>/checkpoint-<step>/{<module>.safetensors, state.pt, config.yaml}
 
-CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
-
 
 @contextlib.contextmanager
 def atomic_dir(final_path):
-    """Yields a temporary sibling dir that becomes final_path only if the block finishes, so a crash
-    mid-save never leaves a directory that looks like a checkpoint."""
+    """A temporary sibling dir that becomes final_path only if the block finishes (crash-safe saves)."""
     final = Path(final_path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
@@ -194,26 +184,27 @@ def save_checkpoint(ckpt_dir, step, modules, optimizers=None, cfg=None, extra=No
             if wrapped:  # a DDP/compiled wrapper's key prefixes would make the file unloadable elsewhere
                 raise ValueError(f"{name}: save the unwrapped model, got keys like {wrapped[0]!r}")
             save_model(module, str(tmp / f"{name}.safetensors"))  # save_model handles tied weights
-        optim_states = {k: opt.state_dict() for k, opt in (optimizers or {}).items()}
-        torch.save({"step": int(step), "optimizers": optim_states, "extra": extra or {}}, tmp / "state.pt")
+        write_state(tmp, step, optimizers or {}, extra)
         if cfg is not None:
             save_config(cfg, tmp / "config.yaml")
     return final
 
 
+def write_state(path, step, optimizers, extra):
+    optim_states = {k: opt.state_dict() for k, opt in optimizers.items()}
+    torch.save({"step": int(step), "optimizers": optim_states, "extra": extra or {}}, Path(path) / "state.pt")
+
+
 def latest_checkpoint(ckpt_dir):
     """The complete checkpoint-<step> dir with the highest step, or None."""
     ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
-        return None
-    found = [(int(m[1]), p) for p in ckpt_dir.iterdir()
-             if (m := CHECKPOINT_RE.fullmatch(p.name)) and (p / "state.pt").is_file()]
+    found = [(int(m[1]), p) for p in (ckpt_dir.iterdir() if ckpt_dir.is_dir() else [])
+             if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / "state.pt").is_file()]
     return max(found)[1] if found else None
 
 
 def load_checkpoint(path, modules, optimizers=None):
-    """Loads weights (strict) and optimizer states; returns the state dict (step, extra, ...). No RNG
-    state: the scripts draw every random number from generators seeded by (seed, step, rank)."""
+    """Loads weights (strict) and optimizer states; returns the state dict {step, optimizers, extra}."""
     path = Path(path)
     if not (path / "state.pt").is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no state.pt)")
@@ -232,10 +223,8 @@ def load_checkpoint(path, modules, optimizers=None):
 
 
 def save_mv_checkpoint(ckpt_dir, step, model, ema, optimizer, cfg, rig, prompt_file, extra=None):
-    """checkpoint-<step>/{unet/, unet_ema/ (diffusers save_pretrained + the reference-view embedding),
-    rig.json, prompt_embeds.pt, state.pt, config.yaml}, written atomically. The rig and its prompt
-    file travel with the weights: the next stages check their cameras against them."""
-    from models import save_mv_unet
+    """checkpoint-<step>/{unet/, unet_ema/, rig.json, prompt_embeds.pt, state.pt, config.yaml}, written
+    atomically. The rig and its prompt file travel with the weights for the next stages' camera checks."""
     final = Path(ckpt_dir) / f"checkpoint-{step}"
     with atomic_dir(final) as tmp:
         save_mv_unet(model, tmp / "unet")
@@ -243,15 +232,13 @@ def save_mv_checkpoint(ckpt_dir, step, model, ema, optimizer, cfg, rig, prompt_f
             save_mv_unet(ema, tmp / "unet_ema")
         (tmp / "rig.json").write_text(json.dumps(rig, indent=1))
         shutil.copyfile(prompt_file, tmp / "prompt_embeds.pt")
-        optim_states = {"optimizer": optimizer.state_dict()}
-        torch.save({"step": int(step), "optimizers": optim_states, "extra": extra or {}}, tmp / "state.pt")
+        write_state(tmp, step, {"optimizer": optimizer}, extra)
         save_config(cfg, tmp / "config.yaml")
     return final
 
 
 def load_mv_weights(model, unet_dir):
     """Copies the weights of a unet/ folder (ours or FaceLift's) into `model` (an MVUNet), strictly."""
-    from models import load_mv_unet
     src = load_mv_unet(unet_dir, model.num_views, model.sparse)
     model.load_state_dict(src.state_dict())  # strict: same architecture or an error naming the keys
     return model
@@ -319,18 +306,13 @@ def make_ring_rig(name, views, azimuths, elevation, prompt_embeds, description,
             "views": list(views), "frames": frames}
 
 
-# The rigs in configs/rigs/, written by `python data.py make_rigs`. Both: radius 2.7 around the
-# origin, fx = fy = 548.99, cx = cy = 256 at 512 px (FaceLift's 50 deg FOV), world z-up.
+# The rigs in configs/rigs/ (docs/formats.md), written by `python data.py make_rigs`.
 BUILTIN_RIGS = {
-    # FaceLift's six diffusion views, in FaceLift's order: front camera at (0, -2.7, 0), subject facing -y
-    "facelift_6view": dict(
-        views=["front", "front_right", "right", "back", "left", "front_left"],
+    "facelift_6view": dict(views=["front", "front_right", "right", "back", "left", "front_left"],
         azimuths=[-90, -135, 180, 90, 0, -45], elevation=0,
         prompt_embeds="mvdiffusion/data/fixed_prompt_embeds_6view/clr_embeds.pt",
         description="FaceLift's 6 multi-view diffusion views: elevation 0, "
                     "azimuth offsets from the front 0, -45, -90, 180, +90, +45 deg"),
-    # The directions of a published 6-camera mouse set-up (not evenly spaced, not in angular
-    # order), kept in that set-up's camera order so real captures map 1:1; elevation 20 deg.
     "mouse_6view": dict(
         views=["cam0_az-145", "cam1_az+32", "cam2_az+97", "cam3_az-24", "cam4_az+158", "cam5_az-79"],
         azimuths=[-145, 32, 97, -24, 158, -79], elevation=20,
@@ -341,8 +323,7 @@ BUILTIN_RIGS = {
 
 
 def rig_from_cameras(cams, name, views=None, prompt_embeds="", description=""):
-    """A rig made from a real sample's cameras (a dict as read by read_cameras), e.g. a lab's
-    6-camera set-up: `views` picks and orders the frames (default: all)."""
+    """A rig from a real sample's cameras (as read_cameras returns them); `views` picks and orders frames."""
     idx = list(range(len(cams["frames"]))) if views is None else list(views)
     frames = [{k: cams["frames"][i][k] for k in FRAME_KEYS} for i in idx]
     description = description or f"made from {cams.get('id', 'a sample')}, frames {idx}"
@@ -352,9 +333,7 @@ def rig_from_cameras(cams, name, views=None, prompt_embeds="", description=""):
 
 def load_rig(name_or_path):
     """A rig by name (configs/rigs/<name>.json) or path."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = RIGS_DIR / f"{name_or_path}.json"
+    path = Path(name_or_path) if Path(name_or_path).suffix else RIGS_DIR / f"{name_or_path}.json"
     if not path.exists():
         known = sorted(p.stem for p in RIGS_DIR.glob("*.json"))
         raise FileNotFoundError(f"rig {name_or_path!r} not found ({path}); rigs in {RIGS_DIR}: {known}")
@@ -369,18 +348,16 @@ def load_rig(name_or_path):
 
 
 def camera_geometry(frames):
-    """Per-view viewing geometry relative to the point the cameras look at (the least-squares
-    meeting point of their optical axes; real rigs aim below the origin): azimuth and elevation
-    in degrees of each camera seen from that point, its distance, and size-normalised intrinsics."""
+    """Per view: azimuth, elevation (deg) and distance seen from the point the cameras look at (the least-
+    squares meeting point of their optical axes; real rigs aim below the origin), normalised intrinsics."""
     c2w = torch.linalg.inv(torch.tensor([fr["w2c"] for fr in frames], dtype=torch.float64))  # (V, 4, 4)
     centres, axes = c2w[:, :3, 3], c2w[:, :3, 2]  # (V, 3) each
     P = torch.eye(3, dtype=torch.float64) - axes[:, :, None] * axes[:, None, :]  # (V, 3, 3) projectors
     target = torch.linalg.lstsq(P.sum(0), (P @ centres[:, :, None]).sum(0)).solution[:, 0]  # (3,)
     if len(frames) < 2 or torch.linalg.matrix_rank(P.sum(0)) < 3:
         target = torch.zeros(3, dtype=torch.float64)  # parallel axes meet nowhere: use the origin
-    rel = centres - target
-    dist = rel.norm(dim=-1)
-    d = rel / dist[:, None]
+    dist = (centres - target).norm(dim=-1)  # (V,)
+    d = (centres - target) / dist[:, None]  # (V, 3) unit directions
     intr = torch.tensor([[fr["fx"] / fr["w"], fr["fy"] / fr["h"], fr["cx"] / fr["w"], fr["cy"] / fr["h"]]
                          for fr in frames])  # (V, 4)
     az, el = torch.rad2deg(torch.atan2(d[:, 1], d[:, 0])), torch.rad2deg(torch.asin(d[:, 2].clamp(-1, 1)))
@@ -388,9 +365,8 @@ def camera_geometry(frames):
 
 
 def rig_mismatch(rig, frames, tol_deg=8.0, radius_rtol=0.1, intr_rtol=0.05):
-    """How the cameras `frames` (list of opencv frames, in view order) differ from `rig`, as a
-    readable text, or None if they agree. Directions are compared as seen from the point each
-    camera set looks at, so per-sample re-centring and a few degrees of jitter pass."""
+    """How cameras `frames` (opencv frames in view order) differ from `rig`, as text, or None. Directions
+    are seen from the point each camera set looks at, so re-centring and a few degrees of jitter pass."""
     name = rig.get("name", "rig")
     if len(frames) != len(rig["frames"]):
         return f"{len(frames)} cameras, but rig {name!r} has {len(rig['frames'])} views ({rig['views']})"
@@ -411,8 +387,7 @@ def rig_mismatch(rig, frames, tol_deg=8.0, radius_rtol=0.1, intr_rtol=0.05):
             problems.append("viewing directions differ by more than {:.0f} deg: ".format(tol_deg) + "; ".join(
                 f"view {i} ({rig['views'][i]}): cameras {fmt(a, i)}, rig {fmt(b, i)}"
                 for i in range(len(frames)) if angle[i, i] > tol_deg))
-    rel = (a["dist"] - b["dist"]).abs() / b["dist"]
-    if (rel > radius_rtol).any():
+    if ((a["dist"] - b["dist"]).abs() / b["dist"] > radius_rtol).any():
         problems.append(f"camera distance {[round(v, 2) for v in a['dist'].tolist()]} "
                         f"vs rig {[round(v, 2) for v in b['dist'].tolist()]}")
     if ((a["intr"] - b["intr"]).abs() / b["intr"].abs().clamp(min=1e-6) > intr_rtol).any():
@@ -424,19 +399,17 @@ def rig_mismatch(rig, frames, tol_deg=8.0, radius_rtol=0.1, intr_rtol=0.05):
 # ----------------------------------------------------------------------------------------------
 # Multi-view samples (FaceLift format)
 
-
 def read_list_file(list_file):
     """One sample directory per line; relative paths resolve against the list file's folder."""
     list_file = Path(list_file)
     if not list_file.exists():
         raise FileNotFoundError(f"list file {list_file} does not exist")
     lines = [ln.strip() for ln in list_file.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-    return [Path(ln) if Path(ln).is_absolute() else list_file.parent / ln for ln in lines]
+    return [list_file.parent / ln for ln in lines]  # an absolute ln stays itself
 
 
 def load_rgba(path, size=None, bg=1.0):
-    """RGBA PNG (8-bit, or 16-bit read at 8-bit precision by Pillow) -> (4, S, S) float in [0, 1]:
-    RGB composited on `bg`, alpha kept as channel 4. Resized (antialiased) to `size` if given."""
+    """RGBA (or RGB) PNG -> (4, S, S) in [0, 1]: RGB composited on `bg`, alpha kept; resized to `size`."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: image missing")
@@ -458,11 +431,8 @@ def load_rgba(path, size=None, bg=1.0):
 
 
 class MultiViewDataset(torch.utils.data.Dataset):
-    """FaceLift-format multi-view samples: `<dir>/opencv_cameras.json` + `images/cam_XXX.png`, or
-    (diffusion layout) `<dir>/cam_XXX.png` with no camera file, whose views are then the rig's.
-    Each item: the `input_views` (indices into the sample's frames) followed by `num_target_views`
-    others drawn at random per (seed, epoch, index) (-1: all the others). With a `rig`, the input
-    views' cameras must match it (else the rig-mismatch message)."""
+    """FaceLift's two sample layouts (docs/formats.md): the `input_views`, then `num_target_views` others
+    drawn per (seed, epoch, index) (-1: all). With a `rig`, the input views' cameras must match it."""
 
     def __init__(self, list_file, image_size, input_views=(0, 1, 2, 3, 4, 5), num_target_views=0,
                  rig=None, seed=0):
@@ -470,13 +440,10 @@ class MultiViewDataset(torch.utils.data.Dataset):
         if not self.samples:
             raise ValueError(f"{list_file}: no samples listed")
         self.size, self.input_views, self.num_target = image_size, list(input_views), num_target_views
-        self.rig, self.seed, self.epoch = rig, seed, 0
+        self.rig, self.seed = rig, seed
 
     def __len__(self):
         return len(self.samples)
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
 
     def read_frames(self, d):
         cam_file = d / "opencv_cameras.json"
@@ -491,12 +458,11 @@ class MultiViewDataset(torch.utils.data.Dataset):
         return [dict(fr, file_path=f"cam_{i:03d}.png") for i, fr in enumerate(self.rig["frames"])], None
 
     def __getitem__(self, key):
-        idx, epoch = key if isinstance(key, tuple) else (key, self.epoch)  # StepSampler passes (index, epoch)
+        idx, epoch = key if isinstance(key, tuple) else (key, 0)  # StepSampler passes (index, epoch)
         d = self.samples[idx]
         frames, cam_file = self.read_frames(d)
         n_target = len(frames) - len(self.input_views) if self.num_target < 0 else self.num_target
-        need = len(self.input_views) + n_target
-        if len(frames) < need or max(self.input_views) >= len(frames):
+        if len(frames) < len(self.input_views) + n_target or max(self.input_views) >= len(frames):
             raise ValueError(f"{d}: has {len(frames)} views, "
                              f"needs input views {self.input_views} + {n_target} targets")
         if self.rig is not None and cam_file is not None:
@@ -514,10 +480,9 @@ class MultiViewDataset(torch.utils.data.Dataset):
 
 
 class StepSampler:
-    """Batches of (index, epoch) as a pure function of the step: global batch `step` holds items
-    step*B .. step*B + B - 1 of an endless sequence of seeded per-epoch permutations, and each
-    rank takes its own stride of it. Resuming at step s therefore continues with the very batch
-    an uninterrupted run would have drawn, for any number of processes that divides B."""
+    """Batches of (index, epoch), a pure function of the step: global batch `step` is items step*B ..
+    (step+1)*B - 1 of endless seeded per-epoch permutations, strided over ranks. Resuming at step s
+    draws what an uninterrupted run would have drawn, for any number of processes that divides B."""
 
     def __init__(self, n, global_batch, rank=0, world=1, seed=0, start_step=0):
         assert global_batch % world == 0, f"global batch {global_batch} must divide by {world} processes"
@@ -537,10 +502,7 @@ class StepSampler:
 
 
 # ----------------------------------------------------------------------------------------------
-# Prompt embeddings: the names of a rig's views for the diffusion model
-#
-# A prompt file belongs to one rig (its views in rig order; the rig JSON names it): docs/formats.md
-
+# Prompt embeddings: one file per rig, its views in rig order (docs/formats.md)
 
 def load_prompt_embeds(path, rig, dim):
     """[V, T, D] prompt embeddings for `rig`'s V views, checked against the UNet's cross-attention width D."""
@@ -571,10 +533,8 @@ def rig_view_prompts(rig, template="a rendering image of 3D models, {view} view,
 
 @torch.no_grad()
 def clip_prompt_embeds(prompts, text_encoder_dir, tokenizer_dir=None):
-    """Per-view prompt embeddings [V, 77, D] from a local CLIP text encoder (transformers
-    CLIPTextModel + CLIPTokenizer folders, e.g. an SD 2.1 pipeline's text_encoder/ and tokenizer/),
-    the way FaceLift made clr_embeds.pt: the encoder's last hidden state of each padded prompt,
-    as diffusers' Stable Diffusion pipelines use it."""
+    """Per-view prompt embeddings [V, 77, D] from local CLIPTextModel + CLIPTokenizer folders (SD 2.1's
+    text_encoder/, tokenizer/) as FaceLift made clr_embeds.pt: the last hidden state per padded prompt."""
     from transformers import CLIPTextModel, CLIPTokenizer
     tok_dir = tokenizer_dir or Path(text_encoder_dir).parent / "tokenizer"
     tok = CLIPTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
@@ -586,25 +546,20 @@ def clip_prompt_embeds(prompts, text_encoder_dir, tokenizer_dir=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Dance clips and music features
-#
-# A clip is a directory with frames, audio.wav, poses.npy, faces.json, meta.json and optionally
-# music_feats.npy: docs/formats.md
+# Dance clips (layout: docs/formats.md) and music features
 
 DANCE_FPS = 30
 HOP = 512  # one audio hop per video frame: SR = fps x HOP (EDGE / FACT)
 VISIBLE = 0.3  # DWPose: score below this = invisible
 JOINT_SETS = {"body18": 18, "body_feet24": 24, "all134": 134}  # the first n points of the 134 layout
-# OpenPose-18 body (0 nose, 1 neck, 2-4 right arm, 5-7 left arm, 8-10 right leg, 11-13 left leg,
-# 14/15 eyes, 16/17 ears), then feet 18-23 (left big toe, small toe, heel; right big toe, small toe, heel)
+# OpenPose-18 body, then feet 18-23 (the 134 layout's joints: docs/formats.md, poses.npy)
 LIMBS = [(1, 2), (2, 3), (3, 4), (1, 5), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10), (1, 11), (11, 12),
          (12, 13), (1, 0), (0, 14), (14, 16), (0, 15), (15, 17), (13, 18), (18, 19), (13, 20), (10, 21),
          (21, 22), (10, 23)]
 
 
 def music_features(audio, sr, fps, n_frames):
-    """EDGE's 35-d features at the video rate [n_frames, 35]: onset envelope 1, MFCC 20, chroma_cens 12,
-    onset-peak one-hot 1, beat one-hot 1. Needs sr == fps * HOP so that one hop is one frame."""
+    """EDGE's 35-d features at the video rate [n_frames, 35] (docs/formats.md): one hop is one frame."""
     import librosa
     assert sr == fps * HOP, f"audio at {sr} Hz, features need fps x {HOP} = {fps * HOP} Hz"
     env = librosa.onset.onset_strength(y=audio, sr=sr, hop_length=HOP)  # (F,), F = 1 + len // HOP
@@ -613,7 +568,7 @@ def music_features(audio, sr, fps, n_frames):
     peaks = np.zeros_like(env)
     peaks[librosa.onset.onset_detect(onset_envelope=env, sr=sr, hop_length=HOP)] = 1.0
     beats = np.zeros_like(env)
-    beats[librosa.beat.beat_track(onset_envelope=env, sr=sr, hop_length=HOP, tightness=100)[1]] = 1.0
+    beats[music_beats(audio, sr, frames=True)] = 1.0
     n = min(len(env), len(mfcc), len(chroma))
     if n < n_frames:
         raise ValueError(f"audio gives {n} feature frames, the video has {n_frames}")
@@ -621,12 +576,12 @@ def music_features(audio, sr, fps, n_frames):
     return feats[:n_frames].astype(np.float32)  # the centred STFT gives one extra frame: trim to T
 
 
-def music_beats(audio, sr):
-    """Music beat times in seconds from librosa's beat tracker (Bailando's beat alignment score)."""
+def music_beats(audio, sr, frames=False):
+    """Beat times in seconds (frames=True: frame indices) from librosa's beat tracker (Bailando, EDGE)."""
     import librosa
     env = librosa.onset.onset_strength(y=audio, sr=sr, hop_length=HOP)
     beats = librosa.beat.beat_track(onset_envelope=env, sr=sr, hop_length=HOP, tightness=100)[1]
-    return librosa.frames_to_time(beats, sr=sr, hop_length=HOP)
+    return beats if frames else librosa.frames_to_time(beats, sr=sr, hop_length=HOP)
 
 
 def read_audio(path):
@@ -641,12 +596,10 @@ def read_audio(path):
 
 
 def frame_source(d):
-    """The clip's frames: ('png', [paths]) for frames/000000.png... or images/frame_0.png...
-    (StableAnimator's layout), else ('video', path) for a video.mp4 read with imageio."""
+    """('png', paths) for frames/*.png or images/frame_*.png (StableAnimator), else ('video', path)."""
     layouts = (("frames", "*.png", lambda p: p.stem), ("images", "frame_*.png", lambda p: p.stem[6:]))
     for folder, pattern, key in layouts:
-        paths = list((d / folder).glob(pattern)) if (d / folder).is_dir() else []
-        if paths:
+        if (d / folder).is_dir() and (paths := list((d / folder).glob(pattern))):
             return "png", sorted(paths, key=lambda p: int(key(p)))
     for name in ("video.mp4", "video.webm", "video.avi"):
         if (d / name).is_file():
@@ -680,8 +633,7 @@ def count_frames(source):
 
 
 def check_clip(d, fps=None):
-    """Reads and checks a clip's metadata (not its frames' pixels); returns a dict with T, fps,
-    poses, face boxes. Every problem is an error naming the file."""
+    """Checks a clip's metadata (not its pixels) -> {dir, T, fps, source, boxes, sr}; errors name the file."""
     d = Path(d)
     if not d.is_dir():
         raise FileNotFoundError(f"{d}: clip directory missing")
@@ -690,8 +642,7 @@ def check_clip(d, fps=None):
             raise FileNotFoundError(f"{d / name}: missing "
                                     "(a clip needs frames, audio.wav, poses.npy, faces.json, meta.json)")
     try:
-        meta = json.loads((d / "meta.json").read_text())
-        clip_fps = float(meta["fps"])
+        clip_fps = float(json.loads((d / "meta.json").read_text())["fps"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{d / 'meta.json'}: needs {{'fps', 'size', 'source'}} ({err!r})") from None
     if fps is not None and clip_fps != fps:
@@ -754,10 +705,8 @@ def crop_box(image, box, size):
 
 
 class DanceClipDataset(torch.utils.data.Dataset):
-    """Windows of dance clips. Each item: music [W, D], poses [W, J, 3] (the first J points of the
-    134 layout), a reference frame (a random frame with a face box, or `ref_frame` when >= 0) with
-    its pose [J, 3] and its face crop [3, 112, 112] in [0, 1]. Windows start at random per (seed,
-    epoch, index), or at `start` when >= 0. Every clip is checked when the dataset is built."""
+    """Windows of dance clips (all checked here), starting at random per (seed, epoch, index) or at `start`
+    >= 0; the reference frame is random among those with a face box, or `ref_frame` >= 0."""
 
     def __init__(self, list_file, window, joints="body_feet24", fps=DANCE_FPS, seed=0, start=-1, ref_frame=-1,
                  face_size=112):
@@ -776,16 +725,12 @@ class DanceClipDataset(torch.utils.data.Dataset):
         self.music_dim, self.J, self.window, self.fps = widths.pop(), JOINT_SETS[joints], window, fps
         self.poses = [np.load(c["dir"] / "poses.npy")[:, : self.J].astype(np.float32) for c in self.clips]
         self.seed, self.start, self.ref_frame, self.face_size = seed, start, ref_frame, face_size
-        self.epoch = 0
 
     def __len__(self):
         return len(self.clips)
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
     def __getitem__(self, key):
-        idx, epoch = key if isinstance(key, tuple) else (key, self.epoch)  # StepSampler passes (index, epoch)
+        idx, epoch = key if isinstance(key, tuple) else (key, 0)  # StepSampler passes (index, epoch)
         clip = self.clips[idx]
         rng = np.random.default_rng((self.seed, epoch, idx))
         start = self.start if self.start >= 0 else int(rng.integers(0, clip["T"] - self.window + 1))
@@ -804,11 +749,9 @@ class DanceClipDataset(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------------------------
 # Outputs: image grids, 3DGS PLY files, skeleton videos, metrics
 
-
 def save_image_grid(rows, path, groups=(), pad=2, min_cell=96):
-    """rows: list of (N, C, H, W) tensors in [0, 1] (C = 3, or 4 = RGB + alpha; alpha dropped) ->
-    one PNG with a row per entry, cells upscaled (nearest) to >= min_cell px. groups: (label,
-    columns) pairs that name the columns in a header row, e.g. [("input", 1), ("ground truth", 6)]."""
+    """rows: (N, 3 or 4, H, W) tensors in [0, 1] (alpha dropped) -> a PNG, one row each, cells upscaled to
+    >= min_cell px. groups: (label, columns) header pairs, e.g. [("input", 1), ("ground truth", 6)]."""
     k = max(1, -(-min_cell // rows[0].shape[-1]))  # integer upscale factor
     cols, (H, W) = max(r.shape[0] for r in rows), (k * n for n in rows[0].shape[-2:])
     top = 16 if groups else 0
@@ -828,17 +771,14 @@ def save_image_grid(rows, path, groups=(), pad=2, min_cell=96):
     return path
 
 
-# 3DGS's PLY vertex layout, which its viewers (SIBR, SuperSplat, ...) read: position, normal
-# (unused, zero), SH coefficients (DC then 45 higher-order, zero here), opacity as a logit,
-# scale as a log, rotation (w, x, y, z).
-PLY_FIELDS = (["x", "y", "z", "nx", "ny", "nz"] + [f"f_dc_{i}" for i in range(3)]
-              + [f"f_rest_{i}" for i in range(45)] + ["opacity"] + [f"scale_{i}" for i in range(3)]
-              + [f"rot_{i}" for i in range(4)])
+# 3DGS's PLY vertex layout (SIBR, SuperSplat, ...): position, normal (zero), SH DC then 45 higher-order
+# (zero here), opacity as a logit, scale as a log, rotation (w, x, y, z).
+PLY_FIELDS = ("x y z nx ny nz f_dc_0 f_dc_1 f_dc_2".split() + [f"f_rest_{i}" for i in range(45)]
+              + "opacity scale_0 scale_1 scale_2 rot_0 rot_1 rot_2 rot_3".split())
 
 
 def save_ply(gaussians, path):
-    """One object's Gaussians {means (N, 3), rgb (N, 3), scales (N, 3), quats (N, 4), opacities (N,)}
-    (GSLRM's output for one sample) -> a binary little-endian PLY in the standard 3DGS layout."""
+    """One sample's Gaussians {means, rgb, scales (N, 3), quats (N, 4), opacities (N,)} -> a 3DGS PLY."""
     g = {k: v.detach().float().cpu() for k, v in gaussians.items()}
     N = len(g["means"])
     opac = g["opacities"].clamp(1e-6, 1 - 1e-6)
@@ -848,9 +788,7 @@ def save_ply(gaussians, path):
     header = "".join(["ply\nformat binary_little_endian 1.0\n", f"element vertex {N}\n"]
                      + [f"property float {f}\n" for f in PLY_FIELDS] + ["end_header\n"])
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(header.encode("ascii"))
-        f.write(cols.numpy().astype("<f4").tobytes())
+    Path(path).write_bytes(header.encode("ascii") + cols.numpy().astype("<f4").tobytes())
     return path
 
 
@@ -913,8 +851,7 @@ def write_skeleton_video(path, clip, gt, pred, fps, size=128):
 
 
 def log_metrics(metrics, step, out_dir, tag="val"):
-    """One printed line `val step N | key value | ...` and one JSON line {"step": N, ...} appended to
-    <out_dir>/metrics.jsonl, so runs can be compared and plotted without parsing logs."""
+    """Prints `val step N | key value | ...` and appends {"step": N, ...} to <out_dir>/metrics.jsonl."""
     fmt = lambda v: f"{v:.2f}" if abs(v) >= 10 else f"{v:.4f}"  # noqa: E731
     line = f"{tag} step {step} | " + " | ".join(f"{k} {fmt(v)}" for k, v in metrics.items())
     with open(Path(out_dir) / "metrics.jsonl", "a") as f:
@@ -939,10 +876,8 @@ def _main(argv):
     e.add_argument("--rig", required=True)
     e.add_argument("--text_encoder", required=True,
                    help="a CLIPTextModel folder (an SD 2.1 pipeline's text_encoder/)")
-    e.add_argument("--tokenizer", default=None,
-                   help="CLIPTokenizer folder (default: tokenizer/ beside the encoder)")
-    e.add_argument("--prompts", default=None,
-                   help="'|'-separated view words in rig order (default: the rig's names)")
+    e.add_argument("--tokenizer", help="CLIPTokenizer folder (default: tokenizer/ beside the encoder)")
+    e.add_argument("--prompts", help="'|'-separated view words in rig order (default: the rig's names)")
     e.add_argument("--out", required=True)
     a = p.parse_args(argv)
     if a.cmd == "make_rigs":

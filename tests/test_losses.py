@@ -64,8 +64,9 @@ def test_perceptual_loss_matches_its_definition(tmp_path, write_vgg):
     vgg = load_vgg(tmp_path / "vgg19.pth", "vgg19")
     pred = torch.rand(2, 3, 32, 32, requires_grad=True)
     target = torch.rand(2, 3, 32, 32)
-    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None] * 255
-    x, y = pred * 255 - mean, target * 255 - mean
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    x, y = (pred - mean) / std, (target - mean) / std
     ref = (x - y).abs().mean()
     for w, idx in zip(PERCEPTUAL_WEIGHTS[1:], (3, 8, 13, 22, 31)):
         ref = ref + w * (vgg.features[: idx + 1](x) - vgg.features[: idx + 1](y)).abs().mean()

@@ -1,6 +1,8 @@
 """Multi-view diffusion: attention semantics, the zero reference-view embedding, loading FaceLift's
 unet layout, prompt embeddings, the sampler, and the training script (runs, reloads, resumes)."""
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,7 +98,7 @@ def save_facelift_layout(unet, path):
     cfg.update(_class_name="UNetMV2DConditionModel", mid_block_type="UNetMidBlockMV2DCrossAttn",
                down_block_types=[names.get(b, b) for b in cfg["down_block_types"]],
                up_block_types=[names.get(b, b) for b in cfg["up_block_types"]],
-               num_views=6, multiview_attention=True, sparse_mv_attention=True, selfattn_block="self_rowwise",
+               num_views=6, multiview_attention=True, sparse_mv_attention=True, selfattn_block="custom",
                cd_attention_last=False, cd_attention_mid=False, addition_downsample=False,
                addition_channels=[64, 64, 64])
     (path / "config.json").write_text(json.dumps(cfg))
@@ -290,9 +292,10 @@ def test_train_checkpoint_reload_and_resume(tiny_mice, tmp_path, tiny_cfg):
     assert all(torch.equal(a, b) for a, b in zip(init.state_dict().values(), model.state_dict().values()))
 
 
-def test_latent_mode_from_a_facelift_pipeline_folder(tiny_mice, tmp_path, tiny_cfg):
+def test_latent_mode_from_a_facelift_pipeline_folder(tiny_mice, tmp_path, tiny_cfg, write_vgg):
     """The real path on small weights: a pipeline folder with FaceLift's unet/ layout (8 input channels,
-    projection class embedding), a VAE and a CLIP image encoder; train a step, validate, checkpoint."""
+    projection class embedding), a VAE, a CLIP image encoder and SD 2.1-unclip's DDIM scheduler config;
+    train with FaceLift's backgrounds, validate with LPIPS, checkpoint, and resume exactly."""
     from diffusers import AutoencoderKL
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
     pipe = tmp_path / "pipeckpts"
@@ -306,10 +309,16 @@ def test_latent_mode_from_a_facelift_pipeline_folder(tiny_mice, tmp_path, tiny_c
     # class embedding input 12 = 6 (CLIP) + 6 (noise level)
     save_facelift_layout(tiny_facelift_unet(), pipe / "unet")
     (pipe / "scheduler").mkdir()
-    scheduler = {"_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}
+    scheduler = {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                 "beta_schedule": "scaled_linear", "clip_sample": False, "num_train_timesteps": 1000,
+                 "prediction_type": "v_prediction", "set_alpha_to_one": False, "steps_offset": 1}
     (pipe / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
+    write_vgg(tmp_path / "vgg16.pth", "vgg16")
+    heads = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate((64, 128, 256, 512, 512))}
+    torch.save(heads, tmp_path / "heads.pth")
     cfg = dict(image_size=32, init_from=pipe, pipeline_dir=pipe, max_steps=2, clip_sample=False,
-               beta_schedule="scaled_linear")
+               beta_schedule="scaled_linear", train_bg="three_choices", ema_decay=0,
+               lpips_vgg16_path=tmp_path / "vgg16.pth", lpips_heads_path=tmp_path / "heads.pth")
     with pytest.raises(ValueError, match=r"predict 'v_prediction', this run trains 'sample'; "
                                          r"set --prediction_type=v_prediction"):
         train_mvdiff.main(tiny_cfg(train_mvdiff, tiny_mice, tmp_path / "wrong", **cfg))
@@ -318,3 +327,14 @@ def test_latent_mode_from_a_facelift_pipeline_folder(tiny_mice, tmp_path, tiny_c
     assert model.unet.config.in_channels == 8 and (tmp_path / "out" / "val_000002_g1.png").is_file()
     saved = json.loads((tmp_path / "out" / "checkpoint-2" / "unet" / "config.json").read_text())
     assert saved["_class_name"] == "UNet2DConditionModel"
+    logged = json.loads((tmp_path / "out" / "metrics.jsonl").read_text())
+    assert {"psnr_g1", "psnr_g1_all", "ssim_g3_all", "lpips_g1", "lpips_g1_all"} <= set(logged)
+    # every draw (the VAE posterior samples included) is seeded by the step: 1 + 1 steps == 2 steps
+    train_mvdiff.main(cfg_with(cfg, out_dir=tmp_path / "r", max_steps=1))
+    resumed, _ = train_mvdiff.main(cfg_with(cfg, out_dir=tmp_path / "r", resume="auto"))
+    for (k, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), k
+
+
+def cfg_with(cfg, **kw):
+    return dataclasses.replace(cfg, **{k: str(v) if isinstance(v, Path) else v for k, v in kw.items()})
