@@ -266,6 +266,8 @@ def read_cameras(path):
         w2c = np.asarray(fr["w2c"], dtype=np.float64)
         if w2c.shape != (4, 4) or not np.isfinite(w2c).all():
             raise ValueError(f"{path}: frame {i} w2c must be a finite 4x4 matrix, got {fr['w2c']}")
+        if abs(np.linalg.det(w2c[:3, :3])) < 1e-6 or not (fr["fx"] > 0 and fr["fy"] > 0):
+            raise ValueError(f"{path}: frame {i} needs an invertible w2c and fx, fy > 0")
     return cams
 
 
@@ -431,15 +433,17 @@ def load_rgba(path, size=None, bg=1.0):
 
 
 class MultiViewDataset(torch.utils.data.Dataset):
-    """FaceLift's two sample layouts (docs/formats.md): the `input_views`, then `num_target_views` others
-    drawn per (seed, epoch, index) (-1: all). With a `rig`, the input views' cameras must match it."""
+    """FaceLift's two sample layouts (docs/formats.md): inputs from the pool `input_views` (None: all
+    frames; `num_inputs` of them drawn per (seed, epoch, index), None: all, in order), then
+    `num_target_views` others drawn likewise (-1: all). With a `rig`, the pool must match it."""
 
     def __init__(self, list_file, image_size, input_views=(0, 1, 2, 3, 4, 5), num_target_views=0,
-                 rig=None, seed=0):
+                 rig=None, seed=0, num_inputs=None):
         self.samples = read_list_file(list_file)
         if not self.samples:
             raise ValueError(f"{list_file}: no samples listed")
-        self.size, self.input_views, self.num_target = image_size, list(input_views), num_target_views
+        self.size, self.num_target, self.num_inputs = image_size, num_target_views, num_inputs
+        self.pool = None if input_views is None else list(input_views)
         self.rig, self.seed = rig, seed
 
     def __len__(self):
@@ -461,17 +465,20 @@ class MultiViewDataset(torch.utils.data.Dataset):
         idx, epoch = key if isinstance(key, tuple) else (key, 0)  # StepSampler passes (index, epoch)
         d = self.samples[idx]
         frames, cam_file = self.read_frames(d)
-        n_target = len(frames) - len(self.input_views) if self.num_target < 0 else self.num_target
-        if len(frames) < len(self.input_views) + n_target or max(self.input_views) >= len(frames):
+        pool = list(range(len(frames))) if self.pool is None else self.pool
+        k = len(pool) if self.num_inputs is None else self.num_inputs
+        n_target = len(frames) - k if self.num_target < 0 else self.num_target
+        if len(frames) < k + n_target or max(pool) >= len(frames) or k > len(pool):
             raise ValueError(f"{d}: has {len(frames)} views, "
-                             f"needs input views {self.input_views} + {n_target} targets")
+                             f"needs {k} input views from {pool} + {n_target} targets")
         if self.rig is not None and cam_file is not None:
-            msg = rig_mismatch(self.rig, [frames[i] for i in self.input_views])
+            msg = rig_mismatch(self.rig, [frames[i] for i in pool])
             if msg:
                 raise ValueError(f"{cam_file}: {msg}")
-        rest = [i for i in range(len(frames)) if i not in self.input_views]
         rng = np.random.default_rng((self.seed, epoch, idx))
-        views = self.input_views + [rest[i] for i in rng.choice(len(rest), n_target, replace=False)]
+        inputs = pool if k == len(pool) else [pool[i] for i in sorted(rng.choice(len(pool), k, replace=False))]
+        rest = [i for i in range(len(frames)) if i not in inputs]
+        views = inputs + [rest[i] for i in rng.choice(len(rest), n_target, replace=False)]
         sel = [frames[i] for i in views]
         images = torch.stack([load_rgba(d / fr["file_path"], self.size) for fr in sel])  # (V, 4, S, S)
         w2c, K = frames_to_tensors(sel, self.size)

@@ -28,11 +28,13 @@ class Config:
     data_dir: str = "data/toy_mice"  # FaceLift-format samples; the toy mice are generated here if missing
     train_list: str = "data_train.txt"  # relative to data_dir, or absolute
     val_list: str = "data_val.txt"
-    rig: str = "mouse_6view"  # the input views' cameras must match this rig (configs/rigs/<rig>.json)
+    rig: str = "mouse_6view"  # inputs come from this rig's views (a sample's first frames, checked
+    # against configs/rigs/<rig>.json); "": from any frame, no rig check (FaceLift's 32-view data)
     toy_samples: int = 200  # size of the generated toy set (only used when data_dir has no train list)
     image_size: int = 32  # views are resized to this (FaceLift: 512)
-    num_novel_views: int = 2  # extra views per sample rendered and supervised (not seen by the model)
-    num_input_views_supervised: int = 2  # input views also rendered and supervised (FaceLift: all 6)
+    num_input_views: int = 6  # drawn at random from the rig's views (FaceLift trains with 4, infers with 6)
+    num_novel_views: int = 2  # other views per sample rendered and supervised (not seen by the model)
+    num_input_views_supervised: int = 2  # input views also rendered and supervised (FaceLift: all)
     # model
     preset: str = "toy"  # GSLRM_CONFIGS: tiny | toy | facelift
     init_from: str = ""  # FaceLift ckpt_*.pt, or one of our checkpoint dirs: weights only, fresh optimizer
@@ -77,44 +79,53 @@ def lr_at(step, cfg):
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def split_views(batch, n_in=6):
+def split_views(batch, n_in):
     """Batch from MultiViewDataset -> inputs (first n_in views) and targets (the rest)."""
-    img, c2w, K = batch["images"], batch["c2w"], batch["fxfycxcy"]  # (B, V, 4, H, W): RGB on white + alpha
+    img, c2w, K = batch["images"], batch["c2w"], batch["fxfycxcy"]  # (B, V, 4, H, W): RGB on white, alpha
     inputs = (img[:, :n_in, :3], c2w[:, :n_in], K[:, :n_in])
     return inputs, (img[:, n_in:], c2w[:, n_in:], K[:, n_in:])
 
 
 @torch.no_grad()
-def evaluate(model, val_set, cfg, step, mean_image, device, out_dir, lpips_net=None, ply_path=None):
-    """Novel-view PSNR / masked PSNR / SSIM (/ LPIPS) on held-out samples (all their non-input
-    views), the same PSNR for the mean training image, a PNG grid (inputs | ground truth |
-    renders); optionally the first sample's Gaussians as a 3DGS PLY (390 MB at FaceLift's size)."""
+def evaluate(model, val_set, recon_set, cfg, step, mean_image, device, out_dir, lpips_net=None, ply_path=None):
+    """On held-out samples: PSNR / masked PSNR / SSIM (/ LPIPS) of the views the model did not see,
+    the same PSNR for the mean training image (the baseline), and `recon_psnr`: the rig's views fed
+    in and rendered back (recon_set; None: this item's inputs). A PNG grid (inputs | held-out ground
+    truth | rendered | reconstruction); optionally the first sample's Gaussians as a 3DGS PLY."""
     model.eval()
-    scores, rows = {"psnr": [], "baseline_psnr": [], "masked_psnr": [], "ssim": []}, []
+    S, n_in = cfg.image_size, cfg.num_input_views
+    scores, rows = {"psnr": [], "baseline_psnr": [], "masked_psnr": [], "ssim": [], "recon_psnr": []}, []
     if lpips_net is not None:
         scores["lpips"] = []
     for i in range(min(cfg.val_samples, len(val_set))):
-        item = val_set[i]
-        batch = {k: v[None].to(device) for k, v in item.items() if torch.is_tensor(v)}
-        (img, c2w, K), (tgt, tc2w, tK) = split_views(batch)
+        batch = {k: v[None].to(device) for k, v in val_set[i].items() if torch.is_tensor(v)}
+        (img, c2w, K), (tgt, tc2w, tK) = split_views(batch, n_in)
         gaussians = model(img, c2w, K)
-        pred = model.render(gaussians, tc2w, tK, cfg.image_size, cfg.image_size)[0, :, :3]  # (Vt, 3, H, W)
+        pred = model.render(gaussians, tc2w, tK, S, S)[0, :, :3]  # (Vt, 3, H, W)
         gt, alpha = tgt[0, :, :3], tgt[0, :, 3:]
-        scores["psnr"].append(psnr(pred, gt))
-        scores["masked_psnr"].append(masked_psnr(pred, gt, alpha))
-        scores["ssim"].append(ssim(pred, gt))
-        scores["baseline_psnr"].append(psnr(mean_image.expand_as(gt), gt))
-        if lpips_net is not None:
-            scores["lpips"].append(lpips(*lpips_net, pred, gt))
+        if len(gt):  # views the model did not see
+            scores["psnr"].append(psnr(pred, gt))
+            scores["masked_psnr"].append(masked_psnr(pred, gt, alpha))
+            scores["ssim"].append(ssim(pred, gt))
+            scores["baseline_psnr"].append(psnr(mean_image.expand_as(gt), gt))
+            if lpips_net is not None:
+                scores["lpips"].append(lpips(*lpips_net, pred, gt))
+        if recon_set is not None:  # every rig view in, rendered back
+            full = {k: v[None].to(device) for k, v in recon_set[i].items() if torch.is_tensor(v)}
+            (img, c2w, K), _ = split_views(full, full["images"].shape[1])
+            gaussians = model(img, c2w, K)
+        recon = model.render(gaussians, c2w, K, S, S)[0, :, :3]  # (V_in, 3, H, W)
+        scores["recon_psnr"].append(psnr(recon, img[0]))
         if i == 0 and ply_path:
             save_ply({k: v[0] for k, v in gaussians.items()}, ply_path)
         if i < 4:
-            rows.append(torch.cat([img[0], gt, pred]).cpu())
+            rows.append(torch.cat([batch["images"][0, :n_in, :3], gt[:4], pred[:4], recon]).cpu())
     model.train()
-    metrics = {k: torch.cat(v).mean().item() for k, v in scores.items()}
-    n_tgt = (len(rows[0]) - 6) // 2  # a row: 6 inputs, n_tgt ground truths, n_tgt renders
-    groups = [("input views", 6), ("ground truth", n_tgt), (f"rendered, step {step}", n_tgt)]
-    grid = save_image_grid(rows, Path(out_dir) / f"val_{step:06d}.png", groups)
+    metrics = {k: torch.cat(v).mean().item() for k, v in scores.items() if v}
+    n_tgt = min(4, len(gt))
+    groups = [("input views", n_in), ("held-out views", n_tgt), (f"rendered, step {step}", n_tgt),
+              ("reconstruction", len(recon))]
+    grid = save_image_grid(rows, Path(out_dir) / f"val_{step:06d}.png", [g for g in groups if g[1]])
     return metrics, grid
 
 
@@ -138,9 +149,12 @@ def main(cfg):
     train_list, val_list = data_dir / cfg.train_list, data_dir / cfg.val_list
     if data_dir == Path(Config.data_dir):
         toy_mice(data_dir, accelerator, n=cfg.toy_samples, rig=cfg.rig, size=64, seed=cfg.seed)
-    rig = load_rig(cfg.rig)
-    train_set = MultiViewDataset(train_list, cfg.image_size, range(6), cfg.num_novel_views, rig, cfg.seed)
-    val_set = MultiViewDataset(val_list, cfg.image_size, range(6), -1, rig)  # all extra views: novel views
+    rig = load_rig(cfg.rig) if cfg.rig else None
+    pool = range(len(rig["frames"])) if rig else None  # None: any frame may be an input
+    S, n_in = cfg.image_size, cfg.num_input_views
+    train_set = MultiViewDataset(train_list, S, pool, cfg.num_novel_views, rig, cfg.seed, n_in)
+    val_set = MultiViewDataset(val_list, S, pool, -1, rig, num_inputs=n_in)  # every other view is held out
+    recon_set = MultiViewDataset(val_list, S, pool, 0, rig) if rig and n_in < len(pool) else None
     # the baseline that knows nothing about the input: the mean training image
     first = [train_set[i]["images"][:, :3].mean(0) for i in range(min(100, len(train_set)))]  # (3, H, W) each
     mean_image = torch.stack(first).mean(0).to(device)
@@ -209,7 +223,8 @@ def main(cfg):
         if step % cfg.val_every == 0 or step == cfg.max_steps:
             if main_proc:
                 ply = out_dir / f"val_{step:06d}.ply" if step == cfg.max_steps else None
-                m, grid = evaluate(raw_model, val_set, cfg, step, mean_image, device, out_dir, lpips_net, ply)
+                m, grid = evaluate(raw_model, val_set, recon_set, cfg, step, mean_image, device, out_dir,
+                                   lpips_net, ply)
                 log_metrics(m, step, out_dir)  # novel views; baseline: the mean training image
                 print(f"grid {grid}" + (f" | gaussians {ply}" if ply else ""))
                 accelerator.log({f"val/{k}": v for k, v in m.items()}, step=step)
@@ -230,10 +245,10 @@ def main(cfg):
         for g in optimizer.param_groups:
             g["lr"] = g["initial_lr"] * lr / cfg.lr
         batch = {k: v.to(device) for k, v in next(loader).items() if torch.is_tensor(v)}
-        (img, c2w, K), (tgt, tc2w, tK) = split_views(batch)
+        (img, c2w, K), (tgt, tc2w, tK) = split_views(batch, n_in)
         # supervise the novel views + a random subset of the input views (a function of the step)
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + step)
-        pick = torch.randperm(6, generator=gen)[: cfg.num_input_views_supervised]
+        pick = torch.randperm(n_in, generator=gen)[: cfg.num_input_views_supervised]
         tgt = torch.cat([batch["images"][:, pick], tgt], 1)  # (B, Vt, 4, H, W)
         tc2w, tK = torch.cat([c2w[:, pick], tc2w], 1), torch.cat([K[:, pick], tK], 1)
         with accelerator.autocast():

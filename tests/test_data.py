@@ -2,14 +2,13 @@
 import hashlib
 import json
 import shutil
-import struct
-import zlib
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from conftest import write_png16
 from data import MultiViewDataset, load_rgba, load_rig, preview_samples, save_image_grid
 from toy import toy_mouse, write_toy_mice
 
@@ -85,18 +84,6 @@ def test_sample_without_camera_file_uses_rig(toy, tmp_path):
 def test_absolute_paths_in_list_file(toy, tmp_path):
     (tmp_path / "abs.txt").write_text(f"{(toy / 'mouse_00001').resolve()}\n")
     assert MultiViewDataset(tmp_path / "abs.txt", 16)[0]["path"].endswith("mouse_00001")
-
-
-def write_png16(path, rgba):
-    """A 16-bit RGBA PNG (Pillow cannot write one): (H, W, 4) uint16."""
-    h, w, _ = rgba.shape
-    raw = b"".join(b"\x00" + rgba[y].astype(">u2").tobytes() for y in range(h))
-
-    def chunk(t, d):
-        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
-
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 6, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
 
 
 def test_16bit_png_loads(tmp_path):

@@ -5,34 +5,9 @@ import json
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
 
-from models import MVAttnProcessor, MVDIFF_UNET_CONFIGS, MVUNet, load_mv_unet, save_mv_unet
-
-# FaceLift's released config (configs/mvdiffusion.yaml -> from_pretrained_2d writes these keys)
-FACELIFT_KEYS = dict(num_views=6, multiview_attention=True, sparse_mv_attention=True, selfattn_block="custom",
-                     cd_attention_last=False, cd_attention_mid=False, addition_downsample=False,
-                     addition_channels=[1280, 1280, 1280])
-
-
-def tiny_facelift_unet():
-    torch.manual_seed(0)  # FaceLift's conditioning: 4 + 4 latent channels, a projection class embedding
-    cfg = {**MVDIFF_UNET_CONFIGS["tiny"], "in_channels": 8, "out_channels": 4,
-           "class_embed_type": "projection", "projection_class_embeddings_input_dim": 12}
-    return UNet2DConditionModel(**cfg)
-
-
-def save_facelift_layout(unet, path, **keys):
-    """`unet` saved as FaceLift's unet/ folder looks: its class and block names, its extra keys."""
-    unet.save_pretrained(path)
-    cfg = json.loads((path / "config.json").read_text())
-    names = {"CrossAttnDownBlock2D": "CrossAttnDownBlockMV2D", "CrossAttnUpBlock2D": "CrossAttnUpBlockMV2D"}
-    cfg.update(_class_name="UNetMV2DConditionModel", mid_block_type="UNetMidBlockMV2DCrossAttn",
-               down_block_types=[names.get(b, b) for b in cfg["down_block_types"]],
-               up_block_types=[names.get(b, b) for b in cfg["up_block_types"]], **{**FACELIFT_KEYS, **keys})
-    (path / "config.json").write_text(json.dumps(cfg))
-    return path
-
+from conftest import save_facelift_layout, tiny_facelift_unet
+from models import MVAttnProcessor, MVUNet, load_mv_unet, save_mv_unet
 
 def run(model, seed=0):
     c = model.unet.config

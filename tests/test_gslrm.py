@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_gslrm
+from conftest import fabricate_facelift_ckpt
 from data import frames_to_tensors, load_ply, load_rig
 from models import GSLRM, GSLRM_CONFIGS, facelift_gslrm_key_map, get_rays, load_facelift_gslrm
 
@@ -39,30 +40,6 @@ def test_forward_shapes_and_pixel_alignment():
     assert ((t - t_mid).abs() <= 1.8 + 1e-4).all()
     assert (g["scales"] <= torch.exp(torch.tensor(-1.2)) + 1e-6).all()
     assert torch.allclose(g["quats"].norm(dim=-1), torch.ones(2, N))
-
-
-def fabricate_facelift_ckpt(path, layers=2, d=32, patch=8, drop=None, extra=None, bad_shape=None):
-    """A checkpoint in FaceLift's exact key layout (tiny sizes), with the VGG loss keys it carries."""
-    shapes = {"patch_embedder.1.weight": (d, 9 * patch * patch), "gaussian_position_embeddings": (2, d),
-              "input_layer_norm.weight": (d,), "gaussian_upsampler.layernorm.weight": (d,),
-              "gaussian_upsampler.linear.weight": (14, d), "pixel_gaussian_decoder.0.weight": (d,),
-              "pixel_gaussian_decoder.1.weight": (patch * patch * 14, d)}
-    for i in range(layers):
-        p = f"transformer_layers.{i}"
-        shapes.update({f"{p}.norm1.weight": (d,), f"{p}.norm2.weight": (d,),
-                       f"{p}.attn.to_qkv.weight": (3 * d, d), f"{p}.attn.fc.weight": (d, d),
-                       f"{p}.mlp.mlp.0.weight": (4 * d, d), f"{p}.mlp.mlp.2.weight": (d, 4 * d)})
-    sd = {k: torch.randn(s) for k, s in shapes.items()}
-    sd["loss_calculator.perceptual_loss_module.vgg.0.weight"] = torch.randn(64, 3, 3, 3)
-    if drop:
-        sd.pop(drop)
-    if extra:
-        sd[extra] = torch.zeros(1)
-    if bad_shape:
-        sd[bad_shape] = torch.zeros(3, 3)
-    torch.save({"model": sd, "optimizer": {}, "lr_scheduler": {}, "fwdbwd_pass_step": 21125,
-                "param_update_step": 21125}, path)
-    return sd
 
 
 def test_facelift_converter(tmp_path):

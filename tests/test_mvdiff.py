@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, UNet2DConditionModel
+from diffusers import DDIMScheduler
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from safetensors.torch import load_file, save_file
 
@@ -14,7 +14,8 @@ import data
 import train_mvdiff
 from data import clip_prompt_embeds, load_config, load_prompt_embeds, load_rig, rig_view_prompts
 from losses import diffusion_target, min_snr_weight
-from models import MVAttnProcessor, MVDIFF_UNET_CONFIGS, build_mv_unet, load_mv_unet, sample_views
+from models import MVAttnProcessor, build_mv_unet, load_mv_unet, sample_views
+from conftest import save_facelift_layout, tiny_facelift_unet, write_facelift_pipeline
 from toy import toy_rig_prompt_embeds, write_toy_mice
 
 V = 4
@@ -87,28 +88,6 @@ def test_zero_reference_embedding_at_init():
     assert torch.equal(sparse(noisy, t, pe, idx, ref).flatten(0, 1), bare)
     torch.nn.init.normal_(dense.ref_view_embed.weight)
     assert not torch.allclose(dense(noisy, t, pe, torch.tensor([3, 3]), ref), out0, atol=1e-4)
-
-
-def save_facelift_layout(unet, path):
-    """A diffusers UNet saved the way FaceLift's unet/ folder looks: its class and block names, its
-    extra keys."""
-    unet.save_pretrained(path)
-    cfg = json.loads((path / "config.json").read_text())
-    names = {"CrossAttnDownBlock2D": "CrossAttnDownBlockMV2D", "CrossAttnUpBlock2D": "CrossAttnUpBlockMV2D"}
-    cfg.update(_class_name="UNetMV2DConditionModel", mid_block_type="UNetMidBlockMV2DCrossAttn",
-               down_block_types=[names.get(b, b) for b in cfg["down_block_types"]],
-               up_block_types=[names.get(b, b) for b in cfg["up_block_types"]],
-               num_views=6, multiview_attention=True, sparse_mv_attention=True, selfattn_block="custom",
-               cd_attention_last=False, cd_attention_mid=False, addition_downsample=False,
-               addition_channels=[64, 64, 64])
-    (path / "config.json").write_text(json.dumps(cfg))
-
-
-def tiny_facelift_unet():
-    torch.manual_seed(0)  # FaceLift's conditioning: 4 + 4 latent channels, a projection class embedding
-    cfg = {**MVDIFF_UNET_CONFIGS["tiny"], "in_channels": 8, "out_channels": 4,
-           "class_embed_type": "projection", "projection_class_embeddings_input_dim": 12}
-    return UNet2DConditionModel(**cfg)
 
 
 def test_facelift_layout_loads_exactly(tmp_path):
@@ -296,23 +275,7 @@ def test_latent_mode_from_a_facelift_pipeline_folder(tiny_mice, tmp_path, tiny_c
     """The real path on small weights: a pipeline folder with FaceLift's unet/ layout (8 input channels,
     projection class embedding), a VAE, a CLIP image encoder and SD 2.1-unclip's DDIM scheduler config;
     train with FaceLift's backgrounds, validate with LPIPS, checkpoint, and resume exactly."""
-    from diffusers import AutoencoderKL
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-    pipe = tmp_path / "pipeckpts"
-    torch.manual_seed(0)
-    AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                  block_out_channels=(8,) * 4, layers_per_block=1, norm_num_groups=8,
-                  latent_channels=4).save_pretrained(pipe / "vae")
-    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                              num_attention_heads=2, image_size=224, patch_size=32, projection_dim=6)
-    CLIPVisionModelWithProjection(vision).save_pretrained(pipe / "image_encoder")
-    # class embedding input 12 = 6 (CLIP) + 6 (noise level)
-    save_facelift_layout(tiny_facelift_unet(), pipe / "unet")
-    (pipe / "scheduler").mkdir()
-    scheduler = {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
-                 "beta_schedule": "scaled_linear", "clip_sample": False, "num_train_timesteps": 1000,
-                 "prediction_type": "v_prediction", "set_alpha_to_one": False, "steps_offset": 1}
-    (pipe / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
+    pipe = write_facelift_pipeline(tmp_path / "pipeckpts")
     write_vgg(tmp_path / "vgg16.pth", "vgg16")
     heads = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate((64, 128, 256, 512, 512))}
     torch.save(heads, tmp_path / "heads.pth")

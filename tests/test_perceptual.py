@@ -10,49 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from losses import perceptual_loss
+from conftest import MAT_CONVS, write_mat
 from models import load_vgg
 
 # FaceLift's loss, written out: 16 conv layers of imagenet-vgg-verydeep-19.mat, features after
 # relu1_2, relu2_2, relu3_2, relu4_2, relu5_2 (convs 2, 4, 6, 10, 14), 2x2 average pools after
 # convs 2, 4, 8, 12; input RGB x255 minus the mean pixel; weights [image, 5 features]; sum / 255
-MAT_CONVS = [0, 2, 5, 7, 10, 12, 14, 16, 19, 21, 23, 25, 28, 30, 32, 34]
-WIDTHS = [64, 64, 128, 128, 256, 256, 256, 256, 512, 512, 512, 512, 512, 512, 512, 512]
 TAPS, POOLS = (2, 4, 6, 10, 14), (2, 4, 8, 12)
 WEIGHTS = [1.0, 1 / 2.6, 1 / 4.8, 1 / 3.7, 1 / 5.6, 10 / 1.5]
 MEAN_PIXEL = torch.tensor([123.68, 116.779, 103.939])[:, None, None]
-
-
-def cell(*items):
-    c = np.empty((1, len(items)), dtype=object)  # a MATLAB 1xN cell
-    c[0, :] = items
-    return c
-
-
-def write_mat(path, seed=0, drop=(), shapes=None, n_layers=43):
-    """imagenet-vgg-verydeep-19.mat's layout: `layers` = 1x43 cell of structs (name, type[, weights]):
-    conv/relu pairs, a pool after each block, then fc6..fc8 (tiny stand-ins here) and prob.
-    `drop`: conv indices written without weights; `shapes`: {index: W shape} overrides.
-    Returns the conv weights {index: (W (3, 3, in, out), b)}."""
-    rng, layers, convs, c_in = np.random.default_rng(seed), [], {}, 3
-    for blk, n in enumerate([2, 2, 4, 4, 4], 1):
-        for k in range(1, n + 1):
-            i, c_out = len(layers), WIDTHS[len(convs)]
-            shape = (shapes or {}).get(i, (3, 3, c_in, c_out))
-            w = (rng.standard_normal(shape) * (2 / (9 * c_in)) ** 0.5).astype(np.float32)
-            b = (rng.standard_normal((c_out, 1) if k % 2 else (1, c_out)) * 0.1).astype(np.float32)
-            convs[i], c_in = (w, b), c_out
-            layer = {"name": f"conv{blk}_{k}", "type": "conv", "weights": cell(w, b)}
-            layers += [{"name": f"conv{blk}_{k}", "type": "conv"} if i in drop else layer,
-                       {"name": f"relu{blk}_{k}", "type": "relu"}]
-        layers.append({"name": f"pool{blk}", "type": "pool"})
-    for name, c in [("fc6", 4), ("fc7", 4), ("fc8", 2)]:
-        small = cell(np.zeros((1, 1, 2, c), np.float32), np.zeros((c, 1), np.float32))
-        layers += [{"name": name, "type": "conv", "weights": small}]
-        layers += [{"name": f"relu{name[2]}", "type": "relu"}] if name != "fc8" else []
-    layers.append({"name": "prob", "type": "softmax"})
-    assert len(layers) == 43 and sorted(convs)[:16] == MAT_CONVS
-    scipy.io.savemat(path, {"layers": cell(*layers[:n_layers])})
-    return convs
 
 
 def facelift_loss(convs, pred, target):
@@ -75,12 +41,6 @@ def facelift_loss(convs, pred, target):
     for w, a, b in zip(WEIGHTS[1:], features(x), features(y)):
         loss = loss + w * (a - b).abs().mean()
     return loss / 255
-
-
-@pytest.fixture(scope="module")
-def vgg19_mat(tmp_path_factory):
-    path = tmp_path_factory.mktemp("mat") / "imagenet-vgg-verydeep-19.mat"
-    return path, write_mat(path)
 
 
 def test_load_matconvnet_vgg19_gives_its_weights_exactly(vgg19_mat):

@@ -1,0 +1,107 @@
+"""Every shipped config runs: each configs/*.yaml is loaded as written, given tiny weights and tiny
+data in the real layouts it names (a FaceLift pipeline folder, FaceLift's GS-LRM `.pt`, MatConvNet's
+`.mat`, an arcface_torch `.pth`, FaceLift's 32-view 16-bit samples, ...), and run for 2 steps with
+one validation and one checkpoint. Only sizes, steps and paths are overridden."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train_dance
+import train_gslrm
+import train_mvdiff
+from conftest import fabricate_facelift_ckpt, write_facelift_pipeline, write_png16
+from data import load_config, read_cameras, read_list_file
+from models import IRESNET_CONFIGS, IResNet
+from toy import write_toy_mice
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+SHORT = dict(max_steps=2, warmup_steps=1, val_every=2, ckpt_every=2, num_workers=0, log_every=1)
+
+
+def run(script, config, **overrides):
+    args = [f"--{k}={v}" for k, v in overrides.items()]
+    cfg = load_config(script.Config, ["--cfg", str(CONFIGS / config)] + args)
+    return cfg, script.main(cfg)
+
+
+def lpips_files(tmp_path, write_vgg):
+    write_vgg(tmp_path / "vgg16.pth", "vgg16")
+    heads = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate((64, 128, 256, 512, 512))}
+    torch.save(heads, tmp_path / "heads.pth")
+    return dict(lpips_vgg16_path=tmp_path / "vgg16.pth", lpips_heads_path=tmp_path / "heads.pth")
+
+
+def mouse_mvdiffusion_6x_aug(tmp_path, tiny_mice, write_vgg, **_):
+    pipe = write_facelift_pipeline(tmp_path / "pipeckpts")
+    dim = json.loads((pipe / "unet" / "config.json").read_text())["cross_attention_dim"]
+    torch.save(torch.randn(6, 77, dim), tmp_path / "clr_embeds.pt")  # the rig's 6 views, the UNet's width
+    cfg, (model, ema) = run(train_mvdiff, "mouse_mvdiffusion_6x_aug.yaml", data_dir=tiny_mice,
+                            prompt_embeds=tmp_path / "clr_embeds.pt", init_from=pipe, pipeline_dir=pipe,
+                            image_size=32, batch_size=1, val_samples=2, val_steps=2, out_dir=tmp_path / "out",
+                            **lpips_files(tmp_path, write_vgg), **SHORT)
+    assert cfg.prediction_type == "v_prediction" and cfg.train_bg == "three_choices" and ema is not None
+    return "psnr_g1_all", "lpips_g3"
+
+
+def mouse_gslrm_synthetic(tmp_path, vgg19_mat, **_):
+    # the synthetic layout: 6 views of the rig per sample, nothing else
+    data = write_toy_mice(tmp_path / "synthetic", n=4, size=16, n_extra=0, n_val=2, progress=False)
+    fabricate_facelift_ckpt(tmp_path / "ckpt.pt")  # the tiny preset's sizes
+    cfg, model = run(train_gslrm, "mouse_gslrm_synthetic.yaml", data_dir=data, preset="tiny",
+                     init_from=tmp_path / "ckpt.pt", vgg19_path=vgg19_mat[0], image_size=16, l2_warmup_steps=1,
+                     val_samples=2, out_dir=tmp_path / "out", **SHORT)
+    assert (cfg.num_input_views, cfg.num_novel_views, cfg.num_input_views_supervised) == (4, 2, 4)
+    return "psnr", "recon_psnr"  # the 2 held-out rig views, and all 6 in -> 6 out
+
+
+def facelift_gslrm(tmp_path, vgg19_mat, **_):
+    # FaceLift's GS-LRM samples: 32 views, 16-bit RGBA, extra frame keys, a list file of absolute paths
+    data = write_toy_mice(tmp_path / "facelift", n=3, rig="facelift_6view", size=16, n_extra=26, n_val=1,
+                          progress=False)
+    for split in ("data_train.txt", "data_val.txt"):
+        dirs = read_list_file(data / split)
+        for d in dirs:
+            cams = read_cameras(d / "opencv_cameras.json")
+            for i, fr in enumerate(cams["frames"]):
+                rgba = np.asarray(Image.open(d / fr["file_path"]), dtype=np.uint16) * 257  # (H, W, 4)
+                write_png16(d / fr["file_path"], rgba)
+                fr.update(blender_camera_name=f"Camera_{i}", blender_camera_location=[0.0, 0.0, 0.0])
+            (d / "opencv_cameras.json").write_text(json.dumps(cams))
+        (data / split).write_text("".join(f"{d.resolve()}\n" for d in dirs))
+    fabricate_facelift_ckpt(tmp_path / "ckpt.pt")
+    cfg, model = run(train_gslrm, "facelift_gslrm.yaml", data_dir=data, preset="tiny",
+                     init_from=tmp_path / "ckpt.pt", vgg19_path=vgg19_mat[0], image_size=16, l2_warmup_steps=1,
+                     val_samples=1, batch_size=1, out_dir=tmp_path / "out", **SHORT)
+    assert cfg.rig == "" and cfg.num_input_views + cfg.num_novel_views == 8  # FaceLift's 8 views
+    return "psnr", "recon_psnr"
+
+
+def dance_stage_a(tmp_path, tiny_dance, **_):
+    torch.manual_seed(0)
+    torch.save(IResNet(**IRESNET_CONFIGS["toy"]).state_dict(), tmp_path / "backbone.pth")  # arcface_torch
+    short = dict(SHORT, stage_a_steps=SHORT["max_steps"])
+    del short["max_steps"]
+    cfg, m2p = run(train_dance, "dance_stage_a.yaml", data_dir=tiny_dance, face_recognizer_path=tmp_path /
+                   "backbone.pth", face_recognizer_arch="toy", m2p_preset="tiny", window=30, batch_size=2,
+                   val_clips=2, out_dir=tmp_path / "out", **short)
+    assert cfg.fps == 30 and cfg.stage_a_lr == 1e-4
+    return "err", "beat_align_shuffled"
+
+
+RUNS = {f.__name__: f for f in (mouse_mvdiffusion_6x_aug, mouse_gslrm_synthetic, facelift_gslrm, dance_stage_a)}
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIGS.glob("*.yaml")))
+def test_shipped_config_runs(name, tmp_path, tiny_mice, tiny_dance, vgg19_mat, write_vgg):
+    assert name in RUNS, f"configs/{name}.yaml has no smoke test: add one to {Path(__file__).name}"
+    keys = RUNS[name](tmp_path=tmp_path, tiny_mice=tiny_mice, tiny_dance=tiny_dance, vgg19_mat=vgg19_mat,
+                      write_vgg=write_vgg)
+    out = tmp_path / "out" / ("stage_A" if name.startswith("dance") else "")
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["step"] == 2 and set(keys) <= set(logged[-1]), logged[-1]
+    assert all(np.isfinite(v) for v in logged[-1].values()), logged[-1]
+    assert (out / "checkpoint-2" / "state.pt").is_file() and (out / "checkpoint-2" / "config.yaml").is_file()
