@@ -769,9 +769,11 @@ def save_image_grid(rows, path, groups=(), pad=2, min_cell=96):
             y, x = top + pad + i * (H + pad), pad + j * (W + pad)
             grid[:, y: y + H, x: x + W] = im
     im = Image.fromarray((grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8))
-    col = 0
-    for label, n in groups:
-        ImageDraw.Draw(im).text((pad + col * (W + pad) + 2, 2), label, fill=(0, 0, 0))
+    col, draw = 0, ImageDraw.Draw(im)
+    for label, n in groups:  # the label, and a grey rule in the gap before the group
+        draw.text((pad + col * (W + pad) + 2, 2), label, fill=(0, 0, 0))
+        if col:
+            draw.rectangle([col * (W + pad), 0, col * (W + pad) + pad - 1, im.height - 1], fill=(150, 150, 150))
         col += n
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     im.save(path)

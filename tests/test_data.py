@@ -148,7 +148,10 @@ def test_grid_cells_are_nearest_upscaled_under_a_header_row(tmp_path):
     plain = np.asarray(Image.open(save_image_grid(rows, tmp_path / "a.png")))
     named = np.asarray(Image.open(save_image_grid(rows, tmp_path / "b.png", [("input", 1), ("output", 2)])))
     assert named.shape == (plain.shape[0] + 16, plain.shape[1], 3)
-    assert np.array_equal(named[16:], plain)  # the header only adds a strip on top
+    rule = 1 * (96 + 2)  # the gap before the second group's first column
+    assert (named[:, rule: rule + 2] == 150).all()  # a grey rule between the groups
+    named = np.delete(named, [rule, rule + 1], axis=1)
+    assert np.array_equal(named[16:], np.delete(plain, [rule, rule + 1], axis=1))  # cells untouched
     assert (named[:16] < 128).any() and (named[:16] < 128).sum() < 0.3 * named[:16].size  # dark text on white
     cell = plain[2:98, 2:98]  # (96, 96, 3): the first cell, each source pixel a 3x3 block
     assert np.array_equal(cell, np.repeat(np.repeat(cell[::3, ::3], 3, 0), 3, 1))
