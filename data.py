@@ -442,6 +442,9 @@ class MultiViewDataset(torch.utils.data.Dataset):
         self.samples = read_list_file(list_file)
         if not self.samples:
             raise ValueError(f"{list_file}: no samples listed")
+        if missing := [d for d in self.samples if not d.is_dir()]:  # e.g. another machine's absolute paths
+            raise FileNotFoundError(f"sample folder {missing[0]} does not exist (listed in {list_file}; "
+                                    f"{len(missing)} of {len(self.samples)} listed folders are missing)")
         self.size, self.num_target, self.num_inputs = image_size, num_target_views, num_inputs
         self.pool = None if input_views is None else list(input_views)
         self.rig, self.seed = rig, seed
