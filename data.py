@@ -392,9 +392,11 @@ def rig_mismatch(rig, frames, tol_deg=8.0, radius_rtol=0.1, intr_rtol=0.05):
     if ((a["dist"] - b["dist"]).abs() / b["dist"] > radius_rtol).any():
         problems.append(f"camera distance {[round(v, 2) for v in a['dist'].tolist()]} "
                         f"vs rig {[round(v, 2) for v in b['dist'].tolist()]}")
-    if ((a["intr"] - b["intr"]).abs() / b["intr"].abs().clamp(min=1e-6) > intr_rtol).any():
-        problems.append(f"intrinsics (fx/w, fy/h, cx/w, cy/h) {a['intr'][0].tolist()} "
-                        f"vs rig {b['intr'][0].tolist()}")
+    off = ((a["intr"] - b["intr"]).abs() / b["intr"].abs().clamp(min=1e-6) > intr_rtol).any(1)  # (V,)
+    for i in off.nonzero()[:, 0].tolist():
+        problems.append(f"view {i} ({rig['views'][i]}) intrinsics (fx/w, fy/h, cx/w, cy/h) "
+                        f"{[round(v, 4) for v in a['intr'][i].tolist()]} vs rig "
+                        f"{[round(v, 4) for v in b['intr'][i].tolist()]}")
     return None if not problems else f"cameras do not match rig {name!r}: " + "; ".join(problems)
 
 

@@ -80,6 +80,11 @@ def test_rig_mismatch_other_problems():
     for fr in wider:
         fr["fx"] = fr["fy"] = 400.0
     assert "intrinsics" in rig_mismatch(rig, wider)
+    one = copy.deepcopy(rig["frames"])
+    one[3]["fx"] = 600.0  # only view 3 differs: the message names it with its own numbers
+    msg = rig_mismatch(rig, one)
+    assert "view 3 (cam3_az-24) intrinsics" in msg and "[1.1719, 1.0722, 0.5, 0.5] vs rig [1.0722" in msg
+    assert "view 0" not in msg
     far = [make_frame(orbit_c2w(az, 20, 4.0), 512, 548.99) for az in [-145, 32, 97, -24, 158, -79]]
     assert "distance" in rig_mismatch(rig, far)
     shifted = [make_frame(orbit_c2w(az + 30, 20, 2.7), 512, 548.99) for az in [-145, 32, 97, -24, 158, -79]]
