@@ -77,7 +77,7 @@ class Config:
 # The seed's generic command-line names, accepted as they are written (and in yaml files)
 ALIASES = {"train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
            "lr_warmup_steps": "warmup_steps", "gradient_clip_norm": "grad_clip", "output_dir": "out_dir",
-           "gradient_checkpointing": "grad_checkpoint", "num_workers": "num_workers"}
+           "gradient_checkpointing": "grad_checkpoint"}  # --num_workers is already the seed's name
 
 
 def lr_at(step, cfg):
