@@ -481,7 +481,7 @@ class MultiViewDataset(torch.utils.data.Dataset):
             if msg:
                 raise ValueError(f"{cam_file}: {msg}")
         rng = np.random.default_rng((self.seed, epoch, idx))
-        inputs = pool if k == len(pool) else [pool[i] for i in sorted(rng.choice(len(pool), k, replace=False))]
+        inputs = pool if k == len(pool) else [pool[i] for i in sorted(rng.choice(len(pool), k, False))]
         rest = [i for i in range(len(frames)) if i not in inputs]
         views = inputs + [rest[i] for i in rng.choice(len(rest), n_target, replace=False)]
         sel = [frames[i] for i in views]
@@ -778,7 +778,8 @@ def save_image_grid(rows, path, groups=(), pad=2, min_cell=96):
     for label, n in groups:  # the label, and a grey rule in the gap before the group
         draw.text((pad + col * (W + pad) + 2, 2), label, fill=(0, 0, 0))
         if col:
-            draw.rectangle([col * (W + pad), 0, col * (W + pad) + pad - 1, im.height - 1], fill=(150, 150, 150))
+            x = col * (W + pad)
+            draw.rectangle([x, 0, x + pad - 1, im.height - 1], fill=(150, 150, 150))
         col += n
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     im.save(path)

@@ -87,7 +87,8 @@ def split_views(batch, n_in):
 
 
 @torch.no_grad()
-def evaluate(model, val_set, recon_set, cfg, step, mean_image, device, out_dir, lpips_net=None, ply_path=None):
+def evaluate(model, val_set, recon_set, cfg, step, mean_image, device, out_dir, lpips_net=None,
+             ply_path=None):
     """On held-out samples: PSNR / masked PSNR / SSIM (/ LPIPS) of the views the model did not see,
     the same PSNR for the mean training image (the baseline), and `recon_psnr`: the rig's views fed
     in and rendered back (recon_set; None: this item's inputs). A PNG grid (inputs | held-out ground

@@ -60,7 +60,7 @@ class Config:
     beta_end: float = 0.012
     clip_sample: bool = True  # clip predicted x0 to [-1, 1] when sampling: pixels yes, latents no
     snr_gamma: float = 5.0  # min-SNR weighting; 0 = off
-    cond_drop_rate: float = 0.05  # FaceLift's drop_as_a_whole: u < r drops CLIP, < 2r both, < 3r the reference
+    cond_drop_rate: float = 0.05  # FaceLift's drop_as_a_whole: u < r: CLIP, < 2r: both, < 3r: reference
     train_bg: str = "white"  # white | three_choices (white, black or grey per object: FaceLift's training)
     # optimisation
     batch_size: int = 4  # objects per process per micro-step (x 6 views)

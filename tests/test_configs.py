@@ -52,8 +52,8 @@ def mouse_gslrm_synthetic(tmp_path, vgg19_mat, **_):
     data = write_toy_mice(tmp_path / "synthetic", n=4, size=16, n_extra=0, n_val=2, progress=False)
     fabricate_facelift_ckpt(tmp_path / "ckpt.pt")  # the tiny preset's sizes
     cfg, model = run(train_gslrm, "mouse_gslrm_synthetic.yaml", data_dir=data, preset="tiny",
-                     init_from=tmp_path / "ckpt.pt", vgg19_path=vgg19_mat[0], image_size=16, l2_warmup_steps=1,
-                     val_samples=2, out_dir=tmp_path / "out", **SHORT)
+                     init_from=tmp_path / "ckpt.pt", vgg19_path=vgg19_mat[0], image_size=16,
+                     l2_warmup_steps=1, val_samples=2, out_dir=tmp_path / "out", **SHORT)
     assert (cfg.num_input_views, cfg.num_novel_views, cfg.num_input_views_supervised) == (4, 2, 4)
     return "psnr", "recon_psnr"  # the 2 held-out rig views, and all 6 in -> 6 out
 
@@ -74,8 +74,8 @@ def facelift_gslrm(tmp_path, vgg19_mat, **_):
         (data / split).write_text("".join(f"{d.resolve()}\n" for d in dirs))
     fabricate_facelift_ckpt(tmp_path / "ckpt.pt")
     cfg, model = run(train_gslrm, "facelift_gslrm.yaml", data_dir=data, preset="tiny",
-                     init_from=tmp_path / "ckpt.pt", vgg19_path=vgg19_mat[0], image_size=16, l2_warmup_steps=1,
-                     val_samples=1, batch_size=1, out_dir=tmp_path / "out", **SHORT)
+                     init_from=tmp_path / "ckpt.pt", vgg19_path=vgg19_mat[0], image_size=16,
+                     l2_warmup_steps=1, val_samples=1, batch_size=1, out_dir=tmp_path / "out", **SHORT)
     assert cfg.rig == "" and cfg.num_input_views + cfg.num_novel_views == 8  # FaceLift's 8 views
     return "psnr", "recon_psnr"
 
@@ -92,7 +92,8 @@ def dance_stage_a(tmp_path, tiny_dance, **_):
     return "err", "beat_align_shuffled"
 
 
-RUNS = {f.__name__: f for f in (mouse_mvdiffusion_6x_aug, mouse_gslrm_synthetic, facelift_gslrm, dance_stage_a)}
+RUNS = {f.__name__: f for f in (mouse_mvdiffusion_6x_aug, mouse_gslrm_synthetic, facelift_gslrm,
+                                 dance_stage_a)}
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in CONFIGS.glob("*.yaml")))

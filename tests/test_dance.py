@@ -182,10 +182,14 @@ def test_train_freezes_runs_and_resume_continues_exactly(tiny_dance, tmp_path, c
         assert torch.allclose(full[k], resumed[k], atol=1e-6), k
 
 
-def test_gradient_accumulation_and_missing_features_are_computed(tiny_dance, tmp_path, tiny_cfg):
+def test_gradient_accumulation_and_missing_features_are_computed(tiny_dance, tmp_path, tiny_cfg, monkeypatch):
     data = shutil.copytree(tiny_dance, tmp_path / "data")
     (data / "clip_00000" / "music_feats.npy").unlink()  # computed from audio.wav and cached
-    m2p = train_dance.main(tiny_cfg(train_dance, data, tmp_path / "out", stage_a_steps=1, grad_accum=2))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    cfg = tiny_cfg(train_dance, data, tmp_path / "out", stage_a_steps=1, grad_accum=2, wandb=True)
+    m2p = train_dance.main(cfg)
+    assert list(tmp_path.glob("wandb/offline-run-*/files/media/images/val/frame_*.png"))  # the picture
     cached, made = (np.load(d / "clip_00000" / "music_feats.npy") for d in (data, tiny_dance))
     assert np.allclose(cached, made, atol=1e-4)
     assert all(p.requires_grad for p in m2p.parameters())

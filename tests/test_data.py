@@ -85,9 +85,11 @@ def test_absolute_paths_in_list_file(toy, tmp_path):
     (tmp_path / "abs.txt").write_text(f"{(toy / 'mouse_00001').resolve()}\n")
     assert MultiViewDataset(tmp_path / "abs.txt", 16)[0]["path"].endswith("mouse_00001")
     # FaceLift's own list files hold its author's absolute paths: said as such, not as a layout problem
-    (tmp_path / "theirs.txt").write_text(f"{(toy / 'mouse_00001').resolve()}\n/home/someone/data/sample_000\n")
+    theirs = f"{(toy / 'mouse_00001').resolve()}\n/home/someone/data/sample_000\n"
+    (tmp_path / "theirs.txt").write_text(theirs)
     with pytest.raises(FileNotFoundError, match=r"sample folder /home/someone/data/sample_000 does not exist "
-                                                r"\(listed in .*theirs.txt; 1 of 2 listed folders are missing\)"):
+                                                r"\(listed in .*theirs.txt; 1 of 2 listed folders are "
+                                                r"missing\)"):
         MultiViewDataset(tmp_path / "theirs.txt", 16)
 
 

@@ -243,7 +243,7 @@ def test_wrong_views_is_a_derangement_of_the_generated_views():
         assert (w[o] != torch.arange(6)[o]).all()  # ... that moves every one of them
 
 
-def test_train_checkpoint_reload_and_resume(tiny_mice, tmp_path, tiny_cfg):
+def test_train_checkpoint_reload_and_resume(tiny_mice, tmp_path, tiny_cfg, monkeypatch):
     model, ema = train_mvdiff.main(tiny_cfg(train_mvdiff, tiny_mice, tmp_path / "a"))
     ckpt = tmp_path / "a" / "checkpoint-4"
     assert (ckpt / "unet_ema").is_dir() and (ckpt / "prompt_embeds.pt").is_file()
@@ -265,9 +265,13 @@ def test_train_checkpoint_reload_and_resume(tiny_mice, tmp_path, tiny_cfg):
     assert any(not torch.equal(first[k], v) for k, v in resumed.state_dict().items())
     for (k, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), k
-    # init_from one of our checkpoints loads its unet/
-    cfg = tiny_cfg(train_mvdiff, tiny_mice, tmp_path / "c", max_steps=0, init_from=ckpt, ema_decay=0)
+    # init_from one of our checkpoints loads its unet/ (and with wandb on, the grids go there as pictures)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    cfg = tiny_cfg(train_mvdiff, tiny_mice, tmp_path / "c", max_steps=0, init_from=ckpt, ema_decay=0,
+                   wandb=True)
     init, _ = train_mvdiff.main(cfg)
+    assert len(list(tmp_path.glob("wandb/offline-run-*/files/media/images/val/grid_g*.png"))) == 2
     assert all(torch.equal(a, b) for a, b in zip(init.state_dict().values(), model.state_dict().values()))
 
 
