@@ -146,7 +146,9 @@ def stage_a(cfg):
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
         if cfg.wandb:
-            accelerator.init_trackers(cfg.wandb_project, config=vars(cfg))
+            # the run's wandb files beside its outputs: <out_dir>/wandb/
+            accelerator.init_trackers(cfg.wandb_project, config=vars(cfg),
+                                      init_kwargs={"wandb": {"dir": str(out_dir)}})
 
     # data: the toy dancers on the default folder
     data_dir = Path(cfg.data_dir)

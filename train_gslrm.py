@@ -143,7 +143,9 @@ def main(cfg):
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
         if cfg.wandb:
-            accelerator.init_trackers(cfg.wandb_project, config=vars(cfg))
+            # the run's wandb files beside its outputs: <out_dir>/wandb/
+            accelerator.init_trackers(cfg.wandb_project, config=vars(cfg),
+                                      init_kwargs={"wandb": {"dir": str(out_dir)}})
 
     # data: generate the toy mice once (main process), everyone waits
     data_dir = Path(cfg.data_dir)

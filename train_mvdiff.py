@@ -241,7 +241,9 @@ def main(cfg):
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
         if cfg.wandb:
-            accelerator.init_trackers(cfg.wandb_project, config=vars(cfg))
+            # the run's wandb files beside its outputs: <out_dir>/wandb/
+            accelerator.init_trackers(cfg.wandb_project, config=vars(cfg),
+                                      init_kwargs={"wandb": {"dir": str(out_dir)}})
 
     # data: the toy mice on the default folder; every sample's cameras must match the rig
     data_dir = Path(cfg.data_dir)

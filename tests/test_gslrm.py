@@ -121,13 +121,12 @@ def test_four_of_six_inputs_held_out_views_and_wandb_grids(tmp_path, tiny_cfg, m
     assert all(sorted(p) == list(range(6)) and p[:4] == sorted(p[:4]) for p in picks)  # 4 in, 2 out
     assert len({tuple(p[:4]) for p in picks}) > 1  # another draw per epoch
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     cfg = tiny_cfg(train_gslrm, data, tmp_path / "out", max_steps=2, num_input_views=4, num_novel_views=2,
                    num_input_views_supervised=4, wandb=True)
     train_gslrm.main(cfg)
     logged = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"psnr", "baseline_psnr", "recon_psnr"} <= set(logged)
-    assert list(tmp_path.glob("wandb/offline-run-*/files/media/images/val/grid_*.png"))
+    assert list((tmp_path / "out").glob("wandb/offline-run-*/files/media/images/val/grid_*.png"))
 
 
 def test_init_from_facelift_checkpoint(tiny_mice, tmp_path, tiny_cfg):
