@@ -138,6 +138,23 @@ def test_m2p_shapes_and_positions_for_150_frames():
     assert logits.shape == (2, 150, 24, H, H) and torch.allclose(emb.norm(dim=-1), torch.ones(2))
 
 
+def test_m2p_activation_checkpointing_gives_the_same_gradients():
+    grads, saved = [], []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        m = M2PEncoder(35, 24, **M2P_CONFIGS["tiny"], grad_checkpoint=ckpt)
+        g = torch.Generator().manual_seed(1)
+        count = []  # tensors the forward keeps for backward
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: count.append(1) or t, lambda t: t):
+            logits, emb = m(torch.randn(2, 30, 35, generator=g), torch.rand(2, 24, 3, generator=g),
+                            torch.rand(2, 3, 112, 112, generator=g))
+        (logits.square().mean() + emb.sum()).backward()
+        grads.append([p.grad for p in m.parameters()])
+        saved.append(len(count))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+    assert saved[1] < saved[0]  # the blocks' activations are recomputed, not kept
+
+
 def test_the_seeds_command_line_names_are_aliases(tmp_path, capsys):
     seed = ("--training_stage A --stage_a_steps 5000 --train_batch_size 1 "
             "--gradient_accumulation_steps 8").split()
