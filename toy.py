@@ -8,6 +8,7 @@ CPU in minutes with nothing downloaded (like nanoGPT's data/*/prepare.py).
 The training scripts call `toy_mice(...)` / `toy_dance(...)` when they run on their default folder:
 the set is written once, and a folder holding another set (its toy.json differs) is refused.
 """
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -28,6 +29,14 @@ def check_toy_set(out, spec):
     if found != spec:
         raise ValueError(f"{out} holds another toy set ({found}) than this run asks for ({spec}): "
                          "delete it to regenerate")
+
+
+def resolved(writer, **kw):
+    """The arguments a call writer(out, **kw) works with: its defaults filled in, n_val None -> n // 10."""
+    bound = inspect.signature(writer).bind_partial(**kw)
+    bound.apply_defaults()
+    args = {k: v for k, v in bound.arguments.items() if k not in ("out", "progress")}
+    return dict(args, n_val=max(1, args["n"] // 10) if args["n_val"] is None else args["n_val"])
 
 
 def with_barrier(accelerator, make, out, spec):
@@ -157,12 +166,10 @@ def toy_spec(n, rig, size, n_extra, n_val, seed, yaw_deg):
 
 def toy_mice(out, accelerator=None, progress=True, **spec):
     """The toy mouse set write_toy_mice(out, **spec) describes, in `out` (see with_barrier)."""
-    rig = spec.get("rig", "mouse_6view")
-    rig = load_rig(rig) if isinstance(rig, str) else rig
-    args = {**dict(n=200, size=64, n_extra=4, n_val=None, seed=0, yaw_deg=None), **spec, "rig": rig}
-    n_val = max(1, args["n"] // 10) if args["n_val"] is None else args["n_val"]
-    want = toy_spec(**dict(args, n_val=n_val))
-    return with_barrier(accelerator, lambda: write_toy_mice(out, **args, progress=progress), out, want)
+    args = resolved(write_toy_mice, **spec)
+    args["rig"] = load_rig(args["rig"]) if isinstance(args["rig"], str) else args["rig"]
+    return with_barrier(accelerator, lambda: write_toy_mice(out, **args, progress=progress), out,
+                        toy_spec(**args))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,9 +385,8 @@ def write_toy_dance(out, n=100, n_dancers=20, seconds=8.0, size=64, fps=DANCE_FP
 
 def toy_dance(out, accelerator=None, progress=True, **spec):
     """The toy dance set write_toy_dance(out, **spec) describes, in `out` (see with_barrier)."""
-    args = {**dict(n=100, n_dancers=20, seconds=8.0, size=64, fps=DANCE_FPS, n_val=None, seed=0), **spec}
-    want = dict(args, n_val=max(1, args["n"] // 10) if args["n_val"] is None else args["n_val"])
-    return with_barrier(accelerator, lambda: write_toy_dance(out, **args, progress=progress), out, want)
+    args = resolved(write_toy_dance, **spec)
+    return with_barrier(accelerator, lambda: write_toy_dance(out, **args, progress=progress), out, args)
 
 
 def _main(argv):
