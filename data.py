@@ -8,6 +8,7 @@ metrics). The built-in toy datasets are in toy.py.
 """
 import contextlib
 import dataclasses
+import hashlib
 import inspect
 import io
 import json
@@ -98,13 +99,16 @@ def load_config(cls, argv=None, aliases=None):
     def fail(where, msg):
         return ConfigError(f"{where}: {msg}\nvalid keys: {', '.join(valid)}")
 
-    files, cli, args = [], [], iter(argv)  # cli: (key, value, where, from_cli)
-    for arg in args:
+    files, cli, args = [], [], iter(enumerate(argv))  # cli: (key, value, where, from_cli)
+    for i, arg in args:
         key, eq, value = arg.partition("=")
         if not key.startswith("--") or key == "--":
             raise fail(f"command line {arg!r}", "expected --key=value or --key value")
-        if not eq:
-            value = next(args, None)
+        if not eq and hints.get(aliases.get(key[2:], key[2:])) is bool and (
+                not argv[i + 1:] or argv[i + 1].startswith("--")):
+            value = "true"  # a bare boolean flag: --augment_all_views
+        elif not eq:
+            value = next(args, (None, None))[1]
             if value is None:
                 raise fail(f"command line {arg!r}", "missing value")
             arg = f"{arg} {value}"
@@ -168,8 +172,9 @@ def atomic_dir(final_path):
     os.replace(tmp, final)
 
 
-def save_checkpoint(ckpt_dir, step, modules, optimizers=None, cfg=None, extra=None):
-    """Writes <ckpt_dir>/checkpoint-<step>/ atomically. Pass unwrapped modules (not DDP/compiled)."""
+def save_checkpoint(ckpt_dir, step, modules, optimizers=None, cfg=None, extra=None, rig=None):
+    """Writes <ckpt_dir>/checkpoint-<step>/ atomically (+ rig.json: the cameras the weights were trained
+    on, for the next stage's checks). Pass unwrapped modules (not DDP/compiled)."""
     buf = io.BytesIO()
     torch.save(extra or {}, buf)
     try:  # fail now, not at resume: weights_only loading refuses e.g. numpy scalars
@@ -187,6 +192,8 @@ def save_checkpoint(ckpt_dir, step, modules, optimizers=None, cfg=None, extra=No
         write_state(tmp, step, optimizers or {}, extra)
         if cfg is not None:
             save_config(cfg, tmp / "config.yaml")
+        if rig is not None:
+            (tmp / "rig.json").write_text(json.dumps(rig, indent=1))
     return final
 
 
@@ -235,6 +242,48 @@ def save_mv_checkpoint(ckpt_dir, step, model, ema, optimizer, cfg, rig, prompt_f
         write_state(tmp, step, {"optimizer": optimizer}, extra)
         save_config(cfg, tmp / "config.yaml")
     return final
+
+
+def load_mv_checkpoint(path, device="cpu"):
+    """A train_mvdiff checkpoint (checkpoint-<step>/, or a run folder: its latest) for generating views:
+    {model (EMA weights when saved, eval), rig, prompt_embeds (V, T, D), prompt_file, config, path}. The
+    prompt embeddings are checked against the checkpoint's rig (a mismatch it was trained with is printed)."""
+    path = Path(path)
+    if not (path / "state.pt").is_file() and latest_checkpoint(path):
+        path = latest_checkpoint(path)
+    missing = [f for f in ("unet", "rig.json", "prompt_embeds.pt", "config.yaml") if not (path / f).exists()]
+    if missing:
+        raise FileNotFoundError(f"{path}: not a train_mvdiff checkpoint (no {', '.join(missing)})")
+    cfg = yaml.safe_load((path / "config.yaml").read_text())
+    rig = json.loads((path / "rig.json").read_text())
+    unet_dir = path / "unet_ema" if (path / "unet_ema").is_dir() else path / "unet"
+    model = load_mv_unet(unet_dir, len(rig["frames"]), cfg.get("sparse_attention", True)).to(device).eval()
+    pe, _ = load_prompt_embeds(path / "prompt_embeds.pt", rig, model.unet.config.cross_attention_dim,
+                               allow_mismatch=bool(rig.get("allowed_mismatch")))
+    return {"model": model, "rig": rig, "prompt_embeds": pe.to(device), "prompt_file": path / "prompt_embeds.pt",
+            "config": cfg, "path": path}
+
+
+def load_gslrm_checkpoint(path, device="cpu"):
+    """GS-LRM for inference: our checkpoint-<step>/ (or a run folder: its latest; config.yaml gives preset
+    and image size, rig.json the cameras it was trained on) or FaceLift's ckpt_*.pt (preset facelift,
+    512 px, no rig recorded) -> {model (eval), rig | None, image_size, path}."""
+    from models import GSLRM, GSLRM_CONFIGS, load_facelift_gslrm
+    path = Path(path)
+    if path.suffix == ".pt":
+        model = GSLRM(**GSLRM_CONFIGS["facelift"])
+        load_facelift_gslrm(model, path)
+        return {"model": model.to(device).eval(), "rig": None, "image_size": 512, "path": path}
+    if not (path / "state.pt").is_file() and latest_checkpoint(path):
+        path = latest_checkpoint(path)
+    if not (path / "state.pt").is_file() or not (path / "config.yaml").is_file():
+        raise FileNotFoundError(f"{path}: neither a train_gslrm checkpoint (state.pt, config.yaml), a run "
+                                "folder holding one, nor FaceLift's ckpt_*.pt")
+    cfg = yaml.safe_load((path / "config.yaml").read_text())
+    model = GSLRM(**GSLRM_CONFIGS[cfg["preset"]])
+    load_checkpoint(path, {"model": model})
+    rig = json.loads((path / "rig.json").read_text()) if (path / "rig.json").is_file() else None
+    return {"model": model.to(device).eval(), "rig": rig, "image_size": cfg["image_size"], "path": path}
 
 
 def load_mv_weights(model, unet_dir):
@@ -301,26 +350,33 @@ def orbit_c2w(azimuth_deg, elevation_deg, radius, target=(0.0, 0.0, 0.0)):
     return look_at_c2w(eye, target)
 
 
-def make_ring_rig(name, views, azimuths, elevation, prompt_embeds, description,
-                  radius=2.7, size=512, focal=548.99):
-    frames = [make_frame(orbit_c2w(az, elevation, radius), size, focal) for az in azimuths]
-    return {"name": name, "description": description, "prompt_embeds": prompt_embeds,
+def make_rig(name, views, azimuths, elevations, distances, prompt_embeds, description,
+             target=(0.0, 0.0, 0.0), size=512, focal=548.99, **extra):
+    """A rig whose view i sits at azimuths[i], elevations[i] (deg), distances[i] from `target`, aimed at
+    it; `focal` in px at `size`. Extra keys (e.g. prompt_embeds_sha256) go into the rig unchanged."""
+    frames = [make_frame(orbit_c2w(az, el, r, target), size, focal)
+              for az, el, r in zip(azimuths, elevations, distances, strict=True)]
+    return {"name": name, "description": description, "prompt_embeds": prompt_embeds, **extra,
             "views": list(views), "frames": frames}
 
 
 # The rigs in configs/rigs/ (docs/formats.md), written by `python data.py make_rigs`.
 BUILTIN_RIGS = {
     "facelift_6view": dict(views=["front", "front_right", "right", "back", "left", "front_left"],
-        azimuths=[-90, -135, 180, 90, 0, -45], elevation=0,
+        azimuths=[-90, -135, 180, 90, 0, -45], elevations=[0] * 6, distances=[2.7] * 6,
         prompt_embeds="mvdiffusion/data/fixed_prompt_embeds_6view/clr_embeds.pt",
         description="FaceLift's 6 multi-view diffusion views: elevation 0, "
                     "azimuth offsets from the front 0, -45, -90, 180, +90, +45 deg"),
+    # measured from the set-up's camera file (in FaceLift's camera space: fx = fy = 549 at 512 px)
     "mouse_6view": dict(
         views=["cam0_az-145", "cam1_az+32", "cam2_az+97", "cam3_az-24", "cam4_az+158", "cam5_az-79"],
-        azimuths=[-145, 32, 97, -24, 158, -79], elevation=20,
+        azimuths=[-145, 32, 97, -24, 158, -79], elevations=[0.7, 15.0, 2.2, 0.7, 15.3, 18.3],
+        distances=[2.67, 2.92, 2.70, 2.66, 2.74, 2.71], target=(-0.11, -0.02, -0.42),
         prompt_embeds="mvdiffusion/data/mouse_prompt_embeds_6view/clr_embeds.pt",
-        description="mouse rig: elevation 20 deg, world azimuths -145, 32, 97, -24, 158, -79 deg "
-                    "in the capture's camera order"),
+        description="a published 6-camera mouse set-up's measured geometry, in the capture's camera order: "
+                    "cameras aim at (-0.11, -0.02, -0.42); seen from there azimuths -145, 32, 97, -24, 158, "
+                    "-79 deg, elevations 0.7, 15.0, 2.2, 0.7, 15.3, 18.3 deg, distances 2.67, 2.92, 2.70, "
+                    "2.66, 2.74, 2.71; fx/w 1.072"),
 }
 
 
@@ -516,14 +572,67 @@ class StepSampler:
 # ----------------------------------------------------------------------------------------------
 # Prompt embeddings: one file per rig, its views in rig order (docs/formats.md)
 
-def load_prompt_embeds(path, rig, dim):
-    """[V, T, D] prompt embeddings for `rig`'s V views, checked against the UNet's cross-attention width D."""
+class RigMismatch(ValueError):
+    """Cameras or prompt embeddings made for another rig than the one a run uses."""
+
+
+def camera_hash(frames):
+    """A short hash of cameras' geometry (w2c, intrinsics relative to the image size): the name of a
+    rig's cameras in the files made for it (prompt embeddings, checkpoints, synthetic samples)."""
+    rel = (("fx", "w"), ("fy", "h"), ("cx", "w"), ("cy", "h"))
+    vals = [[round(float(x), 4) + 0.0 for row in fr["w2c"] for x in row]  # + 0.0: -0.0 hashes as 0.0
+            + [round(fr[k] / fr[s], 4) + 0.0 for k, s in rel] for fr in frames]
+    return hashlib.sha256(json.dumps(vals).encode()).hexdigest()[:16]
+
+
+def file_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def save_prompt_embeds(path, embeds, rig, prompts):
+    """[V, T, D] embeddings with the rig they name (name and camera hash) and their prompts."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"embeds": embeds.contiguous(), "rig": rig["name"], "camera_hash": camera_hash(rig["frames"]),
+                "prompts": list(prompts)}, path)
+
+
+def load_prompt_embeds(path, rig, dim, allow_mismatch=False):
+    """[V, T, D] prompt embeddings for `rig`'s V views, checked against the UNet's cross-attention width D,
+    and the text why they do not belong to `rig` (None when they do). They belong when their file records
+    the rig's cameras (save_prompt_embeds), or, for a bare tensor (FaceLift's clr_embeds.pt), when the rig
+    JSON names the file by its sha256. Otherwise RigMismatch, unless allow_mismatch (then a warning)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt embeddings {path} not found (rig {rig['name']!r} names "
                                 f"{rig['prompt_embeds']!r}); make them with "
                                 "`python data.py rig_prompt_embeds` (README, phase 1)")
-    pe = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated or not a torch file: torch raises many kinds
+        raise ValueError(f"{path}: cannot read prompt embeddings ({type(err).__name__}: {err})") from None
+    problem = None
+    if isinstance(obj, dict) and {"embeds", "rig", "camera_hash"} <= set(obj):
+        pe, h = obj["embeds"], camera_hash(rig["frames"])
+        if obj["camera_hash"] != h:
+            problem = (f"{path} names rig {obj['rig']!r} (cameras {obj['camera_hash']}), this run's rig is "
+                       f"{rig['name']!r} (cameras {h})")
+    elif torch.is_tensor(obj):
+        pe, sha = obj, file_sha256(path)
+        if sha != rig.get("prompt_embeds_sha256"):
+            owners = [p.stem for p in sorted(RIGS_DIR.glob("*.json"))
+                      if json.loads(p.read_text()).get("prompt_embeds_sha256") == sha]
+            problem = (f"{path} is a bare tensor that records no rig (sha256 {sha[:12]}...), and rig "
+                       f"{rig['name']!r} does not name it" + (f"; it is rig {owners[0]!r}'s file" if owners else
+                                                               "; make embeddings with `data.py rig_prompt_embeds`"))
+    else:
+        raise ValueError(f"{path}: expected prompt embeddings (a tensor [views, tokens, dim], or the dict "
+                         f"save_prompt_embeds writes), got {type(obj).__name__}")
+    if problem and not allow_mismatch:
+        raise RigMismatch(f"{problem}: views would be named for other cameras than they show "
+                          "(--allow_rig_mismatch to go on anyway; it is recorded)")
+    if problem:
+        print(f"WARNING (allow_rig_mismatch): {problem}")
     if not torch.is_tensor(pe) or pe.dim() != 3:
         raise ValueError(f"{path}: expected a tensor [views, tokens, dim], "
                          f"got {type(pe).__name__} {getattr(pe, 'shape', '')}")
@@ -535,7 +644,9 @@ def load_prompt_embeds(path, rig, dim):
         raise ValueError(f"{path}: embedding width {pe.shape[2]}, the UNet's cross-attention width is {dim} "
                          "(SD 2.1 / FaceLift: 1024, OpenCLIP ViT-H/14; 768 means CLIP ViT-L/14 embeddings, "
                          "which this UNet cannot read)")
-    return pe.float()
+    if not torch.isfinite(pe).all():
+        raise ValueError(f"{path}: non-finite value at index {(~torch.isfinite(pe)).nonzero()[0].tolist()}")
+    return pe.float(), problem
 
 
 def rig_view_prompts(rig, template="a rendering image of 3D models, {view} view, color map."):
@@ -855,14 +966,30 @@ def write_skeleton_video(path, clip, gt, pred, fps, size=128):
         draw_skeleton(right, gt[t], (190, 190, 190), size, 3)
         draw_skeleton(right, np.concatenate([pred[t], gt[t, :, 2:]], -1), (220, 0, 0), size)
         frames.append(np.concatenate([np.asarray(left), np.asarray(right)], 1))  # (size, 2 size, 3)
-    writer = imageio_ffmpeg.write_frames(str(path), (2 * size, size), fps=fps,
-                                         audio_path=str(clip["dir"] / "audio.wav"), audio_codec="aac",
-                                         output_params=["-shortest"], ffmpeg_log_level="error")
+    return write_video(path, frames, fps, clip["dir"] / "audio.wav"), frames[len(frames) // 2]
+
+
+def write_video(path, frames, fps, audio=None):
+    """uint8 frames (T, H, W, 3) -> an H.264 mp4 (with `audio` muxed in), or a GIF without sound beside
+    it when no ffmpeg binary is found. Returns the path written."""
+    import imageio_ffmpeg
+    try:
+        imageio_ffmpeg.get_ffmpeg_exe()
+    except RuntimeError:
+        path = Path(path).with_suffix(".gif")
+        ims = [Image.fromarray(np.asarray(f)) for f in frames]
+        ims[0].save(path, save_all=True, append_images=ims[1:], duration=round(1000 / fps), loop=0)
+        return path
+    H, W = np.asarray(frames[0]).shape[:2]
+    sound = {} if audio is None else {"audio_path": str(audio), "audio_codec": "aac",
+                                      "output_params": ["-shortest"]}
+    writer = imageio_ffmpeg.write_frames(str(path), (W, H), fps=fps, ffmpeg_log_level="error",
+                                         macro_block_size=2, **sound)  # yuv420p: even sizes
     writer.send(None)  # start the generator
     for f in frames:
         writer.send(np.ascontiguousarray(f))
     writer.close()
-    return path, frames[len(frames) // 2]
+    return Path(path)
 
 
 def log_metrics(metrics, step, out_dir, tag="val"):
@@ -897,7 +1024,7 @@ def _main(argv):
     a = p.parse_args(argv)
     if a.cmd == "make_rigs":
         for name, spec in BUILTIN_RIGS.items():
-            (RIGS_DIR / f"{name}.json").write_text(json.dumps(make_ring_rig(name, **spec), indent=1))
+            (RIGS_DIR / f"{name}.json").write_text(json.dumps(make_rig(name, **spec), indent=1))
             print(f"wrote {RIGS_DIR / name}.json")
     elif a.cmd == "rig_prompt_embeds":
         rig = load_rig(a.rig)
@@ -905,9 +1032,9 @@ def _main(argv):
         if len(names) != len(rig["frames"]):
             raise SystemExit(f"--prompts gives {len(names)} views, "
                              f"rig {rig['name']!r} has {len(rig['frames'])}")
-        pe = clip_prompt_embeds(rig_view_prompts(dict(rig, views=names)), a.text_encoder, a.tokenizer)
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(pe, a.out)
+        prompts = rig_view_prompts(dict(rig, views=names))
+        pe = clip_prompt_embeds(prompts, a.text_encoder, a.tokenizer)
+        save_prompt_embeds(a.out, pe, rig, prompts)
         print(f"wrote prompt embeddings {tuple(pe.shape)} for rig {rig['name']!r} to {a.out}")
     else:
         views = None if a.views is None else [int(v) for v in a.views.split(",")]

@@ -824,17 +824,88 @@ def save_mv_unet(model, path):
     save_file({"weight": weight}, str(Path(path) / REF_EMBED_FILE))
 
 
+class Conditioner:
+    """The reference conditions. Pixel space (toy): the reference image itself, no class labels.
+    Latent space (FaceLift): VAE latents x 0.18215 (the targets sampled from the posterior, the
+    reference its mode, as FaceLift), and the CLIP image embedding of the reference + the embedding
+    of noise level 0 as class labels (SD 2.1-unclip; the unCLIP noising at level 0 is left out)."""
+
+    def __init__(self, pipeline_dir, device):
+        self.latent = bool(pipeline_dir)
+        if self.latent:
+            from diffusers import AutoencoderKL
+            from transformers import CLIPVisionModelWithProjection
+            root = Path(pipeline_dir)
+            self.vae = AutoencoderKL.from_pretrained(root / "vae", local_files_only=True).to(device).eval()
+            self.clip = CLIPVisionModelWithProjection.from_pretrained(root / "image_encoder",
+                                                                      local_files_only=True).to(device).eval()
+            self.vae.requires_grad_(False)
+            self.clip.requires_grad_(False)
+
+    @torch.no_grad()
+    def __call__(self, images, ref_idx, gen=None):
+        """images (B, V, 3, H, W) in [-1, 1] -> x0 (B, V, C, h, w), ref (B, C, h, w), labels (B, E) | None.
+        `gen` draws the targets' posterior samples (a step-seeded generator: resumable)."""
+        ref_cond, labels = self.reference(images[torch.arange(len(images)), ref_idx])
+        if not self.latent:
+            return images, ref_cond, None
+        x0 = self.vae.encode(images.flatten(0, 1)).latent_dist.sample(gen) * 0.18215  # (B*V, 4, h, w)
+        return x0.unflatten(0, images.shape[:2]), ref_cond, labels  # x0 (B, V, 4, h, w)
+
+    @torch.no_grad()
+    def reference(self, ref):
+        """Reference images (B, 3, H, W) in [-1, 1] -> the condition (B, C, h, w), labels (B, E) | None."""
+        if not self.latent:
+            return ref, None
+        from diffusers.models.embeddings import get_timestep_embedding
+        ref_latent = self.vae.encode(ref).latent_dist.mode() * 0.18215  # (B, 4, h, w)
+        # bicubic with antialiasing, as torchvision's resize (FaceLift's CLIP preprocessing)
+        px = F.interpolate((ref + 1) / 2, size=224, mode="bicubic", align_corners=False, antialias=True)
+        mean = torch.tensor([0.4815, 0.4578, 0.4082], device=px.device)[:, None, None]
+        std = torch.tensor([0.2686, 0.2613, 0.2758], device=px.device)[:, None, None]
+        emb = self.clip((px - mean) / std).image_embeds  # (B, 1024)
+        level = get_timestep_embedding(torch.zeros(len(emb), device=emb.device), emb.shape[-1],
+                                       flip_sin_to_cos=True, downscale_freq_shift=0)  # (B, 1024)
+        return ref_latent, torch.cat([emb, level.to(emb)], -1)  # labels (B, 2048)
+
+    @torch.no_grad()
+    def decode(self, x):
+        """(B, V, C, h, w) model space -> images (B, V, 3, H, W) in [0, 1]."""
+        if self.latent:
+            x = self.vae.decode(x.flatten(0, 1) / 0.18215).sample.unflatten(0, x.shape[:2])
+        return ((x + 1) / 2).clamp(0, 1)
+
+
+def mv_schedulers(prediction_type, beta_schedule, beta_start, beta_end, clip_sample, pipeline_dir=""):
+    """DDPM (training's noising) and DDIM with the same betas (sampling); FaceLift's pipeline samples
+    with its own scheduler/, which must agree with what the run trains."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+    noise = DDPMScheduler(num_train_timesteps=1000, beta_schedule=beta_schedule, beta_start=beta_start,
+                          beta_end=beta_end, prediction_type=prediction_type, clip_sample=clip_sample)
+    # trailing spacing: a few sampling steps still start at t = 999
+    sampler = DDIMScheduler.from_config(noise.config, timestep_spacing="trailing")
+    if pipeline_dir and (Path(pipeline_dir) / "scheduler").is_dir():
+        sampler = DDIMScheduler.from_pretrained(pipeline_dir, subfolder="scheduler")
+        for key in ("prediction_type", "beta_schedule", "beta_start", "beta_end"):
+            if sampler.config[key] != noise.config[key]:
+                raise ValueError(f"{pipeline_dir}/scheduler: {key} {sampler.config[key]!r}, "
+                                 f"this run trains with {noise.config[key]!r}")
+    return noise, sampler
+
+
 @torch.no_grad()
 def sample_views(model, scheduler, ref_cond, ref_idx, prompt_embeds, shape, class_labels=None,
                  num_steps=50, guidance=3.0, eta=1.0, generator=None):
     """DDIM with classifier-free guidance: all V views of B objects from their reference conditions.
     ref_cond (B, Cr, H, W), ref_idx (B,), prompt_embeds (V, T, D), shape = (C, H, W) of one view,
-    class_labels (B, E) or None. The unconditional branch zeroes the reference conditions (what
-    training's dropout does) and keeps the prompt embeddings (they say which view is which).
-    Returns the denoised views (B, V, C, H, W) in the model's space (latents, or pixels in [-1, 1])."""
+    class_labels (B, E) or None; generator: one, or a list of B (one per object). The unconditional
+    branch zeroes the reference conditions (what training's dropout does) and keeps the prompt
+    embeddings (they say which view is which). Returns the denoised views (B, V, C, H, W) in the
+    model's space (latents, or pixels in [-1, 1])."""
+    from diffusers.utils.torch_utils import randn_tensor
     B, V = ref_cond.shape[0], model.num_views
-    device = generator.device if generator else "cpu"
-    x = torch.randn((B, V, *shape), generator=generator, device=device).to(ref_cond)  # (B, V, C, H, W)
+    # a list of B generators draws each object's noise from its own: results do not depend on the batch
+    x = randn_tensor((B, V, *shape), generator=generator, device=ref_cond.device, dtype=ref_cond.dtype)
     x = x * scheduler.init_noise_sigma
     scheduler.set_timesteps(num_steps, device=ref_cond.device)
     cfg = guidance != 1.0

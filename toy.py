@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 
 from data import (DANCE_FPS, HOP, camera_geometry, frames_to_tensors, load_rig, make_frame, music_features,
-                  orbit_c2w, preview_samples, read_audio, read_frame, save_image_grid, write_cameras)
+                  orbit_c2w, preview_samples, read_audio, read_frame, save_image_grid, save_prompt_embeds,
+                  write_cameras)
 from models import intrinsics_matrix, render_gaussians
 
 
@@ -115,11 +116,11 @@ def toy_mouse(rng, yaw_deg=None):
             "opacities": opac, "colors": colors}
 
 
-def random_view_frames(rng, n, size, focal, radius=2.7, elevations=(-10.0, 50.0)):
-    """Extra cameras at random azimuth/elevation around the origin (novel-view supervision, as
+def random_view_frames(rng, n, size, focal, radius=2.7, elevations=(-10.0, 50.0), target=(0.0, 0.0, 0.0)):
+    """Extra cameras at random azimuth/elevation around `target` (novel-view supervision, as
     FaceLift's 32-view GS-LRM samples give)."""
-    return [make_frame(orbit_c2w(rng.uniform(-180, 180), rng.uniform(*elevations), radius), size, focal)
-            for _ in range(n)]
+    return [make_frame(orbit_c2w(rng.uniform(-180, 180), rng.uniform(*elevations), radius, target), size,
+                       focal) for _ in range(n)]
 
 
 def write_toy_mice(out, n=200, rig="mouse_6view", size=64, n_extra=4, n_val=None, seed=0, yaw_deg=None,
@@ -132,14 +133,19 @@ def write_toy_mice(out, n=200, rig="mouse_6view", size=64, n_extra=4, n_val=None
     rig = load_rig(rig) if isinstance(rig, str) else rig
     out = Path(out)
     n_val = max(1, n // 10) if n_val is None else n_val
+    # the mice stand where the rig's cameras aim (a real rig aims below the origin); extra views orbit there
+    g = camera_geometry(rig["frames"])
+    # rounded: the fit's float noise must not move a rig aimed at the origin (facelift_6view) at all
+    target, radius = g["target"].numpy().round(6) + 0.0, round(g["dist"].mean().item(), 6)
     names = []
     for i in tqdm(range(n), desc=f"toy mice -> {out}", disable=not progress):
         rng = np.random.default_rng((seed, i))
-        m = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in toy_mouse(rng, yaw_deg).items()}
+        m = {k: torch.as_tensor(v + target if k == "means" else v, dtype=torch.float32)
+             for k, v in toy_mouse(rng, yaw_deg).items()}
         focal = rig["frames"][0]["fx"] * size / rig["frames"][0]["w"]
         frames = [make_frame(torch.linalg.inv(torch.tensor(fr["w2c"], dtype=torch.float64)), size,
                              fr["fx"] * size / fr["w"]) for fr in rig["frames"]]
-        frames += random_view_frames(rng, n_extra, size, focal)
+        frames += random_view_frames(rng, n_extra, size, focal, radius, target=target.tolist())
         w2c, K = frames_to_tensors(frames)
         # black background: the colour is then premultiplied by alpha; stored straight in RGBA
         rgb, alpha = render_gaussians(m["means"], m["quats"], m["scales"], m["opacities"], m["colors"], w2c,
@@ -194,7 +200,7 @@ def toy_prompt_embeds(path, rig, dim, accelerator=None):
     path = Path(path)
     if (accelerator is None or accelerator.is_main_process) and not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(toy_rig_prompt_embeds(rig, dim), path)
+        save_prompt_embeds(path, toy_rig_prompt_embeds(rig, dim), rig, ["toy: each view's camera geometry"])
         print(f"wrote toy prompt embeddings for rig {rig['name']!r} to {path}")
     if accelerator is not None:
         accelerator.wait_for_everyone()

@@ -238,7 +238,7 @@ def main(cfg):
         if step > start_step and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
             if main_proc:
                 path = save_checkpoint(out_dir, step, {"model": raw_model}, {"optimizer": optimizer}, cfg,
-                                       {"skipped": skipped})
+                                       {"skipped": skipped}, rig)
                 print(f"saved {path}")
             accelerator.wait_for_everyone()
         if step == cfg.max_steps:

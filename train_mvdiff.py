@@ -24,13 +24,13 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from diffusers import DDIMScheduler, DDPMScheduler
 
 from data import (MultiViewDataset, StepSampler, latest_checkpoint, load_config, load_mv_weights,
                   load_prompt_embeds, load_rig, log_metrics, read_cameras, read_list_file, rig_mismatch,
                   save_config, save_image_grid, save_mv_checkpoint)
 from losses import diffusion_target, lpips, min_snr_weight, psnr, ssim, weighted_mse
-from models import build_mv_unet, load_lpips_heads, load_mv_unet, load_vgg, sample_views
+from models import (Conditioner, build_mv_unet, load_lpips_heads, load_mv_unet, load_vgg, mv_schedulers,
+                    sample_views)
 from toy import toy_mice, toy_prompt_embeds
 
 
@@ -43,6 +43,7 @@ class Config:
     rig: str = "mouse_6view"  # the samples' cameras must match this rig (configs/rigs/<rig>.json)
     prompt_embeds: str = "data/toy_mice_mv/toy_prompt_embeds.pt"  # [V, T, D]; "" = the file the rig names
     make_toy_prompt_embeds: bool = True  # a missing prompt file is made from the rig's cameras (toy only)
+    allow_rig_mismatch: bool = False  # use prompt embeddings made for another rig (recorded in rig.json)
     toy_samples: int = 400  # size of the generated toy set (only used when data_dir has no train list)
     toy_yaw_deg: float = 30.0  # toy mice face +x +- this (180: any way; docs/experiments.md says why)
     image_size: int = 32  # views are resized to this (latent mode: 8x smaller latents)
@@ -126,53 +127,6 @@ def check_cameras(list_file, rig):
             msg = rig_mismatch(rig, frames)
             if msg:
                 raise ValueError(f"{d / 'opencv_cameras.json'}: {msg}")
-
-
-class Conditioner:
-    """The reference conditions. Pixel space (toy): the reference image itself, no class labels.
-    Latent space (FaceLift): VAE latents x 0.18215 (the targets sampled from the posterior, the
-    reference its mode, as FaceLift), and the CLIP image embedding of the reference + the embedding
-    of noise level 0 as class labels (SD 2.1-unclip; the unCLIP noising at level 0 is left out)."""
-
-    def __init__(self, pipeline_dir, device):
-        self.latent = bool(pipeline_dir)
-        if self.latent:
-            from diffusers import AutoencoderKL
-            from transformers import CLIPVisionModelWithProjection
-            root = Path(pipeline_dir)
-            self.vae = AutoencoderKL.from_pretrained(root / "vae", local_files_only=True).to(device).eval()
-            self.clip = CLIPVisionModelWithProjection.from_pretrained(root / "image_encoder",
-                                                                      local_files_only=True).to(device).eval()
-            self.vae.requires_grad_(False)
-            self.clip.requires_grad_(False)
-
-    @torch.no_grad()
-    def __call__(self, images, ref_idx, gen=None):
-        """images (B, V, 3, H, W) in [-1, 1] -> x0 (B, V, C, h, w), ref (B, C, h, w), labels (B, E) | None.
-        `gen` draws the targets' posterior samples (a step-seeded generator: resumable)."""
-        ref = images[torch.arange(len(images)), ref_idx]  # (B, 3, H, W)
-        if not self.latent:
-            return images, ref, None
-        from diffusers.models.embeddings import get_timestep_embedding
-        x0 = self.vae.encode(images.flatten(0, 1)).latent_dist.sample(gen) * 0.18215  # (B*V, 4, h, w)
-        x0 = x0.unflatten(0, images.shape[:2])  # (B, V, 4, h, w)
-        ref_latent = self.vae.encode(ref).latent_dist.mode() * 0.18215  # (B, 4, h, w)
-        # bicubic with antialiasing, as torchvision's resize (FaceLift's CLIP preprocessing)
-        px = torch.nn.functional.interpolate((ref + 1) / 2, size=224, mode="bicubic", align_corners=False,
-                                             antialias=True)
-        mean = torch.tensor([0.4815, 0.4578, 0.4082], device=px.device)[:, None, None]
-        std = torch.tensor([0.2686, 0.2613, 0.2758], device=px.device)[:, None, None]
-        emb = self.clip((px - mean) / std).image_embeds  # (B, 1024)
-        level = get_timestep_embedding(torch.zeros(len(emb), device=emb.device), emb.shape[-1],
-                                       flip_sin_to_cos=True, downscale_freq_shift=0)  # (B, 1024)
-        return x0, ref_latent, torch.cat([emb, level.to(emb)], -1)  # labels (B, 2048)
-
-    @torch.no_grad()
-    def decode(self, x):
-        """(B, V, C, h, w) model space -> images (B, V, 3, H, W) in [0, 1]."""
-        if self.latent:
-            x = self.vae.decode(x.flatten(0, 1) / 0.18215).sample.unflatten(0, x.shape[:2])
-        return ((x + 1) / 2).clamp(0, 1)
 
 
 def wrong_views(others):
@@ -274,7 +228,10 @@ def main(cfg):
     prompt_file = Path(cfg.prompt_embeds or rig["prompt_embeds"])
     if cfg.make_toy_prompt_embeds:
         toy_prompt_embeds(prompt_file, rig, dim, accelerator)
-    prompt_embeds = load_prompt_embeds(prompt_file, rig, dim).to(device)  # (V, T, D)
+    prompt_embeds, mismatch = load_prompt_embeds(prompt_file, rig, dim, cfg.allow_rig_mismatch)  # (V, T, D)
+    prompt_embeds = prompt_embeds.to(device)
+    if mismatch:  # the checkpoints carry it to every later stage
+        rig = dict(rig, allowed_mismatch=mismatch)
     cond = Conditioner(cfg.pipeline_dir, device)
     lpips_net = None  # frozen metric networks, from local files only
     if cfg.lpips_vgg16_path and cfg.lpips_heads_path:
@@ -315,17 +272,8 @@ def main(cfg):
     raw_model = accelerator.unwrap_model(model)
 
     # diffusion: DDPM noising for training, DDIM (same betas) for sampling
-    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule=cfg.beta_schedule,
-                                    beta_start=cfg.beta_start, beta_end=cfg.beta_end,
-                                    prediction_type=cfg.prediction_type, clip_sample=cfg.clip_sample)
-    # trailing spacing: a few sampling steps still start at t = 999
-    sampler_scheduler = DDIMScheduler.from_config(noise_scheduler.config, timestep_spacing="trailing")
-    if cfg.pipeline_dir and (Path(cfg.pipeline_dir) / "scheduler").is_dir():  # FaceLift samples with its own
-        sampler_scheduler = DDIMScheduler.from_pretrained(cfg.pipeline_dir, subfolder="scheduler")
-        for key in ("prediction_type", "beta_schedule", "beta_start", "beta_end"):
-            if sampler_scheduler.config[key] != noise_scheduler.config[key]:
-                raise ValueError(f"{cfg.pipeline_dir}/scheduler: {key} {sampler_scheduler.config[key]!r}, "
-                                 f"this run trains with {noise_scheduler.config[key]!r}")
+    noise_scheduler, sampler_scheduler = mv_schedulers(cfg.prediction_type, cfg.beta_schedule, cfg.beta_start,
+                                                       cfg.beta_end, cfg.clip_sample, cfg.pipeline_dir)
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
 
     G = cfg.grad_accum
