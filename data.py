@@ -365,6 +365,8 @@ BUILTIN_RIGS = {
     "facelift_6view": dict(views=["front", "front_right", "right", "back", "left", "front_left"],
         azimuths=[-90, -135, 180, 90, 0, -45], elevations=[0] * 6, distances=[2.7] * 6,
         prompt_embeds="mvdiffusion/data/fixed_prompt_embeds_6view/clr_embeds.pt",
+        # FaceLift's file is a bare tensor that records no rig: this rig names it by its content
+        prompt_embeds_sha256="b9e51666588d0f075e031262744d371e12076160231aab19a531dbf7ab976e4d",
         description="FaceLift's 6 multi-view diffusion views: elevation 0, "
                     "azimuth offsets from the front 0, -45, -90, 180, +90, +45 deg"),
     # measured from the set-up's camera file (in FaceLift's camera space: fx = fy = 549 at 512 px)

@@ -204,3 +204,35 @@ def fabricate_facelift_ckpt(path, layers=2, d=32, patch=8, drop=None, extra=None
     torch.save({"model": sd, "optimizer": {}, "lr_scheduler": {}, "fwdbwd_pass_step": 21125,
                 "param_update_step": 21125}, path)
     return sd
+
+
+@pytest.fixture(scope="session")
+def tiny_mv_ckpt(tmp_path_factory):
+    """An (untrained) tiny phase-1 checkpoint for the mouse rig, as train_mvdiff saves it."""
+    import train_mvdiff
+    from data import load_rig, save_mv_checkpoint
+    from models import build_mv_unet
+    from toy import toy_prompt_embeds
+    root, rig = tmp_path_factory.mktemp("mv_ckpt"), load_rig("mouse_6view")
+    torch.manual_seed(0)
+    model = build_mv_unet("tiny", 6)
+    for p in model.parameters():  # a random model, not a zero-output one (diffusers zeroes conv_out)
+        p.data.add_(torch.randn_like(p) * 0.05)
+    cfg = load_config(train_mvdiff.Config, ["--preset=tiny", "--image_size=16"])
+    pe = toy_prompt_embeds(root / "pe.pt", rig, model.unet.config.cross_attention_dim)
+    opt = torch.optim.AdamW(model.parameters())
+    return save_mv_checkpoint(root / "run", 1, model, None, opt, cfg, rig, pe)
+
+
+@pytest.fixture(scope="session")
+def tiny_gslrm_ckpt(tmp_path_factory):
+    """An (untrained) tiny GS-LRM checkpoint trained 'on' the mouse rig, as train_gslrm saves it."""
+    import train_gslrm
+    from data import load_rig, save_checkpoint
+    from models import GSLRM, GSLRM_CONFIGS
+    torch.manual_seed(0)
+    model = GSLRM(**GSLRM_CONFIGS["tiny"])
+    cfg = load_config(train_gslrm.Config, ["--preset=tiny", "--image_size=16"])
+    opt = torch.optim.AdamW(model.parameters())
+    return save_checkpoint(tmp_path_factory.mktemp("gs_ckpt") / "run", 1, {"model": model}, {"optimizer": opt},
+                           cfg, {"skipped": 0}, load_rig("mouse_6view"))

@@ -10,11 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
+import gen_synthetic
 import train_dance
 import train_gslrm
 import train_mvdiff
 from conftest import fabricate_facelift_ckpt, write_facelift_pipeline, write_png16
-from data import load_config, read_cameras, read_list_file
+from data import load_config, load_rig, read_cameras, read_list_file, rig_view_prompts, save_prompt_embeds
 from models import IRESNET_CONFIGS, IResNet
 from toy import write_toy_mice
 
@@ -38,7 +39,8 @@ def lpips_files(tmp_path, write_vgg):
 def mouse_mvdiffusion_6x_aug(tmp_path, tiny_mice, write_vgg, **_):
     pipe = write_facelift_pipeline(tmp_path / "pipeckpts")
     dim = json.loads((pipe / "unet" / "config.json").read_text())["cross_attention_dim"]
-    torch.save(torch.randn(6, 77, dim), tmp_path / "clr_embeds.pt")  # the rig's 6 views, the UNet's width
+    rig = load_rig("mouse_6view")  # made as `data.py rig_prompt_embeds` makes them: the rig recorded
+    save_prompt_embeds(tmp_path / "clr_embeds.pt", torch.randn(6, 77, dim), rig, rig_view_prompts(rig))
     cfg, (model, ema) = run(train_mvdiff, "mouse_mvdiffusion_6x_aug.yaml", data_dir=tiny_mice,
                             prompt_embeds=tmp_path / "clr_embeds.pt", init_from=pipe, pipeline_dir=pipe,
                             image_size=32, batch_size=1, val_samples=2, val_steps=2, out_dir=tmp_path / "out",
@@ -47,14 +49,17 @@ def mouse_mvdiffusion_6x_aug(tmp_path, tiny_mice, write_vgg, **_):
     return "psnr_g1_all", "lpips_g3"
 
 
-def mouse_gslrm_synthetic(tmp_path, vgg19_mat, **_):
-    # the synthetic layout: 6 views of the rig per sample, nothing else
-    data = write_toy_mice(tmp_path / "synthetic", n=4, size=16, n_extra=0, n_val=2, progress=False)
+def mouse_gslrm_synthetic(tmp_path, vgg19_mat, tiny_mice, tiny_mv_ckpt, **_):
+    # phase 2's output, as gen_synthetic.py writes it from a (tiny) phase-1 checkpoint
+    data = gen_synthetic.main(load_config(gen_synthetic.Config, [
+        f"--mvdiff_checkpoint={tiny_mv_ckpt}", f"--input_data={tiny_mice}/data_train.txt", "--steps=1",
+        f"--output_dir={tmp_path / 'synthetic'}", "--max_sources=2", "--val_fraction=0.5"]))
     fabricate_facelift_ckpt(tmp_path / "ckpt.pt")  # the tiny preset's sizes
     cfg, model = run(train_gslrm, "mouse_gslrm_synthetic.yaml", data_dir=data, preset="tiny",
                      init_from=tmp_path / "ckpt.pt", vgg19_path=vgg19_mat[0], image_size=16,
                      l2_warmup_steps=1, val_samples=2, out_dir=tmp_path / "out", **SHORT)
     assert (cfg.num_input_views, cfg.num_novel_views, cfg.num_input_views_supervised) == (4, 2, 4)
+    assert json.loads((tmp_path / "out" / "checkpoint-2" / "rig.json").read_text())["name"] == "mouse_6view"
     return "psnr", "recon_psnr"  # the 2 held-out rig views, and all 6 in -> 6 out
 
 
@@ -97,10 +102,10 @@ RUNS = {f.__name__: f for f in (mouse_mvdiffusion_6x_aug, mouse_gslrm_synthetic,
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in CONFIGS.glob("*.yaml")))
-def test_shipped_config_runs(name, tmp_path, tiny_mice, tiny_dance, vgg19_mat, write_vgg):
+def test_shipped_config_runs(name, tmp_path, tiny_mice, tiny_dance, vgg19_mat, write_vgg, tiny_mv_ckpt):
     assert name in RUNS, f"configs/{name}.yaml has no smoke test: add one to {Path(__file__).name}"
     keys = RUNS[name](tmp_path=tmp_path, tiny_mice=tiny_mice, tiny_dance=tiny_dance, vgg19_mat=vgg19_mat,
-                      write_vgg=write_vgg)
+                      write_vgg=write_vgg, tiny_mv_ckpt=tiny_mv_ckpt)
     out = tmp_path / "out" / ("stage_A" if name.startswith("dance") else "")
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["step"] == 2 and set(keys) <= set(logged[-1]), logged[-1]

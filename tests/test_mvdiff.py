@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 
 import data
 import train_mvdiff
-from data import clip_prompt_embeds, load_config, load_prompt_embeds, load_rig, rig_view_prompts
+from data import (clip_prompt_embeds, load_config, load_prompt_embeds, load_rig, rig_view_prompts,
+                  save_prompt_embeds)
 from losses import diffusion_target, min_snr_weight
 from models import MVAttnProcessor, build_mv_unet, load_mv_unet, sample_views
 from conftest import save_facelift_layout, tiny_facelift_unet, write_facelift_pipeline
@@ -156,12 +157,17 @@ def test_toy_prompt_embeds_and_checks(tmp_path):
     assert min((pe[i] - pe[j]).abs().mean() for i in range(6) for j in range(i)) > 0.1  # views told apart
     other_rig = toy_rig_prompt_embeds(load_rig("facelift_6view"), 32)
     assert not torch.allclose(pe, other_rig)  # another rig, other embeddings
-    torch.save(torch.zeros(6, 77, 768), tmp_path / "vitl.pt")
+    save_prompt_embeds(tmp_path / "vitl.pt", torch.zeros(6, 77, 768), rig, rig["views"])
     with pytest.raises(ValueError, match="width 768.*cross-attention width is 1024"):
         load_prompt_embeds(tmp_path / "vitl.pt", rig, 1024)
-    torch.save(torch.zeros(4, 77, 1024), tmp_path / "four.pt")
+    save_prompt_embeds(tmp_path / "four.pt", torch.zeros(4, 77, 1024), rig, rig["views"][:4])
     with pytest.raises(ValueError, match="embeddings for 4 views, rig 'mouse_6view' has 6"):
         load_prompt_embeds(tmp_path / "four.pt", rig, 1024)
+    nan = torch.zeros(6, 77, 1024)
+    nan[2, 5, 7] = float("nan")
+    save_prompt_embeds(tmp_path / "nan.pt", nan, rig, rig["views"])
+    with pytest.raises(ValueError, match=r"nan.pt: non-finite value at index \[2, 5, 7\]"):
+        load_prompt_embeds(tmp_path / "nan.pt", rig, 1024)
 
 
 def tiny_clip_text(tmp_path, dim=24):
@@ -197,7 +203,9 @@ def test_clip_prompt_embeds_from_local_text_encoder(tmp_path):
     out = tmp_path / "clr_embeds.pt"
     data._main(["rig_prompt_embeds", "--rig=mouse_6view", f"--text_encoder={tmp_path / 'text_encoder'}",
                 f"--out={out}"])
-    assert torch.allclose(load_prompt_embeds(out, load_rig("mouse_6view"), 24), pe)
+    saved, mismatch = load_prompt_embeds(out, load_rig("mouse_6view"), 24)
+    assert torch.allclose(saved, pe) and mismatch is None
+    assert torch.load(out, weights_only=True)["prompts"] == prompts  # the file records what it encodes
 
 
 def test_sample_views_is_reproducible():
