@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data import (DANCE_FPS, HOP, camera_geometry, frames_to_tensors, load_rig, make_frame, music_features,
-                  orbit_c2w, preview_samples, read_audio, read_frame, save_image_grid, save_prompt_embeds,
-                  write_cameras)
+from data import (DANCE_FPS, HOP, camera_geometry, camera_hash, frames_to_tensors, load_rig, make_frame,
+                  music_features, orbit_c2w, preview_samples, read_audio, read_frame, save_image_grid,
+                  save_prompt_embeds, write_cameras)
 from models import intrinsics_matrix, render_gaussians
 
 
@@ -166,8 +166,8 @@ def write_toy_mice(out, n=200, rig="mouse_6view", size=64, n_extra=4, n_val=None
 
 def toy_spec(n, rig, size, n_extra, n_val, seed, yaw_deg):
     """What write_toy_mice was asked for, as toy.json records it."""
-    return {"n": n, "rig": rig["name"], "size": size, "n_extra": n_extra, "n_val": n_val, "seed": seed,
-            "yaw_deg": yaw_deg}
+    return {"n": n, "rig": rig["name"], "cameras": camera_hash(rig["frames"]), "size": size, "n_extra": n_extra,
+            "n_val": n_val, "seed": seed, "yaw_deg": yaw_deg}
 
 
 def toy_mice(out, accelerator=None, progress=True, **spec):
@@ -407,6 +407,7 @@ def _main(argv):
     t.add_argument("--n_extra", type=int, default=4, help="random extra views per sample")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--yaw_deg", type=float, default=None, help="mice face +x +- this (default: any way)")
+    t.add_argument("--n_val", type=int, default=None, help="held-out mice, the last ones (default: n // 10)")
     dn = sub.add_parser("dance", help="write the toy dance clips (stick dancers with music) and preview.png")
     dn.add_argument("--out", default="data/toy_dance")
     dn.add_argument("--n", type=int, default=100)
@@ -415,8 +416,9 @@ def _main(argv):
     dn.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if a.cmd == "mice":
-        out = write_toy_mice(a.out, a.n, a.rig, a.size, a.n_extra, seed=a.seed, yaw_deg=a.yaw_deg)
-        preview = preview_samples(out / "data_train.txt", out / "preview.png")
+        out = write_toy_mice(a.out, a.n, a.rig, a.size, a.n_extra, a.n_val, a.seed, a.yaw_deg)
+        listed = "data_val.txt" if a.n_val == a.n else "data_train.txt"
+        preview = preview_samples(out / listed, out / "preview.png")
     else:
         out = write_toy_dance(a.out, a.n, seconds=a.seconds, size=a.size, seed=a.seed)
         preview = out / "preview.png"

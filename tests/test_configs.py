@@ -63,6 +63,26 @@ def mouse_gslrm_synthetic(tmp_path, vgg19_mat, tiny_mice, tiny_mv_ckpt, **_):
     return "psnr", "recon_psnr"  # the 2 held-out rig views, and all 6 in -> 6 out
 
 
+def toy_gslrm_synthetic(tmp_path, tiny_mice, tiny_mv_ckpt, tiny_gslrm_ckpt, **_):
+    data = gen_synthetic.main(load_config(gen_synthetic.Config, [
+        f"--mvdiff_checkpoint={tiny_mv_ckpt}", f"--input_data={tiny_mice}/data_train.txt", "--steps=1",
+        f"--output_dir={tmp_path / 'synthetic'}", "--max_sources=2", "--val_fraction=0.5"]))
+    cfg, model = run(train_gslrm, "toy_gslrm_synthetic.yaml", data_dir=data, preset="tiny",
+                     init_from=tiny_gslrm_ckpt, image_size=16, val_samples=2, out_dir=tmp_path / "out", **SHORT)
+    assert cfg.rig == "mouse_6view" and cfg.alpha_weight == 0
+    return "psnr", "recon_psnr"
+
+
+def toy_mvdiff_horizontal(tmp_path, **_):
+    data = write_toy_mice(tmp_path / "horizontal", n=4, rig="facelift_6view", size=16, n_extra=0, n_val=2,
+                          progress=False)
+    cfg, (model, ema) = run(train_mvdiff, "toy_mvdiff_horizontal.yaml", data_dir=data, preset="tiny",
+                            prompt_embeds=data / "pe.pt", image_size=16, batch_size=2, val_samples=2,
+                            val_steps=2, out_dir=tmp_path / "out", **SHORT)
+    assert json.loads((tmp_path / "out" / "checkpoint-2" / "rig.json").read_text())["name"] == "facelift_6view"
+    return "psnr_g1", "baseline_psnr"
+
+
 def facelift_gslrm(tmp_path, vgg19_mat, **_):
     # FaceLift's GS-LRM samples: 32 views, 16-bit RGBA, extra frame keys, a list file of absolute paths
     data = write_toy_mice(tmp_path / "facelift", n=3, rig="facelift_6view", size=16, n_extra=26, n_val=1,
@@ -98,14 +118,15 @@ def dance_stage_a(tmp_path, tiny_dance, **_):
 
 
 RUNS = {f.__name__: f for f in (mouse_mvdiffusion_6x_aug, mouse_gslrm_synthetic, facelift_gslrm,
-                                 dance_stage_a)}
+                                 dance_stage_a, toy_gslrm_synthetic, toy_mvdiff_horizontal)}
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in CONFIGS.glob("*.yaml")))
-def test_shipped_config_runs(name, tmp_path, tiny_mice, tiny_dance, vgg19_mat, write_vgg, tiny_mv_ckpt):
+def test_shipped_config_runs(name, tmp_path, tiny_mice, tiny_dance, vgg19_mat, write_vgg, tiny_mv_ckpt,
+                             tiny_gslrm_ckpt):
     assert name in RUNS, f"configs/{name}.yaml has no smoke test: add one to {Path(__file__).name}"
     keys = RUNS[name](tmp_path=tmp_path, tiny_mice=tiny_mice, tiny_dance=tiny_dance, vgg19_mat=vgg19_mat,
-                      write_vgg=write_vgg, tiny_mv_ckpt=tiny_mv_ckpt)
+                      write_vgg=write_vgg, tiny_mv_ckpt=tiny_mv_ckpt, tiny_gslrm_ckpt=tiny_gslrm_ckpt)
     out = tmp_path / "out" / ("stage_A" if name.startswith("dance") else "")
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["step"] == 2 and set(keys) <= set(logged[-1]), logged[-1]
