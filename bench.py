@@ -4,6 +4,7 @@
     python bench.py --only=render       # the rasterizer back ends
     python bench.py --only=toy_mice     # toy data generation
     python bench.py --only=mvattn       # multi-view attention vs plain self-attention in the same UNet
+    python bench.py --only=gen_synthetic  # phase 2: views/s batched vs one reference at a time
 Timings are medians of a few repeats after a warm-up; compare figures from one run as ratios.
 """
 import argparse
@@ -14,7 +15,7 @@ import time
 import torch
 
 from models import (CrossAttnProcessor, build_mv_unet, install_mv_attention, intrinsics_matrix, look_at_c2w,
-                    render_gaussians)
+                    render_gaussians, sample_views)
 from toy import write_toy_mice
 
 
@@ -99,6 +100,27 @@ def bench_mvattn(B=4, V=6):
         for mode in modes[1:]:
             change = 100 * (t[mode] / t["plain"] - 1)
             print(f"| same, {mode} multi-view attention | {t[mode] * 1e3:.0f} ms ({change:+.0f}%) |")
+
+
+def bench_gen_synthetic(n=8, V=6, steps=5):
+    """gen_synthetic.py's cost: DDIM sampling of the 6 views of n references with the toy UNet (32 px),
+    batched as gen_synthetic does, against one reference at a time."""
+    from diffusers import DDIMScheduler
+    torch.manual_seed(0)
+    model = build_mv_unet("toy", V).eval()
+    sched = DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="sample", timestep_spacing="trailing")
+    ref, pe = torch.rand(n, 3, 32, 32) * 2 - 1, torch.randn(V, 8, 32)
+    gens = lambda k: [torch.Generator().manual_seed(i) for i in range(k)]  # noqa: E731
+
+    def run(b):
+        for s in range(0, n, b):
+            sample_views(model, sched, ref[s:s + b], torch.arange(s, s + b) % V, pe, (3, 32, 32), None, steps,
+                         1.0, 1.0, gens(b))
+
+    t = {b: timeit(lambda: run(b), repeat=1, warmup=1) for b in (n, 1)}
+    for b in (n, 1):
+        print(f"| gen_synthetic, toy UNet, {steps} DDIM steps, {'batches of ' + str(b) if b > 1 else 'one at a time'}"
+              f" | {n * V / t[b]:.1f} views/s ({t[1] / t[b]:.1f}x) |")
 
 
 if __name__ == "__main__":
