@@ -260,8 +260,8 @@ def load_mv_checkpoint(path, device="cpu"):
     model = load_mv_unet(unet_dir, len(rig["frames"]), cfg.get("sparse_attention", True)).to(device).eval()
     pe, _ = load_prompt_embeds(path / "prompt_embeds.pt", rig, model.unet.config.cross_attention_dim,
                                allow_mismatch=bool(rig.get("allowed_mismatch")))
-    return {"model": model, "rig": rig, "prompt_embeds": pe.to(device), "prompt_file": path / "prompt_embeds.pt",
-            "config": cfg, "path": path}
+    return {"model": model, "rig": rig, "prompt_embeds": pe.to(device),
+            "prompt_file": path / "prompt_embeds.pt", "config": cfg, "path": path}
 
 
 def load_gslrm_checkpoint(path, device="cpu"):
@@ -624,9 +624,10 @@ def load_prompt_embeds(path, rig, dim, allow_mismatch=False):
         if sha != rig.get("prompt_embeds_sha256"):
             owners = [p.stem for p in sorted(RIGS_DIR.glob("*.json"))
                       if json.loads(p.read_text()).get("prompt_embeds_sha256") == sha]
+            hint = (f"it is rig {owners[0]!r}'s file" if owners
+                    else "make them with `data.py rig_prompt_embeds`")
             problem = (f"{path} is a bare tensor that records no rig (sha256 {sha[:12]}...), and rig "
-                       f"{rig['name']!r} does not name it" + (f"; it is rig {owners[0]!r}'s file" if owners else
-                                                               "; make embeddings with `data.py rig_prompt_embeds`"))
+                       f"{rig['name']!r} does not name it; {hint}")
     else:
         raise ValueError(f"{path}: expected prompt embeddings (a tensor [views, tokens, dim], or the dict "
                          f"save_prompt_embeds writes), got {type(obj).__name__}")
@@ -958,7 +959,6 @@ def draw_skeleton(im, pose, colour, scale, width=2):
 def write_skeleton_video(path, clip, gt, pred, fps, size=128):
     """mp4 at the clip's fps with its music: left the frame with the ground-truth skeleton (green),
     right the prediction (red) over the ground truth (grey). Returns the path and the middle frame."""
-    import imageio_ffmpeg
     frames = []
     for t in range(len(gt)):
         frame = (read_frame(clip["source"], t).permute(1, 2, 0).numpy() * 255).astype(np.uint8)  # (H, W, 3)

@@ -183,7 +183,8 @@ def main(cfg):
             gens.append(torch.Generator(device).manual_seed(noise_seed(cfg.seed, names[i], v)))
         ref_cond, labels = cond.reference(torch.stack(refs).to(device) * 2 - 1)  # (b, C, h, w)
         x = sample_views(model, sampler, ref_cond, torch.tensor(ref_idx, device=device), prompt_embeds,
-                         ref_cond.shape[1:], labels, cfg.steps, cfg.guidance, cfg.eta, gens)  # (b, V, C, h, w)
+                         ref_cond.shape[1:], labels, cfg.steps, cfg.guidance, cfg.eta,
+                         gens)  # (b, V, C, h, w)
         views_px = cond.decode(x).float().cpu()  # (b, V, 3, H, W) in [0, 1]
         if S != views_px.shape[-1]:
             views_px = F.interpolate(views_px.flatten(0, 1), size=(S, S), mode="bilinear", antialias=True,

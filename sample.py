@@ -60,8 +60,8 @@ class Chain:
         if self.gs["rig"] is None:
             print(f"WARNING: {self.gs['path']} records no rig: its cameras are not checked")
         elif msg := rig_mismatch(self.gs["rig"], rig["frames"]):
-            msg = (f"{self.ck['path']} generates views for rig {rig['name']!r}, {self.gs['path']} was trained on "
-                   f"{self.gs['rig']['name']!r}: {msg}")
+            msg = (f"{self.ck['path']} generates views for rig {rig['name']!r}, {self.gs['path']} was "
+                   f"trained on {self.gs['rig']['name']!r}: {msg}")
             if not cfg.allow_rig_mismatch:
                 raise RigMismatch(f"{msg} (--allow_rig_mismatch to run them anyway)")
             print(f"WARNING (allow_rig_mismatch): {msg}")
@@ -82,15 +82,16 @@ class Chain:
                             align_corners=False).to(self.device)  # (1, 3, H, W)
         ref_cond, labels = self.cond.reference(ref * 2 - 1)
         gen = torch.Generator(self.device).manual_seed(cfg.seed)
-        x = sample_views(self.ck["model"], self.sampler, ref_cond, torch.tensor([ref_view], device=self.device),
-                         self.ck["prompt_embeds"], ref_cond.shape[1:], labels, cfg.steps, cfg.guidance, cfg.eta,
-                         gen)  # (1, V, C, h, w)
+        ref_idx = torch.tensor([ref_view], device=self.device)
+        x = sample_views(self.ck["model"], self.sampler, ref_cond, ref_idx, self.ck["prompt_embeds"],
+                         ref_cond.shape[1:], labels, cfg.steps, cfg.guidance, cfg.eta, gen)  # (1, V, C, h, w)
         return self.cond.decode(x)[0].float()
 
     @torch.no_grad()
     def reconstruct(self, views, frames=None):
         """Views (V, 3, H, W) in [0, 1] seen from `frames` (default: GS-LRM's rig) -> Gaussians (N, ...)."""
-        views = F.interpolate(views, size=(self.S, self.S), mode="bilinear", antialias=True, align_corners=False)
+        views = F.interpolate(views, size=(self.S, self.S), mode="bilinear", antialias=True,
+                              align_corners=False)  # (V, 3, S, S)
         w2c, K = frames_to_tensors(frames or self.frames, self.S)  # (V, 4, 4), (V, 4)
         g = self.gs["model"](views[None].to(self.device), torch.linalg.inv(w2c)[None].to(self.device),
                              K[None].to(self.device))
@@ -101,8 +102,8 @@ class Chain:
         """Gaussians -> RGBA renders (V, 4, S, S) at camera `frames` (intrinsics scaled to S)."""
         w2c, K = frames_to_tensors(frames, self.S)
         g = {k: v[None] for k, v in gaussians.items()}
-        return self.gs["model"].render(g, torch.linalg.inv(w2c)[None].to(self.device), K[None].to(self.device),
-                                       self.S, self.S)[0].cpu()
+        c2w = torch.linalg.inv(w2c)[None].to(self.device)  # (1, V, 4, 4)
+        return self.gs["model"].render(g, c2w, K[None].to(self.device), self.S, self.S)[0].cpu()
 
 
 def turntable_frames(rig_frames, n):
@@ -139,11 +140,11 @@ def run_one(chain, cfg):
     Image.fromarray((ref.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)).save(out / "input.png")
     save_image_grid([views], out / "multiview.png", [("generated views", len(views))])
     save_image_grid([renders], out / "renders.png", [("Gaussians at the rig's cameras", len(renders))])
-    spin = chain.render(gaussians, turntable_frames(chain.frames, cfg.turntable_frames))[:, :3]  # (T, 3, S, S)
+    spin = chain.render(gaussians, turntable_frames(chain.frames, cfg.turntable_frames))[:, :3]
     size = max(128, chain.S)  # small toy renders are upscaled so that players show them
-    spin = F.interpolate(spin, size=(size, size), mode="nearest")
-    video = write_video(out / "turntable.mp4", (spin.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8),
-                        cfg.fps)
+    spin = F.interpolate(spin, size=(size, size), mode="nearest")  # (T, 3, size, size)
+    frames = (spin.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)  # (T, size, size, 3)
+    video = write_video(out / "turntable.mp4", frames, cfg.fps)
     (out / "chain.json").write_text(json.dumps({
         "input_image": cfg.input_image, "reference_view": cfg.reference_view,
         "mvdiff_checkpoint": str(chain.ck["path"]), "gslrm_checkpoint": str(chain.gs["path"]),
@@ -198,7 +199,8 @@ def run_eval(chain, cfg):
 
 def main(cfg):
     if bool(cfg.input_image) == bool(cfg.eval_list):
-        raise ValueError("give --input_image (one image) or --eval_list (held-out samples), not both or neither")
+        raise ValueError("give --input_image (one image) or --eval_list (held-out samples), "
+                         "not both or neither")
     if cfg.eval_views not in ("generated", "ground_truth"):
         raise ValueError(f"eval_views {cfg.eval_views!r}: expected generated or ground_truth")
     chain = Chain(cfg, "cuda" if torch.cuda.is_available() else "cpu")

@@ -166,8 +166,8 @@ def write_toy_mice(out, n=200, rig="mouse_6view", size=64, n_extra=4, n_val=None
 
 def toy_spec(n, rig, size, n_extra, n_val, seed, yaw_deg):
     """What write_toy_mice was asked for, as toy.json records it."""
-    return {"n": n, "rig": rig["name"], "cameras": camera_hash(rig["frames"]), "size": size, "n_extra": n_extra,
-            "n_val": n_val, "seed": seed, "yaw_deg": yaw_deg}
+    return {"n": n, "rig": rig["name"], "cameras": camera_hash(rig["frames"]), "size": size,
+            "n_extra": n_extra, "n_val": n_val, "seed": seed, "yaw_deg": yaw_deg}
 
 
 def toy_mice(out, accelerator=None, progress=True, **spec):

@@ -234,5 +234,6 @@ def tiny_gslrm_ckpt(tmp_path_factory):
     model = GSLRM(**GSLRM_CONFIGS["tiny"])
     cfg = load_config(train_gslrm.Config, ["--preset=tiny", "--image_size=16"])
     opt = torch.optim.AdamW(model.parameters())
-    return save_checkpoint(tmp_path_factory.mktemp("gs_ckpt") / "run", 1, {"model": model}, {"optimizer": opt},
-                           cfg, {"skipped": 0}, load_rig("mouse_6view"))
+    run = tmp_path_factory.mktemp("gs_ckpt") / "run"
+    rig = load_rig("mouse_6view")
+    return save_checkpoint(run, 1, {"model": model}, {"optimizer": opt}, cfg, {"skipped": 0}, rig)

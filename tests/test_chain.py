@@ -36,7 +36,8 @@ def test_prompt_embeds_guard(tmp_path):
     pe, problem = load_prompt_embeds(tmp_path / "clr_embeds.pt", dict(facelift, prompt_embeds_sha256=sha), 16)
     assert pe.shape == (6, 77, 16) and problem is None
     # horizontal embeddings for the mouse rig: the seed's failure, refused naming both rigs
-    save_prompt_embeds(tmp_path / "horizontal.pt", toy_rig_prompt_embeds(facelift, 16), facelift, facelift["views"])
+    horizontal = toy_rig_prompt_embeds(facelift, 16)
+    save_prompt_embeds(tmp_path / "horizontal.pt", horizontal, facelift, facelift["views"])
     with pytest.raises(RigMismatch, match="names rig 'facelift_6view'.*this run's rig is 'mouse_6view'"):
         load_prompt_embeds(tmp_path / "horizontal.pt", mouse, 16)
     # a rig with two views swapped has other cameras in view order
@@ -106,9 +107,10 @@ def test_gen_synthetic_resumes_to_identical_files(tiny_mv_ckpt, tiny_mice, tmp_p
 @pytest.mark.slow
 def test_gen_synthetic_sigkill_then_rerun_is_identical(tiny_mv_ckpt, tiny_mice, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    cmd = lambda out: [sys.executable, str(REPO / "gen_synthetic.py"), f"--mvdiff_checkpoint={tiny_mv_ckpt}",  # noqa: E731
-                       f"--input_data={tiny_mice}/data_train.txt", f"--output_dir={out}", "--steps=2",
-                       "--batch_size=2"]
+    args = [f"--mvdiff_checkpoint={tiny_mv_ckpt}", f"--input_data={tiny_mice}/data_train.txt", "--steps=2",
+            "--batch_size=2"]
+    def cmd(out):
+        return [sys.executable, str(REPO / "gen_synthetic.py"), *args, f"--output_dir={out}"]
     subprocess.run(cmd(tmp_path / "full"), check=True, env=env, timeout=600, capture_output=True)
     proc = subprocess.Popen(cmd(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -126,8 +128,8 @@ def test_gen_synthetic_two_processes_write_the_same_files(tiny_mv_ckpt, tiny_mic
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     args = [f"--mvdiff_checkpoint={tiny_mv_ckpt}", f"--input_data={tiny_mice}/data_train.txt", "--steps=2",
             "--batch_size=2"]
-    subprocess.run([sys.executable, str(REPO / "gen_synthetic.py"), *args, f"--output_dir={tmp_path / 'one'}"],
-                   check=True, env=env, timeout=600, capture_output=True)
+    one = [sys.executable, str(REPO / "gen_synthetic.py"), *args, f"--output_dir={tmp_path / 'one'}"]
+    subprocess.run(one, check=True, env=env, timeout=600, capture_output=True)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                     str(REPO / "gen_synthetic.py"), *args, f"--output_dir={tmp_path / 'two'}"],
                    check=True, env=env, timeout=600, capture_output=True)
@@ -143,7 +145,8 @@ def test_gen_synthetic_guard(tiny_mv_ckpt, tiny_mice, tmp_path):
     # the rig's cameras in another order
     write_cameras(tmp_path / "permuted.json", {"frames": swapped(mouse, 0, 2)["frames"]})
     with pytest.raises(RigMismatch, match="another order"):
-        gen_synthetic.main(gen_cfg(tiny_mv_ckpt, tiny_mice, tmp_path / "b", camera_json=tmp_path / "permuted.json"))
+        gen_synthetic.main(gen_cfg(tiny_mv_ckpt, tiny_mice, tmp_path / "b",
+                                   camera_json=tmp_path / "permuted.json"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     out = gen_synthetic.main(gen_cfg(tiny_mv_ckpt, tiny_mice, tmp_path / "c", prompt_embeds=horizontal,
                                      allow_rig_mismatch="true", max_sources=1))
@@ -169,14 +172,16 @@ def test_sample_refuses_checkpoints_of_different_rigs(tiny_mv_ckpt, tiny_gslrm_c
     gs = tmp_path / "gs"
     import shutil
     shutil.copytree(tiny_gslrm_ckpt, gs)
-    (gs / "rig.json").write_text(json.dumps(load_rig("facelift_6view")))  # a GS-LRM trained on horizontal views
+    # a GS-LRM trained on horizontal views
+    (gs / "rig.json").write_text(json.dumps(load_rig("facelift_6view")))
     args = [f"--input_image={tiny_mice / 'mouse_00005' / 'images' / 'cam_000.png'}",
-            f"--mvdiff_checkpoint={tiny_mv_ckpt}", f"--gslrm_checkpoint={gs}", f"--output_dir={tmp_path / 'o'}",
-            "--steps=1", "--turntable_frames=2"]
+            f"--mvdiff_checkpoint={tiny_mv_ckpt}", f"--gslrm_checkpoint={gs}",
+            f"--output_dir={tmp_path / 'o'}", "--steps=1", "--turntable_frames=2"]
     with pytest.raises(RigMismatch, match="'mouse_6view'.*'facelift_6view'"):
         sample.main(load_config(sample.Config, args))
     sample.main(load_config(sample.Config, args + ["--allow_rig_mismatch"]))
-    assert "facelift_6view" in json.loads((tmp_path / "o" / "chain.json").read_text())["allowed_rig_mismatch"][0]
+    record = json.loads((tmp_path / "o" / "chain.json").read_text())["allowed_rig_mismatch"]
+    assert "facelift_6view" in record[0]
 
 
 def test_sample_eval_scores_held_out_cameras(tiny_mv_ckpt, tiny_gslrm_ckpt, tiny_mice, tmp_path):

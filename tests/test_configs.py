@@ -68,7 +68,8 @@ def toy_gslrm_synthetic(tmp_path, tiny_mice, tiny_mv_ckpt, tiny_gslrm_ckpt, **_)
         f"--mvdiff_checkpoint={tiny_mv_ckpt}", f"--input_data={tiny_mice}/data_train.txt", "--steps=1",
         f"--output_dir={tmp_path / 'synthetic'}", "--max_sources=2", "--val_fraction=0.5"]))
     cfg, model = run(train_gslrm, "toy_gslrm_synthetic.yaml", data_dir=data, preset="tiny",
-                     init_from=tiny_gslrm_ckpt, image_size=16, val_samples=2, out_dir=tmp_path / "out", **SHORT)
+                     init_from=tiny_gslrm_ckpt, image_size=16, val_samples=2, out_dir=tmp_path / "out",
+                     **SHORT)
     assert cfg.rig == "mouse_6view" and cfg.alpha_weight == 0
     return "psnr", "recon_psnr"
 
@@ -79,7 +80,8 @@ def toy_mvdiff_horizontal(tmp_path, **_):
     cfg, (model, ema) = run(train_mvdiff, "toy_mvdiff_horizontal.yaml", data_dir=data, preset="tiny",
                             prompt_embeds=data / "pe.pt", image_size=16, batch_size=2, val_samples=2,
                             val_steps=2, out_dir=tmp_path / "out", **SHORT)
-    assert json.loads((tmp_path / "out" / "checkpoint-2" / "rig.json").read_text())["name"] == "facelift_6view"
+    rig = json.loads((tmp_path / "out" / "checkpoint-2" / "rig.json").read_text())
+    assert rig["name"] == "facelift_6view"
     return "psnr_g1", "baseline_psnr"
 
 

@@ -32,8 +32,9 @@ def test_toy_mice_deterministic_and_both_rigs(toy, tmp_path):
     assert cams["rig"] == "facelift_6view" and len(cams["frames"]) == 7
     assert (toy / "data_train.txt").read_text().split() == ["mouse_00000", "mouse_00001", "mouse_00002"]
     assert (toy / "data_val.txt").read_text().split() == ["mouse_00003"]
-    spec = {"n": 4, "rig": "mouse_6view", "cameras": camera_hash(load_rig("mouse_6view")["frames"]), "size": 32,
-            "n_extra": 3, "n_val": 1, "seed": 1, "yaw_deg": None}  # the rig's cameras: a stale set is refused
+    cameras = camera_hash(load_rig("mouse_6view")["frames"])
+    spec = {"n": 4, "rig": "mouse_6view", "cameras": cameras, "size": 32, "n_extra": 3, "n_val": 1, "seed": 1,
+            "yaw_deg": None}  # the rig's cameras: a stale set is refused
     assert json.loads((toy / "toy.json").read_text()) == spec
 
 
