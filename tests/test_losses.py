@@ -31,7 +31,7 @@ def test_ssim_basic():
 
 
 def test_ssim_matches_pytorch_msssim():
-    import pytorch_msssim as pm  # installed by requirements.txt: this oracle must run, not skip
+    import pytorch_msssim as pm  # installed by requirements-test.txt: this oracle must run, not skip
     x, y = torch.rand(3, 3, 32, 32), torch.rand(3, 3, 32, 32)
     y = 0.5 * x + 0.5 * y
     assert torch.allclose(ssim(x, y), pm.ssim(x, y, data_range=1.0, size_average=False), atol=1e-5)
