@@ -30,15 +30,34 @@ import yaml
 from PIL import Image, ImageDraw
 from safetensors.torch import load_model, save_model
 
-from models import SH_C0, load_mv_unet, look_at_c2w, save_mv_unet
+from models import SH_C0, InputError, UserError, load_mv_unet, look_at_c2w, save_mv_unet
 
 RIGS_DIR = Path(__file__).resolve().parent / "configs" / "rigs"
 
 # ----------------------------------------------------------------------------------------------
 # Config: dataclass defaults -> --cfg file.yaml -> --key=value
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     pass
+
+
+class TrainingDiverged(UserError):
+    """max_bad_steps steps in a row had a non-finite loss or gradient: the run stops without saving."""
+
+
+def cli(main, cls, aliases=None, argv=None):
+    """The scripts' entry point: main(load_config(cls, argv)). A UserError (a bad file or flag) or a
+    missing file ends as one line `error: ...` with exit code 2; --debug or MOUSELIFT_DEBUG=1 shows the
+    traceback instead. Other exceptions (bugs) keep their tracebacks."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("MOUSELIFT_DEBUG", "") not in ("", "0")
+    try:
+        return main(load_config(cls, [a for a in argv if a != "--debug"], aliases))
+    except (UserError, FileNotFoundError) as err:
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def type_name(tp):
@@ -57,7 +76,7 @@ def coerce(value, tp, cli=False):
     elif tp is str:  # yaml reads `name: 007` as the int 7: refuse non-strings rather than str() them
         if isinstance(value, str):
             return value
-        raise ValueError(f"{value!r} is not a string (quote it in the yaml)")
+        raise InputError(f"{value!r} is not a string (quote it in the yaml)")
     elif tp is bool:
         if isinstance(value, (bool, int, str)) and str(value).strip().lower() in ("true", "1", "false", "0"):
             return str(value).strip().lower() in ("true", "1")
@@ -81,7 +100,7 @@ def coerce(value, tp, cli=False):
                 return tuple(coerce(v, a) for v, a in zip(value, args))
     elif tp in (object, typing.Any):  # elements of a bare list/tuple/dict
         return value
-    raise ValueError(f"{value!r} is not a {type_name(tp)}")
+    raise InputError(f"{value!r} is not a {type_name(tp)}")
 
 
 def load_config(cls, argv=None, aliases=None):
@@ -155,21 +174,76 @@ def save_config(cfg, path):
 # Checkpoints: <ckpt_dir>/checkpoint-<step>/{<module>.safetensors, state.pt, config.yaml}
 
 
+COMPLETE = "COMPLETE"  # written last into a checkpoint: only marked folders are ever resumed from
+
+
 @contextlib.contextmanager
-def atomic_dir(final_path):
-    """A temporary sibling dir that becomes final_path only if the block finishes (crash-safe saves)."""
+def atomic_dir(final_path, marker=True):
+    """A temporary sibling folder that becomes final_path only if the block finishes (+ the COMPLETE
+    marker, last). An existing final_path (re-saving a step) is renamed aside, the new one renamed in,
+    then the old one deleted: a kill at any moment leaves a complete folder or none under the name."""
     final = Path(final_path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tag = uuid.uuid4().hex[:8]
+    tmp = final.parent / f".tmp-{final.name}-{tag}"
     tmp.mkdir()  # not tempfile.mkdtemp: its 0700 mode would stay on the renamed checkpoint
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if final.exists():  # re-saving the same step
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    if marker:
+        (tmp / COMPLETE).write_text("")
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{tag}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+
+
+def clean_stale(folder):
+    """Removes the temporaries of killed saves in `folder`; an old checkpoint renamed aside for a re-save
+    whose new one never arrived is put back. Returns what it did, as lines."""
+    done = []
+    for p in sorted(Path(folder).glob(".old-*")) if Path(folder).is_dir() else []:
+        name = p.name[len(".old-"):].rsplit("-", 1)[0]
+        if (Path(folder) / name).exists():
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed {p} (replaced by a complete {name})")
+        else:
+            os.replace(p, Path(folder) / name)
+            done.append(f"restored {name} (a re-save of it was killed)")
+    for p in sorted(Path(folder).glob(".tmp-*")) if Path(folder).is_dir() else []:
+        shutil.rmtree(p, ignore_errors=True)
+        done.append(f"removed {p} (a killed save)")
+    return done
+
+
+def prepare_run(ckpt_dir, resume, overwrite, accelerator):
+    """Before a run writes anything: the checkpoint to resume from (None: a fresh run). A fresh run into
+    a folder holding checkpoints is refused (or, with overwrite, they are deleted first); temporaries of
+    killed saves are cleaned (main process), and --resume=auto says when there is nothing to resume."""
+    ckpt_dir = Path(ckpt_dir)
+    existing = sorted(ckpt_dir.glob("checkpoint-*")) if ckpt_dir.is_dir() else []
+    if not resume and existing and not overwrite:
+        raise UserError(f"{ckpt_dir} holds checkpoints of an earlier run ({', '.join(p.name for p in existing)}): "
+                        "use --resume=auto to continue it, another out_dir, or --overwrite to delete them")
+    if accelerator.is_main_process:
+        for line in clean_stale(ckpt_dir):
+            print(f"start-up: {line}")
+        if not resume and existing:  # --overwrite
+            for p in existing:
+                shutil.rmtree(p)
+            print(f"--overwrite: deleted {len(existing)} checkpoints of an earlier run in {ckpt_dir}")
+    accelerator.wait_for_everyone()
+    if resume != "auto":
+        return resume or None
+    found = latest_checkpoint(ckpt_dir)
+    if found is None and accelerator.is_main_process:
+        print(f"--resume=auto: no complete checkpoint in {ckpt_dir}: starting from step 0")
+    return found
 
 
 def save_checkpoint(ckpt_dir, step, modules, optimizers=None, cfg=None, extra=None, rig=None):
@@ -180,14 +254,14 @@ def save_checkpoint(ckpt_dir, step, modules, optimizers=None, cfg=None, extra=No
     try:  # fail now, not at resume: weights_only loading refuses e.g. numpy scalars
         torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
     except pickle.UnpicklingError:
-        raise ValueError(f"extra={extra!r}: use only tensors, python numbers, strings, "
+        raise InputError(f"extra={extra!r}: use only tensors, python numbers, strings, "
                          "lists, dicts") from None
     final = Path(ckpt_dir) / f"checkpoint-{step}"
     with atomic_dir(final) as tmp:
         for name, module in modules.items():
             wrapped = [k for k in module.state_dict() if k.startswith(("module.", "_orig_mod."))]
             if wrapped:  # a DDP/compiled wrapper's key prefixes would make the file unloadable elsewhere
-                raise ValueError(f"{name}: save the unwrapped model, got keys like {wrapped[0]!r}")
+                raise InputError(f"{name}: save the unwrapped model, got keys like {wrapped[0]!r}")
             save_model(module, str(tmp / f"{name}.safetensors"))  # save_model handles tied weights
         write_state(tmp, step, optimizers or {}, extra)
         if cfg is not None:
@@ -203,25 +277,54 @@ def write_state(path, step, optimizers, extra):
 
 
 def latest_checkpoint(ckpt_dir):
-    """The complete checkpoint-<step> dir with the highest step, or None."""
+    """The checkpoint-<step> dir marked complete with the highest step, or None."""
     ckpt_dir = Path(ckpt_dir)
     found = [(int(m[1]), p) for p in (ckpt_dir.iterdir() if ckpt_dir.is_dir() else [])
-             if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / "state.pt").is_file()]
+             if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / COMPLETE).is_file()]
     return max(found)[1] if found else None
+
+
+def check_resumable(path):
+    """Stops unless `path` is a complete checkpoint, naming what is missing and what else exists."""
+    path = Path(path)
+    if not (path / COMPLETE).is_file() or not (path / "state.pt").is_file():
+        other = latest_checkpoint(path.parent)
+        raise UserError(f"{path} is not a complete checkpoint (no {COMPLETE} marker or state.pt)"
+                        + (f"; the latest complete one is {other}" if other else ""))
+
+
+def read_state(path):
+    """state.pt of a checkpoint, a truncated or foreign file named as such."""
+    try:
+        return torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many kinds for a broken file
+        raise InputError(f"{Path(path) / 'state.pt'}: cannot read it ({type(err).__name__}: {err})") from None
+
+
+def check_finite_weights(where, module):
+    """Refuses weights with NaN or inf (a checkpoint of a diverged run)."""
+    bad = [k for k, v in module.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise InputError(f"{where}: non-finite weights in {len(bad)} tensors (e.g. {bad[0]}): refusing to resume")
 
 
 def load_checkpoint(path, modules, optimizers=None):
     """Loads weights (strict) and optimizer states; returns the state dict {step, optimizers, extra}."""
     path = Path(path)
-    if not (path / "state.pt").is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no state.pt)")
+    check_resumable(path)
     for name, module in modules.items():
         file = path / f"{name}.safetensors"
         if not file.is_file():
             have = sorted(p.stem for p in path.glob("*.safetensors"))
             raise FileNotFoundError(f"{file} not found (the checkpoint holds modules {have})")
-        load_model(module, file, strict=True)  # RuntimeError naming missing/unexpected keys
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        try:
+            load_model(module, file, strict=True)
+        except RuntimeError as err:  # missing/unexpected keys, or a truncated file
+            raise InputError(f"{file}: cannot load it into {name} ({str(err).splitlines()[0]})") from None
+        except Exception as err:  # safetensors raises its own kinds for a broken header
+            raise InputError(f"{file}: cannot read it ({type(err).__name__}: {err})") from None
+        check_finite_weights(file, module)
+    state = read_state(path)
     for name, opt in (optimizers or {}).items():
         if name not in state["optimizers"]:
             raise KeyError(f"{path}: no optimizer state {name!r}, checkpoint has {list(state['optimizers'])}")
@@ -305,19 +408,32 @@ def read_cameras(path):
     try:
         cams = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: cannot read camera file ({err})") from None
+        raise InputError(f"{path}: cannot read camera file ({err})") from None
     if not isinstance(cams, dict) or not isinstance(cams.get("frames"), list) or not cams["frames"]:
-        raise ValueError(f"{path}: expected {{'id': ..., 'frames': [...]}} with at least one frame")
-    for i, fr in enumerate(cams["frames"]):
+        raise InputError(f"{path}: expected {{'id': ..., 'frames': [...]}} with at least one frame")
+    check_frames(cams["frames"], path)
+    return cams
+
+
+def check_frames(frames, path):
+    """Every camera frame: the keys, a finite rigid w2c, finite intrinsics with fx, fy > 0."""
+    for i, fr in enumerate(frames):
         missing = [k for k in FRAME_KEYS if k not in fr]
         if missing:
-            raise ValueError(f"{path}: frame {i} lacks keys {missing} (needs {list(FRAME_KEYS)})")
-        w2c = np.asarray(fr["w2c"], dtype=np.float64)
+            raise InputError(f"{path}: frame {i} lacks keys {missing} (needs {list(FRAME_KEYS)})")
+        try:
+            w2c = np.asarray(fr["w2c"], dtype=np.float64)
+        except (TypeError, ValueError):  # ragged or not numbers
+            w2c = np.zeros(0)
         if w2c.shape != (4, 4) or not np.isfinite(w2c).all():
-            raise ValueError(f"{path}: frame {i} w2c must be a finite 4x4 matrix, got {fr['w2c']}")
-        if abs(np.linalg.det(w2c[:3, :3])) < 1e-6 or not (fr["fx"] > 0 and fr["fy"] > 0):
-            raise ValueError(f"{path}: frame {i} needs an invertible w2c and fx, fy > 0")
-    return cams
+            raise InputError(f"{path}: frame {i} w2c must be a finite 4x4 matrix, got {fr['w2c']}")
+        R = w2c[:3, :3]
+        if np.abs(R @ R.T - np.eye(3)).max() > 1e-3 or np.abs(w2c[3] - [0, 0, 0, 1]).max() > 1e-6:
+            raise InputError(f"{path}: frame {i} w2c is not a rigid transform (rotation must be "
+                             f"orthonormal, last row 0 0 0 1): {fr['w2c']}")
+        intr = [fr[k] for k in ("fx", "fy", "cx", "cy")]
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in intr) or not min(intr[:2]) > 0:
+            raise InputError(f"{path}: frame {i} needs finite intrinsics with fx, fy > 0, got {intr}")
 
 
 def write_cameras(path, cams):
@@ -397,13 +513,14 @@ def load_rig(name_or_path):
     if not path.exists():
         known = sorted(p.stem for p in RIGS_DIR.glob("*.json"))
         raise FileNotFoundError(f"rig {name_or_path!r} not found ({path}); rigs in {RIGS_DIR}: {known}")
-    rig = json.loads(path.read_text())
+    try:
+        rig = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: cannot read rig file ({err})") from None
     for key in ("name", "frames", "views", "prompt_embeds"):
-        if key not in rig:
-            raise ValueError(f"{path}: rig lacks key {key!r}")
-    for i, fr in enumerate(rig["frames"]):
-        if any(k not in fr for k in FRAME_KEYS):
-            raise ValueError(f"{path}: rig frame {i} lacks one of {FRAME_KEYS}")
+        if not isinstance(rig, dict) or key not in rig:
+            raise InputError(f"{path}: rig lacks key {key!r}")
+    check_frames(rig["frames"], path)
     return rig
 
 
@@ -479,12 +596,12 @@ def load_rgba(path, size=None, bg=1.0):
         with Image.open(path) as im:
             im.load()
             if im.mode not in ("RGBA", "RGB"):
-                raise ValueError(f"mode {im.mode}, expected RGBA or RGB")
+                raise InputError(f"mode {im.mode}, expected RGBA or RGB")
             x = torch.from_numpy(np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0)  # (H, W, 4)
     except (OSError, ValueError, SyntaxError) as err:
-        raise ValueError(f"{path}: cannot read image ({err})") from None
+        raise InputError(f"{path}: cannot read image ({err})") from None
     if x.shape[0] != x.shape[1]:
-        raise ValueError(f"{path}: image is {x.shape[1]}x{x.shape[0]}, expected a square image")
+        raise InputError(f"{path}: image is {x.shape[1]}x{x.shape[0]}, expected a square image")
     x = x.permute(2, 0, 1)  # (4, H, W)
     x = torch.cat([x[:3] * x[3:] + bg * (1 - x[3:]), x[3:]])
     if size is not None and size != x.shape[-1]:
@@ -501,7 +618,7 @@ class MultiViewDataset(torch.utils.data.Dataset):
                  rig=None, seed=0, num_inputs=None):
         self.samples = read_list_file(list_file)
         if not self.samples:
-            raise ValueError(f"{list_file}: no samples listed")
+            raise InputError(f"{list_file}: no samples listed")
         if missing := [d for d in self.samples if not d.is_dir()]:  # e.g. another machine's absolute paths
             raise FileNotFoundError(f"sample folder {missing[0]} does not exist (listed in {list_file}; "
                                     f"{len(missing)} of {len(self.samples)} listed folders are missing)")
@@ -518,7 +635,7 @@ class MultiViewDataset(torch.utils.data.Dataset):
             frames = read_cameras(cam_file)["frames"]
             missing = [i for i, fr in enumerate(frames) if "file_path" not in fr]
             if missing:
-                raise ValueError(f"{cam_file}: frames {missing} lack 'file_path'")
+                raise InputError(f"{cam_file}: frames {missing} lack 'file_path'")
             return frames, cam_file
         if self.rig is None:
             raise FileNotFoundError(f"{cam_file} missing (a sample without cameras needs a rig)")
@@ -532,12 +649,12 @@ class MultiViewDataset(torch.utils.data.Dataset):
         k = len(pool) if self.num_inputs is None else self.num_inputs
         n_target = len(frames) - k if self.num_target < 0 else self.num_target
         if len(frames) < k + n_target or max(pool) >= len(frames) or k > len(pool):
-            raise ValueError(f"{d}: has {len(frames)} views, "
+            raise InputError(f"{d}: has {len(frames)} views, "
                              f"needs {k} input views from {pool} + {n_target} targets")
         if self.rig is not None and cam_file is not None:
             msg = rig_mismatch(self.rig, [frames[i] for i in pool])
             if msg:
-                raise ValueError(f"{cam_file}: {msg}")
+                raise InputError(f"{cam_file}: {msg}")
         rng = np.random.default_rng((self.seed, epoch, idx))
         inputs = pool if k == len(pool) else [pool[i] for i in sorted(rng.choice(len(pool), k, False))]
         rest = [i for i in range(len(frames)) if i not in inputs]
@@ -612,7 +729,7 @@ def load_prompt_embeds(path, rig, dim, allow_mismatch=False):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated or not a torch file: torch raises many kinds
-        raise ValueError(f"{path}: cannot read prompt embeddings ({type(err).__name__}: {err})") from None
+        raise InputError(f"{path}: cannot read prompt embeddings ({type(err).__name__}: {err})") from None
     problem = None
     if isinstance(obj, dict) and {"embeds", "rig", "camera_hash"} <= set(obj):
         pe, h = obj["embeds"], camera_hash(rig["frames"])
@@ -629,7 +746,7 @@ def load_prompt_embeds(path, rig, dim, allow_mismatch=False):
             problem = (f"{path} is a bare tensor that records no rig (sha256 {sha[:12]}...), and rig "
                        f"{rig['name']!r} does not name it; {hint}")
     else:
-        raise ValueError(f"{path}: expected prompt embeddings (a tensor [views, tokens, dim], or the dict "
+        raise InputError(f"{path}: expected prompt embeddings (a tensor [views, tokens, dim], or the dict "
                          f"save_prompt_embeds writes), got {type(obj).__name__}")
     if problem and not allow_mismatch:
         raise RigMismatch(f"{problem}: views would be named for other cameras than they show "
@@ -637,18 +754,18 @@ def load_prompt_embeds(path, rig, dim, allow_mismatch=False):
     if problem:
         print(f"WARNING (allow_rig_mismatch): {problem}")
     if not torch.is_tensor(pe) or pe.dim() != 3:
-        raise ValueError(f"{path}: expected a tensor [views, tokens, dim], "
+        raise InputError(f"{path}: expected a tensor [views, tokens, dim], "
                          f"got {type(pe).__name__} {getattr(pe, 'shape', '')}")
     V = len(rig["frames"])
     if pe.shape[0] != V:
-        raise ValueError(f"{path}: embeddings for {pe.shape[0]} views, "
+        raise InputError(f"{path}: embeddings for {pe.shape[0]} views, "
                          f"rig {rig['name']!r} has {V} ({rig['views']})")
     if pe.shape[2] != dim:
-        raise ValueError(f"{path}: embedding width {pe.shape[2]}, the UNet's cross-attention width is {dim} "
+        raise InputError(f"{path}: embedding width {pe.shape[2]}, the UNet's cross-attention width is {dim} "
                          "(SD 2.1 / FaceLift: 1024, OpenCLIP ViT-H/14; 768 means CLIP ViT-L/14 embeddings, "
                          "which this UNet cannot read)")
     if not torch.isfinite(pe).all():
-        raise ValueError(f"{path}: non-finite value at index {(~torch.isfinite(pe)).nonzero()[0].tolist()}")
+        raise InputError(f"{path}: non-finite value at index {(~torch.isfinite(pe)).nonzero()[0].tolist()}")
     return pe.float(), problem
 
 
@@ -697,7 +814,7 @@ def music_features(audio, sr, fps, n_frames):
     beats[music_beats(audio, sr, frames=True)] = 1.0
     n = min(len(env), len(mfcc), len(chroma))
     if n < n_frames:
-        raise ValueError(f"audio gives {n} feature frames, the video has {n_frames}")
+        raise InputError(f"audio gives {n} feature frames, the video has {n_frames}")
     feats = np.concatenate([env[:, None][:n], mfcc[:n], chroma[:n], peaks[:n, None], beats[:n, None]], 1)
     return feats[:n_frames].astype(np.float32)  # the centred STFT gives one extra frame: trim to T
 
@@ -717,7 +834,7 @@ def read_audio(path):
     try:
         audio, sr = soundfile.read(str(path), dtype="float32", always_2d=True)
     except RuntimeError as err:
-        raise ValueError(f"{path}: cannot read audio ({err})") from None
+        raise InputError(f"{path}: cannot read audio ({err})") from None
     return audio.mean(1), sr  # mono
 
 
@@ -726,7 +843,11 @@ def frame_source(d):
     layouts = (("frames", "*.png", lambda p: p.stem), ("images", "frame_*.png", lambda p: p.stem[6:]))
     for folder, pattern, key in layouts:
         if (d / folder).is_dir() and (paths := list((d / folder).glob(pattern))):
-            return "png", sorted(paths, key=lambda p: int(key(p)))
+            paths = sorted(paths, key=lambda p: int(key(p)))
+            for i, p in enumerate(paths):  # numbered 0, 1, ...: a gap is a missing frame, not fewer frames
+                if int(key(p)) != i:
+                    raise FileNotFoundError(f"{p.parent}: frame {i} is missing (the frames jump to {p.name})")
+            return "png", paths
     for name in ("video.mp4", "video.webm", "video.avi"):
         if (d / name).is_file():
             return "video", d / name
@@ -741,7 +862,7 @@ def read_frame(source, i):
             with Image.open(src[i]) as im:
                 x = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
         except (OSError, SyntaxError) as err:
-            raise ValueError(f"{src[i]}: cannot read image ({err})") from None
+            raise InputError(f"{src[i]}: cannot read image ({err})") from None
     else:
         import imageio.v2 as imageio
         with imageio.get_reader(src, "ffmpeg") as reader:
@@ -770,39 +891,49 @@ def check_clip(d, fps=None):
     try:
         clip_fps = float(json.loads((d / "meta.json").read_text())["fps"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{d / 'meta.json'}: needs {{'fps', 'size', 'source'}} ({err!r})") from None
+        raise InputError(f"{d / 'meta.json'}: needs {{'fps', 'size', 'source'}} ({err!r})") from None
     if fps is not None and clip_fps != fps:
-        raise ValueError(f"{d / 'meta.json'}: fps {clip_fps}, the run expects {fps}")
+        raise InputError(f"{d / 'meta.json'}: fps {clip_fps}, the run expects {fps}")
     source = frame_source(d)
     T = count_frames(source)
     poses = np.load(d / "poses.npy", mmap_mode="r")
     if poses.shape != (T, 134, 3):
-        raise ValueError(f"{d / 'poses.npy'}: shape {poses.shape}, "
+        raise InputError(f"{d / 'poses.npy'}: shape {poses.shape}, "
                          f"expected ({T}, 134, 3) for {T} frames (DWPose 134 layout)")
+    check_finite(poses, d / "poses.npy", "(frame, joint, x/y/score)")
     try:
         boxes = json.loads((d / "faces.json").read_text())["boxes"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{d / 'faces.json'}: "
+        raise InputError(f"{d / 'faces.json'}: "
                          f"expected {{'boxes': [[x0, y0, x1, y1] or null, ...]}} ({err!r})") from None
     if len(boxes) != T or any(b is not None and len(b) != 4 for b in boxes):
-        raise ValueError(f"{d / 'faces.json'}: {len(boxes)} boxes for {T} frames "
+        raise InputError(f"{d / 'faces.json'}: {len(boxes)} boxes for {T} frames "
                          "(one [x0, y0, x1, y1] or null per frame)")
     if all(b is None for b in boxes):
-        raise ValueError(f"{d / 'faces.json'}: no frame has a face box (the reference frame needs one)")
+        raise InputError(f"{d / 'faces.json'}: no frame has a face box (the reference frame needs one)")
     import soundfile
     try:
         info = soundfile.info(str(d / "audio.wav"))
     except RuntimeError as err:
-        raise ValueError(f"{d / 'audio.wav'}: cannot read audio ({err})") from None
+        raise InputError(f"{d / 'audio.wav'}: cannot read audio ({err})") from None
     if info.duration < T / clip_fps - 1e-3:
-        raise ValueError(f"{d / 'audio.wav'}: {info.duration:.3f} s of audio is shorter than the {T} frames "
+        raise InputError(f"{d / 'audio.wav'}: {info.duration:.3f} s of audio is shorter than the {T} frames "
                          f"({T / clip_fps:.3f} s at {clip_fps:g} fps)")
     feats = d / "music_feats.npy"
     if feats.is_file():
         shape = np.load(feats, mmap_mode="r").shape
         if len(shape) != 2 or shape[0] != T:
-            raise ValueError(f"{feats}: shape {shape}, expected ({T}, D) for {T} frames")
+            raise InputError(f"{feats}: shape {shape}, expected ({T}, D) for {T} frames")
+        check_finite(np.load(feats, mmap_mode="r"), feats, "(frame, channel)")
     return {"dir": d, "T": T, "fps": clip_fps, "source": source, "boxes": boxes, "sr": info.samplerate}
+
+
+def check_finite(x, file, index_names=""):
+    """Stops naming the file and the first NaN / inf (loaders read nothing non-finite)."""
+    bad = ~np.isfinite(np.asarray(x))
+    if bad.any():
+        raise InputError(f"{file}: non-finite value {np.asarray(x)[tuple(np.argwhere(bad)[0])]} at index "
+                         f"{np.argwhere(bad)[0].tolist()} {index_names} ({int(bad.sum())} in all)")
 
 
 def cache_music_features(d, fps, T):
@@ -814,7 +945,7 @@ def cache_music_features(d, fps, T):
         try:
             feats = music_features(audio, sr, fps, T)
         except (ValueError, AssertionError) as err:
-            raise ValueError(f"{d / 'audio.wav'}: {err}") from None
+            raise InputError(f"{d / 'audio.wav'}: {err}") from None
         np.save(path, feats)
     return np.load(path)
 
@@ -837,18 +968,20 @@ class DanceClipDataset(torch.utils.data.Dataset):
     def __init__(self, list_file, window, joints="body_feet24", fps=DANCE_FPS, seed=0, start=-1, ref_frame=-1,
                  face_size=112):
         if joints not in JOINT_SETS:
-            raise ValueError(f"joints={joints!r}: expected one of {list(JOINT_SETS)}")
+            raise InputError(f"joints={joints!r}: expected one of {list(JOINT_SETS)}")
         self.clips = [check_clip(d, fps) for d in read_list_file(list_file)]
         if not self.clips:
-            raise ValueError(f"{list_file}: no clips listed")
+            raise InputError(f"{list_file}: no clips listed")
         short = [str(c["dir"]) for c in self.clips if c["T"] < window]
         if short:
-            raise ValueError(f"clips shorter than the window of {window} frames: {short}")
+            raise InputError(f"clips shorter than the window of {window} frames: {short}")
         self.feats = [cache_music_features(c["dir"], fps, c["T"]) for c in self.clips]  # [T, D] each
-        widths = {f.shape[1] for f in self.feats}
-        if len(widths) != 1:
-            raise ValueError(f"{list_file}: clips have music features of different widths {sorted(widths)}")
-        self.music_dim, self.J, self.window, self.fps = widths.pop(), JOINT_SETS[joints], window, fps
+        widths = [f.shape[1] for f in self.feats]
+        if len(set(widths)) != 1:  # name the odd one: the clip whose width most clips do not share
+            odd = min(range(len(widths)), key=lambda i: widths.count(widths[i]))
+            raise InputError(f"{self.clips[odd]['dir'] / 'music_feats.npy'}: music features of width "
+                             f"{widths[odd]}, other clips of {list_file} have {max(set(widths), key=widths.count)}")
+        self.music_dim, self.J, self.window, self.fps = widths[0], JOINT_SETS[joints], window, fps
         self.poses = [np.load(c["dir"] / "poses.npy")[:, : self.J].astype(np.float32) for c in self.clips]
         self.seed, self.start, self.ref_frame, self.face_size = seed, start, ref_frame, face_size
 
@@ -863,7 +996,7 @@ class DanceClipDataset(torch.utils.data.Dataset):
         with_face = [i for i, b in enumerate(clip["boxes"]) if b is not None]
         ref = self.ref_frame if self.ref_frame >= 0 else int(with_face[rng.integers(len(with_face))])
         if clip["boxes"][ref] is None:
-            raise ValueError(f"{clip['dir'] / 'faces.json'}: reference frame {ref} has no face box")
+            raise InputError(f"{clip['dir'] / 'faces.json'}: reference frame {ref} has no face box")
         image = read_frame(clip["source"], ref)  # (3, H, W)
         return {"music": torch.from_numpy(self.feats[idx][start: start + self.window]),  # (W, D)
                 "poses": torch.from_numpy(self.poses[idx][start: start + self.window]),  # (W, J, 3)
@@ -927,7 +1060,7 @@ def load_ply(path):
     end = raw.index(b"end_header\n") + len(b"end_header\n")
     lines = raw[:end].decode("ascii").splitlines()
     if lines[:2] != ["ply", "format binary_little_endian 1.0"]:
-        raise ValueError(f"{path}: not a binary little-endian PLY")
+        raise InputError(f"{path}: not a binary little-endian PLY")
     n = int(next(ln.split()[2] for ln in lines if ln.startswith("element vertex")))
     names = [ln.split()[2] for ln in lines if ln.startswith("property float")]
     rows = np.frombuffer(raw[end:], dtype="<f4", count=n * len(names)).reshape(n, len(names))  # (N, fields)

@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from accelerate import Accelerator
 from PIL import Image
 from tqdm import tqdm
 
-from data import (RigMismatch, atomic_dir, camera_hash, file_sha256, load_config, load_mv_checkpoint,
+from data import (InputError, RigMismatch, cli, atomic_dir, camera_hash, file_sha256, load_mv_checkpoint,
                   load_prompt_embeds, load_rgba, read_cameras, read_list_file, rig_mismatch)
 from models import Conditioner, mv_schedulers, sample_views
 
@@ -86,7 +85,7 @@ def source_frames(d, rig):
     frames = read_cameras(cam_file)["frames"]
     msg = rig_mismatch(rig, frames[: len(rig["frames"])])
     if msg:
-        raise ValueError(f"{cam_file}: {msg}")
+        raise InputError(f"{cam_file}: {msg}")
     return frames
 
 
@@ -133,7 +132,7 @@ def main(cfg):
         raise FileNotFoundError(f"sample folder {missing[0]} does not exist (listed in {list_file}; "
                                 f"{len(missing)} of {len(sources)} listed folders are missing)")
     if not 0 <= cfg.reference_view < V:
-        raise ValueError(f"reference_view {cfg.reference_view}: the rig has views 0..{V - 1}")
+        raise InputError(f"reference_view {cfg.reference_view}: the rig has views 0..{V - 1}")
     names = [os.path.relpath(d, list_file.parent) for d in sources]  # as listed: seeds the noise
     views = list(range(V)) if cfg.augment_all_views else [cfg.reference_view]
     items = [(i, v) for i in range(len(sources)) for v in views]  # sample k = items[k]
@@ -193,7 +192,7 @@ def main(cfg):
             if sample_dir(k).is_dir():  # written before a kill
                 continue
             i, v = items[k]
-            with atomic_dir(sample_dir(k)) as tmp:
+            with atomic_dir(sample_dir(k), marker=False) as tmp:
                 (tmp / "images").mkdir()
                 for fr, px in zip(out_frames, to_rgba(rgb, cfg.alpha_threshold)):
                     Image.fromarray(px, "RGBA").save(tmp / fr["file_path"])
@@ -224,4 +223,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(load_config(Config, sys.argv[1:]))
+    cli(main, Config)

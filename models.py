@@ -20,6 +20,15 @@ from einops import rearrange, repeat
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
+class UserError(Exception):
+    """A problem with the user's files or flags, not a bug: the scripts print it as one line
+    `error: ...` and exit with code 2 (a traceback with --debug or MOUSELIFT_DEBUG=1)."""
+
+
+class InputError(UserError, ValueError):
+    """A file's content or a flag's value is wrong (the message names which)."""
+
+
 # ----------------------------------------------------------------------------------------------
 # Cameras and rays
 
@@ -435,14 +444,14 @@ def load_facelift_gslrm(model, path):
     # weights_only=False: the file also pickles optimizer/scheduler state. Load only files you trust.
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ValueError(f"{path}: expected a dict with a 'model' state dict (FaceLift's GS-LRM checkpoint)")
+        raise InputError(f"{path}: expected a dict with a 'model' state dict (FaceLift's GS-LRM checkpoint)")
     kmap, ours = facelift_gslrm_key_map(len(model.blocks)), model.state_dict()
     check_keys(f"{path}: not a FaceLift GS-LRM checkpoint for this preset ({len(model.blocks)} layers)",
                kmap, ckpt["model"], ignore=lambda k: k.startswith("loss_calculator."))
     theirs = {k: v for k, v in ckpt["model"].items() if k in kmap}
     for k, v in theirs.items():
         if v.shape != ours[kmap[k]].shape:
-            raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, "
+            raise InputError(f"{path}: {k} has shape {tuple(v.shape)}, "
                              f"our {kmap[k]} expects {tuple(ours[kmap[k]].shape)}")
     model.load_state_dict({kmap[k]: v for k, v in theirs.items()}, strict=True)
     return ckpt
@@ -521,7 +530,7 @@ def load_matconvnet_vgg(path, arch):
     pooling and caffe-style input (RGB x255 minus the mean pixel), as FaceLift uses it."""
     import scipy.io  # only this loader reads .mat files
     if arch != "vgg19":  # LPIPS's vgg16 needs torchvision's weights and normalisation
-        raise ValueError(f"{path}: MatConvNet weights are read for vgg19 only, not {arch}")
+        raise InputError(f"{path}: MatConvNet weights are read for vgg19 only, not {arch}")
     vgg = VGGFeatures(arch, pool="avg")
     vgg.preprocess = "caffe"
     mat = scipy.io.loadmat(path, variable_names=["layers"])
@@ -536,10 +545,10 @@ def load_matconvnet_vgg(path, arch):
         try:  # W (H, W, in, out), b (out, 1) or (1, out)
             w, b = layers[i].ravel()[0]["weights"].ravel()
         except (IndexError, KeyError, ValueError):  # no such layer, no weights field, not {W, b}
-            raise ValueError(f"{path}: layer {i} of {len(layers)} is not a conv layer with "
+            raise InputError(f"{path}: layer {i} of {len(layers)} is not a conv layer with "
                              f"weights {{W {want}, b ({want[3]},)}}") from None
         if w.shape != want or b.size != want[3]:
-            raise ValueError(f"{path}: layer {i} has W {w.shape}, b {b.shape}; "
+            raise InputError(f"{path}: layer {i} has W {w.shape}, b {b.shape}; "
                              f"expected W {want}, b ({want[3]},)")
         sd[f"features.{i}.weight"] = torch.from_numpy(w).permute(3, 2, 0, 1).float()  # (out, in, 3, 3)
         sd[f"features.{i}.bias"] = torch.from_numpy(b).reshape(-1).float()  # (out,)
@@ -720,14 +729,14 @@ def unet_config_from_facelift(config, where="config.json"):
     import inspect as _inspect
     from diffusers import UNet2DConditionModel
     if config.get("_class_name") not in ("UNetMV2DConditionModel", "UNet2DConditionModel"):
-        raise ValueError(f"{where}: _class_name {config.get('_class_name')!r}, "
+        raise InputError(f"{where}: _class_name {config.get('_class_name')!r}, "
                          "expected UNetMV2DConditionModel (FaceLift) or UNet2DConditionModel")
     extra = sorted(k for k in FACELIFT_EXTRA_KEYS if k in config)
     if extra and config["_class_name"] != "UNetMV2DConditionModel":
-        raise ValueError(f"{where}: FaceLift's keys {extra} in a UNet2DConditionModel config")
+        raise InputError(f"{where}: FaceLift's keys {extra} in a UNet2DConditionModel config")
     for key, (ours, feature) in FACELIFT_FIXED_KEYS.items():
         if config.get(key, ours) != ours:
-            raise ValueError(f"{where}: {key}={config[key]!r} asks for {feature}, which MVUNet "
+            raise InputError(f"{where}: {key}={config[key]!r} asks for {feature}, which MVUNet "
                              f"does not implement (FaceLift's released weights: {key}={ours!r})")
     cfg = {k: v for k, v in config.items() if not k.startswith("_") and k not in FACELIFT_EXTRA_KEYS}
     for key in ("down_block_types", "up_block_types"):
@@ -736,7 +745,7 @@ def unet_config_from_facelift(config, where="config.json"):
         cfg["mid_block_type"] = FACELIFT_BLOCK_MAP.get(cfg["mid_block_type"], cfg["mid_block_type"])
     unknown = sorted(set(cfg) - set(_inspect.signature(UNet2DConditionModel.__init__).parameters))
     if unknown:
-        raise ValueError(f"{where}: keys {unknown} are neither UNet2DConditionModel arguments "
+        raise InputError(f"{where}: keys {unknown} are neither UNet2DConditionModel arguments "
                          f"nor FaceLift's known extras {FACELIFT_EXTRA_KEYS}")
     return cfg
 
@@ -748,10 +757,10 @@ def facelift_mv_settings(config, where="config.json"):
         return None
     missing = [k for k in ("num_views", "sparse_mv_attention") if k not in config]
     if missing:
-        raise ValueError(f"{where}: no {missing} in a UNetMV2DConditionModel config")
+        raise InputError(f"{where}: no {missing} in a UNetMV2DConditionModel config")
     V, sparse = config["num_views"], config["sparse_mv_attention"]
     if type(V) is not int or V < 1 or type(sparse) is not bool:
-        raise ValueError(f"{where}: num_views={V!r}, sparse_mv_attention={sparse!r}: "
+        raise InputError(f"{where}: num_views={V!r}, sparse_mv_attention={sparse!r}: "
                          "expected a positive int and a bool")
     return V, sparse
 
@@ -777,7 +786,7 @@ def load_unet(path):
     check_keys(f"{files[0]}: not the weights of the UNet that {cfg_file.name} describes", ours, sd)
     for k, v in sd.items():
         if v.shape != ours[k].shape:
-            raise ValueError(f"{files[0]}: {k} has shape {tuple(v.shape)}, "
+            raise InputError(f"{files[0]}: {k} has shape {tuple(v.shape)}, "
                              f"the config gives {tuple(ours[k].shape)}")
     unet.load_state_dict(sd)  # strict
     return unet
@@ -798,9 +807,9 @@ def load_mv_unet(path, num_views=None, sparse=None):
     mv = facelift_mv_settings(json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}, cfg_file)
     if mv is not None:  # checked before reading the weights
         if num_views is not None and num_views != mv[0]:
-            raise ValueError(f"{cfg_file}: num_views={mv[0]}, but the rig has {num_views} views")
+            raise InputError(f"{cfg_file}: num_views={mv[0]}, but the rig has {num_views} views")
         if sparse is not None and sparse != mv[1]:
-            raise ValueError(f"{cfg_file}: sparse_mv_attention={mv[1]}, but sparse={sparse} was asked "
+            raise InputError(f"{cfg_file}: sparse_mv_attention={mv[1]}, but sparse={sparse} was asked "
                              f"for (train_mvdiff: set --sparse_attention={str(mv[1]).lower()})")
         num_views, sparse = mv
     unet = load_unet(path)
@@ -810,7 +819,7 @@ def load_mv_unet(path, num_views=None, sparse=None):
     model = MVUNet(unet, num_views, True if sparse is None else sparse)
     if w is not None:
         if w.shape != model.ref_view_embed.weight.shape:
-            raise ValueError(f"{emb_file}: shape {tuple(w.shape)}, "
+            raise InputError(f"{emb_file}: shape {tuple(w.shape)}, "
                              f"expected {tuple(model.ref_view_embed.weight.shape)} ({num_views} views)")
         model.ref_view_embed.weight.data.copy_(w)
     return model
@@ -888,7 +897,7 @@ def mv_schedulers(prediction_type, beta_schedule, beta_start, beta_end, clip_sam
         sampler = DDIMScheduler.from_pretrained(pipeline_dir, subfolder="scheduler")
         for key in ("prediction_type", "beta_schedule", "beta_start", "beta_end"):
             if sampler.config[key] != noise.config[key]:
-                raise ValueError(f"{pipeline_dir}/scheduler: {key} {sampler.config[key]!r}, "
+                raise InputError(f"{pipeline_dir}/scheduler: {key} {sampler.config[key]!r}, "
                                  f"this run trains with {noise.config[key]!r}")
     return noise, sampler
 
@@ -1090,6 +1099,6 @@ def load_iresnet(path, arch):
     bad = [f"{k} {tuple(v.shape)} vs {tuple(ours[k].shape)}"
            for k, v in sd.items() if v.shape != ours[k].shape]
     if bad:
-        raise ValueError(f"{path}: shapes differ from {arch}: {bad[:5]}")
+        raise InputError(f"{path}: shapes differ from {arch}: {bad[:5]}")
     model.load_state_dict(sd, strict=True)
     return model.eval().requires_grad_(False)

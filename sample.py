@@ -13,7 +13,6 @@ views are generated for the diffusion model's rig and read by GS-LRM as seen fro
 at all its other cameras against the ground truth (the README's chain experiment).
 """
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data import (RigMismatch, camera_geometry, frames_to_tensors, load_config, load_gslrm_checkpoint,
+from data import (InputError, RigMismatch, cli, camera_geometry, frames_to_tensors, load_gslrm_checkpoint,
                   load_mv_checkpoint, load_rgba, orbit_c2w, read_cameras, read_list_file, rig_mismatch,
                   save_image_grid, save_ply, write_video)
 from losses import masked_psnr, psnr, ssim
@@ -199,15 +198,15 @@ def run_eval(chain, cfg):
 
 def main(cfg):
     if bool(cfg.input_image) == bool(cfg.eval_list):
-        raise ValueError("give --input_image (one image) or --eval_list (held-out samples), "
+        raise InputError("give --input_image (one image) or --eval_list (held-out samples), "
                          "not both or neither")
     if cfg.eval_views not in ("generated", "ground_truth"):
-        raise ValueError(f"eval_views {cfg.eval_views!r}: expected generated or ground_truth")
+        raise InputError(f"eval_views {cfg.eval_views!r}: expected generated or ground_truth")
     chain = Chain(cfg, "cuda" if torch.cuda.is_available() else "cpu")
     if not 0 <= cfg.reference_view < chain.V:
-        raise ValueError(f"reference_view {cfg.reference_view}: the rig has views 0..{chain.V - 1}")
+        raise InputError(f"reference_view {cfg.reference_view}: the rig has views 0..{chain.V - 1}")
     return run_eval(chain, cfg) if cfg.eval_list else run_one(chain, cfg)
 
 
 if __name__ == "__main__":
-    main(load_config(Config, sys.argv[1:]))
+    cli(main, Config)

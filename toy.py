@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data import (DANCE_FPS, HOP, camera_geometry, camera_hash, frames_to_tensors, load_rig, make_frame,
+from data import (DANCE_FPS, HOP, InputError, camera_geometry, camera_hash, frames_to_tensors, load_rig, make_frame,
                   music_features, orbit_c2w, preview_samples, read_audio, read_frame, save_image_grid,
                   save_prompt_embeds, write_cameras)
 from models import intrinsics_matrix, render_gaussians
@@ -28,7 +28,7 @@ def check_toy_set(out, spec):
     file = Path(out) / "toy.json"
     found = json.loads(file.read_text()) if file.exists() else None
     if found != spec:
-        raise ValueError(f"{out} holds another toy set ({found}) than this run asks for ({spec}): "
+        raise InputError(f"{out} holds another toy set ({found}) than this run asks for ({spec}): "
                          "delete it to regenerate")
 
 

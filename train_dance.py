@@ -9,7 +9,6 @@ face recognizer (ArcFace IResNet). Stages B (single-frame denoiser) and C (tempo
 """
 import contextlib
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +21,8 @@ from accelerate.utils import set_seed
 from PIL import Image
 from safetensors.torch import save_model
 
-from data import (VISIBLE, DanceClipDataset, StepSampler, atomic_dir, latest_checkpoint, load_checkpoint,
-                  load_config, log_metrics, music_beats, read_audio, save_checkpoint, save_config,
+from data import (VISIBLE, DanceClipDataset, InputError, StepSampler, TrainingDiverged, atomic_dir, cli,
+                  load_checkpoint, prepare_run, log_metrics, music_beats, read_audio, save_checkpoint, save_config,
                   write_skeleton_video)
 from losses import beat_alignment, face_loss, heatmap_loss, motion_beats, pose_error, soft_argmax
 from models import IRESNET_CONFIGS, M2P_CONFIGS, IResNet, M2PEncoder, load_iresnet
@@ -65,6 +64,8 @@ class Config:
     # run
     out_dir: str = "out/dance"  # stage A writes to <out_dir>/stage_A/
     resume: str = ""  # "" | auto | path to a checkpoint-<step> dir
+    overwrite: bool = False  # a fresh run may delete an earlier run's checkpoints in out_dir
+    max_bad_steps: int = 10  # a step with a non-finite loss / gradient is skipped; stop after this many in a row
     log_every: int = 50
     val_every: int = 500
     val_clips: int = 10  # held-out clips evaluated (whole clips, in windows of `window` frames)
@@ -144,7 +145,6 @@ def stage_a(cfg):
     if main_proc:
         print(f"config: {cfg}\nprocesses: {accelerator.num_processes}, device: {device}")
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
         if cfg.wandb:
             # the run's wandb files beside its outputs: <out_dir>/wandb/
             accelerator.init_trackers(cfg.wandb_project, config=vars(cfg),
@@ -159,7 +159,7 @@ def stage_a(cfg):
     train_set = DanceClipDataset(train_list, cfg.window, cfg.joints, cfg.fps, seed=cfg.seed)
     val_set = DanceClipDataset(val_list, cfg.window, cfg.joints, cfg.fps, start=0, ref_frame=0)
     if val_set.music_dim != train_set.music_dim:
-        raise ValueError(f"{val_list}: music features of width {val_set.music_dim}, "
+        raise InputError(f"{val_list}: music features of width {val_set.music_dim}, "
                          f"{train_list}: {train_set.music_dim}")
     # the baseline that ignores music and reference: each joint's mean position over the training clips
     P = torch.from_numpy(np.concatenate(train_set.poses))  # (N, J, 3)
@@ -204,18 +204,20 @@ def stage_a(cfg):
     for g in optimizer.param_groups:
         g["initial_lr"] = cfg.stage_a_lr
 
-    start_step = 0
-    resume = latest_checkpoint(out_dir) if cfg.resume == "auto" else (cfg.resume or None)
+    start_step, skipped, bad_in_a_row = 0, 0, 0
+    resume = prepare_run(out_dir, cfg.resume, cfg.overwrite, accelerator)
     if resume:
         # per-rank randomness is re-seeded from (seed, rank, step); the data is a function of the step
         state = load_checkpoint(resume, {"m2p": m2p}, {"optimizer": optimizer})
-        start_step = state["step"]
+        start_step, skipped = state["step"], state["extra"].get("skipped", 0)
         set_seed(cfg.seed + accelerator.process_index + 1000 * start_step)
         if main_proc:
             print(f"resumed from {resume} at step {start_step}")
     model, optimizer = accelerator.prepare(m2p, optimizer)
     raw = accelerator.unwrap_model(model)
 
+    if main_proc:  # the run is set up: its config replaces an earlier one only now
+        save_config(cfg, out_dir / "config.yaml")
     G = cfg.grad_accum
     global_batch = cfg.batch_size * accelerator.num_processes
     sampler = StepSampler(len(train_set), global_batch, accelerator.process_index, accelerator.num_processes,
@@ -240,7 +242,9 @@ def stage_a(cfg):
             accelerator.wait_for_everyone()
         if step > start_step and (step % cfg.ckpt_every == 0 or step == cfg.stage_a_steps):
             if main_proc:
-                print(f"saved {save_checkpoint(out_dir, step, {'m2p': raw}, {'optimizer': optimizer}, cfg)}")
+                path = save_checkpoint(out_dir, step, {"m2p": raw}, {"optimizer": optimizer}, cfg,
+                                       {"skipped": skipped})
+                print(f"saved {path}")
             accelerator.wait_for_everyone()
         if step == cfg.stage_a_steps:
             break
@@ -266,14 +270,26 @@ def stage_a(cfg):
             for k, v in (("loss", loss), ("pose", pose), ("ce", hm["ce"]), ("l1", hm["l1"]), ("face", face)):
                 parts[k] += v.item() / G
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-        optimizer.step()
+        # a non-finite loss makes the gradient non-finite, and the norm is all-reduced: every rank skips
+        # the same steps (weights and optimizer state untouched)
+        if math.isfinite(grad_norm):
+            optimizer.step()
+            bad_in_a_row = 0
+        else:
+            skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
+            if main_proc:
+                print(f"step {step}: skipped (loss {parts['loss']:.4g}, grad norm {grad_norm:.4g}), "
+                      f"{skipped} so far")
+            if bad_in_a_row >= cfg.max_bad_steps:
+                raise TrainingDiverged(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient "
+                                       f"(at step {step}): nothing saved; lower --stage_a_lr or check the data")
         optimizer.zero_grad(set_to_none=True)
 
         if main_proc and step % cfg.log_every == 0:
             dt = (time.perf_counter() - t_last) / (cfg.log_every if step > start_step else 1)
             t_last = time.perf_counter()
             print(f"step {step} | " + " ".join(f"{k} {v:.4f}" for k, v in parts.items())
-                  + f" | lr {lr:.2e} | grad norm {grad_norm:.3f} | {dt * 1000:.0f} ms/step"
+                  + f" | lr {lr:.2e} | grad norm {grad_norm:.3f} | skipped {skipped} | {dt * 1000:.0f} ms/step"
                   + f" | {global_batch * G / dt:.1f} samples/s")
             accelerator.log({"train/lr": lr, "train/grad_norm": grad_norm,
                              **{f"train/{k}": v for k, v in parts.items()}}, step=step)
@@ -290,11 +306,11 @@ def stage_a(cfg):
 
 def main(cfg):
     if cfg.training_stage != "A":
-        raise NotImplementedError(f"training_stage={cfg.training_stage!r}: only stage A (M2P pretraining) "
+        raise InputError(f"--training_stage={cfg.training_stage!r}: only stage A (M2P pretraining) "
                                   "is implemented so far; stages B, C and all land with the denoiser and "
                                   "the temporal modules")
     return stage_a(cfg)
 
 
 if __name__ == "__main__":
-    main(load_config(Config, sys.argv[1:], ALIASES))
+    cli(main, Config, ALIASES)

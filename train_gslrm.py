@@ -6,7 +6,6 @@
     python train_gslrm.py --resume=auto                          # continue the latest checkpoint
 """
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from data import (MultiViewDataset, StepSampler, latest_checkpoint, load_checkpoint, load_config, load_rig,
+from data import (MultiViewDataset, StepSampler, TrainingDiverged, cli, load_checkpoint, load_rig, prepare_run,
                   log_metrics, save_checkpoint, save_config, save_image_grid, save_ply)
 from losses import lpips, masked_psnr, perceptual_loss, psnr, ssim
 from models import GSLRM, GSLRM_CONFIGS, load_facelift_gslrm, load_lpips_heads, load_vgg
@@ -61,6 +60,8 @@ class Config:
     # run
     out_dir: str = "out/gslrm_toy"
     resume: str = ""  # "" | auto | path to a checkpoint-<step> dir
+    overwrite: bool = False  # a fresh run may delete an earlier run's checkpoints in out_dir
+    max_bad_steps: int = 10  # stop (without saving) after this many skipped steps in a row
     log_every: int = 10
     val_every: int = 500
     val_samples: int = 20  # held-out samples evaluated (all their novel views)
@@ -141,7 +142,6 @@ def main(cfg):
     if main_proc:
         print(f"config: {cfg}\nprocesses: {accelerator.num_processes}, device: {device}")
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
         if cfg.wandb:
             # the run's wandb files beside its outputs: <out_dir>/wandb/
             accelerator.init_trackers(cfg.wandb_project, config=vars(cfg),
@@ -190,8 +190,8 @@ def main(cfg):
     for g in optimizer.param_groups:
         g["initial_lr"] = cfg.lr
 
-    start_step, skipped = 0, 0
-    resume = latest_checkpoint(out_dir) if cfg.resume == "auto" else (cfg.resume or None)
+    start_step, skipped, bad_in_a_row = 0, 0, 0
+    resume = prepare_run(out_dir, cfg.resume, cfg.overwrite, accelerator)
     if resume:
         # per-rank randomness is re-seeded from (seed, rank, step): only rank 0's RNG state was saved
         state = load_checkpoint(resume, {"model": model}, {"optimizer": optimizer})
@@ -220,6 +220,8 @@ def main(cfg):
     if main_proc and lpips_net is None:
         print("LPIPS off: set lpips_vgg16_path and lpips_heads_path to report it")
 
+    if main_proc:  # the run is set up: its config replaces an earlier one only now
+        save_config(cfg, out_dir / "config.yaml")
     H = cfg.image_size
     t_last = time.perf_counter()
     for step in range(start_step, cfg.max_steps + 1):
@@ -276,20 +278,26 @@ def main(cfg):
         # the clipped norm is the all-reduced one, so every rank takes the same decision
         if math.isfinite(grad_norm) and grad_norm <= cfg.skip_grad_norm_factor * cfg.grad_clip:
             optimizer.step()
-        else:
-            skipped += 1
+            bad_in_a_row = 0
+        else:  # weights and optimizer state untouched
+            skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
             if main_proc:
                 print(f"step {step}: skipped (loss {loss.item():.4g}, grad norm {grad_norm:.4g}), "
                       f"{skipped} so far")
+            if bad_in_a_row >= cfg.max_bad_steps:
+                raise TrainingDiverged(f"{bad_in_a_row} steps in a row skipped (last: loss {loss.item():.4g}, "
+                                       f"grad norm {grad_norm:.4g}) at step {step}: nothing saved; lower --lr "
+                                       "or check the data")
 
         if main_proc and step % cfg.log_every == 0:
             dt = (time.perf_counter() - t_last) / (cfg.log_every if step > start_step else 1)
             t_last = time.perf_counter()
             print(f"step {step} | loss {loss.item():.4f} " + " ".join(f"{k} {v:.4f}" for k, v in parts.items())
                   + f" | psnr {-10 * math.log10(max(parts['mse'], 1e-10)):.2f} | lr {lr:.2e}"
-                  + f" | grad norm {grad_norm:.3f}"
+                  + f" | grad norm {grad_norm:.3f} | skipped {skipped}"
                   + f" | {dt * 1000:.0f} ms/step | {global_batch / dt:.1f} samples/s")
             accelerator.log({"train/loss": loss.item(), "train/lr": lr, "train/grad_norm": grad_norm,
+                             "train/skipped": skipped,
                              **{f"train/{k}": v for k, v in parts.items()}}, step=step)
     accelerator.wait_for_everyone()  # leave the process group together (gloo can abort at exit otherwise)
     accelerator.end_training()
@@ -297,4 +305,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(load_config(Config, sys.argv[1:]))
+    cli(main, Config)

@@ -14,7 +14,6 @@ reference by a per-view embedding added to the time embedding.
 import copy
 import json
 import math
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -25,9 +24,9 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from data import (MultiViewDataset, StepSampler, latest_checkpoint, load_config, load_mv_weights,
-                  load_prompt_embeds, load_rig, log_metrics, read_cameras, read_list_file, rig_mismatch,
-                  save_config, save_image_grid, save_mv_checkpoint)
+from data import (InputError, MultiViewDataset, StepSampler, TrainingDiverged, check_finite_weights, check_resumable, cli,
+                  load_mv_weights, load_prompt_embeds, load_rig, log_metrics, prepare_run, read_cameras,
+                  read_list_file, read_state, rig_mismatch, save_config, save_image_grid, save_mv_checkpoint)
 from losses import diffusion_target, lpips, min_snr_weight, psnr, ssim, weighted_mse
 from models import (Conditioner, build_mv_unet, load_lpips_heads, load_mv_unet, load_vgg, mv_schedulers,
                     sample_views)
@@ -85,6 +84,8 @@ class Config:
     # run
     out_dir: str = "out/mvdiff_toy"
     resume: str = ""  # "" | auto | path to a checkpoint-<step> dir
+    overwrite: bool = False  # a fresh run may delete an earlier run's checkpoints in out_dir
+    max_bad_steps: int = 10  # a step with a non-finite loss / gradient is skipped; stop after this many in a row
     log_every: int = 25
     ckpt_every: int = 500
     num_workers: int = 0
@@ -115,7 +116,7 @@ def check_prediction_type(init_from, prediction_type):
     for file, read in files:
         trained = read(file.read_text()).get("prediction_type") if file.is_file() else None
         if trained and trained != prediction_type:
-            raise ValueError(f"{file}: the weights in {init_from} predict {trained!r}, this run trains "
+            raise InputError(f"{file}: the weights in {init_from} predict {trained!r}, this run trains "
                              f"{prediction_type!r}; set --prediction_type={trained}")
 
 
@@ -126,7 +127,7 @@ def check_cameras(list_file, rig):
             frames = read_cameras(d / "opencv_cameras.json")["frames"][: len(rig["frames"])]
             msg = rig_mismatch(rig, frames)
             if msg:
-                raise ValueError(f"{d / 'opencv_cameras.json'}: {msg}")
+                raise InputError(f"{d / 'opencv_cameras.json'}: {msg}")
 
 
 def wrong_views(others):
@@ -184,16 +185,15 @@ def main(cfg):
     main_proc, device, rank = accelerator.is_main_process, accelerator.device, accelerator.process_index
     set_seed(cfg.seed + rank)
     if cfg.reference_view_idx not in ("0", "random"):
-        raise ValueError(f"reference_view_idx {cfg.reference_view_idx!r}: expected 0 or random")
+        raise InputError(f"reference_view_idx {cfg.reference_view_idx!r}: expected 0 or random")
     if cfg.prediction_type not in ("sample", "v_prediction", "epsilon"):
-        raise ValueError(f"prediction_type {cfg.prediction_type!r}: expected sample, v_prediction or epsilon")
+        raise InputError(f"prediction_type {cfg.prediction_type!r}: expected sample, v_prediction or epsilon")
     if cfg.train_bg not in ("white", "three_choices"):
-        raise ValueError(f"train_bg {cfg.train_bg!r}: expected white or three_choices")
+        raise InputError(f"train_bg {cfg.train_bg!r}: expected white or three_choices")
     out_dir = Path(cfg.out_dir)
     if main_proc:
         print(f"config: {cfg}\nprocesses: {accelerator.num_processes}, device: {device}")
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
         if cfg.wandb:
             # the run's wandb files beside its outputs: <out_dir>/wandb/
             accelerator.init_trackers(cfg.wandb_project, config=vars(cfg),
@@ -256,16 +256,19 @@ def main(cfg):
     for g in optimizer.param_groups:
         g["initial_lr"] = cfg.lr
 
-    start_step = 0
-    resume = latest_checkpoint(out_dir) if cfg.resume == "auto" else (cfg.resume or None)
+    start_step, skipped, bad_in_a_row = 0, 0, 0
+    resume = prepare_run(out_dir, cfg.resume, cfg.overwrite, accelerator)
     if resume:
+        check_resumable(resume)
         load_mv_weights(model, Path(resume) / "unet")
+        check_finite_weights(Path(resume) / "unet", model)
         if ema is not None:
             ema_dir = Path(resume) / "unet_ema"
             load_mv_weights(ema, ema_dir if ema_dir.exists() else Path(resume) / "unet")
-        state = torch.load(Path(resume) / "state.pt", map_location="cpu", weights_only=True)
+            check_finite_weights(ema_dir, ema)
+        state = read_state(resume)
         optimizer.load_state_dict(state["optimizers"]["optimizer"])
-        start_step = state["step"]
+        start_step, skipped = state["step"], state["extra"].get("skipped", 0)
         if main_proc:
             print(f"resumed from {resume} at step {start_step}")
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -276,6 +279,8 @@ def main(cfg):
                                                        cfg.beta_end, cfg.clip_sample, cfg.pipeline_dir)
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
 
+    if main_proc:  # the run is set up: its config replaces an earlier one only now
+        save_config(cfg, out_dir / "config.yaml")
     G = cfg.grad_accum
     global_batch = cfg.batch_size * accelerator.num_processes
     sampler = StepSampler(len(train_set), global_batch, rank, accelerator.num_processes, cfg.seed,
@@ -298,7 +303,8 @@ def main(cfg):
             accelerator.wait_for_everyone()
         if step > start_step and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
             if main_proc:
-                path = save_mv_checkpoint(out_dir, step, raw_model, ema, optimizer, cfg, rig, prompt_file)
+                path = save_mv_checkpoint(out_dir, step, raw_model, ema, optimizer, cfg, rig, prompt_file,
+                                          {"skipped": skipped})
                 print(f"saved {path}")
             accelerator.wait_for_everyone()
         if step == cfg.max_steps:
@@ -341,21 +347,34 @@ def main(cfg):
                 accelerator.backward(loss)
             loss_sum += loss.item()
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-        optimizer.step()
+        # a non-finite loss makes the gradient non-finite, and the norm is all-reduced: every rank skips
+        # the same steps (weights, optimizer state and EMA untouched)
+        if math.isfinite(grad_norm):
+            optimizer.step()
+            if ema is not None:  # warm-up: the average forgets the random initialisation within the first steps
+                update_ema(ema, raw_model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+            bad_in_a_row = 0
+        else:
+            skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
+            if main_proc:
+                print(f"step {step}: skipped (loss {loss_sum:.4g}, grad norm {grad_norm:.4g}), {skipped} so far")
+            if bad_in_a_row >= cfg.max_bad_steps:
+                raise TrainingDiverged(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient "
+                                       f"(at step {step}): nothing saved; lower --lr or check the data")
         optimizer.zero_grad(set_to_none=True)
-        if ema is not None:  # warm-up: the average forgets the random initialisation within the first steps
-            update_ema(ema, raw_model, min(cfg.ema_decay, (1 + step) / (10 + step)))
 
         if main_proc and step % cfg.log_every == 0:
             dt = (time.perf_counter() - t_last) / (cfg.log_every if step > start_step else 1)
             t_last = time.perf_counter()
             print(f"step {step} | loss {loss_sum:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f}"
+                  f" | skipped {skipped}"
                   f" | {dt * 1000:.0f} ms/step | {global_batch * G / dt:.1f} objects/s")
-            accelerator.log({"train/loss": loss_sum, "train/lr": lr, "train/grad_norm": grad_norm}, step=step)
+            accelerator.log({"train/loss": loss_sum, "train/lr": lr, "train/grad_norm": grad_norm,
+                             "train/skipped": skipped}, step=step)
     accelerator.wait_for_everyone()  # leave the process group together (gloo can abort at exit otherwise)
     accelerator.end_training()
     return raw_model, ema
 
 
 if __name__ == "__main__":
-    main(load_config(Config, sys.argv[1:]))
+    cli(main, Config)

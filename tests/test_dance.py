@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_dance
-from data import DanceClipDataset, check_clip, load_config
+from data import DanceClipDataset, InputError, check_clip, load_config
 from losses import beat_alignment, gaussian_heatmaps, heatmap_loss, motion_beats, soft_argmax
 from models import IRESNET_CONFIGS, IResNet, M2P_CONFIGS, M2PEncoder, load_iresnet
 from conftest import DANCE_FPS, DANCE_SECONDS
@@ -213,5 +213,5 @@ def test_gradient_accumulation_and_missing_features_are_computed(tiny_dance, tmp
 
 
 def test_later_stages_say_they_are_not_there_yet(tiny_dance, tmp_path, tiny_cfg):
-    with pytest.raises(NotImplementedError, match="only stage A"):
+    with pytest.raises(InputError, match="only stage A"):
         train_dance.main(tiny_cfg(train_dance, tiny_dance, tmp_path, training_stage="B"))
