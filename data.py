@@ -45,14 +45,15 @@ class TrainingDiverged(UserError):
     """max_bad_steps steps in a row had a non-finite loss or gradient: the run stops without saving."""
 
 
-def cli(main, cls, aliases=None, argv=None):
-    """The scripts' entry point: main(load_config(cls, argv)). A UserError (a bad file or flag) or a
-    missing file ends as one line `error: ...` with exit code 2; --debug or MOUSELIFT_DEBUG=1 shows the
-    traceback instead. Other exceptions (bugs) keep their tracebacks."""
+def cli(main, cls=None, aliases=None, argv=None):
+    """The scripts' entry point: main(load_config(cls, argv)) (cls None: main(argv)). A UserError (a bad
+    file or flag) or a missing file ends as one line `error: ...` with exit code 2; --debug or
+    MOUSELIFT_DEBUG=1 shows the traceback instead. Other exceptions (bugs) keep their tracebacks."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("MOUSELIFT_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     try:
-        return main(load_config(cls, [a for a in argv if a != "--debug"], aliases))
+        return main(argv if cls is None else load_config(cls, argv, aliases))
     except (UserError, FileNotFoundError) as err:
         if debug:
             raise
@@ -156,6 +157,17 @@ def load_config(cls, argv=None, aliases=None):
         except (TypeError, ValueError, yaml.YAMLError) as err:
             raise fail(where, f"{key} expects {type_name(hints[key])}: {err}") from None
     return cls(**values)  # the fields not given get fresh defaults (default_factory runs per call)
+
+
+def check_flags(cfg, choices=None, positive=()):
+    """Flags with a fixed set of values ({name: allowed}) and counts that must be >= 1, checked before a run
+    starts, so that a typo ends in one line instead of a KeyError or an empty batch deep inside."""
+    for name, allowed in (choices or {}).items():
+        if getattr(cfg, name) not in allowed:
+            raise ConfigError(f"--{name}={getattr(cfg, name)!r}: expected one of {sorted(allowed)}")
+    for name in positive:
+        if not getattr(cfg, name) >= 1:
+            raise ConfigError(f"--{name}={getattr(cfg, name)!r}: must be at least 1")
 
 
 def config_to_dict(cfg):
@@ -320,7 +332,7 @@ def load_checkpoint(path, modules, optimizers=None):
         try:
             load_model(module, file, strict=True)
         except RuntimeError as err:  # missing/unexpected keys, or a truncated file
-            raise InputError(f"{file}: cannot load it into {name} ({str(err).splitlines()[0]})") from None
+            raise InputError(f"{file}: cannot load it into {name} ({' '.join(str(err).split())})") from None
         except Exception as err:  # safetensors raises its own kinds for a broken header
             raise InputError(f"{file}: cannot read it ({type(err).__name__}: {err})") from None
         check_finite_weights(file, module)
@@ -1172,11 +1184,20 @@ def _main(argv):
         save_prompt_embeds(a.out, pe, rig, prompts)
         print(f"wrote prompt embeddings {tuple(pe.shape)} for rig {rig['name']!r} to {a.out}")
     else:
-        views = None if a.views is None else [int(v) for v in a.views.split(",")]
-        rig = rig_from_cameras(read_cameras(a.cameras), a.name, views, a.prompt_embeds)
+        cams = read_cameras(a.cameras)
+        views = None
+        if a.views is not None:
+            try:
+                views = [int(v) for v in a.views.split(",")]
+            except ValueError:
+                raise InputError(f"--views={a.views}: expected comma-separated frame indices, e.g. 0,1,2") from None
+            if bad := [v for v in views if not 0 <= v < len(cams["frames"])]:
+                raise InputError(f"--views={a.views}: {a.cameras} has frames 0..{len(cams['frames']) - 1}, "
+                                 f"not {bad}")
+        rig = rig_from_cameras(cams, a.name, views, a.prompt_embeds)
         Path(a.out).write_text(json.dumps(rig, indent=1))
         print(f"wrote rig {a.name!r} with {len(rig['frames'])} views to {a.out}")
 
 
 if __name__ == "__main__":
-    _main(sys.argv[1:])
+    cli(_main)

@@ -10,14 +10,13 @@ the set is written once, and a folder holding another set (its toy.json differs)
 """
 import inspect
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from data import (DANCE_FPS, HOP, InputError, camera_geometry, camera_hash, frames_to_tensors, load_rig, make_frame,
+from data import (DANCE_FPS, HOP, InputError, camera_geometry, cli, camera_hash, frames_to_tensors, load_rig, make_frame,
                   music_features, orbit_c2w, preview_samples, read_audio, read_frame, save_image_grid,
                   save_prompt_embeds, write_cameras)
 from models import intrinsics_matrix, render_gaussians
@@ -426,4 +425,4 @@ def _main(argv):
 
 
 if __name__ == "__main__":
-    _main(sys.argv[1:])
+    cli(_main)

@@ -21,7 +21,8 @@ from accelerate.utils import set_seed
 from PIL import Image
 from safetensors.torch import save_model
 
-from data import (VISIBLE, DanceClipDataset, InputError, StepSampler, TrainingDiverged, atomic_dir, cli,
+from data import (JOINT_SETS, VISIBLE, DanceClipDataset, InputError, StepSampler, TrainingDiverged, atomic_dir,
+                  check_flags, cli,
                   load_checkpoint, prepare_run, log_metrics, music_beats, read_audio, save_checkpoint, save_config,
                   write_skeleton_video)
 from losses import beat_alignment, face_loss, heatmap_loss, motion_beats, pose_error, soft_argmax
@@ -140,6 +141,9 @@ def stage_a(cfg):
                               mixed_precision=cfg.mixed_precision if torch.cuda.is_available() else "no",
                               log_with="wandb" if cfg.wandb else None)
     main_proc, device = accelerator.is_main_process, accelerator.device
+    check_flags(cfg, {"m2p_preset": M2P_CONFIGS, "joints": JOINT_SETS},
+                ("batch_size", "grad_accum", "window", "stage_a_steps", "val_every", "ckpt_every", "log_every",
+                 "max_bad_steps"))
     set_seed(cfg.seed + accelerator.process_index)
     out_dir = Path(cfg.out_dir) / "stage_A"
     if main_proc:

@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from data import (MultiViewDataset, StepSampler, TrainingDiverged, cli, load_checkpoint, load_rig, prepare_run,
+from data import (InputError, MultiViewDataset, StepSampler, TrainingDiverged, check_flags, cli, load_checkpoint, load_rig, prepare_run,
                   log_metrics, save_checkpoint, save_config, save_image_grid, save_ply)
 from losses import lpips, masked_psnr, perceptual_loss, psnr, ssim
 from models import GSLRM, GSLRM_CONFIGS, load_facelift_gslrm, load_lpips_heads, load_vgg
@@ -137,6 +137,11 @@ def main(cfg):
                               mixed_precision=cfg.mixed_precision if torch.cuda.is_available() else "no",
                               log_with="wandb" if cfg.wandb else None)
     main_proc, device = accelerator.is_main_process, accelerator.device
+    check_flags(cfg, {"preset": GSLRM_CONFIGS}, ("batch_size", "image_size", "num_input_views", "max_steps",
+                                                 "val_every", "ckpt_every", "log_every", "max_bad_steps"))
+    if cfg.image_size % GSLRM_CONFIGS[cfg.preset]["patch"]:
+        raise InputError(f"--image_size={cfg.image_size}: must be a multiple of the {cfg.preset} preset's "
+                         f"patch size {GSLRM_CONFIGS[cfg.preset]['patch']}")
     set_seed(cfg.seed + accelerator.process_index)
     out_dir = Path(cfg.out_dir)
     if main_proc:

@@ -24,11 +24,12 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from data import (InputError, MultiViewDataset, StepSampler, TrainingDiverged, check_finite_weights, check_resumable, cli,
+from data import (InputError, MultiViewDataset, StepSampler, TrainingDiverged, check_finite_weights, check_flags,
+                  check_resumable, cli,
                   load_mv_weights, load_prompt_embeds, load_rig, log_metrics, prepare_run, read_cameras,
                   read_list_file, read_state, rig_mismatch, save_config, save_image_grid, save_mv_checkpoint)
 from losses import diffusion_target, lpips, min_snr_weight, psnr, ssim, weighted_mse
-from models import (Conditioner, build_mv_unet, load_lpips_heads, load_mv_unet, load_vgg, mv_schedulers,
+from models import (MVDIFF_UNET_CONFIGS, Conditioner, build_mv_unet, load_lpips_heads, load_mv_unet, load_vgg, mv_schedulers,
                     sample_views)
 from toy import toy_mice, toy_prompt_embeds
 
@@ -184,12 +185,14 @@ def main(cfg):
                               log_with="wandb" if cfg.wandb else None)
     main_proc, device, rank = accelerator.is_main_process, accelerator.device, accelerator.process_index
     set_seed(cfg.seed + rank)
-    if cfg.reference_view_idx not in ("0", "random"):
-        raise InputError(f"reference_view_idx {cfg.reference_view_idx!r}: expected 0 or random")
-    if cfg.prediction_type not in ("sample", "v_prediction", "epsilon"):
-        raise InputError(f"prediction_type {cfg.prediction_type!r}: expected sample, v_prediction or epsilon")
-    if cfg.train_bg not in ("white", "three_choices"):
-        raise InputError(f"train_bg {cfg.train_bg!r}: expected white or three_choices")
+    check_flags(cfg, {"reference_view_idx": ("0", "random"), "prediction_type": ("sample", "v_prediction", "epsilon"),
+                      "train_bg": ("white", "three_choices"), "preset": MVDIFF_UNET_CONFIGS},
+                ("batch_size", "grad_accum", "image_size", "max_steps", "val_every", "ckpt_every", "log_every",
+                 "max_bad_steps"))
+    down = 2 ** (len(MVDIFF_UNET_CONFIGS[cfg.preset]["block_out_channels"]) - 1) * (8 if cfg.pipeline_dir else 1)
+    if cfg.image_size % down and not cfg.init_from:
+        raise InputError(f"--image_size={cfg.image_size}: must be a multiple of {down} (the UNet's downsampling"
+                         + (" x the VAE's 8)" if cfg.pipeline_dir else ")"))
     out_dir = Path(cfg.out_dir)
     if main_proc:
         print(f"config: {cfg}\nprocesses: {accelerator.num_processes}, device: {device}")

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from data import atomic_dir, latest_checkpoint, load_checkpoint, load_config, save_checkpoint
+from data import (InputError, UserError, atomic_dir, clean_stale, latest_checkpoint, load_checkpoint, load_config,
+                  prepare_run, save_checkpoint)
 
 
 @dataclass
@@ -42,7 +43,7 @@ def test_round_trip(tmp_path):
     model, opt = trained(0)
     path = save_checkpoint(tmp_path, 3, {"model": model}, {"opt": opt}, Cfg(name="x"), extra={"batch": 17})
     assert path == tmp_path / "checkpoint-3" and sorted(p.name for p in path.iterdir()) == [
-        "config.yaml", "model.safetensors", "state.pt"]
+        "COMPLETE", "config.yaml", "model.safetensors", "state.pt"]  # the marker is written last
     assert load_config(Cfg, ["--cfg", str(path / "config.yaml")]) == Cfg(name="x")
 
     new_model, new_opt = trained(1)  # different weights and optimizer moments
@@ -88,7 +89,8 @@ def test_interrupted_saves_are_never_latest(tmp_path):
     (tmp_path / "checkpoint-7").mkdir()  # no state.pt
     (tmp_path / "checkpoint-7" / "model.safetensors").write_bytes(b"half")
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-5"
-    with pytest.raises(FileNotFoundError, match="checkpoint-7"):
+    with pytest.raises(UserError, match="checkpoint-7 is not a complete checkpoint.*latest complete one is "
+                                        ".*checkpoint-5"):
         load_checkpoint(tmp_path / "checkpoint-7", {"model": model})
 
 
@@ -106,10 +108,10 @@ def test_strict_loading(tmp_path):
     model, _ = trained()
     path = save_checkpoint(tmp_path, 1, {"model": model})
     other = nn.Sequential(nn.Linear(4, 4))
-    with pytest.raises(RuntimeError, match=r"0\.weight"):
+    with pytest.raises(InputError, match=r"model.safetensors: cannot load it into model .*0\.weight"):
         load_checkpoint(path, {"model": other})
     model.extra = nn.Linear(2, 2)
-    with pytest.raises(RuntimeError, match=r"extra\.weight"):
+    with pytest.raises(InputError, match=r"extra\.weight"):
         load_checkpoint(path, {"model": model})
     with pytest.raises(FileNotFoundError, match="ema"):
         load_checkpoint(path, {"ema": model})
@@ -129,3 +131,54 @@ def test_checkpoint_dir_has_ordinary_permissions(tmp_path):  # others on a share
     path = save_checkpoint(tmp_path, 1, {"model": nn.Linear(2, 2)})
     (tmp_path / "plain").mkdir()
     assert path.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
+
+
+def test_resave_killed_between_the_renames_is_restored(tmp_path):
+    model, _ = trained()
+    save_checkpoint(tmp_path, 5, {"model": model}, extra={"s": 1})
+    # a re-save of step 5 killed after renaming the old one aside, before renaming the new one in
+    (tmp_path / "checkpoint-5").rename(tmp_path / ".old-checkpoint-5-1234abcd")
+    (tmp_path / ".tmp-checkpoint-5-1234abcd").mkdir()
+    assert latest_checkpoint(tmp_path) is None
+    done = clean_stale(tmp_path)
+    assert any("restored checkpoint-5" in line for line in done) and any("killed save" in line for line in done)
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-5"
+    assert load_checkpoint(tmp_path / "checkpoint-5", {"model": model})["extra"] == {"s": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5"]
+
+
+class Acc:  # the two things prepare_run asks of an accelerate.Accelerator
+    is_main_process = True
+
+    def wait_for_everyone(self):
+        pass
+
+
+def test_prepare_run_never_mixes_runs(tmp_path, capsys):
+    model, _ = trained()
+    assert prepare_run(tmp_path, "auto", False, Acc()) is None
+    assert "no complete checkpoint" in capsys.readouterr().out  # said, not silent
+    save_checkpoint(tmp_path, 3, {"model": model})
+    with pytest.raises(UserError, match="holds checkpoints of an earlier run.*--resume=auto.*--overwrite"):
+        prepare_run(tmp_path, "", False, Acc())
+    assert prepare_run(tmp_path, "auto", False, Acc()) == tmp_path / "checkpoint-3"
+    assert prepare_run(tmp_path, "", True, Acc()) is None  # --overwrite: the old run's checkpoints go
+    assert latest_checkpoint(tmp_path) is None and "deleted 1 checkpoints" in capsys.readouterr().out
+
+
+def test_broken_checkpoints_are_named(tmp_path):
+    model, _ = trained()
+    path = save_checkpoint(tmp_path, 1, {"model": model})
+    weights = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(weights[: len(weights) // 2])  # truncated by a full disk
+    with pytest.raises(InputError, match="model.safetensors: cannot"):
+        load_checkpoint(path, {"model": model})
+    (path / "model.safetensors").write_bytes(weights)
+    (path / "state.pt").write_bytes((path / "state.pt").read_bytes()[:20])
+    with pytest.raises(InputError, match="state.pt: cannot read it"):
+        load_checkpoint(path, {"model": model})
+    with torch.no_grad():
+        model.emb.weight[0, 0] = float("nan")  # a diverged run's weights
+    path = save_checkpoint(tmp_path, 2, {"model": model})
+    with pytest.raises(InputError, match="non-finite weights"):
+        load_checkpoint(path, {"model": model})
