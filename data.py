@@ -117,7 +117,7 @@ def load_config(cls, argv=None, aliases=None):
     valid = [f.name for f in dataclasses.fields(cls) if f.init]
 
     def fail(where, msg):
-        return ConfigError(f"{where}: {msg}\nvalid keys: {', '.join(valid)}")
+        return ConfigError(f"{where}: {msg} (valid keys: {', '.join(valid)})")
 
     files, cli, args = [], [], iter(enumerate(argv))  # cli: (key, value, where, from_cli)
     for i, arg in args:
@@ -320,9 +320,25 @@ def check_finite_weights(where, module):
         raise InputError(f"{where}: non-finite weights in {len(bad)} tensors (e.g. {bad[0]}): refusing to resume")
 
 
+def earlier_checkpoints(path):
+    """'; earlier complete checkpoints: ...' for an error about checkpoint `path`, or ''."""
+    m = re.fullmatch(r"checkpoint-(\d+)", Path(path).name)
+    found = sorted((int(n[1]), p.name) for p in Path(path).parent.glob("checkpoint-*")
+                   if (n := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / COMPLETE).is_file()
+                   and m and int(n[1]) < int(m[1]))
+    return f"; earlier complete checkpoints: {[name for _, name in found]}" if found else ""
+
+
 def load_checkpoint(path, modules, optimizers=None):
-    """Loads weights (strict) and optimizer states; returns the state dict {step, optimizers, extra}."""
-    path = Path(path)
+    """Loads weights (strict) and optimizer states; returns the state dict {step, optimizers, extra}.
+    A broken file stops with its name (and the earlier complete checkpoints): never a silent fallback."""
+    try:
+        return _load_checkpoint(Path(path), modules, optimizers)
+    except InputError as err:
+        raise InputError(f"{err}{earlier_checkpoints(path)}") from None
+
+
+def _load_checkpoint(path, modules, optimizers):
     check_resumable(path)
     for name, module in modules.items():
         file = path / f"{name}.safetensors"
@@ -703,7 +719,7 @@ class StepSampler:
 # ----------------------------------------------------------------------------------------------
 # Prompt embeddings: one file per rig, its views in rig order (docs/formats.md)
 
-class RigMismatch(ValueError):
+class RigMismatch(InputError):
     """Cameras or prompt embeddings made for another rig than the one a run uses."""
 
 
