@@ -1,0 +1,29 @@
+"""Run by tests/test_kill.py: a trainer (argv[1], a module name) with its command line (argv[2:]),
+SIGKILLed at the start of step $KILL_AT_STEP, or in the middle of saving step $KILL_IN_SAVE (weights
+written, state.pt and the COMPLETE marker not yet): what a crash, an OOM kill or a pre-emption does."""
+import importlib
+import os
+import signal
+import sys
+
+import data
+
+script = importlib.import_module(sys.argv[1])
+kill_step, kill_save = int(os.environ.get("KILL_AT_STEP", -1)), int(os.environ.get("KILL_IN_SAVE", -1))
+lr_at, write_state = script.lr_at, data.write_state
+
+
+def killing_lr_at(step, cfg):  # every trainer asks for the step's learning rate first
+    if step == kill_step:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return lr_at(step, cfg)
+
+
+def killing_write_state(path, step, *args):  # called inside the save, after the weights
+    if step == kill_save:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return write_state(path, step, *args)
+
+
+script.lr_at, data.write_state = killing_lr_at, killing_write_state
+data.cli(script.main, script.Config, getattr(script, "ALIASES", None), sys.argv[2:])
