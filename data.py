@@ -186,6 +186,24 @@ def save_config(cfg, path):
 # Checkpoints: <ckpt_dir>/checkpoint-<step>/{<module>.safetensors, state.pt, config.yaml}
 
 
+# a rank waiting longer than this for the others (a hung or dead process) stops with an error instead of
+# hanging forever; long enough for rank 0's validation while the others wait at the barrier
+DDP_TIMEOUT_S = int(os.environ.get("MOUSELIFT_DDP_TIMEOUT_S", 1800))
+
+
+def make_accelerator(mixed_precision="no", wandb=False):
+    """Every script's Accelerator: cpu=True without CUDA (torchrun / `accelerate launch --multi_gpu` then
+    give real DDP over gloo; without it each process would train alone), bf16 only on a GPU, and the
+    process-group timeout above."""
+    from datetime import timedelta
+
+    from accelerate import Accelerator, InitProcessGroupKwargs
+    cuda = torch.cuda.is_available()
+    return Accelerator(cpu=not cuda, mixed_precision=mixed_precision if cuda else "no",
+                       log_with="wandb" if wandb else None,
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=DDP_TIMEOUT_S))])
+
+
 COMPLETE = "COMPLETE"  # written last into a checkpoint: only marked folders are ever resumed from
 
 

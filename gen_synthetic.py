@@ -24,12 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from PIL import Image
 from tqdm import tqdm
 
-from data import (InputError, RigMismatch, cli, atomic_dir, camera_hash, file_sha256, load_mv_checkpoint,
-                  load_prompt_embeds, load_rgba, read_cameras, read_list_file, rig_mismatch)
+from data import (InputError, RigMismatch, atomic_dir, camera_hash, cli, file_sha256, load_mv_checkpoint,
+                  load_prompt_embeds, load_rgba, make_accelerator, read_cameras, read_list_file, rig_mismatch)
 from models import Conditioner, mv_schedulers, sample_views
 
 
@@ -90,7 +89,7 @@ def source_frames(d, rig):
 
 
 def main(cfg):
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator()
     main_proc, device, rank, world = (accelerator.is_main_process, accelerator.device,
                                       accelerator.process_index, accelerator.num_processes)
     ck = load_mv_checkpoint(cfg.mvdiff_checkpoint, device)

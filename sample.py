@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data import (InputError, RigMismatch, cli, camera_geometry, frames_to_tensors, load_gslrm_checkpoint,
+from data import (InputError, RigMismatch, camera_geometry, cli, frames_to_tensors, load_gslrm_checkpoint,
                   load_mv_checkpoint, load_rgba, orbit_c2w, read_cameras, read_list_file, rig_mismatch,
                   save_image_grid, save_ply, write_video)
 from losses import masked_psnr, psnr, ssim

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data import (DANCE_FPS, HOP, InputError, camera_geometry, cli, camera_hash, frames_to_tensors, load_rig, make_frame,
-                  music_features, orbit_c2w, preview_samples, read_audio, read_frame, save_image_grid,
-                  save_prompt_embeds, write_cameras)
+from data import (DANCE_FPS, HOP, InputError, camera_geometry, camera_hash, cli, frames_to_tensors, load_rig,
+                  make_frame, music_features, orbit_c2w, preview_samples, read_audio, read_frame,
+                  save_image_grid, save_prompt_embeds, write_cameras)
 from models import intrinsics_matrix, render_gaussians
 
 

@@ -16,15 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from PIL import Image
 from safetensors.torch import save_model
 
-from data import (JOINT_SETS, VISIBLE, DanceClipDataset, InputError, StepSampler, TrainingDiverged, atomic_dir,
-                  check_flags, cli,
-                  load_checkpoint, prepare_run, log_metrics, music_beats, read_audio, save_checkpoint, save_config,
-                  write_skeleton_video)
+from data import (JOINT_SETS, VISIBLE, DanceClipDataset, InputError, StepSampler, TrainingDiverged,
+                  atomic_dir, check_flags, cli, load_checkpoint, log_metrics, make_accelerator, music_beats,
+                  prepare_run, read_audio, save_checkpoint, save_config, write_skeleton_video)
 from losses import beat_alignment, face_loss, heatmap_loss, motion_beats, pose_error, soft_argmax
 from models import IRESNET_CONFIGS, M2P_CONFIGS, IResNet, M2PEncoder, load_iresnet
 from toy import toy_dance
@@ -136,10 +134,7 @@ def evaluate(m2p, recognizer, val_set, mean_pose, beats, cfg, step, out_dir, dev
 
 def stage_a(cfg):
     """Stage A: the M2P encoder trains at stage_a_lr, the face recognizer is frozen."""
-    # cpu=True without CUDA: torchrun then still gives real DDP over gloo
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              mixed_precision=cfg.mixed_precision if torch.cuda.is_available() else "no",
-                              log_with="wandb" if cfg.wandb else None)
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.wandb)
     main_proc, device = accelerator.is_main_process, accelerator.device
     check_flags(cfg, {"m2p_preset": M2P_CONFIGS, "joints": JOINT_SETS},
                 ("batch_size", "grad_accum", "window", "stage_a_steps", "val_every", "ckpt_every", "log_every",

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from data import (InputError, MultiViewDataset, StepSampler, TrainingDiverged, check_flags, cli, load_checkpoint, load_rig, prepare_run,
-                  log_metrics, save_checkpoint, save_config, save_image_grid, save_ply)
+from data import (InputError, MultiViewDataset, StepSampler, TrainingDiverged, check_flags, cli,
+                  load_checkpoint, load_rig, log_metrics, make_accelerator, prepare_run, save_checkpoint,
+                  save_config, save_image_grid, save_ply)
 from losses import lpips, masked_psnr, perceptual_loss, psnr, ssim
 from models import GSLRM, GSLRM_CONFIGS, load_facelift_gslrm, load_lpips_heads, load_vgg
 from toy import toy_mice
@@ -132,10 +132,7 @@ def evaluate(model, val_set, recon_set, cfg, step, mean_image, device, out_dir, 
 
 
 def main(cfg):
-    # cpu=True without CUDA: torchrun then still gives real DDP over gloo
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              mixed_precision=cfg.mixed_precision if torch.cuda.is_available() else "no",
-                              log_with="wandb" if cfg.wandb else None)
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.wandb)
     main_proc, device = accelerator.is_main_process, accelerator.device
     check_flags(cfg, {"preset": GSLRM_CONFIGS}, ("batch_size", "image_size", "num_input_views", "max_steps",
                                                  "val_every", "ckpt_every", "log_every", "max_bad_steps"))

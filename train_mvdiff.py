@@ -21,16 +21,15 @@ from pathlib import Path
 
 import torch
 import yaml
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from data import (InputError, MultiViewDataset, StepSampler, TrainingDiverged, check_finite_weights, check_flags,
-                  check_resumable, cli,
-                  load_mv_weights, load_prompt_embeds, load_rig, log_metrics, prepare_run, read_cameras,
-                  read_list_file, read_state, rig_mismatch, save_config, save_image_grid, save_mv_checkpoint)
+from data import (InputError, MultiViewDataset, StepSampler, TrainingDiverged, check_finite_weights,
+                  check_flags, check_resumable, cli, load_mv_weights, load_prompt_embeds, load_rig,
+                  log_metrics, make_accelerator, prepare_run, read_cameras, read_list_file, read_state,
+                  rig_mismatch, save_config, save_image_grid, save_mv_checkpoint)
 from losses import diffusion_target, lpips, min_snr_weight, psnr, ssim, weighted_mse
-from models import (MVDIFF_UNET_CONFIGS, Conditioner, build_mv_unet, load_lpips_heads, load_mv_unet, load_vgg, mv_schedulers,
-                    sample_views)
+from models import (MVDIFF_UNET_CONFIGS, Conditioner, build_mv_unet, load_lpips_heads, load_mv_unet, load_vgg,
+                    mv_schedulers, sample_views)
 from toy import toy_mice, toy_prompt_embeds
 
 
@@ -179,10 +178,7 @@ def evaluate(model, cond, scheduler, val_set, prompt_embeds, cfg, step, device, 
 
 
 def main(cfg):
-    # cpu=True without CUDA: torchrun then still gives real DDP over gloo
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              mixed_precision=cfg.mixed_precision if torch.cuda.is_available() else "no",
-                              log_with="wandb" if cfg.wandb else None)
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.wandb)
     main_proc, device, rank = accelerator.is_main_process, accelerator.device, accelerator.process_index
     set_seed(cfg.seed + rank)
     check_flags(cfg, {"reference_view_idx": ("0", "random"), "prediction_type": ("sample", "v_prediction", "epsilon"),

@@ -1,10 +1,13 @@
-"""Run by tests/test_kill.py: a trainer (argv[1], a module name) with its command line (argv[2:]),
-SIGKILLed at the start of step $KILL_AT_STEP, or in the middle of saving step $KILL_IN_SAVE (weights
-written, state.pt and the COMPLETE marker not yet): what a crash, an OOM kill or a pre-emption does."""
+"""Run by tests/test_kill.py and test_multiprocess.py: a trainer (argv[1], a module name) with its command
+line (argv[2:]), SIGKILLed at the start of step $KILL_AT_STEP, or in the middle of saving step
+$KILL_IN_SAVE (weights written, state.pt and the COMPLETE marker not yet): what a crash, an OOM kill or a
+pre-emption does. Under torchrun, $KILL_RANK limits the kill to one rank, and $HANG_AT_STEP makes that
+rank hang instead (a stuck process: the others must time out)."""
 import importlib
 import os
 import signal
 import sys
+import time
 
 import data
 
@@ -13,9 +16,14 @@ kill_step, kill_save = int(os.environ.get("KILL_AT_STEP", -1)), int(os.environ.g
 lr_at, write_state = script.lr_at, data.write_state
 
 
+this_rank = os.environ.get("KILL_RANK", os.environ.get("RANK", "0")) == os.environ.get("RANK", "0")
+
+
 def killing_lr_at(step, cfg):  # every trainer asks for the step's learning rate first
-    if step == kill_step:
+    if step == kill_step and this_rank:
         os.kill(os.getpid(), signal.SIGKILL)
+    if step == int(os.environ.get("HANG_AT_STEP", -1)) and this_rank:
+        time.sleep(3600)
     return lr_at(step, cfg)
 
 

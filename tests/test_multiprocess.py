@@ -1,0 +1,70 @@
+"""Several processes, as users launch them on a CPU machine: `accelerate launch --multi_gpu` and torchrun
+give real 2-process DDP (gloo) with the same result as one process on the doubled batch, and a dead or
+hung rank ends the run in bounded time instead of hanging forever."""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY_ARGS
+
+REPO = Path(__file__).parent.parent
+TESTS = Path(__file__).parent
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def env(**kw):
+    return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **{k: str(v) for k, v in kw.items()})
+
+
+@pytest.mark.slow
+def test_accelerate_launch_multi_gpu_flag_gives_two_processes_on_a_cpu(tiny_mice, tmp_path):
+    # plain `accelerate launch --num_processes=2` (with or without --cpu) starts ONE process here;
+    # --multi_gpu makes it start torch.distributed.run, and our Accelerator(cpu=True) picks gloo
+    worker = TESTS / "ddp_grad_worker.py"
+    subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes=2", "--mixed_precision=no",
+                    "--dynamo_backend=no", "--num_machines=1", str(worker), str(tiny_mice), str(tmp_path / "a.pt")],
+                   check=True, env=env(), timeout=300, capture_output=True)
+    subprocess.run([sys.executable, str(worker), str(tiny_mice), str(tmp_path / "one.pt")], check=True, env=env(),
+                   timeout=300, capture_output=True)
+    two, one = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "one.pt")
+    assert two["world"] == 2 and one["world"] == 1
+    for a, b in zip(two["grads"], one["grads"]):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def dance(out, data, batch, *launcher):
+    args = [f"--data_dir={data}", f"--out_dir={out}", *TINY_ARGS["train_dance"], f"--batch_size={batch}",
+            "--stage_a_steps=3", "--val_every=100"]
+    return subprocess.run([*launcher, str(REPO / "train_dance.py"), *args], env=env(), timeout=600,
+                          capture_output=True, text=True)
+
+
+@pytest.mark.slow
+def test_torchrun_dance_equals_one_process_on_the_doubled_batch(tiny_dance, tmp_path):
+    one = dance(tmp_path / "one", tiny_dance, 2, sys.executable)
+    two = dance(tmp_path / "two", tiny_dance, 1, *TORCHRUN)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert "processes: 2" in two.stdout and "processes: 1" in one.stdout
+    a = load_file(tmp_path / "one" / "stage_A" / "final" / "m2p.safetensors")
+    b = load_file(tmp_path / "two" / "stage_A" / "final" / "m2p.safetensors")
+    # the same samples and the same averaged gradient; only the all-reduce's summation order differs
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["KILL_AT_STEP", "HANG_AT_STEP"])
+def test_a_dead_or_hung_rank_ends_the_run(fault, tiny_mice, tmp_path):
+    args = [f"--data_dir={tiny_mice}", f"--out_dir={tmp_path / 'out'}", *TINY_ARGS["train_gslrm"], "--batch_size=1",
+            "--max_steps=20"]
+    t = time.perf_counter()
+    run = subprocess.run([*TORCHRUN, str(TESTS / "kill_worker.py"), "train_gslrm", *args],
+                         env=env(**{fault: 3, "KILL_RANK": 1, "MOUSELIFT_DDP_TIMEOUT_S": 20}), timeout=300,
+                         capture_output=True, text=True)
+    assert run.returncode != 0  # the survivors did not report success
+    assert time.perf_counter() - t < 200  # and nobody waited forever (hang: the 20 s timeout fired)
