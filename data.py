@@ -258,7 +258,8 @@ def prepare_run(ckpt_dir, resume, overwrite, accelerator):
     ckpt_dir = Path(ckpt_dir)
     existing = sorted(ckpt_dir.glob("checkpoint-*")) if ckpt_dir.is_dir() else []
     if not resume and existing and not overwrite:
-        raise UserError(f"{ckpt_dir} holds checkpoints of an earlier run ({', '.join(p.name for p in existing)}): "
+        names = ", ".join(p.name for p in existing)
+        raise UserError(f"{ckpt_dir} holds checkpoints of an earlier run ({names}): "
                         "use --resume=auto to continue it, another out_dir, or --overwrite to delete them")
     if accelerator.is_main_process:
         for line in clean_stale(ckpt_dir):
@@ -335,7 +336,8 @@ def check_finite_weights(where, module):
     """Refuses weights with NaN or inf (a checkpoint of a diverged run)."""
     bad = [k for k, v in module.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        raise InputError(f"{where}: non-finite weights in {len(bad)} tensors (e.g. {bad[0]}): refusing to resume")
+        raise InputError(f"{where}: non-finite weights in {len(bad)} tensors (e.g. {bad[0]}): "
+                         "refusing to resume")
 
 
 def earlier_checkpoints(path):
@@ -1025,8 +1027,9 @@ class DanceClipDataset(torch.utils.data.Dataset):
         widths = [f.shape[1] for f in self.feats]
         if len(set(widths)) != 1:  # name the odd one: the clip whose width most clips do not share
             odd = min(range(len(widths)), key=lambda i: widths.count(widths[i]))
+            common = max(set(widths), key=widths.count)
             raise InputError(f"{self.clips[odd]['dir'] / 'music_feats.npy'}: music features of width "
-                             f"{widths[odd]}, other clips of {list_file} have {max(set(widths), key=widths.count)}")
+                             f"{widths[odd]}, other clips of {list_file} have {common}")
         self.music_dim, self.J, self.window, self.fps = widths[0], JOINT_SETS[joints], window, fps
         self.poses = [np.load(c["dir"] / "poses.npy")[:, : self.J].astype(np.float32) for c in self.clips]
         self.seed, self.start, self.ref_frame, self.face_size = seed, start, ref_frame, face_size
@@ -1224,7 +1227,8 @@ def _main(argv):
             try:
                 views = [int(v) for v in a.views.split(",")]
             except ValueError:
-                raise InputError(f"--views={a.views}: expected comma-separated frame indices, e.g. 0,1,2") from None
+                raise InputError(f"--views={a.views}: expected comma-separated frame indices, "
+                                 "e.g. 0,1,2") from None
             if bad := [v for v in views if not 0 <= v < len(cams["frames"])]:
                 raise InputError(f"--views={a.views}: {a.cameras} has frames 0..{len(cams['frames']) - 1}, "
                                  f"not {bad}")

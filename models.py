@@ -778,10 +778,11 @@ def load_unet(path):
     files = [path / f for f in WEIGHT_FILES if (path / f).is_file()]
     if not files:
         raise FileNotFoundError(f"{path}: no weights ({' or '.join(WEIGHT_FILES)})")
-    if files[0].suffix == ".safetensors":
-        sd = load_file(files[0])
-    else:
-        sd = torch.load(files[0], map_location="cpu", weights_only=True)
+    try:
+        sd = load_file(files[0]) if files[0].suffix == ".safetensors" else torch.load(
+            files[0], map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file: safetensors and torch raise many kinds
+        raise InputError(f"{files[0]}: cannot read it ({type(err).__name__}: {err})") from None
     ours = unet.state_dict()
     check_keys(f"{files[0]}: not the weights of the UNet that {cfg_file.name} describes", ours, sd)
     for k, v in sd.items():

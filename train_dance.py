@@ -64,7 +64,7 @@ class Config:
     out_dir: str = "out/dance"  # stage A writes to <out_dir>/stage_A/
     resume: str = ""  # "" | auto | path to a checkpoint-<step> dir
     overwrite: bool = False  # a fresh run may delete an earlier run's checkpoints in out_dir
-    max_bad_steps: int = 10  # a step with a non-finite loss / gradient is skipped; stop after this many in a row
+    max_bad_steps: int = 10  # a non-finite loss / gradient skips the step; this many in a row stop the run
     log_every: int = 50
     val_every: int = 500
     val_clips: int = 10  # held-out clips evaluated (whole clips, in windows of `window` frames)
@@ -137,8 +137,8 @@ def stage_a(cfg):
     accelerator = make_accelerator(cfg.mixed_precision, cfg.wandb)
     main_proc, device = accelerator.is_main_process, accelerator.device
     check_flags(cfg, {"m2p_preset": M2P_CONFIGS, "joints": JOINT_SETS},
-                ("batch_size", "grad_accum", "window", "stage_a_steps", "val_every", "ckpt_every", "log_every",
-                 "max_bad_steps"))
+                ("batch_size", "grad_accum", "window", "stage_a_steps", "val_every", "ckpt_every",
+                 "log_every", "max_bad_steps"))
     set_seed(cfg.seed + accelerator.process_index)
     out_dir = Path(cfg.out_dir) / "stage_A"
     if main_proc:
@@ -281,14 +281,16 @@ def stage_a(cfg):
                       f"{skipped} so far")
             if bad_in_a_row >= cfg.max_bad_steps:
                 raise TrainingDiverged(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient "
-                                       f"(at step {step}): nothing saved; lower --stage_a_lr or check the data")
+                                       f"(at step {step}): nothing saved; lower --stage_a_lr or check the "
+                                       "data")
         optimizer.zero_grad(set_to_none=True)
 
         if main_proc and step % cfg.log_every == 0:
             dt = (time.perf_counter() - t_last) / (cfg.log_every if step > start_step else 1)
             t_last = time.perf_counter()
             print(f"step {step} | " + " ".join(f"{k} {v:.4f}" for k, v in parts.items())
-                  + f" | lr {lr:.2e} | grad norm {grad_norm:.3f} | skipped {skipped} | {dt * 1000:.0f} ms/step"
+                  + f" | lr {lr:.2e} | grad norm {grad_norm:.3f} | skipped {skipped}"
+                  + f" | {dt * 1000:.0f} ms/step"
                   + f" | {global_batch * G / dt:.1f} samples/s")
             accelerator.log({"train/lr": lr, "train/grad_norm": grad_norm,
                              **{f"train/{k}": v for k, v in parts.items()}}, step=step)

@@ -287,9 +287,9 @@ def main(cfg):
                 print(f"step {step}: skipped (loss {loss.item():.4g}, grad norm {grad_norm:.4g}), "
                       f"{skipped} so far")
             if bad_in_a_row >= cfg.max_bad_steps:
-                raise TrainingDiverged(f"{bad_in_a_row} steps in a row skipped (last: loss {loss.item():.4g}, "
-                                       f"grad norm {grad_norm:.4g}) at step {step}: nothing saved; lower --lr "
-                                       "or check the data")
+                raise TrainingDiverged(f"{bad_in_a_row} steps in a row skipped (last: loss {loss.item():.4g},"
+                                       f" grad norm {grad_norm:.4g}) at step {step}: nothing saved; lower "
+                                       "--lr or check the data")
 
         if main_proc and step % cfg.log_every == 0:
             dt = (time.perf_counter() - t_last) / (cfg.log_every if step > start_step else 1)

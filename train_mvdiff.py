@@ -85,7 +85,7 @@ class Config:
     out_dir: str = "out/mvdiff_toy"
     resume: str = ""  # "" | auto | path to a checkpoint-<step> dir
     overwrite: bool = False  # a fresh run may delete an earlier run's checkpoints in out_dir
-    max_bad_steps: int = 10  # a step with a non-finite loss / gradient is skipped; stop after this many in a row
+    max_bad_steps: int = 10  # a non-finite loss / gradient skips the step; this many in a row stop the run
     log_every: int = 25
     ckpt_every: int = 500
     num_workers: int = 0
@@ -181,14 +181,17 @@ def main(cfg):
     accelerator = make_accelerator(cfg.mixed_precision, cfg.wandb)
     main_proc, device, rank = accelerator.is_main_process, accelerator.device, accelerator.process_index
     set_seed(cfg.seed + rank)
-    check_flags(cfg, {"reference_view_idx": ("0", "random"), "prediction_type": ("sample", "v_prediction", "epsilon"),
-                      "train_bg": ("white", "three_choices"), "preset": MVDIFF_UNET_CONFIGS},
-                ("batch_size", "grad_accum", "image_size", "max_steps", "val_every", "ckpt_every", "log_every",
-                 "max_bad_steps"))
-    down = 2 ** (len(MVDIFF_UNET_CONFIGS[cfg.preset]["block_out_channels"]) - 1) * (8 if cfg.pipeline_dir else 1)
+    check_flags(cfg, {"reference_view_idx": ("0", "random"), "train_bg": ("white", "three_choices"),
+                      "prediction_type": ("sample", "v_prediction", "epsilon"),
+                      "preset": MVDIFF_UNET_CONFIGS},
+                ("batch_size", "grad_accum", "image_size", "max_steps", "val_every", "ckpt_every",
+                 "log_every", "max_bad_steps"))
+    # the UNet halves the size at each block but the last (x8 more through the VAE)
+    blocks = len(MVDIFF_UNET_CONFIGS[cfg.preset]["block_out_channels"])
+    down = 2 ** (blocks - 1) * (8 if cfg.pipeline_dir else 1)
     if cfg.image_size % down and not cfg.init_from:
-        raise InputError(f"--image_size={cfg.image_size}: must be a multiple of {down} (the UNet's downsampling"
-                         + (" x the VAE's 8)" if cfg.pipeline_dir else ")"))
+        raise InputError(f"--image_size={cfg.image_size}: must be a multiple of {down} for the {cfg.preset} "
+                         "preset")
     out_dir = Path(cfg.out_dir)
     if main_proc:
         print(f"config: {cfg}\nprocesses: {accelerator.num_processes}, device: {device}")
@@ -350,13 +353,14 @@ def main(cfg):
         # the same steps (weights, optimizer state and EMA untouched)
         if math.isfinite(grad_norm):
             optimizer.step()
-            if ema is not None:  # warm-up: the average forgets the random initialisation within the first steps
+            if ema is not None:  # warm-up: the average forgets the random initialisation early on
                 update_ema(ema, raw_model, min(cfg.ema_decay, (1 + step) / (10 + step)))
             bad_in_a_row = 0
         else:
             skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
             if main_proc:
-                print(f"step {step}: skipped (loss {loss_sum:.4g}, grad norm {grad_norm:.4g}), {skipped} so far")
+                print(f"step {step}: skipped (loss {loss_sum:.4g}, grad norm {grad_norm:.4g}), "
+                      f"{skipped} so far")
             if bad_in_a_row >= cfg.max_bad_steps:
                 raise TrainingDiverged(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient "
                                        f"(at step {step}): nothing saved; lower --lr or check the data")

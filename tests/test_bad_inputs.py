@@ -106,7 +106,8 @@ def zero_focal_on_a_target_view(tm, td, tmp):
 
 def missing_sample_folder(tm, td, tmp):
     m = mice(tm, tmp)
-    (m / "data_train.txt").write_text("/home/author/facelift/sample_000\n" + (m / "data_train.txt").read_text())
+    listed = (m / "data_train.txt").read_text()
+    (m / "data_train.txt").write_text("/home/author/facelift/sample_000\n" + listed)  # another machine's path
     return train_gslrm, args(train_gslrm, m, tmp / "out"), ["sample_000 does not exist", "listed in"]
 
 
@@ -129,7 +130,8 @@ def zero_batch(tm, td, tmp):
 
 
 def unknown_key(tm, td, tmp):
-    return train_gslrm, args(train_gslrm, tm, tmp / "out", "--learning_rate=1"), ["unknown key 'learning_rate'"]
+    argv = args(train_gslrm, tm, tmp / "out", "--learning_rate=1")
+    return train_gslrm, argv, ["unknown key 'learning_rate'", "valid keys"]
 
 
 def bad_value(tm, td, tmp):
@@ -256,10 +258,12 @@ def test_one_line_per_user_error(case, tiny_mice, tiny_dance, tmp_path, capsys):
 def test_python_entry_point_prints_one_line(tmp_path):
     (tmp_path / "rig.json").write_text("{")
     run = subprocess.run([sys.executable, str(REPO / "train_gslrm.py"), f"--rig={tmp_path / 'rig.json'}",
-                          f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'out'}"], capture_output=True, text=True)
+                          f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'out'}"],
+                         capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "Traceback" not in run.stderr and "rig.json" in run.stderr
-    debug = subprocess.run([sys.executable, str(REPO / "data.py"), "rig_from_cameras", str(tmp_path / "x.json"),
-                            "--name=x", f"--out={tmp_path / 'r.json'}", "--debug"], capture_output=True, text=True)
+    debug = subprocess.run([sys.executable, str(REPO / "data.py"), "rig_from_cameras",
+                            str(tmp_path / "x.json"), "--name=x", f"--out={tmp_path / 'r.json'}", "--debug"],
+                           capture_output=True, text=True)
     assert debug.returncode != 0 and "Traceback" in debug.stderr  # --debug: the traceback, for a bug report
     assert not (tmp_path / "out" / "config.yaml").exists()  # written only once a run is set up

@@ -28,10 +28,11 @@ def test_accelerate_launch_multi_gpu_flag_gives_two_processes_on_a_cpu(tiny_mice
     # --multi_gpu makes it start torch.distributed.run, and our Accelerator(cpu=True) picks gloo
     worker = TESTS / "ddp_grad_worker.py"
     subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes=2", "--mixed_precision=no",
-                    "--dynamo_backend=no", "--num_machines=1", str(worker), str(tiny_mice), str(tmp_path / "a.pt")],
+                    "--dynamo_backend=no", "--num_machines=1", str(worker), str(tiny_mice),
+                    str(tmp_path / "a.pt")],
                    check=True, env=env(), timeout=300, capture_output=True)
-    subprocess.run([sys.executable, str(worker), str(tiny_mice), str(tmp_path / "one.pt")], check=True, env=env(),
-                   timeout=300, capture_output=True)
+    subprocess.run([sys.executable, str(worker), str(tiny_mice), str(tmp_path / "one.pt")], check=True,
+                   env=env(), timeout=300, capture_output=True)
     two, one = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "one.pt")
     assert two["world"] == 2 and one["world"] == 1
     for a, b in zip(two["grads"], one["grads"]):
@@ -60,11 +61,23 @@ def test_torchrun_dance_equals_one_process_on_the_doubled_batch(tiny_dance, tmp_
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", ["KILL_AT_STEP", "HANG_AT_STEP"])
 def test_a_dead_or_hung_rank_ends_the_run(fault, tiny_mice, tmp_path):
-    args = [f"--data_dir={tiny_mice}", f"--out_dir={tmp_path / 'out'}", *TINY_ARGS["train_gslrm"], "--batch_size=1",
-            "--max_steps=20"]
+    args = [f"--data_dir={tiny_mice}", f"--out_dir={tmp_path / 'out'}", *TINY_ARGS["train_gslrm"],
+            "--batch_size=1", "--max_steps=20"]
     t = time.perf_counter()
     run = subprocess.run([*TORCHRUN, str(TESTS / "kill_worker.py"), "train_gslrm", *args],
                          env=env(**{fault: 3, "KILL_RANK": 1, "MOUSELIFT_DDP_TIMEOUT_S": 20}), timeout=300,
                          capture_output=True, text=True)
     assert run.returncode != 0  # the survivors did not report success
     assert time.perf_counter() - t < 200  # and nobody waited forever (hang: the 20 s timeout fired)
+
+
+@pytest.mark.slow
+def test_torchrun_mvdiff_trains_in_step(tiny_mice, tmp_path):
+    # its noise is drawn per rank (seeded by seed, step and rank): a 2-process run is another draw of the
+    # same training, not bit-equal to one process; what must hold is that both ranks stay in step
+    args = [f"--data_dir={tiny_mice}", f"--out_dir={tmp_path / 'out'}", *TINY_ARGS["train_mvdiff"],
+            "--batch_size=1", f"--prompt_embeds={tiny_mice}/pe.pt", "--max_steps=2", "--ckpt_every=2"]
+    run = subprocess.run([*TORCHRUN, str(REPO / "train_mvdiff.py"), *args], env=env(), timeout=600,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "processes: 2" in run.stdout and (tmp_path / "out" / "checkpoint-2" / "COMPLETE").is_file()
