@@ -137,7 +137,7 @@ def stage_a(cfg):
     accelerator = make_accelerator(cfg.mixed_precision, cfg.wandb)
     main_proc, device = accelerator.is_main_process, accelerator.device
     check_flags(cfg, {"m2p_preset": M2P_CONFIGS, "joints": JOINT_SETS},
-                ("batch_size", "grad_accum", "window", "stage_a_steps", "val_every", "ckpt_every",
+                ("batch_size", "grad_accum", "window", "val_every", "ckpt_every",
                  "log_every", "max_bad_steps"))
     set_seed(cfg.seed + accelerator.process_index)
     out_dir = Path(cfg.out_dir) / "stage_A"

@@ -134,7 +134,7 @@ def evaluate(model, val_set, recon_set, cfg, step, mean_image, device, out_dir, 
 def main(cfg):
     accelerator = make_accelerator(cfg.mixed_precision, cfg.wandb)
     main_proc, device = accelerator.is_main_process, accelerator.device
-    check_flags(cfg, {"preset": GSLRM_CONFIGS}, ("batch_size", "image_size", "num_input_views", "max_steps",
+    check_flags(cfg, {"preset": GSLRM_CONFIGS}, ("batch_size", "image_size", "num_input_views",
                                                  "val_every", "ckpt_every", "log_every", "max_bad_steps"))
     if cfg.image_size % GSLRM_CONFIGS[cfg.preset]["patch"]:
         raise InputError(f"--image_size={cfg.image_size}: must be a multiple of the {cfg.preset} preset's "

@@ -184,7 +184,7 @@ def main(cfg):
     check_flags(cfg, {"reference_view_idx": ("0", "random"), "train_bg": ("white", "three_choices"),
                       "prediction_type": ("sample", "v_prediction", "epsilon"),
                       "preset": MVDIFF_UNET_CONFIGS},
-                ("batch_size", "grad_accum", "image_size", "max_steps", "val_every", "ckpt_every",
+                ("batch_size", "grad_accum", "image_size", "val_every", "ckpt_every",
                  "log_every", "max_bad_steps"))
     # the UNet halves the size at each block but the last (x8 more through the VAE)
     blocks = len(MVDIFF_UNET_CONFIGS[cfg.preset]["block_out_channels"])
