@@ -107,19 +107,22 @@ def bench_gen_synthetic(n=8, V=6, steps=5):
     batched as gen_synthetic does, against one reference at a time."""
     from diffusers import DDIMScheduler
     torch.manual_seed(0)
-    model = build_mv_unet("toy", V).eval()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build_mv_unet("toy", V).eval().to(dev)
     sched = DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="sample",
                           timestep_spacing="trailing")
-    ref, pe = torch.rand(n, 3, 32, 32) * 2 - 1, torch.randn(V, 8, 32)
-    gens = lambda k: [torch.Generator().manual_seed(i) for i in range(k)]  # noqa: E731
+    ref, pe = (torch.rand(n, 3, 32, 32) * 2 - 1).to(dev), torch.randn(V, 8, 32).to(dev)
+    gens = lambda k: [torch.Generator(dev).manual_seed(i) for i in range(k)]  # noqa: E731
 
     def run(b):
         for s in range(0, n, b):
-            sample_views(model, sched, ref[s:s + b], torch.arange(s, s + b) % V, pe, (3, 32, 32), None, steps,
-                         1.0, 1.0, gens(b))
+            sample_views(model, sched, ref[s:s + b], torch.arange(s, s + b, device=dev) % V, pe, (3, 32, 32),
+                         None, steps, 1.0, 1.0, gens(b))
+        if dev == "cuda":
+            torch.cuda.synchronize()
 
     t = {b: timeit(lambda: run(b), repeat=1, warmup=1) for b in (n, 1)}
-    print(f"| gen_synthetic, toy UNet, {steps} DDIM steps, one reference at a time "
+    print(f"| gen_synthetic ({dev}), toy UNet, {steps} DDIM steps, one reference at a time "
           f"| {n * V / t[1]:.1f} views/s |")
     print(f"| same, batches of {n} references | {n * V / t[n]:.1f} views/s ({t[1] / t[n]:.2f}x) |")
 

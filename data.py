@@ -1156,10 +1156,10 @@ def write_skeleton_video(path, clip, gt, pred, fps, size=128):
 def write_video(path, frames, fps, audio=None):
     """uint8 frames (T, H, W, 3) -> an H.264 mp4 (with `audio` muxed in), or a GIF without sound beside
     it when no ffmpeg binary is found. Returns the path written."""
-    import imageio_ffmpeg
     try:
+        import imageio_ffmpeg
         imageio_ffmpeg.get_ffmpeg_exe()
-    except RuntimeError:
+    except (ImportError, RuntimeError):  # no imageio-ffmpeg, or no ffmpeg binary
         path = Path(path).with_suffix(".gif")
         ims = [Image.fromarray(np.asarray(f)) for f in frames]
         ims[0].save(path, save_all=True, append_images=ims[1:], duration=round(1000 / fps), loop=0)
