@@ -102,12 +102,13 @@ def bench_mvattn(B=4, V=6):
             print(f"| same, {mode} multi-view attention | {t[mode] * 1e3:.0f} ms ({change:+.0f}%) |")
 
 
-def bench_gen_synthetic(n=8, V=6, steps=5):
+def bench_gen_synthetic(n=None, V=6, steps=5):
     """gen_synthetic.py's cost: DDIM sampling of the 6 views of n references with the toy UNet (32 px),
     batched as gen_synthetic does, against one reference at a time."""
     from diffusers import DDIMScheduler
     torch.manual_seed(0)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    n = n or (32 if dev == "cuda" else 8)
     model = build_mv_unet("toy", V).eval().to(dev)
     sched = DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="sample",
                           timestep_spacing="trailing")
