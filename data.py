@@ -45,6 +45,27 @@ class TrainingDiverged(UserError):
     """max_bad_steps steps in a row had a non-finite loss or gradient: the run stops without saving."""
 
 
+class SkipGuard:
+    """Every trainer's rule for a bad step (a non-finite loss or gradient): skip it, weights, optimizer
+    state and EMA untouched; count it (`skipped`, kept in checkpoints); `limit` in a row stop the run
+    before anything more is saved. Decide on the all-reduced gradient norm: every rank skips alike."""
+
+    def __init__(self, limit, skipped=0):
+        self.limit, self.skipped, self.in_a_row = limit, skipped, 0
+
+    def ok(self, good, step, why, log=True):
+        if good:
+            self.in_a_row = 0
+            return True
+        self.skipped, self.in_a_row = self.skipped + 1, self.in_a_row + 1
+        if log:
+            print(f"step {step}: skipped ({why}), {self.skipped} so far")
+        if self.in_a_row >= self.limit:
+            raise TrainingDiverged(f"{self.in_a_row} steps in a row skipped (last at step {step}: {why}): "
+                                   "nothing saved; lower the learning rate or check the data")
+        return False
+
+
 def cli(main, cls=None, aliases=None, argv=None):
     """The scripts' entry point: main(load_config(cls, argv)) (cls None: main(argv)). A UserError (a bad
     file or flag) or a missing file ends as one line `error: ...` with exit code 2; --debug or

@@ -20,7 +20,7 @@ from accelerate.utils import set_seed
 from PIL import Image
 from safetensors.torch import save_model
 
-from data import (JOINT_SETS, VISIBLE, DanceClipDataset, InputError, StepSampler, TrainingDiverged,
+from data import (JOINT_SETS, VISIBLE, DanceClipDataset, InputError, SkipGuard, StepSampler,
                   atomic_dir, check_flags, cli, load_checkpoint, log_metrics, make_accelerator, music_beats,
                   prepare_run, read_audio, save_checkpoint, save_config, write_skeleton_video)
 from losses import beat_alignment, face_loss, heatmap_loss, motion_beats, pose_error, soft_argmax
@@ -203,12 +203,12 @@ def stage_a(cfg):
     for g in optimizer.param_groups:
         g["initial_lr"] = cfg.stage_a_lr
 
-    start_step, skipped, bad_in_a_row = 0, 0, 0
+    start_step, guard = 0, SkipGuard(cfg.max_bad_steps)
     resume = prepare_run(out_dir, cfg.resume, cfg.overwrite, accelerator)
     if resume:
         # per-rank randomness is re-seeded from (seed, rank, step); the data is a function of the step
         state = load_checkpoint(resume, {"m2p": m2p}, {"optimizer": optimizer})
-        start_step, skipped = state["step"], state["extra"].get("skipped", 0)
+        start_step, guard.skipped = state["step"], state["extra"].get("skipped", 0)
         set_seed(cfg.seed + accelerator.process_index + 1000 * start_step)
         if main_proc:
             print(f"resumed from {resume} at step {start_step}")
@@ -242,7 +242,7 @@ def stage_a(cfg):
         if step > start_step and (step % cfg.ckpt_every == 0 or step == cfg.stage_a_steps):
             if main_proc:
                 path = save_checkpoint(out_dir, step, {"m2p": raw}, {"optimizer": optimizer}, cfg,
-                                       {"skipped": skipped})
+                                       {"skipped": guard.skipped})
                 print(f"saved {path}")
             accelerator.wait_for_everyone()
         if step == cfg.stage_a_steps:
@@ -269,27 +269,17 @@ def stage_a(cfg):
             for k, v in (("loss", loss), ("pose", pose), ("ce", hm["ce"]), ("l1", hm["l1"]), ("face", face)):
                 parts[k] += v.item() / G
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-        # a non-finite loss makes the gradient non-finite, and the norm is all-reduced: every rank skips
-        # the same steps (weights and optimizer state untouched)
-        if math.isfinite(grad_norm):
+        # a non-finite loss makes the gradient non-finite
+        if guard.ok(math.isfinite(grad_norm), step, f"loss {parts['loss']:.4g}, grad norm {grad_norm:.4g}",
+                    main_proc):
             optimizer.step()
-            bad_in_a_row = 0
-        else:
-            skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
-            if main_proc:
-                print(f"step {step}: skipped (loss {parts['loss']:.4g}, grad norm {grad_norm:.4g}), "
-                      f"{skipped} so far")
-            if bad_in_a_row >= cfg.max_bad_steps:
-                raise TrainingDiverged(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient "
-                                       f"(at step {step}): nothing saved; lower --stage_a_lr or check the "
-                                       "data")
         optimizer.zero_grad(set_to_none=True)
 
         if main_proc and step % cfg.log_every == 0:
             dt = (time.perf_counter() - t_last) / (cfg.log_every if step > start_step else 1)
             t_last = time.perf_counter()
             print(f"step {step} | " + " ".join(f"{k} {v:.4f}" for k, v in parts.items())
-                  + f" | lr {lr:.2e} | grad norm {grad_norm:.3f} | skipped {skipped}"
+                  + f" | lr {lr:.2e} | grad norm {grad_norm:.3f} | skipped {guard.skipped}"
                   + f" | {dt * 1000:.0f} ms/step"
                   + f" | {global_batch * G / dt:.1f} samples/s")
             accelerator.log({"train/lr": lr, "train/grad_norm": grad_norm,

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
-from data import (InputError, MultiViewDataset, StepSampler, TrainingDiverged, check_flags, cli,
+from data import (InputError, MultiViewDataset, StepSampler, SkipGuard, check_flags, cli,
                   load_checkpoint, load_rig, log_metrics, make_accelerator, prepare_run, save_checkpoint,
                   save_config, save_image_grid, save_ply)
 from losses import lpips, masked_psnr, perceptual_loss, psnr, ssim
@@ -192,12 +192,12 @@ def main(cfg):
     for g in optimizer.param_groups:
         g["initial_lr"] = cfg.lr
 
-    start_step, skipped, bad_in_a_row = 0, 0, 0
+    start_step, guard = 0, SkipGuard(cfg.max_bad_steps)
     resume = prepare_run(out_dir, cfg.resume, cfg.overwrite, accelerator)
     if resume:
         # per-rank randomness is re-seeded from (seed, rank, step): only rank 0's RNG state was saved
         state = load_checkpoint(resume, {"model": model}, {"optimizer": optimizer})
-        start_step, skipped = state["step"], state["extra"]["skipped"]
+        start_step, guard.skipped = state["step"], state["extra"]["skipped"]
         set_seed(cfg.seed + accelerator.process_index + 1000 * start_step)
         if main_proc:
             print(f"resumed from {resume} at step {start_step}")
@@ -242,7 +242,7 @@ def main(cfg):
         if step > start_step and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
             if main_proc:
                 path = save_checkpoint(out_dir, step, {"model": raw_model}, {"optimizer": optimizer}, cfg,
-                                       {"skipped": skipped}, rig)
+                                       {"skipped": guard.skipped}, rig)
                 print(f"saved {path}")
             accelerator.wait_for_everyone()
         if step == cfg.max_steps:
@@ -277,29 +277,20 @@ def main(cfg):
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-        # the clipped norm is the all-reduced one, so every rank takes the same decision
-        if math.isfinite(grad_norm) and grad_norm <= cfg.skip_grad_norm_factor * cfg.grad_clip:
+        # also a spike: a grad norm over skip_grad_norm_factor x the clip
+        good = math.isfinite(grad_norm) and grad_norm <= cfg.skip_grad_norm_factor * cfg.grad_clip
+        if guard.ok(good, step, f"loss {loss.item():.4g}, grad norm {grad_norm:.4g}", main_proc):
             optimizer.step()
-            bad_in_a_row = 0
-        else:  # weights and optimizer state untouched
-            skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
-            if main_proc:
-                print(f"step {step}: skipped (loss {loss.item():.4g}, grad norm {grad_norm:.4g}), "
-                      f"{skipped} so far")
-            if bad_in_a_row >= cfg.max_bad_steps:
-                raise TrainingDiverged(f"{bad_in_a_row} steps in a row skipped (last: loss {loss.item():.4g},"
-                                       f" grad norm {grad_norm:.4g}) at step {step}: nothing saved; lower "
-                                       "--lr or check the data")
 
         if main_proc and step % cfg.log_every == 0:
             dt = (time.perf_counter() - t_last) / (cfg.log_every if step > start_step else 1)
             t_last = time.perf_counter()
             print(f"step {step} | loss {loss.item():.4f} " + " ".join(f"{k} {v:.4f}" for k, v in parts.items())
                   + f" | psnr {-10 * math.log10(max(parts['mse'], 1e-10)):.2f} | lr {lr:.2e}"
-                  + f" | grad norm {grad_norm:.3f} | skipped {skipped}"
+                  + f" | grad norm {grad_norm:.3f} | skipped {guard.skipped}"
                   + f" | {dt * 1000:.0f} ms/step | {global_batch / dt:.1f} samples/s")
             accelerator.log({"train/loss": loss.item(), "train/lr": lr, "train/grad_norm": grad_norm,
-                             "train/skipped": skipped,
+                             "train/skipped": guard.skipped,
                              **{f"train/{k}": v for k, v in parts.items()}}, step=step)
     accelerator.wait_for_everyone()  # leave the process group together (gloo can abort at exit otherwise)
     accelerator.end_training()

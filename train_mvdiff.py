@@ -23,7 +23,7 @@ import torch
 import yaml
 from accelerate.utils import set_seed
 
-from data import (InputError, MultiViewDataset, StepSampler, TrainingDiverged, check_finite_weights,
+from data import (InputError, MultiViewDataset, StepSampler, SkipGuard, check_finite_weights,
                   check_flags, check_resumable, cli, load_mv_weights, load_prompt_embeds, load_rig,
                   log_metrics, make_accelerator, prepare_run, read_cameras, read_list_file, read_state,
                   rig_mismatch, save_config, save_image_grid, save_mv_checkpoint)
@@ -258,7 +258,7 @@ def main(cfg):
     for g in optimizer.param_groups:
         g["initial_lr"] = cfg.lr
 
-    start_step, skipped, bad_in_a_row = 0, 0, 0
+    start_step, guard = 0, SkipGuard(cfg.max_bad_steps)
     resume = prepare_run(out_dir, cfg.resume, cfg.overwrite, accelerator)
     if resume:
         check_resumable(resume)
@@ -270,7 +270,7 @@ def main(cfg):
             check_finite_weights(ema_dir, ema)
         state = read_state(resume)
         optimizer.load_state_dict(state["optimizers"]["optimizer"])
-        start_step, skipped = state["step"], state["extra"].get("skipped", 0)
+        start_step, guard.skipped = state["step"], state["extra"].get("skipped", 0)
         if main_proc:
             print(f"resumed from {resume} at step {start_step}")
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -306,7 +306,7 @@ def main(cfg):
         if step > start_step and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
             if main_proc:
                 path = save_mv_checkpoint(out_dir, step, raw_model, ema, optimizer, cfg, rig, prompt_file,
-                                          {"skipped": skipped})
+                                          {"skipped": guard.skipped})
                 print(f"saved {path}")
             accelerator.wait_for_everyone()
         if step == cfg.max_steps:
@@ -349,31 +349,22 @@ def main(cfg):
                 accelerator.backward(loss)
             loss_sum += loss.item()
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-        # a non-finite loss makes the gradient non-finite, and the norm is all-reduced: every rank skips
-        # the same steps (weights, optimizer state and EMA untouched)
-        if math.isfinite(grad_norm):
+        # a non-finite loss makes the gradient non-finite
+        why = f"loss {loss_sum:.4g}, grad norm {grad_norm:.4g}"
+        if guard.ok(math.isfinite(grad_norm), step, why, main_proc):
             optimizer.step()
             if ema is not None:  # warm-up: the average forgets the random initialisation early on
                 update_ema(ema, raw_model, min(cfg.ema_decay, (1 + step) / (10 + step)))
-            bad_in_a_row = 0
-        else:
-            skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
-            if main_proc:
-                print(f"step {step}: skipped (loss {loss_sum:.4g}, grad norm {grad_norm:.4g}), "
-                      f"{skipped} so far")
-            if bad_in_a_row >= cfg.max_bad_steps:
-                raise TrainingDiverged(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient "
-                                       f"(at step {step}): nothing saved; lower --lr or check the data")
         optimizer.zero_grad(set_to_none=True)
 
         if main_proc and step % cfg.log_every == 0:
             dt = (time.perf_counter() - t_last) / (cfg.log_every if step > start_step else 1)
             t_last = time.perf_counter()
             print(f"step {step} | loss {loss_sum:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f}"
-                  f" | skipped {skipped}"
+                  f" | skipped {guard.skipped}"
                   f" | {dt * 1000:.0f} ms/step | {global_batch * G / dt:.1f} objects/s")
             accelerator.log({"train/loss": loss_sum, "train/lr": lr, "train/grad_norm": grad_norm,
-                             "train/skipped": skipped}, step=step)
+                             "train/skipped": guard.skipped}, step=step)
     accelerator.wait_for_everyone()  # leave the process group together (gloo can abort at exit otherwise)
     accelerator.end_training()
     return raw_model, ema
