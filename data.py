@@ -425,7 +425,8 @@ def load_mv_checkpoint(path, device="cpu"):
         path = latest_checkpoint(path)
     missing = [f for f in ("unet", "rig.json", "prompt_embeds.pt", "config.yaml") if not (path / f).exists()]
     if missing:
-        raise FileNotFoundError(f"{path}: not a train_mvdiff checkpoint (no {', '.join(missing)})")
+        raise FileNotFoundError(f"{path}: neither a train_mvdiff checkpoint-<step> folder (no "
+                                f"{', '.join(missing)}) nor a run folder holding a complete one")
     cfg = yaml.safe_load((path / "config.yaml").read_text())
     rig = json.loads((path / "rig.json").read_text())
     unet_dir = path / "unet_ema" if (path / "unet_ema").is_dir() else path / "unet"
