@@ -219,7 +219,7 @@ def unknown_m2p_preset(tm, td, tmp):
 def gen_synthetic_not_a_checkpoint(tm, td, tmp):
     (tmp / "ckpt").mkdir()
     return gen_synthetic, [f"--mvdiff_checkpoint={tmp / 'ckpt'}", f"--input_data={tm}/data_train.txt",
-                           f"--output_dir={tmp / 'syn'}"], ["ckpt", "not a train_mvdiff checkpoint"]
+                           f"--output_dir={tmp / 'syn'}"], ["ckpt", "neither a train_mvdiff checkpoint"]
 
 
 def sample_without_input(tm, td, tmp):
