@@ -133,6 +133,7 @@ def main(cfg):
     if not 0 <= cfg.reference_view < V:
         raise InputError(f"reference_view {cfg.reference_view}: the rig has views 0..{V - 1}")
     names = [os.path.relpath(d, list_file.parent) for d in sources]  # as listed: seeds the noise
+    frames_of = [source_frames(d, rig) for d in sources]  # every camera file checked before any writing
     views = list(range(V)) if cfg.augment_all_views else [cfg.reference_view]
     items = [(i, v) for i in range(len(sources)) for v in views]  # sample k = items[k]
     n_val = round(cfg.val_fraction * len(sources)) if len(sources) > 1 else 0
@@ -175,7 +176,7 @@ def main(cfg):
         refs, ref_idx, gens = [], [], []
         for k in batch:
             i, v = items[k]
-            fr = source_frames(sources[i], rig)[v]
+            fr = frames_of[i][v]
             refs.append(load_rgba(sources[i] / fr["file_path"], gen_size)[:3])  # RGB on white
             ref_idx.append(v)
             gens.append(torch.Generator(device).manual_seed(noise_seed(cfg.seed, names[i], v)))
