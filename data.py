@@ -648,6 +648,19 @@ def rig_mismatch(rig, frames, tol_deg=8.0, radius_rtol=0.1, intr_rtol=0.05):
 # ----------------------------------------------------------------------------------------------
 # Multi-view samples (FaceLift format)
 
+def rig_sample_frames(d, rig):
+    """A sample's camera frames, checked against the rig (its first V frames), or the rig's own for a
+    camera-less sample (cam_000.png ...)."""
+    cam_file = Path(d) / "opencv_cameras.json"
+    if not cam_file.exists():
+        return [dict(fr, file_path=f"cam_{i:03d}.png") for i, fr in enumerate(rig["frames"])]
+    frames = read_cameras(cam_file)["frames"]
+    msg = rig_mismatch(rig, frames[: len(rig["frames"])])
+    if msg:
+        raise InputError(f"{cam_file}: {msg}")
+    return frames
+
+
 def read_list_file(list_file):
     """One sample directory per line; relative paths resolve against the list file's folder."""
     list_file = Path(list_file)

@@ -28,7 +28,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from data import (InputError, RigMismatch, atomic_dir, camera_hash, cli, file_sha256, load_mv_checkpoint,
-                  load_prompt_embeds, load_rgba, make_accelerator, read_cameras, read_list_file, rig_mismatch)
+                  load_prompt_embeds, load_rgba, make_accelerator, read_cameras, read_list_file, rig_mismatch,
+                  rig_sample_frames)
 from models import Conditioner, mv_schedulers, sample_views
 
 
@@ -76,18 +77,6 @@ def scaled_frames(frames, size):
              "file_path": f"images/cam_{v:03d}.png"} for v, fr in enumerate(frames)]
 
 
-def source_frames(d, rig):
-    """A real sample's frames (its cameras checked against the rig), or the rig's for a camera-less one."""
-    cam_file = d / "opencv_cameras.json"
-    if not cam_file.exists():
-        return [dict(fr, file_path=f"cam_{i:03d}.png") for i, fr in enumerate(rig["frames"])]
-    frames = read_cameras(cam_file)["frames"]
-    msg = rig_mismatch(rig, frames[: len(rig["frames"])])
-    if msg:
-        raise InputError(f"{cam_file}: {msg}")
-    return frames
-
-
 def main(cfg):
     accelerator = make_accelerator()
     main_proc, device, rank, world = (accelerator.is_main_process, accelerator.device,
@@ -133,7 +122,7 @@ def main(cfg):
     if not 0 <= cfg.reference_view < V:
         raise InputError(f"reference_view {cfg.reference_view}: the rig has views 0..{V - 1}")
     names = [os.path.relpath(d, list_file.parent) for d in sources]  # as listed: seeds the noise
-    frames_of = [source_frames(d, rig) for d in sources]  # every camera file checked before any writing
+    frames_of = [rig_sample_frames(d, rig) for d in sources]  # every camera file checked before any writing
     views = list(range(V)) if cfg.augment_all_views else [cfg.reference_view]
     items = [(i, v) for i in range(len(sources)) for v in views]  # sample k = items[k]
     n_val = round(cfg.val_fraction * len(sources)) if len(sources) > 1 else 0

@@ -23,10 +23,10 @@ import torch
 import yaml
 from accelerate.utils import set_seed
 
-from data import (InputError, MultiViewDataset, StepSampler, SkipGuard, check_finite_weights,
-                  check_flags, check_resumable, cli, load_mv_weights, load_prompt_embeds, load_rig,
-                  log_metrics, make_accelerator, prepare_run, read_cameras, read_list_file, read_state,
-                  rig_mismatch, save_config, save_image_grid, save_mv_checkpoint)
+from data import (InputError, MultiViewDataset, SkipGuard, StepSampler, check_finite_weights, check_flags,
+                  check_resumable, cli, load_mv_weights, load_prompt_embeds, load_rig, log_metrics,
+                  make_accelerator, prepare_run, read_list_file, read_state, rig_sample_frames, save_config,
+                  save_image_grid, save_mv_checkpoint)
 from losses import diffusion_target, lpips, min_snr_weight, psnr, ssim, weighted_mse
 from models import (MVDIFF_UNET_CONFIGS, Conditioner, build_mv_unet, load_lpips_heads, load_mv_unet, load_vgg,
                     mv_schedulers, sample_views)
@@ -123,11 +123,7 @@ def check_prediction_type(init_from, prediction_type):
 def check_cameras(list_file, rig):
     """Every sample's cameras against the rig, before training starts (the dataset checks again per item)."""
     for d in read_list_file(list_file):
-        if (d / "opencv_cameras.json").exists():
-            frames = read_cameras(d / "opencv_cameras.json")["frames"][: len(rig["frames"])]
-            msg = rig_mismatch(rig, frames)
-            if msg:
-                raise InputError(f"{d / 'opencv_cameras.json'}: {msg}")
+        rig_sample_frames(d, rig)
 
 
 def wrong_views(others):
