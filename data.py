@@ -885,16 +885,17 @@ LIMBS = [(1, 2), (2, 3), (3, 4), (1, 5), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10)
 
 
 def music_features(audio, sr, fps, n_frames):
-    """EDGE's 35-d features at the video rate [n_frames, 35] (docs/formats.md): one hop is one frame."""
+    """EDGE's 35-d features at the video rate [n_frames, 35] (docs/formats.md): audio at any rate is
+    resampled to SR = fps x HOP (EDGE: librosa.load(path, sr=SR)), so one hop is one frame."""
     import librosa
-    assert sr == fps * HOP, f"audio at {sr} Hz, features need fps x {HOP} = {fps * HOP} Hz"
-    env = librosa.onset.onset_strength(y=audio, sr=sr, hop_length=HOP)  # (F,), F = 1 + len // HOP
-    mfcc = librosa.feature.mfcc(y=audio, sr=sr, n_mfcc=20, hop_length=HOP).T  # (F, 20)
-    chroma = librosa.feature.chroma_cens(y=audio, sr=sr, hop_length=HOP, n_chroma=12).T  # (F, 12)
+    y, SR = to_feature_rate(audio, sr, fps), fps * HOP
+    env = librosa.onset.onset_strength(y=y, sr=SR, hop_length=HOP)  # (F,), F = 1 + len // HOP
+    mfcc = librosa.feature.mfcc(y=y, sr=SR, n_mfcc=20, hop_length=HOP).T  # (F, 20)
+    chroma = librosa.feature.chroma_cens(y=y, sr=SR, hop_length=HOP, n_chroma=12).T  # (F, 12)
     peaks = np.zeros_like(env)
-    peaks[librosa.onset.onset_detect(onset_envelope=env, sr=sr, hop_length=HOP)] = 1.0
+    peaks[librosa.onset.onset_detect(onset_envelope=env, sr=SR, hop_length=HOP)] = 1.0
     beats = np.zeros_like(env)
-    beats[music_beats(audio, sr, frames=True)] = 1.0
+    beats[music_beats(audio, sr, fps, frames=True)] = 1.0
     n = min(len(env), len(mfcc), len(chroma))
     if n < n_frames:
         raise InputError(f"audio gives {n} feature frames, the video has {n_frames}")
@@ -902,12 +903,24 @@ def music_features(audio, sr, fps, n_frames):
     return feats[:n_frames].astype(np.float32)  # the centred STFT gives one extra frame: trim to T
 
 
-def music_beats(audio, sr, frames=False):
-    """Beat times in seconds (frames=True: frame indices) from librosa's beat tracker (Bailando, EDGE)."""
+def to_feature_rate(audio, sr, fps):
+    """Mono audio resampled (librosa's default, soxr) to SR = fps x HOP: one hop per video frame."""
     import librosa
-    env = librosa.onset.onset_strength(y=audio, sr=sr, hop_length=HOP)
-    beats = librosa.beat.beat_track(onset_envelope=env, sr=sr, hop_length=HOP, tightness=100)[1]
-    return beats if frames else librosa.frames_to_time(beats, sr=sr, hop_length=HOP)
+    if not (np.isfinite(sr) and sr > 0):
+        raise InputError(f"sample rate {sr} Hz")
+    return librosa.resample(np.asarray(audio, np.float32), orig_sr=sr, target_sr=fps * HOP)
+
+
+def music_beats(audio, sr, fps, frames=False):
+    """Beat times in seconds (frames=True: frame indices at fps) from librosa's beat tracker at
+    SR = fps x HOP, started as EDGE does from the clip's tempo estimated on 22050 Hz audio (EDGE's
+    lr.beat.tempo(y=lr.load(fpath)[0])[0]; its AIST++ clips take the BPM in their file name)."""
+    import librosa
+    env = librosa.onset.onset_strength(y=to_feature_rate(audio, sr, fps), sr=fps * HOP, hop_length=HOP)
+    start_bpm = librosa.feature.tempo(y=librosa.resample(audio, orig_sr=sr, target_sr=22050), sr=22050)[0]
+    beats = librosa.beat.beat_track(onset_envelope=env, sr=fps * HOP, hop_length=HOP, start_bpm=start_bpm,
+                                    tightness=100)[1]
+    return beats if frames else beats / fps  # frame k is at k x HOP / SR = k / fps seconds
 
 
 def read_audio(path):
@@ -1024,24 +1037,39 @@ def cache_music_features(d, fps, T):
     d = Path(d)
     path = d / "music_feats.npy"
     if not path.is_file():
+        import librosa
         audio, sr = read_audio(d / "audio.wav")
         try:
             feats = music_features(audio, sr, fps, T)
-        except (ValueError, AssertionError) as err:
+        except (ValueError, librosa.ParameterError) as err:  # too short, empty, non-finite
             raise InputError(f"{d / 'audio.wav'}: {err}") from None
         np.save(path, feats)
     return np.load(path)
 
 
 def crop_box(image, box, size):
-    """Bilinear square crop around a normalised [x0, y0, x1, y1] box (its larger side) -> (3, size, size)."""
-    x0, y0, x1, y1 = box
-    cx, cy, half = (x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0) / 2
+    """Bilinear square crops around normalised [x0, y0, x1, y1] boxes (their larger side), differentiable
+    in the image: image (3, H, W) and box (4,) -> (3, size, size), or (B, 3, H, W) and (B, 4) -> (B, 3, size, size)."""
+    one = image.dim() == 3
+    images, boxes = (image[None], torch.as_tensor(box, dtype=image.dtype)[None]) if one else (image, box)
+    boxes = torch.as_tensor(boxes, dtype=images.dtype, device=images.device)
+    x0, y0, x1, y1 = boxes.unbind(-1)  # (B,) each
+    cx, cy, half = (x0 + x1) / 2, (y0 + y1) / 2, torch.maximum(x1 - x0, y1 - y0) / 2
+    zero = torch.zeros_like(cx)
     # affine_grid works in [-1, 1] image coordinates: x_n = 2 x - 1
-    theta = torch.tensor([[2 * half, 0, 2 * cx - 1], [0, 2 * half, 2 * cy - 1]],
-                         dtype=image.dtype)[None]  # (1, 2, 3)
-    grid = F.affine_grid(theta, (1, 3, size, size), align_corners=False)  # (1, size, size, 2)
-    return F.grid_sample(image[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+    theta = torch.stack([torch.stack([2 * half, zero, 2 * cx - 1], -1),
+                         torch.stack([zero, 2 * half, 2 * cy - 1], -1)], 1)  # (B, 2, 3)
+    grid = F.affine_grid(theta, (len(images), 3, size, size), align_corners=False)  # (B, size, size, 2)
+    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out[0] if one else out
+
+
+def box_mask(boxes, size):
+    """Rectangles [x0, y0, x1, y1] (B, 4), normalised -> masks (B, 1, size, size) (1 inside, pixel centres)."""
+    c = (torch.arange(size, dtype=boxes.dtype, device=boxes.device) + 0.5) / size
+    inx = (c >= boxes[:, :1]) & (c <= boxes[:, 2:3])  # (B, W)
+    iny = (c >= boxes[:, 1:2]) & (c <= boxes[:, 3:])  # (B, H)
+    return (iny[:, :, None] & inx[:, None, :]).to(boxes.dtype)[:, None]
 
 
 class DanceClipDataset(torch.utils.data.Dataset):
@@ -1049,7 +1077,7 @@ class DanceClipDataset(torch.utils.data.Dataset):
     >= 0; the reference frame is random among those with a face box, or `ref_frame` >= 0."""
 
     def __init__(self, list_file, window, joints="body_feet24", fps=DANCE_FPS, seed=0, start=-1, ref_frame=-1,
-                 face_size=112):
+                 face_size=112, image_size=0, frames=0):
         if joints not in JOINT_SETS:
             raise InputError(f"joints={joints!r}: expected one of {list(JOINT_SETS)}")
         self.clips = [check_clip(d, fps) for d in read_list_file(list_file)]
@@ -1068,6 +1096,9 @@ class DanceClipDataset(torch.utils.data.Dataset):
         self.music_dim, self.J, self.window, self.fps = widths[0], JOINT_SETS[joints], window, fps
         self.poses = [np.load(c["dir"] / "poses.npy")[:, : self.J].astype(np.float32) for c in self.clips]
         self.seed, self.start, self.ref_frame, self.face_size = seed, start, ref_frame, face_size
+        # frames > 0: also that many target frames of the window (1: one at random, the window's
+        # length: all), resized to image_size (stages B and C)
+        self.image_size, self.frames = image_size, frames
 
     def __len__(self):
         return len(self.clips)
@@ -1082,11 +1113,30 @@ class DanceClipDataset(torch.utils.data.Dataset):
         if clip["boxes"][ref] is None:
             raise InputError(f"{clip['dir'] / 'faces.json'}: reference frame {ref} has no face box")
         image = read_frame(clip["source"], ref)  # (3, H, W)
-        return {"music": torch.from_numpy(self.feats[idx][start: start + self.window]),  # (W, D)
+        item = {"music": torch.from_numpy(self.feats[idx][start: start + self.window]),  # (W, D)
                 "poses": torch.from_numpy(self.poses[idx][start: start + self.window]),  # (W, J, 3)
                 "ref_pose": torch.from_numpy(self.poses[idx][ref]),  # (J, 3)
                 "face": crop_box(image, clip["boxes"][ref], self.face_size),  # (3, 112, 112)
-                "ref_image": image, "start": start, "index": idx}
+                "ref_image": self.resize(image), "ref_box": self.box(clip, ref), "start": start, "index": idx}
+        if self.frames:
+            offsets = (torch.arange(self.window) if self.frames >= self.window
+                       else torch.from_numpy(np.sort(rng.choice(self.window, self.frames, replace=False))))
+            item["offsets"] = offsets  # (n,) frame indices within the window
+            item["frames"] = torch.stack([self.resize(read_frame(clip["source"], start + int(k))) for k in offsets])
+            item["boxes"] = torch.stack([self.box(clip, start + int(k)) for k in offsets])  # (n, 4), NaN: no face
+        return item
+
+    def resize(self, image):
+        """(3, H, W) -> (3, S, S) at image_size (antialiased; the poses are normalised, so they still fit)."""
+        if not self.image_size or image.shape[-2:] == (self.image_size, self.image_size):
+            return image
+        return F.interpolate(image[None], size=(self.image_size,) * 2, mode="bilinear", antialias=True,
+                             align_corners=False)[0]
+
+    @staticmethod
+    def box(clip, t):
+        b = clip["boxes"][t]
+        return torch.tensor(b if b is not None else [float("nan")] * 4, dtype=torch.float32)  # (4,)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -118,10 +118,27 @@ def diffusion_target(scheduler, x0, noise, t):
     raise ValueError(f"prediction_type {kind!r}: expected epsilon, v_prediction or sample")
 
 
-def weighted_mse(pred, target, weight):
-    """Per-sample MSE (mean over every dim but the first) times weight (B,), averaged over the batch."""
-    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,)
-    return (per_sample * weight).mean()
+def weighted_mse(pred, target, weight, pixel_weight=None):
+    """Per-sample MSE (mean over every dim but the first; each element times pixel_weight, broadcast,
+    when given) times weight (B,), averaged over the batch."""
+    err = (pred.float() - target.float()).pow(2)
+    if pixel_weight is not None:
+        err = err * pixel_weight
+    return (err.flatten(1).mean(1) * weight).mean()
+
+
+def predicted_x0(scheduler, x_t, out, t):
+    """The clean sample that the network's output implies at timesteps t (B,), for any prediction_type
+    (at t with alpha-bar 0, i.e. zero-terminal-SNR's last step, eps-prediction implies nothing: keep t lower)."""
+    ab = scheduler.alphas_cumprod.to(x_t.device, torch.float32)[t].view(-1, *[1] * (x_t.dim() - 1))
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return (x_t - (1 - ab).sqrt() * out) / ab.sqrt()
+    if kind == "v_prediction":
+        return ab.sqrt() * x_t - (1 - ab).sqrt() * out
+    if kind == "sample":
+        return out
+    raise ValueError(f"prediction_type {kind!r}: expected epsilon, v_prediction or sample")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,26 +205,40 @@ def pose_error(pred_xy, poses, pck_threshold=0.05):
 
 
 def gaussian_smooth(x, sigma):
-    """1-D Gaussian smoothing (sigma in samples, reflect padding, kernel to 4 sigma) of a 1-D tensor."""
-    if sigma <= 0:
+    """1-D Gaussian smoothing (sigma in samples, kernel to 4 sigma) of a 1-D tensor, padded as scipy's
+    gaussian_filter (Bailando's G): mode 'reflect' repeats the edge sample (d c b a | a b c d)."""
+    r = min(int(4 * sigma + 0.5), len(x)) if sigma > 0 else 0
+    if r == 0:
         return x
-    r = min(int(4 * sigma + 0.5), len(x) - 1)
     k = torch.exp(-(torch.arange(-r, r + 1, dtype=x.dtype) ** 2) / (2 * sigma**2))
-    xp = F.pad(x[None, None], (r, r), mode="reflect")  # (1, 1, T + 2r)
-    return F.conv1d(xp, (k / k.sum())[None, None])[0, 0]
+    xp = torch.cat([x[:r].flip(0), x, x[-r:].flip(0)])  # (T + 2r,)
+    return F.conv1d(xp[None, None], (k / k.sum())[None, None])[0, 0]
 
 
 def motion_beats(motion, fps, smooth_s=5 / 60):
     """Motion beats in seconds: local minima of the Gaussian-smoothed mean joint speed (Bailando).
-    motion [T, J, 2+] (visibility ignored); speed k lies between frames k and k + 1, so at (k + 0.5) / fps."""
+    motion [T, J, 2+] (visibility ignored); speed k lies between frames k and k + 1, so at (k + 0.5) / fps.
+    Speeds equal to 1e-9 of the largest form flat runs; a run is a minimum only if the speed falls into
+    it and rises out of it. One sample: a beat there. Two (a minimum exactly on a frame, which
+    Bailando's strict argrelextrema(np.less) misses): one beat at that frame. Three or more (a held
+    pose): no beat, as in Bailando; a hold has no one turning instant, and the run's ends are set by
+    the smoothing kernel's reach, not by the dance."""
     motion = torch.as_tensor(motion, dtype=torch.float64)[..., :2]
     speed = (motion[1:] - motion[:-1]).norm(dim=-1).mean(-1)  # (T - 1,)
     v = gaussian_smooth(speed, smooth_s * fps)
-    # a minimum exactly on a frame gives two equal speeds either side of it: a strict test on both
-    # sides (scipy's argrelextrema, as Bailando uses) would miss it; count it once, at the frame
-    tie = (v[1:] - v[:-1]).abs() <= 1e-9 * v.abs().max()  # (T - 2,): v[k] == v[k + 1]
-    k = torch.nonzero((v[1:-1] < v[:-2]) & ((v[1:-1] < v[2:]) | tie[1:]))[:, 0] + 1
-    return (k.to(torch.float64) + 0.5 + 0.5 * tie[k].to(torch.float64)) / fps
+    d = v[1:] - v[:-1]  # (T - 2,)
+    step = torch.where(d.abs() <= 1e-9 * v.abs().max(), 0.0, d.sign())  # -1 falls, 0 flat, +1 rises
+    moves = torch.nonzero(step)[:, 0]
+    i, j = moves[:-1], moves[1:]  # consecutive non-flat steps enclose the flat run v[i + 1: j + 1]
+    keep = (step[i] < 0) & (step[j] > 0) & (j - i <= 2)
+    return ((i[keep] + j[keep] + 1).to(torch.float64) / 2 + 0.5) / fps  # the run's middle
+
+
+def beats_within(beats_s, n_frames, fps):
+    """The music beats (s) before a motion's last frame, (n_frames - 1) / fps: Bailando scores only
+    those (its beat frames [:len(speed)] = [:T - 1]); a beat after the motion has nothing to match."""
+    b = torch.as_tensor(beats_s, dtype=torch.float64)
+    return b[b * fps < n_frames - 1 - 1e-6]  # a beat on the last frame is cut too
 
 
 def beat_alignment(music_beats_s, motion_beats_s, sigma_s=3 / 60):

@@ -1103,3 +1103,275 @@ def load_iresnet(path, arch):
         raise InputError(f"{path}: shapes differ from {arch}: {bad[:5]}")
     model.load_state_dict(sd, strict=True)
     return model.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dance, stages B and C: denoising UNet + ReferenceNet (reference attention), pose guidance,
+# identity tokens (CHAMP's recipe with StableAnimator's face tokens), on diffusers building blocks
+
+DANCE_UNET_CONFIGS = {
+    # tests: attention in every block, as SD-1.5 (so the ReferenceNet's unused tail is SD's)
+    "tiny": dict(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
+                 block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D",) * 2,
+                 up_block_types=("CrossAttnUpBlock2D",) * 2, cross_attention_dim=16, attention_head_dim=8,
+                 norm_num_groups=8),
+    # the toy: pixel space at 32 px; attention (reference + cross) at 16 and 8 px only: at 32 px it
+    # would cost more CPU time than the rest of the UNet
+    "toy": dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=1,
+                block_out_channels=(32, 64, 96),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                cross_attention_dim=64, attention_head_dim=16, norm_num_groups=16),
+}
+
+
+class ReferenceStore:
+    """What the ReferenceNet's self-attention layers hand to the denoiser's, by layer name.
+    keep (B,) bool or None: per-sample reference dropout (a dropped sample attends as if empty)."""
+
+    def __init__(self):
+        self.feats, self.keep = {}, None
+
+    def clear(self):
+        self.feats, self.keep = {}, None
+
+
+class ReferenceAttnProcessor:
+    """Self-attention (attn1) with reference injection (Animate Anyone / CHAMP). 'write' (ReferenceNet):
+    stores its input, the normalised hidden states, under the layer's name and attends as usual.
+    'read' (denoiser): keys/values are [own tokens; the stored tokens of the same-named ReferenceNet
+    layer]; an empty store is plain self-attention (the unconditional pass). The store's batch may be
+    a divisor of the denoiser's: frames (b f) of one sample share its reference (stage C)."""
+
+    def __init__(self, name, store, mode):
+        assert mode in ("read", "write")
+        self.name, self.store, self.mode = name, store, mode
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        assert encoder_hidden_states is None and attention_mask is None, "reference attention is self-attention"
+        x, mask = hidden_states, None  # (B, N, C)
+        kv = x
+        if self.mode == "write":
+            self.store.feats[self.name] = x
+        elif self.store.feats:
+            ref = self.store.feats[self.name]  # (Br, M, C)
+            reps = len(x) // len(ref)
+            kv = torch.cat([x, ref.repeat_interleave(reps, 0)], 1)  # (B, N + M, C)
+            if self.store.keep is not None:  # masked reference keys = an empty store, per sample
+                keep = self.store.keep.repeat_interleave(reps, 0)  # (B,)
+                own = torch.ones(len(x), x.shape[1], dtype=torch.bool, device=x.device)
+                mask = torch.cat([own, keep[:, None].expand(-1, ref.shape[1])], 1)[:, None, None]  # (B,1,1,N+M)
+        q = rearrange(attn.to_q(x), "b n (h d) -> b h n d", h=attn.heads)
+        k, v = (rearrange(f(kv), "b n (h d) -> b h n d", h=attn.heads) for f in (attn.to_k, attn.to_v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, N, d)
+        return attn.to_out[1](attn.to_out[0](rearrange(out, "b h n d -> b n (h d)")))
+
+
+def install_reference_attention(unet, store, mode):
+    """Spatial self-attention (attn1, not a motion module's) -> ReferenceAttnProcessor; every other
+    processor -> SDPA. Returns the sorted names of the reference layers (the pairing key)."""
+    procs, names = {}, []
+    for name in unet.attn_processors:
+        if ".attn1." in name and "motion_modules" not in name:
+            procs[name] = ReferenceAttnProcessor(name, store, mode)
+            names.append(name)
+        else:
+            procs[name] = AttnProcessor2_0()
+    unet.set_attn_processor(procs)
+    return sorted(names)
+
+
+def referencenet_unused(refnet):
+    """Names of the ReferenceNet parameters that never receive a gradient. Only its attn1 inputs are
+    read, so everything after the input of the last one is dead: in the last attention of the last up
+    block with attention, the last transformer block after norm1 and proj_out; then that block's
+    upsampler, every later up block, conv_norm_out and conv_out. (CHAMP freezes all of up_blocks.3,
+    which also freezes resnets that do feed the bank.)"""
+    i = max(i for i, b in enumerate(refnet.up_blocks) if getattr(b, "attentions", None))
+    attn = refnet.up_blocks[i].attentions
+    last, tb = f"up_blocks.{i}.attentions.{len(attn) - 1}", len(attn[-1].transformer_blocks) - 1
+    dead = [f"{last}.transformer_blocks.{tb}.{m}." for m in ("attn1", "norm2", "attn2", "norm3", "ff")]
+    dead += [f"{last}.proj_out.", f"up_blocks.{i}.upsamplers."]
+    dead += [f"up_blocks.{j}." for j in range(i + 1, len(refnet.up_blocks))] + ["conv_norm_out.", "conv_out."]
+    return sorted(n for n, _ in refnet.named_parameters() if n.startswith(tuple(dead)))
+
+
+class PoseGuider(nn.Module):
+    """Pose heatmaps (B, J, H, W) -> features for the UNet's conv_in output (CHAMP's guidance encoder:
+    diffusers' ControlNetConditioningEmbedding, len(channels) - 1 stride-2 steps, zero-initialised
+    output: at initialisation the UNet does not see the pose)."""
+
+    def __init__(self, joints, out_channels, channels=(16, 32, 96, 256)):
+        super().__init__()
+        from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding
+        self.embed = ControlNetConditioningEmbedding(out_channels, joints, tuple(channels))
+        self.down = 2 ** (len(channels) - 1)  # heatmaps come at this many x the UNet's resolution
+
+    def forward(self, heatmaps):
+        return self.embed(heatmaps)
+
+
+class FaceTokens(nn.Module):
+    """StableAnimator's face encoder, reduced to its input and output: the 512-d face embedding -> n
+    cross-attention tokens appended to the CLIP image token."""
+
+    def __init__(self, dim, n=4, embed_dim=512, hidden=1024):
+        super().__init__()
+        self.n = n
+        self.mlp = nn.Sequential(nn.Linear(embed_dim, hidden), nn.GELU(), nn.Linear(hidden, n * dim))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, emb):
+        return self.norm(rearrange(self.mlp(emb), "b (n d) -> b n d", n=self.n))  # (B, n, dim)
+
+
+def pose_heatmaps(poses, size, sigma):
+    """The pose condition: J heatmaps [..., J, size, size] with peak 1 (a Gaussian of `sigma` cells
+    around each visible joint, zero for invisible ones). Ground-truth and M2P poses go through the same
+    rendering, so switching between them changes only the joints; differentiable in the coordinates."""
+    cells = torch.arange(size, device=poses.device, dtype=poses.dtype)
+    mu = poses[..., :2] * size - 0.5  # (..., J, 2) in cells
+    gx = torch.exp(-((cells - mu[..., :1]) ** 2) / (2 * sigma**2))  # (..., J, W)
+    gy = torch.exp(-((cells - mu[..., 1:]) ** 2) / (2 * sigma**2))  # (..., J, H)
+    vis = (poses[..., 2] >= 0.3).to(poses.dtype)[..., None, None]
+    return gy[..., :, None] * gx[..., None, :] * vis  # (..., J, H, W)
+
+
+class DanceNet(nn.Module):
+    """Stage B's trainable modules as one module (one DDP wrapper): the denoising UNet, the ReferenceNet
+    (paired with it by layer name through a shared store), the pose guider and the face tokens.
+    `reference` runs the ReferenceNet once per sample (t = 0, clean reference); `denoise` is one
+    denoiser call; forward = both (training)."""
+
+    def __init__(self, unet, referencenet, guider, face_tokens):
+        super().__init__()
+        self.unet, self.referencenet, self.guider, self.face_tokens = unet, referencenet, guider, face_tokens
+        self.store = ReferenceStore()
+        self.install()
+
+    def install(self):
+        """(Re)installs the reference processors (after anything that resets them, e.g. from_unet2d)."""
+        read = install_reference_attention(self.unet, self.store, "read")
+        write = install_reference_attention(self.referencenet, self.store, "write")
+        if read != write:
+            raise InputError(f"the UNet and the ReferenceNet do not pair by layer name: "
+                             f"{sorted(set(read) ^ set(write))[:4]}")
+        return read
+
+    def context(self, clip_emb, face_emb, keep):
+        """CLIP image embedding (B, D) + face embedding (B, 512) -> cross-attention context (B, 1 + n, D),
+        zero where keep is False (the null condition of training's dropout and of sampling)."""
+        ctx = torch.cat([clip_emb[:, None], self.face_tokens(face_emb)], 1)  # (B, 1 + n, D)
+        return ctx * keep[:, None, None].to(ctx.dtype)
+
+    def reference(self, ref, context, keep):
+        self.store.clear()
+        t0 = torch.zeros(len(ref), device=ref.device, dtype=torch.long)
+        self.referencenet(ref, t0, encoder_hidden_states=context)  # fills the store; its output is unused
+        self.store.keep = keep
+
+    def denoise(self, x, t, heatmaps, cond_scale, context):
+        feats = self.guider(heatmaps) * cond_scale  # (B, C0, h, w): added to conv_in's output
+        hook = self.unet.conv_in.register_forward_hook(lambda mod, inp, out: out + feats.to(out.dtype))
+        try:
+            return self.unet(x, t, encoder_hidden_states=context).sample
+        finally:
+            hook.remove()
+
+    def forward(self, x, t, heatmaps, cond_scale, ref, clip_emb, face_emb, keep):
+        context = self.context(clip_emb, face_emb, keep)
+        self.reference(ref, context, keep)
+        try:
+            return self.denoise(x, t, heatmaps, cond_scale, context)
+        finally:
+            self.store.clear()
+
+
+def clip_image_embeds(clip, images):
+    """Frozen CLIP image encoder: images (B, 3, H, W) in [0, 1] -> projected embeddings (B, D),
+    resized to the encoder's input size and normalised with CLIP's statistics."""
+    size = clip.config.vision_config.image_size if hasattr(clip.config, "vision_config") else clip.config.image_size
+    px = F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True)
+    mean = torch.tensor([0.4815, 0.4578, 0.4082], device=px.device)[:, None, None]
+    std = torch.tensor([0.2686, 0.2613, 0.2758], device=px.device)[:, None, None]
+    return clip((px - mean) / std).image_embeds
+
+
+def load_clip_image_encoder(path):
+    """A CLIPVisionModelWithProjection folder (config.json + model.safetensors), frozen, eval."""
+    from transformers import CLIPVisionModelWithProjection
+    if not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"{path}/config.json not found (expected a CLIPVisionModelWithProjection folder)")
+    return CLIPVisionModelWithProjection.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
+
+
+def load_vae(path):
+    """SD's AutoencoderKL from a local `vae/` folder, frozen, eval."""
+    from diffusers import AutoencoderKL
+    if not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"{path}/config.json not found (expected an SD `vae/` folder)")
+    return AutoencoderKL.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
+
+
+def toy_face_recognizer(seed):
+    """The toy's face recognizer: a frozen random IResNet, the same function of the face in every run
+    and stage that uses the seed (its own RNG stream)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed + 12345)
+        return IResNet(**IRESNET_CONFIGS["toy"]).eval().requires_grad_(False)
+
+
+def toy_clip_image_encoder(seed, dim, image_size):
+    """The toy's CLIP image encoder: a tiny frozen random CLIPVisionModelWithProjection (projection = dim)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    config = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=image_size, patch_size=max(1, image_size // 4), projection_dim=dim)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed + 23456)
+        return CLIPVisionModelWithProjection(config).eval().requires_grad_(False)
+
+
+def to_model_space(vae, images, generator=None):
+    """Images (B, 3, H, W) in [0, 1] -> what the UNet denoises: pixels in [-1, 1] (vae None, the toy) or
+    SD latents (posterior samples x the VAE's scaling factor)."""
+    x = images * 2 - 1
+    if vae is None:
+        return x
+    return vae.encode(x).latent_dist.sample(generator) * vae.config.scaling_factor
+
+
+def to_images(vae, x):
+    """The inverse of to_model_space -> images in [0, 1] (differentiable: the identity loss goes through it)."""
+    if vae is not None:
+        x = vae.decode(x / vae.config.scaling_factor).sample
+    return ((x + 1) / 2).clamp(0, 1)
+
+
+@torch.no_grad()
+def sample_frames(net, scheduler, ref, clip_emb, face_emb, heatmaps, cond_scale, shape, num_steps=25,
+                  guidance=2.0, generator=None):
+    """DDIM with classifier-free guidance: one frame per reference. ref (B, C, h, w) in model space,
+    clip_emb (B, D), face_emb (B, 512), heatmaps (B, J, H, W). The unconditional half gets exactly
+    training's null condition: reference masked out of the attention, CLIP and face tokens zeroed; the
+    pose stays. The ReferenceNet runs once. Returns (B, *shape) in model space."""
+    from diffusers.utils.torch_utils import randn_tensor
+    B, dev = len(ref), ref.device
+    x = randn_tensor((B, *shape), generator=generator, device=dev, dtype=ref.dtype) * scheduler.init_noise_sigma
+    cfg = guidance != 1.0
+    keep = torch.cat([torch.ones(B, dtype=torch.bool, device=dev)] + ([torch.zeros(B, dtype=torch.bool, device=dev)]
+                                                                      if cfg else []))
+    n = len(keep)  # B or 2B: conditional, then unconditional
+    context = net.context(clip_emb.repeat(n // B, 1), face_emb.repeat(n // B, 1), keep)
+    net.reference(ref.repeat(n // B, 1, 1, 1), context, keep)
+    heat = heatmaps.repeat(n // B, 1, 1, 1)
+    scheduler.set_timesteps(num_steps, device=dev)
+    try:
+        for t in scheduler.timesteps:
+            out = net.denoise(x.repeat(n // B, 1, 1, 1), t.expand(n), heat, cond_scale, context)
+            if cfg:
+                out_c, out_u = out.chunk(2)
+                out = out_u + guidance * (out_c - out_u)
+            x = scheduler.step(out, t, x, generator=generator).prev_sample
+    finally:
+        net.store.clear()
+    return x

@@ -347,20 +347,23 @@ def render_dancer(dancer, poses, head, size, bg, supersample=4):
 
 
 def write_toy_dance(out, n=100, n_dancers=20, seconds=8.0, size=64, fps=DANCE_FPS, n_val=None, seed=0,
-                    progress=True):
-    """n toy clips (dancer i % n_dancers, each clip with its own music) in the clip format, with
-    music features cached, data_train.txt / data_val.txt (the last n_val clips) and preview.png."""
+                    n_val_dancers=5, progress=True):
+    """n toy clips in the clip format (each with its own music), with music features cached,
+    data_train.txt / data_val.txt (the last n_val clips) and preview.png. Training clip i shows dancer
+    i % n_dancers; the held-out clips show n_val_dancers other dancers, never trained on (identity
+    is measured on new people)."""
     import soundfile
     from tqdm import tqdm
     out, sr, T = Path(out), fps * HOP, int(round(seconds * fps))
     n_val = max(1, n // 10) if n_val is None else n_val
-    dancers = [toy_dancer(np.random.default_rng((seed, 1_000_000 + k))) for k in range(n_dancers)]
+    dancers = [toy_dancer(np.random.default_rng((seed, 1_000_000 + k))) for k in range(n_dancers + n_val_dancers)]
+    who = [i % n_dancers if i < n - n_val else n_dancers + i % n_val_dancers for i in range(n)]
     names = []
     for i in tqdm(range(n), desc=f"toy dance -> {out}", disable=not progress):
         rng = np.random.default_rng((seed, i))
         audio, bpm, offset = toy_music(rng, seconds + 0.1, sr)  # a little longer than the frames
         phase = (np.arange(T) / fps - offset) * bpm / 60  # beats at each frame
-        dancer = dancers[i % n_dancers]
+        dancer = dancers[who[i]]
         poses, head = toy_poses(dancer, phase)
         frames = render_dancer(dancer, poses, head, size, rng.uniform(0.8, 1.0, 3))
         d = out / f"clip_{i:05d}"
@@ -372,7 +375,7 @@ def write_toy_dance(out, n=100, n_dancers=20, seconds=8.0, size=64, fps=DANCE_FP
         centre, r = head[:, :2], head[:, 2:]
         boxes = np.concatenate([centre - r, centre + r], 1)  # (T, 4) x0 y0 x1 y1
         (d / "faces.json").write_text(json.dumps({"boxes": np.round(boxes, 5).tolist()}))
-        meta = {"fps": fps, "size": [size, size], "source": "toy", "dancer": i % n_dancers,
+        meta = {"fps": fps, "size": [size, size], "source": "toy", "dancer": who[i],
                 "bpm": round(bpm, 3), "first_beat_s": round(offset, 4)}
         (d / "meta.json").write_text(json.dumps(meta))
         wav = read_audio(d / "audio.wav")[0]  # the 16-bit WAV, as a re-computation would read it
@@ -380,7 +383,8 @@ def write_toy_dance(out, n=100, n_dancers=20, seconds=8.0, size=64, fps=DANCE_FP
         names.append(d.name)
     (out / "data_train.txt").write_text("\n".join(names[: n - n_val]) + "\n")
     (out / "data_val.txt").write_text("\n".join(names[n - n_val:]) + "\n")
-    spec = dict(n=n, n_dancers=n_dancers, seconds=seconds, size=size, fps=fps, n_val=n_val, seed=seed)
+    spec = dict(n=n, n_dancers=n_dancers, seconds=seconds, size=size, fps=fps, n_val=n_val, seed=seed,
+                n_val_dancers=n_val_dancers)
     (out / "toy.json").write_text(json.dumps(spec))
     sources = [("png", sorted((out / nm / "frames").glob("*.png"))) for nm in names[:6]]
     rows = [torch.stack([read_frame(src, t) for t in range(0, T, T // 8)][:8]) for src in sources]

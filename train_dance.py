@@ -1,13 +1,17 @@
-"""Dance, stage A: pretrain the music-to-pose (M2P) encoder: a music window + the reference pose +
-the reference face crop -> per-frame joint heatmaps and a face embedding that matches a frozen
-face recognizer (ArcFace IResNet). Stages B (single-frame denoiser) and C (temporal modules) land later.
+"""Dance: music + a reference image -> a dance video, in stages (CHAMP's recipe, StableAnimator's identity).
+A: the music-to-pose (M2P) encoder: a music window + the reference pose + the reference face crop ->
+   per-frame joint heatmaps and a face embedding that matches a frozen face recognizer (ArcFace IResNet).
+B: single frames: pose guider + denoising UNet + ReferenceNet + face tokens: the reference dancer in a pose.
+C (temporal modules) lands later.
 
     python train_dance.py --training_stage A                      # toy dancers on a CPU, minutes
+    python train_dance.py --training_stage B                      # after A: its final/ M2P
     torchrun --nproc_per_node=2 train_dance.py --training_stage A # DDP (gloo on CPU, nccl on GPU)
-    accelerate launch train_dance.py --cfg configs/dance_stage_a.yaml
-    python train_dance.py --training_stage A --resume=auto        # continue the latest checkpoint
+    accelerate launch train_dance.py --cfg configs/dance_stage_b.yaml
+    python train_dance.py --training_stage B --resume=auto        # continue the stage's latest checkpoint
 """
 import contextlib
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -16,21 +20,27 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 from accelerate.utils import set_seed
 from PIL import Image
-from safetensors.torch import save_model
+from safetensors.torch import load_model, save_model
 
-from data import (JOINT_SETS, VISIBLE, DanceClipDataset, InputError, SkipGuard, StepSampler,
-                  atomic_dir, check_flags, cli, load_checkpoint, log_metrics, make_accelerator, music_beats,
-                  prepare_run, read_audio, save_checkpoint, save_config, write_skeleton_video)
-from losses import beat_alignment, face_loss, heatmap_loss, motion_beats, pose_error, soft_argmax
-from models import IRESNET_CONFIGS, M2P_CONFIGS, IResNet, M2PEncoder, load_iresnet
+from data import (JOINT_SETS, VISIBLE, ConfigError, DanceClipDataset, InputError, SkipGuard, StepSampler,
+                  atomic_dir, box_mask, check_flags, cli, crop_box, load_checkpoint, log_metrics, make_accelerator,
+                  music_beats, prepare_run, read_audio, read_frame, save_checkpoint, save_config, save_image_grid,
+                  write_skeleton_video)
+from losses import (beat_alignment, beats_within, diffusion_target, face_loss, heatmap_loss, min_snr_weight,
+                    motion_beats, pose_error, predicted_x0, psnr, soft_argmax, ssim, weighted_mse)
+from models import (DANCE_UNET_CONFIGS, M2P_CONFIGS, DanceNet, FaceTokens, M2PEncoder, PoseGuider,
+                    clip_image_embeds, load_clip_image_encoder, load_iresnet, load_unet, load_vae, pose_heatmaps,
+                    referencenet_unused, sample_frames, to_images, to_model_space, toy_clip_image_encoder,
+                    toy_face_recognizer)
 from toy import toy_dance
 
 
 @dataclass
 class Config:
-    training_stage: str = "A"  # A: M2P pretraining | B | C | all (B and C land later)
+    training_stage: str = "A"  # A: M2P pretraining | B: single frames | C | all (C lands later)
     # data
     data_dir: str = "data/toy_dance"  # clip dirs + list files; the toy dancers are made here if missing
     train_list: str = "data_train.txt"  # relative to data_dir, or absolute
@@ -60,8 +70,39 @@ class Config:
     weight_decay: float = 0.01  # on >= 2-D parameters only
     grad_clip: float = 1.0
     num_workers: int = 0
+    # stage B: pose guider + denoising UNet + ReferenceNet + face tokens on single frames
+    stage_b_steps: int = 800
+    stage_b_lr: float = 3e-4  # the toy's; the seed (and configs/dance_stage_b.yaml): 1e-4
+    m2p_lr_stage_b: float = 1e-5  # M2P's group, from m2p_unfreeze_step on
+    m2p_unfreeze_step: int = 640  # M2P trains (with its pose loss) from here; before, frozen and detached
+    m2p_path: str = ""  # stage A's final/ folder; "": <out_dir>/stage_A/final
+    scheduled_sampling_start: float = 0.8  # fraction of stage-B steps after which M2P poses replace the truth
+    image_size: int = 32  # frames resized to this; the toy denoises pixels, SD latents are 1/8 of it
+    unet_preset: str = "toy"  # DANCE_UNET_CONFIGS key, used when unet_path is ""
+    unet_path: str = ""  # SD-1.5 `unet/` folder: denoiser and ReferenceNet both start from it
+    vae_path: str = ""  # SD `vae/` folder (frozen); "": pixel space (the toy)
+    clip_path: str = ""  # CLIPVisionModelWithProjection folder (frozen); "": a frozen random toy CLIP
+    guider_channels: tuple[int, ...] = (16,)  # pose guider widths: len - 1 stride-2 steps (SD: 16, 32, 96, 256)
+    pose_sigma: float = 1.0  # pose-condition heatmap Gaussian, in image pixels
+    face_tokens: int = 4  # cross-attention tokens from the face embedding
+    diffusion_loss_weight: float = 1.0
+    id_loss_weight: float = 0.1
+    id_loss_max_t: int = 300  # the identity loss only at timesteps below this (low noise)
+    face_region_weight: float = 2.0  # diffusion loss weight 1 + this inside the face box (the seed: x3)
+    uncond_prob: float = 0.1  # per sample: reference masked out, CLIP and face tokens zeroed
+    noise_offset: float = 0.05
+    min_snr_gamma: float = 5.0
+    prediction_type: str = "v_prediction"  # epsilon | v_prediction | sample
+    beta_schedule: str = "scaled_linear"  # one scheduler config for training and sampling
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    zero_snr: bool = True  # rescale betas to zero terminal SNR (with v-prediction)
+    timestep_spacing: str = "trailing"
+    val_frames: int = 4  # generated frames per held-out clip
+    val_steps: int = 25  # DDIM steps at validation
+    val_guidance: float = 2.0
     # run
-    out_dir: str = "out/dance"  # stage A writes to <out_dir>/stage_A/
+    out_dir: str = "out/dance"  # stage X writes to <out_dir>/stage_X/
     resume: str = ""  # "" | auto | path to a checkpoint-<step> dir
     overwrite: bool = False  # a fresh run may delete an earlier run's checkpoints in out_dir
     max_bad_steps: int = 10  # a non-finite loss / gradient skips the step; this many in a row stop the run
@@ -80,12 +121,11 @@ ALIASES = {"train_batch_size": "batch_size", "gradient_accumulation_steps": "gra
            "gradient_checkpointing": "grad_checkpoint"}  # --num_workers is already the seed's name
 
 
-def lr_at(step, cfg):
-    """Linear warmup, then cosine from stage_a_lr to stage_a_lr * min_lr_ratio at stage_a_steps."""
-    lr = cfg.stage_a_lr
+def lr_at(step, lr, total, cfg):
+    """Linear warmup, then cosine from lr to lr * min_lr_ratio at `total` steps (min_lr_ratio 1: constant)."""
     if step < cfg.warmup_steps:
         return lr * (step + 1) / cfg.warmup_steps
-    t = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.stage_a_steps - cfg.warmup_steps))
+    t = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
     return lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
@@ -118,12 +158,15 @@ def evaluate(m2p, recognizer, val_set, mean_pose, beats, cfg, step, out_dir, dev
         gts.append(gt.cpu().numpy())
     m = {k: float(np.mean(v)) for k, v in s.items()}
     # beat alignment: the predicted motion against its own music's beats, and against the next clip's
-    # music (a derangement: the same motion statistics, music that did not drive it)
+    # music (a derangement: the same motion statistics, music that did not drive it); as Bailando,
+    # only the music beats before the motion's last frame count
     mb = [motion_beats(p, cfg.fps) for p in preds]
-    m["beat_align"] = float(np.mean([beat_alignment(beats[i], mb[i]) for i in range(n)]))
-    shuffled = [beat_alignment(beats[(i + 1) % n], mb[i]) for i in range(n)] if n > 1 else [float("nan")]
+    own = [beats_within(beats[i], len(preds[i]), cfg.fps) for i in range(n)]
+    m["beat_align"] = float(np.mean([beat_alignment(own[i], mb[i]) for i in range(n)]))
+    shuffled = [beat_alignment(beats_within(beats[(i + 1) % n], len(preds[i]), cfg.fps), mb[i])
+                for i in range(n)] if n > 1 else [float("nan")]
     m["beat_align_shuffled"] = float(np.mean(shuffled))
-    m["beat_align_gt"] = float(np.mean([beat_alignment(beats[i], motion_beats(g, cfg.fps))
+    m["beat_align_gt"] = float(np.mean([beat_alignment(own[i], motion_beats(g, cfg.fps))
                                         for i, g in enumerate(gts)]))
     video = out_dir / f"val_{step:06d}.mp4"
     video, frame = write_skeleton_video(video, val_set.clips[0], gts[0], preds[0], cfg.fps)
@@ -171,37 +214,23 @@ def stage_a(cfg):
     feats = torch.from_numpy(np.concatenate(train_set.feats))  # (N, D)
     m2p.music_mean.copy_(feats.mean(0))
     m2p.music_std.copy_(feats.std(0).clamp(min=1e-3))  # constant features (e.g. silent one-hots) stay finite
-    if cfg.face_recognizer_path:
-        recognizer = load_iresnet(cfg.face_recognizer_path, cfg.face_recognizer_arch)
-    else:  # a fixed function of the face, the same in every run and after resuming: its own seed
-        with torch.random.fork_rng():
-            torch.manual_seed(cfg.seed + 12345)
-            recognizer = IResNet(**IRESNET_CONFIGS["toy"]).eval()
-    recognizer.requires_grad_(False).to(device)
+    recognizer = (load_iresnet(cfg.face_recognizer_path, cfg.face_recognizer_arch) if cfg.face_recognizer_path
+                  else toy_face_recognizer(cfg.seed)).to(device)  # frozen; the toy's: a function of the seed
 
     # freeze and parameter groups, by hand: M2P trains (weight decay on matrices only), the recognizer is frozen
     params = list(m2p.parameters())
     groups = [{"name": "m2p_decay", "params": [p for p in params if p.dim() >= 2],
                "weight_decay": cfg.weight_decay},
               {"name": "m2p_no_decay", "params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    # every trainable parameter in exactly one group, no frozen one in any
-    grouped = sorted(id(p) for g in groups for p in g["params"])
-    trainable = sorted(id(p) for m in (m2p, recognizer) for p in m.parameters() if p.requires_grad)
-    assert grouped == trainable, "groups != trainable"
-    assert not any(p.requires_grad for p in recognizer.parameters())  # the recognizer stays frozen
+    optimizer = torch.optim.AdamW(groups, lr=cfg.stage_a_lr, betas=(0.9, 0.95))
+    for g in optimizer.param_groups:
+        g["initial_lr"] = cfg.stage_a_lr
     if main_proc:
-        print(f"stage A | {'module':<12} | {'trainable':<9} | {'tensors':>7} | {'params':>11} | lr")
-        for name, module, lr in (("m2p", m2p, cfg.stage_a_lr), ("recognizer", recognizer, 0.0)):
-            ps = list(module.parameters())
-            print(f"stage A | {name:<12} | {str(ps[0].requires_grad):<9} | {len(ps):>7} | "
-                  f"{sum(p.numel() for p in ps):>11,} | " + (f"{lr:g}" if ps[0].requires_grad else "frozen"))
+        check_freeze("A", {"m2p": params, "face_recognizer": list(recognizer.parameters())}, optimizer)
         for g in groups:
             n = sum(p.numel() for p in g["params"])
             print(f"group {g['name']}: {len(g['params'])} tensors, {n:,} params, lr {cfg.stage_a_lr:g}, "
                   f"weight decay {g['weight_decay']}")
-    optimizer = torch.optim.AdamW(groups, lr=cfg.stage_a_lr, betas=(0.9, 0.95))
-    for g in optimizer.param_groups:
-        g["initial_lr"] = cfg.stage_a_lr
 
     start_step, guard = 0, SkipGuard(cfg.max_bad_steps)
     resume = prepare_run(out_dir, cfg.resume, cfg.overwrite, accelerator)
@@ -230,7 +259,7 @@ def stage_a(cfg):
             if main_proc:  # baselines: the mean pose, the reference pose; control: music shuffled
                 if beats is None:
                     clips = val_set.clips[: cfg.val_clips]
-                    beats = [music_beats(*read_audio(c["dir"] / "audio.wav")) for c in clips]
+                    beats = [music_beats(*read_audio(c["dir"] / "audio.wav"), cfg.fps) for c in clips]
                 m, video = evaluate(raw, recognizer, val_set, mean_pose, beats, cfg, step, out_dir, device)
                 log_metrics(m, step, out_dir)
                 print(f"video {video}")
@@ -248,7 +277,7 @@ def stage_a(cfg):
         if step == cfg.stage_a_steps:
             break
 
-        lr = lr_at(step, cfg)
+        lr = lr_at(step, cfg.stage_a_lr, cfg.stage_a_steps, cfg)
         for g in optimizer.param_groups:
             g["lr"] = g["initial_lr"] * lr / cfg.stage_a_lr
         parts = {"loss": 0.0, "pose": 0.0, "ce": 0.0, "l1": 0.0, "face": 0.0}
@@ -295,12 +324,359 @@ def stage_a(cfg):
     return raw
 
 
+# ----------------------------------------------------------------------------------------------
+# The seed's freeze matrix: which modules train in which stage. Printed at the start of every stage
+# and asserted against the parameters that have requires_grad and sit in an optimizer group.
+MODULES = ("m2p", "face_recognizer", "pose_guider", "face_tokens", "spatial_unet", "temporal_modules",
+           "referencenet", "vae", "clip")
+TRAINS = {"A": {"m2p"},
+          "B": {"m2p", "pose_guider", "face_tokens", "spatial_unet", "referencenet"},  # m2p from m2p_unfreeze_step
+          "C": {"temporal_modules"}}
+
+
+def check_freeze(stage, modules, optimizer, notes=None):
+    """modules: {matrix row: [parameters]} of this stage's model. Prints the matrix and asserts it:
+    a row that trains has all its parameters (minus those `notes` explains) trainable and grouped;
+    a frozen row has none; no parameter sits in two groups."""
+    grouped = [id(p) for g in optimizer.param_groups for p in g["params"]]
+    assert len(grouped) == len(set(grouped)), "a parameter sits in two optimizer groups"
+    grouped, notes = set(grouped), notes or {}
+    print(f"freeze | {'module':<16} | {'A':<6} | {'B':<6} | {'C':<6} | {'tensors':>7} | {'params':>11} | now")
+    for name in MODULES:
+        cells = " | ".join(f"{'train' if name in TRAINS[s] else 'frozen':<6}" for s in "ABC")
+        ps = modules.get(name)
+        if ps is None:
+            print(f"freeze | {name:<16} | {cells} | {'-':>7} | {'-':>11} | not in stage {stage}'s model")
+            continue
+        live = [p for p in ps if p.requires_grad and id(p) in grouped]
+        print(f"freeze | {name:<16} | {cells} | {len(ps):>7} | {sum(p.numel() for p in ps):>11,} | "
+              f"{sum(p.numel() for p in live):,} trainable" + (f" ({notes[name]})" if name in notes else ""))
+        if name in TRAINS[stage] and name not in notes:
+            assert len(live) == len(ps), f"{name} trains in stage {stage}, {len(ps) - len(live)} tensors do not"
+        elif name not in TRAINS[stage]:
+            assert not live, f"{name} is frozen in stage {stage}, {len(live)} tensors train"
+    stray = grouped - {id(p) for ps in modules.values() for p in ps}
+    assert not stray, f"{len(stray)} grouped parameters belong to no module of the matrix"
+
+
+def seeded(*key):
+    """A generator seeded by (seed, rank, step, ...): a step's randomness does not depend on how the run
+    got there, so a resumed run draws what the uninterrupted one drew."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
+
+
+def cond_scale_at(step, total):
+    """The pose condition's scale (the seed's ramp): 0.5 at step 0, 1.5 from 30% of the steps on."""
+    return min(1.5, 0.5 + step / (0.3 * total))
+
+
+def m2p_pose_prob(step, total, start=0.8):
+    """Scheduled sampling: the probability that a sample's pose condition comes from M2P instead of the
+    ground truth, 0 until `start` x total, then ramping linearly to 1 at the last step. The seed blends
+    the two heatmaps linearly, which draws ghost limbs; we switch whole samples with this probability."""
+    return min(1.0, max(0.0, (step - start * total) / ((1 - start) * total)))
+
+
+def dance_scheduler(cfg):
+    """One DDIM scheduler for training's noising and for sampling (CHAMP trains with scaled_linear betas
+    and samples with linear ones: one config here)."""
+    from diffusers import DDIMScheduler
+    return DDIMScheduler(num_train_timesteps=1000, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
+                         beta_schedule=cfg.beta_schedule, prediction_type=cfg.prediction_type,
+                         rescale_betas_zero_snr=cfg.zero_snr, timestep_spacing=cfg.timestep_spacing,
+                         clip_sample=False, set_alpha_to_one=True)
+
+
+def load_stage_a(cfg, music_dim, device):
+    """Stage A's M2P from <out_dir>/stage_A/final/ (or cfg.m2p_path), checked against this run's data."""
+    final = Path(cfg.m2p_path) if cfg.m2p_path else Path(cfg.out_dir) / "stage_A" / "final"
+    weights, conf = final / "m2p.safetensors", final / "config.yaml"
+    if not weights.is_file() or not conf.is_file():
+        raise InputError(f"{final}: no stage-A weights (m2p.safetensors + config.yaml); run "
+                         f"`train_dance.py --training_stage A --out_dir {cfg.out_dir}` first or set --m2p_path")
+    a = yaml.safe_load(conf.read_text())
+    for key in ("joints", "fps"):
+        if a.get(key) != getattr(cfg, key):
+            raise InputError(f"{conf}: stage A ran with {key}={a.get(key)!r}, this run has {getattr(cfg, key)!r}")
+    m2p = M2PEncoder(music_dim, JOINT_SETS[a["joints"]], **M2P_CONFIGS[a["m2p_preset"]],
+                     max_frames=max(300, a["window"]), grad_checkpoint=cfg.grad_checkpoint)
+    try:
+        load_model(m2p, str(weights), strict=True)
+    except RuntimeError as err:
+        raise InputError(f"{weights}: cannot load it into M2P ({' '.join(str(err).split())[:300]})") from None
+    return m2p.to(device), a
+
+
+def build_stage_b(cfg, J, device):
+    """The stage-B model (DanceNet: denoiser, ReferenceNet, pose guider, face tokens) and the frozen
+    VAE (None: pixel space), CLIP image encoder and face recognizer."""
+    from diffusers import UNet2DConditionModel
+    if cfg.unet_path:  # SD-1.5 `unet/`: the denoiser and the ReferenceNet both start from it (CHAMP)
+        unet, referencenet = load_unet(cfg.unet_path), load_unet(cfg.unet_path)
+    else:
+        unet = UNet2DConditionModel(**DANCE_UNET_CONFIGS[cfg.unet_preset])
+        referencenet = copy.deepcopy(unet)
+    dim = unet.config.cross_attention_dim
+    vae = load_vae(cfg.vae_path).to(device) if cfg.vae_path else None
+    clip = (load_clip_image_encoder(cfg.clip_path) if cfg.clip_path else
+            toy_clip_image_encoder(cfg.seed, dim, cfg.image_size)).to(device)
+    if clip.config.projection_dim != dim:
+        raise InputError(f"--clip_path={cfg.clip_path}: image embeddings of width {clip.config.projection_dim}, "
+                         f"the UNet's cross-attention takes {dim}")
+    recognizer = (load_iresnet(cfg.face_recognizer_path, cfg.face_recognizer_arch) if cfg.face_recognizer_path
+                  else toy_face_recognizer(cfg.seed)).to(device)
+    guider = PoseGuider(J, unet.config.block_out_channels[0], cfg.guider_channels)
+    net = DanceNet(unet, referencenet, guider, FaceTokens(dim, cfg.face_tokens)).to(device)
+    for name, p in referencenet.named_parameters():  # its output is never read: the tail gets no gradient
+        p.requires_grad_(name not in set(referencenet_unused(referencenet)))
+    if cfg.grad_checkpoint:
+        unet.enable_gradient_checkpointing()
+        referencenet.enable_gradient_checkpointing()
+    return net, vae, clip, recognizer
+
+
+@torch.no_grad()
+def evaluate_b(net, vae, clip, recognizer, scheduler, val_set, cfg, step, out_dir, device):
+    """Held-out clips (dancers never trained on), reference = frame 0, frames generated at the ground-
+    truth poses of val_frames times: PSNR / SSIM against the ground truth, against the copy-the-reference
+    baseline, and against the ground truth of another time of the same clip (the wrong-pose control: a
+    model that ignores the pose scores the same on both); identity: recognizer cosine of the generated
+    face crop with the reference face, against another dancer's face. Writes a PNG grid."""
+    net.eval()
+    n, K, S = min(cfg.val_clips, len(val_set)), cfg.val_frames, cfg.image_size
+    items = []
+    for i in range(n):
+        clip_i, T = val_set.clips[i], val_set.clips[i]["T"]
+        for k, t in enumerate(np.linspace(0, T - 1, K + 2)[1:-1].round().astype(int)):
+            items.append(dict(clip=i, t=t, frame=val_set.resize(read_frame(clip_i["source"], t)),
+                              box=val_set.box(clip_i, t), pose=torch.from_numpy(val_set.poses[i][t])))
+    ref_images = torch.stack([val_set.resize(read_frame(c["source"], 0)) for c in val_set.clips[:n]]).to(device)
+    if any(c["boxes"][0] is None for c in val_set.clips[:n]):
+        raise InputError(f"{cfg.val_list}: validation clips need a face box in frame 0 (the reference)")
+    ref_faces = torch.stack([crop_box(read_frame(c["source"], 0), c["boxes"][0], 112)
+                             for c in val_set.clips[:n]]).to(device)
+    face_emb = recognizer(ref_faces * 2 - 1)  # (n, 512)
+    clip_emb = clip_image_embeds(clip, ref_images)  # (n, D)
+    idx = torch.tensor([it["clip"] for it in items], device=device)
+    gt = torch.stack([it["frame"] for it in items]).to(device)  # (n K, 3, S, S)
+    heat = pose_heatmaps(torch.stack([it["pose"] for it in items]).to(device), cfg.image_size, cfg.pose_sigma)
+    ref_x = to_model_space(vae, ref_images[idx], seeded(cfg.seed, 0))
+    gens = [seeded(cfg.seed, 1, j) for j in range(len(items))]  # one per frame: batch-independent noise
+    x = sample_frames(net, scheduler, ref_x, clip_emb[idx], face_emb[idx], heat, 1.5, ref_x.shape[1:],
+                      cfg.val_steps, cfg.val_guidance, gens)
+    gen = to_images(vae, x).float()
+    wrong = torch.tensor([(j // K) * K + (j % K + 1) % K for j in range(len(items))], device=device)  # same clip
+    score = lambda f, a, b: f(a, b).mean().item()  # noqa: E731
+    m = {"psnr": score(psnr, gen, gt), "ssim": score(ssim, gen, gt),
+         "psnr_copy_ref": score(psnr, ref_images[idx], gt), "ssim_copy_ref": score(ssim, ref_images[idx], gt),
+         "psnr_wrong_pose": score(psnr, gen, gt[wrong]), "ssim_wrong_pose": score(ssim, gen, gt[wrong])}
+    boxes = torch.stack([it["box"] for it in items]).to(device)
+    has = ~boxes.isnan().any(1)
+    if has.any():
+        e_gen = F.normalize(recognizer(crop_box(gen[has], boxes[has], 112) * 2 - 1), dim=-1)
+        e_gt = F.normalize(recognizer(crop_box(gt[has], boxes[has], 112) * 2 - 1), dim=-1)
+        own = F.normalize(face_emb[idx[has]], dim=-1)
+        # another held-out dancer: the next clip whose dancer differs (toy: the next clip)
+        other = F.normalize(face_emb[(idx[has] + 1) % n], dim=-1)
+        m.update(id_cos=(e_gen * own).sum(-1).mean().item(), id_cos_other=(e_gen * other).sum(-1).mean().item(),
+                 id_cos_gt=(e_gt * own).sum(-1).mean().item())
+    pose_img = heat.amax(1, keepdim=True).expand(-1, 3, -1, -1)  # (n K, 3, H, W): the joints
+    pose_img = 1 - F.interpolate(pose_img, size=(S, S), mode="area").clamp(0, 1)
+    rows = [torch.stack([ref_images[i], pose_img[j], gt[j], gen[j]]).cpu() for j, i in enumerate(idx.tolist())][:16]
+    grid = save_image_grid(rows, out_dir / f"val_{step:06d}.png",
+                           [("reference", 1), ("pose", 1), ("ground truth", 1), ("generated", 1)])
+    net.train()
+    return m, grid
+
+
+def stage_b(cfg):
+    """Stage B: pose guider, denoising UNet, ReferenceNet and face tokens train at stage_b_lr on single
+    frames; VAE, CLIP and face recognizer are frozen; M2P (from stage A) joins at m2p_unfreeze_step."""
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.wandb)
+    main_proc, device, rank = accelerator.is_main_process, accelerator.device, accelerator.process_index
+    if cfg.grad_accum != 1:
+        raise ConfigError(f"--grad_accum={cfg.grad_accum}: stage B trains with grad_accum 1 (raise batch_size)")
+    check_flags(cfg, {"joints": JOINT_SETS, "unet_preset": DANCE_UNET_CONFIGS,
+                      "prediction_type": ("epsilon", "v_prediction", "sample")},
+                ("batch_size", "window", "val_every", "ckpt_every", "log_every", "max_bad_steps",
+                 "stage_b_steps", "image_size", "val_frames", "val_steps"))
+    set_seed(cfg.seed + rank)
+    out_dir = Path(cfg.out_dir) / "stage_B"
+    if main_proc:
+        print(f"config: {cfg}\nprocesses: {accelerator.num_processes}, device: {device}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.wandb:
+            accelerator.init_trackers(cfg.wandb_project, config=vars(cfg),
+                                      init_kwargs={"wandb": {"dir": str(out_dir)}})
+
+    data_dir = Path(cfg.data_dir)
+    if data_dir == Path(Config.data_dir):
+        toy_dance(data_dir, accelerator, n=cfg.toy_clips, seconds=cfg.toy_seconds, size=cfg.toy_image_size,
+                  fps=cfg.fps, seed=cfg.seed)
+    # one random target frame per sample, inside a music window (M2P's input for that frame)
+    train_set = DanceClipDataset(data_dir / cfg.train_list, cfg.window, cfg.joints, cfg.fps, seed=cfg.seed,
+                                 image_size=cfg.image_size, frames=1)
+    val_set = DanceClipDataset(data_dir / cfg.val_list, cfg.window, cfg.joints, cfg.fps, start=0, ref_frame=0,
+                               image_size=cfg.image_size)
+    m2p, a_cfg = load_stage_a(cfg, train_set.music_dim, device)
+    net, vae, clip, recognizer = build_stage_b(cfg, train_set.J, device)
+    scheduler = dance_scheduler(cfg)
+    factor = 8 if vae is not None else 1  # image px per UNet input px
+    if net.guider.down != factor:  # heatmaps come at the image size, the guider brings them to the UNet's
+        raise InputError(f"--guider_channels={list(cfg.guider_channels)}: {len(cfg.guider_channels) - 1} stride-2 "
+                         f"steps, the UNet's inputs are 1/{factor} of the image (pixel space: 1 entry, SD latents: 4)")
+    if main_proc:
+        print(f"M2P from stage A ({a_cfg['m2p_preset']}, window {a_cfg['window']})")
+
+    # parameter groups, by hand: the stage-B modules at stage_b_lr; M2P in its own group at lr 0 until
+    # m2p_unfreeze_step (its outputs detached), then m2p_lr_stage_b. M2P's face head stays frozen: the
+    # identity comes from the recognizer of the reference face.
+    m2p.face_head.requires_grad_(False)
+    rows = {"spatial_unet": list(net.unet.parameters()), "referencenet": list(net.referencenet.parameters()),
+            "pose_guider": list(net.guider.parameters()), "face_tokens": list(net.face_tokens.parameters()),
+            "m2p": list(m2p.parameters()), "face_recognizer": list(recognizer.parameters()),
+            "clip": list(clip.parameters())}
+    if vae is not None:
+        rows["vae"] = list(vae.parameters())
+    trainable = [p for k in ("spatial_unet", "referencenet", "pose_guider", "face_tokens") for p in rows[k]
+                 if p.requires_grad]
+    groups = [{"name": "stage_b", "params": trainable, "lr": cfg.stage_b_lr, "initial_lr": cfg.stage_b_lr},
+              {"name": "m2p", "params": [p for p in m2p.parameters() if p.requires_grad],
+               "lr": 0.0, "initial_lr": cfg.m2p_lr_stage_b}]
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    if main_proc:
+        dead = len(referencenet_unused(net.referencenet))
+        check_freeze("B", rows, optimizer, {"referencenet": f"minus {dead} tensors that never get a gradient",
+                                            "m2p": f"lr 0 until step {cfg.m2p_unfreeze_step}; face head frozen"})
+        for g in groups:
+            print(f"group {g['name']}: {len(g['params'])} tensors, {sum(p.numel() for p in g['params']):,} params, "
+                  f"lr {g['initial_lr']:g}" + (f" from step {cfg.m2p_unfreeze_step}" if g["name"] == "m2p" else ""))
+
+    start_step, guard = 0, SkipGuard(cfg.max_bad_steps)
+    resume = prepare_run(out_dir, cfg.resume, cfg.overwrite, accelerator)
+    if resume:
+        state = load_checkpoint(resume, {"dance": net, "m2p": m2p}, {"optimizer": optimizer})
+        start_step, guard.skipped = state["step"], state["extra"].get("skipped", 0)
+        if main_proc:
+            print(f"resumed from {resume} at step {start_step}")
+    model, m2p_model, optimizer = accelerator.prepare(net, m2p, optimizer)
+    raw = accelerator.unwrap_model(model)
+    if main_proc:
+        save_config(cfg, out_dir / "config.yaml")
+    global_batch = cfg.batch_size * accelerator.num_processes
+    sampler = StepSampler(len(train_set), global_batch, rank, accelerator.num_processes, cfg.seed, start_step)
+    loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers))
+    total = cfg.stage_b_steps
+
+    t_last = time.perf_counter()
+    for step in range(start_step, total + 1):
+        if step % cfg.val_every == 0 or step == total:
+            if main_proc:
+                m, grid = evaluate_b(raw, vae, clip, recognizer, scheduler, val_set, cfg, step, out_dir, device)
+                log_metrics(m, step, out_dir)
+                print(f"grid {grid}")
+                accelerator.log({f"val/{k}": v for k, v in m.items()}, step=step)
+                if cfg.wandb:
+                    import wandb
+                    accelerator.log({"val/grid": wandb.Image(str(grid))}, step=step)
+            accelerator.wait_for_everyone()
+        if step > start_step and (step % cfg.ckpt_every == 0 or step == total):
+            if main_proc:
+                path = save_checkpoint(out_dir, step, {"dance": raw, "m2p": accelerator.unwrap_model(m2p_model)},
+                                       {"optimizer": optimizer}, cfg, {"skipped": guard.skipped})
+                print(f"saved {path}")
+            accelerator.wait_for_everyone()
+        if step == total:
+            break
+
+        lr = lr_at(step, cfg.stage_b_lr, total, cfg)
+        optimizer.param_groups[0]["lr"] = lr
+        m2p_on = step >= cfg.m2p_unfreeze_step
+        optimizer.param_groups[1]["lr"] = cfg.m2p_lr_stage_b * lr / cfg.stage_b_lr if m2p_on else 0.0
+        batch = {k: v.to(device) for k, v in next(loader).items() if torch.is_tensor(v)}
+        B, gen = len(batch["frames"]), seeded(cfg.seed, rank, step)
+        scale, p_m2p = cond_scale_at(step, total), m2p_pose_prob(step, total, cfg.scheduled_sampling_start)
+        target_pose = batch["poses"][torch.arange(B, device=device), batch["offsets"][:, 0]]  # (B, J, 3)
+        # randomness of this step, all from its own generator: noise, timesteps, dropout, pose source
+        t = torch.randint(0, 1000, (B,), generator=gen).to(device)
+        keep = (torch.rand(B, generator=gen) >= cfg.uncond_prob).to(device)
+        use_m2p = (torch.rand(B, generator=gen) < p_m2p).to(device)
+        with accelerator.autocast():
+            parts = {}
+            pose = target_pose
+            if m2p_on or use_m2p.any():  # M2P's pose for the target frame, from the music window
+                with contextlib.nullcontext() if m2p_on else torch.no_grad():
+                    logits, _ = m2p_model(batch["music"], batch["ref_pose"], batch["face"])  # (B, W, J, h, h)
+                    xy = soft_argmax(logits.float())[torch.arange(B, device=device), batch["offsets"][:, 0]]
+                m2p_pose = torch.cat([xy, batch["ref_pose"][..., 2:]], -1)  # visibility: the reference's
+                pose = torch.where(use_m2p[:, None, None], m2p_pose, target_pose)
+                if m2p_on:
+                    parts["heat"], _ = heatmap_loss(logits, batch["poses"], cfg.heatmap_sigma)
+            with torch.no_grad():
+                x0 = to_model_space(vae, batch["frames"][:, 0], gen)  # (B, C, h, w)
+                ref_x = to_model_space(vae, batch["ref_image"], gen)
+                face_emb = recognizer(batch["face"] * 2 - 1)  # (B, 512): the reference's identity
+                clip_emb = clip_image_embeds(clip, batch["ref_image"])  # (B, D)
+            noise = torch.randn(x0.shape, generator=gen).to(device)
+            noise = noise + cfg.noise_offset * torch.randn(B, x0.shape[1], 1, 1, generator=gen).to(device)
+            x_t = scheduler.add_noise(x0, noise, t)
+            heat = pose_heatmaps(pose, cfg.image_size, cfg.pose_sigma)  # (B, J, H, W)
+            out = model(x_t, t, heat, scale, ref_x, clip_emb, face_emb, keep)
+            # the face region weighs 1 + face_region_weight (the seed: x3), min-SNR per sample
+            box = batch["boxes"][:, 0]  # (B, 4), NaN: no face
+            face = box_mask(box.nan_to_num(0.0), x0.shape[-1])  # (B, 1, h, w)
+            weight = min_snr_weight(scheduler.alphas_cumprod.to(device)[t], cfg.min_snr_gamma, cfg.prediction_type)
+            parts["diff"] = weighted_mse(out, diffusion_target(scheduler, x0, noise, t), weight,
+                                         1 + cfg.face_region_weight * face)
+            # identity: the recognizer on the face crop of the predicted x0, at low noise only (t <
+            # id_loss_max_t: the prediction is sharp enough there to have a face)
+            low = (t < cfg.id_loss_max_t) & ~box.isnan().any(1) & keep
+            if low.any():
+                pred = to_images(vae, predicted_x0(scheduler, x_t[low], out[low].float(), t[low]))
+                crop = crop_box(pred, box[low], 112)
+                parts["id"] = face_loss(recognizer(crop * 2 - 1), face_emb[low])
+            else:
+                parts["id"] = out.sum() * 0.0  # every trainable tensor still in the graph (DDP)
+            loss = cfg.diffusion_loss_weight * parts["diff"] + cfg.id_loss_weight * parts["id"]
+            if "heat" in parts:
+                loss = loss + cfg.pose_loss_weight * parts["heat"]
+        accelerator.backward(loss)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        grad_norm = accelerator.clip_grad_norm_(params, cfg.grad_clip).item()
+        if guard.ok(math.isfinite(grad_norm), step, f"loss {loss.item():.4g}, grad norm {grad_norm:.4g}", main_proc):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        if main_proc and step % cfg.log_every == 0:
+            dt = (time.perf_counter() - t_last) / (cfg.log_every if step > start_step else 1)
+            t_last = time.perf_counter()
+            print(f"step {step} | loss {loss.item():.4f} " + " ".join(f"{k} {v.item():.4f}" for k, v in parts.items())
+                  + f" | lr {lr:.2e} | scale {scale:.2f} | m2p poses {p_m2p:.2f} | grad norm {grad_norm:.3f}"
+                  + f" | skipped {guard.skipped} | {dt * 1000:.0f} ms/step | {global_batch / dt:.1f} samples/s")
+            accelerator.log({"train/lr": lr, "train/grad_norm": grad_norm, "train/loss": loss.item(),
+                             **{f"train/{k}": v.item() for k, v in parts.items()}}, step=step)
+
+    if main_proc:  # the weights for stage C: <out_dir>/stage_B/final/ (diffusers folders for the UNets)
+        with atomic_dir(out_dir / "final") as tmp:
+            raw.unet.save_pretrained(tmp / "unet")
+            raw.referencenet.save_pretrained(tmp / "referencenet")
+            save_model(raw.guider, str(tmp / "pose_guider.safetensors"))
+            save_model(raw.face_tokens, str(tmp / "face_tokens.safetensors"))
+            save_model(accelerator.unwrap_model(m2p_model), str(tmp / "m2p.safetensors"))
+            scheduler.save_pretrained(tmp / "scheduler")
+            save_config(cfg, tmp / "config.yaml")
+        print(f"saved {out_dir / 'final'}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return raw
+
+
 def main(cfg):
-    if cfg.training_stage != "A":
-        raise InputError(f"--training_stage={cfg.training_stage!r}: only stage A (M2P pretraining) "
-                                  "is implemented so far; stages B, C and all land with the denoiser and "
-                                  "the temporal modules")
-    return stage_a(cfg)
+    stages = {"A": stage_a, "B": stage_b}
+    if cfg.training_stage not in stages:
+        raise InputError(f"--training_stage={cfg.training_stage!r}: stages A (M2P pretraining) and B (single "
+                         "frames) are implemented so far; C and all land with the temporal modules")
+    return stages[cfg.training_stage](cfg)
 
 
 if __name__ == "__main__":

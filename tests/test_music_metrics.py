@@ -1,0 +1,116 @@
+"""Music metrics as EDGE's and Bailando's code: motion beats from hand-made speed curves (one beat
+per minimum, ties at the frame, none on a falling plateau or in a held pose), music beats cut to the
+motion, audio at any rate resampled, and librosa's beat tracker started from the clip's tempo."""
+import numpy as np
+import pytest
+import soundfile
+
+from data import HOP, InputError, cache_music_features, music_beats, music_features
+from losses import beat_alignment, beats_within, motion_beats
+
+FPS = 30
+
+
+def from_speed(s):
+    """A 2-joint motion [T, J, 3] whose mean joint speed is s (speed k between frames k and k + 1)."""
+    x = np.concatenate([[0.0], np.cumsum(s)])  # (T,)
+    zero = np.zeros_like(x)
+    joints = [np.stack([x, zero, zero + 1], -1), np.stack([zero, -x, zero + 1], -1)]  # along x, along -y
+    return np.stack(joints, 1)  # (T, 2, 3), third channel = visibility, ignored
+
+
+def swinger(t, first, period, hold=None):
+    """A limb swinging to a turning point (zero speed) on every beat; hold = (t0, t1) stands still."""
+    x = np.cos(np.pi * (t - first) / period)  # (T,)
+    if hold is not None:
+        x = np.where((t > hold[0]) & (t < hold[1]), np.cos(np.pi * (hold[0] - first) / period), x)
+    return np.stack([0.5 + 0.1 * x, np.full_like(x, 0.5)], -1)[:, None].repeat(3, 1)  # (T, 3, 2)
+
+
+def test_periodic_dancer_at_60fps_gives_each_beat_once_at_its_frame():
+    fps, period = 60, 0.5  # beats on frames 15, 45, ..., 465; the last frame, 480, is a speed peak
+    t = np.arange(481) / fps
+    b = motion_beats(swinger(t, 0.25, period), fps).numpy()
+    assert np.allclose(b * fps, np.arange(15, 480, 30), atol=1e-9)  # 16 beats, not 2 per tie
+    assert beat_alignment(np.arange(0.25, 7.9, period), b) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("speed, beats_at", [
+    ([3, 2, 1, 2, 3], [2.5]),  # a strict minimum: at its sample, between frames 2 and 3
+    ([3, 2, 1, 1, 2, 3], [3.0]),  # a two-sample tie rising on both sides: once, at frame 3
+    ([3, 2, 1, 1, 0.5, 0.2, 1, 2], [5.5]),  # the tie on a falling slope is no minimum
+    ([3, 2, 1, 0, 0, 0, 0, 1, 2], []),  # a held pose (>= 3 equal samples): no beat, as Bailando
+    ([3, 2, 0, 0, 0, 2, 1, 2], [6.5]),  # ... and the next minimum still counts
+    ([1, 1, 2, 3, 2], []),  # runs at the ends are not minima (nothing before them)
+])
+def test_speed_curve_minima(speed, beats_at):
+    assert motion_beats(from_speed(np.array(speed, float)), 1, smooth_s=0).tolist() == beats_at
+    # the same curve scaled (ties are relative to the largest speed) and at 10 fps: seconds
+    assert np.allclose(motion_beats(from_speed(np.array(speed) * 1e-3), 10, smooth_s=0).numpy(),
+                       np.array(beats_at) / 10)
+
+
+def test_held_pose_with_smoothing_gives_no_beat_inside_and_the_swings_keep_theirs():
+    fps, period = 60, 0.5
+    t = np.arange(481) / fps
+    b = motion_beats(swinger(t, 0.25, period, hold=(2.25, 3.75)), fps).numpy()
+    assert not ((b > 2.25 - 1e-6) & (b < 3.75 + 1e-6)).any()  # nothing in the 1.5 s hold, nor at its ends
+    true = np.arange(0.25, 7.9, period)
+    outside = true[(true < 1.8) | (true > 4.2)]  # beats out of the smoothing kernel's reach of the hold
+    assert np.abs(outside[:, None] - b[None]).min(1).max() < 1e-9
+
+
+def test_music_beats_after_the_motion_are_cut_and_no_longer_lower_a_perfect_score():
+    fps, period, T = FPS, 0.5, 121  # the motion's last frame at 4.0 s
+    t = np.arange(T) / fps
+    mb = motion_beats(swinger(t, 0.5, period), fps)
+    music = np.append(np.arange(0.5, 3.9, period), 4.0 + 0.07)  # one beat 0.07 s after the motion
+    assert beat_alignment(music, mb) < 0.9  # uncut, the beat with no motion lowers the score
+    assert beat_alignment(beats_within(music, T, fps), mb) == pytest.approx(1.0)
+    # Bailando's music beat frames [:T - 1]: a beat on the last frame goes too, one before it stays
+    assert beats_within([0.5, (T - 2) / fps, (T - 1) / fps, 5.0], T, fps).tolist() == [0.5, (T - 2) / fps]
+
+
+def click_track(bpm, seconds, sr, first=0.5):
+    """Band-limited clicks (< 7.68 kHz, so the same signal at 15360 Hz) on every beat from `first`."""
+    t = np.arange(int(seconds * sr)) / sr
+    tau = np.where(t >= first, (t - first) % (60 / bpm), 1.0)[:, None]  # seconds since the last click
+    freqs = np.array([400, 1100, 2300, 3700, 5300])
+    return (0.2 * np.exp(-tau / 0.01) * np.sin(2 * np.pi * freqs * tau)).sum(1).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory):
+    """A 4 s 120 BPM click track's features from 15360 Hz audio and, via the cache, from a 44.1 kHz WAV."""
+    T = 4 * FPS
+    ref = music_features(click_track(120, 4, FPS * HOP), FPS * HOP, FPS, T)
+    d = tmp_path_factory.mktemp("clip44k")
+    soundfile.write(str(d / "audio.wav"), click_track(120, 4, 44100), 44100, subtype="FLOAT")
+    return ref, cache_music_features(d, FPS, T), d
+
+
+@pytest.mark.filterwarnings("ignore:n_fft=512 is too large")  # the 1 s audio below
+def test_audio_at_another_rate_is_resampled_not_refused(features):
+    ref, f44, d = features
+    assert f44.shape == ref.shape == (4 * FPS, 35) and np.isfinite(f44).all()
+    b_ref, b44 = np.nonzero(ref[:, -1])[0], np.nonzero(f44[:, -1])[0]
+    assert len(b_ref) >= 6 and len(b44) == len(b_ref)
+    assert np.abs(b44 - b_ref).max() <= 1  # the beat column agrees within a frame
+    clicks = np.arange(0.5, 4.0, 0.5) * FPS
+    assert np.abs(b44[:, None] - clicks[None]).min(1).max() <= 1.5  # and sits on the clicks
+    assert (d / "music_feats.npy").is_file()
+    # what cannot work still stops: audio shorter than the frames, named by the error
+    with pytest.raises(InputError, match="feature frames"):
+        music_features(click_track(120, 1, 44100), 44100, FPS, 4 * FPS)
+
+
+@pytest.mark.parametrize("bpm, period", [
+    (60, 1.0),
+    (170, 60 / 170),  # from 120 BPM (librosa's default) the tracker finds every other click: 0.70 s
+    (240, 0.5),  # the tempo estimate (prior at 120 BPM) halves it to 117.5: EDGE's start keeps that
+])
+def test_beat_tracker_starts_from_the_clip_tempo_as_edge(bpm, period):
+    b = music_beats(click_track(bpm, 6, FPS * HOP), FPS * HOP, FPS)
+    assert len(b) >= 4 and abs(np.diff(b).mean() - period) < 0.5 / FPS
+    clicks = np.arange(0.5, 6.0, 60 / bpm)
+    assert np.abs(b[:, None] - clicks[None]).min(1).max() <= 1.5 / FPS  # on the clicks
