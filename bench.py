@@ -5,6 +5,7 @@
     python bench.py --only=toy_mice     # toy data generation
     python bench.py --only=mvattn       # multi-view attention vs plain self-attention in the same UNet
     python bench.py --only=gen_synthetic  # phase 2: views/s batched vs one reference at a time
+    python bench.py --only=stage_b      # dance stage B's step at the toy size, split by part
 Timings are medians of a few repeats after a warm-up; compare figures from one run as ratios.
 """
 import argparse
@@ -14,8 +15,9 @@ import time
 
 import torch
 
-from models import (CrossAttnProcessor, build_mv_unet, install_mv_attention, intrinsics_matrix, look_at_c2w,
-                    render_gaussians, sample_views)
+from models import (DANCE_UNET_CONFIGS, CrossAttnProcessor, DanceNet, FaceTokens, PoseGuider, build_mv_unet,
+                    install_mv_attention, intrinsics_matrix, look_at_c2w, pose_heatmaps, referencenet_unused,
+                    render_gaussians, sample_views, toy_face_recognizer)
 from toy import write_toy_mice
 
 
@@ -126,6 +128,55 @@ def bench_gen_synthetic(n=None, V=6, steps=5):
     print(f"| gen_synthetic ({dev}), toy UNet, {steps} DDIM steps, one reference at a time "
           f"| {n * V / t[1]:.1f} views/s |")
     print(f"| same, batches of {n} references | {n * V / t[n]:.1f} views/s ({t[1] / t[n]:.2f}x) |")
+
+
+def bench_stage_b(B=8, S=32, J=24):
+    """Dance stage B's training step at the toy size (train_dance.py defaults: B 8, 32 px, pixel space):
+    the whole fwd+bwd, and its parts timed alone: ReferenceNet forward, denoiser forward, the
+    backward of both, and the identity loss (face crops of 3 low-noise samples through the recognizer)."""
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(0)
+    c = DANCE_UNET_CONFIGS["toy"]
+    unet = UNet2DConditionModel(**c)
+    ref_net = UNet2DConditionModel(**c)
+    net = DanceNet(unet, ref_net, PoseGuider(J, c["block_out_channels"][0], (16,)),
+                   FaceTokens(c["cross_attention_dim"]))
+    for name, prm in ref_net.named_parameters():
+        prm.requires_grad_(name not in set(referencenet_unused(ref_net)))
+    recognizer = toy_face_recognizer(0)
+    g = torch.Generator().manual_seed(0)
+    x, ref = torch.randn(B, 3, S, S, generator=g), torch.randn(B, 3, S, S, generator=g)
+    t = torch.randint(0, 1000, (B,), generator=g)
+    heat = pose_heatmaps(torch.rand(B, J, 3, generator=g), S, 1.0)
+    clip_emb, face_emb = torch.randn(B, c["cross_attention_dim"], generator=g), torch.randn(B, 512, generator=g)
+    keep = torch.ones(B, dtype=torch.bool)
+
+    def full():
+        net.zero_grad(set_to_none=True)
+        net(x, t, heat, 1.0, ref, clip_emb, face_emb, keep).square().mean().backward()
+        net.store.clear()
+
+    def reference():
+        with torch.no_grad():
+            net.reference(ref, net.context(clip_emb, face_emb, keep), keep)
+
+    def denoise():
+        reference()
+        with torch.no_grad():
+            net.denoise(x, t, heat, 1.0, net.context(clip_emb, face_emb, keep))
+
+    def identity():
+        crops = torch.nn.functional.interpolate(x[:3], size=112, mode="bilinear").requires_grad_()
+        (1 - torch.nn.functional.cosine_similarity(recognizer(crops), face_emb[:3])).mean().backward()
+
+    tf, tr, td, ti = (timeit(f, repeat=5) for f in (full, reference, denoise, identity))
+    td -= tr  # denoise() also ran the reference
+    print(f"| dance stage B fwd+bwd, toy UNet + ReferenceNet, batch {B} at {S} px | {tf * 1e3:.0f} ms |")
+    print(f"| of which ReferenceNet forward | {tr * 1e3:.0f} ms ({100 * tr / tf:.0f}%) |")
+    print(f"| of which denoiser forward (pose guider, reference attention) | {td * 1e3:.0f} ms ({100 * td / tf:.0f}%) |")
+    print(f"| of which backward of both | {(tf - tr - td) * 1e3:.0f} ms ({100 * (tf - tr - td) / tf:.0f}%) |")
+    print(f"| identity loss, 3 face crops 112 px through the toy recognizer, fwd+bwd (beside the step) "
+          f"| {ti * 1e3:.0f} ms ({100 * ti / tf:.0f}% of the step) |")
 
 
 if __name__ == "__main__":

@@ -641,6 +641,7 @@ def stage_b(cfg):
             if "heat" in parts:
                 loss = loss + cfg.pose_loss_weight * parts["heat"]
         accelerator.backward(loss)
+        raw.store.clear()  # after backward: gradient checkpointing re-reads the reference there
         params = [p for g in optimizer.param_groups for p in g["params"]]
         grad_norm = accelerator.clip_grad_norm_(params, cfg.grad_clip).item()
         if guard.ok(math.isfinite(grad_norm), step, f"loss {loss.item():.4g}, grad norm {grad_norm:.4g}", main_proc):

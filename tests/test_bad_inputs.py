@@ -208,8 +208,13 @@ def odd_feature_width(tm, td, tmp):
 
 
 def unknown_stage(tm, td, tmp):
-    return train_dance, args(train_dance, td, tmp / "out", "--training_stage=B"), ["--training_stage='B'",
-                                                                                   "only stage A"]
+    return train_dance, args(train_dance, td, tmp / "out", "--training_stage=D"), ["--training_stage='D'",
+                                                                                   "stages A"]
+
+
+def stage_b_without_stage_a(tm, td, tmp):
+    return train_dance, args(train_dance, td, tmp / "out", "--training_stage=B"), [
+        "stage_A/final: no stage-A weights", "--training_stage A"]
 
 
 def unknown_m2p_preset(tm, td, tmp):
@@ -232,7 +237,8 @@ CASES = [gslrm_truncated_weights, gslrm_truncated_state_auto, gslrm_fresh_run_in
          image_size_not_a_patch_multiple, zero_batch, unknown_key, bad_value, missing_config_file,
          nan_prompt_embeds, truncated_prompt_embeds, facelift_embeds_for_the_mouse_rig, reference_view_flag,
          mvdiff_image_size, nan_music_features, nan_visible_joint, missing_frame_png, odd_feature_width,
-         unknown_stage, unknown_m2p_preset, gen_synthetic_not_a_checkpoint, sample_without_input]
+         unknown_stage, stage_b_without_stage_a, unknown_m2p_preset, gen_synthetic_not_a_checkpoint,
+         sample_without_input]
 
 
 def snapshot(root):

@@ -16,7 +16,7 @@ import train_gslrm
 import train_mvdiff
 from conftest import fabricate_facelift_ckpt, write_facelift_pipeline, write_png16
 from data import load_config, load_rig, read_cameras, read_list_file, rig_view_prompts, save_prompt_embeds
-from models import IRESNET_CONFIGS, IResNet
+from models import DANCE_UNET_CONFIGS, IRESNET_CONFIGS, IResNet
 from toy import write_toy_mice
 
 CONFIGS = Path(__file__).parent.parent / "configs"
@@ -119,8 +119,35 @@ def dance_stage_a(tmp_path, tiny_dance, **_):
     return "err", "beat_align_shuffled"
 
 
+def dance_stage_b(tmp_path, tiny_dance, **_):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    torch.manual_seed(0)
+    torch.save(IResNet(**IRESNET_CONFIGS["toy"]).state_dict(), tmp_path / "backbone.pth")  # arcface_torch
+    sd = tmp_path / "stable-diffusion-v1-5"  # SD-1.5's unet/ and vae/ layouts (latents at 1/8, 4 channels)
+    UNet2DConditionModel(**{**DANCE_UNET_CONFIGS["tiny"], "in_channels": 4, "out_channels": 4}).save_pretrained(
+        sd / "unet")
+    AutoencoderKL(block_out_channels=(8,) * 4, down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8).save_pretrained(
+        sd / "vae")
+    CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+        patch_size=8, projection_dim=16)).save_pretrained(tmp_path / "clip")
+    common = dict(data_dir=tiny_dance, face_recognizer_path=tmp_path / "backbone.pth", face_recognizer_arch="toy",
+                  window=30, batch_size=2, val_clips=2, out_dir=tmp_path / "out", num_workers=0, log_every=1,
+                  warmup_steps=1)
+    run(train_dance, "dance_stage_a.yaml", m2p_preset="tiny", stage_a_steps=1, val_every=1, ckpt_every=1,
+        **common)  # stage B starts from stage A's final/
+    cfg, net = run(train_dance, "dance_stage_b.yaml", unet_path=sd / "unet", vae_path=sd / "vae",
+                   clip_path=tmp_path / "clip", image_size=32, stage_b_steps=2, m2p_unfreeze_step=1, val_every=2,
+                   ckpt_every=2, val_steps=2, val_frames=2, **common)
+    assert cfg.stage_b_lr == 1e-4 and cfg.m2p_lr_stage_b == 1e-5 and cfg.id_loss_weight == 0.1
+    assert (tmp_path / "out" / "stage_B" / "final" / "unet" / "config.json").is_file()
+    return "psnr", "psnr_copy_ref", "psnr_wrong_pose", "id_cos", "id_cos_other"
+
+
 RUNS = {f.__name__: f for f in (mouse_mvdiffusion_6x_aug, mouse_gslrm_synthetic, facelift_gslrm,
-                                 dance_stage_a, toy_gslrm_synthetic, toy_mvdiff_horizontal)}
+                                 dance_stage_a, dance_stage_b, toy_gslrm_synthetic, toy_mvdiff_horizontal)}
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in CONFIGS.glob("*.yaml")))
@@ -129,7 +156,7 @@ def test_shipped_config_runs(name, tmp_path, tiny_mice, tiny_dance, vgg19_mat, w
     assert name in RUNS, f"configs/{name}.yaml has no smoke test: add one to {Path(__file__).name}"
     keys = RUNS[name](tmp_path=tmp_path, tiny_mice=tiny_mice, tiny_dance=tiny_dance, vgg19_mat=vgg19_mat,
                       write_vgg=write_vgg, tiny_mv_ckpt=tiny_mv_ckpt, tiny_gslrm_ckpt=tiny_gslrm_ckpt)
-    out = tmp_path / "out" / ("stage_A" if name.startswith("dance") else "")
+    out = tmp_path / "out" / {"dance_stage_a": "stage_A", "dance_stage_b": "stage_B"}.get(name, "")
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["step"] == 2 and set(keys) <= set(logged[-1]), logged[-1]
     assert all(np.isfinite(v) for v in logged[-1].values()), logged[-1]

@@ -179,7 +179,8 @@ def test_the_seeds_command_line_names_are_aliases(tmp_path, capsys):
 def test_train_freezes_runs_and_resume_continues_exactly(tiny_dance, tmp_path, capsys, tiny_cfg):
     train_dance.main(tiny_cfg(train_dance, tiny_dance, tmp_path / "a"))
     out = capsys.readouterr().out
-    assert "stage A | recognizer   | False" in out and "stage A | m2p          | True" in out  # freeze table
+    assert "freeze | face_recognizer  | frozen | frozen | frozen |" in out and "0 trainable" in out  # the matrix
+    assert "freeze | m2p              | train  | train  | frozen |" in out
     assert "val step 4 | err " in out and "| mean_err " in out and "| beat_align_shuffled " in out
     stage = tmp_path / "a" / "stage_A"
     logged = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
@@ -212,6 +213,8 @@ def test_gradient_accumulation_and_missing_features_are_computed(tiny_dance, tmp
     assert all(p.requires_grad for p in m2p.parameters())
 
 
-def test_later_stages_say_they_are_not_there_yet(tiny_dance, tmp_path, tiny_cfg):
-    with pytest.raises(InputError, match="only stage A"):
+def test_stage_b_needs_stage_a_and_stage_c_is_not_there_yet(tiny_dance, tmp_path, tiny_cfg):
+    with pytest.raises(InputError, match="stage_A/final: no stage-A weights"):
         train_dance.main(tiny_cfg(train_dance, tiny_dance, tmp_path, training_stage="B"))
+    with pytest.raises(InputError, match="stages A .* and B .* are implemented so far"):
+        train_dance.main(tiny_cfg(train_dance, tiny_dance, tmp_path, training_stage="C"))
