@@ -32,11 +32,15 @@ def check_toy_set(out, spec):
 
 
 def resolved(writer, **kw):
-    """The arguments a call writer(out, **kw) works with: its defaults filled in, n_val None -> n // 10."""
+    """The arguments a call writer(out, **kw) works with: its defaults filled in, n_val None -> n // 10
+    (n_val_seen None -> n // 20)."""
     bound = inspect.signature(writer).bind_partial(**kw)
     bound.apply_defaults()
     args = {k: v for k, v in bound.arguments.items() if k not in ("out", "progress")}
-    return dict(args, n_val=max(1, args["n"] // 10) if args["n_val"] is None else args["n_val"])
+    args = dict(args, n_val=max(1, args["n"] // 10) if args["n_val"] is None else args["n_val"])
+    if "n_val_seen" in args and args["n_val_seen"] is None:  # toy dancers: n // 20
+        args["n_val_seen"] = args["n"] // 20
+    return args
 
 
 def with_barrier(accelerator, make, out, spec):
@@ -347,15 +351,20 @@ def render_dancer(dancer, poses, head, size, bg, supersample=4):
 
 
 def write_toy_dance(out, n=100, n_dancers=20, seconds=8.0, size=64, fps=DANCE_FPS, n_val=None, seed=0,
-                    n_val_dancers=5, progress=True):
-    """n toy clips in the clip format (each with its own music), with music features cached,
-    data_train.txt / data_val.txt (the last n_val clips) and preview.png. Training clip i shows dancer
-    i % n_dancers; the held-out clips show n_val_dancers other dancers, never trained on (identity
-    is measured on new people)."""
+                    n_val_dancers=5, n_val_seen=None, progress=True):
+    """n toy clips in the clip format (each with its own music), with music features cached, list files
+    and preview.png. Clip i shows dancer i % n_dancers, except the last n_val clips (data_val.txt), which
+    show n_val_dancers other dancers, never trained on (identity is measured on new people). The
+    n_val_seen clips before them (data_val_seen.txt) are held-out clips of the training dancers: a
+    toy dancer's style is its own, so motion is predictable from the music only for dancers seen before."""
     import soundfile
     from tqdm import tqdm
     out, sr, T = Path(out), fps * HOP, int(round(seconds * fps))
     n_val = max(1, n // 10) if n_val is None else n_val
+    n_val_seen = n // 20 if n_val_seen is None else n_val_seen
+    n_train = n - n_val - n_val_seen
+    if n_train < 1:
+        raise InputError(f"n={n}: no training clips left after n_val={n_val} and n_val_seen={n_val_seen}")
     dancers = [toy_dancer(np.random.default_rng((seed, 1_000_000 + k))) for k in range(n_dancers + n_val_dancers)]
     who = [i % n_dancers if i < n - n_val else n_dancers + i % n_val_dancers for i in range(n)]
     names = []
@@ -381,10 +390,11 @@ def write_toy_dance(out, n=100, n_dancers=20, seconds=8.0, size=64, fps=DANCE_FP
         wav = read_audio(d / "audio.wav")[0]  # the 16-bit WAV, as a re-computation would read it
         np.save(d / "music_feats.npy", music_features(wav, sr, fps, T))
         names.append(d.name)
-    (out / "data_train.txt").write_text("\n".join(names[: n - n_val]) + "\n")
+    (out / "data_train.txt").write_text("\n".join(names[:n_train]) + "\n")
+    (out / "data_val_seen.txt").write_text("\n".join(names[n_train: n - n_val]) + "\n")
     (out / "data_val.txt").write_text("\n".join(names[n - n_val:]) + "\n")
     spec = dict(n=n, n_dancers=n_dancers, seconds=seconds, size=size, fps=fps, n_val=n_val, seed=seed,
-                n_val_dancers=n_val_dancers)
+                n_val_dancers=n_val_dancers, n_val_seen=n_val_seen)
     (out / "toy.json").write_text(json.dumps(spec))
     sources = [("png", sorted((out / nm / "frames").glob("*.png"))) for nm in names[:6]]
     rows = [torch.stack([read_frame(src, t) for t in range(0, T, T // 8)][:8]) for src in sources]

@@ -27,7 +27,7 @@ from safetensors.torch import load_model, save_model
 
 from data import (JOINT_SETS, VISIBLE, ConfigError, DanceClipDataset, InputError, SkipGuard, StepSampler,
                   atomic_dir, box_mask, check_flags, cli, crop_box, load_checkpoint, log_metrics, make_accelerator,
-                  music_beats, prepare_run, read_audio, read_frame, save_checkpoint, save_config, save_image_grid,
+                  music_beats, prepare_run, read_audio, read_frame, read_list_file, save_checkpoint, save_config, save_image_grid,
                   write_skeleton_video)
 from losses import (beat_alignment, beats_within, diffusion_target, face_loss, heatmap_loss, min_snr_weight,
                     motion_beats, pose_error, predicted_x0, psnr, soft_argmax, ssim, weighted_mse)
@@ -44,7 +44,9 @@ class Config:
     # data
     data_dir: str = "data/toy_dance"  # clip dirs + list files; the toy dancers are made here if missing
     train_list: str = "data_train.txt"  # relative to data_dir, or absolute
-    val_list: str = "data_val.txt"
+    val_list: str = "data_val.txt"  # the toy's: dancers never trained on
+    val_seen_list: str = "data_val_seen.txt"  # stage A also scores these when listed (toy: held-out clips of
+    # the training dancers, whose style M2P can know; a new toy dancer's moves are its own)
     toy_clips: int = 100  # size of the generated toy set (only when data_dir has no train list)
     toy_seconds: float = 8.0  # length of each toy clip
     toy_image_size: int = 64  # toy frame size
@@ -130,7 +132,7 @@ def lr_at(step, lr, total, cfg):
 
 
 @torch.no_grad()
-def evaluate(m2p, recognizer, val_set, mean_pose, beats, cfg, step, out_dir, device):
+def evaluate(m2p, recognizer, val_set, mean_pose, beats, cfg, step, out_dir, device, tag="val"):
     """On whole held-out clips (reference = frame 0, windows of the training length): pose error and
     PCK@0.05 against the mean-pose and reference-pose baselines, beat alignment against the same
     score with the music shuffled across clips, face-embedding cosine, and the skeleton video."""
@@ -168,9 +170,9 @@ def evaluate(m2p, recognizer, val_set, mean_pose, beats, cfg, step, out_dir, dev
     m["beat_align_shuffled"] = float(np.mean(shuffled))
     m["beat_align_gt"] = float(np.mean([beat_alignment(own[i], motion_beats(g, cfg.fps))
                                         for i, g in enumerate(gts)]))
-    video = out_dir / f"val_{step:06d}.mp4"
+    video = out_dir / f"{tag}_{step:06d}.mp4"
     video, frame = write_skeleton_video(video, val_set.clips[0], gts[0], preds[0], cfg.fps)
-    Image.fromarray(frame).save(out_dir / f"val_{step:06d}.png")
+    Image.fromarray(frame).save(out_dir / f"{tag}_{step:06d}.png")
     m2p.train()
     return m, video
 
@@ -199,10 +201,14 @@ def stage_a(cfg):
         toy_dance(data_dir, accelerator, n=cfg.toy_clips, seconds=cfg.toy_seconds, size=cfg.toy_image_size,
                   fps=cfg.fps, seed=cfg.seed)
     train_set = DanceClipDataset(train_list, cfg.window, cfg.joints, cfg.fps, seed=cfg.seed)
-    val_set = DanceClipDataset(val_list, cfg.window, cfg.joints, cfg.fps, start=0, ref_frame=0)
-    if val_set.music_dim != train_set.music_dim:
-        raise InputError(f"{val_list}: music features of width {val_set.music_dim}, "
-                         f"{train_list}: {train_set.music_dim}")
+    val_sets = {"val": DanceClipDataset(val_list, cfg.window, cfg.joints, cfg.fps, start=0, ref_frame=0)}
+    if cfg.val_seen_list and (data_dir / cfg.val_seen_list).is_file() and read_list_file(data_dir / cfg.val_seen_list):
+        val_sets["val_seen"] = DanceClipDataset(data_dir / cfg.val_seen_list, cfg.window, cfg.joints, cfg.fps,
+                                                start=0, ref_frame=0)
+    for name, vs in val_sets.items():
+        if vs.music_dim != train_set.music_dim:
+            raise InputError(f"{name} clips: music features of width {vs.music_dim}, {train_list}: "
+                             f"{train_set.music_dim}")
     # the baseline that ignores music and reference: each joint's mean position over the training clips
     P = torch.from_numpy(np.concatenate(train_set.poses))  # (N, J, 3)
     vis = (P[..., 2:] >= VISIBLE).float()
@@ -251,22 +257,25 @@ def stage_a(cfg):
     sampler = StepSampler(len(train_set), global_batch, accelerator.process_index, accelerator.num_processes,
                           cfg.seed, start_step * G)  # one sampler step per micro-batch
     loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers))
-    beats = None  # music beats (s) of the validation clips, from librosa's beat tracker, computed once
+    beats = {}  # music beats (s) of the validation clips, from librosa's beat tracker, computed once
 
     t_last = time.perf_counter()
     for step in range(start_step, cfg.stage_a_steps + 1):
         if step % cfg.val_every == 0 or step == cfg.stage_a_steps:
             if main_proc:  # baselines: the mean pose, the reference pose; control: music shuffled
-                if beats is None:
-                    clips = val_set.clips[: cfg.val_clips]
-                    beats = [music_beats(*read_audio(c["dir"] / "audio.wav"), cfg.fps) for c in clips]
-                m, video = evaluate(raw, recognizer, val_set, mean_pose, beats, cfg, step, out_dir, device)
-                log_metrics(m, step, out_dir)
-                print(f"video {video}")
-                accelerator.log({f"val/{k}": v for k, v in m.items()}, step=step)
-                if cfg.wandb:  # the video's middle frame as a picture beside the scalars
-                    import wandb
-                    accelerator.log({"val/frame": wandb.Image(str(video.with_suffix(".png")))}, step=step)
+                for tag, val_set in val_sets.items():
+                    if tag not in beats:
+                        clips = val_set.clips[: cfg.val_clips]
+                        beats[tag] = [music_beats(*read_audio(c["dir"] / "audio.wav"), cfg.fps) for c in clips]
+                    m, video = evaluate(raw, recognizer, val_set, mean_pose, beats[tag], cfg, step, out_dir,
+                                        device, tag)
+                    m = {k if tag == "val" else f"seen_{k}": v for k, v in m.items()}
+                    log_metrics(m, step, out_dir)
+                    print(f"video {video}")
+                    accelerator.log({f"val/{k}": v for k, v in m.items()}, step=step)
+                    if cfg.wandb:  # the video's middle frame as a picture beside the scalars
+                        import wandb
+                        accelerator.log({f"{tag}/frame": wandb.Image(str(video.with_suffix(".png")))}, step=step)
             accelerator.wait_for_everyone()
         if step > start_step and (step % cfg.ckpt_every == 0 or step == cfg.stage_a_steps):
             if main_proc:
@@ -336,8 +345,8 @@ TRAINS = {"A": {"m2p"},
 
 def check_freeze(stage, modules, optimizer, notes=None):
     """modules: {matrix row: [parameters]} of this stage's model. Prints the matrix and asserts it:
-    a row that trains has all its parameters (minus those `notes` explains) trainable and grouped;
-    a frozen row has none; no parameter sits in two groups."""
+    a row that trains has all its parameters trainable and grouped, but for the number of frozen
+    tensors that `notes` ({row: (count, why)}) explains; a frozen row has none; no parameter sits in two groups."""
     grouped = [id(p) for g in optimizer.param_groups for p in g["params"]]
     assert len(grouped) == len(set(grouped)), "a parameter sits in two optimizer groups"
     grouped, notes = set(grouped), notes or {}
@@ -350,9 +359,11 @@ def check_freeze(stage, modules, optimizer, notes=None):
             continue
         live = [p for p in ps if p.requires_grad and id(p) in grouped]
         print(f"freeze | {name:<16} | {cells} | {len(ps):>7} | {sum(p.numel() for p in ps):>11,} | "
-              f"{sum(p.numel() for p in live):,} trainable" + (f" ({notes[name]})" if name in notes else ""))
-        if name in TRAINS[stage] and name not in notes:
-            assert len(live) == len(ps), f"{name} trains in stage {stage}, {len(ps) - len(live)} tensors do not"
+              f"{sum(p.numel() for p in live):,} trainable" + (f" ({notes[name][1]})" if name in notes else ""))
+        if name in TRAINS[stage]:
+            frozen = notes.get(name, (0, ""))[0]
+            assert len(ps) - len(live) == frozen, (f"{name} trains in stage {stage}: {len(ps) - len(live)} "
+                                                   f"tensors do not, {frozen} expected")
         elif name not in TRAINS[stage]:
             assert not live, f"{name} is frozen in stage {stage}, {len(live)} tensors train"
     stray = grouped - {id(p) for ps in modules.values() for p in ps}
@@ -427,8 +438,9 @@ def build_stage_b(cfg, J, device):
                   else toy_face_recognizer(cfg.seed)).to(device)
     guider = PoseGuider(J, unet.config.block_out_channels[0], cfg.guider_channels)
     net = DanceNet(unet, referencenet, guider, FaceTokens(dim, cfg.face_tokens)).to(device)
-    for name, p in referencenet.named_parameters():  # its output is never read: the tail gets no gradient
-        p.requires_grad_(name not in set(referencenet_unused(referencenet)))
+    unused = set(referencenet_unused(referencenet))  # its output is never read: the tail gets no gradient
+    for name, p in referencenet.named_parameters():
+        p.requires_grad_(name not in unused)
     if cfg.grad_checkpoint:
         unet.enable_gradient_checkpointing()
         referencenet.enable_gradient_checkpointing()
@@ -545,9 +557,10 @@ def stage_b(cfg):
                "lr": 0.0, "initial_lr": cfg.m2p_lr_stage_b}]
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     if main_proc:
-        dead = len(referencenet_unused(net.referencenet))
-        check_freeze("B", rows, optimizer, {"referencenet": f"minus {dead} tensors that never get a gradient",
-                                            "m2p": f"lr 0 until step {cfg.m2p_unfreeze_step}; face head frozen"})
+        dead, head = len(referencenet_unused(net.referencenet)), len(list(m2p.face_head.parameters()))
+        check_freeze("B", rows, optimizer, {
+            "referencenet": (dead, f"minus {dead} tensors that never get a gradient"),
+            "m2p": (head, f"lr 0 until step {cfg.m2p_unfreeze_step}, then {cfg.m2p_lr_stage_b:g}; face head frozen")})
         for g in groups:
             print(f"group {g['name']}: {len(g['params'])} tensors, {sum(p.numel() for p in g['params']):,} params, "
                   f"lr {g['initial_lr']:g}" + (f" from step {cfg.m2p_unfreeze_step}" if g["name"] == "m2p" else ""))

@@ -203,8 +203,11 @@ def test_freeze_matrix_is_the_seeds_table_and_is_asserted():
     with pytest.raises(AssertionError, match="pose_guider trains in stage B"):
         train_dance.check_freeze("B", rows, opt("m2p", "face_tokens", "spatial_unet", "referencenet"))
     mods["face_tokens"].bias.requires_grad_(False)  # grouped but not trainable
-    with pytest.raises(AssertionError, match="face_tokens trains in stage B, 1 tensors do not"):
+    with pytest.raises(AssertionError, match="face_tokens trains in stage B: 1 tensors do not, 0 expected"):
         train_dance.check_freeze("B", rows, opt(*trains))
+    train_dance.check_freeze("B", rows, opt(*trains), {"face_tokens": (1, "bias frozen")})  # explained: passes
+    with pytest.raises(AssertionError, match="face_tokens trains in stage B: 1 tensors do not, 2 expected"):
+        train_dance.check_freeze("B", rows, opt(*trains), {"face_tokens": (2, "both frozen")})
     with pytest.raises(AssertionError, match="m2p is frozen in stage C"):
         train_dance.check_freeze("C", rows, opt("m2p"))
 
