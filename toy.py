@@ -215,8 +215,8 @@ def toy_prompt_embeds(path, rig, dim, accelerator=None):
 
 
 def toy_dancer(rng):
-    """A dancer's identity and style (fixed over all its clips): body proportions, clothing, a
-    textured face, and which limbs move on the beats / off the beats / not at all."""
+    """A dancer's identity and style (fixed over all its clips): body proportions, a textured face,
+    and which limbs move on the beats / off the beats / not at all (clothing: per clip, see write_toy_dance)."""
     # right arm, left arm, right leg, left leg
     modes = rng.choice(["on", "off", "still"], size=4, p=[0.4, 0.4, 0.2])
     modes[rng.integers(2)] = rng.choice(["on", "off"])  # at least one arm dances
@@ -372,9 +372,12 @@ def write_toy_dance(out, n=100, n_dancers=20, seconds=8.0, size=64, fps=DANCE_FP
         rng = np.random.default_rng((seed, i))
         audio, bpm, offset = toy_music(rng, seconds + 0.1, sr)  # a little longer than the frames
         phase = (np.arange(T) / fps - offset) * bpm / 60  # beats at each frame
-        dancer = dancers[who[i]]
+        bg = rng.uniform(0.8, 1.0, 3)
+        # clothes change from clip to clip (face, body and style are the dancer's): an image model must
+        # copy them from the reference frame, it cannot recall them from who the dancer is
+        dancer = dict(dancers[who[i]], shirt=rng.uniform(0.1, 0.9, 3), trousers=rng.uniform(0.05, 0.6, 3))
         poses, head = toy_poses(dancer, phase)
-        frames = render_dancer(dancer, poses, head, size, rng.uniform(0.8, 1.0, 3))
+        frames = render_dancer(dancer, poses, head, size, bg)
         d = out / f"clip_{i:05d}"
         (d / "frames").mkdir(parents=True, exist_ok=True)
         for t in range(T):
