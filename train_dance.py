@@ -179,6 +179,24 @@ def evaluate(m2p, recognizer, val_set, mean_pose, beats, cfg, step, out_dir, dev
     return m, video
 
 
+def start_stage(cfg, accelerator, stage):
+    """A stage's start: per-rank seed, <out_dir>/stage_<X>/, the printed config, wandb (its files in
+    that folder), and the toy dancers when data_dir is the default. Returns (out_dir, data_dir)."""
+    set_seed(cfg.seed + accelerator.process_index)
+    out_dir = Path(cfg.out_dir) / f"stage_{stage}"
+    if accelerator.is_main_process:
+        print(f"config: {cfg}\nprocesses: {accelerator.num_processes}, device: {accelerator.device}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.wandb:
+            accelerator.init_trackers(cfg.wandb_project, config=vars(cfg),
+                                      init_kwargs={"wandb": {"dir": str(out_dir)}})
+    data_dir = Path(cfg.data_dir)
+    if data_dir == Path(Config.data_dir):
+        toy_dance(data_dir, accelerator, n=cfg.toy_clips, seconds=cfg.toy_seconds, size=cfg.toy_image_size,
+                  fps=cfg.fps, seed=cfg.seed)
+    return out_dir, data_dir
+
+
 def stage_a(cfg):
     """Stage A: the M2P encoder trains at stage_a_lr, the face recognizer is frozen."""
     accelerator = make_accelerator(cfg.mixed_precision, cfg.wandb)
@@ -186,22 +204,8 @@ def stage_a(cfg):
     check_flags(cfg, {"m2p_preset": M2P_CONFIGS, "joints": JOINT_SETS},
                 ("batch_size", "grad_accum", "window", "val_every", "ckpt_every",
                  "log_every", "max_bad_steps"))
-    set_seed(cfg.seed + accelerator.process_index)
-    out_dir = Path(cfg.out_dir) / "stage_A"
-    if main_proc:
-        print(f"config: {cfg}\nprocesses: {accelerator.num_processes}, device: {device}")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.wandb:
-            # the run's wandb files beside its outputs: <out_dir>/wandb/
-            accelerator.init_trackers(cfg.wandb_project, config=vars(cfg),
-                                      init_kwargs={"wandb": {"dir": str(out_dir)}})
-
-    # data: the toy dancers on the default folder
-    data_dir = Path(cfg.data_dir)
+    out_dir, data_dir = start_stage(cfg, accelerator, "A")
     train_list, val_list = data_dir / cfg.train_list, data_dir / cfg.val_list
-    if data_dir == Path(Config.data_dir):
-        toy_dance(data_dir, accelerator, n=cfg.toy_clips, seconds=cfg.toy_seconds, size=cfg.toy_image_size,
-                  fps=cfg.fps, seed=cfg.seed)
     train_set = DanceClipDataset(train_list, cfg.window, cfg.joints, cfg.fps, seed=cfg.seed)
     val_sets = {"val": DanceClipDataset(val_list, cfg.window, cfg.joints, cfg.fps, start=0, ref_frame=0)}
     if cfg.val_seen_list and (data_dir / cfg.val_seen_list).is_file() and read_list_file(data_dir / cfg.val_seen_list):
@@ -514,19 +518,7 @@ def stage_b(cfg):
                       "prediction_type": ("epsilon", "v_prediction", "sample")},
                 ("batch_size", "window", "val_every", "ckpt_every", "log_every", "max_bad_steps",
                  "stage_b_steps", "image_size", "val_frames", "val_steps"))
-    set_seed(cfg.seed + rank)
-    out_dir = Path(cfg.out_dir) / "stage_B"
-    if main_proc:
-        print(f"config: {cfg}\nprocesses: {accelerator.num_processes}, device: {device}")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.wandb:
-            accelerator.init_trackers(cfg.wandb_project, config=vars(cfg),
-                                      init_kwargs={"wandb": {"dir": str(out_dir)}})
-
-    data_dir = Path(cfg.data_dir)
-    if data_dir == Path(Config.data_dir):
-        toy_dance(data_dir, accelerator, n=cfg.toy_clips, seconds=cfg.toy_seconds, size=cfg.toy_image_size,
-                  fps=cfg.fps, seed=cfg.seed)
+    out_dir, data_dir = start_stage(cfg, accelerator, "B")
     # one random target frame per sample, inside a music window (M2P's input for that frame)
     train_set = DanceClipDataset(data_dir / cfg.train_list, cfg.window, cfg.joints, cfg.fps, seed=cfg.seed,
                                  image_size=cfg.image_size, frames=1)
