@@ -19,12 +19,12 @@ lr_at, write_state = script.lr_at, data.write_state
 this_rank = os.environ.get("KILL_RANK", os.environ.get("RANK", "0")) == os.environ.get("RANK", "0")
 
 
-def killing_lr_at(step, cfg):  # every trainer asks for the step's learning rate first
+def killing_lr_at(step, *args):  # every trainer asks for the step's learning rate first
     if step == kill_step and this_rank:
         os.kill(os.getpid(), signal.SIGKILL)
     if step == int(os.environ.get("HANG_AT_STEP", -1)) and this_rank:
         time.sleep(3600)
-    return lr_at(step, cfg)
+    return lr_at(step, *args)
 
 
 def killing_write_state(path, step, *args):  # called inside the save, after the weights
