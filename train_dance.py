@@ -75,6 +75,7 @@ class Config:
     # stage B: pose guider + denoising UNet + ReferenceNet + face tokens on single frames
     stage_b_steps: int = 800
     stage_b_lr: float = 1e-3  # the toy's; the seed (and configs/dance_stage_b.yaml): 1e-4
+    referencenet_lr: float = 1e-4  # the seed's 1e-4: at the toy's 1e-3 its tokens collapse to constants
     m2p_lr_stage_b: float = 1e-5  # M2P's group, from m2p_unfreeze_step on
     m2p_unfreeze_step: int = 640  # M2P trains (with its pose loss) from here; before, frozen and detached
     m2p_path: str = ""  # stage A's final/ folder; "": <out_dir>/stage_A/final
@@ -488,6 +489,19 @@ def evaluate_b(net, vae, clip, recognizer, scheduler, val_set, cfg, step, out_di
     m = {"psnr": score(psnr, gen, gt), "ssim": score(ssim, gen, gt),
          "psnr_copy_ref": score(psnr, ref_images[idx], gt), "ssim_copy_ref": score(ssim, ref_images[idx], gt),
          "psnr_wrong_pose": score(psnr, gen, gt[wrong]), "ssim_wrong_pose": score(ssim, gen, gt[wrong])}
+    # does the reference's content reach the output? The x0 prediction at t = 900 from the same noisy
+    # frames with each clip's own reference and with the next clip's (context kept): 0 = ignored
+    t_hi = torch.full((len(items),), 900, device=device)
+    x_hi = scheduler.add_noise(to_model_space(vae, gt, seeded(cfg.seed, 2)),
+                               torch.randn(ref_x.shape, generator=seeded(cfg.seed, 3)).to(device), t_hi)
+    keep = torch.ones(len(items), dtype=torch.bool, device=device)
+    context = net.context(clip_emb[idx], face_emb[idx], keep)
+    x0 = []
+    for r in (ref_x, to_model_space(vae, ref_images[(idx + 1) % n], seeded(cfg.seed, 0))):
+        net.reference(r, context, keep)
+        x0.append(predicted_x0(scheduler, x_hi, net.denoise(x_hi, t_hi, heat, 1.5, context), t_hi))
+        net.store.clear()
+    m["ref_swap"] = (x0[0] - x0[1]).abs().mean().item()
     boxes = torch.stack([it["box"] for it in items]).to(device)
     has = ~boxes.isnan().any(1)
     if has.any():
@@ -544,11 +558,14 @@ def stage_b(cfg):
             "clip": list(clip.parameters())}
     if vae is not None:
         rows["vae"] = list(vae.parameters())
-    trainable = [p for k in ("spatial_unet", "referencenet", "pose_guider", "face_tokens") for p in rows[k]
-                 if p.requires_grad]
-    groups = [{"name": "stage_b", "params": trainable, "lr": cfg.stage_b_lr, "initial_lr": cfg.stage_b_lr},
+    trainable = [p for k in ("spatial_unet", "pose_guider", "face_tokens") for p in rows[k] if p.requires_grad]
+    groups = [{"name": "stage_b", "params": trainable, "initial_lr": cfg.stage_b_lr},
+              {"name": "referencenet", "params": [p for p in rows["referencenet"] if p.requires_grad],
+               "initial_lr": cfg.referencenet_lr},
               {"name": "m2p", "params": [p for p in m2p.parameters() if p.requires_grad],
-               "lr": 0.0, "initial_lr": cfg.m2p_lr_stage_b}]
+               "initial_lr": cfg.m2p_lr_stage_b}]
+    for g in groups:
+        g["lr"] = 0.0  # set every step from lr_at
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     if main_proc:
         dead, head = len(referencenet_unused(net.referencenet)), len(list(m2p.face_head.parameters()))
@@ -596,10 +613,10 @@ def stage_b(cfg):
         if step == total:
             break
 
-        lr = lr_at(step, cfg.stage_b_lr, total, cfg)
-        optimizer.param_groups[0]["lr"] = lr
         m2p_on = step >= cfg.m2p_unfreeze_step
-        optimizer.param_groups[1]["lr"] = cfg.m2p_lr_stage_b * lr / cfg.stage_b_lr if m2p_on else 0.0
+        for g in optimizer.param_groups:  # one warmup + cosine shape; M2P's group at 0 until it unfreezes
+            g["lr"] = lr_at(step, g["initial_lr"], total, cfg) if g["name"] != "m2p" or m2p_on else 0.0
+        lr = optimizer.param_groups[0]["lr"]
         batch = {k: v.to(device) for k, v in next(loader).items() if torch.is_tensor(v)}
         B, gen = len(batch["frames"]), seeded(cfg.seed, rank, step)
         scale, p_m2p = cond_scale_at(step, total), m2p_pose_prob(step, total, cfg.scheduled_sampling_start)

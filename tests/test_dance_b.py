@@ -2,6 +2,8 @@
 guider, schedules, the freeze matrix, the SD-layout loaders, the sampler, and train_dance.py's stage B
 (runs after stage A, starts from its M2P, resumes exactly)."""
 import copy
+import json
+import math
 import shutil
 
 import pytest
@@ -290,7 +292,10 @@ def test_stage_b_runs_after_stage_a_starts_from_its_m2p_and_resumes_exactly(tiny
     run(tiny_dance, tmp_path / "x", *b_args)
     out = capsys.readouterr().out
     assert "freeze | referencenet" in out and "step 3 | loss " in out and " heat " in out
+    assert "group referencenet: " in out and "lr 0.0001" in out.split("group referencenet: ")[1].splitlines()[0]
     x = tmp_path / "x" / "stage_B"
+    val = [json.loads(line) for line in (x / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(v["ref_swap"]) for v in val)  # the reference-use diagnostic is logged
     final = x / "final"
     for name in ("unet", "referencenet", "scheduler"):
         assert (final / name).is_dir(), name
