@@ -1271,7 +1271,12 @@ class DanceNet(nn.Module):
         self.store.keep = keep
 
     def denoise(self, x, t, heatmaps, cond_scale, context):
-        feats = self.guider(heatmaps) * cond_scale  # (B, C0, h, w): added to conv_in's output
+        """x (B, C, h, w) and heatmaps (B, J, H, W); with stage C's motion UNet x (B, C, F, h, w) and
+        heatmaps (B, F, J, H, W): the F frames of a sample share its reference and context."""
+        if x.dim() == 5:
+            heatmaps = rearrange(heatmaps, "b f j h w -> (b f) j h w")
+            context = context.repeat_interleave(x.shape[2], 0)  # (B F, L, D): UNetMotionModel wants it per frame
+        feats = self.guider(heatmaps) * cond_scale  # (B [F], C0, h, w): added to conv_in's output
         hook = self.unet.conv_in.register_forward_hook(lambda mod, inp, out: out + feats.to(out.dtype))
         try:
             return self.unet(x, t, encoder_hidden_states=context).sample
@@ -1285,6 +1290,59 @@ class DanceNet(nn.Module):
         self.reference(ref, context, keep)
         return self.denoise(x, t, heatmaps, cond_scale, context)
 
+
+
+def motion_unet(unet, adapter=None, max_frames=32, heads=4):
+    """Stage C's denoiser: the stage-B UNet with AnimateDiff motion modules (diffusers MotionAdapter ->
+    UNetMotionModel.from_unet2d). adapter: AnimateDiff weights (load_motion_adapter) or None (a new one
+    shaped like the UNet, position table of max_frames). Every motion module's proj_out is zeroed, so
+    the model starts as the stage-B UNet applied frame by frame. Its input is (B, C, F, H, W).
+    from_unet2d resets the attention processors: reinstall the reference ones (DanceNet.install)."""
+    from diffusers import MotionAdapter, UNetMotionModel
+    c = unet.config
+    if adapter is None:
+        adapter = MotionAdapter(block_out_channels=tuple(c.block_out_channels),
+                                motion_layers_per_block=c.layers_per_block, motion_num_attention_heads=heads,
+                                motion_norm_num_groups=c.norm_num_groups, motion_max_seq_length=max_frames,
+                                use_motion_mid_block=False)
+    model = UNetMotionModel.from_unet2d(unet, adapter)
+    for name, mod in model.named_modules():
+        if re.search(r"motion_modules\.\d+$", name):
+            nn.init.zeros_(mod.proj_out.weight)
+            nn.init.zeros_(mod.proj_out.bias)
+    return model
+
+
+def load_motion_adapter(path, max_frames):
+    """AnimateDiff motion-module weights from a diffusers MotionAdapter folder, with a position table of
+    max_frames. The table is sinusoidal (a buffer, not learnt): a different length is rebuilt, not loaded,
+    and the same positions get the same values; every other tensor must match exactly."""
+    from diffusers import MotionAdapter
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}/config.json not found (expected a diffusers MotionAdapter folder)")
+    conf = json.loads((path / "config.json").read_text())
+    old = conf.get("motion_max_seq_length", 32)
+    conf = {k: v for k, v in conf.items() if not k.startswith("_")}
+    adapter = MotionAdapter(**dict(conf, motion_max_seq_length=max(max_frames, 1)))
+    files = [path / f for f in WEIGHT_FILES if (path / f).is_file()]
+    if not files:
+        raise FileNotFoundError(f"{path}: no weights ({' or '.join(WEIGHT_FILES)})")
+    state = load_file(files[0]) if files[0].suffix == ".safetensors" else torch.load(files[0], map_location="cpu")
+    table = {k for k in state if k.endswith("pos_embed.pe")}
+    if old != max_frames:
+        print(f"{path}: position table {old} -> {max_frames} frames (sinusoidal: rebuilt, not loaded)")
+        state = {k: v for k, v in state.items() if k not in table}
+    own = adapter.state_dict()
+    missing = sorted(set(own) - set(state) - (table if old != max_frames else set()))
+    extra = sorted(set(state) - set(own))
+    shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or extra or shape:
+        raise InputError(f"{path}: not a MotionAdapter of this config: missing {missing[:4]}, "
+                         f"unexpected {extra[:4]}, wrong shape {shape[:4]}")
+    own.update(state)
+    adapter.load_state_dict(own)
+    return adapter
 
 def clip_image_embeds(clip, images):
     """Frozen CLIP image encoder: images (B, 3, H, W) in [0, 1] -> projected embeddings (B, D),

@@ -1,0 +1,103 @@
+"""Dance stage C's model: the stage-B UNet with AnimateDiff motion modules starts as the stage-B model
+frame by frame (reference attention, pose guider and context included); only the motion modules then
+change the frames' dependence on each other; AnimateDiff weights load with another position-table length."""
+import copy
+
+import pytest
+import torch
+from diffusers import MotionAdapter, UNet2DConditionModel
+
+from data import InputError
+from models import (DANCE_UNET_CONFIGS, DanceNet, FaceTokens, PoseGuider, load_motion_adapter, motion_unet,
+                    pose_heatmaps)
+
+J, C = 24, DANCE_UNET_CONFIGS["tiny"]
+
+
+def stage_b_net(seed=0):
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**C)
+    guider = PoseGuider(J, C["block_out_channels"][0], (16,))
+    for p in guider.parameters():  # trained guider: not zero, so the pose reaches the output
+        torch.nn.init.normal_(p, std=0.1)
+    return DanceNet(unet, copy.deepcopy(unet), guider, FaceTokens(C["cross_attention_dim"]))
+
+
+def video_inputs(B=2, F=5, size=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    poses = torch.cat([torch.rand(B, F, J, 2, generator=g), torch.ones(B, F, J, 1)], -1)  # (B, F, J, 3)
+    return dict(x=torch.randn(B, 3, F, size, size, generator=g), t=torch.tensor([10, 700][:B]),
+                heat=pose_heatmaps(poses, size, 1.0), ref=torch.rand(B, 3, size, size, generator=g) * 2 - 1,
+                clip=torch.randn(B, C["cross_attention_dim"], generator=g), face=torch.randn(B, 512, generator=g))
+
+
+def run(net, a, keep=None):
+    keep = torch.ones(len(a["ref"]), dtype=torch.bool) if keep is None else keep
+    with torch.no_grad():
+        out = net(a["x"], a["t"], a["heat"], 1.0, a["ref"], a["clip"], a["face"], keep)
+    net.store.clear()
+    return out
+
+
+def frame_by_frame(net, a, keep=None):
+    return torch.stack([run(net, dict(a, x=a["x"][:, :, f], heat=a["heat"][:, f]), keep)
+                        for f in range(a["x"].shape[2])], 2)  # (B, C, F, h, w)
+
+
+def test_stage_c_starts_as_the_stage_b_model_frame_by_frame():
+    b = stage_b_net()
+    a = video_inputs()
+    expected = frame_by_frame(b, a)
+    c = copy.deepcopy(b)
+    c.unet = motion_unet(c.unet, None, max_frames=8, heads=2)
+    c.install()  # from_unet2d reset the reference processors
+    got = run(c, a)
+    assert got.shape == a["x"].shape
+    assert (got - expected).abs().max() < 1e-4
+    # the reference still reaches every frame (it is read, not ignored), and a masked sample equals
+    # the stage-B model's unconditional frames
+    assert (run(c, dict(a, ref=a["ref"].flip(0))) - got).abs().max() > 1e-3
+    keep = torch.tensor([True, False])
+    assert (run(c, a, keep) - frame_by_frame(b, a, keep)).abs().max() < 1e-4
+
+
+def test_only_the_motion_modules_make_frames_depend_on_each_other():
+    c = stage_b_net()
+    c.unet = motion_unet(c.unet, None, max_frames=8, heads=2)
+    c.install()
+    a = video_inputs()
+    moved = dict(a, x=a["x"].clone())
+    moved["x"][:, :, 0] += 1.0  # change frame 0 only
+    delta = lambda: (run(c, moved) - run(c, a))[:, :, 1:].abs().max()  # noqa: E731
+    assert delta() < 1e-5  # zero-initialised motion modules: frames are independent
+    for name, p in c.unet.named_parameters():
+        if "motion_modules" in name and "proj_out" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    assert delta() > 1e-3
+
+
+def test_animatediff_weights_load_with_another_position_table(tmp_path, capsys):
+    torch.manual_seed(0)
+    saved = MotionAdapter(block_out_channels=C["block_out_channels"], motion_layers_per_block=1,
+                          motion_num_attention_heads=2, motion_norm_num_groups=8, motion_max_seq_length=24,
+                          use_motion_mid_block=False)
+    saved.save_pretrained(tmp_path / "motion")
+    loaded = load_motion_adapter(tmp_path / "motion", 40)
+    assert "24 -> 40 frames" in capsys.readouterr().out
+    a, b = saved.state_dict(), loaded.state_dict()
+    for k in a:
+        if k.endswith("pos_embed.pe"):  # sinusoidal: the first 24 positions are the same values
+            assert b[k].shape[1] == 40 and torch.allclose(b[k][:, :24], a[k])
+        else:
+            assert torch.equal(a[k], b[k]), k
+    unet = UNet2DConditionModel(**C)
+    assert motion_unet(unet, loaded).config.motion_max_seq_length == 40
+    # another layout's weights stop with the tensors' names
+    other = MotionAdapter(block_out_channels=(16, 48), motion_layers_per_block=1, motion_num_attention_heads=2,
+                          motion_norm_num_groups=8, motion_max_seq_length=24, use_motion_mid_block=False)
+    torch.save(other.state_dict(), tmp_path / "x.bin")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text((tmp_path / "motion" / "config.json").read_text())
+    (tmp_path / "x.bin").rename(tmp_path / "bad" / "diffusion_pytorch_model.bin")
+    with pytest.raises(InputError, match="wrong shape"):
+        load_motion_adapter(tmp_path / "bad", 24)
