@@ -1407,8 +1407,9 @@ def to_images(vae, x):
 @torch.no_grad()
 def sample_frames(net, scheduler, ref, clip_emb, face_emb, heatmaps, cond_scale, shape, num_steps=25,
                   guidance=2.0, generator=None):
-    """DDIM with classifier-free guidance: one frame per reference. ref (B, C, h, w) in model space,
-    clip_emb (B, D), face_emb (B, 512), heatmaps (B, J, H, W). The unconditional half gets exactly
+    """DDIM with classifier-free guidance: one frame per reference (shape (C, h, w), heatmaps (B, J, H, W)),
+    or with stage C's motion UNet one clip (shape (C, F, h, w), heatmaps (B, F, J, H, W)). ref (B, C, h, w)
+    in model space, clip_emb (B, D), face_emb (B, 512). The unconditional half gets exactly
     training's null condition: reference masked out of the attention, CLIP and face tokens zeroed; the
     pose stays. The ReferenceNet runs once. Returns (B, *shape) in model space."""
     from diffusers.utils.torch_utils import randn_tensor
@@ -1420,11 +1421,11 @@ def sample_frames(net, scheduler, ref, clip_emb, face_emb, heatmaps, cond_scale,
     n = len(keep)  # B or 2B: conditional, then unconditional
     context = net.context(clip_emb.repeat(n // B, 1), face_emb.repeat(n // B, 1), keep)
     net.reference(ref.repeat(n // B, 1, 1, 1), context, keep)
-    heat = heatmaps.repeat(n // B, 1, 1, 1)
+    heat = heatmaps.repeat(n // B, *[1] * (heatmaps.dim() - 1))
     scheduler.set_timesteps(num_steps, device=dev)
     try:
         for t in scheduler.timesteps:
-            out = net.denoise(x.repeat(n // B, 1, 1, 1), t.expand(n), heat, cond_scale, context)
+            out = net.denoise(x.repeat(n // B, *[1] * len(shape)), t.expand(n), heat, cond_scale, context)
             if cfg:
                 out_c, out_u = out.chunk(2)
                 out = out_u + guidance * (out_c - out_u)

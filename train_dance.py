@@ -12,7 +12,9 @@ C (temporal modules) lands later.
 """
 import contextlib
 import copy
+import dataclasses
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,17 +24,20 @@ import torch
 import torch.nn.functional as F
 import yaml
 from accelerate.utils import set_seed
+from diffusers import DDIMScheduler
+from einops import rearrange
 from PIL import Image
 from safetensors.torch import load_model, save_model
 
 from data import (JOINT_SETS, VISIBLE, ConfigError, DanceClipDataset, InputError, SkipGuard, StepSampler,
                   atomic_dir, box_mask, check_flags, cli, crop_box, load_checkpoint, log_metrics, make_accelerator,
                   music_beats, prepare_run, read_audio, read_frame, read_list_file, save_checkpoint, save_config, save_image_grid,
-                  write_skeleton_video)
+                  write_skeleton_video, write_video)
 from losses import (beat_alignment, beats_within, diffusion_target, face_loss, heatmap_loss, min_snr_weight,
                     motion_beats, pose_error, predicted_x0, psnr, soft_argmax, ssim, weighted_mse)
 from models import (DANCE_UNET_CONFIGS, M2P_CONFIGS, DanceNet, FaceTokens, M2PEncoder, PoseGuider,
-                    clip_image_embeds, load_clip_image_encoder, load_iresnet, load_unet, load_vae, pose_heatmaps,
+                    clip_image_embeds, load_clip_image_encoder, load_iresnet, load_motion_adapter, load_unet,
+                    load_vae, motion_unet, pose_heatmaps,
                     referencenet_unused, sample_frames, to_images, to_model_space, toy_clip_image_encoder,
                     toy_face_recognizer)
 from toy import toy_dance
@@ -40,7 +45,7 @@ from toy import toy_dance
 
 @dataclass
 class Config:
-    training_stage: str = "A"  # A: M2P pretraining | B: single frames | C | all (C lands later)
+    training_stage: str = "A"  # A: M2P pretraining | B: single frames | C: temporal modules | all: A -> B -> C
     # data
     data_dir: str = "data/toy_dance"  # clip dirs + list files; the toy dancers are made here if missing
     train_list: str = "data_train.txt"  # relative to data_dir, or absolute
@@ -103,6 +108,18 @@ class Config:
     beta_end: float = 0.012
     zero_snr: bool = False  # rescale betas to zero terminal SNR (with v-prediction)
     timestep_spacing: str = "trailing"
+    # stage C: only the temporal modules train (AnimateDiff motion modules on the stage-B UNet), on clips
+    stage_c_steps: int = 300
+    stage_c_lr: float = 1e-3  # the toy's; the seed (configs/dance_stage_c.yaml): 5e-5
+    stage_c_batch_size: int = 2  # clips per process and step, each seq_len_at(step) frames long
+    temporal_loss_weight: float = 0.1
+    seq_len_start: int = 8  # the sequence-length curriculum: frames per clip at step 0, rising linearly
+    seq_len_end: int = 16  # to this at seq_len_ramp_steps (the seed: 24 -> 150); also the validation length
+    seq_len_ramp_steps: int = 150
+    motion_adapter_path: str = ""  # AnimateDiff MotionAdapter folder (diffusers); "": new motion modules
+    motion_heads: int = 4  # attention heads of new motion modules
+    stage_b_path: str = ""  # stage B's final/ folder; "": <out_dir>/stage_B/final
+    stage_c_val_clips: int = 4  # whole held-out clips of seq_len_end frames, generated at steps 0 and last
     val_frames: int = 4  # generated frames per held-out clip
     val_steps: int = 25  # DDIM steps at validation
     val_guidance: float = 2.0
@@ -696,11 +713,244 @@ def stage_b(cfg):
     return raw
 
 
+
+def seq_len_at(step, cfg):
+    """Stage C's sequence-length curriculum, a pure function of the step: seq_len_start frames at step 0,
+    linear to seq_len_end at seq_len_ramp_steps, then constant (the seed: min(150, 24 + epoch // 10))."""
+    frac = min(1.0, step / max(1, cfg.seq_len_ramp_steps))
+    return int(round(cfg.seq_len_start + frac * (cfg.seq_len_end - cfg.seq_len_start)))
+
+
+def load_stage_b(cfg, J, device):
+    """Stage B's final/ (or cfg.stage_b_path) as a DanceNet + the frozen VAE, CLIP and recognizer; the
+    model-shaping settings must be this run's (one config for B and C)."""
+    final = Path(cfg.stage_b_path) if cfg.stage_b_path else Path(cfg.out_dir) / "stage_B" / "final"
+    need = ["unet/config.json", "referencenet/config.json", "pose_guider.safetensors", "face_tokens.safetensors",
+            "m2p.safetensors", "config.yaml"]
+    if not all((final / f).is_file() for f in need):
+        raise InputError(f"{final}: no stage-B weights ({', '.join(need)}); run `train_dance.py --training_stage B "
+                         f"--out_dir {cfg.out_dir}` first or set --stage_b_path")
+    b = yaml.safe_load((final / "config.yaml").read_text())
+    for key in ("joints", "fps", "image_size", "guider_channels", "face_tokens", "pose_sigma", "vae_path",
+                "clip_path", "face_recognizer_path", "prediction_type", "beta_schedule", "zero_snr"):
+        mine = list(getattr(cfg, key)) if isinstance(getattr(cfg, key), tuple) else getattr(cfg, key)
+        if b.get(key) != mine:
+            raise InputError(f"{final / 'config.yaml'}: stage B ran with {key}={b.get(key)!r}, this run has {mine!r}")
+    net, vae, clip, recognizer = build_stage_b(dataclasses.replace(cfg, unet_path=str(final / "unet"),
+                                                                   grad_checkpoint=False), J, device)
+    net.referencenet.load_state_dict(load_unet(final / "referencenet").state_dict())
+    load_model(net.guider, str(final / "pose_guider.safetensors"))
+    load_model(net.face_tokens, str(final / "face_tokens.safetensors"))
+    return net, vae, clip, recognizer, final
+
+
+def frame_stack(x):
+    """(B, C, F, h, w) -> (B F, C, h, w): per-frame work (VAE, crops) on clips."""
+    return rearrange(x, "b c f h w -> (b f) c h w")
+
+
+@torch.no_grad()
+def evaluate_c(net, vae, clip, recognizer, scheduler, val_set, cfg, step, out_dir, device):
+    """Whole held-out clips (dancers never trained on; reference = frame 0, the first seq_len_end frames,
+    ground-truth poses): PSNR / SSIM, identity cosine, and temporal consistency: the mean error of the
+    frame-to-frame differences against the ground truth's, and background flicker (the mean frame-to-frame
+    change where the ground truth's background never changes). At step 0 the model is stage B applied
+    frame by frame (the motion modules start at zero), so step 0 is the baseline. Writes mp4s + a grid."""
+    net.eval()
+    n, T, S = min(cfg.stage_c_val_clips, len(val_set)), cfg.seq_len_end, cfg.image_size
+    items = [val_set[i] for i in range(n)]
+    gt = torch.stack([it["frames"][:T] for it in items]).to(device)  # (n, T, 3, S, S)
+    refs = torch.stack([it["ref_image"] for it in items]).to(device)
+    face_emb = recognizer(torch.stack([it["face"] for it in items]).to(device) * 2 - 1)  # (n, 512)
+    heat = pose_heatmaps(torch.stack([it["poses"][:T] for it in items]).to(device), S, cfg.pose_sigma)
+    ref_x = to_model_space(vae, refs, seeded(cfg.seed, 0))
+    C, h = ref_x.shape[1], ref_x.shape[-1]
+    gens = [seeded(cfg.seed, 1, j) for j in range(n)]  # the same noise at every validation
+    x = sample_frames(net, scheduler, ref_x, clip_image_embeds(clip, refs), face_emb, heat, 1.5, (C, T, h, h),
+                      cfg.val_steps, cfg.val_guidance, gens)  # (n, C, T, h, w)
+    gen = rearrange(to_images(vae, frame_stack(x)).float(), "(b f) c h w -> b f c h w", b=n)
+    flat = lambda v: v.flatten(0, 1)  # noqa: E731
+    d_gen, d_gt = gen[:, 1:] - gen[:, :-1], gt[:, 1:] - gt[:, :-1]  # (n, T-1, 3, S, S)
+    static = ((gt - gt[:, :1]).abs().amax((1, 2)) < 1e-3)[:, None, None]  # (n, 1, 1, S, S): background
+    m = {"psnr": psnr(flat(gen), flat(gt)).mean().item(), "ssim": ssim(flat(gen), flat(gt)).mean().item(),
+         "temporal_err": (d_gen - d_gt).abs().mean().item(),
+         "bg_flicker": ((d_gen.abs() * static).sum() / (static.sum() * 3 * (T - 1)).clamp(min=1)).item()}
+    boxes = torch.stack([it["boxes"][:T] for it in items]).to(device)  # (n, T, 4)
+    has = ~flat(boxes).isnan().any(1)
+    if has.any():
+        e = F.normalize(recognizer(crop_box(flat(gen)[has], flat(boxes)[has], 112) * 2 - 1), dim=-1)
+        own = F.normalize(face_emb.repeat_interleave(T, 0)[has], dim=-1)
+        other = F.normalize(face_emb.roll(-1, 0).repeat_interleave(T, 0)[has], dim=-1)
+        m.update(id_cos=(e * own).sum(-1).mean().item(), id_cos_other=(e * other).sum(-1).mean().item())
+    up = lambda v: F.interpolate(v, scale_factor=max(1, 128 // S), mode="nearest")  # noqa: E731
+    for i in range(min(2, n)):  # ground truth | generated, with the clip's music
+        frames = (torch.cat([up(gt[i]), up(gen[i])], -1).permute(0, 2, 3, 1).cpu().numpy() * 255).astype(np.uint8)
+        write_video(out_dir / f"val_{step:06d}_clip{i}.mp4", frames, cfg.fps, val_set.clips[i]["dir"] / "audio.wav")
+    k = np.linspace(0, T - 1, min(8, T)).round().astype(int)
+    rows = [torch.cat([refs[i:i + 1], gt[i, k]]).cpu() for i in range(min(2, n))]
+    rows += [torch.cat([refs[i:i + 1], gen[i, k]]).cpu() for i in range(min(2, n))]
+    grid = save_image_grid(rows, out_dir / f"val_{step:06d}.png", [("reference", 1), ("frames", len(k))])
+    net.train()
+    return m, grid
+
+
+def stage_c(cfg):
+    """Stage C: AnimateDiff motion modules join the stage-B UNet and only they train, at stage_c_lr, on
+    clips whose length follows seq_len_at(step); everything else (and M2P) is frozen."""
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.wandb)
+    main_proc, device, rank = accelerator.is_main_process, accelerator.device, accelerator.process_index
+    if cfg.grad_accum != 1:
+        raise ConfigError(f"--grad_accum={cfg.grad_accum}: stage C trains with grad_accum 1")
+    check_flags(cfg, {"joints": JOINT_SETS}, ("stage_c_batch_size", "stage_c_steps", "seq_len_start",
+                                              "seq_len_end", "val_every", "ckpt_every", "log_every",
+                                              "max_bad_steps", "val_steps", "stage_c_val_clips"))
+    if cfg.seq_len_start > cfg.seq_len_end:
+        raise ConfigError(f"--seq_len_start={cfg.seq_len_start} is above --seq_len_end={cfg.seq_len_end}")
+    out_dir, data_dir = start_stage(cfg, accelerator, "C")
+    # every sample is a window of seq_len_end frames; a step uses its first seq_len_at(step): the batch is
+    # (stage_c_batch_size, T) with one T per step, so every process of a step agrees on the shape
+    L = cfg.seq_len_end
+    train_set = DanceClipDataset(data_dir / cfg.train_list, L, cfg.joints, cfg.fps, seed=cfg.seed,
+                                 image_size=cfg.image_size, frames=L)
+    val_set = DanceClipDataset(data_dir / cfg.val_list, L, cfg.joints, cfg.fps, start=0, ref_frame=0,
+                               image_size=cfg.image_size, frames=L)
+    net, vae, clip, recognizer, b_final = load_stage_b(cfg, train_set.J, device)
+    adapter = load_motion_adapter(cfg.motion_adapter_path, L) if cfg.motion_adapter_path else None
+    net.unet = motion_unet(net.unet, adapter, max_frames=L, heads=cfg.motion_heads).to(device)
+    net.install()  # from_unet2d dropped the reference processors
+    if cfg.grad_checkpoint:
+        net.unet.enable_gradient_checkpointing()
+    scheduler = DDIMScheduler.from_pretrained(b_final / "scheduler")  # stage B's, unchanged
+    net.requires_grad_(False)
+    temporal = [p for n, p in net.unet.named_parameters() if "motion_modules" in n]
+    for p in temporal:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW([{"name": "temporal", "params": temporal, "initial_lr": cfg.stage_c_lr}],
+                                  lr=cfg.stage_c_lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    if main_proc:
+        ids = {id(p) for p in temporal}
+        rows = {"spatial_unet": [p for p in net.unet.parameters() if id(p) not in ids], "temporal_modules": temporal,
+                "referencenet": list(net.referencenet.parameters()), "pose_guider": list(net.guider.parameters()),
+                "face_tokens": list(net.face_tokens.parameters()), "face_recognizer": list(recognizer.parameters()),
+                "clip": list(clip.parameters())}
+        if vae is not None:
+            rows["vae"] = list(vae.parameters())
+        check_freeze("C", rows, optimizer)
+        print(f"stage B from {b_final}; motion modules: {cfg.motion_adapter_path or 'new, proj_out zeroed'}; "
+              f"group temporal: {len(temporal)} tensors, {sum(p.numel() for p in temporal):,} params, "
+              f"lr {cfg.stage_c_lr:g}; clips of {cfg.seq_len_start} -> {L} frames by step {cfg.seq_len_ramp_steps}")
+
+    start_step, guard = 0, SkipGuard(cfg.max_bad_steps)
+    resume = prepare_run(out_dir, cfg.resume, cfg.overwrite, accelerator)
+    if resume:
+        state = load_checkpoint(resume, {"dance": net}, {"optimizer": optimizer})
+        start_step, guard.skipped = state["step"], state["extra"].get("skipped", 0)
+        if main_proc:
+            print(f"resumed from {resume} at step {start_step}")
+    model, optimizer = accelerator.prepare(net, optimizer)
+    raw = accelerator.unwrap_model(model)
+    if main_proc:
+        save_config(cfg, out_dir / "config.yaml")
+    B, total = cfg.stage_c_batch_size, cfg.stage_c_steps
+    sampler = StepSampler(len(train_set), B * accelerator.num_processes, rank, accelerator.num_processes,
+                          cfg.seed, start_step)
+    loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers))
+
+    t_last = time.perf_counter()
+    for step in range(start_step, total + 1):
+        if step % cfg.val_every == 0 or step == total:
+            if main_proc:
+                m, grid = evaluate_c(raw, vae, clip, recognizer, scheduler, val_set, cfg, step, out_dir, device)
+                log_metrics(m, step, out_dir)
+                print(f"grid {grid}" + (" (step 0: stage B applied frame by frame)" if step == 0 else ""))
+                accelerator.log({f"val/{k}": v for k, v in m.items()}, step=step)
+            accelerator.wait_for_everyone()
+        if step > start_step and (step % cfg.ckpt_every == 0 or step == total):
+            if main_proc:
+                print(f"saved {save_checkpoint(out_dir, step, {'dance': raw}, {'optimizer': optimizer}, cfg, {'skipped': guard.skipped})}")
+            accelerator.wait_for_everyone()
+        if step == total:
+            break
+
+        lr = lr_at(step, cfg.stage_c_lr, total, cfg)
+        optimizer.param_groups[0]["lr"] = lr
+        T = seq_len_at(step, cfg)
+        batch = {k: v.to(device) for k, v in next(loader).items() if torch.is_tensor(v)}
+        gen = seeded(cfg.seed, rank, step)
+        t = torch.randint(0, 1000, (B,), generator=gen).to(device)  # one timestep per clip
+        keep = (torch.rand(B, generator=gen) >= cfg.uncond_prob).to(device)
+        with accelerator.autocast():
+            with torch.no_grad():
+                frames = batch["frames"][:, :T]  # (B, T, 3, S, S)
+                x0 = rearrange(to_model_space(vae, frames.flatten(0, 1), gen), "(b f) c h w -> b c f h w", b=B)
+                ref_x = to_model_space(vae, batch["ref_image"], gen)
+                face_emb = recognizer(batch["face"] * 2 - 1)
+                clip_emb = clip_image_embeds(clip, batch["ref_image"])
+            noise = torch.randn(x0.shape, generator=gen).to(device)
+            noise = noise + cfg.noise_offset * torch.randn(B, x0.shape[1], 1, 1, 1, generator=gen).to(device)
+            x_t = scheduler.add_noise(x0, noise, t)
+            heat = pose_heatmaps(batch["poses"][:, :T], cfg.image_size, cfg.pose_sigma)  # (B, T, J, S, S)
+            out = model(x_t, t, heat, 1.5, ref_x, clip_emb, face_emb, keep)  # (B, C, T, h, w)
+            boxes = batch["boxes"][:, :T].flatten(0, 1)  # (B T, 4)
+            face = rearrange(box_mask(boxes.nan_to_num(0.0), x0.shape[-1]), "(b f) c h w -> b c f h w", b=B)
+            weight = min_snr_weight(scheduler.alphas_cumprod.to(device)[t], cfg.min_snr_gamma, cfg.prediction_type)
+            parts = {"diff": weighted_mse(out, diffusion_target(scheduler, x0, noise, t), weight,
+                                          1 + cfg.face_region_weight * face)}
+            # temporal: the predicted clip's frame-to-frame differences match the ground truth's (in model
+            # space: pixels for the toy, latents with a VAE)
+            pred = predicted_x0(scheduler, x_t, out.float(), t)  # (B, C, T, h, w)
+            parts["temp"] = F.mse_loss(pred.diff(dim=2), x0.float().diff(dim=2))
+            # identity on the middle frame of low-noise clips (as stage B)
+            low = (t < cfg.id_loss_max_t) & keep & ~batch["boxes"][:, T // 2].isnan().any(1)
+            if low.any():
+                crop = crop_box(to_images(vae, pred[low][:, :, T // 2]), batch["boxes"][low, T // 2], 112)
+                parts["id"] = face_loss(recognizer(crop * 2 - 1), face_emb[low])
+            else:
+                parts["id"] = out.sum() * 0.0
+            loss = (cfg.diffusion_loss_weight * parts["diff"] + cfg.temporal_loss_weight * parts["temp"]
+                    + cfg.id_loss_weight * parts["id"])
+        accelerator.backward(loss)
+        raw.store.clear()
+        grad_norm = accelerator.clip_grad_norm_(temporal, cfg.grad_clip).item()
+        if guard.ok(math.isfinite(grad_norm), step, f"loss {loss.item():.4g}, grad norm {grad_norm:.4g}", main_proc):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if main_proc and step % cfg.log_every == 0:
+            dt = (time.perf_counter() - t_last) / (cfg.log_every if step > start_step else 1)
+            t_last = time.perf_counter()
+            print(f"step {step} | loss {loss.item():.4f} " + " ".join(f"{k} {v.item():.4f}" for k, v in parts.items())
+                  + f" | frames {T} | lr {lr:.2e} | grad norm {grad_norm:.3f} | skipped {guard.skipped} | "
+                  f"{dt * 1000:.0f} ms/step | {B * T * accelerator.num_processes / dt:.1f} frames/s")
+            accelerator.log({"train/lr": lr, "train/loss": loss.item(), "train/frames": T,
+                             **{f"train/{k}": v.item() for k, v in parts.items()}}, step=step)
+
+    if main_proc:  # stage_C/final/ and the top-level final/: everything sample.py needs
+        for final in (out_dir / "final", Path(cfg.out_dir) / "final"):
+            with atomic_dir(final) as tmp:
+                raw.unet.save_pretrained(tmp / "unet")  # UNetMotionModel
+                raw.referencenet.save_pretrained(tmp / "referencenet")
+                save_model(raw.guider, str(tmp / "pose_guider.safetensors"))
+                save_model(raw.face_tokens, str(tmp / "face_tokens.safetensors"))
+                shutil.copy(b_final / "m2p.safetensors", tmp / "m2p.safetensors")
+                scheduler.save_pretrained(tmp / "scheduler")
+                save_config(cfg, tmp / "config.yaml")
+            print(f"saved {final}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return raw
+
 def main(cfg):
-    stages = {"A": stage_a, "B": stage_b}
+    stages = {"A": stage_a, "B": stage_b, "C": stage_c}
+    if cfg.training_stage == "all":  # the seed's progression: each stage starts from the previous final/
+        for stage in "ABC":
+            done = (Path(cfg.out_dir) / f"stage_{stage}" / "final" / "COMPLETE").is_file()
+            if done and cfg.resume:  # --resume=auto: finished stages are skipped, the next one continues
+                print(f"stage {stage}: {Path(cfg.out_dir) / f'stage_{stage}' / 'final'} is complete, skipped")
+                continue
+            stages[stage](dataclasses.replace(cfg, training_stage=stage))
+        return None
     if cfg.training_stage not in stages:
-        raise InputError(f"--training_stage={cfg.training_stage!r}: stages A (M2P pretraining) and B (single "
-                         "frames) are implemented so far; C and all land with the temporal modules")
+        raise InputError(f"--training_stage={cfg.training_stage!r}: expected A, B, C or all")
     return stages[cfg.training_stage](cfg)
 
 

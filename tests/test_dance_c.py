@@ -2,12 +2,17 @@
 frame by frame (reference attention, pose guider and context included); only the motion modules then
 change the frames' dependence on each other; AnimateDiff weights load with another position-table length."""
 import copy
+import json
+import math
+import shutil
 
 import pytest
 import torch
 from diffusers import MotionAdapter, UNet2DConditionModel
+from safetensors.torch import load_file
 
-from data import InputError
+import train_dance
+from data import InputError, load_config
 from models import (DANCE_UNET_CONFIGS, DanceNet, FaceTokens, PoseGuider, load_motion_adapter, motion_unet,
                     pose_heatmaps)
 
@@ -101,3 +106,59 @@ def test_animatediff_weights_load_with_another_position_table(tmp_path, capsys):
     (tmp_path / "x.bin").rename(tmp_path / "bad" / "diffusion_pytorch_model.bin")
     with pytest.raises(InputError, match="wrong shape"):
         load_motion_adapter(tmp_path / "bad", 24)
+
+
+ALL_ARGS = ["--m2p_preset=tiny", "--window=30", "--stage_a_steps=2", "--batch_size=2", "--val_clips=2",
+            "--val_every=2", "--ckpt_every=2", "--warmup_steps=2", "--unet_preset=tiny", "--image_size=16",
+            "--stage_b_steps=2", "--val_steps=2", "--id_loss_max_t=900", "--log_every=1", "--stage_c_steps=4",
+            "--seq_len_start=2", "--seq_len_end=4", "--seq_len_ramp_steps=2", "--stage_c_val_clips=2",
+            "--motion_heads=2"]
+
+
+def train(data, out, *args):
+    return train_dance.main(load_config(train_dance.Config, [f"--data_dir={data}", f"--out_dir={out}", *args]))
+
+
+def test_sequence_length_curriculum_at_its_boundaries():
+    cfg = load_config(train_dance.Config, ["--seq_len_start=8", "--seq_len_end=32", "--seq_len_ramp_steps=100"])
+    assert [train_dance.seq_len_at(s, cfg) for s in (0, 50, 100, 101, 10_000)] == [8, 20, 32, 32, 32]
+
+
+@pytest.mark.slow
+def test_all_chains_the_stages_and_stage_c_resumes_exactly(tiny_dance, tmp_path, capsys):
+    with pytest.raises(InputError, match="stage_B/final"):
+        train(tiny_dance, tmp_path / "none", *ALL_ARGS, "--training_stage=C")
+    train(tiny_dance, tmp_path / "x", *ALL_ARGS, "--training_stage=all")
+    out = capsys.readouterr().out
+    assert "freeze | temporal_modules" in out and " temp " in out and "| frames 4 |" in out
+    x = tmp_path / "x"
+    for stage in "ABC":
+        assert (x / f"stage_{stage}" / "final" / "COMPLETE").is_file(), stage
+    final = x / "final"  # everything sample.py needs
+    for name in ("unet", "referencenet", "scheduler"):
+        assert (final / name).is_dir(), name
+    for name in ("pose_guider", "face_tokens", "m2p"):
+        assert (final / f"{name}.safetensors").is_file(), name
+    m2p_c, m2p_b = (load_file(d / "m2p.safetensors") for d in (final, x / "stage_B" / "final"))
+    assert m2p_c.keys() == m2p_b.keys() and all(torch.equal(m2p_c[k], m2p_b[k]) for k in m2p_b)
+    val = [json.loads(line) for line in (x / "stage_C" / "metrics.jsonl").read_text().splitlines()]
+    assert [v["step"] for v in val] == [0, 2, 4] and all(math.isfinite(v["temporal_err"]) for v in val)
+    # stage C changed only the motion modules: everything else is stage B's
+    b = load_file(x / "stage_B" / "checkpoint-2" / "dance.safetensors")
+    c0, c4 = (load_file(x / "stage_C" / f"checkpoint-{s}" / "dance.safetensors") for s in (2, 4))
+    moved = [k for k in c4 if not torch.equal(c0[k], c4[k])]
+    assert moved and all("motion_modules" in k for k in moved)
+    spatial = [k for k in c4 if "motion_modules" not in k]
+    assert all(torch.equal(c4[k], b[k]) for k in spatial)
+
+    # --resume=auto: the finished stages are skipped, C continues from its checkpoint-2 bitwise
+    y = tmp_path / "y"
+    shutil.copytree(x, y)
+    shutil.rmtree(y / "stage_C" / "checkpoint-4")
+    shutil.rmtree(y / "stage_C" / "final")
+    shutil.rmtree(y / "final")
+    train(tiny_dance, y, *ALL_ARGS, "--training_stage=all", "--resume=auto")
+    out = capsys.readouterr().out
+    assert "stage A: " in out and "is complete, skipped" in out and "at step 2" in out
+    full, resumed = (load_file(d / "stage_C" / "checkpoint-4" / "dance.safetensors") for d in (x, y))
+    assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
