@@ -146,8 +146,26 @@ def dance_stage_b(tmp_path, tiny_dance, **_):
     return "psnr", "psnr_copy_ref", "psnr_wrong_pose", "id_cos", "id_cos_other"
 
 
+def dance_stage_c(tmp_path, tiny_dance, **_):
+    from diffusers import MotionAdapter
+    dance_stage_b(tmp_path, tiny_dance)  # stage C starts from stage B's final/ (written with the same paths)
+    sd = tmp_path / "stable-diffusion-v1-5"
+    MotionAdapter(block_out_channels=DANCE_UNET_CONFIGS["tiny"]["block_out_channels"], motion_layers_per_block=1,
+                  motion_num_attention_heads=2, motion_norm_num_groups=8, use_motion_mid_block=False).save_pretrained(
+        tmp_path / "motion")  # AnimateDiff's layout (position table 32: rebuilt for 4 frames)
+    cfg, net = run(train_dance, "dance_stage_c.yaml", vae_path=sd / "vae", clip_path=tmp_path / "clip",
+                   face_recognizer_path=tmp_path / "backbone.pth", face_recognizer_arch="toy",
+                   motion_adapter_path=tmp_path / "motion", data_dir=tiny_dance, out_dir=tmp_path / "out",
+                   image_size=32, stage_c_steps=2, val_every=2, ckpt_every=2, val_steps=2, stage_c_val_clips=2,
+                   seq_len_start=2, seq_len_end=4, seq_len_ramp_steps=2, num_workers=0, log_every=1, warmup_steps=1)
+    assert cfg.stage_c_lr == 5e-5 and cfg.temporal_loss_weight == 0.1
+    assert (tmp_path / "out" / "final" / "unet" / "config.json").is_file()
+    return "psnr", "temporal_err", "bg_flicker", "id_cos"
+
+
 RUNS = {f.__name__: f for f in (mouse_mvdiffusion_6x_aug, mouse_gslrm_synthetic, facelift_gslrm,
-                                 dance_stage_a, dance_stage_b, toy_gslrm_synthetic, toy_mvdiff_horizontal)}
+                                 dance_stage_a, dance_stage_b, dance_stage_c, toy_gslrm_synthetic,
+                                 toy_mvdiff_horizontal)}
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in CONFIGS.glob("*.yaml")))
@@ -156,7 +174,8 @@ def test_shipped_config_runs(name, tmp_path, tiny_mice, tiny_dance, vgg19_mat, w
     assert name in RUNS, f"configs/{name}.yaml has no smoke test: add one to {Path(__file__).name}"
     keys = RUNS[name](tmp_path=tmp_path, tiny_mice=tiny_mice, tiny_dance=tiny_dance, vgg19_mat=vgg19_mat,
                       write_vgg=write_vgg, tiny_mv_ckpt=tiny_mv_ckpt, tiny_gslrm_ckpt=tiny_gslrm_ckpt)
-    out = tmp_path / "out" / {"dance_stage_a": "stage_A", "dance_stage_b": "stage_B"}.get(name, "")
+    out = tmp_path / "out" / {"dance_stage_a": "stage_A", "dance_stage_b": "stage_B",
+                                 "dance_stage_c": "stage_C"}.get(name, "")
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["step"] == 2 and set(keys) <= set(logged[-1]), logged[-1]
     assert all(np.isfinite(v) for v in logged[-1].values()), logged[-1]
