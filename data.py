@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import inspect
 import io
+import itertools
 import json
 import math
 import os
@@ -876,6 +877,7 @@ def clip_prompt_embeds(prompts, text_encoder_dir, tokenizer_dir=None):
 
 DANCE_FPS = 30
 HOP = 512  # one audio hop per video frame: SR = fps x HOP (EDGE / FACT)
+MUSIC_DIM = 35  # music_features' channels (EDGE's)
 VISIBLE = 0.3  # DWPose: score below this = invisible
 JOINT_SETS = {"body18": 18, "body_feet24": 24, "all134": 134}  # the first n points of the 134 layout
 # OpenPose-18 body, then feet 18-23 (the 134 layout's joints: docs/formats.md, poses.npy)
@@ -1139,6 +1141,38 @@ class DanceClipDataset(torch.utils.data.Dataset):
         return torch.tensor(b if b is not None else [float("nan")] * 4, dtype=torch.float32)  # (4,)
 
 
+
+def load_dance_final(path, device):
+    """train_dance.py's top-level final/ (stage C: everything sample.py needs) -> dict(net, vae, clip,
+    recognizer, m2p, scheduler, cfg). The run's config.yaml says how to rebuild the frozen encoders (local
+    paths, or the toy's seeded random ones)."""
+    from diffusers import DDIMScheduler, UNetMotionModel
+    from models import (M2P_CONFIGS, DanceNet, FaceTokens, M2PEncoder, PoseGuider, load_clip_image_encoder,
+                        load_iresnet, load_unet, load_vae, toy_clip_image_encoder, toy_face_recognizer)
+    path = Path(path)
+    need = ["unet/config.json", "referencenet/config.json", "pose_guider.safetensors", "face_tokens.safetensors",
+            "m2p.safetensors", "scheduler/scheduler_config.json", "config.yaml"]
+    if not all((path / f).is_file() for f in need):
+        raise InputError(f"{path}: not a dance final/ folder (needs {', '.join(need)}): run "
+                         "`train_dance.py --training_stage all` (or C) first")
+    cfg = yaml.safe_load((path / "config.yaml").read_text())
+    unet = UNetMotionModel.from_pretrained(path / "unet")
+    dim, J = unet.config.cross_attention_dim, JOINT_SETS[cfg["joints"]]
+    guider = PoseGuider(J, unet.config.block_out_channels[0], tuple(cfg["guider_channels"]))
+    face_tokens = FaceTokens(dim, cfg["face_tokens"])
+    load_model(guider, str(path / "pose_guider.safetensors"))
+    load_model(face_tokens, str(path / "face_tokens.safetensors"))
+    net = DanceNet(unet, load_unet(path / "referencenet"), guider, face_tokens).to(device).eval()
+    m2p = M2PEncoder(MUSIC_DIM, J, **M2P_CONFIGS[cfg["m2p_preset"]], max_frames=max(300, cfg["window"]))
+    load_model(m2p, str(path / "m2p.safetensors"))
+    clip = (load_clip_image_encoder(cfg["clip_path"]) if cfg["clip_path"] else
+            toy_clip_image_encoder(cfg["seed"], dim, cfg["image_size"]))
+    recognizer = (load_iresnet(cfg["face_recognizer_path"], cfg["face_recognizer_arch"]) if cfg["face_recognizer_path"]
+                  else toy_face_recognizer(cfg["seed"]))
+    return dict(net=net, m2p=m2p.to(device).eval(), clip=clip.to(device), recognizer=recognizer.to(device).eval(),
+                vae=load_vae(cfg["vae_path"]).to(device) if cfg["vae_path"] else None, cfg=cfg,
+                scheduler=DDIMScheduler.from_pretrained(path / "scheduler"))
+
 # ----------------------------------------------------------------------------------------------
 # Outputs: image grids, 3DGS PLY files, skeleton videos, metrics
 
@@ -1239,8 +1273,12 @@ def write_skeleton_video(path, clip, gt, pred, fps, size=128):
 
 
 def write_video(path, frames, fps, audio=None):
-    """uint8 frames (T, H, W, 3) -> an H.264 mp4 (with `audio` muxed in), or a GIF without sound beside
-    it when no ffmpeg binary is found. Returns the path written."""
+    """uint8 frames (T, H, W, 3), or an iterator of (H, W, 3) frames (streamed: long videos in bounded
+    memory) -> an H.264 mp4 (with `audio` muxed in), or a GIF without sound beside it when no ffmpeg
+    binary is found. Returns the path written."""
+    frames = iter(frames)
+    first = np.asarray(next(frames))
+    frames = itertools.chain([first], frames)
     try:
         import imageio_ffmpeg
         imageio_ffmpeg.get_ffmpeg_exe()
@@ -1249,7 +1287,7 @@ def write_video(path, frames, fps, audio=None):
         ims = [Image.fromarray(np.asarray(f)) for f in frames]
         ims[0].save(path, save_all=True, append_images=ims[1:], duration=round(1000 / fps), loop=0)
         return path
-    H, W = np.asarray(frames[0]).shape[:2]
+    H, W = first.shape[:2]
     sound = {} if audio is None else {"audio_path": str(audio), "audio_codec": "aac",
                                       "output_params": ["-shortest"]}
     writer = imageio_ffmpeg.write_frames(str(path), (W, H), fps=fps, ffmpeg_log_level="error",

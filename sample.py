@@ -11,6 +11,17 @@ cameras) and turntable.mp4 (GIF without ffmpeg). The two checkpoints must name t
 views are generated for the diffusion model's rig and read by GS-LRM as seen from its own.
 --eval_list runs the chain from view `reference_view` of each held-out sample and scores the renders
 at all its other cameras against the ground truth (the README's chain experiment).
+
+Dance: music + a reference -> a dance video (train_dance.py's top-level final/):
+
+    python sample.py --music song.wav --ref_image data/toy_dance/clip_00095 --output_dir out/dance_sample
+    python sample.py --music song.mp3 --ref_image me.png --ref_pose me.json --dance_checkpoint out/dance/final
+
+--ref_image is a clip folder (its frame ref_frame, with that frame's pose and face box) or an image with
+--ref_pose (JSON: "pose": J x [x, y, visibility] and "face_box": [x0, y0, x1, y1], normalised to [0, 1]).
+Music at any sample rate -> M2P poses -> frames in overlapping context windows (averaged at every
+step) -> dance.mp4 with the music (GIF without sound when ffmpeg is missing), poses.mp4 (the skeletons),
+poses.npy and contact_sheet.png.
 """
 import json
 from dataclasses import dataclass
@@ -21,11 +32,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data import (InputError, RigMismatch, camera_geometry, cli, frames_to_tensors, load_gslrm_checkpoint,
-                  load_mv_checkpoint, load_rgba, orbit_c2w, read_cameras, read_list_file, rig_mismatch,
+from einops import rearrange
+from tqdm import tqdm
+
+from data import (JOINT_SETS, InputError, RigMismatch, camera_geometry, check_clip, cli, crop_box, draw_skeleton,
+                  frames_to_tensors, load_dance_final, load_gslrm_checkpoint, load_mv_checkpoint, load_rgba,
+                  music_features, orbit_c2w, read_audio, read_cameras, read_frame, read_list_file, rig_mismatch,
                   save_image_grid, save_ply, write_video)
-from losses import masked_psnr, psnr, ssim
-from models import Conditioner, mv_schedulers, sample_views
+from losses import masked_psnr, psnr, soft_argmax, ssim
+from models import (Conditioner, clip_image_embeds, context_windows, mv_schedulers, pose_heatmaps, sample_views,
+                    to_images, to_model_space)
 
 
 @dataclass
@@ -46,6 +62,16 @@ class Config:
     eval_views: str = "generated"  # generated | ground_truth (the true rig views into GS-LRM: upper bound)
     eval_samples: int = 0  # 0 = all listed
     allow_rig_mismatch: bool = False  # run checkpoints trained for different rigs (the seed's failure)
+    # dance
+    music: str = ""  # audio file: a dance video instead of the mouse chain
+    ref_image: str = ""  # a clip folder, or an image file with ref_pose
+    ref_pose: str = ""  # JSON with "pose" and "face_box" for an image file
+    ref_frame: int = 0  # the frame of a clip folder used as the reference
+    dance_checkpoint: str = "out/dance/final"
+    context_frames: int = 24  # frames per window (CHAMP: 24; at most the motion modules' table)
+    context_overlap: int = 4
+    max_seconds: float = 0.0  # 0: all of the music
+    video_size: int = 256  # output frames are upscaled (nearest) to at least this
 
 
 class Chain:
@@ -196,7 +222,108 @@ def run_eval(chain, cfg):
     return metrics
 
 
+def read_dance_reference(cfg, J, fps):
+    """The reference image (3, H, W) in [0, 1], its pose (J, 3) and face box (4,), normalised."""
+    path = Path(cfg.ref_image)
+    if path.is_dir():
+        clip = check_clip(path, fps)
+        if not 0 <= cfg.ref_frame < clip["T"] or clip["boxes"][cfg.ref_frame] is None:
+            raise InputError(f"{path}: frame {cfg.ref_frame} is not a frame with a face box")
+        pose = np.load(path / "poses.npy")[cfg.ref_frame, :J]
+        return read_frame(clip["source"], cfg.ref_frame), torch.tensor(pose, dtype=torch.float32), \
+            torch.tensor(clip["boxes"][cfg.ref_frame], dtype=torch.float32)
+    if not cfg.ref_pose:
+        raise InputError(f"--ref_image={path}: an image needs --ref_pose (JSON: pose, face_box); a clip folder does not")
+    meta = json.loads(Path(cfg.ref_pose).read_text())
+    pose, box = torch.tensor(meta["pose"], dtype=torch.float32), torch.tensor(meta["face_box"], dtype=torch.float32)
+    if pose.shape != (J, 3) or box.shape != (4,):
+        raise InputError(f"{cfg.ref_pose}: pose {tuple(pose.shape)} and face_box {tuple(box.shape)}, expected "
+                         f"({J}, 3) and (4,)")
+    image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), np.float32) / 255).permute(2, 0, 1)
+    return image, pose, box
+
+
+@torch.no_grad()
+def run_dance(cfg, device):
+    d = load_dance_final(cfg.dance_checkpoint, device)
+    c, net, vae, sched = d["cfg"], d["net"], d["vae"], d["scheduler"]
+    J, fps, S = JOINT_SETS[c["joints"]], c["fps"], c["image_size"]
+    image, ref_pose, box = read_dance_reference(cfg, J, fps)
+    audio, sr = read_audio(cfg.music)
+    T = int(len(audio) / sr * fps) if not cfg.max_seconds else min(int(len(audio) / sr * fps), int(cfg.max_seconds * fps))
+    if T < 2:
+        raise InputError(f"{cfg.music}: {len(audio) / sr:.2f} s of audio, too short for a video")
+    feats = torch.from_numpy(music_features(audio, sr, fps, T)).to(device)  # (T, 35)
+    face = crop_box(image, box, 112)[None].to(device)  # (1, 3, 112, 112)
+    # poses: M2P over windows of its training length (the last one ends at T; later windows win)
+    W, poses = c["window"], torch.zeros(T, J, 3, device=device)
+    for s, e in context_windows(T, W, 0):
+        logits, _ = d["m2p"](feats[s:e][None], ref_pose[None].to(device), face)  # (1, e - s, J, h, h)
+        poses[s:e, :, :2] = soft_argmax(logits.float())[0]
+    poses[:, :, 2] = ref_pose[:, 2].to(device)  # visibility: the reference's
+    ref_img = F.interpolate(image[None], size=(S, S), mode="bilinear", antialias=True, align_corners=False).to(device)
+    gen = torch.Generator(device).manual_seed(cfg.seed)
+    ref_x = to_model_space(vae, ref_img * 1.0, gen)  # (1, C, h, w)
+    C, h = ref_x.shape[1], ref_x.shape[-1]
+    size = min(cfg.context_frames, net.unet.config.motion_max_seq_length)
+    windows = context_windows(T, size, min(cfg.context_overlap, size - 1))
+    n = 2 if cfg.guidance != 1.0 else 1  # conditional, then training's null condition
+    keep = torch.tensor([True, False][:n], device=device)
+    context = net.context(clip_image_embeds(d["clip"], ref_img).repeat(n, 1),
+                          d["recognizer"](face * 2 - 1).repeat(n, 1), keep)
+    net.reference(ref_x.repeat(n, 1, 1, 1), context, keep)
+    x = torch.randn((1, C, T, h, h), generator=gen, device=device) * sched.init_noise_sigma
+    sched.set_timesteps(cfg.steps, device=device)
+    bar = tqdm(total=cfg.steps * len(windows), desc=f"{T} frames, {len(windows)} windows x {cfg.steps} steps")
+    for t in sched.timesteps:
+        acc, count = torch.zeros_like(x), torch.zeros(T, device=device)
+        for s, e in windows:
+            heat = pose_heatmaps(poses[None, s:e], S, c["pose_sigma"])  # (1, F, J, S, S)
+            out = net.denoise(x[:, :, s:e].repeat(n, 1, 1, 1, 1), t.expand(n), heat.repeat(n, 1, 1, 1, 1), 1.5,
+                              context)
+            if n == 2:
+                out = out[1:] + cfg.guidance * (out[:1] - out[1:])
+            acc[:, :, s:e] += out
+            count[s:e] += 1
+            bar.update()
+        x = sched.step(acc / count[None, None, :, None, None], t, x).prev_sample  # overlaps: averaged
+    bar.close()
+    net.store.clear()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    k = max(1, -(-cfg.video_size // S))  # integer upscale
+
+    def frames():  # decoded 16 at a time: a long video never sits in memory decoded
+        for s in range(0, T, 16):
+            im = to_images(vae, rearrange(x[:, :, s:s + 16], "b c f h w -> (b f) c h w")).float()
+            im = F.interpolate(im, scale_factor=k, mode="nearest")
+            yield from (im.permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+
+    video = write_video(out / "dance.mp4", frames(), fps, cfg.music)
+    np.save(out / "poses.npy", poses.cpu().numpy())
+    size_px = S * k
+
+    def skeletons():
+        for p in poses.cpu().numpy():
+            im = Image.new("RGB", (size_px, size_px), (255, 255, 255))
+            draw_skeleton(im, p, (220, 0, 0), size_px)
+            yield np.asarray(im)
+
+    pose_video = write_video(out / "poses.mp4", skeletons(), fps, cfg.music)
+    idx = np.linspace(0, T - 1, min(8, T)).round().astype(int)
+    sheet = to_images(vae, rearrange(x[:, :, idx], "b c f h w -> (b f) c h w")).float().cpu()
+    skel = torch.stack([torch.from_numpy(np.array(f)).permute(2, 0, 1).float() / 255 for i, f in enumerate(skeletons())
+                        if i in set(idx.tolist())])
+    skel = F.interpolate(skel, size=(S, S), mode="area")
+    save_image_grid([torch.cat([ref_img.cpu(), sheet]), torch.cat([ref_img.cpu(), skel])], out / "contact_sheet.png",
+                    [("reference", 1), (f"frames {', '.join(map(str, idx))}", len(idx))])
+    print(f"wrote {video}, {pose_video}, {out / 'poses.npy'}, {out / 'contact_sheet.png'} ({T} frames, {T / fps:.1f} s)")
+    return video
+
+
 def main(cfg):
+    if cfg.music:
+        return run_dance(cfg, "cuda" if torch.cuda.is_available() else "cpu")
     if bool(cfg.input_image) == bool(cfg.eval_list):
         raise InputError("give --input_image (one image) or --eval_list (held-out samples), "
                          "not both or neither")

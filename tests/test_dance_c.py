@@ -6,15 +6,17 @@ import json
 import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from diffusers import MotionAdapter, UNet2DConditionModel
 from safetensors.torch import load_file
 
+import sample
 import train_dance
 from data import InputError, load_config
-from models import (DANCE_UNET_CONFIGS, DanceNet, FaceTokens, PoseGuider, load_motion_adapter, motion_unet,
-                    pose_heatmaps)
+from models import (DANCE_UNET_CONFIGS, DanceNet, FaceTokens, PoseGuider, context_windows, load_motion_adapter,
+                    motion_unet, pose_heatmaps)
 
 J, C = 24, DANCE_UNET_CONFIGS["tiny"]
 
@@ -151,6 +153,18 @@ def test_all_chains_the_stages_and_stage_c_resumes_exactly(tiny_dance, tmp_path,
     spatial = [k for k in c4 if "motion_modules" not in k]
     assert all(torch.equal(c4[k], b[k]) for k in spatial)
 
+    # sample.py: the tiny final/ -> every file; music, poses and frames have the clip's length
+    clip_dir = sorted(p for p in tiny_dance.iterdir() if p.name.startswith("clip_"))[-1]
+    video = dance_sample(final, clip_dir, tmp_path / "s")
+    assert video.is_file() and video.stat().st_size > 0
+    for name in ("poses.npy", "contact_sheet.png"):
+        assert (tmp_path / "s" / name).is_file(), name
+    assert (tmp_path / "s" / "poses.mp4").is_file() or (tmp_path / "s" / "poses.gif").is_file()
+    poses = np.load(tmp_path / "s" / "poses.npy")
+    assert poses.shape[1:] == (24, 3) and np.isfinite(poses).all() and len(poses) >= 30
+    half = dance_sample(final, clip_dir, tmp_path / "h", max_seconds=0.5)
+    assert len(np.load(tmp_path / "h" / "poses.npy")) == 15 and half.is_file()
+
     # --resume=auto: the finished stages are skipped, C continues from its checkpoint-2 bitwise
     y = tmp_path / "y"
     shutil.copytree(x, y)
@@ -162,3 +176,23 @@ def test_all_chains_the_stages_and_stage_c_resumes_exactly(tiny_dance, tmp_path,
     assert "stage A: " in out and "is complete, skipped" in out and "at step 2" in out
     full, resumed = (load_file(d / "stage_C" / "checkpoint-4" / "dance.safetensors") for d in (x, y))
     assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_context_windows_cover_every_frame_and_overlap_as_asked():
+    for T, size, overlap in [(5, 24, 4), (24, 24, 4), (25, 24, 4), (100, 24, 4), (61, 16, 0), (300, 24, 23)]:
+        w = context_windows(T, size, overlap)
+        count = torch.zeros(T)
+        for s, e in w:
+            assert 0 <= s < e <= T and e - s == min(size, T)
+            count[s:e] += 1
+        assert (count >= 1).all() and w[0][0] == 0 and w[-1][1] == T
+        assert all(b[0] - a[0] <= size - overlap for a, b in zip(w, w[1:]))  # no gap, overlap >= asked
+    with pytest.raises(InputError, match="overlap"):
+        context_windows(100, 24, 24)
+
+
+def dance_sample(final, clip_dir, out, **kw):
+    args = [f"--dance_checkpoint={final}", f"--music={clip_dir / 'audio.wav'}", f"--ref_image={clip_dir}",
+            f"--output_dir={out}", "--steps=2", "--context_frames=3", "--context_overlap=1", "--video_size=32",
+            *[f"--{k}={v}" for k, v in kw.items()]]
+    return sample.main(load_config(sample.Config, args))
