@@ -6,6 +6,7 @@
     python bench.py --only=mvattn       # multi-view attention vs plain self-attention in the same UNet
     python bench.py --only=gen_synthetic  # phase 2: views/s batched vs one reference at a time
     python bench.py --only=stage_b      # dance stage B's step at the toy size, split by part
+    python bench.py --only=stage_c      # dance stage C's step against the clip length; sampling frames/s
 Timings are medians of a few repeats after a warm-up; compare figures from one run as ratios.
 """
 import argparse
@@ -178,6 +179,52 @@ def bench_stage_b(B=8, S=32, J=24):
     print(f"| identity loss, 3 face crops 112 px through the toy recognizer, fwd+bwd (beside the step) "
           f"| {ti * 1e3:.0f} ms ({100 * ti / tf:.0f}% of the step) |")
 
+
+def bench_stage_c(B=2, S=32, J=24, lengths=(8, 16, 32, 64)):
+    """Dance stage C's training step (motion modules only train; batch B clips of T frames at the toy
+    size) against T, and sampling frames/s (one 16-frame window, one denoising step with guidance)."""
+    import copy
+    from diffusers import UNet2DConditionModel
+    from models import motion_unet
+    torch.manual_seed(0)
+    c = DANCE_UNET_CONFIGS["toy"]
+    unet = UNet2DConditionModel(**c)
+    net = DanceNet(unet, copy.deepcopy(unet), PoseGuider(J, c["block_out_channels"][0], (16,)),
+                   FaceTokens(c["cross_attention_dim"]))
+    net.unet = motion_unet(net.unet, None, max_frames=max(lengths), heads=4)
+    net.install()
+    net.requires_grad_(False)
+    for name, prm in net.unet.named_parameters():
+        prm.requires_grad_("motion_modules" in name)
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(B, 3, S, S, generator=g)
+    clip_emb, face_emb = torch.randn(B, c["cross_attention_dim"], generator=g), torch.randn(B, 512, generator=g)
+    keep = torch.ones(B, dtype=torch.bool)
+    base = None
+    for T in lengths:
+        x = torch.randn(B, 3, T, S, S, generator=g)
+        heat = pose_heatmaps(torch.rand(B, T, J, 3, generator=g), S, 1.0)
+
+        def step():
+            net.zero_grad(set_to_none=True)
+            net(x, torch.tensor([100, 800][:B]), heat, 1.5, ref, clip_emb, face_emb, keep).square().mean().backward()
+            net.store.clear()
+        ts = timeit(step, repeat=3)
+        base = base or ts / T
+        print(f"| dance stage C fwd+bwd, batch {B} clips x T = {T} frames at {S} px | {ts * 1e3:.0f} ms "
+              f"({ts / T / base:.2f}x the per-frame cost at T = {lengths[0]}) |")
+    x, heat = torch.randn(2, 3, 16, S, S, generator=g), pose_heatmaps(torch.rand(2, 16, J, 3, generator=g), S, 1.0)
+    ctx = net.context(clip_emb[:1].repeat(2, 1), face_emb[:1].repeat(2, 1), torch.tensor([True, False]))
+
+    def sample_step():
+        with torch.no_grad():
+            net.denoise(x, torch.tensor([500, 500]), heat, 1.5, ctx)
+    with torch.no_grad():
+        net.reference(ref[:1].repeat(2, 1, 1, 1), ctx, torch.tensor([True, False]))
+    ts = timeit(sample_step, repeat=3)
+    net.store.clear()
+    print(f"| dance sampling, one denoising step of a 16-frame window with guidance at {S} px | "
+          f"{ts * 1e3:.0f} ms ({16 / ts:.0f} frame-steps/s; 25 steps: {16 / ts / 25:.1f} frames/s) |")
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

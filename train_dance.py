@@ -2,10 +2,12 @@
 A: the music-to-pose (M2P) encoder: a music window + the reference pose + the reference face crop ->
    per-frame joint heatmaps and a face embedding that matches a frozen face recognizer (ArcFace IResNet).
 B: single frames: pose guider + denoising UNet + ReferenceNet + face tokens: the reference dancer in a pose.
-C (temporal modules) lands later.
+C: clips: AnimateDiff motion modules join B's UNet and only they train (sequence-length curriculum).
 
     python train_dance.py --training_stage A                      # toy dancers on a CPU, minutes
     python train_dance.py --training_stage B                      # after A: its final/ M2P
+    python train_dance.py --training_stage C                      # after B: its final/
+    python train_dance.py --training_stage all                    # A -> B -> C; --resume=auto continues
     torchrun --nproc_per_node=2 train_dance.py --training_stage A # DDP (gloo on CPU, nccl on GPU)
     accelerate launch train_dance.py --cfg configs/dance_stage_b.yaml
     python train_dance.py --training_stage B --resume=auto        # continue the stage's latest checkpoint
