@@ -540,6 +540,19 @@ def evaluate_b(net, vae, clip, recognizer, scheduler, val_set, cfg, step, out_di
     return m, grid
 
 
+def backward_and_step(accelerator, net, optimizer, loss, guard, step, grad_clip):
+    """Stages B and C: backward, clear the reference store (only after backward: gradient checkpointing
+    re-reads it there), clip, and step unless the gradient is not finite (counted by guard)."""
+    accelerator.backward(loss)
+    net.store.clear()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    grad_norm = accelerator.clip_grad_norm_(params, grad_clip).item()
+    if guard.ok(math.isfinite(grad_norm), step, f"loss {loss.item():.4g}, grad norm {grad_norm:.4g}",
+                accelerator.is_main_process):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
 def stage_b(cfg):
     """Stage B: pose guider, denoising UNet, ReferenceNet and face tokens train at stage_b_lr on single
     frames; VAE, CLIP and face recognizer are frozen; M2P (from stage A) joins at m2p_unfreeze_step."""
@@ -683,13 +696,7 @@ def stage_b(cfg):
             loss = cfg.diffusion_loss_weight * parts["diff"] + cfg.id_loss_weight * parts["id"]
             if "heat" in parts:
                 loss = loss + cfg.pose_loss_weight * parts["heat"]
-        accelerator.backward(loss)
-        raw.store.clear()  # after backward: gradient checkpointing re-reads the reference there
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        grad_norm = accelerator.clip_grad_norm_(params, cfg.grad_clip).item()
-        if guard.ok(math.isfinite(grad_norm), step, f"loss {loss.item():.4g}, grad norm {grad_norm:.4g}", main_proc):
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = backward_and_step(accelerator, raw, optimizer, loss, guard, step, cfg.grad_clip)
 
         if main_proc and step % cfg.log_every == 0:
             dt = (time.perf_counter() - t_last) / (cfg.log_every if step > start_step else 1)
@@ -911,12 +918,7 @@ def stage_c(cfg):
                 parts["id"] = out.sum() * 0.0
             loss = (cfg.diffusion_loss_weight * parts["diff"] + cfg.temporal_loss_weight * parts["temp"]
                     + cfg.id_loss_weight * parts["id"])
-        accelerator.backward(loss)
-        raw.store.clear()
-        grad_norm = accelerator.clip_grad_norm_(temporal, cfg.grad_clip).item()
-        if guard.ok(math.isfinite(grad_norm), step, f"loss {loss.item():.4g}, grad norm {grad_norm:.4g}", main_proc):
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = backward_and_step(accelerator, raw, optimizer, loss, guard, step, cfg.grad_clip)
         if main_proc and step % cfg.log_every == 0:
             dt = (time.perf_counter() - t_last) / (cfg.log_every if step > start_step else 1)
             t_last = time.perf_counter()
