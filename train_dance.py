@@ -954,7 +954,7 @@ def main(cfg):
             stages[stage](dataclasses.replace(cfg, training_stage=stage))
         return None
     if cfg.training_stage not in stages:
-        raise InputError(f"--training_stage={cfg.training_stage!r}: expected A, B, C or all")
+        raise InputError(f"--training_stage={cfg.training_stage!r}: expected one of the stages A, B, C or all")
     return stages[cfg.training_stage](cfg)
 
 
