@@ -798,7 +798,7 @@ def evaluate_c(net, vae, clip, recognizer, scheduler, val_set, cfg, step, out_di
     k = np.linspace(0, T - 1, min(8, T)).round().astype(int)
     rows = [torch.cat([refs[i:i + 1], gt[i, k]]).cpu() for i in range(min(2, n))]
     rows += [torch.cat([refs[i:i + 1], gen[i, k]]).cpu() for i in range(min(2, n))]
-    grid = save_image_grid(rows, out_dir / f"val_{step:06d}.png", [("reference", 1), ("frames", len(k))])
+    grid = save_image_grid(rows, out_dir / f"val_{step:06d}.png", [("reference", 1), (f"rows 1-{min(2, n)}: ground truth, then generated", len(k))])
     net.train()
     return m, grid
 
