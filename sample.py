@@ -263,7 +263,7 @@ def run_dance(cfg, device):
     poses[:, :, 2] = ref_pose[:, 2].to(device)  # visibility: the reference's
     ref_img = F.interpolate(image[None], size=(S, S), mode="bilinear", antialias=True, align_corners=False).to(device)
     gen = torch.Generator(device).manual_seed(cfg.seed)
-    ref_x = to_model_space(vae, ref_img * 1.0, gen)  # (1, C, h, w)
+    ref_x = to_model_space(vae, ref_img, gen)  # (1, C, h, w)
     C, h = ref_x.shape[1], ref_x.shape[-1]
     size = min(cfg.context_frames, net.unet.config.motion_max_seq_length)
     windows = context_windows(T, size, min(cfg.context_overlap, size - 1))
@@ -303,18 +303,17 @@ def run_dance(cfg, device):
     np.save(out / "poses.npy", poses.cpu().numpy())
     size_px = S * k
 
-    def skeletons():
-        for p in poses.cpu().numpy():
-            im = Image.new("RGB", (size_px, size_px), (255, 255, 255))
-            draw_skeleton(im, p, (220, 0, 0), size_px)
-            yield np.asarray(im)
+    def skeleton(p):  # (size_px, size_px, 3) uint8: M2P's pose on white
+        im = Image.new("RGB", (size_px, size_px), (255, 255, 255))
+        draw_skeleton(im, p, (220, 0, 0), size_px)
+        return np.asarray(im)
 
-    pose_video = write_video(out / "poses.mp4", skeletons(), fps, cfg.music)
+    pose_np = poses.cpu().numpy()
+    pose_video = write_video(out / "poses.mp4", (skeleton(p) for p in pose_np), fps, cfg.music)
     idx = np.linspace(0, T - 1, min(8, T)).round().astype(int)
     sheet = to_images(vae, rearrange(x[:, :, idx], "b c f h w -> (b f) c h w")).float().cpu()
-    skel = torch.stack([torch.from_numpy(np.array(f)).permute(2, 0, 1).float() / 255 for i, f in enumerate(skeletons())
-                        if i in set(idx.tolist())])
-    skel = F.interpolate(skel, size=(S, S), mode="area")
+    skel = torch.stack([torch.from_numpy(skeleton(pose_np[i]).copy()).permute(2, 0, 1).float() / 255 for i in idx])
+    skel = F.interpolate(skel, size=(S, S), mode="area")  # (8, 3, S, S)
     save_image_grid([torch.cat([ref_img.cpu(), sheet]), torch.cat([ref_img.cpu(), skel])], out / "contact_sheet.png",
                     [("reference", 1), (f"frames {', '.join(map(str, idx))}", len(idx))])
     print(f"wrote {video}, {pose_video}, {out / 'poses.npy'}, {out / 'contact_sheet.png'} ({T} frames, {T / fps:.1f} s)")
