@@ -217,14 +217,25 @@ def gaussian_smooth(x, sigma):
 
 def motion_beats(motion, fps, smooth_s=5 / 60):
     """Motion beats in seconds: local minima of the Gaussian-smoothed mean joint speed (Bailando).
-    motion [T, J, 2+] (visibility ignored); speed k lies between frames k and k + 1, so at (k + 0.5) / fps.
-    Speeds equal to 1e-9 of the largest form flat runs; a run is a minimum only if the speed falls into
-    it and rises out of it. One sample: a beat there. Two (a minimum exactly on a frame, which
-    Bailando's strict argrelextrema(np.less) misses): one beat at that frame. Three or more (a held
-    pose): no beat, as in Bailando; a hold has no one turning instant, and the run's ends are set by
-    the smoothing kernel's reach, not by the dance."""
+    motion [T, J, 2+] (visibility ignored); speed k lies between frames k and k + 1, so at (k + 0.5) / fps."""
     motion = torch.as_tensor(motion, dtype=torch.float64)[..., :2]
-    speed = (motion[1:] - motion[:-1]).norm(dim=-1).mean(-1)  # (T - 1,)
+    return speed_minima((motion[1:] - motion[:-1]).norm(dim=-1).mean(-1), fps, smooth_s)  # speed (T - 1,)
+
+
+def video_beats(frames, fps, smooth_s=5 / 60):
+    """Motion beats of a video, read from its pixels, no pose needed: minima of the mean absolute
+    frame-to-frame change. frames [T, ...] (any layout; one frame per row)."""
+    x = torch.as_tensor(frames, dtype=torch.float64).flatten(1)  # (T, pixels)
+    return speed_minima((x[1:] - x[:-1]).abs().mean(1), fps, smooth_s)
+
+
+def speed_minima(speed, fps, smooth_s=5 / 60):
+    """The beats (s) of a speed curve (T - 1,), sample k at (k + 0.5) / fps: local minima after Gaussian
+    smoothing. Speeds equal to 1e-9 of the largest form flat runs; a run is a minimum only if the speed
+    falls into it and rises out of it. One sample: a beat there. Two (a minimum exactly on a frame,
+    which Bailando's strict argrelextrema(np.less) misses): one beat at that frame. Three or more (a
+    held pose): no beat, as in Bailando; a hold has no one turning instant, and the run's ends are set
+    by the smoothing kernel's reach, not by the dance."""
     v = gaussian_smooth(speed, smooth_s * fps)
     d = v[1:] - v[:-1]  # (T - 2,)
     step = torch.where(d.abs() <= 1e-9 * v.abs().max(), 0.0, d.sign())  # -1 falls, 0 flat, +1 rises

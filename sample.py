@@ -23,6 +23,7 @@ Music at any sample rate -> M2P poses -> frames in overlapping context windows (
 step) -> dance.mp4 with the music (GIF without sound when ffmpeg is missing), poses.mp4 (the skeletons),
 poses.npy and contact_sheet.png.
 """
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +38,10 @@ from tqdm import tqdm
 
 from data import (JOINT_SETS, InputError, RigMismatch, camera_geometry, check_clip, cli, crop_box, draw_skeleton,
                   frames_to_tensors, load_dance_final, load_gslrm_checkpoint, load_mv_checkpoint, load_rgba,
-                  music_features, orbit_c2w, read_audio, read_cameras, read_frame, read_list_file, rig_mismatch,
+                  music_beats, music_features, orbit_c2w, read_audio, read_cameras, read_frame, read_list_file, rig_mismatch,
                   save_image_grid, save_ply, write_video)
-from losses import masked_psnr, psnr, soft_argmax, ssim
+from losses import (beat_alignment, beats_within, masked_psnr, motion_beats, psnr, soft_argmax, ssim,
+                    video_beats)
 from models import (Conditioner, clip_image_embeds, context_windows, mv_schedulers, pose_heatmaps, sample_views,
                     to_images, to_model_space)
 
@@ -71,6 +73,7 @@ class Config:
     context_frames: int = 24  # frames per window (CHAMP: 24; at most the motion modules' table)
     context_overlap: int = 4
     max_seconds: float = 0.0  # 0: all of the music
+    dance_eval_list: str = ""  # held-out clips: dance videos from their music alone, scored (see run_dance_eval)
     video_size: int = 256  # output frames are upscaled (nearest) to at least this
 
 
@@ -244,12 +247,12 @@ def read_dance_reference(cfg, J, fps):
 
 
 @torch.no_grad()
-def run_dance(cfg, device):
-    d = load_dance_final(cfg.dance_checkpoint, device)
+def generate_dance(d, cfg, image, ref_pose, box, audio, sr, device):
+    """Music (audio at sr) + a reference (image, its pose, its face box) -> (x, poses, ref_img): the video
+    in model space (1, C, T, h, w), M2P's poses (T, J, 3) and the reference at the model's size. T is the
+    music's length at the run's fps (at most cfg.max_seconds)."""
     c, net, vae, sched = d["cfg"], d["net"], d["vae"], d["scheduler"]
     J, fps, S = JOINT_SETS[c["joints"]], c["fps"], c["image_size"]
-    image, ref_pose, box = read_dance_reference(cfg, J, fps)
-    audio, sr = read_audio(cfg.music)
     T = int(len(audio) / sr * fps) if not cfg.max_seconds else min(int(len(audio) / sr * fps), int(cfg.max_seconds * fps))
     if T < 2:
         raise InputError(f"{cfg.music}: {len(audio) / sr:.2f} s of audio, too short for a video")
@@ -289,13 +292,30 @@ def run_dance(cfg, device):
         x = sched.step(acc / count[None, None, :, None, None], t, x).prev_sample  # overlaps: averaged
     bar.close()
     net.store.clear()
+    return x, poses, ref_img
+
+
+def decoded(vae, x, chunk=16):
+    """Model-space video (1, C, T, h, w) -> (f, 3, H, W) images in [0, 1], chunk frames at a time: a long
+    video never sits in memory decoded."""
+    for s in range(0, x.shape[2], chunk):
+        yield to_images(vae, rearrange(x[:, :, s:s + chunk], "b c f h w -> (b f) c h w")).float()
+
+
+@torch.no_grad()
+def run_dance(cfg, device):
+    d = load_dance_final(cfg.dance_checkpoint, device)
+    J, fps, S = JOINT_SETS[d["cfg"]["joints"]], d["cfg"]["fps"], d["cfg"]["image_size"]
+    image, ref_pose, box = read_dance_reference(cfg, J, fps)
+    audio, sr = read_audio(cfg.music)
+    x, poses, ref_img = generate_dance(d, cfg, image, ref_pose, box, audio, sr, device)
+    T, vae = x.shape[2], d["vae"]
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     k = max(1, -(-cfg.video_size // S))  # integer upscale
 
-    def frames():  # decoded 16 at a time: a long video never sits in memory decoded
-        for s in range(0, T, 16):
-            im = to_images(vae, rearrange(x[:, :, s:s + 16], "b c f h w -> (b f) c h w")).float()
+    def frames():
+        for im in decoded(vae, x):
             im = F.interpolate(im, scale_factor=k, mode="nearest")
             yield from (im.permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
 
@@ -320,7 +340,65 @@ def run_dance(cfg, device):
     return video
 
 
+@torch.no_grad()
+def run_dance_eval(cfg, device):
+    """The end-to-end dance metrics from music alone, on held-out clips: each clip's music and its frame
+    ref_frame -> a video (cfg.max_seconds long). Beat alignment of the generated video's motion, read
+    from its pixels (video_beats: no pose model), and of the M2P poses that drove it, against the
+    clip's music beats and against the next clip's (shuffled music: a video that ignores the music
+    scores the same on both); the ground-truth frames' score as the ceiling. Identity: recognizer
+    cosine of the generated face (the reference's face box, moved with M2P's nose joint) with the
+    reference face, against the next clip's dancer."""
+    d = load_dance_final(cfg.dance_checkpoint, device)
+    c = d["cfg"]
+    J, fps, S = JOINT_SETS[c["joints"]], c["fps"], c["image_size"]
+    clips = read_list_file(cfg.dance_eval_list)[: cfg.eval_samples or None]
+    if len(clips) < 2:
+        raise InputError(f"{cfg.dance_eval_list}: the shuffled-music control needs at least 2 clips")
+    runs = []
+    for path in clips:
+        clip = check_clip(path, fps)
+        image, ref_pose, box = read_dance_reference(dataclasses.replace(cfg, ref_image=str(path)), J, fps)
+        audio, sr = read_audio(path / "audio.wav")
+        x, poses, _ = generate_dance(d, cfg, image, ref_pose, box, audio, sr, device)
+        T = x.shape[2]
+        gen = torch.cat([im.cpu() for im in decoded(d["vae"], x)])  # (T, 3, S, S)
+        gt = torch.stack([read_frame(clip["source"], t) for t in range(T)])
+        gt = F.interpolate(gt, size=(S, S), mode="bilinear", antialias=True, align_corners=False)
+        shift = (poses[:, 0, :2].cpu() - ref_pose[0, :2]).repeat(1, 2)  # (T, 4): the nose's move
+        faces = crop_box(gen, box[None] + shift, 112)  # (T, 3, 112, 112)
+        runs.append(dict(gen=gen, gt=gt, poses=poses.cpu(), beats=beats_within(music_beats(audio, sr, fps), T, fps),
+                         face=F.normalize(d["recognizer"]((faces * 2 - 1).to(device)), dim=-1).cpu(),
+                         ref_face=F.normalize(d["recognizer"](crop_box(image, box, 112)[None].to(device) * 2 - 1),
+                                              dim=-1).cpu()))
+    n = len(runs)
+    score = lambda f, k: float(np.mean([beat_alignment(runs[(i + k) % n]["beats"], f(runs[i])) for i in range(n)]))  # noqa: E731
+    video, pose = (lambda r: video_beats(r["gen"], fps)), (lambda r: motion_beats(r["poses"], fps))
+    m = {"beat_align_video": score(video, 0), "beat_align_video_shuffled": score(video, 1),
+         "beat_align_pose": score(pose, 0), "beat_align_pose_shuffled": score(pose, 1),
+         "beat_align_video_gt": score(lambda r: video_beats(r["gt"], fps), 0),
+         "id_cos": float(np.mean([(r["face"] @ r["ref_face"].T).mean() for r in runs])),
+         "id_cos_other": float(np.mean([(r["face"] @ runs[(i + 1) % n]["ref_face"].T).mean()
+                                        for i, r in enumerate(runs)])),
+         "psnr_vs_gt": float(np.mean([psnr(r["gen"], r["gt"]).mean().item() for r in runs])),
+         "clips": n, "seconds": runs[0]["gen"].shape[0] / fps, "dance_checkpoint": str(cfg.dance_checkpoint)}
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    idx = np.linspace(0, len(runs[0]["gen"]) - 1, 8).round().astype(int)
+    rows = [torch.cat([r["gt"][idx[:4]], r["gen"][idx]]) for r in runs[:6]]
+    save_image_grid(rows, out / "dance_eval.png", [("ground truth", 4), ("generated from music", 8)])
+    write_video(out / "dance_eval.mp4", (np.concatenate([a, b], 1) for a, b in zip(
+        *((im.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8) for im in (runs[0]["gt"], runs[0]["gen"])))),
+        fps, clips[0] / "audio.wav")
+    (out / "metrics.json").write_text(json.dumps(m, indent=1))
+    print(" | ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items()))
+    print(f"wrote {out}/metrics.json, dance_eval.png, dance_eval.mp4")
+    return m
+
+
 def main(cfg):
+    if cfg.dance_eval_list:
+        return run_dance_eval(cfg, "cuda" if torch.cuda.is_available() else "cpu")
     if cfg.music:
         return run_dance(cfg, "cuda" if torch.cuda.is_available() else "cpu")
     if bool(cfg.input_image) == bool(cfg.eval_list):

@@ -89,6 +89,8 @@ class Config:
     scheduled_sampling_start: float = 0.8  # fraction of stage-B steps after which M2P poses replace the truth
     image_size: int = 32  # frames resized to this; the toy denoises pixels, SD latents are 1/8 of it
     unet_preset: str = "toy"  # DANCE_UNET_CONFIGS key, used when unet_path is ""
+    toy_pretrain_steps: int = 300  # unet_path "": the preset UNet first learns the training frames
+    # unconditionally this long (the toy's SD, cached in <out_dir>/toy_unet/; 0: a random start)
     unet_path: str = ""  # SD-1.5 `unet/` folder: denoiser and ReferenceNet both start from it
     vae_path: str = ""  # SD `vae/` folder (frozen); "": pixel space (the toy)
     clip_path: str = ""  # CLIPVisionModelWithProjection folder (frozen); "": a frozen random toy CLIP
@@ -473,6 +475,51 @@ def build_stage_b(cfg, J, device):
     return net, vae, clip, recognizer
 
 
+def toy_unet(cfg, train_set, accelerator, batch_size=16, lr=1e-3, frames_per_clip=24):
+    """The toy's stand-in for SD-1.5's UNet: the unet_preset UNet trained as an unconditional denoiser
+    (context zero, stage B's scheduler) on frames of the training clips, toy_pretrain_steps at batch
+    16. CHAMP's denoiser and ReferenceNet both start from SD; from random weights the toy's reference
+    attention is not taken up in stage B's budget (docs/experiments.md). Written once to
+    <out_dir>/toy_unet/unet (diffusers layout) with the settings it was made with; later runs reuse it.
+    Returns that folder."""
+    from diffusers import UNet2DConditionModel
+    from tqdm import tqdm
+    out = Path(cfg.out_dir) / "toy_unet"
+    spec = {"unet_preset": cfg.unet_preset, "image_size": cfg.image_size, "steps": cfg.toy_pretrain_steps,
+            "seed": cfg.seed, "train_list": str((Path(cfg.data_dir) / cfg.train_list).resolve()), "prediction_type": cfg.prediction_type,
+            "beta_schedule": cfg.beta_schedule}
+    done = lambda: (out / "spec.json").is_file() and yaml.safe_load((out / "spec.json").read_text()) == spec  # noqa: E731
+    if accelerator.is_main_process and not done():
+        scheduler, gen = dance_scheduler(cfg), seeded(cfg.seed, 7)
+        with torch.random.fork_rng():  # the same weights whatever ran before
+            torch.manual_seed(cfg.seed)
+            unet = UNet2DConditionModel(**DANCE_UNET_CONFIGS[cfg.unet_preset])
+        frames = torch.stack([train_set.resize(read_frame(c["source"], int(t))) for c in train_set.clips
+                              for t in np.linspace(0, c["T"] - 1, frames_per_clip)])  # (N, 3, S, S)
+        x_all = to_model_space(None, frames)
+        opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+        ctx = torch.zeros(batch_size, 1, unet.config.cross_attention_dim)
+        alphas = scheduler.alphas_cumprod
+        for step in tqdm(range(cfg.toy_pretrain_steps), desc="toy UNet (the toy's SD)", mininterval=10):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, lr, cfg.toy_pretrain_steps, cfg)
+            x0 = x_all[torch.randint(len(x_all), (batch_size,), generator=gen)]  # (b, 3, S, S)
+            noise, t = torch.randn(x0.shape, generator=gen), torch.randint(0, 1000, (batch_size,), generator=gen)
+            pred = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=ctx).sample
+            loss = weighted_mse(pred, diffusion_target(scheduler, x0, noise, t),
+                                min_snr_weight(alphas[t], cfg.min_snr_gamma, cfg.prediction_type))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+            opt.step()
+        print(f"toy UNet: {cfg.toy_pretrain_steps} steps, last loss {loss.item():.4f} -> {out / 'unet'}")
+        with atomic_dir(out) as tmp:
+            unet.save_pretrained(tmp / "unet")
+            (tmp / "spec.json").write_text(yaml.safe_dump(spec))
+    accelerator.wait_for_everyone()
+    return out / "unet"
+
+
 @torch.no_grad()
 def evaluate_b(net, vae, clip, recognizer, scheduler, val_set, cfg, step, out_dir, device):
     """Held-out clips (dancers never trained on), reference = frame 0, frames generated at the ground-
@@ -571,7 +618,8 @@ def stage_b(cfg):
     val_set = DanceClipDataset(data_dir / cfg.val_list, cfg.window, cfg.joints, cfg.fps, start=0, ref_frame=0,
                                image_size=cfg.image_size)
     m2p, a_cfg = load_stage_a(cfg, train_set.music_dim, device)
-    net, vae, clip, recognizer = build_stage_b(cfg, train_set.J, device)
+    unet_path = cfg.unet_path or (str(toy_unet(cfg, train_set, accelerator)) if cfg.toy_pretrain_steps else "")
+    net, vae, clip, recognizer = build_stage_b(dataclasses.replace(cfg, unet_path=unet_path), train_set.J, device)
     scheduler = dance_scheduler(cfg)
     factor = 8 if vae is not None else 1  # image px per UNet input px
     if net.guider.down != factor:  # heatmaps come at the image size, the guider brings them to the UNet's

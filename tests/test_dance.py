@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import train_dance
 from data import DanceClipDataset, InputError, check_clip, load_config
-from losses import beat_alignment, gaussian_heatmaps, heatmap_loss, motion_beats, soft_argmax
+from losses import beat_alignment, gaussian_heatmaps, heatmap_loss, motion_beats, soft_argmax, video_beats
 from models import IRESNET_CONFIGS, IResNet, M2P_CONFIGS, M2PEncoder, load_iresnet
 from conftest import DANCE_FPS, DANCE_SECONDS
 
@@ -53,6 +53,22 @@ def test_beat_alignment_on_beat_motion_scores_near_one_and_shifted_lower():
     t = np.arange(8 * 60) / 60
     fps = 60
     assert beat_alignment(beats, motion_beats(dancer(0.0), fps)) > 0.95
+
+
+def test_video_beats_read_the_beats_from_pixels():
+    fps, period = 30, 0.5
+    t = np.arange(6 * fps) / fps
+    beats = np.arange(0.25, 5.8, period)
+    cells = np.arange(32) / 32
+
+    def video(shift):  # a blob swinging left-right, at rest at the beats (+ shift): (T, 32, 32)
+        x = 0.5 + 0.2 * np.cos(2 * np.pi * (t - beats[0] - shift) / (2 * period))
+        blob = np.exp(-((cells[None, :] - x[:, None]) ** 2) / (2 * 0.05**2))  # (T, 32)
+        return np.repeat(blob[:, None, :], 32, 1) + 0.8
+
+    assert beat_alignment(beats, video_beats(video(0.0), fps)) > 0.9
+    assert beat_alignment(beats, video_beats(video(0.12), fps)) < 0.3
+    assert len(video_beats(np.ones((20, 4, 4)), fps)) == 0  # a still video has no beats
 
 
 def test_music_features_have_one_row_per_video_frame_and_beats_at_the_beats(tiny_dance):

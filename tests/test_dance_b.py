@@ -272,6 +272,7 @@ def test_sample_frames_are_finite_and_batch_independent(net):
 A_ARGS = ["--m2p_preset=tiny", "--window=30", "--stage_a_steps=2", "--batch_size=2", "--val_clips=2",
           "--val_every=2", "--ckpt_every=2", "--warmup_steps=2"]
 B_ARGS = ["--training_stage=B", "--m2p_preset=tiny", "--window=30", "--unet_preset=tiny", "--image_size=16",
+          "--toy_pretrain_steps=2",
           "--stage_b_steps=4", "--batch_size=2", "--val_every=4", "--ckpt_every=2", "--val_clips=2",
           "--val_steps=2", "--id_loss_max_t=900", "--warmup_steps=2", "--log_every=1"]
 
@@ -296,6 +297,7 @@ def test_stage_b_runs_after_stage_a_starts_from_its_m2p_and_resumes_exactly(tiny
     x = tmp_path / "x" / "stage_B"
     val = [json.loads(line) for line in (x / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(v["ref_swap"]) for v in val)  # the reference-use diagnostic is logged
+    assert (tmp_path / "x" / "toy_unet" / "unet" / "config.json").is_file()  # the toy's SD, pretrained first
     final = x / "final"
     for name in ("unet", "referencenet", "scheduler"):
         assert (final / name).is_dir(), name

@@ -114,7 +114,7 @@ ALL_ARGS = ["--m2p_preset=tiny", "--window=30", "--stage_a_steps=2", "--batch_si
             "--val_every=2", "--ckpt_every=2", "--warmup_steps=2", "--unet_preset=tiny", "--image_size=16",
             "--stage_b_steps=2", "--val_steps=2", "--id_loss_max_t=900", "--log_every=1", "--stage_c_steps=4",
             "--seq_len_start=2", "--seq_len_end=4", "--seq_len_ramp_steps=2", "--stage_c_val_clips=2",
-            "--motion_heads=2"]
+            "--motion_heads=2", "--toy_pretrain_steps=2"]
 
 
 def train(data, out, *args):
@@ -164,6 +164,14 @@ def test_all_chains_the_stages_and_stage_c_resumes_exactly(tiny_dance, tmp_path,
     assert poses.shape[1:] == (24, 3) and np.isfinite(poses).all() and len(poses) >= 30
     half = dance_sample(final, clip_dir, tmp_path / "h", max_seconds=0.5)
     assert len(np.load(tmp_path / "h" / "poses.npy")) == 15 and half.is_file()
+    # the end-to-end metrics from music alone on listed clips
+    m = sample.main(load_config(sample.Config, [
+        f"--dance_checkpoint={final}", f"--dance_eval_list={tiny_dance / 'data_train.txt'}", "--max_seconds=0.5",
+        f"--output_dir={tmp_path / 'e'}", "--steps=2", "--context_frames=3", "--context_overlap=1"]))
+    assert m["clips"] >= 2 and all(math.isfinite(m[k]) for k in ("beat_align_video", "beat_align_video_shuffled",
+                                                                  "beat_align_pose", "id_cos", "id_cos_other"))
+    for name in ("metrics.json", "dance_eval.png"):
+        assert (tmp_path / "e" / name).is_file(), name
 
     # --resume=auto: the finished stages are skipped, C continues from its checkpoint-2 bitwise
     y = tmp_path / "y"
