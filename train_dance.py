@@ -31,7 +31,7 @@ from einops import rearrange
 from PIL import Image
 from safetensors.torch import load_model, save_model
 
-from data import (JOINT_SETS, VISIBLE, ConfigError, DanceClipDataset, InputError, SkipGuard, StepSampler,
+from data import (JOINT_SETS, VISIBLE, ConfigError, DanceClipDataset, InputError, SkipGuard, StepSampler, check_clip,
                   atomic_dir, box_mask, check_flags, cli, crop_box, load_checkpoint, log_metrics, make_accelerator,
                   music_beats, prepare_run, read_audio, read_frame, read_list_file, save_checkpoint, save_config, save_image_grid,
                   write_skeleton_video, write_video)
@@ -80,17 +80,17 @@ class Config:
     grad_clip: float = 1.0
     num_workers: int = 0
     # stage B: pose guider + denoising UNet + ReferenceNet + face tokens on single frames
-    stage_b_steps: int = 800
+    stage_b_steps: int = 1500
     stage_b_lr: float = 1e-3  # the toy's; the seed (and configs/dance_stage_b.yaml): 1e-4
     referencenet_lr: float = 1e-4  # the seed's 1e-4: at the toy's 1e-3 its tokens collapse to constants
     m2p_lr_stage_b: float = 1e-5  # M2P's group, from m2p_unfreeze_step on
-    m2p_unfreeze_step: int = 640  # M2P trains (with its pose loss) from here; before, frozen and detached
+    m2p_unfreeze_step: int = 1200  # M2P trains (with its pose loss) from here; before, frozen and detached
     m2p_path: str = ""  # stage A's final/ folder; "": <out_dir>/stage_A/final
     scheduled_sampling_start: float = 0.8  # fraction of stage-B steps after which M2P poses replace the truth
     image_size: int = 32  # frames resized to this; the toy denoises pixels, SD latents are 1/8 of it
     unet_preset: str = "toy"  # DANCE_UNET_CONFIGS key, used when unet_path is ""
-    toy_pretrain_steps: int = 300  # unet_path "": the preset UNet first learns the training frames
-    # unconditionally this long (the toy's SD, cached in <out_dir>/toy_unet/; 0: a random start)
+    toy_pretrain_steps: int = 1000  # unet_path "": start from the preset UNet pretrained unconditionally on
+    # the training frames this long (toy_unet: the toy's SD, made once in data_dir; 0: a random start)
     unet_path: str = ""  # SD-1.5 `unet/` folder: denoiser and ReferenceNet both start from it
     vae_path: str = ""  # SD `vae/` folder (frozen); "": pixel space (the toy)
     clip_path: str = ""  # CLIPVisionModelWithProjection folder (frozen); "": a frozen random toy CLIP
@@ -126,7 +126,7 @@ class Config:
     stage_c_val_clips: int = 4  # whole held-out clips of seq_len_end frames, generated at steps 0 and last
     val_frames: int = 4  # generated frames per held-out clip
     val_steps: int = 25  # DDIM steps at validation
-    val_guidance: float = 2.0
+    val_guidance: float = 1.0  # the toy scores best unguided (docs/experiments.md); the real configs: 3.5
     # run
     out_dir: str = "out/dance"  # stage X writes to <out_dir>/stage_X/
     resume: str = ""  # "" | auto | path to a checkpoint-<step> dir
@@ -203,7 +203,8 @@ def evaluate(m2p, recognizer, val_set, mean_pose, beats, cfg, step, out_dir, dev
 
 def start_stage(cfg, accelerator, stage):
     """A stage's start: per-rank seed, <out_dir>/stage_<X>/, the printed config, wandb (its files in
-    that folder), and the toy dancers when data_dir is the default. Returns (out_dir, data_dir)."""
+    that folder), and the toy dancers and their pretrained UNet (toy_unet) when data_dir is the default.
+    Returns (out_dir, data_dir)."""
     set_seed(cfg.seed + accelerator.process_index)
     out_dir = Path(cfg.out_dir) / f"stage_{stage}"
     if accelerator.is_main_process:
@@ -216,6 +217,8 @@ def start_stage(cfg, accelerator, stage):
     if data_dir == Path(Config.data_dir):
         toy_dance(data_dir, accelerator, n=cfg.toy_clips, seconds=cfg.toy_seconds, size=cfg.toy_image_size,
                   fps=cfg.fps, seed=cfg.seed)
+        if stage in "AB" and not cfg.unet_path and cfg.toy_pretrain_steps:  # the toy set's "SD", made with it
+            toy_unet(cfg, accelerator)
     return out_dir, data_dir
 
 
@@ -475,32 +478,36 @@ def build_stage_b(cfg, J, device):
     return net, vae, clip, recognizer
 
 
-def toy_unet(cfg, train_set, accelerator, batch_size=16, lr=1e-3, frames_per_clip=24):
+def toy_unet(cfg, accelerator, batch_size=16, lr=1e-3, frames_per_clip=24):
     """The toy's stand-in for SD-1.5's UNet: the unet_preset UNet trained as an unconditional denoiser
     (context zero, stage B's scheduler) on frames of the training clips, toy_pretrain_steps at batch
     16. CHAMP's denoiser and ReferenceNet both start from SD; from random weights the toy's reference
-    attention is not taken up in stage B's budget (docs/experiments.md). Written once to
-    <out_dir>/toy_unet/unet (diffusers layout) with the settings it was made with; later runs reuse it.
-    Returns that folder."""
+    attention is barely taken up in stage B's budget (docs/experiments.md). Like SD, it is made once
+    and then only read: <data_dir>/toy_unet/<preset>_<size>px_<steps>/unet (diffusers layout), made
+    with the toy data (start_stage) or by the first stage B on other data. Returns that folder."""
     from diffusers import UNet2DConditionModel
     from tqdm import tqdm
-    out = Path(cfg.out_dir) / "toy_unet"
+    out = Path(cfg.data_dir) / "toy_unet" / f"{cfg.unet_preset}_{cfg.image_size}px_{cfg.toy_pretrain_steps}"
     spec = {"unet_preset": cfg.unet_preset, "image_size": cfg.image_size, "steps": cfg.toy_pretrain_steps,
-            "seed": cfg.seed, "train_list": str((Path(cfg.data_dir) / cfg.train_list).resolve()), "prediction_type": cfg.prediction_type,
-            "beta_schedule": cfg.beta_schedule}
+            "seed": cfg.seed, "train_list": str(cfg.train_list), "prediction_type": cfg.prediction_type,
+            "beta_schedule": cfg.beta_schedule, "zero_snr": cfg.zero_snr}
     done = lambda: (out / "spec.json").is_file() and yaml.safe_load((out / "spec.json").read_text()) == spec  # noqa: E731
     if accelerator.is_main_process and not done():
+        print(f"the toy's SD: the {cfg.unet_preset} UNet learns the training frames unconditionally, once -> {out}")
         scheduler, gen = dance_scheduler(cfg), seeded(cfg.seed, 7)
         with torch.random.fork_rng():  # the same weights whatever ran before
             torch.manual_seed(cfg.seed)
             unet = UNet2DConditionModel(**DANCE_UNET_CONFIGS[cfg.unet_preset])
-        frames = torch.stack([train_set.resize(read_frame(c["source"], int(t))) for c in train_set.clips
-                              for t in np.linspace(0, c["T"] - 1, frames_per_clip)])  # (N, 3, S, S)
+        clips = [check_clip(d, cfg.fps) for d in read_list_file(Path(cfg.data_dir) / cfg.train_list)]
+        frames = torch.stack([read_frame(c["source"], int(t)) for c in clips
+                              for t in np.linspace(0, c["T"] - 1, frames_per_clip)])  # (N, 3, H, W)
+        frames = F.interpolate(frames, size=(cfg.image_size,) * 2, mode="bilinear", antialias=True,
+                               align_corners=False)  # (N, 3, S, S), as DanceClipDataset.resize
         x_all = to_model_space(None, frames)
         opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=cfg.weight_decay)
         ctx = torch.zeros(batch_size, 1, unet.config.cross_attention_dim)
         alphas = scheduler.alphas_cumprod
-        for step in tqdm(range(cfg.toy_pretrain_steps), desc="toy UNet (the toy's SD)", mininterval=10):
+        for step in tqdm(range(cfg.toy_pretrain_steps), desc="toy SD", mininterval=10):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, lr, cfg.toy_pretrain_steps, cfg)
             x0 = x_all[torch.randint(len(x_all), (batch_size,), generator=gen)]  # (b, 3, S, S)
@@ -512,7 +519,7 @@ def toy_unet(cfg, train_set, accelerator, batch_size=16, lr=1e-3, frames_per_cli
             loss.backward()
             torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
             opt.step()
-        print(f"toy UNet: {cfg.toy_pretrain_steps} steps, last loss {loss.item():.4f} -> {out / 'unet'}")
+        print(f"the toy's SD: {cfg.toy_pretrain_steps} steps, last loss {loss.item():.4f}")
         with atomic_dir(out) as tmp:
             unet.save_pretrained(tmp / "unet")
             (tmp / "spec.json").write_text(yaml.safe_dump(spec))
@@ -618,7 +625,7 @@ def stage_b(cfg):
     val_set = DanceClipDataset(data_dir / cfg.val_list, cfg.window, cfg.joints, cfg.fps, start=0, ref_frame=0,
                                image_size=cfg.image_size)
     m2p, a_cfg = load_stage_a(cfg, train_set.music_dim, device)
-    unet_path = cfg.unet_path or (str(toy_unet(cfg, train_set, accelerator)) if cfg.toy_pretrain_steps else "")
+    unet_path = cfg.unet_path or (str(toy_unet(cfg, accelerator)) if cfg.toy_pretrain_steps else "")
     net, vae, clip, recognizer = build_stage_b(dataclasses.replace(cfg, unet_path=unet_path), train_set.J, device)
     scheduler = dance_scheduler(cfg)
     factor = 8 if vae is not None else 1  # image px per UNet input px

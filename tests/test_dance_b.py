@@ -297,7 +297,7 @@ def test_stage_b_runs_after_stage_a_starts_from_its_m2p_and_resumes_exactly(tiny
     x = tmp_path / "x" / "stage_B"
     val = [json.loads(line) for line in (x / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(v["ref_swap"]) for v in val)  # the reference-use diagnostic is logged
-    assert (tmp_path / "x" / "toy_unet" / "unet" / "config.json").is_file()  # the toy's SD, pretrained first
+    assert (tiny_dance / "toy_unet" / "tiny_16px_2" / "unet" / "config.json").is_file()  # the toy's SD, made once
     final = x / "final"
     for name in ("unet", "referencenet", "scheduler"):
         assert (final / name).is_dir(), name
