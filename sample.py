@@ -16,12 +16,14 @@ Dance: music + a reference -> a dance video (train_dance.py's top-level final/):
 
     python sample.py --music song.wav --ref_image data/toy_dance/clip_00095 --output_dir out/dance_sample
     python sample.py --music song.mp3 --ref_image me.png --ref_pose me.json --dance_checkpoint out/dance/final
+    python sample.py --dance_eval_list data/toy_dance/data_val.txt --max_seconds 4 --output_dir out/dance_eval
 
 --ref_image is a clip folder (its frame ref_frame, with that frame's pose and face box) or an image with
 --ref_pose (JSON: "pose": J x [x, y, visibility] and "face_box": [x0, y0, x1, y1], normalised to [0, 1]).
 Music at any sample rate -> M2P poses -> frames in overlapping context windows (averaged at every
 step) -> dance.mp4 with the music (GIF without sound when ffmpeg is missing), poses.mp4 (the skeletons),
-poses.npy and contact_sheet.png.
+poses.npy and contact_sheet.png. --dance_eval_list scores videos made from held-out clips' music alone
+(beat alignment read from the video's pixels and from M2P's poses, against shuffled music; identity).
 """
 import dataclasses
 import json

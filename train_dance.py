@@ -16,7 +16,6 @@ import contextlib
 import copy
 import dataclasses
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +122,8 @@ class Config:
     motion_adapter_path: str = ""  # AnimateDiff MotionAdapter folder (diffusers); "": new motion modules
     motion_heads: int = 4  # attention heads of new motion modules
     stage_b_path: str = ""  # stage B's final/ folder; "": <out_dir>/stage_B/final
+    m2p_lr_stage_c: float = 0.0  # > 0: M2P trains in stage C too, at this lr, with its pose loss on the
+    # clips' music (the seed allows it; the denoiser still sees ground-truth poses); 0: frozen
     stage_c_val_clips: int = 4  # whole held-out clips of seq_len_end frames, generated at steps 0 and last
     val_frames: int = 4  # generated frames per held-out clip
     val_steps: int = 25  # DDIM steps at validation
@@ -371,19 +372,22 @@ MODULES = ("m2p", "face_recognizer", "pose_guider", "face_tokens", "spatial_unet
            "referencenet", "vae", "clip")
 TRAINS = {"A": {"m2p"},
           "B": {"m2p", "pose_guider", "face_tokens", "spatial_unet", "referencenet"},  # m2p from m2p_unfreeze_step
-          "C": {"temporal_modules"}}
+          "C": {"temporal_modules"}}  # + m2p with m2p_lr_stage_c > 0 (the seed's option)
 
 
-def check_freeze(stage, modules, optimizer, notes=None):
+def check_freeze(stage, modules, optimizer, notes=None, options=()):
     """modules: {matrix row: [parameters]} of this stage's model. Prints the matrix and asserts it:
     a row that trains has all its parameters trainable and grouped, but for the number of frozen
-    tensors that `notes` ({row: (count, why)}) explains; a frozen row has none; no parameter sits in two groups."""
+    tensors that `notes` ({row: (count, why)}) explains; a frozen row has none; no parameter sits in two groups.
+    options: rows the seed freezes in this stage that this run trains by choice (printed 'option')."""
+    trains = {s: TRAINS[s] | (set(options) if s == stage else set()) for s in "ABC"}
     grouped = [id(p) for g in optimizer.param_groups for p in g["params"]]
     assert len(grouped) == len(set(grouped)), "a parameter sits in two optimizer groups"
     grouped, notes = set(grouped), notes or {}
     print(f"freeze | {'module':<16} | {'A':<6} | {'B':<6} | {'C':<6} | {'tensors':>7} | {'params':>11} | now")
     for name in MODULES:
-        cells = " | ".join(f"{'train' if name in TRAINS[s] else 'frozen':<6}" for s in "ABC")
+        cells = " | ".join(f"{'option' if name in options and s == stage else 'train' if name in trains[s] else 'frozen':<6}"
+                           for s in "ABC")
         ps = modules.get(name)
         if ps is None:
             print(f"freeze | {name:<16} | {cells} | {'-':>7} | {'-':>11} | not in stage {stage}'s model")
@@ -391,11 +395,11 @@ def check_freeze(stage, modules, optimizer, notes=None):
         live = [p for p in ps if p.requires_grad and id(p) in grouped]
         print(f"freeze | {name:<16} | {cells} | {len(ps):>7} | {sum(p.numel() for p in ps):>11,} | "
               f"{sum(p.numel() for p in live):,} trainable" + (f" ({notes[name][1]})" if name in notes else ""))
-        if name in TRAINS[stage]:
+        if name in trains[stage]:
             frozen = notes.get(name, (0, ""))[0]
             assert len(ps) - len(live) == frozen, (f"{name} trains in stage {stage}: {len(ps) - len(live)} "
                                                    f"tensors do not, {frozen} expected")
-        elif name not in TRAINS[stage]:
+        else:
             assert not live, f"{name} is frozen in stage {stage}, {len(live)} tensors train"
     stray = grouped - {id(p) for ps in modules.values() for p in ps}
     assert not stray, f"{len(stray)} grouped parameters belong to no module of the matrix"
@@ -860,7 +864,7 @@ def evaluate_c(net, vae, clip, recognizer, scheduler, val_set, cfg, step, out_di
 
 def stage_c(cfg):
     """Stage C: AnimateDiff motion modules join the stage-B UNet and only they train, at stage_c_lr, on
-    clips whose length follows seq_len_at(step); everything else (and M2P) is frozen."""
+    clips whose length follows seq_len_at(step); everything else is frozen, M2P too unless m2p_lr_stage_c > 0."""
     accelerator = make_accelerator(cfg.mixed_precision, cfg.wandb)
     main_proc, device, rank = accelerator.is_main_process, accelerator.device, accelerator.process_index
     if cfg.grad_accum != 1:
@@ -879,6 +883,9 @@ def stage_c(cfg):
     val_set = DanceClipDataset(data_dir / cfg.val_list, L, cfg.joints, cfg.fps, start=0, ref_frame=0,
                                image_size=cfg.image_size, frames=L)
     net, vae, clip, recognizer, b_final = load_stage_b(cfg, train_set.J, device)
+    m2p = load_stage_a(dataclasses.replace(cfg, m2p_path=str(b_final)), train_set.music_dim, device)[0]
+    m2p.requires_grad_(cfg.m2p_lr_stage_c > 0)
+    m2p.face_head.requires_grad_(False)  # as in stage B: the identity comes from the recognizer
     adapter = load_motion_adapter(cfg.motion_adapter_path, L) if cfg.motion_adapter_path else None
     net.unet = motion_unet(net.unet, adapter, max_frames=L, heads=cfg.motion_heads).to(device)
     net.install()  # from_unet2d dropped the reference processors
@@ -889,17 +896,22 @@ def stage_c(cfg):
     temporal = [p for n, p in net.unet.named_parameters() if "motion_modules" in n]
     for p in temporal:
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW([{"name": "temporal", "params": temporal, "initial_lr": cfg.stage_c_lr}],
-                                  lr=cfg.stage_c_lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    groups = [{"name": "temporal", "params": temporal, "initial_lr": cfg.stage_c_lr}]
+    if cfg.m2p_lr_stage_c > 0:
+        groups.append({"name": "m2p", "params": [p for p in m2p.parameters() if p.requires_grad],
+                       "initial_lr": cfg.m2p_lr_stage_c})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.stage_c_lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     if main_proc:
         ids = {id(p) for p in temporal}
         rows = {"spatial_unet": [p for p in net.unet.parameters() if id(p) not in ids], "temporal_modules": temporal,
                 "referencenet": list(net.referencenet.parameters()), "pose_guider": list(net.guider.parameters()),
                 "face_tokens": list(net.face_tokens.parameters()), "face_recognizer": list(recognizer.parameters()),
-                "clip": list(clip.parameters())}
+                "clip": list(clip.parameters()), "m2p": list(m2p.parameters())}
         if vae is not None:
             rows["vae"] = list(vae.parameters())
-        check_freeze("C", rows, optimizer)
+        head = len(list(m2p.face_head.parameters()))
+        check_freeze("C", rows, optimizer, {"m2p": (head, f"lr {cfg.m2p_lr_stage_c:g}; face head frozen")},
+                     ["m2p"] if cfg.m2p_lr_stage_c > 0 else [])
         print(f"stage B from {b_final}; motion modules: {cfg.motion_adapter_path or 'new, proj_out zeroed'}; "
               f"group temporal: {len(temporal)} tensors, {sum(p.numel() for p in temporal):,} params, "
               f"lr {cfg.stage_c_lr:g}; clips of {cfg.seq_len_start} -> {L} frames by step {cfg.seq_len_ramp_steps}")
@@ -907,11 +919,12 @@ def stage_c(cfg):
     start_step, guard = 0, SkipGuard(cfg.max_bad_steps)
     resume = prepare_run(out_dir, cfg.resume, cfg.overwrite, accelerator)
     if resume:
-        state = load_checkpoint(resume, {"dance": net}, {"optimizer": optimizer})
+        state = load_checkpoint(resume, {"dance": net, "m2p": m2p}, {"optimizer": optimizer})
         start_step, guard.skipped = state["step"], state["extra"].get("skipped", 0)
         if main_proc:
             print(f"resumed from {resume} at step {start_step}")
     model, optimizer = accelerator.prepare(net, optimizer)
+    m2p_model = accelerator.prepare(m2p) if cfg.m2p_lr_stage_c > 0 else m2p  # DDP only when it trains
     raw = accelerator.unwrap_model(model)
     if main_proc:
         save_config(cfg, out_dir / "config.yaml")
@@ -931,13 +944,16 @@ def stage_c(cfg):
             accelerator.wait_for_everyone()
         if step > start_step and (step % cfg.ckpt_every == 0 or step == total):
             if main_proc:
-                print(f"saved {save_checkpoint(out_dir, step, {'dance': raw}, {'optimizer': optimizer}, cfg, {'skipped': guard.skipped})}")
+                path = save_checkpoint(out_dir, step, {"dance": raw, "m2p": m2p}, {"optimizer": optimizer}, cfg,
+                                       {"skipped": guard.skipped})
+                print(f"saved {path}")
             accelerator.wait_for_everyone()
         if step == total:
             break
 
-        lr = lr_at(step, cfg.stage_c_lr, total, cfg)
-        optimizer.param_groups[0]["lr"] = lr
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step, g["initial_lr"], total, cfg)
+        lr = optimizer.param_groups[0]["lr"]
         T = seq_len_at(step, cfg)
         batch = {k: v.to(device) for k, v in next(loader).items() if torch.is_tensor(v)}
         gen = seeded(cfg.seed, rank, step)
@@ -973,6 +989,10 @@ def stage_c(cfg):
                 parts["id"] = out.sum() * 0.0
             loss = (cfg.diffusion_loss_weight * parts["diff"] + cfg.temporal_loss_weight * parts["temp"]
                     + cfg.id_loss_weight * parts["id"])
+            if cfg.m2p_lr_stage_c > 0:  # M2P's pose loss on the clip's music window (the seed's option)
+                logits, _ = m2p_model(batch["music"], batch["ref_pose"], batch["face"])  # (B, L, J, h, h)
+                parts["heat"], _ = heatmap_loss(logits, batch["poses"], cfg.heatmap_sigma)
+                loss = loss + cfg.pose_loss_weight * parts["heat"]
         grad_norm = backward_and_step(accelerator, raw, optimizer, loss, guard, step, cfg.grad_clip)
         if main_proc and step % cfg.log_every == 0:
             dt = (time.perf_counter() - t_last) / (cfg.log_every if step > start_step else 1)
@@ -990,7 +1010,7 @@ def stage_c(cfg):
                 raw.referencenet.save_pretrained(tmp / "referencenet")
                 save_model(raw.guider, str(tmp / "pose_guider.safetensors"))
                 save_model(raw.face_tokens, str(tmp / "face_tokens.safetensors"))
-                shutil.copy(b_final / "m2p.safetensors", tmp / "m2p.safetensors")
+                save_model(m2p, str(tmp / "m2p.safetensors"))  # B's, unless m2p_lr_stage_c > 0
                 scheduler.save_pretrained(tmp / "scheduler")
                 save_config(cfg, tmp / "config.yaml")
             print(f"saved {final}")

@@ -153,6 +153,16 @@ def test_all_chains_the_stages_and_stage_c_resumes_exactly(tiny_dance, tmp_path,
     spatial = [k for k in c4 if "motion_modules" not in k]
     assert all(torch.equal(c4[k], b[k]) for k in spatial)
 
+    # the seed's option: M2P trains in stage C too (its own group), beside the motion modules only
+    train(tiny_dance, tmp_path / "z", *ALL_ARGS, "--training_stage=C", f"--stage_b_path={x / 'stage_B' / 'final'}",
+          "--m2p_lr_stage_c=1e-3")
+    assert "freeze | m2p              | train  | train  | option" in capsys.readouterr().out
+    m2p_z = load_file(tmp_path / "z" / "final" / "m2p.safetensors")
+    moved = {k.split(".")[0] for k in m2p_z if not torch.equal(m2p_z[k], m2p_b[k])}
+    assert moved and "face_head" not in moved
+    z = load_file(tmp_path / "z" / "stage_C" / "checkpoint-4" / "dance.safetensors")
+    assert all(torch.equal(z[k], b[k]) for k in spatial)
+
     # sample.py: the tiny final/ -> every file; music, poses and frames have the clip's length
     clip_dir = sorted(p for p in tiny_dance.iterdir() if p.name.startswith("clip_"))[-1]
     video = dance_sample(final, clip_dir, tmp_path / "s")
