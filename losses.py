@@ -222,11 +222,17 @@ def motion_beats(motion, fps, smooth_s=5 / 60):
     return speed_minima((motion[1:] - motion[:-1]).norm(dim=-1).mean(-1), fps, smooth_s)  # speed (T - 1,)
 
 
-def video_beats(frames, fps, smooth_s=5 / 60):
-    """Motion beats of a video, read from its pixels, no pose needed: minima of the mean absolute
-    frame-to-frame change. frames [T, ...] (any layout; one frame per row)."""
-    x = torch.as_tensor(frames, dtype=torch.float64).flatten(1)  # (T, pixels)
-    return speed_minima((x[1:] - x[:-1]).abs().mean(1), fps, smooth_s)
+def video_beats(frames, fps, smooth_s=5 / 60, threshold=0.1):
+    """Motion beats of a video read from its pixels, no pose model: minima of the speed of the dancer's
+    silhouette. frames [T, 3, H, W] in [0, 1]; the background colour is each frame's median border
+    pixel, and a pixel is foreground in proportion to its colour's distance from it (max over RGB,
+    saturating at threshold). A generated dancer's clothes that change colour from one context window
+    to the next are then not read as motion."""
+    x = torch.as_tensor(frames, dtype=torch.float64)
+    border = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, :, 0], x[:, :, :, -1]], -1)  # (T, 3, 4W)
+    bg = border.median(-1).values[..., None, None]  # (T, 3, 1, 1)
+    fg = ((x - bg).abs().amax(1) / threshold).clamp(max=1).flatten(1)  # (T, H W) silhouette
+    return speed_minima((fg[1:] - fg[:-1]).abs().mean(1), fps, smooth_s)
 
 
 def speed_minima(speed, fps, smooth_s=5 / 60):
