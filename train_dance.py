@@ -15,6 +15,7 @@ C: clips: AnimateDiff motion modules join B's UNet and only they train (sequence
 import contextlib
 import copy
 import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -495,13 +496,13 @@ def toy_unet(cfg, accelerator, batch_size=16, lr=1e-3, frames_per_clip=24):
     spec = {"unet_preset": cfg.unet_preset, "image_size": cfg.image_size, "steps": cfg.toy_pretrain_steps,
             "seed": cfg.seed, "train_list": str(cfg.train_list), "prediction_type": cfg.prediction_type,
             "beta_schedule": cfg.beta_schedule, "zero_snr": cfg.zero_snr}
-    done = lambda: (out / "spec.json").is_file() and yaml.safe_load((out / "spec.json").read_text()) == spec  # noqa: E731
+    done = lambda: (out / "spec.json").is_file() and json.loads((out / "spec.json").read_text()) == spec  # noqa: E731
     if accelerator.is_main_process and not done():
         print(f"the toy's SD: the {cfg.unet_preset} UNet learns the training frames unconditionally, once -> {out}")
-        scheduler, gen = dance_scheduler(cfg), seeded(cfg.seed, 7)
+        scheduler, gen, device = dance_scheduler(cfg), seeded(cfg.seed, 7), accelerator.device
         with torch.random.fork_rng():  # the same weights whatever ran before
             torch.manual_seed(cfg.seed)
-            unet = UNet2DConditionModel(**DANCE_UNET_CONFIGS[cfg.unet_preset])
+            unet = UNet2DConditionModel(**DANCE_UNET_CONFIGS[cfg.unet_preset]).to(device)
         clips = [check_clip(d, cfg.fps) for d in read_list_file(Path(cfg.data_dir) / cfg.train_list)]
         frames = torch.stack([read_frame(c["source"], int(t)) for c in clips
                               for t in np.linspace(0, c["T"] - 1, frames_per_clip)])  # (N, 3, H, W)
@@ -509,13 +510,14 @@ def toy_unet(cfg, accelerator, batch_size=16, lr=1e-3, frames_per_clip=24):
                                align_corners=False)  # (N, 3, S, S), as DanceClipDataset.resize
         x_all = to_model_space(None, frames)
         opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=cfg.weight_decay)
-        ctx = torch.zeros(batch_size, 1, unet.config.cross_attention_dim)
-        alphas = scheduler.alphas_cumprod
+        ctx = torch.zeros(batch_size, 1, unet.config.cross_attention_dim, device=device)
+        alphas = scheduler.alphas_cumprod.to(device)
         for step in tqdm(range(cfg.toy_pretrain_steps), desc="toy SD", mininterval=10):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, lr, cfg.toy_pretrain_steps, cfg)
             x0 = x_all[torch.randint(len(x_all), (batch_size,), generator=gen)]  # (b, 3, S, S)
             noise, t = torch.randn(x0.shape, generator=gen), torch.randint(0, 1000, (batch_size,), generator=gen)
+            x0, noise, t = x0.to(device), noise.to(device), t.to(device)
             pred = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=ctx).sample
             loss = weighted_mse(pred, diffusion_target(scheduler, x0, noise, t),
                                 min_snr_weight(alphas[t], cfg.min_snr_gamma, cfg.prediction_type))
@@ -526,7 +528,7 @@ def toy_unet(cfg, accelerator, batch_size=16, lr=1e-3, frames_per_clip=24):
         print(f"the toy's SD: {cfg.toy_pretrain_steps} steps, last loss {loss.item():.4f}")
         with atomic_dir(out) as tmp:
             unet.save_pretrained(tmp / "unet")
-            (tmp / "spec.json").write_text(yaml.safe_dump(spec))
+            (tmp / "spec.json").write_text(json.dumps(spec, indent=1))
     accelerator.wait_for_everyone()
     return out / "unet"
 
