@@ -442,7 +442,7 @@ def load_stage_a(cfg, music_dim, device):
         raise InputError(f"{final}: no stage-A weights (m2p.safetensors + config.yaml); run "
                          f"`train_dance.py --training_stage A --out_dir {cfg.out_dir}` first or set --m2p_path")
     a = yaml.safe_load(conf.read_text())
-    for key in ("joints", "fps"):
+    for key in ("joints", "fps", "m2p_preset"):  # one preset through the stages: final/ rebuilds M2P from it
         if a.get(key) != getattr(cfg, key):
             raise InputError(f"{conf}: stage A ran with {key}={a.get(key)!r}, this run has {getattr(cfg, key)!r}")
     m2p = M2PEncoder(music_dim, JOINT_SETS[a["joints"]], **M2P_CONFIGS[a["m2p_preset"]],

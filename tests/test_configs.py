@@ -135,8 +135,8 @@ def dance_stage_b(tmp_path, tiny_dance, **_):
         patch_size=8, projection_dim=16)).save_pretrained(tmp_path / "clip")
     common = dict(data_dir=tiny_dance, face_recognizer_path=tmp_path / "backbone.pth", face_recognizer_arch="toy",
                   window=30, batch_size=2, val_clips=2, out_dir=tmp_path / "out", num_workers=0, log_every=1,
-                  warmup_steps=1)
-    run(train_dance, "dance_stage_a.yaml", m2p_preset="tiny", stage_a_steps=1, val_every=1, ckpt_every=1,
+                  warmup_steps=1, m2p_preset="tiny")
+    run(train_dance, "dance_stage_a.yaml", stage_a_steps=1, val_every=1, ckpt_every=1,
         **common)  # stage B starts from stage A's final/
     cfg, net = run(train_dance, "dance_stage_b.yaml", unet_path=sd / "unet", vae_path=sd / "vae",
                    clip_path=tmp_path / "clip", image_size=32, stage_b_steps=2, m2p_unfreeze_step=1, val_every=2,
@@ -157,7 +157,8 @@ def dance_stage_c(tmp_path, tiny_dance, **_):
                    face_recognizer_path=tmp_path / "backbone.pth", face_recognizer_arch="toy",
                    motion_adapter_path=tmp_path / "motion", data_dir=tiny_dance, out_dir=tmp_path / "out",
                    image_size=32, stage_c_steps=2, val_every=2, ckpt_every=2, val_steps=2, stage_c_val_clips=2,
-                   seq_len_start=2, seq_len_end=4, seq_len_ramp_steps=2, num_workers=0, log_every=1, warmup_steps=1)
+                   seq_len_start=2, seq_len_end=4, seq_len_ramp_steps=2, num_workers=0, log_every=1, warmup_steps=1,
+                   m2p_preset="tiny")
     assert cfg.stage_c_lr == 5e-5 and cfg.temporal_loss_weight == 0.1
     assert (tmp_path / "out" / "final" / "unet" / "config.json").is_file()
     return "psnr", "temporal_err", "bg_flicker", "id_cos"

@@ -290,6 +290,8 @@ def test_stage_b_runs_after_stage_a_starts_from_its_m2p_and_resumes_exactly(tiny
     m2p_a = load_file(a_final / "m2p.safetensors")
     # M2P frozen (lr 0, detached) for steps 0 and 1, trained from step 2 on
     b_args = [*B_ARGS, f"--m2p_path={a_final}", "--m2p_unfreeze_step=2"]
+    with pytest.raises(InputError, match="m2p_preset='tiny', this run has 'toy'"):  # final/ rebuilds M2P from it
+        run(tiny_dance, tmp_path / "x", *b_args, "--m2p_preset=toy")
     run(tiny_dance, tmp_path / "x", *b_args)
     out = capsys.readouterr().out
     assert "freeze | referencenet" in out and "step 3 | loss " in out and " heat " in out
