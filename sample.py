@@ -248,16 +248,21 @@ def read_dance_reference(cfg, J, fps):
     return image, pose, box
 
 
+def dance_length(audio, sr, fps, max_seconds, where):
+    """Frames of the video for this music: its length at fps, at most max_seconds (0: all of it)."""
+    T = int(len(audio) / sr * fps)
+    T = min(T, int(max_seconds * fps)) if max_seconds else T
+    if T < 2:
+        raise InputError(f"{where}: {len(audio) / sr:.2f} s of audio (--max_seconds {max_seconds}), too short for a video")
+    return T
+
+
 @torch.no_grad()
-def generate_dance(d, cfg, image, ref_pose, box, audio, sr, device):
-    """Music (audio at sr) + a reference (image, its pose, its face box) -> (x, poses, ref_img): the video
-    in model space (1, C, T, h, w), M2P's poses (T, J, 3) and the reference at the model's size. T is the
-    music's length at the run's fps (at most cfg.max_seconds)."""
+def generate_dance(d, cfg, image, ref_pose, box, audio, sr, T, device):
+    """Music (audio at sr) + a reference (image, its pose, its face box) -> (x, poses, ref_img): T frames
+    of video in model space (1, C, T, h, w), M2P's poses (T, J, 3) and the reference at the model's size."""
     c, net, vae, sched = d["cfg"], d["net"], d["vae"], d["scheduler"]
     J, fps, S = JOINT_SETS[c["joints"]], c["fps"], c["image_size"]
-    T = int(len(audio) / sr * fps) if not cfg.max_seconds else min(int(len(audio) / sr * fps), int(cfg.max_seconds * fps))
-    if T < 2:
-        raise InputError(f"{cfg.music}: {len(audio) / sr:.2f} s of audio, too short for a video")
     feats = torch.from_numpy(music_features(audio, sr, fps, T)).to(device)  # (T, 35)
     face = crop_box(image, box, 112)[None].to(device)  # (1, 3, 112, 112)
     # poses: M2P over windows of its training length (the last one ends at T; later windows win)
@@ -310,8 +315,8 @@ def run_dance(cfg, device):
     J, fps, S = JOINT_SETS[d["cfg"]["joints"]], d["cfg"]["fps"], d["cfg"]["image_size"]
     image, ref_pose, box = read_dance_reference(cfg, J, fps)
     audio, sr = read_audio(cfg.music)
-    x, poses, ref_img = generate_dance(d, cfg, image, ref_pose, box, audio, sr, device)
-    T, vae = x.shape[2], d["vae"]
+    T, vae = dance_length(audio, sr, fps, cfg.max_seconds, cfg.music), d["vae"]
+    x, poses, ref_img = generate_dance(d, cfg, image, ref_pose, box, audio, sr, T, device)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     k = max(1, -(-cfg.video_size // S))  # integer upscale
@@ -362,14 +367,17 @@ def run_dance_eval(cfg, device):
         clip = check_clip(path, fps)
         image, ref_pose, box = read_dance_reference(dataclasses.replace(cfg, ref_image=str(path)), J, fps)
         audio, sr = read_audio(path / "audio.wav")
-        x, poses, _ = generate_dance(d, cfg, image, ref_pose, box, audio, sr, device)
-        T = x.shape[2]
+        T = min(clip["T"], dance_length(audio, sr, fps, cfg.max_seconds, path / "audio.wav"))  # the clip's frames
+        beats = beats_within(music_beats(audio, sr, fps), T, fps)
+        if len(beats) == 0:
+            raise InputError(f"{path / 'audio.wav'}: no music beat in the first {T / fps:.1f} s: raise --max_seconds")
+        x, poses, _ = generate_dance(d, cfg, image, ref_pose, box, audio, sr, T, device)
         gen = torch.cat([im.cpu() for im in decoded(d["vae"], x)])  # (T, 3, S, S)
         gt = torch.stack([read_frame(clip["source"], t) for t in range(T)])
         gt = F.interpolate(gt, size=(S, S), mode="bilinear", antialias=True, align_corners=False)
         shift = (poses[:, 0, :2].cpu() - ref_pose[0, :2]).repeat(1, 2)  # (T, 4): the nose's move
         faces = crop_box(gen, box[None] + shift, 112)  # (T, 3, 112, 112)
-        runs.append(dict(gen=gen, gt=gt, poses=poses.cpu(), beats=beats_within(music_beats(audio, sr, fps), T, fps),
+        runs.append(dict(gen=gen, gt=gt, poses=poses.cpu(), beats=beats,
                          face=F.normalize(d["recognizer"]((faces * 2 - 1).to(device)), dim=-1).cpu(),
                          ref_face=F.normalize(d["recognizer"](crop_box(image, box, 112)[None].to(device) * 2 - 1),
                                               dim=-1).cpu()))

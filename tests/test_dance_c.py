@@ -176,7 +176,7 @@ def test_all_chains_the_stages_and_stage_c_resumes_exactly(tiny_dance, tmp_path,
     assert len(np.load(tmp_path / "h" / "poses.npy")) == 15 and half.is_file()
     # the end-to-end metrics from music alone on listed clips
     m = sample.main(load_config(sample.Config, [
-        f"--dance_checkpoint={final}", f"--dance_eval_list={tiny_dance / 'data_train.txt'}", "--max_seconds=0.5",
+        f"--dance_checkpoint={final}", f"--dance_eval_list={tiny_dance / 'data_train.txt'}",
         f"--output_dir={tmp_path / 'e'}", "--steps=2", "--context_frames=3", "--context_overlap=1"]))
     assert m["clips"] >= 2 and all(math.isfinite(m[k]) for k in ("beat_align_video", "beat_align_video_shuffled",
                                                                   "beat_align_pose", "id_cos", "id_cos_other"))
