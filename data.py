@@ -1074,6 +1074,13 @@ def box_mask(boxes, size):
     return (iny[:, :, None] & inx[:, None, :]).to(boxes.dtype)[:, None]
 
 
+def resize_frames(images, size):
+    """(N, 3, H, W) -> (N, 3, size, size), antialiased: how stages B and C see a clip's frames."""
+    if images.shape[-2:] == (size, size):
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
 class DanceClipDataset(torch.utils.data.Dataset):
     """Windows of dance clips (all checked here), starting at random per (seed, epoch, index) or at `start`
     >= 0; the reference frame is random among those with a face box, or `ref_frame` >= 0."""
@@ -1129,11 +1136,8 @@ class DanceClipDataset(torch.utils.data.Dataset):
         return item
 
     def resize(self, image):
-        """(3, H, W) -> (3, S, S) at image_size (antialiased; the poses are normalised, so they still fit)."""
-        if not self.image_size or image.shape[-2:] == (self.image_size, self.image_size):
-            return image
-        return F.interpolate(image[None], size=(self.image_size,) * 2, mode="bilinear", antialias=True,
-                             align_corners=False)[0]
+        """(3, H, W) -> (3, S, S) at image_size (the poses are normalised, so they still fit)."""
+        return resize_frames(image[None], self.image_size)[0] if self.image_size else image
 
     @staticmethod
     def box(clip, t):

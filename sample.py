@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from data import (JOINT_SETS, InputError, RigMismatch, camera_geometry, check_clip, cli, crop_box, draw_skeleton,
                   frames_to_tensors, load_dance_final, load_gslrm_checkpoint, load_mv_checkpoint, load_rgba,
-                  music_beats, music_features, orbit_c2w, read_audio, read_cameras, read_frame, read_list_file, rig_mismatch,
+                  music_beats, music_features, orbit_c2w, read_audio, read_cameras, read_frame, read_list_file, resize_frames, rig_mismatch,
                   save_image_grid, save_ply, write_video)
 from losses import (beat_alignment, beats_within, masked_psnr, motion_beats, psnr, soft_argmax, ssim,
                     video_beats)
@@ -271,7 +271,7 @@ def generate_dance(d, cfg, image, ref_pose, box, audio, sr, T, device):
         logits, _ = d["m2p"](feats[s:e][None], ref_pose[None].to(device), face)  # (1, e - s, J, h, h)
         poses[s:e, :, :2] = soft_argmax(logits.float())[0]
     poses[:, :, 2] = ref_pose[:, 2].to(device)  # visibility: the reference's
-    ref_img = F.interpolate(image[None], size=(S, S), mode="bilinear", antialias=True, align_corners=False).to(device)
+    ref_img = resize_frames(image[None], S).to(device)  # (1, 3, S, S), as in training
     gen = torch.Generator(device).manual_seed(cfg.seed)
     ref_x = to_model_space(vae, ref_img, gen)  # (1, C, h, w)
     C, h = ref_x.shape[1], ref_x.shape[-1]
@@ -374,7 +374,7 @@ def run_dance_eval(cfg, device):
         x, poses, _ = generate_dance(d, cfg, image, ref_pose, box, audio, sr, T, device)
         gen = torch.cat([im.cpu() for im in decoded(d["vae"], x)])  # (T, 3, S, S)
         gt = torch.stack([read_frame(clip["source"], t) for t in range(T)])
-        gt = F.interpolate(gt, size=(S, S), mode="bilinear", antialias=True, align_corners=False)
+        gt = resize_frames(gt, S)
         shift = (poses[:, 0, :2].cpu() - ref_pose[0, :2]).repeat(1, 2)  # (T, 4): the nose's move
         faces = crop_box(gen, box[None] + shift, 112)  # (T, 3, 112, 112)
         runs.append(dict(gen=gen, gt=gt, poses=poses.cpu(), beats=beats,

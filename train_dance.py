@@ -33,7 +33,7 @@ from safetensors.torch import load_model, save_model
 
 from data import (JOINT_SETS, VISIBLE, ConfigError, DanceClipDataset, InputError, SkipGuard, StepSampler, check_clip,
                   atomic_dir, box_mask, check_flags, cli, crop_box, load_checkpoint, log_metrics, make_accelerator,
-                  music_beats, prepare_run, read_audio, read_frame, read_list_file, save_checkpoint, save_config, save_image_grid,
+                  music_beats, prepare_run, read_audio, read_frame, read_list_file, resize_frames, save_checkpoint, save_config, save_image_grid,
                   write_skeleton_video, write_video)
 from losses import (beat_alignment, beats_within, diffusion_target, face_loss, heatmap_loss, min_snr_weight,
                     motion_beats, pose_error, predicted_x0, psnr, soft_argmax, ssim, weighted_mse)
@@ -506,8 +506,7 @@ def toy_unet(cfg, accelerator, batch_size=16, lr=1e-3, frames_per_clip=24):
         clips = [check_clip(d, cfg.fps) for d in read_list_file(Path(cfg.data_dir) / cfg.train_list)]
         frames = torch.stack([read_frame(c["source"], int(t)) for c in clips
                               for t in np.linspace(0, c["T"] - 1, frames_per_clip)])  # (N, 3, H, W)
-        frames = F.interpolate(frames, size=(cfg.image_size,) * 2, mode="bilinear", antialias=True,
-                               align_corners=False)  # (N, 3, S, S), as DanceClipDataset.resize
+        frames = resize_frames(frames, cfg.image_size)  # (N, 3, S, S), as stage B sees them
         x_all = to_model_space(None, frames)
         opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=cfg.weight_decay)
         ctx = torch.zeros(batch_size, 1, unet.config.cross_attention_dim, device=device)
