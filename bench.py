@@ -16,10 +16,22 @@ import time
 
 import torch
 
-from models import (DANCE_UNET_CONFIGS, CrossAttnProcessor, DanceNet, FaceTokens, PoseGuider, build_mv_unet,
-                    install_mv_attention, intrinsics_matrix, look_at_c2w, pose_heatmaps, referencenet_unused,
-                    render_gaussians, sample_views, toy_face_recognizer)
-from toy import write_toy_mice
+from models import (
+    DANCE_UNET_CONFIGS,
+    CrossAttnProcessor,
+    DanceNet,
+    FaceTokens,
+    PoseGuider,
+    build_mv_unet,
+    install_mv_attention,
+    intrinsics_matrix,
+    look_at_c2w,
+    pose_heatmaps,
+    referencenet_unused,
+    sample_views,
+)
+from render import render_gaussians
+from toy import toy_face_recognizer, write_toy_mice
 
 
 def timeit(fn, repeat=3, warmup=1):
@@ -184,7 +196,9 @@ def bench_stage_c(B=2, S=32, J=24, lengths=(8, 16, 32, 64)):
     """Dance stage C's training step (motion modules only train; batch B clips of T frames at the toy
     size) against T, and sampling frames/s (one 16-frame window, one denoising step with guidance)."""
     import copy
+
     from diffusers import UNet2DConditionModel
+
     from models import motion_unet
     torch.manual_seed(0)
     c = DANCE_UNET_CONFIGS["toy"]

@@ -27,10 +27,20 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from data import (InputError, RigMismatch, atomic_dir, camera_hash, cli, file_sha256, load_mv_checkpoint,
-                  load_prompt_embeds, load_rgba, make_accelerator, read_cameras, read_list_file, rig_mismatch,
-                  rig_sample_frames)
+from data import (
+    RigMismatch,
+    camera_hash,
+    file_sha256,
+    load_prompt_embeds,
+    load_rgba,
+    read_cameras,
+    read_list_file,
+    rig_mismatch,
+    rig_sample_frames,
+)
 from models import Conditioner, mv_schedulers, sample_views
+from plumbing import InputError, atomic_dir, cli, make_accelerator
+from weights import load_mv_checkpoint
 
 
 @dataclass

@@ -7,27 +7,23 @@ modules (music-to-pose encoder, ArcFace's IResNet); loaders for released checkpo
 Conventions are 3DGS/gsplat's: OpenCV cameras (x right, y down, z forward),
 `w2c` world-to-camera matrices, intrinsics as 3x3 `K`, quaternions (w, x, y, z), RGB colours.
 """
-import json
-import math
 import re
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, MotionAdapter, UNet2DConditionModel, UNetMotionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding
+from diffusers.models.embeddings import get_timestep_embedding
+from diffusers.utils.torch_utils import randn_tensor
 from einops import rearrange, repeat
-from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
+from transformers import CLIPVisionModelWithProjection
 
-class UserError(Exception):
-    """A problem with the user's files or flags, not a bug: the scripts print it as one line
-    `error: ...` and exit with code 2 (a traceback with --debug or MOUSELIFT_DEBUG=1)."""
-
-
-class InputError(UserError, ValueError):
-    """A file's content or a flag's value is wrong (the message names which)."""
-
+from plumbing import InputError
+from render import DeferredRender, _render_views
 
 # ----------------------------------------------------------------------------------------------
 # Cameras and rays
@@ -81,209 +77,6 @@ def plucker(origins, dirs):
 
 
 # ----------------------------------------------------------------------------------------------
-# Gaussian rasterizer
-#
-# Semantics shared by every back end (those of 3DGS / gsplat "classic"): EWA projection with a
-# 0.3 px low-pass on the 2D covariance, Gaussians nearer than NEAR culled, a Gaussian touches
-# only the pixels inside its footprint ellipse, alpha = opacity * exp(-maha^2 / 2) clamped at
-# ALPHA_MAX and dropped below 1/255, front-to-back compositing that stops before the
-# transmittance would fall to T_MIN.
-
-NEAR, EPS2D, ALPHA_MIN, ALPHA_MAX, T_MIN = 0.01, 0.3, 1.0 / 255.0, 0.99, 1e-4
-# Footprint radius in standard deviations. 3.33 (gsplat's) is where a fully opaque Gaussian's
-# alpha reaches 1/255: a tighter cut would drop pixels that gsplat draws.
-FOOTPRINT_SIGMAS = 3.33
-
-
-def quat_to_rotmat(q):
-    """(..., 4) quaternion (w, x, y, z), any norm -> (..., 3, 3) rotation."""
-    w, x, y, z = F.normalize(q, dim=-1).unbind(-1)
-    R = torch.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-                     2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-                     2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1)
-    return R.unflatten(-1, (3, 3))  # (..., 3, 3)
-
-
-def project_gaussians(means, quats, scales, opacities, w2c, K, H, W):
-    """EWA projection of N Gaussians into C cameras (shared by every CPU back end).
-    means (..., N, 3), quats (..., N, 4), scales (..., N, 3), opacities (..., N), w2c (..., C, 4, 4),
-    K (..., C, 3, 3).
-    Returns means2d (..., C, N, 2), conics (..., C, N, 3) = upper triangle of the inverse 2D
-    covariance, depths (..., C, N), the footprint's pixel box (..., C, N, 4) = x0, x1, y0, y1
-    (inclusive, clipped to the image) and valid (..., C, N)."""
-    R, t = w2c[..., :3, :3], w2c[..., :3, 3]
-    p = torch.einsum("...cij,...nj->...cni", R, means) + t[..., :, None, :]  # (..., C, N, 3)
-    z = p[..., 2]
-    in_front = z > NEAR
-    z = torch.where(in_front, z, torch.ones_like(z))  # culled ones get a harmless depth: no NaN grads
-    fx, fy, cx, cy = (K[..., i, j, None] for i, j in ((0, 0), (1, 1), (0, 2), (1, 2)))  # (..., C, 1)
-    means2d = torch.stack([fx * p[..., 0] / z + cx, fy * p[..., 1] / z + cy], -1)  # (..., C, N, 2)
-
-    M = quat_to_rotmat(quats) * scales[..., None, :]  # (..., N, 3, 3) = R_q diag(s)
-    cov3 = M @ M.transpose(-1, -2)  # (..., N, 3, 3)
-    cov_cam = torch.einsum("...cij,...njk,...clk->...cnil", R, cov3, R)  # (..., C, N, 3, 3)
-    # The Jacobian is evaluated at a point clamped to a little beyond the view frustum (as 3DGS
-    # does), so Gaussians far off-screen do not get absurd footprints.
-    tx = z * torch.clamp(p[..., 0] / z, -(cx / fx + 0.15 * W / fx), (W - cx) / fx + 0.15 * W / fx)
-    ty = z * torch.clamp(p[..., 1] / z, -(cy / fy + 0.15 * H / fy), (H - cy) / fy + 0.15 * H / fy)
-    zero = torch.zeros_like(z)
-    J = torch.stack([fx / z, zero, -fx * tx / z**2,
-                     zero, fy / z, -fy * ty / z**2], -1).unflatten(-1, (2, 3))  # (..., C, N, 2, 3)
-    low_pass = EPS2D * torch.eye(2, dtype=p.dtype, device=p.device)
-    cov2 = J @ cov_cam @ J.transpose(-1, -2) + low_pass  # (..., C, N, 2, 2)
-    a, b, c = cov2[..., 0, 0], cov2[..., 0, 1], cov2[..., 1, 1]
-    det = (a * c - b * b).clamp(min=1e-12)
-    conics = torch.stack([c / det, -b / det, a / det], -1)  # (..., C, N, 3)
-
-    with torch.no_grad():  # the footprint: tight box around the ellipse where alpha can reach 1/255
-        # opacity * exp(-maha^2 / 2) >= 1/255  <=>  maha <= sqrt(2 ln(255 opacity)): a faint Gaussian
-        # gets a smaller box. The pairs this leaves out would all be dropped by the 1/255 test, so
-        # the image is the same; there are just fewer pairs to build.
-        o = opacities[..., None, :].expand_as(a)  # (..., C, N)
-        sig = torch.sqrt(2 * torch.log((255 * o).clamp(min=1))).clamp(max=FOOTPRINT_SIGMAS)
-        rx, ry = sig * a.sqrt(), sig * c.sqrt()
-        u, v = means2d[..., 0], means2d[..., 1]
-        # pixel i's centre is i + 0.5; keep the integer pixels whose centre is in the box
-        box = torch.stack([torch.ceil(u - rx - 0.5).clamp(min=0), torch.floor(u + rx - 0.5).clamp(max=W - 1),
-                           torch.ceil(v - ry - 0.5).clamp(min=0),
-                           torch.floor(v + ry - 0.5).clamp(max=H - 1)], -1)  # (..., C, N, 4)
-        valid = (in_front & (o >= ALPHA_MIN) & (box[..., 0] <= box[..., 1]) & (box[..., 2] <= box[..., 3])
-                 & torch.isfinite(box).all(-1))
-        box = torch.where(valid[..., None], box, torch.zeros_like(box)).long()  # (..., C, N, 4)
-    return means2d, conics, p[..., 2], box, valid
-
-
-def _pair_alpha(dx, dy, conic, opacity):
-    """alpha of (Gaussian, pixel) pairs and the mask of pairs that count (footprint and 1/255)."""
-    maha2 = conic[..., 0] * dx * dx + 2 * conic[..., 1] * dx * dy + conic[..., 2] * dy * dy
-    alpha = (opacity * torch.exp(-0.5 * maha2)).clamp(max=ALPHA_MAX)
-    keep = (maha2 <= FOOTPRINT_SIGMAS**2) & (alpha >= ALPHA_MIN)
-    return alpha, keep
-
-
-def _flatten_batch(means, quats, scales, opacities, colors, w2c, K, bg):
-    """Give every input one leading batch dim so back ends deal with (B, ...) only."""
-    batch = means.shape[:-2]
-    flat = lambda x, n: x.reshape((-1,) + x.shape[len(batch):]) if x.dim() > n else x[None]  # noqa: E731
-    C, D = w2c.shape[-3], colors.shape[-1]
-    bg = torch.as_tensor(bg, dtype=colors.dtype, device=colors.device).expand(batch + (C, D))  # (..., C, D)
-    out = [flat(means, 2), flat(quats, 2), flat(scales, 2), flat(opacities, 1), flat(colors, 2),
-           flat(w2c, 3), flat(K, 3), flat(bg, 2)]
-    return batch, out
-
-
-def render_gaussians(means, quats, scales, opacities, colors, w2c, K, H, W, bg, backend="auto"):
-    """Render N Gaussians into C cameras, batched over any leading dims.
-    means (..., N, 3), quats (..., N, 4) (w, x, y, z), scales (..., N, 3) (not log), opacities
-    (..., N) in [0, 1], colors (..., N, D), w2c (..., C, 4, 4), K (..., C, 3, 3), bg: a float or
-    (D,) or (..., C, D) background. Returns colour (..., C, H, W, D) and alpha (..., C, H, W, 1).
-    Differentiable in every Gaussian parameter. Always fp32, also under autocast.
-    backend: 'gsplat' (CUDA), 'sparse' (pure PyTorch), 'dense' (the all-pairs test oracle) or
-    'auto' (gsplat on CUDA when it is installed, else sparse)."""
-    if backend == "auto":
-        backend = "gsplat" if means.is_cuda and _gsplat_available() else "sparse"
-    fn = {"gsplat": _render_gsplat, "sparse": _render_sparse, "dense": _render_dense}[backend]
-    dtype = torch.float64 if means.dtype == torch.float64 else torch.float32
-    args = [x.to(dtype) for x in (means, quats, scales, opacities, colors, w2c, K)]
-    with torch.autocast(means.device.type, enabled=False):
-        batch, flat = _flatten_batch(*args, bg)
-        rgb, alpha = fn(*flat, H, W)  # (B, C, H, W, D), (B, C, H, W, 1)
-    return rgb.reshape(batch + rgb.shape[1:]), alpha.reshape(batch + alpha.shape[1:])
-
-
-def _gsplat_available():
-    try:
-        import gsplat  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
-def _render_gsplat(means, quats, scales, opacities, colors, w2c, K, bg, H, W):
-    from gsplat import rasterization
-    rgb, alpha, _ = rasterization(means, quats, scales, opacities, colors, w2c, K, W, H, near_plane=NEAR,
-                                  eps2d=EPS2D, backgrounds=bg, packed=False, rasterize_mode="classic")
-    return rgb, alpha
-
-
-def _render_sparse(means, quats, scales, opacities, colors, w2c, K, bg, H, W):
-    """Sparse rasterizer: only (Gaussian, pixel) pairs inside each footprint exist, so time and
-    memory scale with the number of pairs, not Gaussians x pixels."""
-    B, C, N, D = w2c.shape[0], w2c.shape[1], means.shape[1], colors.shape[-1]
-    means2d, conics, depths, box, valid = project_gaussians(means, quats, scales, opacities, w2c, K, H, W)
-    cam, gid = valid.flatten(0, 1).nonzero(as_tuple=True)  # (E,) visible entries: camera b*C+c, Gaussian n
-    entry, g = cam * N + gid, (cam // C) * N + gid  # index into (B*C*N) projections / (B*N) Gaussians
-    # everything a pair needs from its entry, in one tensor so that one gather (and one
-    # index_add in backward) serves all of it: u, v | conic 3 | opacity | colour D
-    ent = torch.cat([means2d.flatten(0, 2)[entry], conics.flatten(0, 2)[entry],
-                     opacities.flatten()[g, None], colors.flatten(0, 1)[g]], -1)  # (E, 6 + D)
-    with torch.no_grad():
-        x0, x1, y0, y1 = box.flatten(0, 2)[entry].unbind(-1)  # (E,) each
-        bw, count = x1 - x0 + 1, (x1 - x0 + 1) * (y1 - y0 + 1)
-        entries = torch.arange(len(cam), device=cam.device)  # (E,)
-        e = torch.repeat_interleave(entries, count)  # (P,) entry of each pair
-        local = torch.arange(len(e), device=e.device) - (count.cumsum(0) - count)[e]
-        px, py = x0[e] + local % bw[e], y0[e] + local // bw[e]
-        pe = ent.detach().index_select(0, e)
-        _, keep = _pair_alpha(px + 0.5 - pe[:, 0], py + 0.5 - pe[:, 1], pe[:, 2:5], pe[:, 5])
-        keep = keep.nonzero().squeeze(1)
-        e, px, py = e[keep], px[keep], py[keep]
-        pix = cam[e] * (H * W) + py * W + px  # (P,) flat output pixel
-        # sort pairs by (pixel, depth): the depth rank among all entries orders each pixel's list
-        depth_rank = torch.empty_like(cam)
-        depth_rank[depths.flatten()[entry].argsort()] = torch.arange(len(cam), device=cam.device)
-        order = (pix * max(len(cam), 1) + depth_rank[e]).argsort()
-        e, px, py, pix = e[order], px[order], py[order], pix[order]
-
-    # split (not slicing) so that backward concatenates the pieces' grads instead of
-    # scattering each into its own zero-filled (P, 6 + D) buffer
-    u, v, conic, opac, col = ent.index_select(0, e).split([1, 1, 3, 1, D], dim=1)  # (P, .) each
-    alpha, _ = _pair_alpha(px + 0.5 - u[:, 0], py + 0.5 - v[:, 0], conic, opac[:, 0])  # (P,)
-    # Exclusive transmittance per pixel = exp(segmented cumsum of log(1 - alpha)). The running
-    # sum spans all pixels, so it is taken in float64 to keep the per-pixel differences exact.
-    la = torch.log1p(-alpha.double())
-    cs = la.cumsum(0)
-    first = torch.ones_like(pix, dtype=torch.bool)
-    first[1:] = pix[1:] != pix[:-1]
-    seg = first.cumsum(0) - 1  # (P,) segment (= pixel list) of each pair
-    before = (cs - la)[first][seg]  # sum of log(1 - alpha) of all earlier pixels' pairs
-    T_excl, T_incl = torch.exp(cs - la - before), torch.exp(cs - before)
-    w = (alpha * T_excl * (T_incl > T_MIN)).to(alpha.dtype)  # (P,) compositing weight
-
-    rgb = torch.zeros(B * C * H * W, D, dtype=colors.dtype, device=colors.device)
-    rgb = rgb.index_add(0, pix, w[:, None] * col)  # (B*C*H*W, D)
-    acc = torch.zeros(B * C * H * W, dtype=w.dtype, device=w.device).index_add(0, pix, w)
-    rgb = rgb.view(B, C, H, W, D) + (1 - acc.view(B, C, H, W, 1)) * bg[:, :, None, None, :]
-    return rgb, acc.view(B, C, H, W, 1)
-
-
-def _render_dense(means, quats, scales, opacities, colors, w2c, K, bg, H, W):
-    """Dense all-pairs reference rasterizer: every Gaussian against every pixel, composited with
-    cumprod. O(N x H x W) memory; only for tests and benchmarks."""
-    means2d, conics, depths, box, valid = project_gaussians(means, quats, scales, opacities, w2c, K, H, W)
-    ys, xs = torch.meshgrid(torch.arange(H, device=means.device), torch.arange(W, device=means.device),
-                            indexing="ij")  # (H, W)
-    xs, ys = xs.flatten(), ys.flatten()  # (HW,)
-    dx = xs + 0.5 - means2d[..., 0, None]  # (B, C, N, HW)
-    dy = ys + 0.5 - means2d[..., 1, None]
-    alpha, keep = _pair_alpha(dx, dy, conics[..., None, :], opacities[:, None, :, None])
-    x0, x1, y0, y1 = box[..., None].unbind(-2)  # (B, C, N, 1) each
-    keep = keep & valid[..., None] & (xs >= x0) & (xs <= x1) & (ys >= y0) & (ys <= y1)
-    alpha = torch.where(keep, alpha, torch.zeros_like(alpha))
-    order = depths.masked_fill(~valid, math.inf).argsort(-1)  # (B, C, N) front to back
-    alpha = alpha.gather(2, order[..., None].expand_as(alpha))
-    T_incl = torch.cumprod(1 - alpha, dim=2)
-    T_excl = torch.cat([torch.ones_like(T_incl[:, :, :1]), T_incl[:, :, :-1]], dim=2)
-    w = alpha * T_excl * (T_incl > T_MIN)  # (B, C, N, HW)
-    by_depth = order[..., None].expand(-1, -1, -1, colors.shape[-1])  # (B, C, N, D)
-    col = colors[:, None].expand(-1, w.shape[1], -1, -1).gather(2, by_depth)  # (B, C, N, D)
-    rgb = torch.einsum("bcnp,bcnd->bcpd", w, col)  # (B, C, HW, D)
-    acc = w.sum(2)[..., None]  # (B, C, HW, 1)
-    rgb = rgb + (1 - acc) * bg[:, :, None, :]
-    return rgb.unflatten(2, (H, W)), acc.unflatten(2, (H, W))  # (B, C, H, W, D), (B, C, H, W, 1)
-
-
-# ----------------------------------------------------------------------------------------------
 # GS-LRM, exactly as released with FaceLift: posed views -> one pixel-aligned Gaussian per pixel
 # (+ 2 free Gaussians from 2 learned tokens). A plain pre-LN transformer over all views' patches.
 
@@ -292,6 +85,8 @@ GSLRM_CONFIGS = {
     "toy": dict(d=192, layers=6, heads=3, patch=4),  # the CPU toy run (32 px views)
     "facelift": dict(d=1024, layers=24, heads=16, patch=8),  # FaceLift's released model (512 px views)
 }
+
+
 SH_C0 = 0.28209479177387814  # degree-0 spherical harmonic: rgb = 0.5 + SH_C0 * sh_dc
 
 
@@ -380,83 +175,6 @@ class GSLRM(nn.Module):
         return render(H, W, bg, *args)
 
 
-def _render_views(H, W, bg, means, quats, scales, opacities, colors, w2c, K):
-    # rgb (B, V, H, W, 3), alpha (B, V, H, W, 1)
-    rgb, alpha = render_gaussians(means, quats, scales, opacities, colors, w2c, K, H, W, bg)
-    return rearrange(torch.cat([rgb, alpha], -1), "b v h w c -> b v c h w")  # (B, V, 4, H, W)
-
-
-class DeferredRender(torch.autograd.Function):
-    """Render all views without a graph; in backward re-render one view at a time with a graph.
-    Peak memory is then one view's rasterizer state instead of all V views' (FaceLift's
-    deferred rendering), at the cost of rendering twice."""
-
-    @staticmethod
-    def forward(ctx, H, W, bg, *tensors):
-        ctx.H, ctx.W, ctx.bg = H, W, bg
-        ctx.save_for_backward(*tensors)
-        with torch.no_grad():
-            return _render_views(H, W, bg, *tensors)
-
-    @staticmethod
-    def backward(ctx, grad_out):  # grad_out (B, V, 4, H, W)
-        tensors = ctx.saved_tensors
-        gaussians, cams = [t.detach().requires_grad_() for t in tensors[:5]], tensors[5:]
-        for v in range(grad_out.shape[1]):
-            with torch.enable_grad():
-                out = _render_views(ctx.H, ctx.W, ctx.bg, *gaussians, *(c[:, v:v + 1] for c in cams))
-                out.backward(grad_out[:, v:v + 1])
-        return (None, None, None, *(t.grad for t in gaussians), None, None)
-
-
-def check_keys(where, ours, theirs, ignore=lambda k: False):
-    """Stop with a KeyError naming up to 8 missing and 8 unexpected keys (not counting `ignore`d ones)
-    unless the key sets `ours` (what we load into) and `theirs` (what the file holds) are equal."""
-    missing = sorted(k for k in set(ours) - set(theirs) if not ignore(k))
-    unexpected = sorted(k for k in set(theirs) - set(ours) if not ignore(k))
-    if missing or unexpected:
-        def first(keys):
-            return f"{keys[:8]}" + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
-        raise KeyError(f"{where}: missing keys {first(missing)}, unexpected keys {first(unexpected)} "
-                       f"({len(missing)} missing, {len(unexpected)} unexpected)")
-
-
-def facelift_gslrm_key_map(layers):
-    """FaceLift's GS-LRM state-dict keys -> ours."""
-    kmap = {"patch_embedder.1.weight": "patch_embed.weight",
-            "gaussian_position_embeddings": "extra_tokens",
-            "input_layer_norm.weight": "input_norm.weight",
-            "gaussian_upsampler.layernorm.weight": "extra_head.0.weight",
-            "gaussian_upsampler.linear.weight": "extra_head.1.weight",
-            "pixel_gaussian_decoder.0.weight": "pixel_head.0.weight",
-            "pixel_gaussian_decoder.1.weight": "pixel_head.1.weight"}
-    for i in range(layers):
-        for theirs, ours in (("norm1", "norm1"), ("norm2", "norm2"), ("attn.to_qkv", "attn.to_qkv"),
-                             ("attn.fc", "attn.fc"), ("mlp.mlp.0", "mlp.0"), ("mlp.mlp.2", "mlp.2")):
-            kmap[f"transformer_layers.{i}.{theirs}.weight"] = f"blocks.{i}.{ours}.weight"
-    return kmap
-
-
-def load_facelift_gslrm(model, path):
-    """Load FaceLift's `ckpt_XXXXXXXXXXXXXXXX.pt` ({'model': state dict, 'optimizer', ...}) into
-    `model`: explicit key map, asserted shapes; only the frozen VGG of its loss (`loss_calculator.*`)
-    is ignored. Anything else missing or unexpected is an error that lists the keys."""
-    # weights_only=False: the file also pickles optimizer/scheduler state. Load only files you trust.
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise InputError(f"{path}: expected a dict with a 'model' state dict (FaceLift's GS-LRM checkpoint)")
-    kmap, ours = facelift_gslrm_key_map(len(model.blocks)), model.state_dict()
-    check_keys(f"{path}: not a FaceLift GS-LRM checkpoint for this preset ({len(model.blocks)} layers)",
-               kmap, ckpt["model"], ignore=lambda k: k.startswith("loss_calculator."))
-    theirs = {k: v for k, v in ckpt["model"].items() if k in kmap}
-    for k, v in theirs.items():
-        if v.shape != ours[kmap[k]].shape:
-            raise InputError(f"{path}: {k} has shape {tuple(v.shape)}, "
-                             f"our {kmap[k]} expects {tuple(ours[kmap[k]].shape)}")
-    model.load_state_dict({kmap[k]: v for k, v in theirs.items()}, strict=True)
-    return ckpt
-
-
 # ----------------------------------------------------------------------------------------------
 # Perceptual networks: VGG feature extractors for the perceptual loss and LPIPS
 # (GS-LRM losses)
@@ -469,6 +187,8 @@ VGG_LAYERS = {
     "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
               512, 512, 512, 512],
 }
+
+
 # indices into `features` of the ReLUs whose outputs are compared
 VGG_TAPS = {
     "vgg19": (3, 8, 13, 22, 31),  # relu1_2, relu2_2, relu3_2, relu4_2, relu5_2 (FaceLift's perceptual loss)
@@ -503,67 +223,6 @@ class VGGFeatures(nn.Module):
             if i in self.taps:
                 feats.append(x)
         return feats
-
-
-def load_vgg(path, arch):
-    """VGGFeatures from a MatConvNet `.mat` (load_matconvnet_vgg) or from a torchvision-format state
-    dict (`vgg19-dcbb9e9d.pth`): the `features.*` keys we build must all be there; the classifier and
-    deeper layers are the only keys ignored. Max pooling, torchvision input normalisation."""
-    if str(path).endswith(".mat"):
-        return load_matconvnet_vgg(path, arch)
-    vgg = VGGFeatures(arch)
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    ours = vgg.state_dict()
-
-    def unused(k):  # torchvision's classifier and the layers past our deepest tap
-        deeper = re.fullmatch(r"features\.(\d+)\.(weight|bias)", k) and int(k.split(".")[1]) > vgg.taps[-1]
-        return k.startswith("classifier.") or deeper
-
-    check_keys(f"{path}: not a torchvision {arch} state dict", ours, sd, ignore=unused)
-    vgg.load_state_dict({k: sd[k] for k in ours}, strict=True)
-    return vgg
-
-
-def load_matconvnet_vgg(path, arch):
-    """FaceLift's perceptual VGG19 from MatConvNet's `imagenet-vgg-verydeep-19.mat`: `layers` is a
-    1xN cell of structs; conv `layers[i]` holds `weights` = {W (3, 3, in, out), b (out)}. Average
-    pooling and caffe-style input (RGB x255 minus the mean pixel), as FaceLift uses it."""
-    import scipy.io  # only this loader reads .mat files
-    if arch != "vgg19":  # LPIPS's vgg16 needs torchvision's weights and normalisation
-        raise InputError(f"{path}: MatConvNet weights are read for vgg19 only, not {arch}")
-    vgg = VGGFeatures(arch, pool="avg")
-    vgg.preprocess = "caffe"
-    mat = scipy.io.loadmat(path, variable_names=["layers"])
-    if "layers" not in mat:
-        raise KeyError(f"{path}: no `layers` cell: not a MatConvNet (imagenet-vgg-verydeep-19) file")
-    layers = mat["layers"].ravel()  # (N,) of (1, 1) structs
-    sd = {}
-    for i, conv in enumerate(vgg.features):
-        if not isinstance(conv, nn.Conv2d):
-            continue
-        want = (3, 3, conv.in_channels, conv.out_channels)
-        try:  # W (H, W, in, out), b (out, 1) or (1, out)
-            w, b = layers[i].ravel()[0]["weights"].ravel()
-        except (IndexError, KeyError, ValueError):  # no such layer, no weights field, not {W, b}
-            raise InputError(f"{path}: layer {i} of {len(layers)} is not a conv layer with "
-                             f"weights {{W {want}, b ({want[3]},)}}") from None
-        if w.shape != want or b.size != want[3]:
-            raise InputError(f"{path}: layer {i} has W {w.shape}, b {b.shape}; "
-                             f"expected W {want}, b ({want[3]},)")
-        sd[f"features.{i}.weight"] = torch.from_numpy(w).permute(3, 2, 0, 1).float()  # (out, in, 3, 3)
-        sd[f"features.{i}.bias"] = torch.from_numpy(b).reshape(-1).float()  # (out,)
-    vgg.load_state_dict(sd, strict=True)
-    return vgg
-
-
-def load_lpips_heads(path):
-    """The LPIPS linear heads (`lpips/weights/v0.1/vgg.pth`: `lin{k}.model.1.weight` of shape
-    (1, C_k, 1, 1)) -> a list of 5 tensors (C_k,)."""
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    want = [f"lin{k}.model.1.weight" for k in range(5)]
-    if sorted(sd) != sorted(want):
-        raise KeyError(f"{path}: expected the LPIPS vgg heads {want}, found {sorted(sd)}")
-    return [sd[k].flatten() for k in want]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -702,136 +361,11 @@ class MVUNet(nn.Module):
 
 
 def build_mv_unet(preset, num_views=6, sparse=True, **overrides):
-    from diffusers import UNet2DConditionModel
     return MVUNet(UNet2DConditionModel(**{**MVDIFF_UNET_CONFIGS[preset], **overrides}), num_views, sparse)
-
-
-# FaceLift's unet/config.json names its own classes; the weights are those of the plain diffusers blocks
-FACELIFT_BLOCK_MAP = {"CrossAttnDownBlockMV2D": "CrossAttnDownBlock2D",
-                      "UNetMidBlockMV2DCrossAttn": "UNetMidBlock2DCrossAttn",
-                      "CrossAttnUpBlockMV2D": "CrossAttnUpBlock2D"}
-# FaceLift's extra keys that MVUNet implements at one value only (its released config's, also the
-# default of its UNetMV2DConditionModel): any other value asks for a module we lack
-FACELIFT_FIXED_KEYS = {
-    "multiview_attention": (True, "self-attention within each view only"),
-    "selfattn_block": ("custom", "another self-attention block (FaceLift's code builds only 'custom')"),
-    "cd_attention_last": (False, "cross-domain attention after each transformer block"),
-    "cd_attention_mid": (False, "cross-domain attention inside each transformer block"),
-    "addition_downsample": (False, "an extra downsampling conv branch after the mid block")}
-# read by facelift_mv_settings; addition_channels only sizes the addition_downsample branch
-FACELIFT_EXTRA_KEYS = ("num_views", "sparse_mv_attention", "addition_channels", *FACELIFT_FIXED_KEYS)
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-
-
-def unet_config_from_facelift(config, where="config.json"):
-    """FaceLift's (or a plain diffusers) UNet config dict -> kwargs of a plain UNet2DConditionModel.
-    A FaceLift key asking for a module that MVUNet lacks is a ValueError naming key and value."""
-    import inspect as _inspect
-    from diffusers import UNet2DConditionModel
-    if config.get("_class_name") not in ("UNetMV2DConditionModel", "UNet2DConditionModel"):
-        raise InputError(f"{where}: _class_name {config.get('_class_name')!r}, "
-                         "expected UNetMV2DConditionModel (FaceLift) or UNet2DConditionModel")
-    extra = sorted(k for k in FACELIFT_EXTRA_KEYS if k in config)
-    if extra and config["_class_name"] != "UNetMV2DConditionModel":
-        raise InputError(f"{where}: FaceLift's keys {extra} in a UNet2DConditionModel config")
-    for key, (ours, feature) in FACELIFT_FIXED_KEYS.items():
-        if config.get(key, ours) != ours:
-            raise InputError(f"{where}: {key}={config[key]!r} asks for {feature}, which MVUNet "
-                             f"does not implement (FaceLift's released weights: {key}={ours!r})")
-    cfg = {k: v for k, v in config.items() if not k.startswith("_") and k not in FACELIFT_EXTRA_KEYS}
-    for key in ("down_block_types", "up_block_types"):
-        cfg[key] = [FACELIFT_BLOCK_MAP.get(b, b) for b in cfg[key]]
-    if "mid_block_type" in cfg:
-        cfg["mid_block_type"] = FACELIFT_BLOCK_MAP.get(cfg["mid_block_type"], cfg["mid_block_type"])
-    unknown = sorted(set(cfg) - set(_inspect.signature(UNet2DConditionModel.__init__).parameters))
-    if unknown:
-        raise InputError(f"{where}: keys {unknown} are neither UNet2DConditionModel arguments "
-                         f"nor FaceLift's known extras {FACELIFT_EXTRA_KEYS}")
-    return cfg
-
-
-def facelift_mv_settings(config, where="config.json"):
-    """(num_views, sparse) that FaceLift's unet config describes; None for a plain diffusers config
-    (ours). FaceLift writes both keys; its defaults (1 view, dense) are not what it trained."""
-    if config.get("_class_name") != "UNetMV2DConditionModel":
-        return None
-    missing = [k for k in ("num_views", "sparse_mv_attention") if k not in config]
-    if missing:
-        raise InputError(f"{where}: no {missing} in a UNetMV2DConditionModel config")
-    V, sparse = config["num_views"], config["sparse_mv_attention"]
-    if type(V) is not int or V < 1 or type(sparse) is not bool:
-        raise InputError(f"{where}: num_views={V!r}, sparse_mv_attention={sparse!r}: "
-                         "expected a positive int and a bool")
-    return V, sparse
-
-
-def load_unet(path):
-    """A plain diffusers UNet2DConditionModel from a `unet/` folder in FaceLift's layout (its
-    config names UNetMV2DConditionModel and MV block types) or ours (save_pretrained). Weights must
-    match exactly: missing or unexpected keys and wrong shapes stop with their names."""
-    from diffusers import UNet2DConditionModel
-    path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{cfg_file} not found (expected a diffusers/FaceLift unet folder)")
-    unet = UNet2DConditionModel(**unet_config_from_facelift(json.loads(cfg_file.read_text()), cfg_file))
-    files = [path / f for f in WEIGHT_FILES if (path / f).is_file()]
-    if not files:
-        raise FileNotFoundError(f"{path}: no weights ({' or '.join(WEIGHT_FILES)})")
-    try:
-        sd = load_file(files[0]) if files[0].suffix == ".safetensors" else torch.load(
-            files[0], map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated or foreign file: safetensors and torch raise many kinds
-        raise InputError(f"{files[0]}: cannot read it ({type(err).__name__}: {err})") from None
-    ours = unet.state_dict()
-    check_keys(f"{files[0]}: not the weights of the UNet that {cfg_file.name} describes", ours, sd)
-    for k, v in sd.items():
-        if v.shape != ours[k].shape:
-            raise InputError(f"{files[0]}: {k} has shape {tuple(v.shape)}, "
-                             f"the config gives {tuple(ours[k].shape)}")
-    unet.load_state_dict(sd)  # strict
-    return unet
 
 
 # beside diffusers' files in our unet/ folders; FaceLift's has none
 REF_EMBED_FILE = "ref_view_embed.safetensors"
-
-
-def load_mv_unet(path, num_views=None, sparse=None):
-    """MVUNet from a unet/ folder, FaceLift's or ours. The folder decides what it can: FaceLift's
-    config.json gives the view count (num_views) and the attention (sparse_mv_attention), ours the
-    view count (the rows of its reference-view embedding). An argument given (not None) must agree
-    with the folder, else a ValueError names both; None takes the folder's value. Ours records no
-    attention: `sparse` decides (None: True). FaceLift's reference-view embedding starts at zero."""
-    path = Path(path)
-    cfg_file, emb_file = path / "config.json", path / REF_EMBED_FILE
-    mv = facelift_mv_settings(json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}, cfg_file)
-    if mv is not None:  # checked before reading the weights
-        if num_views is not None and num_views != mv[0]:
-            raise InputError(f"{cfg_file}: num_views={mv[0]}, but the rig has {num_views} views")
-        if sparse is not None and sparse != mv[1]:
-            raise InputError(f"{cfg_file}: sparse_mv_attention={mv[1]}, but sparse={sparse} was asked "
-                             f"for (train_mvdiff: set --sparse_attention={str(mv[1]).lower()})")
-        num_views, sparse = mv
-    unet = load_unet(path)
-    w = load_file(emb_file)["weight"] if emb_file.is_file() else None
-    if num_views is None:
-        num_views = len(w) if w is not None else 6
-    model = MVUNet(unet, num_views, True if sparse is None else sparse)
-    if w is not None:
-        if w.shape != model.ref_view_embed.weight.shape:
-            raise InputError(f"{emb_file}: shape {tuple(w.shape)}, "
-                             f"expected {tuple(model.ref_view_embed.weight.shape)} ({num_views} views)")
-        model.ref_view_embed.weight.data.copy_(w)
-    return model
-
-
-def save_mv_unet(model, path):
-    """diffusers save_pretrained of the UNet (loadable by any diffusers pipeline) + the
-    reference-view embedding."""
-    model.unet.save_pretrained(path)
-    weight = model.ref_view_embed.weight.detach().cpu().contiguous()
-    save_file({"weight": weight}, str(Path(path) / REF_EMBED_FILE))
 
 
 class Conditioner:
@@ -843,8 +377,6 @@ class Conditioner:
     def __init__(self, pipeline_dir, device):
         self.latent = bool(pipeline_dir)
         if self.latent:
-            from diffusers import AutoencoderKL
-            from transformers import CLIPVisionModelWithProjection
             root = Path(pipeline_dir)
             self.vae = AutoencoderKL.from_pretrained(root / "vae", local_files_only=True).to(device).eval()
             self.clip = CLIPVisionModelWithProjection.from_pretrained(root / "image_encoder",
@@ -867,7 +399,6 @@ class Conditioner:
         """Reference images (B, 3, H, W) in [-1, 1] -> the condition (B, C, h, w), labels (B, E) | None."""
         if not self.latent:
             return ref, None
-        from diffusers.models.embeddings import get_timestep_embedding
         ref_latent = self.vae.encode(ref).latent_dist.mode() * 0.18215  # (B, 4, h, w)
         # bicubic with antialiasing, as torchvision's resize (FaceLift's CLIP preprocessing)
         px = F.interpolate((ref + 1) / 2, size=224, mode="bicubic", align_corners=False, antialias=True)
@@ -889,7 +420,6 @@ class Conditioner:
 def mv_schedulers(prediction_type, beta_schedule, beta_start, beta_end, clip_sample, pipeline_dir=""):
     """DDPM (training's noising) and DDIM with the same betas (sampling); FaceLift's pipeline samples
     with its own scheduler/, which must agree with what the run trains."""
-    from diffusers import DDIMScheduler, DDPMScheduler
     noise = DDPMScheduler(num_train_timesteps=1000, beta_schedule=beta_schedule, beta_start=beta_start,
                           beta_end=beta_end, prediction_type=prediction_type, clip_sample=clip_sample)
     # trailing spacing: a few sampling steps still start at t = 999
@@ -912,7 +442,6 @@ def sample_views(model, scheduler, ref_cond, ref_idx, prompt_embeds, shape, clas
     branch zeroes the reference conditions (what training's dropout does) and keeps the prompt
     embeddings (they say which view is which). Returns the denoised views (B, V, C, H, W) in the
     model's space (latents, or pixels in [-1, 1])."""
-    from diffusers.utils.torch_utils import randn_tensor
     B, V = ref_cond.shape[0], model.num_views
     # a list of B generators draws each object's noise from its own: results do not depend on the batch
     x = randn_tensor((B, V, *shape), generator=generator, device=ref_cond.device, dtype=ref_cond.dtype)
@@ -1086,25 +615,6 @@ class IResNet(nn.Module):
         return self.features(self.fc(x))
 
 
-def load_iresnet(path, arch):
-    """An IResNet(arch) with the weights of an arcface_torch `backbone.pth` (a plain state dict,
-    or one under 'state_dict'; a DDP 'module.' prefix is removed), in eval mode and frozen."""
-    model = IResNet(**IRESNET_CONFIGS[arch])
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    sd = sd.get("state_dict", sd)
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    ours = model.state_dict()
-    # a file may lack BatchNorm's num_batches_tracked (load_state_dict then fills it in)
-    check_keys(f"{path}: not an arcface_torch {arch} state dict", ours, sd,
-               ignore=lambda k: k in ours and k.endswith("num_batches_tracked"))
-    bad = [f"{k} {tuple(v.shape)} vs {tuple(ours[k].shape)}"
-           for k, v in sd.items() if v.shape != ours[k].shape]
-    if bad:
-        raise InputError(f"{path}: shapes differ from {arch}: {bad[:5]}")
-    model.load_state_dict(sd, strict=True)
-    return model.eval().requires_grad_(False)
-
-
 # ----------------------------------------------------------------------------------------------
 # Dance, stages B and C: denoising UNet + ReferenceNet (reference attention), pose guidance,
 # identity tokens (CHAMP's recipe with StableAnimator's face tokens), on diffusers building blocks
@@ -1203,7 +713,6 @@ class PoseGuider(nn.Module):
 
     def __init__(self, joints, out_channels, channels=(16, 32, 96, 256)):
         super().__init__()
-        from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding
         self.embed = ControlNetConditioningEmbedding(out_channels, joints, tuple(channels))
         self.down = 2 ** (len(channels) - 1)  # heatmaps come at this many x the UNet's resolution
 
@@ -1291,14 +800,12 @@ class DanceNet(nn.Module):
         return self.denoise(x, t, heatmaps, cond_scale, context)
 
 
-
 def motion_unet(unet, adapter=None, max_frames=32, heads=4):
     """Stage C's denoiser: the stage-B UNet with AnimateDiff motion modules (diffusers MotionAdapter ->
     UNetMotionModel.from_unet2d). adapter: AnimateDiff weights (load_motion_adapter) or None (a new one
     shaped like the UNet, position table of max_frames). Every motion module's proj_out is zeroed, so
     the model starts as the stage-B UNet applied frame by frame. Its input is (B, C, F, H, W).
     from_unet2d resets the attention processors: reinstall the reference ones (DanceNet.install)."""
-    from diffusers import MotionAdapter, UNetMotionModel
     c = unet.config
     if adapter is None:
         adapter = MotionAdapter(block_out_channels=tuple(c.block_out_channels),
@@ -1313,37 +820,6 @@ def motion_unet(unet, adapter=None, max_frames=32, heads=4):
     return model
 
 
-def load_motion_adapter(path, max_frames):
-    """AnimateDiff motion-module weights from a diffusers MotionAdapter folder, with a position table of
-    max_frames. The table is sinusoidal (a buffer, not learnt): a different length is rebuilt, not loaded,
-    and the same positions get the same values; every other tensor must match exactly."""
-    from diffusers import MotionAdapter
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}/config.json not found (expected a diffusers MotionAdapter folder)")
-    conf = json.loads((path / "config.json").read_text())
-    old = conf.get("motion_max_seq_length", 32)
-    conf = {k: v for k, v in conf.items() if not k.startswith("_")}
-    adapter = MotionAdapter(**dict(conf, motion_max_seq_length=max(max_frames, 1)))
-    files = [path / f for f in WEIGHT_FILES if (path / f).is_file()]
-    if not files:
-        raise FileNotFoundError(f"{path}: no weights ({' or '.join(WEIGHT_FILES)})")
-    state = load_file(files[0]) if files[0].suffix == ".safetensors" else torch.load(files[0], map_location="cpu")
-    table = {k for k in state if k.endswith("pos_embed.pe")}
-    if old != max_frames:
-        print(f"{path}: position table {old} -> {max_frames} frames (sinusoidal: rebuilt, not loaded)")
-        state = {k: v for k, v in state.items() if k not in table}
-    own = adapter.state_dict()
-    missing = sorted(set(own) - set(state) - (table if old != max_frames else set()))
-    extra = sorted(set(state) - set(own))
-    shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or extra or shape:
-        raise InputError(f"{path}: not a MotionAdapter of this config: missing {missing[:4]}, "
-                         f"unexpected {extra[:4]}, wrong shape {shape[:4]}")
-    own.update(state)
-    adapter.load_state_dict(own)
-    return adapter
-
 def clip_image_embeds(clip, images):
     """Frozen CLIP image encoder: images (B, 3, H, W) in [0, 1] -> projected embeddings (B, D),
     resized to the encoder's input size and normalised with CLIP's statistics."""
@@ -1352,40 +828,6 @@ def clip_image_embeds(clip, images):
     mean = torch.tensor([0.4815, 0.4578, 0.4082], device=px.device)[:, None, None]
     std = torch.tensor([0.2686, 0.2613, 0.2758], device=px.device)[:, None, None]
     return clip((px - mean) / std).image_embeds
-
-
-def load_clip_image_encoder(path):
-    """A CLIPVisionModelWithProjection folder (config.json + model.safetensors), frozen, eval."""
-    from transformers import CLIPVisionModelWithProjection
-    if not (Path(path) / "config.json").is_file():
-        raise FileNotFoundError(f"{path}/config.json not found (expected a CLIPVisionModelWithProjection folder)")
-    return CLIPVisionModelWithProjection.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
-
-
-def load_vae(path):
-    """SD's AutoencoderKL from a local `vae/` folder, frozen, eval."""
-    from diffusers import AutoencoderKL
-    if not (Path(path) / "config.json").is_file():
-        raise FileNotFoundError(f"{path}/config.json not found (expected an SD `vae/` folder)")
-    return AutoencoderKL.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
-
-
-def toy_face_recognizer(seed):
-    """The toy's face recognizer: a frozen random IResNet, the same function of the face in every run
-    and stage that uses the seed (its own RNG stream)."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed + 12345)
-        return IResNet(**IRESNET_CONFIGS["toy"]).eval().requires_grad_(False)
-
-
-def toy_clip_image_encoder(seed, dim, image_size):
-    """The toy's CLIP image encoder: a tiny frozen random CLIPVisionModelWithProjection (projection = dim)."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-    config = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=image_size, patch_size=max(1, image_size // 4), projection_dim=dim)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed + 23456)
-        return CLIPVisionModelWithProjection(config).eval().requires_grad_(False)
 
 
 def to_model_space(vae, images, generator=None):
@@ -1417,6 +859,7 @@ def context_windows(T, size, overlap):
         starts.append(T - size)
     return [(s, s + size) for s in starts]
 
+
 @torch.no_grad()
 def sample_frames(net, scheduler, ref, clip_emb, face_emb, heatmaps, cond_scale, shape, num_steps=25,
                   guidance=2.0, generator=None):
@@ -1425,7 +868,6 @@ def sample_frames(net, scheduler, ref, clip_emb, face_emb, heatmaps, cond_scale,
     in model space, clip_emb (B, D), face_emb (B, 512). The unconditional half gets exactly
     training's null condition: reference masked out of the attention, CLIP and face tokens zeroed; the
     pose stays. The ReferenceNet runs once. Returns (B, *shape) in model space."""
-    from diffusers.utils.torch_utils import randn_tensor
     B, dev = len(ref), ref.device
     x = randn_tensor((B, *shape), generator=generator, device=dev, dtype=ref.dtype) * scheduler.init_noise_sigma
     cfg = guidance != 1.0

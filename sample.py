@@ -33,19 +33,45 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-
 from einops import rearrange
+from PIL import Image
 from tqdm import tqdm
 
-from data import (JOINT_SETS, InputError, RigMismatch, camera_geometry, check_clip, cli, crop_box, draw_skeleton,
-                  frames_to_tensors, load_dance_final, load_gslrm_checkpoint, load_mv_checkpoint, load_rgba,
-                  music_beats, music_features, orbit_c2w, read_audio, read_cameras, read_frame, read_list_file, resize_frames, rig_mismatch,
-                  save_image_grid, save_ply, write_video)
-from losses import (beat_alignment, beats_within, masked_psnr, motion_beats, psnr, soft_argmax, ssim,
-                    video_beats)
-from models import (Conditioner, clip_image_embeds, context_windows, mv_schedulers, pose_heatmaps, sample_views,
-                    to_images, to_model_space)
+from data import (
+    JOINT_SETS,
+    RigMismatch,
+    camera_geometry,
+    check_clip,
+    crop_box,
+    draw_skeleton,
+    frames_to_tensors,
+    load_rgba,
+    music_beats,
+    music_features,
+    orbit_c2w,
+    read_audio,
+    read_cameras,
+    read_frame,
+    read_list_file,
+    resize_frames,
+    rig_mismatch,
+    save_image_grid,
+    save_ply,
+    write_video,
+)
+from losses import beat_alignment, beats_within, masked_psnr, motion_beats, psnr, soft_argmax, ssim, video_beats
+from models import (
+    Conditioner,
+    clip_image_embeds,
+    context_windows,
+    mv_schedulers,
+    pose_heatmaps,
+    sample_views,
+    to_images,
+    to_model_space,
+)
+from plumbing import InputError, cli
+from weights import load_dance_final, load_gslrm_checkpoint, load_mv_checkpoint
 
 
 @dataclass

@@ -8,18 +8,107 @@ CPU in minutes with nothing downloaded (like nanoGPT's data/*/prepare.py).
 The training scripts call `toy_mice(...)` / `toy_dance(...)` when they run on their default folder:
 the set is written once, and a folder holding another set (its toy.json differs) is refused.
 """
+import argparse
 import inspect
 import json
 from pathlib import Path
 
 import numpy as np
+import soundfile
 import torch
-from PIL import Image
+from diffusers import UNet2DConditionModel
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from data import (DANCE_FPS, HOP, InputError, camera_geometry, camera_hash, cli, frames_to_tensors, load_rig,
-                  make_frame, music_features, orbit_c2w, preview_samples, read_audio, read_frame,
-                  save_image_grid, save_prompt_embeds, write_cameras)
-from models import intrinsics_matrix, render_gaussians
+from data import (
+    DANCE_FPS,
+    HOP,
+    camera_geometry,
+    camera_hash,
+    check_clip,
+    frames_to_tensors,
+    load_rig,
+    make_frame,
+    music_features,
+    orbit_c2w,
+    preview_samples,
+    read_audio,
+    read_frame,
+    read_list_file,
+    resize_frames,
+    save_image_grid,
+    save_prompt_embeds,
+    write_cameras,
+)
+from losses import diffusion_target, min_snr_weight, weighted_mse
+from models import DANCE_UNET_CONFIGS, IRESNET_CONFIGS, IResNet, intrinsics_matrix, to_model_space
+from plumbing import InputError, atomic_dir, cli, seeded
+from render import render_gaussians
+
+
+def toy_face_recognizer(seed):
+    """The toy's face recognizer: a frozen random IResNet, the same function of the face in every run
+    and stage that uses the seed (its own RNG stream)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed + 12345)
+        return IResNet(**IRESNET_CONFIGS["toy"]).eval().requires_grad_(False)
+
+
+def toy_clip_image_encoder(seed, dim, image_size):
+    """The toy's CLIP image encoder: a tiny frozen random CLIPVisionModelWithProjection (projection = dim)."""
+    config = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=image_size, patch_size=max(1, image_size // 4), projection_dim=dim)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed + 23456)
+        return CLIPVisionModelWithProjection(config).eval().requires_grad_(False)
+
+
+def toy_unet(cfg, accelerator, scheduler, lr_at, batch_size=16, lr=1e-3, frames_per_clip=24):
+    """The toy's stand-in for SD-1.5's UNet: the unet_preset UNet trained as an unconditional denoiser
+    (context zero, stage B's scheduler) on frames of the training clips, toy_pretrain_steps at batch
+    16. CHAMP's denoiser and ReferenceNet both start from SD; from random weights the toy's reference
+    attention is barely taken up in stage B's budget (docs/experiments.md). Like SD, it is made once
+    and then only read: <data_dir>/toy_unet/<preset>_<size>px_<steps>/unet (diffusers layout), made
+    with the toy data (start_stage) or by the first stage B on other data. Returns that folder."""
+    out = Path(cfg.data_dir) / "toy_unet" / f"{cfg.unet_preset}_{cfg.image_size}px_{cfg.toy_pretrain_steps}"
+    spec = {"unet_preset": cfg.unet_preset, "image_size": cfg.image_size, "steps": cfg.toy_pretrain_steps,
+            "seed": cfg.seed, "train_list": str(cfg.train_list), "prediction_type": cfg.prediction_type,
+            "beta_schedule": cfg.beta_schedule, "zero_snr": cfg.zero_snr}
+    done = lambda: (out / "spec.json").is_file() and json.loads((out / "spec.json").read_text()) == spec  # noqa: E731
+    if accelerator.is_main_process and not done():
+        print(f"the toy's SD: the {cfg.unet_preset} UNet learns the training frames unconditionally, once -> {out}")
+        gen, device = seeded(cfg.seed, 7), accelerator.device
+        with torch.random.fork_rng():  # the same weights whatever ran before
+            torch.manual_seed(cfg.seed)
+            unet = UNet2DConditionModel(**DANCE_UNET_CONFIGS[cfg.unet_preset]).to(device)
+        clips = [check_clip(d, cfg.fps) for d in read_list_file(Path(cfg.data_dir) / cfg.train_list)]
+        frames = torch.stack([read_frame(c["source"], int(t)) for c in clips
+                              for t in np.linspace(0, c["T"] - 1, frames_per_clip)])  # (N, 3, H, W)
+        frames = resize_frames(frames, cfg.image_size)  # (N, 3, S, S), as stage B sees them
+        x_all = to_model_space(None, frames)
+        opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+        ctx = torch.zeros(batch_size, 1, unet.config.cross_attention_dim, device=device)
+        alphas = scheduler.alphas_cumprod.to(device)
+        for step in tqdm(range(cfg.toy_pretrain_steps), desc="toy SD", mininterval=10):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, lr, cfg.toy_pretrain_steps, cfg)
+            x0 = x_all[torch.randint(len(x_all), (batch_size,), generator=gen)]  # (b, 3, S, S)
+            noise, t = torch.randn(x0.shape, generator=gen), torch.randint(0, 1000, (batch_size,), generator=gen)
+            x0, noise, t = x0.to(device), noise.to(device), t.to(device)
+            pred = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=ctx).sample
+            loss = weighted_mse(pred, diffusion_target(scheduler, x0, noise, t),
+                                min_snr_weight(alphas[t], cfg.min_snr_gamma, cfg.prediction_type))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+            opt.step()
+        print(f"the toy's SD: {cfg.toy_pretrain_steps} steps, last loss {loss.item():.4f}")
+        with atomic_dir(out) as tmp:
+            unet.save_pretrained(tmp / "unet")
+            (tmp / "spec.json").write_text(json.dumps(spec, indent=1))
+    accelerator.wait_for_everyone()
+    return out / "unet"
 
 
 def check_toy_set(out, spec):
@@ -132,7 +221,6 @@ def write_toy_mice(out, n=200, rig="mouse_6view", size=64, n_extra=4, n_val=None
     rig's views first (cam_000..), then n_extra random views; plus data_train.txt / data_val.txt and
     toy.json (the arguments, so a later run can tell whether the folder is the set it asks for).
     yaw_deg: mice face any way (None) or +x +- yaw_deg (see toy_mouse)."""
-    from tqdm import tqdm
     rig = load_rig(rig) if isinstance(rig, str) else rig
     out = Path(out)
     n_val = max(1, n // 10) if n_val is None else n_val
@@ -326,7 +414,6 @@ def face_texture(dancer, radius_px):
 def render_dancer(dancer, poses, head, size, bg, supersample=4):
     """Frames [T, size, size, 3] uint8: trousers, shirt, skin-coloured forearms and the textured
     face, drawn with PIL at `supersample` x the size and box-filtered down (anti-aliasing)."""
-    from PIL import ImageDraw
     S = size * supersample
     w = max(1.5, size / 18) * supersample  # limb thickness in supersampled pixels
     rgb = lambda c: tuple(int(255 * x + 0.5) for x in c)  # noqa: E731
@@ -357,8 +444,6 @@ def write_toy_dance(out, n=100, n_dancers=20, seconds=8.0, size=64, fps=DANCE_FP
     show n_val_dancers other dancers, never trained on (identity is measured on new people). The
     n_val_seen clips before them (data_val_seen.txt) are held-out clips of the training dancers: a
     toy dancer's style is its own, so motion is predictable from the music only for dancers seen before."""
-    import soundfile
-    from tqdm import tqdm
     out, sr, T = Path(out), fps * HOP, int(round(seconds * fps))
     n_val = max(1, n // 10) if n_val is None else n_val
     n_val_seen = n // 20 if n_val_seen is None else n_val_seen
@@ -412,7 +497,6 @@ def toy_dance(out, accelerator=None, progress=True, **spec):
 
 
 def _main(argv):
-    import argparse
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("mice", help="write the toy mouse dataset and preview.png")

@@ -15,7 +15,6 @@ C: clips: AnimateDiff motion modules join B's UNet and only they train (sequence
 import contextlib
 import copy
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -31,18 +30,68 @@ from einops import rearrange
 from PIL import Image
 from safetensors.torch import load_model, save_model
 
-from data import (JOINT_SETS, VISIBLE, ConfigError, DanceClipDataset, InputError, SkipGuard, StepSampler, check_clip,
-                  atomic_dir, box_mask, check_flags, cli, crop_box, load_checkpoint, log_metrics, make_accelerator,
-                  music_beats, prepare_run, read_audio, read_frame, read_list_file, resize_frames, save_checkpoint, save_config, save_image_grid,
-                  write_skeleton_video, write_video)
-from losses import (beat_alignment, beats_within, diffusion_target, face_loss, heatmap_loss, min_snr_weight,
-                    motion_beats, pose_error, predicted_x0, psnr, soft_argmax, ssim, weighted_mse)
-from models import (DANCE_UNET_CONFIGS, M2P_CONFIGS, DanceNet, FaceTokens, M2PEncoder, PoseGuider,
-                    clip_image_embeds, load_clip_image_encoder, load_iresnet, load_motion_adapter, load_unet,
-                    load_vae, motion_unet, pose_heatmaps,
-                    referencenet_unused, sample_frames, to_images, to_model_space, toy_clip_image_encoder,
-                    toy_face_recognizer)
-from toy import toy_dance
+from data import (
+    JOINT_SETS,
+    VISIBLE,
+    DanceClipDataset,
+    StepSampler,
+    box_mask,
+    crop_box,
+    music_beats,
+    read_audio,
+    read_frame,
+    read_list_file,
+    save_image_grid,
+    write_skeleton_video,
+    write_video,
+)
+from losses import (
+    beat_alignment,
+    beats_within,
+    diffusion_target,
+    face_loss,
+    heatmap_loss,
+    min_snr_weight,
+    motion_beats,
+    pose_error,
+    predicted_x0,
+    psnr,
+    soft_argmax,
+    ssim,
+    weighted_mse,
+)
+from models import (
+    DANCE_UNET_CONFIGS,
+    M2P_CONFIGS,
+    DanceNet,
+    FaceTokens,
+    M2PEncoder,
+    PoseGuider,
+    clip_image_embeds,
+    motion_unet,
+    pose_heatmaps,
+    referencenet_unused,
+    sample_frames,
+    to_images,
+    to_model_space,
+)
+from plumbing import (
+    ConfigError,
+    InputError,
+    SkipGuard,
+    atomic_dir,
+    check_flags,
+    cli,
+    load_checkpoint,
+    log_metrics,
+    make_accelerator,
+    prepare_run,
+    save_checkpoint,
+    save_config,
+    seeded,
+)
+from toy import toy_clip_image_encoder, toy_dance, toy_face_recognizer, toy_unet
+from weights import load_clip_image_encoder, load_iresnet, load_motion_adapter, load_unet, load_vae
 
 
 @dataclass
@@ -220,7 +269,7 @@ def start_stage(cfg, accelerator, stage):
         toy_dance(data_dir, accelerator, n=cfg.toy_clips, seconds=cfg.toy_seconds, size=cfg.toy_image_size,
                   fps=cfg.fps, seed=cfg.seed)
         if stage in "AB" and not cfg.unet_path and cfg.toy_pretrain_steps:  # the toy set's "SD", made with it
-            toy_unet(cfg, accelerator)
+            toy_unet(cfg, accelerator, dance_scheduler(cfg), lr_at)
     return out_dir, data_dir
 
 
@@ -371,6 +420,8 @@ def stage_a(cfg):
 # and asserted against the parameters that have requires_grad and sit in an optimizer group.
 MODULES = ("m2p", "face_recognizer", "pose_guider", "face_tokens", "spatial_unet", "temporal_modules",
            "referencenet", "vae", "clip")
+
+
 TRAINS = {"A": {"m2p"},
           "B": {"m2p", "pose_guider", "face_tokens", "spatial_unet", "referencenet"},  # m2p from m2p_unfreeze_step
           "C": {"temporal_modules"}}  # + m2p with m2p_lr_stage_c > 0 (the seed's option)
@@ -404,12 +455,6 @@ def check_freeze(stage, modules, optimizer, notes=None, options=()):
             assert not live, f"{name} is frozen in stage {stage}, {len(live)} tensors train"
     stray = grouped - {id(p) for ps in modules.values() for p in ps}
     assert not stray, f"{len(stray)} grouped parameters belong to no module of the matrix"
-
-
-def seeded(*key):
-    """A generator seeded by (seed, rank, step, ...): a step's randomness does not depend on how the run
-    got there, so a resumed run draws what the uninterrupted one drew."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
 
 
 def cond_scale_at(step, total):
@@ -481,55 +526,6 @@ def build_stage_b(cfg, J, device):
         unet.enable_gradient_checkpointing()
         referencenet.enable_gradient_checkpointing()
     return net, vae, clip, recognizer
-
-
-def toy_unet(cfg, accelerator, batch_size=16, lr=1e-3, frames_per_clip=24):
-    """The toy's stand-in for SD-1.5's UNet: the unet_preset UNet trained as an unconditional denoiser
-    (context zero, stage B's scheduler) on frames of the training clips, toy_pretrain_steps at batch
-    16. CHAMP's denoiser and ReferenceNet both start from SD; from random weights the toy's reference
-    attention is barely taken up in stage B's budget (docs/experiments.md). Like SD, it is made once
-    and then only read: <data_dir>/toy_unet/<preset>_<size>px_<steps>/unet (diffusers layout), made
-    with the toy data (start_stage) or by the first stage B on other data. Returns that folder."""
-    from diffusers import UNet2DConditionModel
-    from tqdm import tqdm
-    out = Path(cfg.data_dir) / "toy_unet" / f"{cfg.unet_preset}_{cfg.image_size}px_{cfg.toy_pretrain_steps}"
-    spec = {"unet_preset": cfg.unet_preset, "image_size": cfg.image_size, "steps": cfg.toy_pretrain_steps,
-            "seed": cfg.seed, "train_list": str(cfg.train_list), "prediction_type": cfg.prediction_type,
-            "beta_schedule": cfg.beta_schedule, "zero_snr": cfg.zero_snr}
-    done = lambda: (out / "spec.json").is_file() and json.loads((out / "spec.json").read_text()) == spec  # noqa: E731
-    if accelerator.is_main_process and not done():
-        print(f"the toy's SD: the {cfg.unet_preset} UNet learns the training frames unconditionally, once -> {out}")
-        scheduler, gen, device = dance_scheduler(cfg), seeded(cfg.seed, 7), accelerator.device
-        with torch.random.fork_rng():  # the same weights whatever ran before
-            torch.manual_seed(cfg.seed)
-            unet = UNet2DConditionModel(**DANCE_UNET_CONFIGS[cfg.unet_preset]).to(device)
-        clips = [check_clip(d, cfg.fps) for d in read_list_file(Path(cfg.data_dir) / cfg.train_list)]
-        frames = torch.stack([read_frame(c["source"], int(t)) for c in clips
-                              for t in np.linspace(0, c["T"] - 1, frames_per_clip)])  # (N, 3, H, W)
-        frames = resize_frames(frames, cfg.image_size)  # (N, 3, S, S), as stage B sees them
-        x_all = to_model_space(None, frames)
-        opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=cfg.weight_decay)
-        ctx = torch.zeros(batch_size, 1, unet.config.cross_attention_dim, device=device)
-        alphas = scheduler.alphas_cumprod.to(device)
-        for step in tqdm(range(cfg.toy_pretrain_steps), desc="toy SD", mininterval=10):
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, lr, cfg.toy_pretrain_steps, cfg)
-            x0 = x_all[torch.randint(len(x_all), (batch_size,), generator=gen)]  # (b, 3, S, S)
-            noise, t = torch.randn(x0.shape, generator=gen), torch.randint(0, 1000, (batch_size,), generator=gen)
-            x0, noise, t = x0.to(device), noise.to(device), t.to(device)
-            pred = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=ctx).sample
-            loss = weighted_mse(pred, diffusion_target(scheduler, x0, noise, t),
-                                min_snr_weight(alphas[t], cfg.min_snr_gamma, cfg.prediction_type))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
-            opt.step()
-        print(f"the toy's SD: {cfg.toy_pretrain_steps} steps, last loss {loss.item():.4f}")
-        with atomic_dir(out) as tmp:
-            unet.save_pretrained(tmp / "unet")
-            (tmp / "spec.json").write_text(json.dumps(spec, indent=1))
-    accelerator.wait_for_everyone()
-    return out / "unet"
 
 
 @torch.no_grad()
@@ -612,6 +608,7 @@ def backward_and_step(accelerator, net, optimizer, loss, guard, step, grad_clip)
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
 
+
 def stage_b(cfg):
     """Stage B: pose guider, denoising UNet, ReferenceNet and face tokens train at stage_b_lr on single
     frames; VAE, CLIP and face recognizer are frozen; M2P (from stage A) joins at m2p_unfreeze_step."""
@@ -630,7 +627,7 @@ def stage_b(cfg):
     val_set = DanceClipDataset(data_dir / cfg.val_list, cfg.window, cfg.joints, cfg.fps, start=0, ref_frame=0,
                                image_size=cfg.image_size)
     m2p, a_cfg = load_stage_a(cfg, train_set.music_dim, device)
-    unet_path = cfg.unet_path or (str(toy_unet(cfg, accelerator)) if cfg.toy_pretrain_steps else "")
+    unet_path = cfg.unet_path or (str(toy_unet(cfg, accelerator, dance_scheduler(cfg), lr_at)) if cfg.toy_pretrain_steps else "")
     net, vae, clip, recognizer = build_stage_b(dataclasses.replace(cfg, unet_path=unet_path), train_set.J, device)
     scheduler = dance_scheduler(cfg)
     factor = 8 if vae is not None else 1  # image px per UNet input px
@@ -780,7 +777,6 @@ def stage_b(cfg):
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return raw
-
 
 
 def seq_len_at(step, cfg):
@@ -1018,6 +1014,7 @@ def stage_c(cfg):
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return raw
+
 
 def main(cfg):
     stages = {"A": stage_a, "B": stage_b, "C": stage_c}

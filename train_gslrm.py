@@ -13,12 +13,23 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
-from data import (InputError, MultiViewDataset, StepSampler, SkipGuard, check_flags, cli,
-                  load_checkpoint, load_rig, log_metrics, make_accelerator, prepare_run, save_checkpoint,
-                  save_config, save_image_grid, save_ply)
+from data import MultiViewDataset, StepSampler, load_rig, save_image_grid, save_ply
 from losses import lpips, masked_psnr, perceptual_loss, psnr, ssim
-from models import GSLRM, GSLRM_CONFIGS, load_facelift_gslrm, load_lpips_heads, load_vgg
+from models import GSLRM, GSLRM_CONFIGS
+from plumbing import (
+    InputError,
+    SkipGuard,
+    check_flags,
+    cli,
+    load_checkpoint,
+    log_metrics,
+    make_accelerator,
+    prepare_run,
+    save_checkpoint,
+    save_config,
+)
 from toy import toy_mice
+from weights import load_facelift_gslrm, load_lpips_heads, load_vgg
 
 
 @dataclass

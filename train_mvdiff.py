@@ -23,14 +23,32 @@ import torch
 import yaml
 from accelerate.utils import set_seed
 
-from data import (InputError, MultiViewDataset, SkipGuard, StepSampler, check_finite_weights, check_flags,
-                  check_resumable, cli, load_mv_weights, load_prompt_embeds, load_rig, log_metrics,
-                  make_accelerator, prepare_run, read_list_file, read_state, rig_sample_frames, save_config,
-                  save_image_grid, save_mv_checkpoint)
+from data import (
+    MultiViewDataset,
+    StepSampler,
+    load_prompt_embeds,
+    load_rig,
+    read_list_file,
+    rig_sample_frames,
+    save_image_grid,
+)
 from losses import diffusion_target, lpips, min_snr_weight, psnr, ssim, weighted_mse
-from models import (MVDIFF_UNET_CONFIGS, Conditioner, build_mv_unet, load_lpips_heads, load_mv_unet, load_vgg,
-                    mv_schedulers, sample_views)
+from models import MVDIFF_UNET_CONFIGS, Conditioner, build_mv_unet, mv_schedulers, sample_views
+from plumbing import (
+    InputError,
+    SkipGuard,
+    check_finite_weights,
+    check_flags,
+    check_resumable,
+    cli,
+    log_metrics,
+    make_accelerator,
+    prepare_run,
+    read_state,
+    save_config,
+)
 from toy import toy_mice, toy_prompt_embeds
+from weights import load_lpips_heads, load_mv_unet, load_mv_weights, load_vgg, save_mv_checkpoint
 
 
 @dataclass

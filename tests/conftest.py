@@ -10,8 +10,8 @@ import scipy.io
 import torch
 from diffusers import UNet2DConditionModel
 
-from data import load_config
 from models import MVDIFF_UNET_CONFIGS
+from plumbing import load_config
 from toy import write_toy_dance, write_toy_mice
 
 DANCE_SECONDS, DANCE_FPS = 2.0, 30
@@ -210,9 +210,10 @@ def fabricate_facelift_ckpt(path, layers=2, d=32, patch=8, drop=None, extra=None
 def tiny_mv_ckpt(tmp_path_factory):
     """An (untrained) tiny phase-1 checkpoint for the mouse rig, as train_mvdiff saves it."""
     import train_mvdiff
-    from data import load_rig, save_mv_checkpoint
+    from data import load_rig
     from models import build_mv_unet
     from toy import toy_prompt_embeds
+    from weights import save_mv_checkpoint
     root, rig = tmp_path_factory.mktemp("mv_ckpt"), load_rig("mouse_6view")
     torch.manual_seed(0)
     model = build_mv_unet("tiny", 6)
@@ -228,8 +229,9 @@ def tiny_mv_ckpt(tmp_path_factory):
 def tiny_gslrm_ckpt(tmp_path_factory):
     """An (untrained) tiny GS-LRM checkpoint trained 'on' the mouse rig, as train_gslrm saves it."""
     import train_gslrm
-    from data import load_rig, save_checkpoint
+    from data import load_rig
     from models import GSLRM, GSLRM_CONFIGS
+    from plumbing import save_checkpoint
     torch.manual_seed(0)
     model = GSLRM(**GSLRM_CONFIGS["tiny"])
     cfg = load_config(train_gslrm.Config, ["--preset=tiny", "--image_size=16"])

@@ -9,11 +9,11 @@ import signal
 import sys
 import time
 
-import data
+import plumbing
 
 script = importlib.import_module(sys.argv[1])
 kill_step, kill_save = int(os.environ.get("KILL_AT_STEP", -1)), int(os.environ.get("KILL_IN_SAVE", -1))
-lr_at, write_state = script.lr_at, data.write_state
+lr_at, write_state = script.lr_at, plumbing.write_state
 
 
 this_rank = os.environ.get("KILL_RANK", os.environ.get("RANK", "0")) == os.environ.get("RANK", "0")
@@ -33,5 +33,5 @@ def killing_write_state(path, step, *args):  # called inside the save, after the
     return write_state(path, step, *args)
 
 
-script.lr_at, data.write_state = killing_lr_at, killing_write_state
-data.cli(script.main, script.Config, getattr(script, "ALIASES", None), sys.argv[2:])
+script.lr_at, plumbing.write_state = killing_lr_at, killing_write_state
+plumbing.cli(script.main, script.Config, getattr(script, "ALIASES", None), sys.argv[2:])

@@ -15,7 +15,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
-from models import DANCE_UNET_CONFIGS, DanceNet, FaceTokens, PoseGuider  # noqa: E402
+from models import DANCE_UNET_CONFIGS, DanceNet, FaceTokens, PoseGuider
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--concat", action="store_true")

@@ -9,14 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_ARGS
 
 import gen_synthetic
 import sample
 import train_dance
 import train_gslrm
 import train_mvdiff
-from conftest import TINY_ARGS
-from data import cli, load_rig, read_cameras, save_prompt_embeds, write_cameras
+from data import load_rig, read_cameras, save_prompt_embeds, write_cameras
+from plumbing import cli
 from toy import toy_rig_prompt_embeds
 
 REPO = Path(__file__).parent.parent

@@ -6,8 +6,19 @@ import re
 import pytest
 import torch
 
-from data import (BUILTIN_RIGS, camera_geometry, frames_to_tensors, load_rig, make_frame, make_rig, orbit_c2w,
-                  read_cameras, rig_from_cameras, rig_mismatch, write_cameras)
+from data import (
+    BUILTIN_RIGS,
+    camera_geometry,
+    frames_to_tensors,
+    load_rig,
+    make_frame,
+    make_rig,
+    orbit_c2w,
+    read_cameras,
+    rig_from_cameras,
+    rig_mismatch,
+    write_cameras,
+)
 from models import look_at_c2w
 
 MOUSE = BUILTIN_RIGS["mouse_6view"]

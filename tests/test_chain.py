@@ -13,8 +13,17 @@ import torch
 
 import gen_synthetic
 import sample
-from data import (RigMismatch, load_config, load_ply, load_prompt_embeds, load_rig, read_cameras,
-                  read_list_file, save_prompt_embeds, write_cameras)
+from data import (
+    RigMismatch,
+    load_ply,
+    load_prompt_embeds,
+    load_rig,
+    read_cameras,
+    read_list_file,
+    save_prompt_embeds,
+    write_cameras,
+)
+from plumbing import load_config
 from toy import toy_rig_prompt_embeds
 
 REPO = Path(__file__).parent.parent

@@ -6,8 +6,17 @@ import pytest
 import torch
 from torch import nn
 
-from data import (InputError, UserError, atomic_dir, clean_stale, latest_checkpoint, load_checkpoint,
-                  load_config, prepare_run, save_checkpoint)
+from plumbing import (
+    InputError,
+    UserError,
+    atomic_dir,
+    clean_stale,
+    latest_checkpoint,
+    load_checkpoint,
+    load_config,
+    prepare_run,
+    save_checkpoint,
+)
 
 
 @dataclass

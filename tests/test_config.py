@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from data import ConfigError, config_to_dict, load_config, save_config
+from plumbing import ConfigError, config_to_dict, load_config, save_config
 
 
 @dataclass

@@ -8,15 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import fabricate_facelift_ckpt, write_facelift_pipeline, write_png16
 from PIL import Image
 
 import gen_synthetic
 import train_dance
 import train_gslrm
 import train_mvdiff
-from conftest import fabricate_facelift_ckpt, write_facelift_pipeline, write_png16
-from data import load_config, load_rig, read_cameras, read_list_file, rig_view_prompts, save_prompt_embeds
+from data import load_rig, read_cameras, read_list_file, rig_view_prompts, save_prompt_embeds
 from models import DANCE_UNET_CONFIGS, IRESNET_CONFIGS, IResNet
+from plumbing import load_config
 from toy import write_toy_mice
 
 CONFIGS = Path(__file__).parent.parent / "configs"

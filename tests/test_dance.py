@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+from conftest import DANCE_FPS, DANCE_SECONDS
 from safetensors.torch import load_file
 
 import train_dance
-from data import DanceClipDataset, InputError, check_clip, load_config
+from data import DanceClipDataset, check_clip
 from losses import beat_alignment, gaussian_heatmaps, heatmap_loss, motion_beats, soft_argmax, video_beats
-from models import IRESNET_CONFIGS, IResNet, M2P_CONFIGS, M2PEncoder, load_iresnet
-from conftest import DANCE_FPS, DANCE_SECONDS
+from models import IRESNET_CONFIGS, M2P_CONFIGS, IResNet, M2PEncoder
+from plumbing import InputError, load_config
+from weights import load_iresnet
 
 SECONDS, FPS = DANCE_SECONDS, DANCE_FPS
 

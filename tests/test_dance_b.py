@@ -14,10 +14,21 @@ from safetensors.torch import load_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 import train_dance
-from data import InputError, load_config
-from models import (DANCE_UNET_CONFIGS, DanceNet, FaceTokens, PoseGuider, ReferenceAttnProcessor,
-                    clip_image_embeds, load_clip_image_encoder, load_unet, load_vae, pose_heatmaps,
-                    referencenet_unused, sample_frames, to_images, to_model_space)
+from models import (
+    DANCE_UNET_CONFIGS,
+    DanceNet,
+    FaceTokens,
+    PoseGuider,
+    ReferenceAttnProcessor,
+    clip_image_embeds,
+    pose_heatmaps,
+    referencenet_unused,
+    sample_frames,
+    to_images,
+    to_model_space,
+)
+from plumbing import InputError, load_config
+from weights import load_clip_image_encoder, load_unet, load_vae
 
 J, D = 24, DANCE_UNET_CONFIGS["tiny"]["cross_attention_dim"]
 

@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 
 import sample
 import train_dance
-from data import InputError, load_config
-from models import (DANCE_UNET_CONFIGS, DanceNet, FaceTokens, PoseGuider, context_windows, load_motion_adapter,
-                    motion_unet, pose_heatmaps)
+from models import DANCE_UNET_CONFIGS, DanceNet, FaceTokens, PoseGuider, context_windows, motion_unet, pose_heatmaps
+from plumbing import InputError, load_config
+from weights import load_motion_adapter
 
 J, C = 24, DANCE_UNET_CONFIGS["tiny"]
 

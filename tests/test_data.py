@@ -6,9 +6,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import write_png16
 from PIL import Image
 
-from conftest import write_png16
 from data import MultiViewDataset, camera_hash, load_rgba, load_rig, preview_samples, save_image_grid
 from toy import toy_mouse, write_toy_mice
 

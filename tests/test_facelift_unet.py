@@ -5,9 +5,11 @@ import json
 
 import pytest
 import torch
-
 from conftest import save_facelift_layout, tiny_facelift_unet
-from models import MVAttnProcessor, MVUNet, load_mv_unet, save_mv_unet
+
+from models import MVAttnProcessor, MVUNet
+from weights import load_mv_unet, save_mv_unet
+
 
 def run(model, seed=0):
     c = model.unet.config

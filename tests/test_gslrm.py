@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import fabricate_facelift_ckpt
 from safetensors.torch import load_file
 
 import train_gslrm
-from conftest import fabricate_facelift_ckpt
 from data import frames_to_tensors, load_ply, load_rig
+from models import GSLRM, GSLRM_CONFIGS, get_rays
 from toy import write_toy_mice
-from models import GSLRM, GSLRM_CONFIGS, facelift_gslrm_key_map, get_rays, load_facelift_gslrm
+from weights import facelift_gslrm_key_map, load_facelift_gslrm
 
 TINY = GSLRM_CONFIGS["tiny"]
 

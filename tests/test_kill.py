@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_ARGS
 from safetensors.torch import load_file
 
-from conftest import TINY_ARGS
-from data import latest_checkpoint
+from plumbing import latest_checkpoint
 
 REPO = Path(__file__).parent.parent
 WORKER = Path(__file__).parent / "kill_worker.py"

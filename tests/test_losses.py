@@ -41,7 +41,7 @@ def test_ssim_matches_pytorch_msssim():
 
 
 def test_load_vgg_takes_torchvision_keys_and_rejects_others(tmp_path, write_vgg):
-    from models import load_vgg
+    from weights import load_vgg
     sd = write_vgg(tmp_path / "vgg19.pth", "vgg19")
     vgg = load_vgg(tmp_path / "vgg19.pth", "vgg19")
     for k, v in vgg.state_dict().items():
@@ -59,7 +59,7 @@ def test_perceptual_loss_matches_its_definition(tmp_path, write_vgg):
     """Recomputed layer by layer from torchvision indices: relu1_2=3, relu2_2=8, relu3_2=13,
     relu4_2=22, relu5_2=31."""
     from losses import PERCEPTUAL_WEIGHTS, perceptual_loss
-    from models import load_vgg
+    from weights import load_vgg
     write_vgg(tmp_path / "vgg19.pth", "vgg19")
     vgg = load_vgg(tmp_path / "vgg19.pth", "vgg19")
     pred = torch.rand(2, 3, 32, 32, requires_grad=True)
@@ -79,7 +79,7 @@ def test_perceptual_loss_matches_its_definition(tmp_path, write_vgg):
 
 def test_lpips_is_a_distance_that_grows_with_the_error(tmp_path, write_vgg):
     from losses import lpips
-    from models import load_lpips_heads, load_vgg
+    from weights import load_lpips_heads, load_vgg
     write_vgg(tmp_path / "vgg16.pth", "vgg16")
     heads = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate((64, 128, 256, 512, 512))}
     torch.save(heads, tmp_path / "vgg.pth")  # the lpips package's head file layout

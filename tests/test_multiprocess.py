@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import TINY_ARGS
+from safetensors.torch import load_file
 
 REPO = Path(__file__).parent.parent
 TESTS = Path(__file__).parent

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import soundfile
 
-from data import HOP, InputError, cache_music_features, music_beats, music_features
+from data import HOP, cache_music_features, music_beats, music_features
 from losses import beat_alignment, beats_within, motion_beats
+from plumbing import InputError
 
 FPS = 30
 

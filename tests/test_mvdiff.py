@@ -6,18 +6,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_facelift_layout, tiny_facelift_unet, write_facelift_pipeline
 from diffusers import DDIMScheduler
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from safetensors.torch import load_file, save_file
 
 import data
 import train_mvdiff
-from data import (clip_prompt_embeds, load_config, load_prompt_embeds, load_rig, rig_view_prompts,
-                  save_prompt_embeds)
+from data import clip_prompt_embeds, load_prompt_embeds, load_rig, rig_view_prompts, save_prompt_embeds
 from losses import diffusion_target, min_snr_weight
-from models import MVAttnProcessor, build_mv_unet, load_mv_unet, sample_views
-from conftest import save_facelift_layout, tiny_facelift_unet, write_facelift_pipeline
+from models import MVAttnProcessor, build_mv_unet, sample_views
+from plumbing import load_config
 from toy import toy_rig_prompt_embeds, write_toy_mice
+from weights import load_mv_unet
 
 V = 4
 

@@ -8,10 +8,10 @@ import pytest
 import scipy.io
 import torch
 import torch.nn.functional as F
+from conftest import MAT_CONVS, write_mat
 
 from losses import perceptual_loss
-from conftest import MAT_CONVS, write_mat
-from models import load_vgg
+from weights import load_vgg
 
 # FaceLift's loss, written out: 16 conv layers of imagenet-vgg-verydeep-19.mat, features after
 # relu1_2, relu2_2, relu3_2, relu4_2, relu5_2 (convs 2, 4, 6, 10, 14), 2x2 average pools after

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from models import (get_rays, intrinsics_matrix, look_at_c2w, plucker, quat_to_rotmat, ray_encoding_facelift,
-                    render_gaussians)
+from models import get_rays, intrinsics_matrix, look_at_c2w, plucker, ray_encoding_facelift
+from render import quat_to_rotmat, render_gaussians
 
 
 def cameras(C, size, dtype, focal=1.1):
@@ -45,19 +45,19 @@ def test_sparse_equals_dense(seed):
 
 def test_opacity_aware_footprint_changes_nothing_but_the_pair_count(monkeypatch):
     """Faint Gaussians get smaller boxes; the pairs left out are ones the 1/255 cut drops anyway."""
-    import models
+    import render
     w2c, K = cameras(3, 24, torch.float32)
     means, quats, scales, opac, colors = hard_scene(seed=3)
     opac = opac * 0.1  # mostly faint: their boxes shrink a lot
     shrunk = render_gaussians(means, quats, scales, opac, colors, w2c, K, 24, 24, 1.0, backend="dense")
-    project = models.project_gaussians
+    project = render.project_gaussians
     boxes = {}
 
     def full_box(means, quats, scales, opacities, *rest):  # every Gaussian gets the 3.33-sigma box
         out = project(means, quats, scales, torch.ones_like(opacities), *rest)
         boxes["full"], boxes["shrunk"] = out[3], project(means, quats, scales, opacities, *rest)[3]
         return out
-    monkeypatch.setattr(models, "project_gaussians", full_box)
+    monkeypatch.setattr(render, "project_gaussians", full_box)
     full = render_gaussians(means, quats, scales, opac, colors, w2c, K, 24, 24, 1.0, backend="dense")
     area = lambda b: ((b[..., 1] - b[..., 0] + 1) * (b[..., 3] - b[..., 2] + 1)).sum()  # noqa: E731
     assert area(boxes["shrunk"]) < 0.6 * area(boxes["full"])

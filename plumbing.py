@@ -1,0 +1,413 @@
+"""TODO plumbing
+"""
+import contextlib
+import dataclasses
+import inspect
+import io
+import json
+import os
+import pickle
+import re
+import shutil
+import sys
+import types
+import typing
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_model, save_model
+
+
+class UserError(Exception):
+    """A problem with the user's files or flags, not a bug: the scripts print it as one line
+    `error: ...` and exit with code 2 (a traceback with --debug or MOUSELIFT_DEBUG=1)."""
+
+
+class InputError(UserError, ValueError):
+    """A file's content or a flag's value is wrong (the message names which)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Config: dataclass defaults -> --cfg file.yaml -> --key=value
+
+class ConfigError(InputError):
+    pass
+
+
+class TrainingDiverged(UserError):
+    """max_bad_steps steps in a row had a non-finite loss or gradient: the run stops without saving."""
+
+
+class SkipGuard:
+    """Every trainer's rule for a bad step (a non-finite loss or gradient): skip it, weights, optimizer
+    state and EMA untouched; count it (`skipped`, kept in checkpoints); `limit` in a row stop the run
+    before anything more is saved. Decide on the all-reduced gradient norm: every rank skips alike."""
+
+    def __init__(self, limit, skipped=0):
+        self.limit, self.skipped, self.in_a_row = limit, skipped, 0
+
+    def ok(self, good, step, why, log=True):
+        if good:
+            self.in_a_row = 0
+            return True
+        self.skipped, self.in_a_row = self.skipped + 1, self.in_a_row + 1
+        if log:
+            print(f"step {step}: skipped ({why}), {self.skipped} so far")
+        if self.in_a_row >= self.limit:
+            raise TrainingDiverged(f"{self.in_a_row} steps in a row skipped (last at step {step}: {why}): "
+                                   "nothing saved; lower the learning rate or check the data")
+        return False
+
+
+def cli(main, cls=None, aliases=None, argv=None):
+    """The scripts' entry point: main(load_config(cls, argv)) (cls None: main(argv)). A UserError (a bad
+    file or flag) or a missing file ends as one line `error: ...` with exit code 2; --debug or
+    MOUSELIFT_DEBUG=1 shows the traceback instead. Other exceptions (bugs) keep their tracebacks."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("MOUSELIFT_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return main(argv if cls is None else load_config(cls, argv, aliases))
+    except (UserError, FileNotFoundError) as err:
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def type_name(tp):
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+
+
+def coerce(value, tp, cli=False):
+    """value (from yaml, or a command-line string when cli=True) -> type tp, else ValueError."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and (value is None or cli and str(value).lower() in ("none", "null")):
+            return None
+        for arm in (a for a in args if a is not type(None)):
+            with contextlib.suppress(TypeError, ValueError):
+                return coerce(value, arm, cli)
+    elif tp is str:  # yaml reads `name: 007` as the int 7: refuse non-strings rather than str() them
+        if isinstance(value, str):
+            return value
+        raise InputError(f"{value!r} is not a string (quote it in the yaml)")
+    elif tp is bool:
+        if isinstance(value, (bool, int, str)) and str(value).strip().lower() in ("true", "1", "false", "0"):
+            return str(value).strip().lower() in ("true", "1")
+    elif tp in (int, float) and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        with contextlib.suppress(ValueError):  # strings too: yaml 1.1 reads `lr: 1e-4` as a string
+            number = value if isinstance(value, int) else float(value)
+            if tp is float:
+                return float(number)
+            if float(number).is_integer():  # '1e3' and 2.0 are ints, 1.5 is not
+                return int(number)
+    elif (kind := origin or tp) in (list, tuple, dict):
+        if isinstance(value, str):
+            value = yaml.safe_load(value)  # '[1,2]' or '{a: 1}' from the command line
+        if kind is dict and isinstance(value, dict):
+            kt, vt = args or (object, object)
+            return {coerce(k, kt): coerce(v, vt) for k, v in value.items()}
+        if kind is not dict and isinstance(value, (list, tuple)):
+            if not args or kind is list or args[1:] == (...,):
+                return kind(coerce(v, args[0] if args else object) for v in value)
+            if len(args) == len(value):
+                return tuple(coerce(v, a) for v, a in zip(value, args))
+    elif tp in (object, typing.Any):  # elements of a bare list/tuple/dict
+        return value
+    raise InputError(f"{value!r} is not a {type_name(tp)}")
+
+
+def load_config(cls, argv=None, aliases=None):
+    """`cls` defaults, then every `--cfg x.yaml` (before any --key, wherever it stands), then --key=value /
+    --key value in argv order. `aliases` maps other names (e.g. the seed's) to fields. Errors: ConfigError."""
+    argv, aliases = list(sys.argv[1:] if argv is None else argv), aliases or {}
+    if "-h" in argv or "--help" in argv:
+        also = "".join(f"\n  --{a} = --{k}" for a, k in aliases.items())
+        print(f"usage: {Path(sys.argv[0]).name} [--cfg x.yaml] [--key=value ...]\n\n{inspect.getsource(cls)}"
+              + (f"\naliases:{also}" if also else ""))
+        raise SystemExit(0)
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls) if f.init]
+
+    def fail(where, msg):
+        return ConfigError(f"{where}: {msg} (valid keys: {', '.join(valid)})")
+
+    files, cli, args = [], [], iter(enumerate(argv))  # cli: (key, value, where, from_cli)
+    for i, arg in args:
+        key, eq, value = arg.partition("=")
+        if not key.startswith("--") or key == "--":
+            raise fail(f"command line {arg!r}", "expected --key=value or --key value")
+        if not eq and hints.get(aliases.get(key[2:], key[2:])) is bool and (
+                not argv[i + 1:] or argv[i + 1].startswith("--")):
+            value = "true"  # a bare boolean flag: --augment_all_views
+        elif not eq:
+            value = next(args, (None, None))[1]
+            if value is None:
+                raise fail(f"command line {arg!r}", "missing value")
+            arg = f"{arg} {value}"
+        if key == "--cfg":
+            files.append(value)
+        else:
+            cli.append((key[2:], value, f"command line {arg!r}", True))
+    overrides = []
+    for file in files:
+        try:
+            data = yaml.safe_load(Path(file).read_text())
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"config file {file}: cannot read it ({err})") from None
+        data = {} if data is None else data  # an empty file overrides nothing
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {file} must be a mapping (key: value), "
+                              f"not a {type(data).__name__}")
+        overrides += [(key, value, f"{file}: key {key!r}", False) for key, value in data.items()]
+    values = {}
+    for key, value, where, from_cli in overrides + cli:
+        key = aliases.get(key, key)
+        if key not in valid:
+            raise fail(where, f"unknown key {key!r}")
+        try:
+            values[key] = coerce(value, hints[key], cli=from_cli)
+        except (TypeError, ValueError, yaml.YAMLError) as err:
+            raise fail(where, f"{key} expects {type_name(hints[key])}: {err}") from None
+    return cls(**values)  # the fields not given get fresh defaults (default_factory runs per call)
+
+
+def check_flags(cfg, choices=None, positive=()):
+    """Flags with a fixed set of values ({name: allowed}) and counts that must be >= 1, checked before a run
+    starts, so that a typo ends in one line instead of a KeyError or an empty batch deep inside."""
+    for name, allowed in (choices or {}).items():
+        if getattr(cfg, name) not in allowed:
+            raise ConfigError(f"--{name}={getattr(cfg, name)!r}: expected one of {sorted(allowed)}")
+    for name in positive:
+        if not getattr(cfg, name) >= 1:
+            raise ConfigError(f"--{name}={getattr(cfg, name)!r}: must be at least 1")
+
+
+def config_to_dict(cfg):
+    def plain(v):
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return {k: plain(x) for k, x in v.items()} if isinstance(v, dict) else v
+    return plain(dataclasses.asdict(cfg))
+
+
+def save_config(cfg, path):
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: <ckpt_dir>/checkpoint-<step>/{<module>.safetensors, state.pt, config.yaml}
+
+
+# a rank waiting longer than this for the others (a hung or dead process) stops with an error instead of
+# hanging forever; long enough for rank 0's validation while the others wait at the barrier
+DDP_TIMEOUT_S = int(os.environ.get("MOUSELIFT_DDP_TIMEOUT_S", 1800))
+
+
+def make_accelerator(mixed_precision="no", wandb=False):
+    """Every script's Accelerator: cpu=True without CUDA (torchrun / `accelerate launch --multi_gpu` then
+    give real DDP over gloo; without it each process would train alone), bf16 only on a GPU, and the
+    process-group timeout above."""
+    from datetime import timedelta
+
+    from accelerate import Accelerator, InitProcessGroupKwargs
+    cuda = torch.cuda.is_available()
+    return Accelerator(cpu=not cuda, mixed_precision=mixed_precision if cuda else "no",
+                       log_with="wandb" if wandb else None,
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=DDP_TIMEOUT_S))])
+
+
+COMPLETE = "COMPLETE"  # written last into a checkpoint: only marked folders are ever resumed from
+
+
+@contextlib.contextmanager
+def atomic_dir(final_path, marker=True):
+    """A temporary sibling folder that becomes final_path only if the block finishes (+ the COMPLETE
+    marker, last). An existing final_path (re-saving a step) is renamed aside, the new one renamed in,
+    then the old one deleted: a kill at any moment leaves a complete folder or none under the name."""
+    final = Path(final_path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp = final.parent / f".tmp-{final.name}-{tag}"
+    tmp.mkdir()  # not tempfile.mkdtemp: its 0700 mode would stay on the renamed checkpoint
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if marker:
+        (tmp / COMPLETE).write_text("")
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{tag}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+
+
+def clean_stale(folder):
+    """Removes the temporaries of killed saves in `folder`; an old checkpoint renamed aside for a re-save
+    whose new one never arrived is put back. Returns what it did, as lines."""
+    done = []
+    for p in sorted(Path(folder).glob(".old-*")) if Path(folder).is_dir() else []:
+        name = p.name[len(".old-"):].rsplit("-", 1)[0]
+        if (Path(folder) / name).exists():
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed {p} (replaced by a complete {name})")
+        else:
+            os.replace(p, Path(folder) / name)
+            done.append(f"restored {name} (a re-save of it was killed)")
+    for p in sorted(Path(folder).glob(".tmp-*")) if Path(folder).is_dir() else []:
+        shutil.rmtree(p, ignore_errors=True)
+        done.append(f"removed {p} (a killed save)")
+    return done
+
+
+def prepare_run(ckpt_dir, resume, overwrite, accelerator):
+    """Before a run writes anything: the checkpoint to resume from (None: a fresh run). A fresh run into
+    a folder holding checkpoints is refused (or, with overwrite, they are deleted first); temporaries of
+    killed saves are cleaned (main process), and --resume=auto says when there is nothing to resume."""
+    ckpt_dir = Path(ckpt_dir)
+    existing = sorted(ckpt_dir.glob("checkpoint-*")) if ckpt_dir.is_dir() else []
+    if not resume and existing and not overwrite:
+        names = ", ".join(p.name for p in existing)
+        raise UserError(f"{ckpt_dir} holds checkpoints of an earlier run ({names}): "
+                        "use --resume=auto to continue it, another out_dir, or --overwrite to delete them")
+    if accelerator.is_main_process:
+        for line in clean_stale(ckpt_dir):
+            print(f"start-up: {line}")
+        if not resume and existing:  # --overwrite
+            for p in existing:
+                shutil.rmtree(p)
+            print(f"--overwrite: deleted {len(existing)} checkpoints of an earlier run in {ckpt_dir}")
+    accelerator.wait_for_everyone()
+    if resume != "auto":
+        return resume or None
+    found = latest_checkpoint(ckpt_dir)
+    if found is None and accelerator.is_main_process:
+        print(f"--resume=auto: no complete checkpoint in {ckpt_dir}: starting from step 0")
+    return found
+
+
+def save_checkpoint(ckpt_dir, step, modules, optimizers=None, cfg=None, extra=None, rig=None):
+    """Writes <ckpt_dir>/checkpoint-<step>/ atomically (+ rig.json: the cameras the weights were trained
+    on, for the next stage's checks). Pass unwrapped modules (not DDP/compiled)."""
+    buf = io.BytesIO()
+    torch.save(extra or {}, buf)
+    try:  # fail now, not at resume: weights_only loading refuses e.g. numpy scalars
+        torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    except pickle.UnpicklingError:
+        raise InputError(f"extra={extra!r}: use only tensors, python numbers, strings, "
+                         "lists, dicts") from None
+    final = Path(ckpt_dir) / f"checkpoint-{step}"
+    with atomic_dir(final) as tmp:
+        for name, module in modules.items():
+            wrapped = [k for k in module.state_dict() if k.startswith(("module.", "_orig_mod."))]
+            if wrapped:  # a DDP/compiled wrapper's key prefixes would make the file unloadable elsewhere
+                raise InputError(f"{name}: save the unwrapped model, got keys like {wrapped[0]!r}")
+            save_model(module, str(tmp / f"{name}.safetensors"))  # save_model handles tied weights
+        write_state(tmp, step, optimizers or {}, extra)
+        if cfg is not None:
+            save_config(cfg, tmp / "config.yaml")
+        if rig is not None:
+            (tmp / "rig.json").write_text(json.dumps(rig, indent=1))
+    return final
+
+
+def write_state(path, step, optimizers, extra):
+    optim_states = {k: opt.state_dict() for k, opt in optimizers.items()}
+    torch.save({"step": int(step), "optimizers": optim_states, "extra": extra or {}}, Path(path) / "state.pt")
+
+
+def latest_checkpoint(ckpt_dir):
+    """The checkpoint-<step> dir marked complete with the highest step, or None."""
+    ckpt_dir = Path(ckpt_dir)
+    found = [(int(m[1]), p) for p in (ckpt_dir.iterdir() if ckpt_dir.is_dir() else [])
+             if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / COMPLETE).is_file()]
+    return max(found)[1] if found else None
+
+
+def check_resumable(path):
+    """Stops unless `path` is a complete checkpoint, naming what is missing and what else exists."""
+    path = Path(path)
+    if not (path / COMPLETE).is_file() or not (path / "state.pt").is_file():
+        other = latest_checkpoint(path.parent)
+        raise UserError(f"{path} is not a complete checkpoint (no {COMPLETE} marker or state.pt)"
+                        + (f"; the latest complete one is {other}" if other else ""))
+
+
+def read_state(path):
+    """state.pt of a checkpoint, a truncated or foreign file named as such."""
+    try:
+        return torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many kinds for a broken file
+        raise InputError(f"{Path(path) / 'state.pt'}: cannot read it ({type(err).__name__}: {err})") from None
+
+
+def check_finite_weights(where, module):
+    """Refuses weights with NaN or inf (a checkpoint of a diverged run)."""
+    bad = [k for k, v in module.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise InputError(f"{where}: non-finite weights in {len(bad)} tensors (e.g. {bad[0]}): "
+                         "refusing to resume")
+
+
+def earlier_checkpoints(path):
+    """'; earlier complete checkpoints: ...' for an error about checkpoint `path`, or ''."""
+    m = re.fullmatch(r"checkpoint-(\d+)", Path(path).name)
+    found = sorted((int(n[1]), p.name) for p in Path(path).parent.glob("checkpoint-*")
+                   if (n := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / COMPLETE).is_file()
+                   and m and int(n[1]) < int(m[1]))
+    return f"; earlier complete checkpoints: {[name for _, name in found]}" if found else ""
+
+
+def load_checkpoint(path, modules, optimizers=None):
+    """Loads weights (strict) and optimizer states; returns the state dict {step, optimizers, extra}.
+    A broken file stops with its name (and the earlier complete checkpoints): never a silent fallback."""
+    try:
+        return _load_checkpoint(Path(path), modules, optimizers)
+    except InputError as err:
+        raise InputError(f"{err}{earlier_checkpoints(path)}") from None
+
+
+def _load_checkpoint(path, modules, optimizers):
+    check_resumable(path)
+    for name, module in modules.items():
+        file = path / f"{name}.safetensors"
+        if not file.is_file():
+            have = sorted(p.stem for p in path.glob("*.safetensors"))
+            raise FileNotFoundError(f"{file} not found (the checkpoint holds modules {have})")
+        try:
+            load_model(module, file, strict=True)
+        except RuntimeError as err:  # missing/unexpected keys, or a truncated file
+            raise InputError(f"{file}: cannot load it into {name} ({' '.join(str(err).split())})") from None
+        except Exception as err:  # safetensors raises its own kinds for a broken header
+            raise InputError(f"{file}: cannot read it ({type(err).__name__}: {err})") from None
+        check_finite_weights(file, module)
+    state = read_state(path)
+    for name, opt in (optimizers or {}).items():
+        if name not in state["optimizers"]:
+            raise KeyError(f"{path}: no optimizer state {name!r}, checkpoint has {list(state['optimizers'])}")
+        opt.load_state_dict(state["optimizers"][name])
+    return state
+
+
+def seeded(*key):
+    """A generator seeded by (seed, rank, step, ...): a step's randomness does not depend on how the run
+    got there, so a resumed run draws what the uninterrupted one drew."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
+
+
+def log_metrics(metrics, step, out_dir, tag="val"):
+    """Prints `val step N | key value | ...` and appends {"step": N, ...} to <out_dir>/metrics.jsonl."""
+    fmt = lambda v: f"{v:.2f}" if abs(v) >= 10 else f"{v:.4f}"  # noqa: E731
+    line = f"{tag} step {step} | " + " | ".join(f"{k} {fmt(v)}" for k, v in metrics.items())
+    with open(Path(out_dir) / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": int(step), **metrics}) + "\n")
+    print(line)
+    return line

@@ -1,0 +1,240 @@
+"""TODO render
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+# ----------------------------------------------------------------------------------------------
+# Gaussian rasterizer
+#
+# Semantics shared by every back end (those of 3DGS / gsplat "classic"): EWA projection with a
+# 0.3 px low-pass on the 2D covariance, Gaussians nearer than NEAR culled, a Gaussian touches
+# only the pixels inside its footprint ellipse, alpha = opacity * exp(-maha^2 / 2) clamped at
+# ALPHA_MAX and dropped below 1/255, front-to-back compositing that stops before the
+# transmittance would fall to T_MIN.
+
+NEAR, EPS2D, ALPHA_MIN, ALPHA_MAX, T_MIN = 0.01, 0.3, 1.0 / 255.0, 0.99, 1e-4
+
+
+# Footprint radius in standard deviations. 3.33 (gsplat's) is where a fully opaque Gaussian's
+# alpha reaches 1/255: a tighter cut would drop pixels that gsplat draws.
+FOOTPRINT_SIGMAS = 3.33
+
+
+def quat_to_rotmat(q):
+    """(..., 4) quaternion (w, x, y, z), any norm -> (..., 3, 3) rotation."""
+    w, x, y, z = F.normalize(q, dim=-1).unbind(-1)
+    R = torch.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+                     2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+                     2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1)
+    return R.unflatten(-1, (3, 3))  # (..., 3, 3)
+
+
+def project_gaussians(means, quats, scales, opacities, w2c, K, H, W):
+    """EWA projection of N Gaussians into C cameras (shared by every CPU back end).
+    means (..., N, 3), quats (..., N, 4), scales (..., N, 3), opacities (..., N), w2c (..., C, 4, 4),
+    K (..., C, 3, 3).
+    Returns means2d (..., C, N, 2), conics (..., C, N, 3) = upper triangle of the inverse 2D
+    covariance, depths (..., C, N), the footprint's pixel box (..., C, N, 4) = x0, x1, y0, y1
+    (inclusive, clipped to the image) and valid (..., C, N)."""
+    R, t = w2c[..., :3, :3], w2c[..., :3, 3]
+    p = torch.einsum("...cij,...nj->...cni", R, means) + t[..., :, None, :]  # (..., C, N, 3)
+    z = p[..., 2]
+    in_front = z > NEAR
+    z = torch.where(in_front, z, torch.ones_like(z))  # culled ones get a harmless depth: no NaN grads
+    fx, fy, cx, cy = (K[..., i, j, None] for i, j in ((0, 0), (1, 1), (0, 2), (1, 2)))  # (..., C, 1)
+    means2d = torch.stack([fx * p[..., 0] / z + cx, fy * p[..., 1] / z + cy], -1)  # (..., C, N, 2)
+
+    M = quat_to_rotmat(quats) * scales[..., None, :]  # (..., N, 3, 3) = R_q diag(s)
+    cov3 = M @ M.transpose(-1, -2)  # (..., N, 3, 3)
+    cov_cam = torch.einsum("...cij,...njk,...clk->...cnil", R, cov3, R)  # (..., C, N, 3, 3)
+    # The Jacobian is evaluated at a point clamped to a little beyond the view frustum (as 3DGS
+    # does), so Gaussians far off-screen do not get absurd footprints.
+    tx = z * torch.clamp(p[..., 0] / z, -(cx / fx + 0.15 * W / fx), (W - cx) / fx + 0.15 * W / fx)
+    ty = z * torch.clamp(p[..., 1] / z, -(cy / fy + 0.15 * H / fy), (H - cy) / fy + 0.15 * H / fy)
+    zero = torch.zeros_like(z)
+    J = torch.stack([fx / z, zero, -fx * tx / z**2,
+                     zero, fy / z, -fy * ty / z**2], -1).unflatten(-1, (2, 3))  # (..., C, N, 2, 3)
+    low_pass = EPS2D * torch.eye(2, dtype=p.dtype, device=p.device)
+    cov2 = J @ cov_cam @ J.transpose(-1, -2) + low_pass  # (..., C, N, 2, 2)
+    a, b, c = cov2[..., 0, 0], cov2[..., 0, 1], cov2[..., 1, 1]
+    det = (a * c - b * b).clamp(min=1e-12)
+    conics = torch.stack([c / det, -b / det, a / det], -1)  # (..., C, N, 3)
+
+    with torch.no_grad():  # the footprint: tight box around the ellipse where alpha can reach 1/255
+        # opacity * exp(-maha^2 / 2) >= 1/255  <=>  maha <= sqrt(2 ln(255 opacity)): a faint Gaussian
+        # gets a smaller box. The pairs this leaves out would all be dropped by the 1/255 test, so
+        # the image is the same; there are just fewer pairs to build.
+        o = opacities[..., None, :].expand_as(a)  # (..., C, N)
+        sig = torch.sqrt(2 * torch.log((255 * o).clamp(min=1))).clamp(max=FOOTPRINT_SIGMAS)
+        rx, ry = sig * a.sqrt(), sig * c.sqrt()
+        u, v = means2d[..., 0], means2d[..., 1]
+        # pixel i's centre is i + 0.5; keep the integer pixels whose centre is in the box
+        box = torch.stack([torch.ceil(u - rx - 0.5).clamp(min=0), torch.floor(u + rx - 0.5).clamp(max=W - 1),
+                           torch.ceil(v - ry - 0.5).clamp(min=0),
+                           torch.floor(v + ry - 0.5).clamp(max=H - 1)], -1)  # (..., C, N, 4)
+        valid = (in_front & (o >= ALPHA_MIN) & (box[..., 0] <= box[..., 1]) & (box[..., 2] <= box[..., 3])
+                 & torch.isfinite(box).all(-1))
+        box = torch.where(valid[..., None], box, torch.zeros_like(box)).long()  # (..., C, N, 4)
+    return means2d, conics, p[..., 2], box, valid
+
+
+def _pair_alpha(dx, dy, conic, opacity):
+    """alpha of (Gaussian, pixel) pairs and the mask of pairs that count (footprint and 1/255)."""
+    maha2 = conic[..., 0] * dx * dx + 2 * conic[..., 1] * dx * dy + conic[..., 2] * dy * dy
+    alpha = (opacity * torch.exp(-0.5 * maha2)).clamp(max=ALPHA_MAX)
+    keep = (maha2 <= FOOTPRINT_SIGMAS**2) & (alpha >= ALPHA_MIN)
+    return alpha, keep
+
+
+def _flatten_batch(means, quats, scales, opacities, colors, w2c, K, bg):
+    """Give every input one leading batch dim so back ends deal with (B, ...) only."""
+    batch = means.shape[:-2]
+    flat = lambda x, n: x.reshape((-1,) + x.shape[len(batch):]) if x.dim() > n else x[None]  # noqa: E731
+    C, D = w2c.shape[-3], colors.shape[-1]
+    bg = torch.as_tensor(bg, dtype=colors.dtype, device=colors.device).expand(batch + (C, D))  # (..., C, D)
+    out = [flat(means, 2), flat(quats, 2), flat(scales, 2), flat(opacities, 1), flat(colors, 2),
+           flat(w2c, 3), flat(K, 3), flat(bg, 2)]
+    return batch, out
+
+
+def render_gaussians(means, quats, scales, opacities, colors, w2c, K, H, W, bg, backend="auto"):
+    """Render N Gaussians into C cameras, batched over any leading dims.
+    means (..., N, 3), quats (..., N, 4) (w, x, y, z), scales (..., N, 3) (not log), opacities
+    (..., N) in [0, 1], colors (..., N, D), w2c (..., C, 4, 4), K (..., C, 3, 3), bg: a float or
+    (D,) or (..., C, D) background. Returns colour (..., C, H, W, D) and alpha (..., C, H, W, 1).
+    Differentiable in every Gaussian parameter. Always fp32, also under autocast.
+    backend: 'gsplat' (CUDA), 'sparse' (pure PyTorch), 'dense' (the all-pairs test oracle) or
+    'auto' (gsplat on CUDA when it is installed, else sparse)."""
+    if backend == "auto":
+        backend = "gsplat" if means.is_cuda and _gsplat_available() else "sparse"
+    fn = {"gsplat": _render_gsplat, "sparse": _render_sparse, "dense": _render_dense}[backend]
+    dtype = torch.float64 if means.dtype == torch.float64 else torch.float32
+    args = [x.to(dtype) for x in (means, quats, scales, opacities, colors, w2c, K)]
+    with torch.autocast(means.device.type, enabled=False):
+        batch, flat = _flatten_batch(*args, bg)
+        rgb, alpha = fn(*flat, H, W)  # (B, C, H, W, D), (B, C, H, W, 1)
+    return rgb.reshape(batch + rgb.shape[1:]), alpha.reshape(batch + alpha.shape[1:])
+
+
+def _gsplat_available():
+    try:
+        import gsplat  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def _render_gsplat(means, quats, scales, opacities, colors, w2c, K, bg, H, W):
+    from gsplat import rasterization
+    rgb, alpha, _ = rasterization(means, quats, scales, opacities, colors, w2c, K, W, H, near_plane=NEAR,
+                                  eps2d=EPS2D, backgrounds=bg, packed=False, rasterize_mode="classic")
+    return rgb, alpha
+
+
+def _render_sparse(means, quats, scales, opacities, colors, w2c, K, bg, H, W):
+    """Sparse rasterizer: only (Gaussian, pixel) pairs inside each footprint exist, so time and
+    memory scale with the number of pairs, not Gaussians x pixels."""
+    B, C, N, D = w2c.shape[0], w2c.shape[1], means.shape[1], colors.shape[-1]
+    means2d, conics, depths, box, valid = project_gaussians(means, quats, scales, opacities, w2c, K, H, W)
+    cam, gid = valid.flatten(0, 1).nonzero(as_tuple=True)  # (E,) visible entries: camera b*C+c, Gaussian n
+    entry, g = cam * N + gid, (cam // C) * N + gid  # index into (B*C*N) projections / (B*N) Gaussians
+    # everything a pair needs from its entry, in one tensor so that one gather (and one
+    # index_add in backward) serves all of it: u, v | conic 3 | opacity | colour D
+    ent = torch.cat([means2d.flatten(0, 2)[entry], conics.flatten(0, 2)[entry],
+                     opacities.flatten()[g, None], colors.flatten(0, 1)[g]], -1)  # (E, 6 + D)
+    with torch.no_grad():
+        x0, x1, y0, y1 = box.flatten(0, 2)[entry].unbind(-1)  # (E,) each
+        bw, count = x1 - x0 + 1, (x1 - x0 + 1) * (y1 - y0 + 1)
+        entries = torch.arange(len(cam), device=cam.device)  # (E,)
+        e = torch.repeat_interleave(entries, count)  # (P,) entry of each pair
+        local = torch.arange(len(e), device=e.device) - (count.cumsum(0) - count)[e]
+        px, py = x0[e] + local % bw[e], y0[e] + local // bw[e]
+        pe = ent.detach().index_select(0, e)
+        _, keep = _pair_alpha(px + 0.5 - pe[:, 0], py + 0.5 - pe[:, 1], pe[:, 2:5], pe[:, 5])
+        keep = keep.nonzero().squeeze(1)
+        e, px, py = e[keep], px[keep], py[keep]
+        pix = cam[e] * (H * W) + py * W + px  # (P,) flat output pixel
+        # sort pairs by (pixel, depth): the depth rank among all entries orders each pixel's list
+        depth_rank = torch.empty_like(cam)
+        depth_rank[depths.flatten()[entry].argsort()] = torch.arange(len(cam), device=cam.device)
+        order = (pix * max(len(cam), 1) + depth_rank[e]).argsort()
+        e, px, py, pix = e[order], px[order], py[order], pix[order]
+
+    # split (not slicing) so that backward concatenates the pieces' grads instead of
+    # scattering each into its own zero-filled (P, 6 + D) buffer
+    u, v, conic, opac, col = ent.index_select(0, e).split([1, 1, 3, 1, D], dim=1)  # (P, .) each
+    alpha, _ = _pair_alpha(px + 0.5 - u[:, 0], py + 0.5 - v[:, 0], conic, opac[:, 0])  # (P,)
+    # Exclusive transmittance per pixel = exp(segmented cumsum of log(1 - alpha)). The running
+    # sum spans all pixels, so it is taken in float64 to keep the per-pixel differences exact.
+    la = torch.log1p(-alpha.double())
+    cs = la.cumsum(0)
+    first = torch.ones_like(pix, dtype=torch.bool)
+    first[1:] = pix[1:] != pix[:-1]
+    seg = first.cumsum(0) - 1  # (P,) segment (= pixel list) of each pair
+    before = (cs - la)[first][seg]  # sum of log(1 - alpha) of all earlier pixels' pairs
+    T_excl, T_incl = torch.exp(cs - la - before), torch.exp(cs - before)
+    w = (alpha * T_excl * (T_incl > T_MIN)).to(alpha.dtype)  # (P,) compositing weight
+
+    rgb = torch.zeros(B * C * H * W, D, dtype=colors.dtype, device=colors.device)
+    rgb = rgb.index_add(0, pix, w[:, None] * col)  # (B*C*H*W, D)
+    acc = torch.zeros(B * C * H * W, dtype=w.dtype, device=w.device).index_add(0, pix, w)
+    rgb = rgb.view(B, C, H, W, D) + (1 - acc.view(B, C, H, W, 1)) * bg[:, :, None, None, :]
+    return rgb, acc.view(B, C, H, W, 1)
+
+
+def _render_dense(means, quats, scales, opacities, colors, w2c, K, bg, H, W):
+    """Dense all-pairs reference rasterizer: every Gaussian against every pixel, composited with
+    cumprod. O(N x H x W) memory; only for tests and benchmarks."""
+    means2d, conics, depths, box, valid = project_gaussians(means, quats, scales, opacities, w2c, K, H, W)
+    ys, xs = torch.meshgrid(torch.arange(H, device=means.device), torch.arange(W, device=means.device),
+                            indexing="ij")  # (H, W)
+    xs, ys = xs.flatten(), ys.flatten()  # (HW,)
+    dx = xs + 0.5 - means2d[..., 0, None]  # (B, C, N, HW)
+    dy = ys + 0.5 - means2d[..., 1, None]
+    alpha, keep = _pair_alpha(dx, dy, conics[..., None, :], opacities[:, None, :, None])
+    x0, x1, y0, y1 = box[..., None].unbind(-2)  # (B, C, N, 1) each
+    keep = keep & valid[..., None] & (xs >= x0) & (xs <= x1) & (ys >= y0) & (ys <= y1)
+    alpha = torch.where(keep, alpha, torch.zeros_like(alpha))
+    order = depths.masked_fill(~valid, math.inf).argsort(-1)  # (B, C, N) front to back
+    alpha = alpha.gather(2, order[..., None].expand_as(alpha))
+    T_incl = torch.cumprod(1 - alpha, dim=2)
+    T_excl = torch.cat([torch.ones_like(T_incl[:, :, :1]), T_incl[:, :, :-1]], dim=2)
+    w = alpha * T_excl * (T_incl > T_MIN)  # (B, C, N, HW)
+    by_depth = order[..., None].expand(-1, -1, -1, colors.shape[-1])  # (B, C, N, D)
+    col = colors[:, None].expand(-1, w.shape[1], -1, -1).gather(2, by_depth)  # (B, C, N, D)
+    rgb = torch.einsum("bcnp,bcnd->bcpd", w, col)  # (B, C, HW, D)
+    acc = w.sum(2)[..., None]  # (B, C, HW, 1)
+    rgb = rgb + (1 - acc) * bg[:, :, None, :]
+    return rgb.unflatten(2, (H, W)), acc.unflatten(2, (H, W))  # (B, C, H, W, D), (B, C, H, W, 1)
+
+
+def _render_views(H, W, bg, means, quats, scales, opacities, colors, w2c, K):
+    # rgb (B, V, H, W, 3), alpha (B, V, H, W, 1)
+    rgb, alpha = render_gaussians(means, quats, scales, opacities, colors, w2c, K, H, W, bg)
+    return rearrange(torch.cat([rgb, alpha], -1), "b v h w c -> b v c h w")  # (B, V, 4, H, W)
+
+
+class DeferredRender(torch.autograd.Function):
+    """Render all views without a graph; in backward re-render one view at a time with a graph.
+    Peak memory is then one view's rasterizer state instead of all V views' (FaceLift's
+    deferred rendering), at the cost of rendering twice."""
+
+    @staticmethod
+    def forward(ctx, H, W, bg, *tensors):
+        ctx.H, ctx.W, ctx.bg = H, W, bg
+        ctx.save_for_backward(*tensors)
+        with torch.no_grad():
+            return _render_views(H, W, bg, *tensors)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # grad_out (B, V, 4, H, W)
+        tensors = ctx.saved_tensors
+        gaussians, cams = [t.detach().requires_grad_() for t in tensors[:5]], tensors[5:]
+        for v in range(grad_out.shape[1]):
+            with torch.enable_grad():
+                out = _render_views(ctx.H, ctx.W, ctx.bg, *gaussians, *(c[:, v:v + 1] for c in cams))
+                out.backward(grad_out[:, v:v + 1])
+        return (None, None, None, *(t.grad for t in gaussians), None, None)

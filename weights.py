@@ -1,0 +1,427 @@
+"""TODO weights
+"""
+import inspect
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import yaml
+from diffusers import AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel, UNetMotionModel
+from safetensors.torch import load_file, load_model, save_file
+from transformers import CLIPVisionModelWithProjection
+
+from data import JOINT_SETS, MUSIC_DIM, load_prompt_embeds
+from models import (
+    GSLRM,
+    GSLRM_CONFIGS,
+    IRESNET_CONFIGS,
+    M2P_CONFIGS,
+    REF_EMBED_FILE,
+    DanceNet,
+    FaceTokens,
+    IResNet,
+    M2PEncoder,
+    MVUNet,
+    PoseGuider,
+    VGGFeatures,
+)
+from plumbing import InputError, atomic_dir, latest_checkpoint, load_checkpoint, save_config, write_state
+from toy import toy_clip_image_encoder, toy_face_recognizer
+
+
+def check_keys(where, ours, theirs, ignore=lambda k: False):
+    """Stop with a KeyError naming up to 8 missing and 8 unexpected keys (not counting `ignore`d ones)
+    unless the key sets `ours` (what we load into) and `theirs` (what the file holds) are equal."""
+    missing = sorted(k for k in set(ours) - set(theirs) if not ignore(k))
+    unexpected = sorted(k for k in set(theirs) - set(ours) if not ignore(k))
+    if missing or unexpected:
+        def first(keys):
+            return f"{keys[:8]}" + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+        raise KeyError(f"{where}: missing keys {first(missing)}, unexpected keys {first(unexpected)} "
+                       f"({len(missing)} missing, {len(unexpected)} unexpected)")
+
+
+def facelift_gslrm_key_map(layers):
+    """FaceLift's GS-LRM state-dict keys -> ours."""
+    kmap = {"patch_embedder.1.weight": "patch_embed.weight",
+            "gaussian_position_embeddings": "extra_tokens",
+            "input_layer_norm.weight": "input_norm.weight",
+            "gaussian_upsampler.layernorm.weight": "extra_head.0.weight",
+            "gaussian_upsampler.linear.weight": "extra_head.1.weight",
+            "pixel_gaussian_decoder.0.weight": "pixel_head.0.weight",
+            "pixel_gaussian_decoder.1.weight": "pixel_head.1.weight"}
+    for i in range(layers):
+        for theirs, ours in (("norm1", "norm1"), ("norm2", "norm2"), ("attn.to_qkv", "attn.to_qkv"),
+                             ("attn.fc", "attn.fc"), ("mlp.mlp.0", "mlp.0"), ("mlp.mlp.2", "mlp.2")):
+            kmap[f"transformer_layers.{i}.{theirs}.weight"] = f"blocks.{i}.{ours}.weight"
+    return kmap
+
+
+def load_facelift_gslrm(model, path):
+    """Load FaceLift's `ckpt_XXXXXXXXXXXXXXXX.pt` ({'model': state dict, 'optimizer', ...}) into
+    `model`: explicit key map, asserted shapes; only the frozen VGG of its loss (`loss_calculator.*`)
+    is ignored. Anything else missing or unexpected is an error that lists the keys."""
+    # weights_only=False: the file also pickles optimizer/scheduler state. Load only files you trust.
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise InputError(f"{path}: expected a dict with a 'model' state dict (FaceLift's GS-LRM checkpoint)")
+    kmap, ours = facelift_gslrm_key_map(len(model.blocks)), model.state_dict()
+    check_keys(f"{path}: not a FaceLift GS-LRM checkpoint for this preset ({len(model.blocks)} layers)",
+               kmap, ckpt["model"], ignore=lambda k: k.startswith("loss_calculator."))
+    theirs = {k: v for k, v in ckpt["model"].items() if k in kmap}
+    for k, v in theirs.items():
+        if v.shape != ours[kmap[k]].shape:
+            raise InputError(f"{path}: {k} has shape {tuple(v.shape)}, "
+                             f"our {kmap[k]} expects {tuple(ours[kmap[k]].shape)}")
+    model.load_state_dict({kmap[k]: v for k, v in theirs.items()}, strict=True)
+    return ckpt
+
+
+def load_vgg(path, arch):
+    """VGGFeatures from a MatConvNet `.mat` (load_matconvnet_vgg) or from a torchvision-format state
+    dict (`vgg19-dcbb9e9d.pth`): the `features.*` keys we build must all be there; the classifier and
+    deeper layers are the only keys ignored. Max pooling, torchvision input normalisation."""
+    if str(path).endswith(".mat"):
+        return load_matconvnet_vgg(path, arch)
+    vgg = VGGFeatures(arch)
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    ours = vgg.state_dict()
+
+    def unused(k):  # torchvision's classifier and the layers past our deepest tap
+        deeper = re.fullmatch(r"features\.(\d+)\.(weight|bias)", k) and int(k.split(".")[1]) > vgg.taps[-1]
+        return k.startswith("classifier.") or deeper
+
+    check_keys(f"{path}: not a torchvision {arch} state dict", ours, sd, ignore=unused)
+    vgg.load_state_dict({k: sd[k] for k in ours}, strict=True)
+    return vgg
+
+
+def load_matconvnet_vgg(path, arch):
+    """FaceLift's perceptual VGG19 from MatConvNet's `imagenet-vgg-verydeep-19.mat`: `layers` is a
+    1xN cell of structs; conv `layers[i]` holds `weights` = {W (3, 3, in, out), b (out)}. Average
+    pooling and caffe-style input (RGB x255 minus the mean pixel), as FaceLift uses it."""
+    import scipy.io  # only this loader reads .mat files
+    if arch != "vgg19":  # LPIPS's vgg16 needs torchvision's weights and normalisation
+        raise InputError(f"{path}: MatConvNet weights are read for vgg19 only, not {arch}")
+    vgg = VGGFeatures(arch, pool="avg")
+    vgg.preprocess = "caffe"
+    mat = scipy.io.loadmat(path, variable_names=["layers"])
+    if "layers" not in mat:
+        raise KeyError(f"{path}: no `layers` cell: not a MatConvNet (imagenet-vgg-verydeep-19) file")
+    layers = mat["layers"].ravel()  # (N,) of (1, 1) structs
+    sd = {}
+    for i, conv in enumerate(vgg.features):
+        if not isinstance(conv, nn.Conv2d):
+            continue
+        want = (3, 3, conv.in_channels, conv.out_channels)
+        try:  # W (H, W, in, out), b (out, 1) or (1, out)
+            w, b = layers[i].ravel()[0]["weights"].ravel()
+        except (IndexError, KeyError, ValueError):  # no such layer, no weights field, not {W, b}
+            raise InputError(f"{path}: layer {i} of {len(layers)} is not a conv layer with "
+                             f"weights {{W {want}, b ({want[3]},)}}") from None
+        if w.shape != want or b.size != want[3]:
+            raise InputError(f"{path}: layer {i} has W {w.shape}, b {b.shape}; "
+                             f"expected W {want}, b ({want[3]},)")
+        sd[f"features.{i}.weight"] = torch.from_numpy(w).permute(3, 2, 0, 1).float()  # (out, in, 3, 3)
+        sd[f"features.{i}.bias"] = torch.from_numpy(b).reshape(-1).float()  # (out,)
+    vgg.load_state_dict(sd, strict=True)
+    return vgg
+
+
+def load_lpips_heads(path):
+    """The LPIPS linear heads (`lpips/weights/v0.1/vgg.pth`: `lin{k}.model.1.weight` of shape
+    (1, C_k, 1, 1)) -> a list of 5 tensors (C_k,)."""
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    want = [f"lin{k}.model.1.weight" for k in range(5)]
+    if sorted(sd) != sorted(want):
+        raise KeyError(f"{path}: expected the LPIPS vgg heads {want}, found {sorted(sd)}")
+    return [sd[k].flatten() for k in want]
+
+
+# FaceLift's unet/config.json names its own classes; the weights are those of the plain diffusers blocks
+FACELIFT_BLOCK_MAP = {"CrossAttnDownBlockMV2D": "CrossAttnDownBlock2D",
+                      "UNetMidBlockMV2DCrossAttn": "UNetMidBlock2DCrossAttn",
+                      "CrossAttnUpBlockMV2D": "CrossAttnUpBlock2D"}
+
+
+# FaceLift's extra keys that MVUNet implements at one value only (its released config's, also the
+# default of its UNetMV2DConditionModel): any other value asks for a module we lack
+FACELIFT_FIXED_KEYS = {
+    "multiview_attention": (True, "self-attention within each view only"),
+    "selfattn_block": ("custom", "another self-attention block (FaceLift's code builds only 'custom')"),
+    "cd_attention_last": (False, "cross-domain attention after each transformer block"),
+    "cd_attention_mid": (False, "cross-domain attention inside each transformer block"),
+    "addition_downsample": (False, "an extra downsampling conv branch after the mid block")}
+
+
+# read by facelift_mv_settings; addition_channels only sizes the addition_downsample branch
+FACELIFT_EXTRA_KEYS = ("num_views", "sparse_mv_attention", "addition_channels", *FACELIFT_FIXED_KEYS)
+
+
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def unet_config_from_facelift(config, where="config.json"):
+    """FaceLift's (or a plain diffusers) UNet config dict -> kwargs of a plain UNet2DConditionModel.
+    A FaceLift key asking for a module that MVUNet lacks is a ValueError naming key and value."""
+
+    if config.get("_class_name") not in ("UNetMV2DConditionModel", "UNet2DConditionModel"):
+        raise InputError(f"{where}: _class_name {config.get('_class_name')!r}, "
+                         "expected UNetMV2DConditionModel (FaceLift) or UNet2DConditionModel")
+    extra = sorted(k for k in FACELIFT_EXTRA_KEYS if k in config)
+    if extra and config["_class_name"] != "UNetMV2DConditionModel":
+        raise InputError(f"{where}: FaceLift's keys {extra} in a UNet2DConditionModel config")
+    for key, (ours, feature) in FACELIFT_FIXED_KEYS.items():
+        if config.get(key, ours) != ours:
+            raise InputError(f"{where}: {key}={config[key]!r} asks for {feature}, which MVUNet "
+                             f"does not implement (FaceLift's released weights: {key}={ours!r})")
+    cfg = {k: v for k, v in config.items() if not k.startswith("_") and k not in FACELIFT_EXTRA_KEYS}
+    for key in ("down_block_types", "up_block_types"):
+        cfg[key] = [FACELIFT_BLOCK_MAP.get(b, b) for b in cfg[key]]
+    if "mid_block_type" in cfg:
+        cfg["mid_block_type"] = FACELIFT_BLOCK_MAP.get(cfg["mid_block_type"], cfg["mid_block_type"])
+    unknown = sorted(set(cfg) - set(inspect.signature(UNet2DConditionModel.__init__).parameters))
+    if unknown:
+        raise InputError(f"{where}: keys {unknown} are neither UNet2DConditionModel arguments "
+                         f"nor FaceLift's known extras {FACELIFT_EXTRA_KEYS}")
+    return cfg
+
+
+def facelift_mv_settings(config, where="config.json"):
+    """(num_views, sparse) that FaceLift's unet config describes; None for a plain diffusers config
+    (ours). FaceLift writes both keys; its defaults (1 view, dense) are not what it trained."""
+    if config.get("_class_name") != "UNetMV2DConditionModel":
+        return None
+    missing = [k for k in ("num_views", "sparse_mv_attention") if k not in config]
+    if missing:
+        raise InputError(f"{where}: no {missing} in a UNetMV2DConditionModel config")
+    V, sparse = config["num_views"], config["sparse_mv_attention"]
+    if type(V) is not int or V < 1 or type(sparse) is not bool:
+        raise InputError(f"{where}: num_views={V!r}, sparse_mv_attention={sparse!r}: "
+                         "expected a positive int and a bool")
+    return V, sparse
+
+
+def load_unet(path):
+    """A plain diffusers UNet2DConditionModel from a `unet/` folder in FaceLift's layout (its
+    config names UNetMV2DConditionModel and MV block types) or ours (save_pretrained). Weights must
+    match exactly: missing or unexpected keys and wrong shapes stop with their names."""
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file} not found (expected a diffusers/FaceLift unet folder)")
+    unet = UNet2DConditionModel(**unet_config_from_facelift(json.loads(cfg_file.read_text()), cfg_file))
+    files = [path / f for f in WEIGHT_FILES if (path / f).is_file()]
+    if not files:
+        raise FileNotFoundError(f"{path}: no weights ({' or '.join(WEIGHT_FILES)})")
+    try:
+        sd = load_file(files[0]) if files[0].suffix == ".safetensors" else torch.load(
+            files[0], map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file: safetensors and torch raise many kinds
+        raise InputError(f"{files[0]}: cannot read it ({type(err).__name__}: {err})") from None
+    ours = unet.state_dict()
+    check_keys(f"{files[0]}: not the weights of the UNet that {cfg_file.name} describes", ours, sd)
+    for k, v in sd.items():
+        if v.shape != ours[k].shape:
+            raise InputError(f"{files[0]}: {k} has shape {tuple(v.shape)}, "
+                             f"the config gives {tuple(ours[k].shape)}")
+    unet.load_state_dict(sd)  # strict
+    return unet
+
+
+def load_mv_unet(path, num_views=None, sparse=None):
+    """MVUNet from a unet/ folder, FaceLift's or ours. The folder decides what it can: FaceLift's
+    config.json gives the view count (num_views) and the attention (sparse_mv_attention), ours the
+    view count (the rows of its reference-view embedding). An argument given (not None) must agree
+    with the folder, else a ValueError names both; None takes the folder's value. Ours records no
+    attention: `sparse` decides (None: True). FaceLift's reference-view embedding starts at zero."""
+    path = Path(path)
+    cfg_file, emb_file = path / "config.json", path / REF_EMBED_FILE
+    mv = facelift_mv_settings(json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}, cfg_file)
+    if mv is not None:  # checked before reading the weights
+        if num_views is not None and num_views != mv[0]:
+            raise InputError(f"{cfg_file}: num_views={mv[0]}, but the rig has {num_views} views")
+        if sparse is not None and sparse != mv[1]:
+            raise InputError(f"{cfg_file}: sparse_mv_attention={mv[1]}, but sparse={sparse} was asked "
+                             f"for (train_mvdiff: set --sparse_attention={str(mv[1]).lower()})")
+        num_views, sparse = mv
+    unet = load_unet(path)
+    w = load_file(emb_file)["weight"] if emb_file.is_file() else None
+    if num_views is None:
+        num_views = len(w) if w is not None else 6
+    model = MVUNet(unet, num_views, True if sparse is None else sparse)
+    if w is not None:
+        if w.shape != model.ref_view_embed.weight.shape:
+            raise InputError(f"{emb_file}: shape {tuple(w.shape)}, "
+                             f"expected {tuple(model.ref_view_embed.weight.shape)} ({num_views} views)")
+        model.ref_view_embed.weight.data.copy_(w)
+    return model
+
+
+def save_mv_unet(model, path):
+    """diffusers save_pretrained of the UNet (loadable by any diffusers pipeline) + the
+    reference-view embedding."""
+    model.unet.save_pretrained(path)
+    weight = model.ref_view_embed.weight.detach().cpu().contiguous()
+    save_file({"weight": weight}, str(Path(path) / REF_EMBED_FILE))
+
+
+def load_iresnet(path, arch):
+    """An IResNet(arch) with the weights of an arcface_torch `backbone.pth` (a plain state dict,
+    or one under 'state_dict'; a DDP 'module.' prefix is removed), in eval mode and frozen."""
+    model = IResNet(**IRESNET_CONFIGS[arch])
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = sd.get("state_dict", sd)
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    ours = model.state_dict()
+    # a file may lack BatchNorm's num_batches_tracked (load_state_dict then fills it in)
+    check_keys(f"{path}: not an arcface_torch {arch} state dict", ours, sd,
+               ignore=lambda k: k in ours and k.endswith("num_batches_tracked"))
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(ours[k].shape)}"
+           for k, v in sd.items() if v.shape != ours[k].shape]
+    if bad:
+        raise InputError(f"{path}: shapes differ from {arch}: {bad[:5]}")
+    model.load_state_dict(sd, strict=True)
+    return model.eval().requires_grad_(False)
+
+
+def load_motion_adapter(path, max_frames):
+    """AnimateDiff motion-module weights from a diffusers MotionAdapter folder, with a position table of
+    max_frames. The table is sinusoidal (a buffer, not learnt): a different length is rebuilt, not loaded,
+    and the same positions get the same values; every other tensor must match exactly."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}/config.json not found (expected a diffusers MotionAdapter folder)")
+    conf = json.loads((path / "config.json").read_text())
+    old = conf.get("motion_max_seq_length", 32)
+    conf = {k: v for k, v in conf.items() if not k.startswith("_")}
+    adapter = MotionAdapter(**dict(conf, motion_max_seq_length=max(max_frames, 1)))
+    files = [path / f for f in WEIGHT_FILES if (path / f).is_file()]
+    if not files:
+        raise FileNotFoundError(f"{path}: no weights ({' or '.join(WEIGHT_FILES)})")
+    state = load_file(files[0]) if files[0].suffix == ".safetensors" else torch.load(files[0], map_location="cpu")
+    table = {k for k in state if k.endswith("pos_embed.pe")}
+    if old != max_frames:
+        print(f"{path}: position table {old} -> {max_frames} frames (sinusoidal: rebuilt, not loaded)")
+        state = {k: v for k, v in state.items() if k not in table}
+    own = adapter.state_dict()
+    missing = sorted(set(own) - set(state) - (table if old != max_frames else set()))
+    extra = sorted(set(state) - set(own))
+    shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or extra or shape:
+        raise InputError(f"{path}: not a MotionAdapter of this config: missing {missing[:4]}, "
+                         f"unexpected {extra[:4]}, wrong shape {shape[:4]}")
+    own.update(state)
+    adapter.load_state_dict(own)
+    return adapter
+
+
+def load_clip_image_encoder(path):
+    """A CLIPVisionModelWithProjection folder (config.json + model.safetensors), frozen, eval."""
+    if not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"{path}/config.json not found (expected a CLIPVisionModelWithProjection folder)")
+    return CLIPVisionModelWithProjection.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
+
+
+def load_vae(path):
+    """SD's AutoencoderKL from a local `vae/` folder, frozen, eval."""
+    if not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"{path}/config.json not found (expected an SD `vae/` folder)")
+    return AutoencoderKL.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
+
+
+def save_mv_checkpoint(ckpt_dir, step, model, ema, optimizer, cfg, rig, prompt_file, extra=None):
+    """checkpoint-<step>/{unet/, unet_ema/, rig.json, prompt_embeds.pt, state.pt, config.yaml}, written
+    atomically. The rig and its prompt file travel with the weights for the next stages' camera checks."""
+    final = Path(ckpt_dir) / f"checkpoint-{step}"
+    with atomic_dir(final) as tmp:
+        save_mv_unet(model, tmp / "unet")
+        if ema is not None:
+            save_mv_unet(ema, tmp / "unet_ema")
+        (tmp / "rig.json").write_text(json.dumps(rig, indent=1))
+        shutil.copyfile(prompt_file, tmp / "prompt_embeds.pt")
+        write_state(tmp, step, {"optimizer": optimizer}, extra)
+        save_config(cfg, tmp / "config.yaml")
+    return final
+
+
+def load_mv_checkpoint(path, device="cpu"):
+    """A train_mvdiff checkpoint (checkpoint-<step>/, or a run folder: its latest) for generating views:
+    {model (EMA weights when saved, eval), rig, prompt_embeds (V, T, D), prompt_file, config, path}. The
+    prompt embeddings are checked against the checkpoint's rig (a mismatch it was trained with is printed)."""
+    path = Path(path)
+    if not (path / "state.pt").is_file() and latest_checkpoint(path):
+        path = latest_checkpoint(path)
+    missing = [f for f in ("unet", "rig.json", "prompt_embeds.pt", "config.yaml") if not (path / f).exists()]
+    if missing:
+        raise FileNotFoundError(f"{path}: neither a train_mvdiff checkpoint-<step> folder (no "
+                                f"{', '.join(missing)}) nor a run folder holding a complete one")
+    cfg = yaml.safe_load((path / "config.yaml").read_text())
+    rig = json.loads((path / "rig.json").read_text())
+    unet_dir = path / "unet_ema" if (path / "unet_ema").is_dir() else path / "unet"
+    model = load_mv_unet(unet_dir, len(rig["frames"]), cfg.get("sparse_attention", True)).to(device).eval()
+    pe, _ = load_prompt_embeds(path / "prompt_embeds.pt", rig, model.unet.config.cross_attention_dim,
+                               allow_mismatch=bool(rig.get("allowed_mismatch")))
+    return {"model": model, "rig": rig, "prompt_embeds": pe.to(device),
+            "prompt_file": path / "prompt_embeds.pt", "config": cfg, "path": path}
+
+
+def load_gslrm_checkpoint(path, device="cpu"):
+    """GS-LRM for inference: our checkpoint-<step>/ (or a run folder: its latest; config.yaml gives preset
+    and image size, rig.json the cameras it was trained on) or FaceLift's ckpt_*.pt (preset facelift,
+    512 px, no rig recorded) -> {model (eval), rig | None, image_size, path}."""
+    path = Path(path)
+    if path.suffix == ".pt":
+        model = GSLRM(**GSLRM_CONFIGS["facelift"])
+        load_facelift_gslrm(model, path)
+        return {"model": model.to(device).eval(), "rig": None, "image_size": 512, "path": path}
+    if not (path / "state.pt").is_file() and latest_checkpoint(path):
+        path = latest_checkpoint(path)
+    if not (path / "state.pt").is_file() or not (path / "config.yaml").is_file():
+        raise FileNotFoundError(f"{path}: neither a train_gslrm checkpoint (state.pt, config.yaml), a run "
+                                "folder holding one, nor FaceLift's ckpt_*.pt")
+    cfg = yaml.safe_load((path / "config.yaml").read_text())
+    model = GSLRM(**GSLRM_CONFIGS[cfg["preset"]])
+    load_checkpoint(path, {"model": model})
+    rig = json.loads((path / "rig.json").read_text()) if (path / "rig.json").is_file() else None
+    return {"model": model.to(device).eval(), "rig": rig, "image_size": cfg["image_size"], "path": path}
+
+
+def load_mv_weights(model, unet_dir):
+    """Copies the weights of a unet/ folder (ours or FaceLift's) into `model` (an MVUNet), strictly."""
+    src = load_mv_unet(unet_dir, model.num_views, model.sparse)
+    model.load_state_dict(src.state_dict())  # strict: same architecture or an error naming the keys
+    return model
+
+
+def load_dance_final(path, device):
+    """train_dance.py's top-level final/ (stage C: everything sample.py needs) -> dict(net, vae, clip,
+    recognizer, m2p, scheduler, cfg). The run's config.yaml says how to rebuild the frozen encoders (local
+    paths, or the toy's seeded random ones)."""
+
+    path = Path(path)
+    need = ["unet/config.json", "referencenet/config.json", "pose_guider.safetensors", "face_tokens.safetensors",
+            "m2p.safetensors", "scheduler/scheduler_config.json", "config.yaml"]
+    if not all((path / f).is_file() for f in need):
+        raise InputError(f"{path}: not a dance final/ folder (needs {', '.join(need)}): run "
+                         "`train_dance.py --training_stage all` (or C) first")
+    cfg = yaml.safe_load((path / "config.yaml").read_text())
+    unet = UNetMotionModel.from_pretrained(path / "unet")
+    dim, J = unet.config.cross_attention_dim, JOINT_SETS[cfg["joints"]]
+    guider = PoseGuider(J, unet.config.block_out_channels[0], tuple(cfg["guider_channels"]))
+    face_tokens = FaceTokens(dim, cfg["face_tokens"])
+    load_model(guider, str(path / "pose_guider.safetensors"))
+    load_model(face_tokens, str(path / "face_tokens.safetensors"))
+    net = DanceNet(unet, load_unet(path / "referencenet"), guider, face_tokens).to(device).eval()
+    m2p = M2PEncoder(MUSIC_DIM, J, **M2P_CONFIGS[cfg["m2p_preset"]], max_frames=max(300, cfg["window"]))
+    load_model(m2p, str(path / "m2p.safetensors"))
+    clip = (load_clip_image_encoder(cfg["clip_path"]) if cfg["clip_path"] else
+            toy_clip_image_encoder(cfg["seed"], dim, cfg["image_size"]))
+    recognizer = (load_iresnet(cfg["face_recognizer_path"], cfg["face_recognizer_arch"]) if cfg["face_recognizer_path"]
+                  else toy_face_recognizer(cfg["seed"]))
+    return dict(net=net, m2p=m2p.to(device).eval(), clip=clip.to(device), recognizer=recognizer.to(device).eval(),
+                vae=load_vae(cfg["vae_path"]).to(device) if cfg["vae_path"] else None, cfg=cfg,
+                scheduler=DDIMScheduler.from_pretrained(path / "scheduler"))
