@@ -4,9 +4,9 @@ diffusion model really outputs).
 
     python gen_synthetic.py                                      # toy: out/mvdiff_toy's latest checkpoint
     torchrun --nproc_per_node=8 gen_synthetic.py --mvdiff_checkpoint ckpt/checkpoint-20000 \\
-        --input_data data_mouse/data_train.txt --output_dir data_mouse_synthetic --augment_all_views
+        --input_data data_mouse/data_train.txt --out_dir data_mouse_synthetic --augment_all_views
 
-Output (FaceLift's GS-LRM layout): <output_dir>/data_train.txt, data_val.txt and
+Output (FaceLift's GS-LRM layout): <out_dir>/data_train.txt, data_val.txt and
 sample_XXXXXX/{opencv_cameras.json, metadata.json, images/cam_000.png ...}. Sample k is source
 sample k // 6 with reference view k % 6 (--augment_all_views) or source k. The split is by source
 object. Each sample is written under a temporary name and renamed when complete, from noise seeded
@@ -47,7 +47,7 @@ from weights import load_mv_checkpoint
 class Config:
     mvdiff_checkpoint: str = "out/mvdiff_toy"  # a train_mvdiff checkpoint-<step>/, or its run folder (latest)
     input_data: str = "data/toy_mice_mv/data_train.txt"  # list file of real multi-view samples
-    output_dir: str = "data/toy_mice_synthetic"
+    out_dir: str = "data/toy_mice_synthetic"
     prompt_embeds: str = ""  # "" = the checkpoint's own (another file must name the same rig)
     camera_json: str = ""  # opencv_cameras.json of the 6 output cameras; "" = the checkpoint rig's
     augment_all_views: bool = True  # every view of every sample is the reference once: N x 6 samples
@@ -137,7 +137,7 @@ def main(cfg):
     items = [(i, v) for i in range(len(sources)) for v in views]  # sample k = items[k]
     n_val = round(cfg.val_fraction * len(sources)) if len(sources) > 1 else 0
     val_sources = set(np.random.default_rng(cfg.seed).permutation(len(sources))[:n_val].tolist())
-    out = Path(cfg.output_dir)
+    out = Path(cfg.out_dir)
     sample_dir = lambda k: out / f"sample_{k:06d}"  # noqa: E731
     todo = [k for k in range(len(items)) if not sample_dir(k).is_dir()]
 

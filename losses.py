@@ -149,15 +149,16 @@ def predicted_x0(scheduler, x_t, out, t):
 # with score < 0.3 is invisible (DWPose). A heatmap has H x H cells, cell i centred at (i + 0.5) / H.
 
 
-def gaussian_heatmaps(poses, size, sigma):
-    """Target distributions [..., J, size, size]: a Gaussian of `sigma` cells around each joint,
-    normalised to sum 1 (invisible joints get one too; the losses mask them)."""
+def gaussian_heatmaps(poses, size, sigma, normalise=True):
+    """A Gaussian of `sigma` cells around each joint [..., J, size, size], invisible joints included:
+    normalised to sum 1 (the loss target; the losses mask invisible joints) or, normalise=False, with
+    peak 1 (models.pose_heatmaps, the pose condition)."""
     cells = torch.arange(size, device=poses.device, dtype=poses.dtype)
     mu = poses[..., :2] * size - 0.5  # (..., J, 2) in cells
     gx = torch.exp(-((cells - mu[..., :1]) ** 2) / (2 * sigma**2))  # (..., J, W)
     gy = torch.exp(-((cells - mu[..., 1:]) ** 2) / (2 * sigma**2))  # (..., J, H)
     heat = gy[..., :, None] * gx[..., None, :]  # (..., J, H, W)
-    return heat / heat.sum((-2, -1), keepdim=True).clamp(min=1e-12)
+    return heat / heat.sum((-2, -1), keepdim=True).clamp(min=1e-12) if normalise else heat
 
 
 def soft_argmax(logits):

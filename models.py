@@ -13,7 +13,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, MotionAdapter, UNet2DConditionModel, UNetMotionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    MotionAdapter,
+    UNet2DConditionModel,
+    UNetMotionModel,
+)
 from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding
 from diffusers.models.embeddings import get_timestep_embedding
@@ -22,6 +29,7 @@ from einops import rearrange, repeat
 from torch.utils.checkpoint import checkpoint
 from transformers import CLIPVisionModelWithProjection
 
+from losses import gaussian_heatmaps, visible
 from plumbing import InputError
 from render import DeferredRender, _render_views
 
@@ -551,6 +559,12 @@ class M2PEncoder(nn.Module):
 
 # The face recognizer, in the layout of insightface's arcface_torch `iresnet.py` so that its
 # `backbone.pth` files (iresnet18/34/50/100, glintr100 = iresnet100) load key for key.
+def m2p_encoder(music_dim, J, preset, window, grad_checkpoint=False):
+    """The M2P encoder of an M2P_CONFIGS preset for training windows of `window` frames (its position
+    table covers at least 300 frames, so sampling may use longer windows)."""
+    return M2PEncoder(music_dim, J, **M2P_CONFIGS[preset], max_frames=max(300, window), grad_checkpoint=grad_checkpoint)
+
+
 IRESNET_CONFIGS = {
     "toy": dict(layers=(1, 1, 1, 1), widths=(8, 16, 32, 64)),  # the toy's ArcFace (frozen, random)
     "iresnet18": dict(layers=(2, 2, 2, 2)),
@@ -738,12 +752,8 @@ def pose_heatmaps(poses, size, sigma):
     """The pose condition: J heatmaps [..., J, size, size] with peak 1 (a Gaussian of `sigma` cells
     around each visible joint, zero for invisible ones). Ground-truth and M2P poses go through the same
     rendering, so switching between them changes only the joints; differentiable in the coordinates."""
-    cells = torch.arange(size, device=poses.device, dtype=poses.dtype)
-    mu = poses[..., :2] * size - 0.5  # (..., J, 2) in cells
-    gx = torch.exp(-((cells - mu[..., :1]) ** 2) / (2 * sigma**2))  # (..., J, W)
-    gy = torch.exp(-((cells - mu[..., 1:]) ** 2) / (2 * sigma**2))  # (..., J, H)
-    vis = (poses[..., 2] >= 0.3).to(poses.dtype)[..., None, None]
-    return gy[..., :, None] * gx[..., None, :] * vis  # (..., J, H, W)
+    vis = visible(poses)[..., None, None]
+    return gaussian_heatmaps(poses, size, sigma, normalise=False) * vis  # (..., J, H, W)
 
 
 class DanceNet(nn.Module):

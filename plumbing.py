@@ -1,4 +1,7 @@
-"""TODO plumbing
+"""What every run needs and a reader may skip (nanoGPT keeps its configurator apart the same way):
+errors that end as one line, the config loader and command line, the Accelerator, checkpoint folders
+(atomic saves, resume, stale temporaries), the bad-step guard, step-seeded generators, and the small
+helpers every training loop shares (run start, resume, the step line, validation logging).
 """
 import contextlib
 import dataclasses
@@ -18,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from accelerate.utils import set_seed
 from safetensors.torch import load_model, save_model
 
 
@@ -49,7 +53,7 @@ class SkipGuard:
     def __init__(self, limit, skipped=0):
         self.limit, self.skipped, self.in_a_row = limit, skipped, 0
 
-    def ok(self, good, step, why, log=True):
+    def should_step(self, good, step, why, log=True):
         if good:
             self.in_a_row = 0
             return True
@@ -121,16 +125,28 @@ def coerce(value, tp, cli=False):
     raise InputError(f"{value!r} is not a {type_name(tp)}")
 
 
+# Earlier names of fields, still accepted in yaml files and on the command line (when the script has the
+# new field): old -> new, or old -> (new, convert) where the meaning changed with the name
+RENAMED = {"output_dir": "out_dir", "snr_gamma": "min_snr_gamma", "cond_drop_rate": "cond_drop_prob",
+           "uncond_prob": "cond_drop_prob", "reference_view_idx": "reference_view", "val_clips": "val_samples",
+           "stage_c_val_clips": "val_samples_c", "stage_a_steps": "max_steps_a", "stage_b_steps": "max_steps_b",
+           "stage_c_steps": "max_steps_c", "stage_a_lr": "lr_a", "stage_b_lr": "lr_b", "stage_c_lr": "lr_c",
+           "m2p_lr_stage_b": "m2p_lr_b", "m2p_lr_stage_c": "m2p_lr_c", "stage_c_batch_size": "batch_size_c",
+           "face_region_weight": ("face_loss_scale", lambda w: 1 + float(w))}  # was the extra weight: 2 meant x3
+
+
 def load_config(cls, argv=None, aliases=None):
     """`cls` defaults, then every `--cfg x.yaml` (before any --key, wherever it stands), then --key=value /
-    --key value in argv order. `aliases` maps other names (e.g. the seed's) to fields. Errors: ConfigError."""
-    argv, aliases = list(sys.argv[1:] if argv is None else argv), aliases or {}
+    --key value in argv order. `aliases` maps other names (e.g. another code base's) to fields; RENAMED
+    maps earlier names. Errors: ConfigError."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    hints = typing.get_type_hints(cls)
+    aliases = {**{k: v for k, v in RENAMED.items() if k not in hints}, **(aliases or {})}
     if "-h" in argv or "--help" in argv:
-        also = "".join(f"\n  --{a} = --{k}" for a, k in aliases.items())
+        also = "".join(f"\n  --{a} = --{k}" for a, k in aliases.items() if isinstance(k, str) and k in hints)
         print(f"usage: {Path(sys.argv[0]).name} [--cfg x.yaml] [--key=value ...]\n\n{inspect.getsource(cls)}"
               + (f"\naliases:{also}" if also else ""))
         raise SystemExit(0)
-    hints = typing.get_type_hints(cls)
     valid = [f.name for f in dataclasses.fields(cls) if f.init]
 
     def fail(where, msg):
@@ -167,6 +183,8 @@ def load_config(cls, argv=None, aliases=None):
     values = {}
     for key, value, where, from_cli in overrides + cli:
         key = aliases.get(key, key)
+        if isinstance(key, tuple):  # a renamed field whose meaning changed: the old value converted
+            key, value = key[0], key[1](value)
         if key not in valid:
             raise fail(where, f"unknown key {key!r}")
         try:
@@ -411,3 +429,53 @@ def log_metrics(metrics, step, out_dir, tag="val"):
         f.write(json.dumps({"step": int(step), **metrics}) + "\n")
     print(line)
     return line
+
+
+# ----------------------------------------------------------------------------------------------
+# What the five training loops share; the loops themselves stay written out in each script.
+
+def start_run(cfg, out_dir, accelerator):
+    """A run's start: per-rank seed, the printed config, out_dir, and wandb with its files in out_dir."""
+    set_seed(cfg.seed + accelerator.process_index)
+    if accelerator.is_main_process:
+        print(f"config: {cfg}\nprocesses: {accelerator.num_processes}, device: {accelerator.device}")
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        if cfg.wandb:
+            accelerator.init_trackers(cfg.wandb_project, config=vars(cfg),
+                                      init_kwargs={"wandb": {"dir": str(out_dir)}})
+
+
+def resume_run(cfg, out_dir, accelerator, load):
+    """prepare_run, then `load(path)` -> the checkpoint's state dict when there is one to resume from.
+    Returns (start_step, SkipGuard with the skipped count so far); per-rank randomness is re-seeded from
+    (seed, rank, step), as only the data order and the step-seeded generators are saved."""
+    path = prepare_run(out_dir, cfg.resume, cfg.overwrite, accelerator)
+    if not path:
+        return 0, SkipGuard(cfg.max_bad_steps)
+    state = load(path)
+    set_seed(cfg.seed + accelerator.process_index + 1000 * state["step"])
+    if accelerator.is_main_process:
+        print(f"resumed from {path} at step {state['step']}")
+    return state["step"], SkipGuard(cfg.max_bad_steps, state["extra"].get("skipped", 0))
+
+
+def log_step(accelerator, step, parts, lr, grad_norm, skipped, dt, samples, **extra):
+    """Every trainer's step line, `step N | loss parts | extra | lr | grad norm | skipped | ms/step |
+    samples/s`, and the same scalars to wandb. parts: {name: float}; dt: seconds per step."""
+    print(f"step {step} | " + " ".join(f"{k} {v:.4f}" for k, v in parts.items())
+          + "".join(f" | {k} {v:.4g}" for k, v in extra.items())
+          + f" | lr {lr:.2e} | grad norm {grad_norm:.3f} | skipped {skipped}"
+          + f" | {dt * 1000:.0f} ms/step | {samples / dt:.1f} samples/s")
+    accelerator.log({"train/lr": lr, "train/grad_norm": grad_norm, "train/skipped": skipped,
+                     "train/samples_per_s": samples / dt, **{f"train/{k}": v for k, v in {**parts, **extra}.items()}},
+                    step=step)
+
+
+def log_eval(accelerator, metrics, step, out_dir, images=None, tag="val"):
+    """Validation's line and metrics.jsonl (log_metrics), and wandb: the scalars, and `images`
+    ({name: png path}) as pictures beside them."""
+    log_metrics(metrics, step, out_dir, tag)
+    accelerator.log({f"{tag}/{k}": v for k, v in metrics.items()}, step=step)
+    if images and any(t.name == "wandb" for t in accelerator.trackers):
+        import wandb  # optional: only runs with wandb=true get here
+        accelerator.log({f"{tag}/{k}": wandb.Image(str(p)) for k, p in images.items()}, step=step)

@@ -1,9 +1,9 @@
 """Inference: one image -> the rig's 6 views (the phase-1 model) -> 3D Gaussians (the phase-3 GS-LRM).
 
-    python sample.py --input_image mouse.png --output_dir out/sample          # the toy runs' checkpoints
+    python sample.py --input_image mouse.png --out_dir out/sample          # the toy runs' checkpoints
     python sample.py --input_image x.png --mvdiff_checkpoint ckpt/mvdiff --gslrm_checkpoint ckpt/gslrm \\
-        --output_dir out/x --reference_view 2                                  # the image shows rig view 2
-    python sample.py --eval_list data/toy_mice_eval/data_val.txt --output_dir out/chain_eval
+        --out_dir out/x --reference_view 2                                  # the image shows rig view 2
+    python sample.py --eval_list data/toy_mice_eval/data_val.txt --out_dir out/chain_eval
 
 Writes input.png, multiview.png (the generated views), gaussians.ply (3DGS format, Gaussians fainter
 than `opacity_threshold` dropped as FaceLift's inference does), renders.png (the Gaussians at the rig's
@@ -14,9 +14,9 @@ at all its other cameras against the ground truth (the README's chain experiment
 
 Dance: music + a reference -> a dance video (train_dance.py's top-level final/):
 
-    python sample.py --music song.wav --ref_image data/toy_dance/clip_00095 --output_dir out/dance_sample
+    python sample.py --music song.wav --ref_image data/toy_dance/clip_00095 --out_dir out/dance_sample
     python sample.py --music song.mp3 --ref_image me.png --ref_pose me.json --dance_checkpoint out/dance/final
-    python sample.py --dance_eval_list data/toy_dance/data_val.txt --max_seconds 4 --output_dir out/dance_eval
+    python sample.py --dance_eval_list data/toy_dance/data_val.txt --max_seconds 4 --out_dir out/dance_eval
 
 --ref_image is a clip folder (its frame ref_frame, with that frame's pose and face box) or an image with
 --ref_pose (JSON: "pose": J x [x, y, visibility] and "face_box": [x0, y0, x1, y1], normalised to [0, 1]).
@@ -59,7 +59,16 @@ from data import (
     save_ply,
     write_video,
 )
-from losses import beat_alignment, beats_within, masked_psnr, motion_beats, psnr, soft_argmax, ssim, video_beats
+from losses import (
+    beat_alignment,
+    beats_within,
+    masked_psnr,
+    motion_beats,
+    psnr,
+    soft_argmax,
+    ssim,
+    video_beats,
+)
 from models import (
     Conditioner,
     clip_image_embeds,
@@ -71,6 +80,7 @@ from models import (
     to_model_space,
 )
 from plumbing import InputError, cli
+from toy import frozen_encoders
 from weights import load_dance_final, load_gslrm_checkpoint, load_mv_checkpoint
 
 
@@ -79,7 +89,7 @@ class Config:
     input_image: str = ""  # RGBA (composited on white) or RGB (used as is) square image of one rig view
     mvdiff_checkpoint: str = "out/mvdiff_toy"  # train_mvdiff checkpoint-<step>/ or run folder (latest)
     gslrm_checkpoint: str = "out/gslrm_toy"  # train_gslrm checkpoint-<step>/, run folder, or FaceLift .pt
-    output_dir: str = "out/sample"
+    out_dir: str = "out/sample"
     reference_view: int = 0  # the rig view the input image shows
     steps: int = 20  # DDIM steps (FaceLift: 50)
     guidance: float = 1.0  # classifier-free guidance (FaceLift: 3; the toy scores best at 1)
@@ -185,7 +195,7 @@ def read_input(path):
 
 
 def run_one(chain, cfg):
-    out = Path(cfg.output_dir)
+    out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ref = read_input(cfg.input_image)
     views = chain.generate(ref, cfg.reference_view).cpu()  # (V, 3, H, W)
@@ -212,7 +222,7 @@ def run_one(chain, cfg):
 
 def run_eval(chain, cfg):
     """The chain from view `reference_view` of every listed sample, scored at all its other cameras."""
-    out = Path(cfg.output_dir)
+    out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     samples = read_list_file(cfg.eval_list)[: cfg.eval_samples or None]
     k, S, V = cfg.reference_view, chain.S, chain.V
@@ -239,7 +249,7 @@ def run_eval(chain, cfg):
             rows.append(torch.cat([images[k:k + 1, :3], F.interpolate(views, size=(S, S)), gt, pred]))
     mean_image = torch.cat(gts).mean(0, keepdim=True)  # (1, 3, S, S): the baseline that sees no input
     metrics = {key: torch.cat(v).mean().item() for key, v in scores.items() if v}
-    metrics["mean_image_psnr"] = torch.cat([psnr(mean_image.expand_as(g), g) for g in gts]).mean().item()
+    metrics["psnr_mean_image"] = torch.cat([psnr(mean_image.expand_as(g), g) for g in gts]).mean().item()
     metrics.update(samples=len(samples), views=cfg.eval_views, reference_view=k,
                    mvdiff_checkpoint=str(chain.ck["path"]), gslrm_checkpoint=str(chain.gs["path"]),
                    allowed_rig_mismatch=chain.mismatches)
@@ -335,15 +345,24 @@ def decoded(vae, x, chunk=16):
         yield to_images(vae, rearrange(x[:, :, s:s + chunk], "b c f h w -> (b f) c h w")).float()
 
 
+def load_dance(path, device):
+    """The dance final/ for sampling: dict(net, m2p, scheduler, cfg, vae, clip, recognizer)."""
+    d = load_dance_final(path, device)
+    dim = d["net"].unet.config.cross_attention_dim
+    d["vae"], d["clip"], recognizer = frozen_encoders(d["cfg"], dim, device)
+    d["recognizer"] = recognizer.eval()
+    return d
+
+
 @torch.no_grad()
 def run_dance(cfg, device):
-    d = load_dance_final(cfg.dance_checkpoint, device)
+    d = load_dance(cfg.dance_checkpoint, device)
     J, fps, S = JOINT_SETS[d["cfg"]["joints"]], d["cfg"]["fps"], d["cfg"]["image_size"]
     image, ref_pose, box = read_dance_reference(cfg, J, fps)
     audio, sr = read_audio(cfg.music)
     T, vae = dance_length(audio, sr, fps, cfg.max_seconds, cfg.music), d["vae"]
     x, poses, ref_img = generate_dance(d, cfg, image, ref_pose, box, audio, sr, T, device)
-    out = Path(cfg.output_dir)
+    out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     k = max(1, -(-cfg.video_size // S))  # integer upscale
 
@@ -382,7 +401,7 @@ def run_dance_eval(cfg, device):
     scores the same on both); the ground-truth frames' score as the ceiling. Identity: recognizer
     cosine of the generated face (the reference's face box, moved with M2P's nose joint) with the
     reference face, against the next clip's dancer."""
-    d = load_dance_final(cfg.dance_checkpoint, device)
+    d = load_dance(cfg.dance_checkpoint, device)
     c = d["cfg"]
     J, fps, S = JOINT_SETS[c["joints"]], c["fps"], c["image_size"]
     clips = read_list_file(cfg.dance_eval_list)[: cfg.eval_samples or None]
@@ -418,7 +437,7 @@ def run_dance_eval(cfg, device):
                                         for i, r in enumerate(runs)])),
          "psnr_vs_gt": float(np.mean([psnr(r["gen"], r["gt"]).mean().item() for r in runs])),
          "clips": n, "seconds": runs[0]["gen"].shape[0] / fps, "dance_checkpoint": str(cfg.dance_checkpoint)}
-    out = Path(cfg.output_dir)
+    out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     idx = np.linspace(0, len(runs[0]["gen"]) - 1, 8).round().astype(int)
     rows = [torch.cat([r["gt"][idx[:4]], r["gen"][idx]]) for r in runs[:6]]

@@ -42,9 +42,16 @@ from data import (
     write_cameras,
 )
 from losses import diffusion_target, min_snr_weight, weighted_mse
-from models import DANCE_UNET_CONFIGS, IRESNET_CONFIGS, IResNet, intrinsics_matrix, to_model_space
+from models import (
+    DANCE_UNET_CONFIGS,
+    IRESNET_CONFIGS,
+    IResNet,
+    intrinsics_matrix,
+    to_model_space,
+)
 from plumbing import InputError, atomic_dir, cli, seeded
 from render import render_gaussians
+from weights import load_clip_image_encoder, load_iresnet, load_vae
 
 
 def toy_face_recognizer(seed):
@@ -62,6 +69,21 @@ def toy_clip_image_encoder(seed, dim, image_size):
     with torch.random.fork_rng():
         torch.manual_seed(seed + 23456)
         return CLIPVisionModelWithProjection(config).eval().requires_grad_(False)
+
+
+def frozen_encoders(c, dim, device):
+    """The dance stages' frozen encoders from a run's config `c` (a dict): the SD VAE (None: pixel space),
+    the CLIP image encoder (projection `dim`) and the face recognizer, from their local paths, or the
+    toy's seeded random stand-ins where a path is empty."""
+    vae = load_vae(c["vae_path"]).to(device) if c["vae_path"] else None
+    clip = (load_clip_image_encoder(c["clip_path"]) if c["clip_path"]
+            else toy_clip_image_encoder(c["seed"], dim, c["image_size"])).to(device)
+    if clip.config.projection_dim != dim:
+        raise InputError(f"--clip_path={c['clip_path']}: image embeddings of width {clip.config.projection_dim}, "
+                         f"the UNet's cross-attention takes {dim}")
+    recognizer = (load_iresnet(c["face_recognizer_path"], c["face_recognizer_arch"]) if c["face_recognizer_path"]
+                  else toy_face_recognizer(c["seed"])).to(device)
+    return vae, clip, recognizer
 
 
 def toy_unet(cfg, accelerator, scheduler, lr_at, batch_size=16, lr=1e-3, frames_per_clip=24):

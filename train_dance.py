@@ -4,6 +4,9 @@ A: the music-to-pose (M2P) encoder: a music window + the reference pose + the re
 B: single frames: pose guider + denoising UNet + ReferenceNet + face tokens: the reference dancer in a pose.
 C: clips: AnimateDiff motion modules join B's UNet and only they train (sequence-length curriculum).
 
+The file reads in chapters: the Config (one group of fields per stage), what the stages share (learning
+rate, freeze matrix, scheduler, model builders), then stage A, stage B, stage C, and `all`.
+
     python train_dance.py --training_stage A                      # toy dancers on a CPU, minutes
     python train_dance.py --training_stage B                      # after A: its final/ M2P
     python train_dance.py --training_stage C                      # after B: its final/
@@ -23,12 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
-from accelerate.utils import set_seed
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, UNet2DConditionModel
 from einops import rearrange
 from PIL import Image
-from safetensors.torch import load_model, save_model
 
 from data import (
     JOINT_SETS,
@@ -65,9 +65,9 @@ from models import (
     M2P_CONFIGS,
     DanceNet,
     FaceTokens,
-    M2PEncoder,
     PoseGuider,
     clip_image_embeds,
+    m2p_encoder,
     motion_unet,
     pose_heatmaps,
     referencenet_unused,
@@ -78,26 +78,34 @@ from models import (
 from plumbing import (
     ConfigError,
     InputError,
-    SkipGuard,
-    atomic_dir,
     check_flags,
     cli,
     load_checkpoint,
-    log_metrics,
+    log_eval,
+    log_step,
     make_accelerator,
-    prepare_run,
+    resume_run,
     save_checkpoint,
     save_config,
     seeded,
+    start_run,
 )
-from toy import toy_clip_image_encoder, toy_dance, toy_face_recognizer, toy_unet
-from weights import load_clip_image_encoder, load_iresnet, load_motion_adapter, load_unet, load_vae
+from toy import frozen_encoders, toy_dance, toy_face_recognizer, toy_unet
+from weights import (
+    load_dance_net,
+    load_iresnet,
+    load_m2p,
+    load_motion_adapter,
+    load_unet,
+    read_dance_final,
+    save_dance_final,
+)
 
 
 @dataclass
 class Config:
     training_stage: str = "A"  # A: M2P pretraining | B: single frames | C: temporal modules | all: A -> B -> C
-    # data
+    # ---- data (every stage)
     data_dir: str = "data/toy_dance"  # clip dirs + list files; the toy dancers are made here if missing
     train_list: str = "data_train.txt"  # relative to data_dir, or absolute
     val_list: str = "data_val.txt"  # the toy's: dancers never trained on
@@ -109,30 +117,30 @@ class Config:
     fps: int = 30  # video frame rate; music features use SR = fps x 512
     joints: str = "body_feet24"  # body18 | body_feet24 | all134 (first n points of the DWPose 134 layout)
     window: int = 90  # frames per training window (EDGE: 150 = 5 s at 30 fps)
-    # model
+    # ---- optimisation (every stage)
+    batch_size: int = 8  # per process, per micro-step (stages A and B)
+    grad_accum: int = 1  # stage A only
+    mixed_precision: str = "no"  # no | bf16 | fp16, used on GPU only
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1  # cosine decays to lr * this
+    weight_decay: float = 0.01  # on >= 2-D parameters only (stage A); all parameters (B, C)
+    grad_clip: float = 1.0
+    num_workers: int = 0
+    grad_checkpoint: bool = False  # per-layer activation checkpointing (M2P's transformer, the UNets)
+    # ---- stage A: the M2P encoder
+    max_steps_a: int = 1500
+    lr_a: float = 2e-3  # the toy's; the real config uses 1e-4
     m2p_preset: str = "toy"  # M2P_CONFIGS: tiny | toy | base
     heatmap_sigma: float = 1.0  # ground-truth Gaussian, in heatmap cells
     face_recognizer_path: str = ""  # arcface_torch backbone.pth; "": a frozen random toy IResNet
     face_recognizer_arch: str = "iresnet100"  # IRESNET_CONFIGS key of that file (glintr100 = iresnet100)
-    grad_checkpoint: bool = False  # per-layer activation checkpointing in M2P's transformer
-    # optimisation (stage A)
-    stage_a_steps: int = 1500
-    stage_a_lr: float = 2e-3  # the toy's; the real config uses 1e-4
-    pose_loss_weight: float = 0.5
+    pose_loss_weight: float = 0.5  # M2P's heatmap loss, also when M2P trains in stages B and C
     face_loss_weight: float = 0.1
-    batch_size: int = 8  # per process, per micro-step
-    grad_accum: int = 1
-    mixed_precision: str = "no"  # no | bf16 | fp16, used on GPU only
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.1  # cosine decays to lr * this
-    weight_decay: float = 0.01  # on >= 2-D parameters only
-    grad_clip: float = 1.0
-    num_workers: int = 0
-    # stage B: pose guider + denoising UNet + ReferenceNet + face tokens on single frames
-    stage_b_steps: int = 1500
-    stage_b_lr: float = 1e-3  # the toy's; the seed (and configs/dance_stage_b.yaml): 1e-4
-    referencenet_lr: float = 1e-4  # the seed's 1e-4: at the toy's 1e-3 its tokens collapse to constants
-    m2p_lr_stage_b: float = 1e-5  # M2P's group, from m2p_unfreeze_step on
+    # ---- stage B: pose guider + denoising UNet + ReferenceNet + face tokens on single frames
+    max_steps_b: int = 1500
+    lr_b: float = 1e-3  # the toy's; configs/dance_stage_b.yaml: 1e-4
+    referencenet_lr: float = 1e-4  # at the toy's 1e-3 the ReferenceNet's tokens collapse to constants
+    m2p_lr_b: float = 1e-5  # M2P's group, from m2p_unfreeze_step on
     m2p_unfreeze_step: int = 1200  # M2P trains (with its pose loss) from here; before, frozen and detached
     m2p_path: str = ""  # stage A's final/ folder; "": <out_dir>/stage_A/final
     scheduled_sampling_start: float = 0.8  # fraction of stage-B steps after which M2P poses replace the truth
@@ -146,11 +154,12 @@ class Config:
     guider_channels: tuple[int, ...] = (16,)  # pose guider widths: len - 1 stride-2 steps (SD: 16, 32, 96, 256)
     pose_sigma: float = 1.0  # pose-condition heatmap Gaussian, in image pixels
     face_tokens: int = 4  # cross-attention tokens from the face embedding
+    # ---- diffusion (stages B and C)
     diffusion_loss_weight: float = 1.0
     id_loss_weight: float = 0.1
     id_loss_max_t: int = 300  # the identity loss only at timesteps below this (low noise)
-    face_region_weight: float = 2.0  # diffusion loss weight 1 + this inside the face box (the seed: x3)
-    uncond_prob: float = 0.1  # per sample: reference masked out, CLIP and face tokens zeroed
+    face_loss_scale: float = 3.0  # the diffusion loss inside the face box weighs this much (StableAnimator: 2)
+    cond_drop_prob: float = 0.1  # per sample: reference masked out, CLIP and face tokens zeroed
     noise_offset: float = 0.05
     min_snr_gamma: float = 5.0
     # one scheduler config for training and sampling; the toy's is the multi-view toy's (x0 in pixel
@@ -161,41 +170,45 @@ class Config:
     beta_end: float = 0.012
     zero_snr: bool = False  # rescale betas to zero terminal SNR (with v-prediction)
     timestep_spacing: str = "trailing"
-    # stage C: only the temporal modules train (AnimateDiff motion modules on the stage-B UNet), on clips
-    stage_c_steps: int = 300
-    stage_c_lr: float = 1e-3  # the toy's; the seed (configs/dance_stage_c.yaml): 5e-5
-    stage_c_batch_size: int = 2  # clips per process and step, each seq_len_at(step) frames long
+    # ---- stage C: only the temporal modules train (AnimateDiff motion modules on the stage-B UNet), on clips
+    max_steps_c: int = 300
+    lr_c: float = 1e-3  # the toy's; configs/dance_stage_c.yaml: 5e-5
+    batch_size_c: int = 2  # clips per process and step, each seq_len_at(step) frames long
     temporal_loss_weight: float = 0.1
     seq_len_start: int = 8  # the sequence-length curriculum: frames per clip at step 0, rising linearly
-    seq_len_end: int = 16  # to this at seq_len_ramp_steps (the seed: 24 -> 150); also the validation length
-    seq_len_ramp_steps: int = 150
+    seq_len_end: int = 16  # to this at seq_len_ramp_steps (CHAMP-style 24 -> 150 on real data); also the
+    seq_len_ramp_steps: int = 150  # validation length
     motion_adapter_path: str = ""  # AnimateDiff MotionAdapter folder (diffusers); "": new motion modules
     motion_heads: int = 4  # attention heads of new motion modules
     stage_b_path: str = ""  # stage B's final/ folder; "": <out_dir>/stage_B/final
-    m2p_lr_stage_c: float = 0.0  # > 0: M2P trains in stage C too, at this lr, with its pose loss on the
-    # clips' music (the seed allows it; the denoiser still sees ground-truth poses); 0: frozen
-    stage_c_val_clips: int = 4  # whole held-out clips of seq_len_end frames, generated at steps 0 and last
-    val_frames: int = 4  # generated frames per held-out clip
+    m2p_lr_c: float = 0.0  # > 0: M2P trains in stage C too, at this lr, with its pose loss on the clips'
+    # music (the denoiser still sees ground-truth poses); 0: frozen
+    # ---- validation and run
+    val_samples: int = 10  # held-out clips evaluated in stages A and B (A: whole clips in `window` windows)
+    val_samples_c: int = 4  # whole held-out clips of seq_len_end frames, generated at steps 0 and last
+    val_frames: int = 4  # generated frames per held-out clip (stage B)
     val_steps: int = 25  # DDIM steps at validation
     val_guidance: float = 1.0  # the toy scores best unguided (docs/experiments.md); the real configs: 3.5
-    # run
     out_dir: str = "out/dance"  # stage X writes to <out_dir>/stage_X/
     resume: str = ""  # "" | auto | path to a checkpoint-<step> dir
     overwrite: bool = False  # a fresh run may delete an earlier run's checkpoints in out_dir
     max_bad_steps: int = 10  # a non-finite loss / gradient skips the step; this many in a row stop the run
     log_every: int = 50
     val_every: int = 500
-    val_clips: int = 10  # held-out clips evaluated (whole clips, in windows of `window` frames)
     ckpt_every: int = 500
     seed: int = 0
     wandb: bool = False
     wandb_project: str = "mouselift"
 
 
-# The seed's generic command-line names, accepted as they are written (and in yaml files)
+# Command-line names of the diffusers example trainers (and the dance code bases built on them), accepted as is
 ALIASES = {"train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
            "lr_warmup_steps": "warmup_steps", "gradient_clip_norm": "grad_clip", "output_dir": "out_dir",
-           "gradient_checkpointing": "grad_checkpoint"}  # --num_workers is already the seed's name
+           "gradient_checkpointing": "grad_checkpoint"}
+
+
+# ==============================================================================================
+# What the stages share: learning rate, freeze matrix, scheduler, the models' builders
 
 
 def lr_at(step, lr, total, cfg):
@@ -206,232 +219,21 @@ def lr_at(step, lr, total, cfg):
     return lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-@torch.no_grad()
-def evaluate(m2p, recognizer, val_set, mean_pose, beats, cfg, step, out_dir, device, tag="val"):
-    """On whole held-out clips (reference = frame 0, windows of the training length): pose error and
-    PCK@0.05 against the mean-pose and reference-pose baselines, beat alignment against the same
-    score with the music shuffled across clips, face-embedding cosine, and the skeleton video."""
-    m2p.eval()
-    n = min(cfg.val_clips, len(val_set))
-    s = {k: [] for k in ("err", "mean_err", "ref_err", "pck", "mean_pck", "ref_pck", "cos")}
-    preds, gts = [], []
-    for i in range(n):
-        item = val_set[i]  # start 0, reference frame 0
-        music = torch.from_numpy(val_set.feats[i]).to(device)  # (T, D)
-        gt = torch.from_numpy(val_set.poses[i]).to(device)  # (T, J, 3)
-        ref_pose, face = item["ref_pose"][None].to(device), item["face"][None].to(device)
-        pred = []
-        for t0 in range(0, len(music), cfg.window):  # non-overlapping windows, as long as in training
-            logits, emb = m2p(music[None, t0: t0 + cfg.window], ref_pose, face)
-            pred.append(soft_argmax(logits.float())[0])  # (w, J, 2)
-        pred = torch.cat(pred)  # (T, J, 2)
-        guesses = {"": pred, "mean_": mean_pose.expand_as(pred), "ref_": ref_pose[:, :, :2].expand_as(pred)}
-        for name, guess in guesses.items():
-            err, pck = pose_error(guess, gt)
-            s[name + "err"].append(err.item())
-            s[name + "pck"].append(pck.item())
-        s["cos"].append(F.cosine_similarity(emb.float(), recognizer(face * 2 - 1), dim=-1).item())
-        preds.append(pred.cpu().numpy())
-        gts.append(gt.cpu().numpy())
-    m = {k: float(np.mean(v)) for k, v in s.items()}
-    # beat alignment: the predicted motion against its own music's beats, and against the next clip's
-    # music (a derangement: the same motion statistics, music that did not drive it); as Bailando,
-    # only the music beats before the motion's last frame count
-    mb = [motion_beats(p, cfg.fps) for p in preds]
-    own = [beats_within(beats[i], len(preds[i]), cfg.fps) for i in range(n)]
-    m["beat_align"] = float(np.mean([beat_alignment(own[i], mb[i]) for i in range(n)]))
-    shuffled = [beat_alignment(beats_within(beats[(i + 1) % n], len(preds[i]), cfg.fps), mb[i])
-                for i in range(n)] if n > 1 else [float("nan")]
-    m["beat_align_shuffled"] = float(np.mean(shuffled))
-    m["beat_align_gt"] = float(np.mean([beat_alignment(own[i], motion_beats(g, cfg.fps))
-                                        for i, g in enumerate(gts)]))
-    video = out_dir / f"{tag}_{step:06d}.mp4"
-    video, frame = write_skeleton_video(video, val_set.clips[0], gts[0], preds[0], cfg.fps)
-    Image.fromarray(frame).save(out_dir / f"{tag}_{step:06d}.png")
-    m2p.train()
-    return m, video
-
-
-def start_stage(cfg, accelerator, stage):
-    """A stage's start: per-rank seed, <out_dir>/stage_<X>/, the printed config, wandb (its files in
-    that folder), and the toy dancers and their pretrained UNet (toy_unet) when data_dir is the default.
-    Returns (out_dir, data_dir)."""
-    set_seed(cfg.seed + accelerator.process_index)
-    out_dir = Path(cfg.out_dir) / f"stage_{stage}"
-    if accelerator.is_main_process:
-        print(f"config: {cfg}\nprocesses: {accelerator.num_processes}, device: {accelerator.device}")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.wandb:
-            accelerator.init_trackers(cfg.wandb_project, config=vars(cfg),
-                                      init_kwargs={"wandb": {"dir": str(out_dir)}})
-    data_dir = Path(cfg.data_dir)
-    if data_dir == Path(Config.data_dir):
-        toy_dance(data_dir, accelerator, n=cfg.toy_clips, seconds=cfg.toy_seconds, size=cfg.toy_image_size,
-                  fps=cfg.fps, seed=cfg.seed)
-        if stage in "AB" and not cfg.unet_path and cfg.toy_pretrain_steps:  # the toy set's "SD", made with it
-            toy_unet(cfg, accelerator, dance_scheduler(cfg), lr_at)
-    return out_dir, data_dir
-
-
-def stage_a(cfg):
-    """Stage A: the M2P encoder trains at stage_a_lr, the face recognizer is frozen."""
-    accelerator = make_accelerator(cfg.mixed_precision, cfg.wandb)
-    main_proc, device = accelerator.is_main_process, accelerator.device
-    check_flags(cfg, {"m2p_preset": M2P_CONFIGS, "joints": JOINT_SETS},
-                ("batch_size", "grad_accum", "window", "val_every", "ckpt_every",
-                 "log_every", "max_bad_steps"))
-    out_dir, data_dir = start_stage(cfg, accelerator, "A")
-    train_list, val_list = data_dir / cfg.train_list, data_dir / cfg.val_list
-    train_set = DanceClipDataset(train_list, cfg.window, cfg.joints, cfg.fps, seed=cfg.seed)
-    val_sets = {"val": DanceClipDataset(val_list, cfg.window, cfg.joints, cfg.fps, start=0, ref_frame=0)}
-    if cfg.val_seen_list and (data_dir / cfg.val_seen_list).is_file() and read_list_file(data_dir / cfg.val_seen_list):
-        val_sets["val_seen"] = DanceClipDataset(data_dir / cfg.val_seen_list, cfg.window, cfg.joints, cfg.fps,
-                                                start=0, ref_frame=0)
-    for name, vs in val_sets.items():
-        if vs.music_dim != train_set.music_dim:
-            raise InputError(f"{name} clips: music features of width {vs.music_dim}, {train_list}: "
-                             f"{train_set.music_dim}")
-    # the baseline that ignores music and reference: each joint's mean position over the training clips
-    P = torch.from_numpy(np.concatenate(train_set.poses))  # (N, J, 3)
-    vis = (P[..., 2:] >= VISIBLE).float()
-    mean_pose = ((P[..., :2] * vis).sum(0) / vis.sum(0).clamp(min=1)).to(device)  # (J, 2)
-
-    # models: the M2P encoder (trained) and the face recognizer (frozen)
-    m2p = M2PEncoder(train_set.music_dim, train_set.J, **M2P_CONFIGS[cfg.m2p_preset],
-                     max_frames=max(300, cfg.window), grad_checkpoint=cfg.grad_checkpoint)
-    feats = torch.from_numpy(np.concatenate(train_set.feats))  # (N, D)
-    m2p.music_mean.copy_(feats.mean(0))
-    m2p.music_std.copy_(feats.std(0).clamp(min=1e-3))  # constant features (e.g. silent one-hots) stay finite
-    recognizer = (load_iresnet(cfg.face_recognizer_path, cfg.face_recognizer_arch) if cfg.face_recognizer_path
-                  else toy_face_recognizer(cfg.seed)).to(device)  # frozen; the toy's: a function of the seed
-
-    # freeze and parameter groups, by hand: M2P trains (weight decay on matrices only), the recognizer is frozen
-    params = list(m2p.parameters())
-    groups = [{"name": "m2p_decay", "params": [p for p in params if p.dim() >= 2],
-               "weight_decay": cfg.weight_decay},
-              {"name": "m2p_no_decay", "params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.stage_a_lr, betas=(0.9, 0.95))
-    for g in optimizer.param_groups:
-        g["initial_lr"] = cfg.stage_a_lr
-    if main_proc:
-        check_freeze("A", {"m2p": params, "face_recognizer": list(recognizer.parameters())}, optimizer)
-        for g in groups:
-            n = sum(p.numel() for p in g["params"])
-            print(f"group {g['name']}: {len(g['params'])} tensors, {n:,} params, lr {cfg.stage_a_lr:g}, "
-                  f"weight decay {g['weight_decay']}")
-
-    start_step, guard = 0, SkipGuard(cfg.max_bad_steps)
-    resume = prepare_run(out_dir, cfg.resume, cfg.overwrite, accelerator)
-    if resume:
-        # per-rank randomness is re-seeded from (seed, rank, step); the data is a function of the step
-        state = load_checkpoint(resume, {"m2p": m2p}, {"optimizer": optimizer})
-        start_step, guard.skipped = state["step"], state["extra"].get("skipped", 0)
-        set_seed(cfg.seed + accelerator.process_index + 1000 * start_step)
-        if main_proc:
-            print(f"resumed from {resume} at step {start_step}")
-    model, optimizer = accelerator.prepare(m2p, optimizer)
-    raw = accelerator.unwrap_model(model)
-
-    if main_proc:  # the run is set up: its config replaces an earlier one only now
-        save_config(cfg, out_dir / "config.yaml")
-    G = cfg.grad_accum
-    global_batch = cfg.batch_size * accelerator.num_processes
-    sampler = StepSampler(len(train_set), global_batch, accelerator.process_index, accelerator.num_processes,
-                          cfg.seed, start_step * G)  # one sampler step per micro-batch
-    loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers))
-    beats = {}  # music beats (s) of the validation clips, from librosa's beat tracker, computed once
-
-    t_last = time.perf_counter()
-    for step in range(start_step, cfg.stage_a_steps + 1):
-        if step % cfg.val_every == 0 or step == cfg.stage_a_steps:
-            if main_proc:  # baselines: the mean pose, the reference pose; control: music shuffled
-                for tag, val_set in val_sets.items():
-                    if tag not in beats:
-                        clips = val_set.clips[: cfg.val_clips]
-                        beats[tag] = [music_beats(*read_audio(c["dir"] / "audio.wav"), cfg.fps) for c in clips]
-                    m, video = evaluate(raw, recognizer, val_set, mean_pose, beats[tag], cfg, step, out_dir,
-                                        device, tag)
-                    m = {k if tag == "val" else f"seen_{k}": v for k, v in m.items()}
-                    log_metrics(m, step, out_dir)
-                    print(f"video {video}")
-                    accelerator.log({f"val/{k}": v for k, v in m.items()}, step=step)
-                    if cfg.wandb:  # the video's middle frame as a picture beside the scalars
-                        import wandb
-                        accelerator.log({f"{tag}/frame": wandb.Image(str(video.with_suffix(".png")))}, step=step)
-            accelerator.wait_for_everyone()
-        if step > start_step and (step % cfg.ckpt_every == 0 or step == cfg.stage_a_steps):
-            if main_proc:
-                path = save_checkpoint(out_dir, step, {"m2p": raw}, {"optimizer": optimizer}, cfg,
-                                       {"skipped": guard.skipped})
-                print(f"saved {path}")
-            accelerator.wait_for_everyone()
-        if step == cfg.stage_a_steps:
-            break
-
-        lr = lr_at(step, cfg.stage_a_lr, cfg.stage_a_steps, cfg)
-        for g in optimizer.param_groups:
-            g["lr"] = g["initial_lr"] * lr / cfg.stage_a_lr
-        parts = {"loss": 0.0, "pose": 0.0, "ce": 0.0, "l1": 0.0, "face": 0.0}
-        for micro in range(G):
-            batch = {k: v.to(device) for k, v in next(loader).items() if torch.is_tensor(v)}
-            # only the last micro-batch all-reduces the gradients
-            sync = contextlib.nullcontext() if micro == G - 1 else accelerator.no_sync(model)
-            with sync:
-                with accelerator.autocast():
-                    # (B, W, J, h, h), (B, 512)
-                    logits, emb = model(batch["music"], batch["ref_pose"], batch["face"])
-                with torch.no_grad():
-                    target = recognizer(batch["face"] * 2 - 1)  # (B, 512), 112x112 crops in [-1, 1]
-                pose, hm = heatmap_loss(logits, batch["poses"], cfg.heatmap_sigma)
-                face = face_loss(emb.float(), target)
-                loss = cfg.pose_loss_weight * pose + cfg.face_loss_weight * face
-                accelerator.backward(loss / G)
-            for k, v in (("loss", loss), ("pose", pose), ("ce", hm["ce"]), ("l1", hm["l1"]), ("face", face)):
-                parts[k] += v.item() / G
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-        # a non-finite loss makes the gradient non-finite
-        if guard.ok(math.isfinite(grad_norm), step, f"loss {parts['loss']:.4g}, grad norm {grad_norm:.4g}",
-                    main_proc):
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        if main_proc and step % cfg.log_every == 0:
-            dt = (time.perf_counter() - t_last) / (cfg.log_every if step > start_step else 1)
-            t_last = time.perf_counter()
-            print(f"step {step} | " + " ".join(f"{k} {v:.4f}" for k, v in parts.items())
-                  + f" | lr {lr:.2e} | grad norm {grad_norm:.3f} | skipped {guard.skipped}"
-                  + f" | {dt * 1000:.0f} ms/step"
-                  + f" | {global_batch * G / dt:.1f} samples/s")
-            accelerator.log({"train/lr": lr, "train/grad_norm": grad_norm,
-                             **{f"train/{k}": v for k, v in parts.items()}}, step=step)
-
-    if main_proc:  # the weights for stage B: <out_dir>/stage_A/final/m2p.safetensors + config.yaml
-        with atomic_dir(out_dir / "final") as tmp:
-            save_model(raw, str(tmp / "m2p.safetensors"))
-            save_config(cfg, tmp / "config.yaml")
-        print(f"saved {out_dir / 'final'}")
-    accelerator.wait_for_everyone()  # leave the process group together (gloo can abort at exit otherwise)
-    accelerator.end_training()
-    return raw
-
-
 # ----------------------------------------------------------------------------------------------
-# The seed's freeze matrix: which modules train in which stage. Printed at the start of every stage
+# The freeze matrix: which modules train in which stage. Printed at the start of every stage
 # and asserted against the parameters that have requires_grad and sit in an optimizer group.
 MODULES = ("m2p", "face_recognizer", "pose_guider", "face_tokens", "spatial_unet", "temporal_modules",
            "referencenet", "vae", "clip")
-
-
 TRAINS = {"A": {"m2p"},
           "B": {"m2p", "pose_guider", "face_tokens", "spatial_unet", "referencenet"},  # m2p from m2p_unfreeze_step
-          "C": {"temporal_modules"}}  # + m2p with m2p_lr_stage_c > 0 (the seed's option)
+          "C": {"temporal_modules"}}  # + m2p with m2p_lr_c > 0 (an option)
 
 
 def check_freeze(stage, modules, optimizer, notes=None, options=()):
     """modules: {matrix row: [parameters]} of this stage's model. Prints the matrix and asserts it:
     a row that trains has all its parameters trainable and grouped, but for the number of frozen
     tensors that `notes` ({row: (count, why)}) explains; a frozen row has none; no parameter sits in two groups.
-    options: rows the seed freezes in this stage that this run trains by choice (printed 'option')."""
+    options: rows the matrix freezes in this stage that this run trains by choice (printed 'option')."""
     trains = {s: TRAINS[s] | (set(options) if s == stage else set()) for s in "ABC"}
     grouped = [id(p) for g in optimizer.param_groups for p in g["params"]]
     assert len(grouped) == len(set(grouped)), "a parameter sits in two optimizer groups"
@@ -457,18 +259,6 @@ def check_freeze(stage, modules, optimizer, notes=None, options=()):
     assert not stray, f"{len(stray)} grouped parameters belong to no module of the matrix"
 
 
-def cond_scale_at(step, total):
-    """The pose condition's scale (the seed's ramp): 0.5 at step 0, 1.5 from 30% of the steps on."""
-    return min(1.5, 0.5 + step / (0.3 * total))
-
-
-def m2p_pose_prob(step, total, start=0.8):
-    """Scheduled sampling: the probability that a sample's pose condition comes from M2P instead of the
-    ground truth, 0 until `start` x total, then ramping linearly to 1 at the last step. The seed blends
-    the two heatmaps linearly, which draws ghost limbs; we switch whole samples with this probability."""
-    return min(1.0, max(0.0, (step - start * total) / ((1 - start) * total)))
-
-
 def dance_scheduler(cfg):
     """One DDIM scheduler for training's noising and for sampling (CHAMP trains with scaled_linear betas
     and samples with linear ones: one config here)."""
@@ -479,53 +269,251 @@ def dance_scheduler(cfg):
                          clip_sample=False, set_alpha_to_one=True)
 
 
+def start_stage(cfg, accelerator, stage):
+    """A stage's start (plumbing.start_run) in <out_dir>/stage_<X>/, and the toy dancers and their
+    pretrained UNet (toy_unet) when data_dir is the default. Returns (out_dir, data_dir)."""
+    out_dir = Path(cfg.out_dir) / f"stage_{stage}"
+    start_run(cfg, out_dir, accelerator)
+    data_dir = Path(cfg.data_dir)
+    if data_dir == Path(Config.data_dir):
+        toy_dance(data_dir, accelerator, n=cfg.toy_clips, seconds=cfg.toy_seconds, size=cfg.toy_image_size,
+                  fps=cfg.fps, seed=cfg.seed)
+        if stage in "AB" and not cfg.unet_path and cfg.toy_pretrain_steps:  # the toy set's "SD", made with it
+            toy_unet(cfg, accelerator, dance_scheduler(cfg), lr_at)
+    return out_dir, data_dir
+
+
 def load_stage_a(cfg, music_dim, device):
     """Stage A's M2P from <out_dir>/stage_A/final/ (or cfg.m2p_path), checked against this run's data."""
     final = Path(cfg.m2p_path) if cfg.m2p_path else Path(cfg.out_dir) / "stage_A" / "final"
-    weights, conf = final / "m2p.safetensors", final / "config.yaml"
-    if not weights.is_file() or not conf.is_file():
-        raise InputError(f"{final}: no stage-A weights (m2p.safetensors + config.yaml); run "
-                         f"`train_dance.py --training_stage A --out_dir {cfg.out_dir}` first or set --m2p_path")
-    a = yaml.safe_load(conf.read_text())
+    a = read_dance_final(final, "A", f"run `train_dance.py --training_stage A --out_dir {cfg.out_dir}` first "
+                                     "or set --m2p_path")
     for key in ("joints", "fps", "m2p_preset"):  # one preset through the stages: final/ rebuilds M2P from it
         if a.get(key) != getattr(cfg, key):
-            raise InputError(f"{conf}: stage A ran with {key}={a.get(key)!r}, this run has {getattr(cfg, key)!r}")
-    m2p = M2PEncoder(music_dim, JOINT_SETS[a["joints"]], **M2P_CONFIGS[a["m2p_preset"]],
-                     max_frames=max(300, a["window"]), grad_checkpoint=cfg.grad_checkpoint)
-    try:
-        load_model(m2p, str(weights), strict=True)
-    except RuntimeError as err:
-        raise InputError(f"{weights}: cannot load it into M2P ({' '.join(str(err).split())[:300]})") from None
-    return m2p.to(device), a
+            raise InputError(f"{final / 'config.yaml'}: stage A ran with {key}={a.get(key)!r}, "
+                             f"this run has {getattr(cfg, key)!r}")
+    return load_m2p(final, a, music_dim, cfg.grad_checkpoint).to(device), a
 
 
 def build_stage_b(cfg, J, device):
-    """The stage-B model (DanceNet: denoiser, ReferenceNet, pose guider, face tokens) and the frozen
-    VAE (None: pixel space), CLIP image encoder and face recognizer."""
-    from diffusers import UNet2DConditionModel
+    """A new stage-B model (DanceNet: denoiser, ReferenceNet, pose guider, face tokens), the UNets from
+    cfg.unet_path or the preset, and the frozen VAE (None: pixel space), CLIP and face recognizer."""
     if cfg.unet_path:  # SD-1.5 `unet/`: the denoiser and the ReferenceNet both start from it (CHAMP)
         unet, referencenet = load_unet(cfg.unet_path), load_unet(cfg.unet_path)
     else:
         unet = UNet2DConditionModel(**DANCE_UNET_CONFIGS[cfg.unet_preset])
         referencenet = copy.deepcopy(unet)
-    dim = unet.config.cross_attention_dim
-    vae = load_vae(cfg.vae_path).to(device) if cfg.vae_path else None
-    clip = (load_clip_image_encoder(cfg.clip_path) if cfg.clip_path else
-            toy_clip_image_encoder(cfg.seed, dim, cfg.image_size)).to(device)
-    if clip.config.projection_dim != dim:
-        raise InputError(f"--clip_path={cfg.clip_path}: image embeddings of width {clip.config.projection_dim}, "
-                         f"the UNet's cross-attention takes {dim}")
-    recognizer = (load_iresnet(cfg.face_recognizer_path, cfg.face_recognizer_arch) if cfg.face_recognizer_path
-                  else toy_face_recognizer(cfg.seed)).to(device)
+    vae, clip, recognizer = frozen_encoders(vars(cfg), unet.config.cross_attention_dim, device)
     guider = PoseGuider(J, unet.config.block_out_channels[0], cfg.guider_channels)
-    net = DanceNet(unet, referencenet, guider, FaceTokens(dim, cfg.face_tokens)).to(device)
+    net = DanceNet(unet, referencenet, guider, FaceTokens(unet.config.cross_attention_dim, cfg.face_tokens))
     unused = set(referencenet_unused(referencenet))  # its output is never read: the tail gets no gradient
     for name, p in referencenet.named_parameters():
         p.requires_grad_(name not in unused)
     if cfg.grad_checkpoint:
         unet.enable_gradient_checkpointing()
         referencenet.enable_gradient_checkpointing()
-    return net, vae, clip, recognizer
+    return net.to(device), vae, clip, recognizer
+
+
+def backward_and_step(accelerator, net, optimizer, loss, guard, step, grad_clip):
+    """Stages B and C: backward, clear the reference store (only after backward: gradient checkpointing
+    re-reads it there), clip, and step unless the gradient is not finite (counted by guard)."""
+    accelerator.backward(loss)
+    net.store.clear()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    grad_norm = accelerator.clip_grad_norm_(params, grad_clip).item()
+    if guard.should_step(math.isfinite(grad_norm), step, f"loss {loss.item():.4g}, grad norm {grad_norm:.4g}",
+                accelerator.is_main_process):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+# ==============================================================================================
+# Stage A: music + reference pose + reference face -> per-frame joint heatmaps and a face embedding
+
+
+@torch.no_grad()
+def evaluate_a(m2p, recognizer, val_set, mean_pose, beats, cfg, step, out_dir, device, tag="val"):
+    """On whole held-out clips (reference = frame 0, windows of the training length): pose error and
+    PCK@0.05 against the mean-pose and reference-pose baselines, beat alignment against the same
+    score with the music shuffled across clips, face-embedding cosine, and the skeleton video."""
+    m2p.eval()
+    n = min(cfg.val_samples, len(val_set))
+    s = {k: [] for k in ("pose_err", "pose_err_mean_pose", "pose_err_ref_pose", "pck", "pck_mean_pose",
+                         "pck_ref_pose", "face_cos")}
+    preds, gts = [], []
+    for i in range(n):
+        item = val_set[i]  # start 0, reference frame 0
+        music = torch.from_numpy(val_set.feats[i]).to(device)  # (T, D)
+        gt = torch.from_numpy(val_set.poses[i]).to(device)  # (T, J, 3)
+        ref_pose, face = item["ref_pose"][None].to(device), item["face"][None].to(device)
+        pred = []
+        for t0 in range(0, len(music), cfg.window):  # non-overlapping windows, as long as in training
+            logits, emb = m2p(music[None, t0: t0 + cfg.window], ref_pose, face)
+            pred.append(soft_argmax(logits.float())[0])  # (w, J, 2)
+        pred = torch.cat(pred)  # (T, J, 2)
+        guesses = {"": pred, "_mean_pose": mean_pose.expand_as(pred), "_ref_pose": ref_pose[:, :, :2].expand_as(pred)}
+        for name, guess in guesses.items():
+            err, pck = pose_error(guess, gt)
+            s["pose_err" + name].append(err.item())
+            s["pck" + name].append(pck.item())
+        s["face_cos"].append(F.cosine_similarity(emb.float(), recognizer(face * 2 - 1), dim=-1).item())
+        preds.append(pred.cpu().numpy())
+        gts.append(gt.cpu().numpy())
+    m = {k: float(np.mean(v)) for k, v in s.items()}
+    # beat alignment: the predicted motion against its own music's beats, and against the next clip's
+    # music (a derangement: the same motion statistics, music that did not drive it); as Bailando,
+    # only the music beats before the motion's last frame count
+    mb = [motion_beats(p, cfg.fps) for p in preds]
+    own = [beats_within(beats[i], len(preds[i]), cfg.fps) for i in range(n)]
+    m["beat_align"] = float(np.mean([beat_alignment(own[i], mb[i]) for i in range(n)]))
+    shuffled = [beat_alignment(beats_within(beats[(i + 1) % n], len(preds[i]), cfg.fps), mb[i])
+                for i in range(n)] if n > 1 else [float("nan")]
+    m["beat_align_shuffled"] = float(np.mean(shuffled))
+    m["beat_align_gt"] = float(np.mean([beat_alignment(own[i], motion_beats(g, cfg.fps))
+                                        for i, g in enumerate(gts)]))
+    video = out_dir / f"{tag}_{step:06d}.mp4"
+    video, frame = write_skeleton_video(video, val_set.clips[0], gts[0], preds[0], cfg.fps)
+    Image.fromarray(frame).save(out_dir / f"{tag}_{step:06d}.png")
+    m2p.train()
+    return m, video
+
+
+def stage_a(cfg):
+    """Stage A: the M2P encoder trains at lr_a, the face recognizer is frozen."""
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.wandb)
+    main_proc, device = accelerator.is_main_process, accelerator.device
+    check_flags(cfg, {"m2p_preset": M2P_CONFIGS, "joints": JOINT_SETS},
+                ("batch_size", "grad_accum", "window", "val_every", "ckpt_every", "log_every", "max_bad_steps"))
+    out_dir, data_dir = start_stage(cfg, accelerator, "A")
+    train_list, val_list = data_dir / cfg.train_list, data_dir / cfg.val_list
+    train_set = DanceClipDataset(train_list, cfg.window, cfg.joints, cfg.fps, seed=cfg.seed)
+    val_sets = {"val": DanceClipDataset(val_list, cfg.window, cfg.joints, cfg.fps, start=0, ref_frame=0)}
+    seen = data_dir / cfg.val_seen_list
+    if cfg.val_seen_list and seen.is_file() and read_list_file(seen):
+        val_sets["val_seen"] = DanceClipDataset(seen, cfg.window, cfg.joints, cfg.fps, start=0, ref_frame=0)
+    for name, vs in val_sets.items():
+        if vs.music_dim != train_set.music_dim:
+            raise InputError(f"{name} clips: music features of width {vs.music_dim}, {train_list}: "
+                             f"{train_set.music_dim}")
+    # the baseline that ignores music and reference: each joint's mean position over the training clips
+    P = torch.from_numpy(np.concatenate(train_set.poses))  # (N, J, 3)
+    vis = (P[..., 2:] >= VISIBLE).float()
+    mean_pose = ((P[..., :2] * vis).sum(0) / vis.sum(0).clamp(min=1)).to(device)  # (J, 2)
+
+    # models: the M2P encoder (trained) and the face recognizer (frozen)
+    m2p = m2p_encoder(train_set.music_dim, train_set.J, cfg.m2p_preset, cfg.window, cfg.grad_checkpoint)
+    feats = torch.from_numpy(np.concatenate(train_set.feats))  # (N, D)
+    m2p.music_mean.copy_(feats.mean(0))
+    m2p.music_std.copy_(feats.std(0).clamp(min=1e-3))  # constant features (e.g. silent one-hots) stay finite
+    recognizer = (load_iresnet(cfg.face_recognizer_path, cfg.face_recognizer_arch) if cfg.face_recognizer_path
+                  else toy_face_recognizer(cfg.seed)).to(device)  # frozen; the toy's: a function of the seed
+
+    # freeze and parameter groups, by hand: M2P trains (weight decay on matrices only), the recognizer is frozen
+    params = list(m2p.parameters())
+    groups = [{"name": "m2p_decay", "params": [p for p in params if p.dim() >= 2],
+               "weight_decay": cfg.weight_decay},
+              {"name": "m2p_no_decay", "params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr_a, betas=(0.9, 0.95))
+    for g in optimizer.param_groups:
+        g["initial_lr"] = cfg.lr_a
+    if main_proc:
+        check_freeze("A", {"m2p": params, "face_recognizer": list(recognizer.parameters())}, optimizer)
+        for g in groups:
+            n = sum(p.numel() for p in g["params"])
+            print(f"group {g['name']}: {len(g['params'])} tensors, {n:,} params, lr {cfg.lr_a:g}, "
+                  f"weight decay {g['weight_decay']}")
+
+    start_step, guard = resume_run(cfg, out_dir, accelerator,
+                                   lambda path: load_checkpoint(path, {"m2p": m2p}, {"optimizer": optimizer}))
+    model, optimizer = accelerator.prepare(m2p, optimizer)
+    raw = accelerator.unwrap_model(model)
+    if main_proc:  # the run is set up: its config replaces an earlier one only now
+        save_config(cfg, out_dir / "config.yaml")
+    G, total = cfg.grad_accum, cfg.max_steps_a
+    global_batch = cfg.batch_size * accelerator.num_processes
+    sampler = StepSampler(len(train_set), global_batch, accelerator.process_index, accelerator.num_processes,
+                          cfg.seed, start_step * G)  # one sampler step per micro-batch
+    loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers))
+    beats = {}  # music beats (s) of the validation clips, from librosa's beat tracker, computed once
+
+    t_last = time.perf_counter()
+    for step in range(start_step, total + 1):
+        if (step > start_step or step == 0) and (step % cfg.val_every == 0 or step == total):
+            if main_proc:  # baselines: the mean pose, the reference pose; control: music shuffled
+                for tag, val_set in val_sets.items():
+                    if tag not in beats:
+                        clips = val_set.clips[: cfg.val_samples]
+                        beats[tag] = [music_beats(*read_audio(c["dir"] / "audio.wav"), cfg.fps) for c in clips]
+                    m, video = evaluate_a(raw, recognizer, val_set, mean_pose, beats[tag], cfg, step, out_dir,
+                                          device, tag)
+                    m = {k if tag == "val" else f"seen_{k}": v for k, v in m.items()}
+                    log_eval(accelerator, m, step, out_dir, {f"{tag}_frame": video.with_suffix(".png")})
+                    print(f"video {video}")
+            accelerator.wait_for_everyone()
+        if step > start_step and (step % cfg.ckpt_every == 0 or step == total):
+            if main_proc:
+                path = save_checkpoint(out_dir, step, {"m2p": raw}, {"optimizer": optimizer}, cfg,
+                                       {"skipped": guard.skipped})
+                print(f"saved {path}")
+            accelerator.wait_for_everyone()
+        if step == total:
+            break
+
+        lr = lr_at(step, cfg.lr_a, total, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = g["initial_lr"] * lr / cfg.lr_a
+        parts = {"loss": 0.0, "pose": 0.0, "ce": 0.0, "l1": 0.0, "face": 0.0}
+        for micro in range(G):
+            batch = {k: v.to(device) for k, v in next(loader).items() if torch.is_tensor(v)}
+            # only the last micro-batch all-reduces the gradients
+            sync = contextlib.nullcontext() if micro == G - 1 else accelerator.no_sync(model)
+            with sync:
+                with accelerator.autocast():
+                    # (B, W, J, h, h), (B, 512)
+                    logits, emb = model(batch["music"], batch["ref_pose"], batch["face"])
+                with torch.no_grad():
+                    target = recognizer(batch["face"] * 2 - 1)  # (B, 512), 112x112 crops in [-1, 1]
+                pose, hm = heatmap_loss(logits, batch["poses"], cfg.heatmap_sigma)
+                face = face_loss(emb.float(), target)
+                loss = cfg.pose_loss_weight * pose + cfg.face_loss_weight * face
+                accelerator.backward(loss / G)
+            for k, v in (("loss", loss), ("pose", pose), ("ce", hm["ce"]), ("l1", hm["l1"]), ("face", face)):
+                parts[k] += v.item() / G
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        # a non-finite loss makes the gradient non-finite
+        if guard.should_step(math.isfinite(grad_norm), step, f"loss {parts['loss']:.4g}, grad norm {grad_norm:.4g}",
+                             main_proc):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        if main_proc and step % cfg.log_every == 0:
+            dt = (time.perf_counter() - t_last) / (cfg.log_every if step > start_step else 1)
+            t_last = time.perf_counter()
+            log_step(accelerator, step, parts, lr, grad_norm, guard.skipped, dt, global_batch * G)
+
+    if main_proc:  # the weights for stage B: <out_dir>/stage_A/final/
+        save_dance_final(out_dir / "final", cfg, raw)
+    accelerator.wait_for_everyone()  # leave the process group together (gloo can abort at exit otherwise)
+    accelerator.end_training()
+    return raw
+
+
+# ==============================================================================================
+# Stage B: the reference dancer in a pose, one frame at a time
+
+
+def cond_scale_at(step, total):
+    """The pose condition's scale: 0.5 at step 0, 1.5 from 30% of the steps on."""
+    return min(1.5, 0.5 + step / (0.3 * total))
+
+
+def m2p_pose_prob(step, total, start=0.8):
+    """Scheduled sampling: the probability that a sample's pose condition comes from M2P instead of the
+    ground truth, 0 until `start` x total, then ramping linearly to 1 at the last step. Blending
+    the two heatmaps instead draws ghost limbs, so whole samples switch with this probability."""
+    return min(1.0, max(0.0, (step - start * total) / ((1 - start) * total)))
 
 
 @torch.no_grad()
@@ -536,7 +524,7 @@ def evaluate_b(net, vae, clip, recognizer, scheduler, val_set, cfg, step, out_di
     model that ignores the pose scores the same on both); identity: recognizer cosine of the generated
     face crop with the reference face, against another dancer's face. Writes a PNG grid."""
     net.eval()
-    n, K, S = min(cfg.val_clips, len(val_set)), cfg.val_frames, cfg.image_size
+    n, K, S = min(cfg.val_samples, len(val_set)), cfg.val_frames, cfg.image_size
     items = []
     for i in range(n):
         clip_i, T = val_set.clips[i], val_set.clips[i]["T"]
@@ -595,22 +583,8 @@ def evaluate_b(net, vae, clip, recognizer, scheduler, val_set, cfg, step, out_di
     return m, grid
 
 
-def backward_and_step(accelerator, net, optimizer, loss, guard, step, grad_clip):
-    """Stages B and C: backward, clear the reference store (only after backward: gradient checkpointing
-    re-reads it there), clip, and step unless the gradient is not finite (counted by guard)."""
-    accelerator.backward(loss)
-    net.store.clear()
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    grad_norm = accelerator.clip_grad_norm_(params, grad_clip).item()
-    if guard.ok(math.isfinite(grad_norm), step, f"loss {loss.item():.4g}, grad norm {grad_norm:.4g}",
-                accelerator.is_main_process):
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm
-
-
 def stage_b(cfg):
-    """Stage B: pose guider, denoising UNet, ReferenceNet and face tokens train at stage_b_lr on single
+    """Stage B: pose guider, denoising UNet, ReferenceNet and face tokens train at lr_b on single
     frames; VAE, CLIP and face recognizer are frozen; M2P (from stage A) joins at m2p_unfreeze_step."""
     accelerator = make_accelerator(cfg.mixed_precision, cfg.wandb)
     main_proc, device, rank = accelerator.is_main_process, accelerator.device, accelerator.process_index
@@ -619,7 +593,7 @@ def stage_b(cfg):
     check_flags(cfg, {"joints": JOINT_SETS, "unet_preset": DANCE_UNET_CONFIGS,
                       "prediction_type": ("epsilon", "v_prediction", "sample")},
                 ("batch_size", "window", "val_every", "ckpt_every", "log_every", "max_bad_steps",
-                 "stage_b_steps", "image_size", "val_frames", "val_steps"))
+                 "max_steps_b", "image_size", "val_frames", "val_steps"))
     out_dir, data_dir = start_stage(cfg, accelerator, "B")
     # one random target frame per sample, inside a music window (M2P's input for that frame)
     train_set = DanceClipDataset(data_dir / cfg.train_list, cfg.window, cfg.joints, cfg.fps, seed=cfg.seed,
@@ -627,7 +601,8 @@ def stage_b(cfg):
     val_set = DanceClipDataset(data_dir / cfg.val_list, cfg.window, cfg.joints, cfg.fps, start=0, ref_frame=0,
                                image_size=cfg.image_size)
     m2p, a_cfg = load_stage_a(cfg, train_set.music_dim, device)
-    unet_path = cfg.unet_path or (str(toy_unet(cfg, accelerator, dance_scheduler(cfg), lr_at)) if cfg.toy_pretrain_steps else "")
+    unet_path = cfg.unet_path or (str(toy_unet(cfg, accelerator, dance_scheduler(cfg), lr_at))
+                                  if cfg.toy_pretrain_steps else "")
     net, vae, clip, recognizer = build_stage_b(dataclasses.replace(cfg, unet_path=unet_path), train_set.J, device)
     scheduler = dance_scheduler(cfg)
     factor = 8 if vae is not None else 1  # image px per UNet input px
@@ -637,8 +612,8 @@ def stage_b(cfg):
     if main_proc:
         print(f"M2P from stage A ({a_cfg['m2p_preset']}, window {a_cfg['window']})")
 
-    # parameter groups, by hand: the stage-B modules at stage_b_lr; M2P in its own group at lr 0 until
-    # m2p_unfreeze_step (its outputs detached), then m2p_lr_stage_b. M2P's face head stays frozen: the
+    # parameter groups, by hand: the stage-B modules at lr_b; M2P in its own group at lr 0 until
+    # m2p_unfreeze_step (its outputs detached), then m2p_lr_b. M2P's face head stays frozen: the
     # identity comes from the recognizer of the reference face.
     m2p.face_head.requires_grad_(False)
     rows = {"spatial_unet": list(net.unet.parameters()), "referencenet": list(net.referencenet.parameters()),
@@ -648,11 +623,11 @@ def stage_b(cfg):
     if vae is not None:
         rows["vae"] = list(vae.parameters())
     trainable = [p for k in ("spatial_unet", "pose_guider", "face_tokens") for p in rows[k] if p.requires_grad]
-    groups = [{"name": "stage_b", "params": trainable, "initial_lr": cfg.stage_b_lr},
+    groups = [{"name": "stage_b", "params": trainable, "initial_lr": cfg.lr_b},
               {"name": "referencenet", "params": [p for p in rows["referencenet"] if p.requires_grad],
                "initial_lr": cfg.referencenet_lr},
               {"name": "m2p", "params": [p for p in m2p.parameters() if p.requires_grad],
-               "initial_lr": cfg.m2p_lr_stage_b}]
+               "initial_lr": cfg.m2p_lr_b}]
     for g in groups:
         g["lr"] = 0.0  # set every step from lr_at
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
@@ -660,38 +635,28 @@ def stage_b(cfg):
         dead, head = len(referencenet_unused(net.referencenet)), len(list(m2p.face_head.parameters()))
         check_freeze("B", rows, optimizer, {
             "referencenet": (dead, f"minus {dead} tensors that never get a gradient"),
-            "m2p": (head, f"lr 0 until step {cfg.m2p_unfreeze_step}, then {cfg.m2p_lr_stage_b:g}; face head frozen")})
+            "m2p": (head, f"lr 0 until step {cfg.m2p_unfreeze_step}, then {cfg.m2p_lr_b:g}; face head frozen")})
         for g in groups:
             print(f"group {g['name']}: {len(g['params'])} tensors, {sum(p.numel() for p in g['params']):,} params, "
                   f"lr {g['initial_lr']:g}" + (f" from step {cfg.m2p_unfreeze_step}" if g["name"] == "m2p" else ""))
 
-    start_step, guard = 0, SkipGuard(cfg.max_bad_steps)
-    resume = prepare_run(out_dir, cfg.resume, cfg.overwrite, accelerator)
-    if resume:
-        state = load_checkpoint(resume, {"dance": net, "m2p": m2p}, {"optimizer": optimizer})
-        start_step, guard.skipped = state["step"], state["extra"].get("skipped", 0)
-        if main_proc:
-            print(f"resumed from {resume} at step {start_step}")
+    start_step, guard = resume_run(cfg, out_dir, accelerator, lambda path: load_checkpoint(
+        path, {"dance": net, "m2p": m2p}, {"optimizer": optimizer}))
     model, m2p_model, optimizer = accelerator.prepare(net, m2p, optimizer)
     raw = accelerator.unwrap_model(model)
     if main_proc:
         save_config(cfg, out_dir / "config.yaml")
-    global_batch = cfg.batch_size * accelerator.num_processes
+    global_batch, total = cfg.batch_size * accelerator.num_processes, cfg.max_steps_b
     sampler = StepSampler(len(train_set), global_batch, rank, accelerator.num_processes, cfg.seed, start_step)
     loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers))
-    total = cfg.stage_b_steps
 
     t_last = time.perf_counter()
     for step in range(start_step, total + 1):
-        if step % cfg.val_every == 0 or step == total:
+        if (step > start_step or step == 0) and (step % cfg.val_every == 0 or step == total):
             if main_proc:
                 m, grid = evaluate_b(raw, vae, clip, recognizer, scheduler, val_set, cfg, step, out_dir, device)
-                log_metrics(m, step, out_dir)
+                log_eval(accelerator, m, step, out_dir, {"grid": grid})
                 print(f"grid {grid}")
-                accelerator.log({f"val/{k}": v for k, v in m.items()}, step=step)
-                if cfg.wandb:
-                    import wandb
-                    accelerator.log({"val/grid": wandb.Image(str(grid))}, step=step)
             accelerator.wait_for_everyone()
         if step > start_step and (step % cfg.ckpt_every == 0 or step == total):
             if main_proc:
@@ -712,7 +677,7 @@ def stage_b(cfg):
         target_pose = batch["poses"][torch.arange(B, device=device), batch["offsets"][:, 0]]  # (B, J, 3)
         # randomness of this step, all from its own generator: noise, timesteps, dropout, pose source
         t = torch.randint(0, 1000, (B,), generator=gen).to(device)
-        keep = (torch.rand(B, generator=gen) >= cfg.uncond_prob).to(device)
+        keep = (torch.rand(B, generator=gen) >= cfg.cond_drop_prob).to(device)
         use_m2p = (torch.rand(B, generator=gen) < p_m2p).to(device)
         with accelerator.autocast():
             parts = {}
@@ -724,7 +689,7 @@ def stage_b(cfg):
                 m2p_pose = torch.cat([xy, batch["ref_pose"][..., 2:]], -1)  # visibility: the reference's
                 pose = torch.where(use_m2p[:, None, None], m2p_pose, target_pose)
                 if m2p_on:
-                    parts["heat"], _ = heatmap_loss(logits, batch["poses"], cfg.heatmap_sigma)
+                    parts["pose"], _ = heatmap_loss(logits, batch["poses"], cfg.heatmap_sigma)
             with torch.no_grad():
                 x0 = to_model_space(vae, batch["frames"][:, 0], gen)  # (B, C, h, w)
                 ref_x = to_model_space(vae, batch["ref_image"], gen)
@@ -735,12 +700,12 @@ def stage_b(cfg):
             x_t = scheduler.add_noise(x0, noise, t)
             heat = pose_heatmaps(pose, cfg.image_size, cfg.pose_sigma)  # (B, J, H, W)
             out = model(x_t, t, heat, scale, ref_x, clip_emb, face_emb, keep)
-            # the face region weighs 1 + face_region_weight (the seed: x3), min-SNR per sample
+            # the face region weighs face_loss_scale, min-SNR per sample
             box = batch["boxes"][:, 0]  # (B, 4), NaN: no face
             face = box_mask(box.nan_to_num(0.0), x0.shape[-1])  # (B, 1, h, w)
             weight = min_snr_weight(scheduler.alphas_cumprod.to(device)[t], cfg.min_snr_gamma, cfg.prediction_type)
             parts["diff"] = weighted_mse(out, diffusion_target(scheduler, x0, noise, t), weight,
-                                         1 + cfg.face_region_weight * face)
+                                         1 + (cfg.face_loss_scale - 1) * face)
             # identity: the recognizer on the face crop of the predicted x0, at low noise only (t <
             # id_loss_max_t: the prediction is sharp enough there to have a face)
             low = (t < cfg.id_loss_max_t) & ~box.isnan().any(1) & keep
@@ -751,62 +716,32 @@ def stage_b(cfg):
             else:
                 parts["id"] = out.sum() * 0.0  # every trainable tensor still in the graph (DDP)
             loss = cfg.diffusion_loss_weight * parts["diff"] + cfg.id_loss_weight * parts["id"]
-            if "heat" in parts:
-                loss = loss + cfg.pose_loss_weight * parts["heat"]
+            if "pose" in parts:
+                loss = loss + cfg.pose_loss_weight * parts["pose"]
         grad_norm = backward_and_step(accelerator, raw, optimizer, loss, guard, step, cfg.grad_clip)
 
         if main_proc and step % cfg.log_every == 0:
             dt = (time.perf_counter() - t_last) / (cfg.log_every if step > start_step else 1)
             t_last = time.perf_counter()
-            print(f"step {step} | loss {loss.item():.4f} " + " ".join(f"{k} {v.item():.4f}" for k, v in parts.items())
-                  + f" | lr {lr:.2e} | scale {scale:.2f} | m2p poses {p_m2p:.2f} | grad norm {grad_norm:.3f}"
-                  + f" | skipped {guard.skipped} | {dt * 1000:.0f} ms/step | {global_batch / dt:.1f} samples/s")
-            accelerator.log({"train/lr": lr, "train/grad_norm": grad_norm, "train/loss": loss.item(),
-                             **{f"train/{k}": v.item() for k, v in parts.items()}}, step=step)
+            log_step(accelerator, step, {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}, lr,
+                     grad_norm, guard.skipped, dt, global_batch, cond_scale=scale, m2p_poses=p_m2p)
 
-    if main_proc:  # the weights for stage C: <out_dir>/stage_B/final/ (diffusers folders for the UNets)
-        with atomic_dir(out_dir / "final") as tmp:
-            raw.unet.save_pretrained(tmp / "unet")
-            raw.referencenet.save_pretrained(tmp / "referencenet")
-            save_model(raw.guider, str(tmp / "pose_guider.safetensors"))
-            save_model(raw.face_tokens, str(tmp / "face_tokens.safetensors"))
-            save_model(accelerator.unwrap_model(m2p_model), str(tmp / "m2p.safetensors"))
-            scheduler.save_pretrained(tmp / "scheduler")
-            save_config(cfg, tmp / "config.yaml")
-        print(f"saved {out_dir / 'final'}")
+    if main_proc:  # the weights for stage C: <out_dir>/stage_B/final/
+        save_dance_final(out_dir / "final", cfg, accelerator.unwrap_model(m2p_model), raw, scheduler)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return raw
 
 
+# ==============================================================================================
+# Stage C: clips; only the temporal (motion) modules train
+
+
 def seq_len_at(step, cfg):
     """Stage C's sequence-length curriculum, a pure function of the step: seq_len_start frames at step 0,
-    linear to seq_len_end at seq_len_ramp_steps, then constant (the seed: min(150, 24 + epoch // 10))."""
+    linear to seq_len_end at seq_len_ramp_steps, then constant."""
     frac = min(1.0, step / max(1, cfg.seq_len_ramp_steps))
     return int(round(cfg.seq_len_start + frac * (cfg.seq_len_end - cfg.seq_len_start)))
-
-
-def load_stage_b(cfg, J, device):
-    """Stage B's final/ (or cfg.stage_b_path) as a DanceNet + the frozen VAE, CLIP and recognizer; the
-    model-shaping settings must be this run's (one config for B and C)."""
-    final = Path(cfg.stage_b_path) if cfg.stage_b_path else Path(cfg.out_dir) / "stage_B" / "final"
-    need = ["unet/config.json", "referencenet/config.json", "pose_guider.safetensors", "face_tokens.safetensors",
-            "m2p.safetensors", "config.yaml"]
-    if not all((final / f).is_file() for f in need):
-        raise InputError(f"{final}: no stage-B weights ({', '.join(need)}); run `train_dance.py --training_stage B "
-                         f"--out_dir {cfg.out_dir}` first or set --stage_b_path")
-    b = yaml.safe_load((final / "config.yaml").read_text())
-    for key in ("joints", "fps", "image_size", "guider_channels", "face_tokens", "pose_sigma", "vae_path",
-                "clip_path", "face_recognizer_path", "prediction_type", "beta_schedule", "zero_snr"):
-        mine = list(getattr(cfg, key)) if isinstance(getattr(cfg, key), tuple) else getattr(cfg, key)
-        if b.get(key) != mine:
-            raise InputError(f"{final / 'config.yaml'}: stage B ran with {key}={b.get(key)!r}, this run has {mine!r}")
-    net, vae, clip, recognizer = build_stage_b(dataclasses.replace(cfg, unet_path=str(final / "unet"),
-                                                                   grad_checkpoint=False), J, device)
-    net.referencenet.load_state_dict(load_unet(final / "referencenet").state_dict())
-    load_model(net.guider, str(final / "pose_guider.safetensors"))
-    load_model(net.face_tokens, str(final / "face_tokens.safetensors"))
-    return net, vae, clip, recognizer, final
 
 
 def frame_stack(x):
@@ -822,7 +757,7 @@ def evaluate_c(net, vae, clip, recognizer, scheduler, val_set, cfg, step, out_di
     change where the ground truth's background never changes). At step 0 the model is stage B applied
     frame by frame (the motion modules start at zero), so step 0 is the baseline. Writes mp4s + a grid."""
     net.eval()
-    n, T, S = min(cfg.stage_c_val_clips, len(val_set)), cfg.seq_len_end, cfg.image_size
+    n, T, S = min(cfg.val_samples_c, len(val_set)), cfg.seq_len_end, cfg.image_size
     items = [val_set[i] for i in range(n)]
     gt = torch.stack([it["frames"][:T] for it in items]).to(device)  # (n, T, 3, S, S)
     refs = torch.stack([it["ref_image"] for it in items]).to(device)
@@ -859,21 +794,37 @@ def evaluate_c(net, vae, clip, recognizer, scheduler, val_set, cfg, step, out_di
     return m, grid
 
 
+def load_stage_b(cfg, J, device):
+    """Stage B's final/ (or cfg.stage_b_path) as a DanceNet + the frozen VAE, CLIP and recognizer; the
+    model-shaping settings must be this run's (one config for B and C)."""
+    final = Path(cfg.stage_b_path) if cfg.stage_b_path else Path(cfg.out_dir) / "stage_B" / "final"
+    b = read_dance_final(final, "B", f"run `train_dance.py --training_stage B --out_dir {cfg.out_dir}` first "
+                                     "or set --stage_b_path")
+    for key in ("joints", "fps", "image_size", "guider_channels", "face_tokens", "pose_sigma", "vae_path",
+                "clip_path", "face_recognizer_path", "prediction_type", "beta_schedule", "zero_snr"):
+        mine = list(getattr(cfg, key)) if isinstance(getattr(cfg, key), tuple) else getattr(cfg, key)
+        if b.get(key) != mine:
+            raise InputError(f"{final / 'config.yaml'}: stage B ran with {key}={b.get(key)!r}, this run has {mine!r}")
+    net = load_dance_net(final, b).to(device)
+    vae, clip, recognizer = frozen_encoders(vars(cfg), net.unet.config.cross_attention_dim, device)
+    return net, vae, clip, recognizer, final
+
+
 def stage_c(cfg):
-    """Stage C: AnimateDiff motion modules join the stage-B UNet and only they train, at stage_c_lr, on
-    clips whose length follows seq_len_at(step); everything else is frozen, M2P too unless m2p_lr_stage_c > 0."""
+    """Stage C: AnimateDiff motion modules join the stage-B UNet and only they train, at lr_c, on
+    clips whose length follows seq_len_at(step); everything else is frozen, M2P too unless m2p_lr_c > 0."""
     accelerator = make_accelerator(cfg.mixed_precision, cfg.wandb)
     main_proc, device, rank = accelerator.is_main_process, accelerator.device, accelerator.process_index
     if cfg.grad_accum != 1:
         raise ConfigError(f"--grad_accum={cfg.grad_accum}: stage C trains with grad_accum 1")
-    check_flags(cfg, {"joints": JOINT_SETS}, ("stage_c_batch_size", "stage_c_steps", "seq_len_start",
-                                              "seq_len_end", "val_every", "ckpt_every", "log_every",
-                                              "max_bad_steps", "val_steps", "stage_c_val_clips"))
+    check_flags(cfg, {"joints": JOINT_SETS}, ("batch_size_c", "max_steps_c", "seq_len_start", "seq_len_end",
+                                              "val_every", "ckpt_every", "log_every", "max_bad_steps", "val_steps",
+                                              "val_samples_c"))
     if cfg.seq_len_start > cfg.seq_len_end:
         raise ConfigError(f"--seq_len_start={cfg.seq_len_start} is above --seq_len_end={cfg.seq_len_end}")
     out_dir, data_dir = start_stage(cfg, accelerator, "C")
     # every sample is a window of seq_len_end frames; a step uses its first seq_len_at(step): the batch is
-    # (stage_c_batch_size, T) with one T per step, so every process of a step agrees on the shape
+    # (batch_size_c, T) with one T per step, so every process of a step agrees on the shape
     L = cfg.seq_len_end
     train_set = DanceClipDataset(data_dir / cfg.train_list, L, cfg.joints, cfg.fps, seed=cfg.seed,
                                  image_size=cfg.image_size, frames=L)
@@ -881,10 +832,12 @@ def stage_c(cfg):
                                image_size=cfg.image_size, frames=L)
     net, vae, clip, recognizer, b_final = load_stage_b(cfg, train_set.J, device)
     m2p = load_stage_a(dataclasses.replace(cfg, m2p_path=str(b_final)), train_set.music_dim, device)[0]
-    m2p.requires_grad_(cfg.m2p_lr_stage_c > 0)
+    m2p.requires_grad_(cfg.m2p_lr_c > 0)
     m2p.face_head.requires_grad_(False)  # as in stage B: the identity comes from the recognizer
     adapter = load_motion_adapter(cfg.motion_adapter_path, L) if cfg.motion_adapter_path else None
-    net.unet = motion_unet(net.unet, adapter, max_frames=L, heads=cfg.motion_heads).to(device)
+    with torch.random.fork_rng():  # new motion modules: the same weights whatever was built before
+        torch.manual_seed(cfg.seed)
+        net.unet = motion_unet(net.unet, adapter, max_frames=L, heads=cfg.motion_heads).to(device)
     net.install()  # from_unet2d dropped the reference processors
     if cfg.grad_checkpoint:
         net.unet.enable_gradient_checkpointing()
@@ -893,11 +846,11 @@ def stage_c(cfg):
     temporal = [p for n, p in net.unet.named_parameters() if "motion_modules" in n]
     for p in temporal:
         p.requires_grad_(True)
-    groups = [{"name": "temporal", "params": temporal, "initial_lr": cfg.stage_c_lr}]
-    if cfg.m2p_lr_stage_c > 0:
+    groups = [{"name": "temporal", "params": temporal, "initial_lr": cfg.lr_c}]
+    if cfg.m2p_lr_c > 0:
         groups.append({"name": "m2p", "params": [p for p in m2p.parameters() if p.requires_grad],
-                       "initial_lr": cfg.m2p_lr_stage_c})
-    optimizer = torch.optim.AdamW(groups, lr=cfg.stage_c_lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+                       "initial_lr": cfg.m2p_lr_c})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr_c, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     if main_proc:
         ids = {id(p) for p in temporal}
         rows = {"spatial_unet": [p for p in net.unet.parameters() if id(p) not in ids], "temporal_modules": temporal,
@@ -907,37 +860,31 @@ def stage_c(cfg):
         if vae is not None:
             rows["vae"] = list(vae.parameters())
         head = len(list(m2p.face_head.parameters()))
-        check_freeze("C", rows, optimizer, {"m2p": (head, f"lr {cfg.m2p_lr_stage_c:g}; face head frozen")},
-                     ["m2p"] if cfg.m2p_lr_stage_c > 0 else [])
+        check_freeze("C", rows, optimizer, {"m2p": (head, f"lr {cfg.m2p_lr_c:g}; face head frozen")},
+                     ["m2p"] if cfg.m2p_lr_c > 0 else [])
         print(f"stage B from {b_final}; motion modules: {cfg.motion_adapter_path or 'new, proj_out zeroed'}; "
               f"group temporal: {len(temporal)} tensors, {sum(p.numel() for p in temporal):,} params, "
-              f"lr {cfg.stage_c_lr:g}; clips of {cfg.seq_len_start} -> {L} frames by step {cfg.seq_len_ramp_steps}")
+              f"lr {cfg.lr_c:g}; clips of {cfg.seq_len_start} -> {L} frames by step {cfg.seq_len_ramp_steps}")
 
-    start_step, guard = 0, SkipGuard(cfg.max_bad_steps)
-    resume = prepare_run(out_dir, cfg.resume, cfg.overwrite, accelerator)
-    if resume:
-        state = load_checkpoint(resume, {"dance": net, "m2p": m2p}, {"optimizer": optimizer})
-        start_step, guard.skipped = state["step"], state["extra"].get("skipped", 0)
-        if main_proc:
-            print(f"resumed from {resume} at step {start_step}")
+    start_step, guard = resume_run(cfg, out_dir, accelerator, lambda path: load_checkpoint(
+        path, {"dance": net, "m2p": m2p}, {"optimizer": optimizer}))
     model, optimizer = accelerator.prepare(net, optimizer)
-    m2p_model = accelerator.prepare(m2p) if cfg.m2p_lr_stage_c > 0 else m2p  # DDP only when it trains
+    m2p_model = accelerator.prepare(m2p) if cfg.m2p_lr_c > 0 else m2p  # DDP only when it trains
     raw = accelerator.unwrap_model(model)
     if main_proc:
         save_config(cfg, out_dir / "config.yaml")
-    B, total = cfg.stage_c_batch_size, cfg.stage_c_steps
+    B, total = cfg.batch_size_c, cfg.max_steps_c
     sampler = StepSampler(len(train_set), B * accelerator.num_processes, rank, accelerator.num_processes,
                           cfg.seed, start_step)
     loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers))
 
     t_last = time.perf_counter()
     for step in range(start_step, total + 1):
-        if step % cfg.val_every == 0 or step == total:
+        if (step > start_step or step == 0) and (step % cfg.val_every == 0 or step == total):
             if main_proc:
                 m, grid = evaluate_c(raw, vae, clip, recognizer, scheduler, val_set, cfg, step, out_dir, device)
-                log_metrics(m, step, out_dir)
+                log_eval(accelerator, m, step, out_dir, {"grid": grid})
                 print(f"grid {grid}" + (" (step 0: stage B applied frame by frame)" if step == 0 else ""))
-                accelerator.log({f"val/{k}": v for k, v in m.items()}, step=step)
             accelerator.wait_for_everyone()
         if step > start_step and (step % cfg.ckpt_every == 0 or step == total):
             if main_proc:
@@ -955,7 +902,7 @@ def stage_c(cfg):
         batch = {k: v.to(device) for k, v in next(loader).items() if torch.is_tensor(v)}
         gen = seeded(cfg.seed, rank, step)
         t = torch.randint(0, 1000, (B,), generator=gen).to(device)  # one timestep per clip
-        keep = (torch.rand(B, generator=gen) >= cfg.uncond_prob).to(device)
+        keep = (torch.rand(B, generator=gen) >= cfg.cond_drop_prob).to(device)
         with accelerator.autocast():
             with torch.no_grad():
                 frames = batch["frames"][:, :T]  # (B, T, 3, S, S)
@@ -972,7 +919,7 @@ def stage_c(cfg):
             face = rearrange(box_mask(boxes.nan_to_num(0.0), x0.shape[-1]), "(b f) c h w -> b c f h w", b=B)
             weight = min_snr_weight(scheduler.alphas_cumprod.to(device)[t], cfg.min_snr_gamma, cfg.prediction_type)
             parts = {"diff": weighted_mse(out, diffusion_target(scheduler, x0, noise, t), weight,
-                                          1 + cfg.face_region_weight * face)}
+                                          1 + (cfg.face_loss_scale - 1) * face)}
             # temporal: the predicted clip's frame-to-frame differences match the ground truth's (in model
             # space: pixels for the toy, latents with a VAE)
             pred = predicted_x0(scheduler, x_t, out.float(), t)  # (B, C, T, h, w)
@@ -986,39 +933,31 @@ def stage_c(cfg):
                 parts["id"] = out.sum() * 0.0
             loss = (cfg.diffusion_loss_weight * parts["diff"] + cfg.temporal_loss_weight * parts["temp"]
                     + cfg.id_loss_weight * parts["id"])
-            if cfg.m2p_lr_stage_c > 0:  # M2P's pose loss on the clip's music window (the seed's option)
+            if cfg.m2p_lr_c > 0:  # M2P's pose loss on the clip's music window
                 logits, _ = m2p_model(batch["music"], batch["ref_pose"], batch["face"])  # (B, L, J, h, h)
-                parts["heat"], _ = heatmap_loss(logits, batch["poses"], cfg.heatmap_sigma)
-                loss = loss + cfg.pose_loss_weight * parts["heat"]
+                parts["pose"], _ = heatmap_loss(logits, batch["poses"], cfg.heatmap_sigma)
+                loss = loss + cfg.pose_loss_weight * parts["pose"]
         grad_norm = backward_and_step(accelerator, raw, optimizer, loss, guard, step, cfg.grad_clip)
         if main_proc and step % cfg.log_every == 0:
             dt = (time.perf_counter() - t_last) / (cfg.log_every if step > start_step else 1)
             t_last = time.perf_counter()
-            print(f"step {step} | loss {loss.item():.4f} " + " ".join(f"{k} {v.item():.4f}" for k, v in parts.items())
-                  + f" | frames {T} | lr {lr:.2e} | grad norm {grad_norm:.3f} | skipped {guard.skipped} | "
-                  f"{dt * 1000:.0f} ms/step | {B * T * accelerator.num_processes / dt:.1f} frames/s")
-            accelerator.log({"train/lr": lr, "train/loss": loss.item(), "train/frames": T,
-                             **{f"train/{k}": v.item() for k, v in parts.items()}}, step=step)
+            log_step(accelerator, step, {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}, lr,
+                     grad_norm, guard.skipped, dt, B * accelerator.num_processes, frames=T)
 
     if main_proc:  # stage_C/final/ and the top-level final/: everything sample.py needs
         for final in (out_dir / "final", Path(cfg.out_dir) / "final"):
-            with atomic_dir(final) as tmp:
-                raw.unet.save_pretrained(tmp / "unet")  # UNetMotionModel
-                raw.referencenet.save_pretrained(tmp / "referencenet")
-                save_model(raw.guider, str(tmp / "pose_guider.safetensors"))
-                save_model(raw.face_tokens, str(tmp / "face_tokens.safetensors"))
-                save_model(m2p, str(tmp / "m2p.safetensors"))  # B's, unless m2p_lr_stage_c > 0
-                scheduler.save_pretrained(tmp / "scheduler")
-                save_config(cfg, tmp / "config.yaml")
-            print(f"saved {final}")
+            save_dance_final(final, cfg, m2p, raw, scheduler)  # M2P: B's, unless m2p_lr_c > 0
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return raw
 
 
+# ==============================================================================================
+# all: A -> B -> C, each stage from the previous one's final/
+
 def main(cfg):
     stages = {"A": stage_a, "B": stage_b, "C": stage_c}
-    if cfg.training_stage == "all":  # the seed's progression: each stage starts from the previous final/
+    if cfg.training_stage == "all":
         for stage in "ABC":
             done = (Path(cfg.out_dir) / f"stage_{stage}" / "final" / "COMPLETE").is_file()
             if done and cfg.resume:  # --resume=auto: finished stages are skipped, the next one continues

@@ -11,22 +11,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
 
 from data import MultiViewDataset, StepSampler, load_rig, save_image_grid, save_ply
 from losses import lpips, masked_psnr, perceptual_loss, psnr, ssim
 from models import GSLRM, GSLRM_CONFIGS
 from plumbing import (
     InputError,
-    SkipGuard,
     check_flags,
     cli,
     load_checkpoint,
-    log_metrics,
+    log_eval,
+    log_step,
     make_accelerator,
-    prepare_run,
+    resume_run,
     save_checkpoint,
     save_config,
+    start_run,
 )
 from toy import toy_mice
 from weights import load_facelift_gslrm, load_lpips_heads, load_vgg
@@ -107,7 +107,7 @@ def evaluate(model, val_set, recon_set, cfg, step, mean_image, device, out_dir, 
     truth | rendered | reconstruction); optionally the first sample's Gaussians as a 3DGS PLY."""
     model.eval()
     S, n_in = cfg.image_size, cfg.num_input_views
-    scores, rows = {"psnr": [], "baseline_psnr": [], "masked_psnr": [], "ssim": [], "recon_psnr": []}, []
+    scores, rows = {"psnr": [], "psnr_mean_image": [], "masked_psnr": [], "ssim": [], "recon_psnr": []}, []
     if lpips_net is not None:
         scores["lpips"] = []
     for i in range(min(cfg.val_samples, len(val_set))):
@@ -120,7 +120,7 @@ def evaluate(model, val_set, recon_set, cfg, step, mean_image, device, out_dir, 
             scores["psnr"].append(psnr(pred, gt))
             scores["masked_psnr"].append(masked_psnr(pred, gt, alpha))
             scores["ssim"].append(ssim(pred, gt))
-            scores["baseline_psnr"].append(psnr(mean_image.expand_as(gt), gt))
+            scores["psnr_mean_image"].append(psnr(mean_image.expand_as(gt), gt))
             if lpips_net is not None:
                 scores["lpips"].append(lpips(*lpips_net, pred, gt))
         if recon_set is not None:  # every rig view in, rendered back
@@ -150,15 +150,8 @@ def main(cfg):
     if cfg.image_size % GSLRM_CONFIGS[cfg.preset]["patch"]:
         raise InputError(f"--image_size={cfg.image_size}: must be a multiple of the {cfg.preset} preset's "
                          f"patch size {GSLRM_CONFIGS[cfg.preset]['patch']}")
-    set_seed(cfg.seed + accelerator.process_index)
     out_dir = Path(cfg.out_dir)
-    if main_proc:
-        print(f"config: {cfg}\nprocesses: {accelerator.num_processes}, device: {device}")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.wandb:
-            # the run's wandb files beside its outputs: <out_dir>/wandb/
-            accelerator.init_trackers(cfg.wandb_project, config=vars(cfg),
-                                      init_kwargs={"wandb": {"dir": str(out_dir)}})
+    start_run(cfg, out_dir, accelerator)
 
     # data: generate the toy mice once (main process), everyone waits
     data_dir = Path(cfg.data_dir)
@@ -203,15 +196,8 @@ def main(cfg):
     for g in optimizer.param_groups:
         g["initial_lr"] = cfg.lr
 
-    start_step, guard = 0, SkipGuard(cfg.max_bad_steps)
-    resume = prepare_run(out_dir, cfg.resume, cfg.overwrite, accelerator)
-    if resume:
-        # per-rank randomness is re-seeded from (seed, rank, step): only rank 0's RNG state was saved
-        state = load_checkpoint(resume, {"model": model}, {"optimizer": optimizer})
-        start_step, guard.skipped = state["step"], state["extra"]["skipped"]
-        set_seed(cfg.seed + accelerator.process_index + 1000 * start_step)
-        if main_proc:
-            print(f"resumed from {resume} at step {start_step}")
+    start_step, guard = resume_run(cfg, out_dir, accelerator,
+                                   lambda path: load_checkpoint(path, {"model": model}, {"optimizer": optimizer}))
     if cfg.compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -238,17 +224,13 @@ def main(cfg):
     H = cfg.image_size
     t_last = time.perf_counter()
     for step in range(start_step, cfg.max_steps + 1):
-        if step % cfg.val_every == 0 or step == cfg.max_steps:
+        if (step > start_step or step == 0) and (step % cfg.val_every == 0 or step == cfg.max_steps):
             if main_proc:
                 ply = out_dir / f"val_{step:06d}.ply" if step == cfg.max_steps else None
                 m, grid = evaluate(raw_model, val_set, recon_set, cfg, step, mean_image, device, out_dir,
                                    lpips_net, ply)
-                log_metrics(m, step, out_dir)  # novel views; baseline: the mean training image
+                log_eval(accelerator, m, step, out_dir, {"grid": grid})  # novel views; baseline: the mean image
                 print(f"grid {grid}" + (f" | gaussians {ply}" if ply else ""))
-                accelerator.log({f"val/{k}": v for k, v in m.items()}, step=step)
-                if cfg.wandb:  # the grid as a picture beside the scalars
-                    import wandb
-                    accelerator.log({"val/grid": wandb.Image(str(grid))}, step=step)
             accelerator.wait_for_everyone()
         if step > start_step and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
             if main_proc:
@@ -290,19 +272,14 @@ def main(cfg):
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
         # also a spike: a grad norm over skip_grad_norm_factor x the clip
         good = math.isfinite(grad_norm) and grad_norm <= cfg.skip_grad_norm_factor * cfg.grad_clip
-        if guard.ok(good, step, f"loss {loss.item():.4g}, grad norm {grad_norm:.4g}", main_proc):
+        if guard.should_step(good, step, f"loss {loss.item():.4g}, grad norm {grad_norm:.4g}", main_proc):
             optimizer.step()
 
         if main_proc and step % cfg.log_every == 0:
             dt = (time.perf_counter() - t_last) / (cfg.log_every if step > start_step else 1)
             t_last = time.perf_counter()
-            print(f"step {step} | loss {loss.item():.4f} " + " ".join(f"{k} {v:.4f}" for k, v in parts.items())
-                  + f" | psnr {-10 * math.log10(max(parts['mse'], 1e-10)):.2f} | lr {lr:.2e}"
-                  + f" | grad norm {grad_norm:.3f} | skipped {guard.skipped}"
-                  + f" | {dt * 1000:.0f} ms/step | {global_batch / dt:.1f} samples/s")
-            accelerator.log({"train/loss": loss.item(), "train/lr": lr, "train/grad_norm": grad_norm,
-                             "train/skipped": guard.skipped,
-                             **{f"train/{k}": v for k, v in parts.items()}}, step=step)
+            log_step(accelerator, step, {"loss": loss.item(), **parts}, lr, grad_norm, guard.skipped, dt, global_batch,
+                     psnr=-10 * math.log10(max(parts["mse"], 1e-10)))
     accelerator.wait_for_everyone()  # leave the process group together (gloo can abort at exit otherwise)
     accelerator.end_training()
     return raw_model

@@ -7,7 +7,7 @@
 
 Every view of an object is generated at once (the views sit consecutively in the UNet's batch and
 see each other through multi-view attention), from one reference view: always view 0 (FaceLift),
-or any of the rig's views at random with all six as targets (`reference_view_idx: random`, a 6x
+or any of the rig's views at random with all six as targets (`reference_view: random`, a 6x
 augmentation). The views are told apart by the rig's prompt embeddings (cross-attention) and the
 reference by a per-view embedding added to the time embedding.
 """
@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 import yaml
-from accelerate.utils import set_seed
 
 from data import (
     MultiViewDataset,
@@ -33,22 +32,35 @@ from data import (
     save_image_grid,
 )
 from losses import diffusion_target, lpips, min_snr_weight, psnr, ssim, weighted_mse
-from models import MVDIFF_UNET_CONFIGS, Conditioner, build_mv_unet, mv_schedulers, sample_views
+from models import (
+    MVDIFF_UNET_CONFIGS,
+    Conditioner,
+    build_mv_unet,
+    mv_schedulers,
+    sample_views,
+)
 from plumbing import (
     InputError,
-    SkipGuard,
     check_finite_weights,
     check_flags,
     check_resumable,
     cli,
-    log_metrics,
+    log_eval,
+    log_step,
     make_accelerator,
-    prepare_run,
     read_state,
+    resume_run,
     save_config,
+    start_run,
 )
 from toy import toy_mice, toy_prompt_embeds
-from weights import load_lpips_heads, load_mv_unet, load_mv_weights, load_vgg, save_mv_checkpoint
+from weights import (
+    load_lpips_heads,
+    load_mv_unet,
+    load_mv_weights,
+    load_vgg,
+    save_mv_checkpoint,
+)
 
 
 @dataclass
@@ -64,7 +76,7 @@ class Config:
     toy_samples: int = 400  # size of the generated toy set (only used when data_dir has no train list)
     toy_yaw_deg: float = 30.0  # toy mice face +x +- this (180: any way; docs/experiments.md says why)
     image_size: int = 32  # views are resized to this (latent mode: 8x smaller latents)
-    reference_view_idx: str = "random"  # "0" (FaceLift) | "random": any view is the input, all are targets
+    reference_view: str = "random"  # "0" (FaceLift) | "random": any view is the input, all are targets
     # model
     preset: str = "toy"  # MVDIFF_UNET_CONFIGS, when not initialised from a unet/ folder
     init_from: str = ""  # FaceLift pipeline dir or one of our checkpoints (its unet/); fresh optimizer
@@ -77,8 +89,8 @@ class Config:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     clip_sample: bool = True  # clip predicted x0 to [-1, 1] when sampling: pixels yes, latents no
-    snr_gamma: float = 5.0  # min-SNR weighting; 0 = off
-    cond_drop_rate: float = 0.05  # FaceLift's drop_as_a_whole: u < r: CLIP, < 2r: both, < 3r: reference
+    min_snr_gamma: float = 5.0  # min-SNR weighting; 0 = off
+    cond_drop_prob: float = 0.05  # FaceLift's drop_as_a_whole: u < r: CLIP, < 2r: both, < 3r: reference
     train_bg: str = "white"  # white | three_choices (white, black or grey per object: FaceLift's training)
     # optimisation
     batch_size: int = 4  # objects per process per micro-step (x 6 views)
@@ -163,7 +175,7 @@ def evaluate(model, cond, scheduler, val_set, prompt_embeds, cfg, step, device, 
     n, V = min(cfg.val_samples, len(val_set)), model.num_views
     gt = torch.stack([val_set[i]["images"][:, :3] for i in range(n)]).to(device)  # (n, V, 3, H, W) in [0, 1]
     ref_idx = torch.arange(n, device=device) % V  # reference view i % V for the i-th object...
-    if cfg.reference_view_idx == "0":
+    if cfg.reference_view == "0":
         ref_idx = torch.zeros_like(ref_idx)  # ...or always view 0
     _, ref_cond, labels = cond(gt * 2 - 1, ref_idx)
     others = torch.arange(V, device=device)[None] != ref_idx[:, None]  # (n, V): the views to generate
@@ -171,7 +183,7 @@ def evaluate(model, cond, scheduler, val_set, prompt_embeds, cfg, step, device, 
     wrong = gt[torch.arange(n)[:, None], wrong_views(others)]  # (n, V, 3, H, W): another view's ground truth
     copied = ref_img[:, None].expand_as(gt)  # the baseline: the reference in every view
     score = lambda metric, x, y, views=others: metric(x, y)[views].mean().item()  # noqa: E731
-    metrics, grids = {"baseline_psnr": score(psnr, copied, gt), "baseline_ssim": score(ssim, copied, gt)}, []
+    metrics, grids = {"psnr_copy_ref": score(psnr, copied, gt), "ssim_copy_ref": score(ssim, copied, gt)}, []
     scored = {"psnr": psnr, "ssim": ssim}
     if lpips_net is not None:
         scored["lpips"] = lambda x, y: lpips(*lpips_net, x, y)  # (n, V)
@@ -194,8 +206,7 @@ def evaluate(model, cond, scheduler, val_set, prompt_embeds, cfg, step, device, 
 def main(cfg):
     accelerator = make_accelerator(cfg.mixed_precision, cfg.wandb)
     main_proc, device, rank = accelerator.is_main_process, accelerator.device, accelerator.process_index
-    set_seed(cfg.seed + rank)
-    check_flags(cfg, {"reference_view_idx": ("0", "random"), "train_bg": ("white", "three_choices"),
+    check_flags(cfg, {"reference_view": ("0", "random"), "train_bg": ("white", "three_choices"),
                       "prediction_type": ("sample", "v_prediction", "epsilon"),
                       "preset": MVDIFF_UNET_CONFIGS},
                 ("batch_size", "grad_accum", "image_size", "val_every", "ckpt_every",
@@ -207,13 +218,7 @@ def main(cfg):
         raise InputError(f"--image_size={cfg.image_size}: must be a multiple of {down} for the {cfg.preset} "
                          "preset")
     out_dir = Path(cfg.out_dir)
-    if main_proc:
-        print(f"config: {cfg}\nprocesses: {accelerator.num_processes}, device: {device}")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.wandb:
-            # the run's wandb files beside its outputs: <out_dir>/wandb/
-            accelerator.init_trackers(cfg.wandb_project, config=vars(cfg),
-                                      init_kwargs={"wandb": {"dir": str(out_dir)}})
+    start_run(cfg, out_dir, accelerator)
 
     # data: the toy mice on the default folder; every sample's cameras must match the rig
     data_dir = Path(cfg.data_dir)
@@ -272,21 +277,18 @@ def main(cfg):
     for g in optimizer.param_groups:
         g["initial_lr"] = cfg.lr
 
-    start_step, guard = 0, SkipGuard(cfg.max_bad_steps)
-    resume = prepare_run(out_dir, cfg.resume, cfg.overwrite, accelerator)
-    if resume:
-        check_resumable(resume)
-        load_mv_weights(model, Path(resume) / "unet")
-        check_finite_weights(Path(resume) / "unet", model)
+    def load(path):  # unet/ folders (diffusers layout), not one safetensors file per module
+        check_resumable(path)
+        load_mv_weights(model, Path(path) / "unet")
+        check_finite_weights(Path(path) / "unet", model)
         if ema is not None:
-            ema_dir = Path(resume) / "unet_ema"
-            load_mv_weights(ema, ema_dir if ema_dir.exists() else Path(resume) / "unet")
+            ema_dir = Path(path) / "unet_ema"
+            load_mv_weights(ema, ema_dir if ema_dir.exists() else Path(path) / "unet")
             check_finite_weights(ema_dir, ema)
-        state = read_state(resume)
+        state = read_state(path)
         optimizer.load_state_dict(state["optimizers"]["optimizer"])
-        start_step, guard.skipped = state["step"], state["extra"].get("skipped", 0)
-        if main_proc:
-            print(f"resumed from {resume} at step {start_step}")
+        return state
+    start_step, guard = resume_run(cfg, out_dir, accelerator, load)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
 
@@ -309,13 +311,8 @@ def main(cfg):
             if main_proc:  # novel views; baseline: copy the reference; control: another view's ground truth
                 m, grids = evaluate(ema or raw_model, cond, sampler_scheduler, val_set, prompt_embeds, cfg,
                                     step, device, out_dir, lpips_net)
-                log_metrics(m, step, out_dir)
+                log_eval(accelerator, m, step, out_dir, {f"grid_g{g:g}": p for g, p in zip(cfg.val_guidance, grids)})
                 print(f"{'ema ' if ema is not None else ''}grids {', '.join(map(str, grids))}")
-                accelerator.log({f"val/{k}": v for k, v in m.items()}, step=step)
-                if cfg.wandb:  # the grids as pictures beside the scalars
-                    import wandb
-                    accelerator.log({f"val/grid_g{g:g}": wandb.Image(str(p))
-                                     for g, p in zip(cfg.val_guidance, grids)}, step=step)
             accelerator.wait_for_everyone()
         if step > start_step and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
             if main_proc:
@@ -340,11 +337,11 @@ def main(cfg):
                 bg = torch.tensor([1.0, 0.0, 0.5])[torch.randint(0, 3, (B,), generator=gen)].to(device)
                 rgb = rgb + (1 - alpha) * (bg[:, None, None, None, None] - 1)
             images = rgb * 2 - 1  # (B, V, 3, H, W) in [-1, 1]
-            ref_idx = (torch.randint(0, V, (B,), generator=gen) if cfg.reference_view_idx == "random"
+            ref_idx = (torch.randint(0, V, (B,), generator=gen) if cfg.reference_view == "random"
                        else torch.zeros(B, dtype=torch.long)).to(device)
             x0, ref_cond, labels = cond(images, ref_idx, gen)  # (B, V, C, h, w), (B, C, h, w), (B, E) | None
             # classifier-free dropout, FaceLift's drop_as_a_whole: one draw per object picks what to drop
-            u, r = torch.rand(B, generator=gen).to(device), cfg.cond_drop_rate
+            u, r = torch.rand(B, generator=gen).to(device), cfg.cond_drop_prob
             ref_cond = ref_cond * ~((u >= r) & (u < 3 * r))[:, None, None, None]
             labels = None if labels is None else labels * (u >= 2 * r)[:, None]
             noise = torch.randn(x0.shape, generator=gen).to(device)
@@ -353,8 +350,8 @@ def main(cfg):
             noisy = noise_scheduler.add_noise(x0, noise, t)  # (B, V, C, h, w)
             target = diffusion_target(noise_scheduler, x0, noise, t)  # x0, v or the noise
             weight = torch.ones(B, device=device)
-            if cfg.snr_gamma > 0:  # min-SNR, with pure noise kept at weight 1 (losses.min_snr_weight)
-                weight = min_snr_weight(alphas_cumprod[t], cfg.snr_gamma, cfg.prediction_type)
+            if cfg.min_snr_gamma > 0:  # min-SNR, with pure noise kept at weight 1 (losses.min_snr_weight)
+                weight = min_snr_weight(alphas_cumprod[t], cfg.min_snr_gamma, cfg.prediction_type)
             # only the last micro-batch all-reduces the gradients
             sync = accelerator.no_sync(model) if micro < G - 1 else nullcontext()
             with sync, accelerator.autocast():
@@ -365,7 +362,7 @@ def main(cfg):
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
         # a non-finite loss makes the gradient non-finite
         why = f"loss {loss_sum:.4g}, grad norm {grad_norm:.4g}"
-        if guard.ok(math.isfinite(grad_norm), step, why, main_proc):
+        if guard.should_step(math.isfinite(grad_norm), step, why, main_proc):
             optimizer.step()
             if ema is not None:  # warm-up: the average forgets the random initialisation early on
                 update_ema(ema, raw_model, min(cfg.ema_decay, (1 + step) / (10 + step)))
@@ -374,11 +371,7 @@ def main(cfg):
         if main_proc and step % cfg.log_every == 0:
             dt = (time.perf_counter() - t_last) / (cfg.log_every if step > start_step else 1)
             t_last = time.perf_counter()
-            print(f"step {step} | loss {loss_sum:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f}"
-                  f" | skipped {guard.skipped}"
-                  f" | {dt * 1000:.0f} ms/step | {global_batch * G / dt:.1f} objects/s")
-            accelerator.log({"train/loss": loss_sum, "train/lr": lr, "train/grad_norm": grad_norm,
-                             "train/skipped": guard.skipped}, step=step)
+            log_step(accelerator, step, {"loss": loss_sum}, lr, grad_norm, guard.skipped, dt, global_batch * G)
     accelerator.wait_for_everyone()  # leave the process group together (gloo can abort at exit otherwise)
     accelerator.end_training()
     return raw_model, ema

@@ -9,8 +9,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import yaml
-from diffusers import AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel, UNetMotionModel
-from safetensors.torch import load_file, load_model, save_file
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    MotionAdapter,
+    UNet2DConditionModel,
+    UNetMotionModel,
+)
+from safetensors.torch import load_file, load_model, save_file, save_model
 from transformers import CLIPVisionModelWithProjection
 
 from data import JOINT_SETS, MUSIC_DIM, load_prompt_embeds
@@ -18,18 +24,23 @@ from models import (
     GSLRM,
     GSLRM_CONFIGS,
     IRESNET_CONFIGS,
-    M2P_CONFIGS,
     REF_EMBED_FILE,
     DanceNet,
     FaceTokens,
     IResNet,
-    M2PEncoder,
     MVUNet,
     PoseGuider,
     VGGFeatures,
+    m2p_encoder,
 )
-from plumbing import InputError, atomic_dir, latest_checkpoint, load_checkpoint, save_config, write_state
-from toy import toy_clip_image_encoder, toy_face_recognizer
+from plumbing import (
+    InputError,
+    atomic_dir,
+    latest_checkpoint,
+    load_checkpoint,
+    save_config,
+    write_state,
+)
 
 
 def check_keys(where, ours, theirs, ignore=lambda k: False):
@@ -397,31 +408,67 @@ def load_mv_weights(model, unet_dir):
     return model
 
 
-def load_dance_final(path, device):
-    """train_dance.py's top-level final/ (stage C: everything sample.py needs) -> dict(net, vae, clip,
-    recognizer, m2p, scheduler, cfg). The run's config.yaml says how to rebuild the frozen encoders (local
-    paths, or the toy's seeded random ones)."""
+# ----------------------------------------------------------------------------------------------
+# Dance final/ folders: what each stage of train_dance.py hands to the next (stage C's to sample.py).
+# Only the trained parts: the frozen VAE, CLIP and face recognizer are rebuilt from config.yaml.
 
+DANCE_FINAL = {"A": ("m2p.safetensors", "config.yaml"),
+               "B": ("unet/config.json", "referencenet/config.json", "pose_guider.safetensors",
+                     "face_tokens.safetensors", "m2p.safetensors", "scheduler/scheduler_config.json", "config.yaml")}
+DANCE_FINAL["C"] = DANCE_FINAL["B"]  # the same files; the unet/ is a UNetMotionModel
+
+
+def save_dance_final(path, cfg, m2p, net=None, scheduler=None):
+    """Writes a stage's final/ atomically: M2P and config.yaml, plus (stages B, C) the DanceNet's parts as
+    diffusers folders (UNets, scheduler) and safetensors (pose guider, face tokens)."""
+    with atomic_dir(path) as tmp:
+        if net is not None:
+            net.unet.save_pretrained(tmp / "unet")
+            net.referencenet.save_pretrained(tmp / "referencenet")
+            save_model(net.guider, str(tmp / "pose_guider.safetensors"))
+            save_model(net.face_tokens, str(tmp / "face_tokens.safetensors"))
+            scheduler.save_pretrained(tmp / "scheduler")
+        save_model(m2p, str(tmp / "m2p.safetensors"))
+        save_config(cfg, tmp / "config.yaml")
+    print(f"saved {path}")
+
+
+def read_dance_final(path, stage, fix):
+    """The config.yaml (a dict) of stage `stage`'s final/ folder `path`; a folder missing any file of
+    DANCE_FINAL[stage] is refused, naming the files and `fix` (the command that makes it)."""
+    missing = [f for f in DANCE_FINAL[stage] if not (Path(path) / f).is_file()]
+    if missing:
+        raise InputError(f"{path}: not a stage-{stage} final/ folder (no {', '.join(missing)}): {fix}")
+    return yaml.safe_load((Path(path) / "config.yaml").read_text())
+
+
+def load_m2p(path, c, music_dim, grad_checkpoint=False):
+    """M2P from a final/ folder, rebuilt from that folder's config `c` (preset, joints, window)."""
+    m2p = m2p_encoder(music_dim, JOINT_SETS[c["joints"]], c["m2p_preset"], c["window"], grad_checkpoint)
+    weights = Path(path) / "m2p.safetensors"
+    try:
+        load_model(m2p, str(weights), strict=True)
+    except RuntimeError as err:
+        raise InputError(f"{weights}: cannot load it into M2P ({' '.join(str(err).split())[:300]})") from None
+    return m2p
+
+
+def load_dance_net(path, c):
+    """The DanceNet of a stage-B or stage-C final/ folder (config `c`), strictly loaded."""
     path = Path(path)
-    need = ["unet/config.json", "referencenet/config.json", "pose_guider.safetensors", "face_tokens.safetensors",
-            "m2p.safetensors", "scheduler/scheduler_config.json", "config.yaml"]
-    if not all((path / f).is_file() for f in need):
-        raise InputError(f"{path}: not a dance final/ folder (needs {', '.join(need)}): run "
-                         "`train_dance.py --training_stage all` (or C) first")
-    cfg = yaml.safe_load((path / "config.yaml").read_text())
-    unet = UNetMotionModel.from_pretrained(path / "unet")
-    dim, J = unet.config.cross_attention_dim, JOINT_SETS[cfg["joints"]]
-    guider = PoseGuider(J, unet.config.block_out_channels[0], tuple(cfg["guider_channels"]))
-    face_tokens = FaceTokens(dim, cfg["face_tokens"])
+    motion = json.loads((path / "unet/config.json").read_text()).get("_class_name") == "UNetMotionModel"
+    unet = UNetMotionModel.from_pretrained(path / "unet") if motion else load_unet(path / "unet")
+    guider = PoseGuider(JOINT_SETS[c["joints"]], unet.config.block_out_channels[0], tuple(c["guider_channels"]))
+    face_tokens = FaceTokens(unet.config.cross_attention_dim, c["face_tokens"])
     load_model(guider, str(path / "pose_guider.safetensors"))
     load_model(face_tokens, str(path / "face_tokens.safetensors"))
-    net = DanceNet(unet, load_unet(path / "referencenet"), guider, face_tokens).to(device).eval()
-    m2p = M2PEncoder(MUSIC_DIM, J, **M2P_CONFIGS[cfg["m2p_preset"]], max_frames=max(300, cfg["window"]))
-    load_model(m2p, str(path / "m2p.safetensors"))
-    clip = (load_clip_image_encoder(cfg["clip_path"]) if cfg["clip_path"] else
-            toy_clip_image_encoder(cfg["seed"], dim, cfg["image_size"]))
-    recognizer = (load_iresnet(cfg["face_recognizer_path"], cfg["face_recognizer_arch"]) if cfg["face_recognizer_path"]
-                  else toy_face_recognizer(cfg["seed"]))
-    return dict(net=net, m2p=m2p.to(device).eval(), clip=clip.to(device), recognizer=recognizer.to(device).eval(),
-                vae=load_vae(cfg["vae_path"]).to(device) if cfg["vae_path"] else None, cfg=cfg,
-                scheduler=DDIMScheduler.from_pretrained(path / "scheduler"))
+    return DanceNet(unet, load_unet(path / "referencenet"), guider, face_tokens)
+
+
+def load_dance_final(path, device):
+    """train_dance.py's top-level final/ (stage C's) for sampling -> dict(net, m2p, scheduler, cfg); the
+    frozen encoders come from toy.frozen_encoders(cfg)."""
+    cfg = read_dance_final(path, "C", "run `train_dance.py --training_stage all` (or C) first")
+    return dict(net=load_dance_net(path, cfg).to(device).eval(), cfg=cfg,
+                m2p=load_m2p(path, cfg, MUSIC_DIM).to(device).eval(),
+                scheduler=DDIMScheduler.from_pretrained(Path(path) / "scheduler"))

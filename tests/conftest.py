@@ -24,8 +24,8 @@ TINY_ARGS = {
     "train_mvdiff": ["--preset=tiny", "--image_size=16", "--batch_size=2", "--max_steps=4",
                      "--warmup_steps=2", "--val_every=100", "--val_samples=2", "--val_steps=2",
                      "--log_every=1", "--ckpt_every=2"],
-    "train_dance": ["--m2p_preset=tiny", "--window=30", "--batch_size=2", "--stage_a_steps=4",
-                    "--warmup_steps=2", "--val_every=100", "--val_clips=2", "--log_every=1",
+    "train_dance": ["--m2p_preset=tiny", "--window=30", "--batch_size=2", "--max_steps_a=4",
+                    "--warmup_steps=2", "--val_every=100", "--val_samples=2", "--log_every=1",
                     "--ckpt_every=2"],
 }
 

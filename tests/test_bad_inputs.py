@@ -165,7 +165,7 @@ def facelift_embeds_for_the_mouse_rig(tm, td, tmp):
 
 
 def reference_view_flag(tm, td, tmp):
-    return train_mvdiff, mv_args(tm, tmp / "out", "--reference_view_idx=3"), ["--reference_view_idx='3'"]
+    return train_mvdiff, mv_args(tm, tmp / "out", "--reference_view=3"), ["--reference_view='3'"]
 
 
 def mvdiff_image_size(tm, td, tmp):

@@ -200,5 +200,5 @@ def test_sample_eval_scores_held_out_cameras(tiny_mv_ckpt, tiny_gslrm_ckpt, tiny
     gt = sample.main(load_config(sample.Config, base + [f"--output_dir={tmp_path / 't'}",
                                                          "--eval_views=ground_truth"]))
     assert m["samples"] == gt["samples"] == 2 and "views_psnr" in m and "views_psnr" not in gt
-    assert m["psnr"] != gt["psnr"] and m["mean_image_psnr"] == gt["mean_image_psnr"]
+    assert m["psnr"] != gt["psnr"] and m["psnr_mean_image"] == gt["psnr_mean_image"]
     assert (tmp_path / "g" / "eval.png").is_file()

@@ -83,7 +83,7 @@ def toy_mvdiff_horizontal(tmp_path, **_):
                             val_steps=2, out_dir=tmp_path / "out", **SHORT)
     rig = json.loads((tmp_path / "out" / "checkpoint-2" / "rig.json").read_text())
     assert rig["name"] == "facelift_6view"
-    return "psnr_g1", "baseline_psnr"
+    return "psnr_g1", "psnr_copy_ref"
 
 
 def facelift_gslrm(tmp_path, vgg19_mat, **_):
@@ -111,13 +111,13 @@ def facelift_gslrm(tmp_path, vgg19_mat, **_):
 def dance_stage_a(tmp_path, tiny_dance, **_):
     torch.manual_seed(0)
     torch.save(IResNet(**IRESNET_CONFIGS["toy"]).state_dict(), tmp_path / "backbone.pth")  # arcface_torch
-    short = dict(SHORT, stage_a_steps=SHORT["max_steps"])
+    short = dict(SHORT, max_steps_a=SHORT["max_steps"])
     del short["max_steps"]
     cfg, m2p = run(train_dance, "dance_stage_a.yaml", data_dir=tiny_dance, face_recognizer_path=tmp_path /
                    "backbone.pth", face_recognizer_arch="toy", m2p_preset="tiny", window=30, batch_size=2,
-                   val_clips=2, out_dir=tmp_path / "out", **short)
-    assert cfg.fps == 30 and cfg.stage_a_lr == 1e-4
-    return "err", "beat_align_shuffled"
+                   val_samples=2, out_dir=tmp_path / "out", **short)
+    assert cfg.fps == 30 and cfg.lr_a == 1e-4
+    return "pose_err", "beat_align_shuffled"
 
 
 def dance_stage_b(tmp_path, tiny_dance, **_):
@@ -135,14 +135,14 @@ def dance_stage_b(tmp_path, tiny_dance, **_):
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
         patch_size=8, projection_dim=16)).save_pretrained(tmp_path / "clip")
     common = dict(data_dir=tiny_dance, face_recognizer_path=tmp_path / "backbone.pth", face_recognizer_arch="toy",
-                  window=30, batch_size=2, val_clips=2, out_dir=tmp_path / "out", num_workers=0, log_every=1,
+                  window=30, batch_size=2, val_samples=2, out_dir=tmp_path / "out", num_workers=0, log_every=1,
                   warmup_steps=1, m2p_preset="tiny")
-    run(train_dance, "dance_stage_a.yaml", stage_a_steps=1, val_every=1, ckpt_every=1,
+    run(train_dance, "dance_stage_a.yaml", max_steps_a=1, val_every=1, ckpt_every=1,
         **common)  # stage B starts from stage A's final/
     cfg, net = run(train_dance, "dance_stage_b.yaml", unet_path=sd / "unet", vae_path=sd / "vae",
-                   clip_path=tmp_path / "clip", image_size=32, stage_b_steps=2, m2p_unfreeze_step=1, val_every=2,
+                   clip_path=tmp_path / "clip", image_size=32, max_steps_b=2, m2p_unfreeze_step=1, val_every=2,
                    ckpt_every=2, val_steps=2, val_frames=2, **common)
-    assert cfg.stage_b_lr == 1e-4 and cfg.m2p_lr_stage_b == 1e-5 and cfg.id_loss_weight == 0.1
+    assert cfg.lr_b == 1e-4 and cfg.m2p_lr_b == 1e-5 and cfg.id_loss_weight == 0.1
     assert (tmp_path / "out" / "stage_B" / "final" / "unet" / "config.json").is_file()
     return "psnr", "psnr_copy_ref", "psnr_wrong_pose", "id_cos", "id_cos_other"
 
@@ -157,10 +157,10 @@ def dance_stage_c(tmp_path, tiny_dance, **_):
     cfg, net = run(train_dance, "dance_stage_c.yaml", vae_path=sd / "vae", clip_path=tmp_path / "clip",
                    face_recognizer_path=tmp_path / "backbone.pth", face_recognizer_arch="toy",
                    motion_adapter_path=tmp_path / "motion", data_dir=tiny_dance, out_dir=tmp_path / "out",
-                   image_size=32, stage_c_steps=2, val_every=2, ckpt_every=2, val_steps=2, stage_c_val_clips=2,
+                   image_size=32, max_steps_c=2, val_every=2, ckpt_every=2, val_steps=2, val_samples_c=2,
                    seq_len_start=2, seq_len_end=4, seq_len_ramp_steps=2, num_workers=0, log_every=1, warmup_steps=1,
                    m2p_preset="tiny")
-    assert cfg.stage_c_lr == 5e-5 and cfg.temporal_loss_weight == 0.1
+    assert cfg.lr_c == 5e-5 and cfg.temporal_loss_weight == 0.1
     assert (tmp_path / "out" / "final" / "unet" / "config.json").is_file()
     return "psnr", "temporal_err", "bg_flicker", "id_cos"
 

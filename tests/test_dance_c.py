@@ -110,10 +110,10 @@ def test_animatediff_weights_load_with_another_position_table(tmp_path, capsys):
         load_motion_adapter(tmp_path / "bad", 24)
 
 
-ALL_ARGS = ["--m2p_preset=tiny", "--window=30", "--stage_a_steps=2", "--batch_size=2", "--val_clips=2",
+ALL_ARGS = ["--m2p_preset=tiny", "--window=30", "--max_steps_a=2", "--batch_size=2", "--val_samples=2",
             "--val_every=2", "--ckpt_every=2", "--warmup_steps=2", "--unet_preset=tiny", "--image_size=16",
-            "--stage_b_steps=2", "--val_steps=2", "--id_loss_max_t=900", "--log_every=1", "--stage_c_steps=4",
-            "--seq_len_start=2", "--seq_len_end=4", "--seq_len_ramp_steps=2", "--stage_c_val_clips=2",
+            "--max_steps_b=2", "--val_steps=2", "--id_loss_max_t=900", "--log_every=1", "--max_steps_c=4",
+            "--seq_len_start=2", "--seq_len_end=4", "--seq_len_ramp_steps=2", "--val_samples_c=2",
             "--motion_heads=2", "--toy_pretrain_steps=2"]
 
 
@@ -155,7 +155,7 @@ def test_all_chains_the_stages_and_stage_c_resumes_exactly(tiny_dance, tmp_path,
 
     # the seed's option: M2P trains in stage C too (its own group), beside the motion modules only
     train(tiny_dance, tmp_path / "z", *ALL_ARGS, "--training_stage=C", f"--stage_b_path={x / 'stage_B' / 'final'}",
-          "--m2p_lr_stage_c=1e-3")
+          "--m2p_lr_c=1e-3")
     assert "freeze | m2p              | train  | train  | option" in capsys.readouterr().out
     m2p_z = load_file(tmp_path / "z" / "final" / "m2p.safetensors")
     moved = {k.split(".")[0] for k in m2p_z if not torch.equal(m2p_z[k], m2p_b[k])}

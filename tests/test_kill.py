@@ -26,7 +26,7 @@ def run(script, data_dir, out, *extra, **kill):
     args = [f"--data_dir={data_dir}", f"--out_dir={out}", *TINY_ARGS[script], "--ckpt_every=2", *extra]
     if script == "train_mvdiff":
         args.append(f"--prompt_embeds={data_dir}/pe.pt")
-    steps = "--stage_a_steps=6" if script == "train_dance" else "--max_steps=6"
+    steps = "--max_steps_a=6" if script == "train_dance" else "--max_steps=6"
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **{k: str(v) for k, v in kill.items()})
     return subprocess.run([sys.executable, str(WORKER), script, *args, steps], env=env, capture_output=True,
                           text=True, timeout=600)

@@ -37,7 +37,8 @@ def test_ssim_matches_pytorch_msssim():
     assert torch.allclose(ssim(x, y), pm.ssim(x, y, data_range=1.0, size_average=False), atol=1e-5)
 
 
-# ---- perceptual losses: random VGG weights saved in torchvision's layout by the test
+# ---- VGG loading and LPIPS: random VGG weights saved in torchvision's layout by the test
+# (the perceptual loss itself: test_perceptual.py)
 
 
 def test_load_vgg_takes_torchvision_keys_and_rejects_others(tmp_path, write_vgg):
@@ -53,28 +54,6 @@ def test_load_vgg_takes_torchvision_keys_and_rejects_others(tmp_path, write_vgg)
     with pytest.raises(KeyError, match=r"missing keys \['features.30.weight'\], "
                                        r"unexpected keys \['features.foo'\]"):
         load_vgg(tmp_path / "bad.pth", "vgg19")
-
-
-def test_perceptual_loss_matches_its_definition(tmp_path, write_vgg):
-    """Recomputed layer by layer from torchvision indices: relu1_2=3, relu2_2=8, relu3_2=13,
-    relu4_2=22, relu5_2=31."""
-    from losses import PERCEPTUAL_WEIGHTS, perceptual_loss
-    from weights import load_vgg
-    write_vgg(tmp_path / "vgg19.pth", "vgg19")
-    vgg = load_vgg(tmp_path / "vgg19.pth", "vgg19")
-    pred = torch.rand(2, 3, 32, 32, requires_grad=True)
-    target = torch.rand(2, 3, 32, 32)
-    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
-    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
-    x, y = (pred - mean) / std, (target - mean) / std
-    ref = (x - y).abs().mean()
-    for w, idx in zip(PERCEPTUAL_WEIGHTS[1:], (3, 8, 13, 22, 31)):
-        ref = ref + w * (vgg.features[: idx + 1](x) - vgg.features[: idx + 1](y)).abs().mean()
-    loss = perceptual_loss(vgg, pred, target)
-    assert torch.allclose(loss, ref / 255, rtol=1e-5)
-    assert perceptual_loss(vgg, target, target).item() == 0.0
-    loss.backward()
-    assert pred.grad.abs().sum() > 0
 
 
 def test_lpips_is_a_distance_that_grows_with_the_error(tmp_path, write_vgg):

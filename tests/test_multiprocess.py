@@ -40,7 +40,7 @@ def test_accelerate_launch_multi_gpu_flag_gives_two_processes_on_a_cpu(tiny_mice
 
 def dance(out, data, batch, *launcher):
     args = [f"--data_dir={data}", f"--out_dir={out}", *TINY_ARGS["train_dance"], f"--batch_size={batch}",
-            "--stage_a_steps=3", "--val_every=100"]
+            "--max_steps_a=3", "--val_every=100"]
     return subprocess.run([*launcher, str(REPO / "train_dance.py"), *args], env=env(), timeout=600,
                           capture_output=True, text=True)
 

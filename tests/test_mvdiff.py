@@ -260,7 +260,7 @@ def test_train_checkpoint_reload_and_resume(tiny_mice, tmp_path, tiny_cfg, monke
     assert (tmp_path / "a" / "val_000004_g3.png").is_file()
     logged = json.loads((tmp_path / "a" / "metrics.jsonl").read_text())  # one validation: one line
     assert logged["step"] == 4
-    assert {"psnr_g1", "psnr_g1_wrong_view", "baseline_psnr", "ssim_g3"} <= set(logged)
+    assert {"psnr_g1", "psnr_g1_wrong_view", "psnr_copy_ref", "ssim_g3"} <= set(logged)
     assert model.ref_view_embed.weight.abs().sum() > 0  # random reference views: the embedding trains
     for saved, live in ((ckpt / "unet", model), (ckpt / "unet_ema", ema)):
         reloaded = load_mv_unet(saved)

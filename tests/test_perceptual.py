@@ -97,13 +97,15 @@ def test_mat_without_layers_or_for_vgg16_is_refused(tmp_path, vgg19_mat):
 
 
 def test_perceptual_loss_with_pth_uses_torchvision_normalisation(tmp_path, write_vgg):
-    """torchvision's vgg19: max pools, (x - mean) / std on the input and on the image L1 term."""
+    """torchvision's vgg19: max pools, (x - mean) / std on the input and on the image L1 term; 0 for
+    identical images, a gradient for the prediction."""
     sd = write_vgg(tmp_path / "vgg19.pth", "vgg19", seed=3)
     vgg = load_vgg(tmp_path / "vgg19.pth", "vgg19")
     assert vgg.preprocess == "torchvision"
     assert all(isinstance(m, torch.nn.MaxPool2d) for m in vgg.features if "Pool" in type(m).__name__)
     g = torch.Generator().manual_seed(1)
-    pred, target = torch.rand(2, 3, 16, 16, generator=g), torch.rand(2, 3, 16, 16, generator=g)
+    pred = torch.rand(2, 3, 16, 16, generator=g, requires_grad=True)
+    target = torch.rand(2, 3, 16, 16, generator=g)
     mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
     std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
 
@@ -117,8 +119,12 @@ def test_perceptual_loss_with_pth_uses_torchvision_normalisation(tmp_path, write
                 x = F.max_pool2d(x, 2)
         return out
 
-    x, y = (pred - mean) / std, (target - mean) / std
+    x, y = (pred.detach() - mean) / std, (target - mean) / std
     ref = WEIGHTS[0] * (x - y).abs().mean()
     for w, a, b in zip(WEIGHTS[1:], features(x), features(y)):
         ref = ref + w * (a - b).abs().mean()
-    assert torch.allclose(perceptual_loss(vgg, pred, target), ref / 255, rtol=1e-6, atol=0)
+    loss = perceptual_loss(vgg, pred, target)
+    assert torch.allclose(loss, ref / 255, rtol=1e-6, atol=0)
+    assert perceptual_loss(vgg, target, target).item() == 0.0
+    loss.backward()
+    assert pred.grad.abs().sum() > 0

@@ -145,7 +145,8 @@ def test_defaults_not_shared():
     a.sizes.append(99)
     a.loss_weights["x"] = 1
     assert b.sizes == [1, 2] and Cfg().sizes == [1, 2] and "x" not in b.loss_weights
-    assert load_config(Cfg, ["--sizes=[5]"]) is not load_config(Cfg, ["--sizes=[5]"])
+    a, b = (load_config(Cfg, ["--sizes=[5]", "--loss_weights={mse: 2}"]) for _ in range(2))
+    assert a.sizes is not b.sizes and a.loss_weights is not b.loss_weights  # values given: parsed per call too
 
 
 def test_help_prints_source(capsys):
@@ -163,3 +164,19 @@ def test_help_prints_the_scripts_config(script, capsys):
         load_config(module.Config, ["--help"])
     out = capsys.readouterr().out
     assert out.startswith("usage:") and "class Config:" in out and "out_dir: str" in out
+
+
+def test_earlier_names_still_load(tmp_path):
+    """Configs and command lines written with the fields' earlier names load, a changed meaning converted."""
+    import sample
+    import train_dance
+    import train_mvdiff
+    old = tmp_path / "old.yaml"
+    old.write_text("stage_a_steps: 7\nstage_b_lr: 0.0002\nuncond_prob: 0.2\nface_region_weight: 2.0\n"
+                   "stage_c_val_clips: 3\nval_clips: 5\n")
+    cfg = load_config(train_dance.Config, ["--cfg", str(old), "--m2p_lr_stage_c=0.001", "--output_dir=x"])
+    assert (cfg.max_steps_a, cfg.lr_b, cfg.cond_drop_prob, cfg.val_samples_c, cfg.val_samples) == (7, 2e-4, 0.2, 3, 5)
+    assert cfg.face_loss_scale == 3.0 and cfg.m2p_lr_c == 1e-3 and cfg.out_dir == "x"  # the extra weight 2 was x3
+    cfg = load_config(train_mvdiff.Config, ["--snr_gamma=3", "--cond_drop_rate=0.1", "--reference_view_idx=0"])
+    assert (cfg.min_snr_gamma, cfg.cond_drop_prob, cfg.reference_view) == (3.0, 0.1, "0")
+    assert load_config(sample.Config, ["--output_dir=y"]).out_dir == "y"
