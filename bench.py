@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from losses import pose_heatmaps
 from models import (
     DANCE_UNET_CONFIGS,
     CrossAttnProcessor,
@@ -26,7 +27,6 @@ from models import (
     install_mv_attention,
     intrinsics_matrix,
     look_at_c2w,
-    pose_heatmaps,
     referencenet_unused,
     sample_views,
 )
@@ -186,7 +186,8 @@ def bench_stage_b(B=8, S=32, J=24):
     td -= tr  # denoise() also ran the reference
     print(f"| dance stage B fwd+bwd, toy UNet + ReferenceNet, batch {B} at {S} px | {tf * 1e3:.0f} ms |")
     print(f"| of which ReferenceNet forward | {tr * 1e3:.0f} ms ({100 * tr / tf:.0f}%) |")
-    print(f"| of which denoiser forward (pose guider, reference attention) | {td * 1e3:.0f} ms ({100 * td / tf:.0f}%) |")
+    print(f"| of which denoiser forward (pose guider, reference attention) "
+          f"| {td * 1e3:.0f} ms ({100 * td / tf:.0f}%) |")
     print(f"| of which backward of both | {(tf - tr - td) * 1e3:.0f} ms ({100 * (tf - tr - td) / tf:.0f}%) |")
     print(f"| identity loss, 3 face crops 112 px through the toy recognizer, fwd+bwd (beside the step) "
           f"| {ti * 1e3:.0f} ms ({100 * ti / tf:.0f}% of the step) |")

@@ -252,7 +252,7 @@ def load_rgba(path, size=None, bg=1.0):
 class MultiViewDataset(torch.utils.data.Dataset):
     """FaceLift's two sample layouts (docs/formats.md): inputs from the pool `input_views` (None: all
     frames; `num_inputs` of them drawn per (seed, epoch, index), None: all, in order), then
-    `num_target_views` others drawn likewise (-1: all). With a `rig`, the pool must match it."""
+    `num_target_views` others drawn likewise (-1: all, at least one). With a `rig`, the pool must match it."""
 
     def __init__(self, list_file, image_size, input_views=(0, 1, 2, 3, 4, 5), num_target_views=0,
                  rig=None, seed=0, num_inputs=None):
@@ -281,6 +281,23 @@ class MultiViewDataset(torch.utils.data.Dataset):
             raise FileNotFoundError(f"{cam_file} missing (a sample without cameras needs a rig)")
         return [dict(fr, file_path=f"cam_{i:03d}.png") for i, fr in enumerate(self.rig["frames"])], None
 
+    def check_view_count(self, d, n, pool, k, n_target):
+        """Sample `d` has n views: enough for k inputs from `pool` and n_target others (all the others,
+        at least one, for num_target_views=-1: a validation with no held-out view would render nothing)."""
+        has = f"{d}: has {n} views, needs"
+        if k > len(pool):
+            raise InputError(f"{has} {k} input views from {len(pool)} allowed ({pool}): "
+                             f"lower --num_input_views to at most {len(pool)}")
+        if max(pool) >= n:
+            raise InputError(f"{has} the input views {pool}: use samples with all of them (or another rig)")
+        if self.num_target < 0 and n_target < 1:
+            raise InputError(f"{has} {k} input views + at least 1 held out for validation ({k + 1}): lower "
+                             f"--num_input_views to at most {n - 1}, or use samples with more views")
+        if n < k + n_target:
+            raise InputError(f"{has} {k} input views + {n_target} novel views ({k + n_target}): lower "
+                             f"--num_novel_views to at most {max(0, n - k)} (or --num_input_views), "
+                             "or use samples with more views")
+
     def __getitem__(self, key):
         idx, epoch = key if isinstance(key, tuple) else (key, 0)  # StepSampler passes (index, epoch)
         d = self.samples[idx]
@@ -288,9 +305,7 @@ class MultiViewDataset(torch.utils.data.Dataset):
         pool = list(range(len(frames))) if self.pool is None else self.pool
         k = len(pool) if self.num_inputs is None else self.num_inputs
         n_target = len(frames) - k if self.num_target < 0 else self.num_target
-        if len(frames) < k + n_target or max(pool) >= len(frames) or k > len(pool):
-            raise InputError(f"{d}: has {len(frames)} views, "
-                             f"needs {k} input views from {pool} + {n_target} targets")
+        self.check_view_count(d, len(frames), pool, k, n_target)
         if self.rig is not None and cam_file is not None:
             msg = rig_mismatch(self.rig, [frames[i] for i in pool])
             if msg:

@@ -161,6 +161,14 @@ def gaussian_heatmaps(poses, size, sigma, normalise=True):
     return heat / heat.sum((-2, -1), keepdim=True).clamp(min=1e-12) if normalise else heat
 
 
+def pose_heatmaps(poses, size, sigma):
+    """The pose condition: J heatmaps [..., J, size, size] with peak 1 (a Gaussian of `sigma` cells
+    around each visible joint, zero for invisible ones). Ground-truth and M2P poses go through the same
+    rendering, so switching between them changes only the joints; differentiable in the coordinates."""
+    vis = visible(poses)[..., None, None]
+    return gaussian_heatmaps(poses, size, sigma, normalise=False) * vis  # (..., J, H, W)
+
+
 def soft_argmax(logits):
     """Heatmap logits [..., H, W] -> expected (x, y) [..., 2] in normalised coordinates."""
     H, W = logits.shape[-2:]

@@ -29,7 +29,6 @@ from einops import rearrange, repeat
 from torch.utils.checkpoint import checkpoint
 from transformers import CLIPVisionModelWithProjection
 
-from losses import gaussian_heatmaps, visible
 from plumbing import InputError
 from render import DeferredRender, _render_views
 
@@ -746,14 +745,6 @@ class FaceTokens(nn.Module):
 
     def forward(self, emb):
         return self.norm(rearrange(self.mlp(emb), "b (n d) -> b n d", n=self.n))  # (B, n, dim)
-
-
-def pose_heatmaps(poses, size, sigma):
-    """The pose condition: J heatmaps [..., J, size, size] with peak 1 (a Gaussian of `sigma` cells
-    around each visible joint, zero for invisible ones). Ground-truth and M2P poses go through the same
-    rendering, so switching between them changes only the joints; differentiable in the coordinates."""
-    vis = visible(poses)[..., None, None]
-    return gaussian_heatmaps(poses, size, sigma, normalise=False) * vis  # (..., J, H, W)
 
 
 class DanceNet(nn.Module):

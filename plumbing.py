@@ -5,6 +5,7 @@ helpers every training loop shares (run start, resume, the step line, validation
 """
 import contextlib
 import dataclasses
+import errno
 import inspect
 import io
 import json
@@ -13,6 +14,7 @@ import pickle
 import re
 import shutil
 import sys
+import tempfile
 import types
 import typing
 import uuid
@@ -66,10 +68,60 @@ class SkipGuard:
         return False
 
 
+# why writing fails on the user's machine, not in the code, and what to do about it
+WRITE_FIXES = {errno.ENOSPC: "free disk space", errno.EDQUOT: "free disk space or raise the disk quota",
+               errno.EFBIG: "free disk space or raise the file-size limit (ulimit -f)",
+               errno.EROFS: "choose a path on a writable file system",
+               **dict.fromkeys((errno.EACCES, errno.EPERM), "get write permission there or choose another path"),
+               **dict.fromkeys((errno.ENOTDIR, errno.EEXIST), "move that file or choose another path")}
+
+
+def write_failure(err, path=None):
+    """The OSError behind `err` when it is a write that failed for a reason in WRITE_FIXES, named `path`
+    where it names no file; else None (a bug). Found as `err` itself, the error it was raised from or while
+    (torch's writer raises a RuntimeError while a file's OSError is handled), or the errno in its text
+    (safetensors: '... (os error 28)')."""
+    found = next((e for e in (err, err.__cause__, err.__context__) if isinstance(e, OSError)), None)
+    code = found.errno if found is not None else None
+    if code is None and (m := re.search(r"\(os error (\d+)\)", str(err))):
+        code = int(m[1])
+    if code not in WRITE_FIXES:
+        return None
+    name = (found.filename if found is not None else None) or path
+    return OSError(code, os.strerror(code), None if name is None else os.fsdecode(name))  # errno's subclass
+
+
+def write_failure_line(err):
+    """One line `<path>: <reason>: <fix>` for a named OSError of WRITE_FIXES, else None (a bug); EEXIST and
+    ENOTDIR only where a file stands in a folder's place (the path or one of its parents)."""
+    if err.errno not in WRITE_FIXES or not err.filename:
+        return None
+    fix, path = WRITE_FIXES[err.errno], Path(os.fsdecode(err.filename))
+    if err.errno in (errno.ENOTDIR, errno.EEXIST):
+        blocker = next((p for p in (path, *path.parents) if p.exists()), None)
+        if blocker is None or blocker.is_dir():
+            return None
+        fix = f"{'it' if blocker == path else blocker} is a file, not a folder: {fix}"
+    return f"{path}: {err.strerror}: {fix}"
+
+
+@contextlib.contextmanager
+def writing(file):
+    """Re-raises a failed write of `file` that torch or safetensors wrap in errors of their own as the
+    OSError behind it, named `file`, for atomic_dir and cli to say which file and why."""
+    try:
+        yield
+    except Exception as err:
+        if (failed := write_failure(err, file)) is None:
+            raise
+        raise failed from err
+
+
 def cli(main, cls=None, aliases=None, argv=None):
     """The scripts' entry point: main(load_config(cls, argv)) (cls None: main(argv)). A UserError (a bad
-    file or flag) or a missing file ends as one line `error: ...` with exit code 2; --debug or
-    MOUSELIFT_DEBUG=1 shows the traceback instead. Other exceptions (bugs) keep their tracebacks."""
+    file or flag), a missing file or a failed write (a full disk, a read-only folder, a file where a folder
+    should be: WRITE_FIXES) ends as one line `error: ...` with exit code 2; --debug or MOUSELIFT_DEBUG=1
+    shows the traceback instead. Other exceptions (bugs) keep their tracebacks."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("MOUSELIFT_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
@@ -79,6 +131,13 @@ def cli(main, cls=None, aliases=None, argv=None):
         if debug:
             raise
         print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except Exception as err:
+        failed = None if debug else write_failure(err)
+        line = failed and write_failure_line(failed)
+        if not line:
+            raise
+        print(f"error: {line}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -214,7 +273,16 @@ def config_to_dict(cfg):
 
 
 def save_config(cfg, path):
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    # a temporary file renamed over `path`: a full disk leaves an earlier config.yaml whole, not truncated
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, str(path)) from err  # named as the file it was to become
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,22 +311,33 @@ COMPLETE = "COMPLETE"  # written last into a checkpoint: only marked folders are
 
 
 @contextlib.contextmanager
-def atomic_dir(final_path, marker=True):
+def atomic_dir(final_path, marker=True, earlier="files"):
     """A temporary sibling folder that becomes final_path only if the block finishes (+ the COMPLETE
     marker, last). An existing final_path (re-saving a step) is renamed aside, the new one renamed in,
-    then the old one deleted: a kill at any moment leaves a complete folder or none under the name."""
+    then the old one deleted: a kill at any moment leaves a complete folder or none under the name.
+    A write in the block that fails for want of space or permission (WRITE_FIXES) ends as a UserError
+    naming the file as final_path/<name> and saying that the `earlier` ones are intact."""
     final = Path(final_path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
     tmp = final.parent / f".tmp-{final.name}-{tag}"
-    tmp.mkdir()  # not tempfile.mkdtemp: its 0700 mode would stay on the renamed checkpoint
+    try:
+        tmp.mkdir()  # not tempfile.mkdtemp: its 0700 mode would stay on the renamed checkpoint
+    except OSError as err:  # named as the folder it was to become: the temporary name means nothing to a user
+        raise OSError(err.errno, err.strerror, str(final)) from err
     try:
         yield tmp
-    except BaseException:
+        if marker:
+            (tmp / COMPLETE).write_text("")
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if marker:
-        (tmp / COMPLETE).write_text("")
+        failed = write_failure(err) if isinstance(err, Exception) else None
+        if failed is None or failed.errno in (errno.ENOTDIR, errno.EEXIST) or not failed.filename:
+            raise
+        file = Path(failed.filename)
+        file = final / file.relative_to(tmp) if file.is_relative_to(tmp) else file
+        raise UserError(f"{file}: cannot write it ({failed.strerror}): {WRITE_FIXES[failed.errno]}; "
+                        f"{final.name} was not saved, earlier {earlier} are intact") from err
     if final.exists():
         old = final.parent / f".old-{final.name}-{tag}"
         os.replace(final, old)
@@ -296,6 +375,14 @@ def prepare_run(ckpt_dir, resume, overwrite, accelerator):
         names = ", ".join(p.name for p in existing)
         raise UserError(f"{ckpt_dir} holds checkpoints of an earlier run ({names}): "
                         "use --resume=auto to continue it, another out_dir, or --overwrite to delete them")
+    if ckpt_dir.is_dir():
+        try:  # a real write (a nameless file), before --overwrite deletes half of what a read-only folder holds
+            tempfile.TemporaryFile(dir=ckpt_dir).close()
+        except OSError as err:
+            if err.errno not in WRITE_FIXES:
+                raise
+            raise UserError(f"{ckpt_dir}: cannot write into it ({err.strerror}): {WRITE_FIXES[err.errno]} "
+                            "(out_dir); nothing in it was changed") from err
     if accelerator.is_main_process:
         for line in clean_stale(ckpt_dir):
             print(f"start-up: {line}")
@@ -323,12 +410,13 @@ def save_checkpoint(ckpt_dir, step, modules, optimizers=None, cfg=None, extra=No
         raise InputError(f"extra={extra!r}: use only tensors, python numbers, strings, "
                          "lists, dicts") from None
     final = Path(ckpt_dir) / f"checkpoint-{step}"
-    with atomic_dir(final) as tmp:
+    with atomic_dir(final, earlier="checkpoints") as tmp:
         for name, module in modules.items():
             wrapped = [k for k in module.state_dict() if k.startswith(("module.", "_orig_mod."))]
             if wrapped:  # a DDP/compiled wrapper's key prefixes would make the file unloadable elsewhere
                 raise InputError(f"{name}: save the unwrapped model, got keys like {wrapped[0]!r}")
-            save_model(module, str(tmp / f"{name}.safetensors"))  # save_model handles tied weights
+            with writing(tmp / f"{name}.safetensors"):
+                save_model(module, str(tmp / f"{name}.safetensors"))  # save_model handles tied weights
         write_state(tmp, step, optimizers or {}, extra)
         if cfg is not None:
             save_config(cfg, tmp / "config.yaml")
@@ -339,7 +427,10 @@ def save_checkpoint(ckpt_dir, step, modules, optimizers=None, cfg=None, extra=No
 
 def write_state(path, step, optimizers, extra):
     optim_states = {k: opt.state_dict() for k, opt in optimizers.items()}
-    torch.save({"step": int(step), "optimizers": optim_states, "extra": extra or {}}, Path(path) / "state.pt")
+    file = Path(path) / "state.pt"
+    # through a Python file: torch's own writer drops the OSError (the errno) of a failed write
+    with writing(file), open(file, "wb") as f:
+        torch.save({"step": int(step), "optimizers": optim_states, "extra": extra or {}}, f)
 
 
 def latest_checkpoint(ckpt_dir):
@@ -425,8 +516,15 @@ def log_metrics(metrics, step, out_dir, tag="val"):
     """Prints `val step N | key value | ...` and appends {"step": N, ...} to <out_dir>/metrics.jsonl."""
     fmt = lambda v: f"{v:.2f}" if abs(v) >= 10 else f"{v:.4f}"  # noqa: E731
     line = f"{tag} step {step} | " + " | ".join(f"{k} {fmt(v)}" for k, v in metrics.items())
-    with open(Path(out_dir) / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"step": int(step), **metrics}) + "\n")
+    file = Path(out_dir) / "metrics.jsonl"
+    size = file.stat().st_size if file.is_file() else 0
+    try:
+        with open(file, "a") as f:
+            f.write(json.dumps({"step": int(step), **metrics}) + "\n")
+    except OSError:
+        with contextlib.suppress(OSError):  # a full disk: no half line for a reader of the file to choke on
+            os.truncate(file, size)
+        raise
     print(line)
     return line
 

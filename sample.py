@@ -64,6 +64,7 @@ from losses import (
     beats_within,
     masked_psnr,
     motion_beats,
+    pose_heatmaps,
     psnr,
     soft_argmax,
     ssim,
@@ -74,7 +75,6 @@ from models import (
     clip_image_embeds,
     context_windows,
     mv_schedulers,
-    pose_heatmaps,
     sample_views,
     to_images,
     to_model_space,
@@ -274,7 +274,8 @@ def read_dance_reference(cfg, J, fps):
         return read_frame(clip["source"], cfg.ref_frame), torch.tensor(pose, dtype=torch.float32), \
             torch.tensor(clip["boxes"][cfg.ref_frame], dtype=torch.float32)
     if not cfg.ref_pose:
-        raise InputError(f"--ref_image={path}: an image needs --ref_pose (JSON: pose, face_box); a clip folder does not")
+        raise InputError(f"--ref_image={path}: an image needs --ref_pose (JSON: pose, face_box); "
+                         "a clip folder does not")
     meta = json.loads(Path(cfg.ref_pose).read_text())
     pose, box = torch.tensor(meta["pose"], dtype=torch.float32), torch.tensor(meta["face_box"], dtype=torch.float32)
     if pose.shape != (J, 3) or box.shape != (4,):
@@ -289,7 +290,8 @@ def dance_length(audio, sr, fps, max_seconds, where):
     T = int(len(audio) / sr * fps)
     T = min(T, int(max_seconds * fps)) if max_seconds else T
     if T < 2:
-        raise InputError(f"{where}: {len(audio) / sr:.2f} s of audio (--max_seconds {max_seconds}), too short for a video")
+        raise InputError(f"{where}: {len(audio) / sr:.2f} s of audio (--max_seconds {max_seconds}), "
+                         "too short for a video")
     return T
 
 
@@ -388,7 +390,8 @@ def run_dance(cfg, device):
     skel = F.interpolate(skel, size=(S, S), mode="area")  # (8, 3, S, S)
     save_image_grid([torch.cat([ref_img.cpu(), sheet]), torch.cat([ref_img.cpu(), skel])], out / "contact_sheet.png",
                     [("reference", 1), (f"frames {', '.join(map(str, idx))}", len(idx))])
-    print(f"wrote {video}, {pose_video}, {out / 'poses.npy'}, {out / 'contact_sheet.png'} ({T} frames, {T / fps:.1f} s)")
+    print(f"wrote {video}, {pose_video}, {out / 'poses.npy'}, {out / 'contact_sheet.png'} "
+          f"({T} frames, {T / fps:.1f} s)")
     return video
 
 

@@ -54,6 +54,7 @@ from losses import (
     min_snr_weight,
     motion_beats,
     pose_error,
+    pose_heatmaps,
     predicted_x0,
     psnr,
     soft_argmax,
@@ -69,7 +70,6 @@ from models import (
     clip_image_embeds,
     m2p_encoder,
     motion_unet,
-    pose_heatmaps,
     referencenet_unused,
     sample_frames,
     to_images,
@@ -240,8 +240,8 @@ def check_freeze(stage, modules, optimizer, notes=None, options=()):
     grouped, notes = set(grouped), notes or {}
     print(f"freeze | {'module':<16} | {'A':<6} | {'B':<6} | {'C':<6} | {'tensors':>7} | {'params':>11} | now")
     for name in MODULES:
-        cells = " | ".join(f"{'option' if name in options and s == stage else 'train' if name in trains[s] else 'frozen':<6}"
-                           for s in "ABC")
+        cell = lambda s: "option" if name in options and s == stage else "train" if name in trains[s] else "frozen"  # noqa: E731
+        cells = " | ".join(f"{cell(s):<6}" for s in "ABC")
         ps = modules.get(name)
         if ps is None:
             print(f"freeze | {name:<16} | {cells} | {'-':>7} | {'-':>11} | not in stage {stage}'s model")
@@ -448,8 +448,9 @@ def stage_a(cfg):
                         beats[tag] = [music_beats(*read_audio(c["dir"] / "audio.wav"), cfg.fps) for c in clips]
                     m, video = evaluate_a(raw, recognizer, val_set, mean_pose, beats[tag], cfg, step, out_dir,
                                           device, tag)
-                    m = {k if tag == "val" else f"seen_{k}": v for k, v in m.items()}
-                    log_eval(accelerator, m, step, out_dir, {f"{tag}_frame": video.with_suffix(".png")})
+                    m, frame = ({k if tag == "val" else f"seen_{k}": v for k, v in m.items()},
+                                "frame" if tag == "val" else "seen_frame")
+                    log_eval(accelerator, m, step, out_dir, {frame: video.with_suffix(".png")})
                     print(f"video {video}")
             accelerator.wait_for_everyone()
         if step > start_step and (step % cfg.ckpt_every == 0 or step == total):
@@ -789,7 +790,8 @@ def evaluate_c(net, vae, clip, recognizer, scheduler, val_set, cfg, step, out_di
     k = np.linspace(0, T - 1, min(8, T)).round().astype(int)
     rows = [torch.cat([refs[i:i + 1], gt[i, k]]).cpu() for i in range(min(2, n))]
     rows += [torch.cat([refs[i:i + 1], gen[i, k]]).cpu() for i in range(min(2, n))]
-    grid = save_image_grid(rows, out_dir / f"val_{step:06d}.png", [("reference", 1), (f"rows 1-{min(2, n)}: ground truth, then generated", len(k))])
+    groups = [("reference", 1), (f"rows 1-{min(2, n)}: ground truth, then generated", len(k))]
+    grid = save_image_grid(rows, out_dir / f"val_{step:06d}.png", groups)
     net.train()
     return m, grid
 

@@ -90,7 +90,7 @@ def main(argv=None):
 
     music_w = 4 * CELL - GAP
     width = max(13 * CELL + 4 * GAP, CELL + GAP + music_w + 2 * GAP + (len(frames) - 1) * CELL) + 2 * GAP
-    height = 2 * LABEL + CELL + GAP * 2 + 2 * LABEL + 2 * CELL + GAP
+    height = 4 * LABEL + 3 * CELL + 5 * GAP
     fig = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(fig)
 

@@ -215,7 +215,7 @@ def unknown_stage(tm, td, tmp):
 
 def stage_b_without_stage_a(tm, td, tmp):
     return train_dance, args(train_dance, td, tmp / "out", "--training_stage=B"), [
-        "stage_A/final: no stage-A weights", "--training_stage A"]
+        "stage_A/final: not a stage-A final/ folder", "--training_stage A"]
 
 
 def unknown_m2p_preset(tm, td, tmp):

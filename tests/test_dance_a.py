@@ -211,7 +211,8 @@ def test_train_freezes_runs_and_resume_continues_exactly(tiny_dance, tmp_path, c
     stage = tmp_path / "a" / "stage_A"
     logged = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in logged] == [0, 4]
-    metrics = {"pose_err", "pose_err_mean_pose", "pose_err_ref_pose", "pck", "beat_align", "beat_align_shuffled", "face_cos"}
+    metrics = {"pose_err", "pose_err_mean_pose", "pose_err_ref_pose", "pck", "beat_align", "beat_align_shuffled",
+               "face_cos"}
     assert metrics <= set(logged[-1])
     full = load_file(stage / "checkpoint-4" / "m2p.safetensors")
     assert (stage / "final" / "m2p.safetensors").exists() and (stage / "checkpoint-2").exists()
@@ -249,7 +250,7 @@ def test_gradient_accumulation_and_missing_features_are_computed(tiny_dance, tmp
 
 
 def test_stage_b_needs_stage_a_and_stage_c_needs_stage_b(tiny_dance, tmp_path, tiny_cfg):
-    with pytest.raises(InputError, match="stage_A/final: no stage-A weights"):
+    with pytest.raises(InputError, match="stage_A/final: not a stage-A final/ folder"):
         train_dance.main(tiny_cfg(train_dance, tiny_dance, tmp_path, training_stage="B"))
-    with pytest.raises(InputError, match="stage_B/final: no stage-B weights"):
+    with pytest.raises(InputError, match="stage_B/final: not a stage-B final/ folder"):
         train_dance.main(tiny_cfg(train_dance, tiny_dance, tmp_path, training_stage="C"))

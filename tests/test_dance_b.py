@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 import train_dance
+from losses import pose_heatmaps
 from models import (
     DANCE_UNET_CONFIGS,
     DanceNet,
@@ -21,7 +22,6 @@ from models import (
     PoseGuider,
     ReferenceAttnProcessor,
     clip_image_embeds,
-    pose_heatmaps,
     referencenet_unused,
     sample_frames,
     to_images,

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 import sample
 import train_dance
-from models import DANCE_UNET_CONFIGS, DanceNet, FaceTokens, PoseGuider, context_windows, motion_unet, pose_heatmaps
+from losses import pose_heatmaps
+from models import DANCE_UNET_CONFIGS, DanceNet, FaceTokens, PoseGuider, context_windows, motion_unet
 from plumbing import InputError, load_config
 from weights import load_motion_adapter
 
