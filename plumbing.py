@@ -381,8 +381,8 @@ def prepare_run(ckpt_dir, resume, overwrite, accelerator):
         except OSError as err:
             if err.errno not in WRITE_FIXES:
                 raise
-            raise UserError(f"{ckpt_dir}: cannot write into it ({err.strerror}): {WRITE_FIXES[err.errno]} "
-                            "(out_dir); nothing in it was changed") from err
+            raise UserError(f"{ckpt_dir}: cannot write into this output folder ({err.strerror}): "
+                            f"{WRITE_FIXES[err.errno]}; nothing in it was changed") from err
     if accelerator.is_main_process:
         for line in clean_stale(ckpt_dir):
             print(f"start-up: {line}")

@@ -101,7 +101,7 @@ class Config:
     eval_list: str = ""  # held-out samples: run the chain on each and score it (no input_image then)
     eval_views: str = "generated"  # generated | ground_truth (the true rig views into GS-LRM: upper bound)
     eval_samples: int = 0  # 0 = all listed
-    allow_rig_mismatch: bool = False  # run checkpoints trained for different rigs (the seed's failure)
+    allow_rig_mismatch: bool = False  # run checkpoints trained for different rigs (e.g. FaceLift embeddings on a mouse rig)
     # dance
     music: str = ""  # audio file: a dance video instead of the mouse chain
     ref_image: str = ""  # a clip folder, or an image file with ref_pose

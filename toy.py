@@ -81,9 +81,14 @@ def frozen_encoders(c, dim, device):
     if clip.config.projection_dim != dim:
         raise InputError(f"--clip_path={c['clip_path']}: image embeddings of width {clip.config.projection_dim}, "
                          f"the UNet's cross-attention takes {dim}")
-    recognizer = (load_iresnet(c["face_recognizer_path"], c["face_recognizer_arch"]) if c["face_recognizer_path"]
-                  else toy_face_recognizer(c["seed"])).to(device)
-    return vae, clip, recognizer
+    return vae, clip, face_recognizer(c, device)
+
+
+def face_recognizer(c, device):
+    """The frozen face recognizer of a run's config `c`: an arcface_torch file, or the toy's seeded one."""
+    if c["face_recognizer_path"]:
+        return load_iresnet(c["face_recognizer_path"], c["face_recognizer_arch"]).to(device)
+    return toy_face_recognizer(c["seed"]).to(device)
 
 
 def toy_unet(cfg, accelerator, scheduler, lr_at, batch_size=16, lr=1e-3, frames_per_clip=24):

@@ -90,10 +90,9 @@ from plumbing import (
     seeded,
     start_run,
 )
-from toy import frozen_encoders, toy_dance, toy_face_recognizer, toy_unet
+from toy import face_recognizer, frozen_encoders, toy_dance, toy_unet
 from weights import (
     load_dance_net,
-    load_iresnet,
     load_m2p,
     load_motion_adapter,
     load_unet,
@@ -109,8 +108,7 @@ class Config:
     data_dir: str = "data/toy_dance"  # clip dirs + list files; the toy dancers are made here if missing
     train_list: str = "data_train.txt"  # relative to data_dir, or absolute
     val_list: str = "data_val.txt"  # the toy's: dancers never trained on
-    val_seen_list: str = "data_val_seen.txt"  # stage A also scores these when listed (toy: held-out clips of
-    # the training dancers, whose style M2P can know; a new toy dancer's moves are its own)
+    val_seen_list: str = "data_val_seen.txt"  # stage A also scores these (toy: new clips of training dancers)
     toy_clips: int = 100  # size of the generated toy set (only when data_dir has no train list)
     toy_seconds: float = 8.0  # length of each toy clip
     toy_image_size: int = 64  # toy frame size
@@ -146,8 +144,7 @@ class Config:
     scheduled_sampling_start: float = 0.8  # fraction of stage-B steps after which M2P poses replace the truth
     image_size: int = 32  # frames resized to this; the toy denoises pixels, SD latents are 1/8 of it
     unet_preset: str = "toy"  # DANCE_UNET_CONFIGS key, used when unet_path is ""
-    toy_pretrain_steps: int = 1000  # unet_path "": start from the preset UNet pretrained unconditionally on
-    # the training frames this long (toy_unet: the toy's SD, made once in data_dir; 0: a random start)
+    toy_pretrain_steps: int = 1000  # unet_path "": the preset UNet pretrained this long (toy.toy_unet); 0: random
     unet_path: str = ""  # SD-1.5 `unet/` folder: denoiser and ReferenceNet both start from it
     vae_path: str = ""  # SD `vae/` folder (frozen); "": pixel space (the toy)
     clip_path: str = ""  # CLIPVisionModelWithProjection folder (frozen); "": a frozen random toy CLIP
@@ -181,8 +178,7 @@ class Config:
     motion_adapter_path: str = ""  # AnimateDiff MotionAdapter folder (diffusers); "": new motion modules
     motion_heads: int = 4  # attention heads of new motion modules
     stage_b_path: str = ""  # stage B's final/ folder; "": <out_dir>/stage_B/final
-    m2p_lr_c: float = 0.0  # > 0: M2P trains in stage C too, at this lr, with its pose loss on the clips'
-    # music (the denoiser still sees ground-truth poses); 0: frozen
+    m2p_lr_c: float = 0.0  # > 0: M2P trains in stage C too, with its pose loss on the clips' music; 0: frozen
     # ---- validation and run
     val_samples: int = 10  # held-out clips evaluated in stages A and B (A: whole clips in `window` windows)
     val_samples_c: int = 4  # whole held-out clips of seq_len_end frames, generated at steps 0 and last
@@ -262,7 +258,6 @@ def check_freeze(stage, modules, optimizer, notes=None, options=()):
 def dance_scheduler(cfg):
     """One DDIM scheduler for training's noising and for sampling (CHAMP trains with scaled_linear betas
     and samples with linear ones: one config here)."""
-    from diffusers import DDIMScheduler
     return DDIMScheduler(num_train_timesteps=1000, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
                          beta_schedule=cfg.beta_schedule, prediction_type=cfg.prediction_type,
                          rescale_betas_zero_snr=cfg.zero_snr, timestep_spacing=cfg.timestep_spacing,
@@ -323,7 +318,7 @@ def backward_and_step(accelerator, net, optimizer, loss, guard, step, grad_clip)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     grad_norm = accelerator.clip_grad_norm_(params, grad_clip).item()
     if guard.should_step(math.isfinite(grad_norm), step, f"loss {loss.item():.4g}, grad norm {grad_norm:.4g}",
-                accelerator.is_main_process):
+                         accelerator.is_main_process):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
@@ -407,8 +402,7 @@ def stage_a(cfg):
     feats = torch.from_numpy(np.concatenate(train_set.feats))  # (N, D)
     m2p.music_mean.copy_(feats.mean(0))
     m2p.music_std.copy_(feats.std(0).clamp(min=1e-3))  # constant features (e.g. silent one-hots) stay finite
-    recognizer = (load_iresnet(cfg.face_recognizer_path, cfg.face_recognizer_arch) if cfg.face_recognizer_path
-                  else toy_face_recognizer(cfg.seed)).to(device)  # frozen; the toy's: a function of the seed
+    recognizer = face_recognizer(vars(cfg), device)  # frozen
 
     # freeze and parameter groups, by hand: M2P trains (weight decay on matrices only), the recognizer is frozen
     params = list(m2p.parameters())
@@ -745,11 +739,6 @@ def seq_len_at(step, cfg):
     return int(round(cfg.seq_len_start + frac * (cfg.seq_len_end - cfg.seq_len_start)))
 
 
-def frame_stack(x):
-    """(B, C, F, h, w) -> (B F, C, h, w): per-frame work (VAE, crops) on clips."""
-    return rearrange(x, "b c f h w -> (b f) c h w")
-
-
 @torch.no_grad()
 def evaluate_c(net, vae, clip, recognizer, scheduler, val_set, cfg, step, out_dir, device):
     """Whole held-out clips (dancers never trained on; reference = frame 0, the first seq_len_end frames,
@@ -769,7 +758,8 @@ def evaluate_c(net, vae, clip, recognizer, scheduler, val_set, cfg, step, out_di
     gens = [seeded(cfg.seed, 1, j) for j in range(n)]  # the same noise at every validation
     x = sample_frames(net, scheduler, ref_x, clip_image_embeds(clip, refs), face_emb, heat, 1.5, (C, T, h, h),
                       cfg.val_steps, cfg.val_guidance, gens)  # (n, C, T, h, w)
-    gen = rearrange(to_images(vae, frame_stack(x)).float(), "(b f) c h w -> b f c h w", b=n)
+    gen = to_images(vae, rearrange(x, "b c f h w -> (b f) c h w")).float()  # (n T, 3, S, S)
+    gen = rearrange(gen, "(b f) c h w -> b f c h w", b=n)
     flat = lambda v: v.flatten(0, 1)  # noqa: E731
     d_gen, d_gt = gen[:, 1:] - gen[:, :-1], gt[:, 1:] - gt[:, :-1]  # (n, T-1, 3, S, S)
     static = ((gt - gt[:, :1]).abs().amax((1, 2)) < 1e-3)[:, None, None]  # (n, 1, 1, S, S): background

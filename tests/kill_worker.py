@@ -10,6 +10,7 @@ import sys
 import time
 
 import plumbing
+import weights
 
 script = importlib.import_module(sys.argv[1])
 kill_step, kill_save = int(os.environ.get("KILL_AT_STEP", -1)), int(os.environ.get("KILL_IN_SAVE", -1))
@@ -33,5 +34,6 @@ def killing_write_state(path, step, *args):  # called inside the save, after the
     return write_state(path, step, *args)
 
 
-script.lr_at, plumbing.write_state = killing_lr_at, killing_write_state
+# weights.save_mv_checkpoint holds its own reference to write_state
+script.lr_at, plumbing.write_state, weights.write_state = killing_lr_at, killing_write_state, killing_write_state
 plumbing.cli(script.main, script.Config, getattr(script, "ALIASES", None), sys.argv[2:])

@@ -1,6 +1,8 @@
 """A user's broken files and flags, through the scripts' entry points (`cli(main, Config)`, what
 `python x.py` runs): each ends in one line `error: <file or flag>: <problem>` with exit code 2, no
 traceback, and every file that existed before the failing run is byte-identical after it."""
+import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -17,7 +19,8 @@ import train_dance
 import train_gslrm
 import train_mvdiff
 from data import load_rig, read_cameras, save_prompt_embeds, write_cameras
-from plumbing import cli
+from models import GSLRM, GSLRM_CONFIGS
+from plumbing import cli, load_checkpoint
 from toy import toy_rig_prompt_embeds
 
 REPO = Path(__file__).parent.parent
@@ -116,6 +119,31 @@ def missing_image(tm, td, tmp):
     m = mice(tm, tmp)
     (m / "mouse_00000" / "images" / "cam_003.png").unlink()
     return train_gslrm, args(train_gslrm, m, tmp / "out"), ["cam_003.png", "image missing"]
+
+
+def more_novel_views_than_a_sample_has(tm, td, tmp):
+    return train_gslrm, args(train_gslrm, tm, tmp / "out", "--num_novel_views=4"), [
+        "mouse_00000: has 9 views", "6 input views + 4 novel views (10)", "--num_novel_views to at most 3"]
+
+
+def no_view_left_to_validate(tm, td, tmp):
+    m = mice(tm, tmp)
+    for name in (m / "data_val.txt").read_text().split():  # the rig's 6 views only: all of them inputs
+        cams = read_cameras(m / name / "opencv_cameras.json")
+        write_cameras(m / name / "opencv_cameras.json", {**cams, "frames": cams["frames"][:6]})
+    return train_gslrm, args(train_gslrm, m, tmp / "out"), ["mouse_00004: has 6 views", "held out for validation",
+                                                            "--num_input_views to at most 5"]
+
+
+def out_dir_below_a_file(tm, td, tmp):
+    (tmp / "file.txt").write_text("not a folder")
+    return train_gslrm, args(train_gslrm, tm, tmp / "file.txt" / "run"), [
+        f"{tmp / 'file.txt' / 'run'}: Not a directory: {tmp / 'file.txt'} is a file, not a folder"]
+
+
+def out_dir_is_a_file(tm, td, tmp):
+    (tmp / "file.txt").write_text("not a folder")
+    return train_gslrm, args(train_gslrm, tm, tmp / "file.txt"), [f"{tmp / 'file.txt'}: File exists: it is a file"]
 
 
 def unknown_preset(tm, td, tmp):
@@ -234,7 +262,8 @@ def sample_without_input(tm, td, tmp):
 
 CASES = [gslrm_truncated_weights, gslrm_truncated_state_auto, gslrm_fresh_run_into_old_run, gslrm_diverges,
          broken_rig_json, broken_camera_json, scaled_rotation_on_a_target_view, singular_w2c,
-         zero_focal_on_a_target_view, missing_sample_folder, missing_image, unknown_preset,
+         zero_focal_on_a_target_view, missing_sample_folder, missing_image, more_novel_views_than_a_sample_has,
+         no_view_left_to_validate, out_dir_below_a_file, out_dir_is_a_file, unknown_preset,
          image_size_not_a_patch_multiple, zero_batch, unknown_key, bad_value, missing_config_file,
          nan_prompt_embeds, truncated_prompt_embeds, facelift_embeds_for_the_mouse_rig, reference_view_flag,
          mvdiff_image_size, nan_music_features, nan_visible_joint, missing_frame_png, odd_feature_width,
@@ -260,6 +289,60 @@ def test_one_line_per_user_error(case, tiny_mice, tiny_dance, tmp_path, capsys):
         assert text in err[-1], (text, err[-1])
     after = snapshot(tmp_path)
     assert {p: after.get(p) for p in before} == before  # nothing that existed was changed or deleted
+
+
+def one_error_line(err):
+    lines = err.strip().splitlines()
+    assert lines and [x for x in lines if x.startswith("error: ")] == [lines[-1]], err
+    assert "Traceback" not in err
+    return lines[-1]
+
+
+def step_of(ck):
+    """The step of checkpoint `ck`, loaded (weights and state.pt) as a resumed run loads it."""
+    return load_checkpoint(ck, {"model": GSLRM(**GSLRM_CONFIGS["tiny"])})["step"]
+
+
+def test_disk_full_while_saving_state_keeps_earlier_checkpoints(tiny_mice, tmp_path, capsys):
+    ck = trained_gslrm(m := mice(tiny_mice, tmp_path), out := tmp_path / "out")
+    before = snapshot(ck)
+    weights, state = (ck / "model.safetensors").stat().st_size, (ck / "state.pt").stat().st_size
+    limit = (weights + state) // 2  # the weights fit, state.pt (AdamW's moments: twice their size) does not
+    assert weights < limit < state
+    capsys.readouterr()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))  # `ulimit -f`: a write past it fails with EFBIG
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            cli(train_gslrm.main, train_gslrm.Config, argv=args(train_gslrm, m, out, "--resume=auto", "--max_steps=9"))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert exit_.value.code == 2
+    assert one_error_line(capsys.readouterr().err) == (
+        f"error: {out / 'checkpoint-6' / 'state.pt'}: cannot write it (File too large): free disk space or raise "
+        "the file-size limit (ulimit -f); checkpoint-6 was not saved, earlier checkpoints are intact")
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["checkpoint-3"]  # the temporary is gone
+    assert snapshot(ck) == before and step_of(ck) == 3
+
+
+def test_read_only_out_dir_is_left_as_it_was(tiny_mice, tmp_path):
+    ck = trained_gslrm(m := mice(tiny_mice, tmp_path), out := tmp_path / "out")
+    drop = []  # root writes through file modes: as root the run goes without the capability that allows it
+    if os.geteuid() == 0:
+        drop = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+        if not shutil.which("setpriv") or subprocess.run([*drop, "true"]).returncode:
+            pytest.skip("running as root, and setpriv cannot drop CAP_DAC_OVERRIDE here")
+    before = snapshot(tmp_path)
+    out.chmod(0o555)
+    try:  # --overwrite: the run that would delete the checkpoints before its first write
+        run = subprocess.run([*drop, sys.executable, str(REPO / "train_gslrm.py"),
+                              *args(train_gslrm, m, out, "--overwrite")], capture_output=True, text=True)
+    finally:
+        out.chmod(0o755)
+    assert run.returncode == 2 and one_error_line(run.stderr) == (
+        f"error: {out}: cannot write into this output folder (Permission denied): get write permission there "
+        "or choose another path; nothing in it was changed")
+    assert snapshot(tmp_path) == before and step_of(ck) == 3
 
 
 def test_python_entry_point_prints_one_line(tmp_path):

@@ -44,7 +44,7 @@ def test_prompt_embeds_guard(tmp_path):
     sha = __import__("hashlib").sha256((tmp_path / "clr_embeds.pt").read_bytes()).hexdigest()
     pe, problem = load_prompt_embeds(tmp_path / "clr_embeds.pt", dict(facelift, prompt_embeds_sha256=sha), 16)
     assert pe.shape == (6, 77, 16) and problem is None
-    # horizontal embeddings for the mouse rig: the seed's failure, refused naming both rigs
+    # horizontal (FaceLift) embeddings for the mouse rig: refused naming both rigs
     horizontal = toy_rig_prompt_embeds(facelift, 16)
     save_prompt_embeds(tmp_path / "horizontal.pt", horizontal, facelift, facelift["views"])
     with pytest.raises(RigMismatch, match="names rig 'facelift_6view'.*this run's rig is 'mouse_6view'"):

@@ -154,7 +154,7 @@ def test_all_chains_the_stages_and_stage_c_resumes_exactly(tiny_dance, tmp_path,
     spatial = [k for k in c4 if "motion_modules" not in k]
     assert all(torch.equal(c4[k], b[k]) for k in spatial)
 
-    # the seed's option: M2P trains in stage C too (its own group), beside the motion modules only
+    # an option: M2P trains in stage C too (its own group), beside the motion modules only
     train(tiny_dance, tmp_path / "z", *ALL_ARGS, "--training_stage=C", f"--stage_b_path={x / 'stage_B' / 'final'}",
           "--m2p_lr_c=1e-3")
     assert "freeze | m2p              | train  | train  | option" in capsys.readouterr().out
