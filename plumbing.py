@@ -554,7 +554,19 @@ def resume_run(cfg, out_dir, accelerator, load):
     set_seed(cfg.seed + accelerator.process_index + 1000 * state["step"])
     if accelerator.is_main_process:
         print(f"resumed from {path} at step {state['step']}")
+        forget_metrics_after(out_dir, state["step"])
     return state["step"], SkipGuard(cfg.max_bad_steps, state["extra"].get("skipped", 0))
+
+
+def forget_metrics_after(out_dir, step):
+    """Drops the metrics.jsonl lines of steps after `step`: a killed run logged them from weights that were
+    never saved, and the resumed run logs those steps again."""
+    file = Path(out_dir) / "metrics.jsonl"
+    if file.is_file():
+        lines = [line for line in file.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step]
+        tmp = file.with_name(f".tmp-{file.name}")
+        tmp.write_text("".join(lines))
+        os.replace(tmp, file)
 
 
 def log_step(accelerator, step, parts, lr, grad_norm, skipped, dt, samples, **extra):

@@ -26,6 +26,7 @@ from plumbing import (
     resume_run,
     save_checkpoint,
     save_config,
+    seeded,
     start_run,
 )
 from toy import toy_mice
@@ -247,7 +248,7 @@ def main(cfg):
         batch = {k: v.to(device) for k, v in next(loader).items() if torch.is_tensor(v)}
         (img, c2w, K), (tgt, tc2w, tK) = split_views(batch, n_in)
         # supervise the novel views + a random subset of the input views (a function of the step)
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + step)
+        gen = seeded(cfg.seed, step)  # the same views on every rank
         pick = torch.randperm(n_in, generator=gen)[: cfg.num_input_views_supervised]
         tgt = torch.cat([batch["images"][:, pick], tgt], 1)  # (B, Vt, 4, H, W)
         tc2w, tK = torch.cat([c2w[:, pick], tc2w], 1), torch.cat([K[:, pick], tK], 1)

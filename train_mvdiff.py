@@ -51,6 +51,7 @@ from plumbing import (
     read_state,
     resume_run,
     save_config,
+    seeded,
     start_run,
 )
 from toy import toy_mice, toy_prompt_embeds
@@ -330,7 +331,7 @@ def main(cfg):
         for micro in range(G):
             batch = next(loader)
             # every random draw is a function of (seed, step, micro-step, rank): resume continues the run
-            gen = torch.Generator().manual_seed(((cfg.seed * 1_000_003 + step) * 64 + micro) * 1024 + rank)
+            gen = seeded(cfg.seed, rank, step, micro)
             rgb, alpha = batch["images"].to(device).split([3, 1], dim=2)  # (B, V, 3|1, H, W), RGB on white
             B = rgb.shape[0]
             if cfg.train_bg == "three_choices":  # one background per object: white, black or grey

@@ -47,19 +47,19 @@ def cell(a):
 
 
 def music_panel(music, n_frames, fps, shown, width):
-    """The waveform of the music that drove the video, librosa's beats (grey) and the shown frames (red)."""
+    """The waveform of the music that drove the video, librosa's beats (dark lines) and the shown frames (red)."""
     audio, sr = read_audio(music)
     audio = audio[: int(n_frames / fps * sr)]
     im = Image.new("RGB", (width, CELL), "white")
     draw = ImageDraw.Draw(im)
-    for t in music_beats(audio, sr, fps):
-        x = int(t * fps / n_frames * width)
-        draw.line([(x, 0), (x, CELL - 1)], fill=(170, 170, 170))
     chunks = np.array_split(np.abs(audio), width)  # one column per pixel: the peak amplitude
     peak = np.array([c.max() if len(c) else 0.0 for c in chunks])
-    peak = peak / max(peak.max(), 1e-8) * (CELL / 2 - 3)
+    peak = peak / max(peak.max(), 1e-8) * (CELL / 2 - 8)
     for x, h in enumerate(peak):
-        draw.line([(x, CELL / 2 - h), (x, CELL / 2 + h)], fill=(40, 70, 160))
+        draw.line([(x, CELL / 2 - h), (x, CELL / 2 + h)], fill=(120, 150, 210))
+    for t in music_beats(audio, sr, fps):  # over the waveform: the beats fall on its attacks
+        x = int(t * fps / n_frames * width)
+        draw.line([(x, 0), (x, CELL - 9)], fill=(60, 60, 60))
     for i in shown:
         x = int((i + 0.5) / n_frames * width)
         draw.polygon([(x - 3, CELL - 1), (x + 3, CELL - 1), (x, CELL - 7)], fill=(210, 30, 30))
@@ -119,7 +119,7 @@ def main(argv=None):
     label(x, y, "reference")
     fig.paste(cell(frames[0]), (x, y + LABEL))
     x += CELL + GAP
-    label(x, y, "music (grey: beats, red: frames shown)")
+    label(x, y, "music (lines: beats, red: frames shown)")
     fig.paste(music_panel(a.music, n_frames, a.fps, shown, music_w), (x, y + LABEL))
     x += music_w
     arrow(draw, x, y + LABEL + CELL // 2)

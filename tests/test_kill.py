@@ -1,6 +1,7 @@
 """Kill safety of every trainer: SIGKILL at a step, and in the middle of writing a checkpoint, then
 `--resume=auto` finishes with weights bitwise equal to an uninterrupted run's, and no folder that
 `latest_checkpoint` could pick is ever half written."""
+import json
 import os
 import subprocess
 import sys
@@ -23,7 +24,8 @@ FINAL = {"train_gslrm": ["checkpoint-6/model.safetensors"],
 
 
 def run(script, data_dir, out, *extra, **kill):
-    args = [f"--data_dir={data_dir}", f"--out_dir={out}", *TINY_ARGS[script], "--ckpt_every=2", *extra]
+    args = [f"--data_dir={data_dir}", f"--out_dir={out}", *TINY_ARGS[script], "--ckpt_every=2", "--val_every=2",
+            *extra]
     if script == "train_mvdiff":
         args.append(f"--prompt_embeds={data_dir}/pe.pt")
     steps = "--max_steps_a=6" if script == "train_dance" else "--max_steps=6"
@@ -49,6 +51,10 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(script, tiny_mice, tiny
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         assert "resumed from" in resumed.stdout and "checkpoint-2" in resumed.stdout
         assert not list(ckpt_dir(out).glob(".tmp-*"))  # cleaned at start-up
+        # validation is logged once per step, as in the uninterrupted run (not again at the resume step)
+        steps = [[json.loads(line)["step"] for line in (o / "metrics.jsonl").read_text().splitlines()]
+                 for o in (ckpt_dir(tmp_path / "full"), ckpt_dir(out))]
+        assert steps[0] == steps[1] and len(set(steps[1])) == len(steps[1]) >= 3, steps
         for rel in FINAL[script]:
             a, b = load_file(tmp_path / "full" / rel), load_file(out / rel)
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (name, rel)
