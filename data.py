@@ -558,8 +558,8 @@ def count_frames(source):
         return reader.count_frames()
 
 
-def check_clip(d, fps=None):
-    """Checks a clip's metadata (not its pixels) -> {dir, T, fps, source, boxes, sr}; errors name the file."""
+def read_clip(d, fps=None):
+    """A clip folder's metadata, checked, not its pixels: {dir, T, fps, source, boxes, sr}; errors name the file."""
     d = Path(d)
     if not d.is_dir():
         raise FileNotFoundError(f"{d}: clip directory missing")
@@ -670,7 +670,7 @@ class DanceClipDataset(torch.utils.data.Dataset):
                  face_size=112, image_size=0, frames=0):
         if joints not in JOINT_SETS:
             raise InputError(f"joints={joints!r}: expected one of {list(JOINT_SETS)}")
-        self.clips = [check_clip(d, fps) for d in read_list_file(list_file)]
+        self.clips = [read_clip(d, fps) for d in read_list_file(list_file)]
         if not self.clips:
             raise InputError(f"{list_file}: no clips listed")
         short = [str(c["dir"]) for c in self.clips if c["T"] < window]

@@ -18,11 +18,13 @@ import tempfile
 import types
 import typing
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
+from accelerate import Accelerator, InitProcessGroupKwargs
 from accelerate.utils import set_seed
 from safetensors.torch import load_model, save_model
 
@@ -298,9 +300,6 @@ def make_accelerator(mixed_precision="no", wandb=False):
     """Every script's Accelerator: cpu=True without CUDA (torchrun / `accelerate launch --multi_gpu` then
     give real DDP over gloo; without it each process would train alone), bf16 only on a GPU, and the
     process-group timeout above."""
-    from datetime import timedelta
-
-    from accelerate import Accelerator, InitProcessGroupKwargs
     cuda = torch.cuda.is_available()
     return Accelerator(cpu=not cuda, mixed_precision=mixed_precision if cuda else "no",
                        log_with="wandb" if wandb else None,

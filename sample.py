@@ -41,7 +41,6 @@ from data import (
     JOINT_SETS,
     RigMismatch,
     camera_geometry,
-    check_clip,
     crop_box,
     draw_skeleton,
     frames_to_tensors,
@@ -51,6 +50,7 @@ from data import (
     orbit_c2w,
     read_audio,
     read_cameras,
+    read_clip,
     read_frame,
     read_list_file,
     resize_frames,
@@ -101,7 +101,7 @@ class Config:
     eval_list: str = ""  # held-out samples: run the chain on each and score it (no input_image then)
     eval_views: str = "generated"  # generated | ground_truth (the true rig views into GS-LRM: upper bound)
     eval_samples: int = 0  # 0 = all listed
-    allow_rig_mismatch: bool = False  # run checkpoints trained for different rigs (e.g. FaceLift embeddings on a mouse rig)
+    allow_rig_mismatch: bool = False  # run checkpoints made for different rigs
     # dance
     music: str = ""  # audio file: a dance video instead of the mouse chain
     ref_image: str = ""  # a clip folder, or an image file with ref_pose
@@ -267,7 +267,7 @@ def read_dance_reference(cfg, J, fps):
     """The reference image (3, H, W) in [0, 1], its pose (J, 3) and face box (4,), normalised."""
     path = Path(cfg.ref_image)
     if path.is_dir():
-        clip = check_clip(path, fps)
+        clip = read_clip(path, fps)
         if not 0 <= cfg.ref_frame < clip["T"] or clip["boxes"][cfg.ref_frame] is None:
             raise InputError(f"{path}: frame {cfg.ref_frame} is not a frame with a face box")
         pose = np.load(path / "poses.npy")[cfg.ref_frame, :J]
@@ -412,7 +412,7 @@ def run_dance_eval(cfg, device):
         raise InputError(f"{cfg.dance_eval_list}: the shuffled-music control needs at least 2 clips")
     runs = []
     for path in clips:
-        clip = check_clip(path, fps)
+        clip = read_clip(path, fps)
         image, ref_pose, box = read_dance_reference(dataclasses.replace(cfg, ref_image=str(path)), J, fps)
         audio, sr = read_audio(path / "audio.wav")
         T = min(clip["T"], dance_length(audio, sr, fps, cfg.max_seconds, path / "audio.wav"))  # the clip's frames

@@ -26,7 +26,6 @@ from data import (
     HOP,
     camera_geometry,
     camera_hash,
-    check_clip,
     frames_to_tensors,
     load_rig,
     make_frame,
@@ -34,6 +33,7 @@ from data import (
     orbit_c2w,
     preview_samples,
     read_audio,
+    read_clip,
     read_frame,
     read_list_file,
     resize_frames,
@@ -109,7 +109,7 @@ def toy_unet(cfg, accelerator, scheduler, lr_at, batch_size=16, lr=1e-3, frames_
         with torch.random.fork_rng():  # the same weights whatever ran before
             torch.manual_seed(cfg.seed)
             unet = UNet2DConditionModel(**DANCE_UNET_CONFIGS[cfg.unet_preset]).to(device)
-        clips = [check_clip(d, cfg.fps) for d in read_list_file(Path(cfg.data_dir) / cfg.train_list)]
+        clips = [read_clip(d, cfg.fps) for d in read_list_file(Path(cfg.data_dir) / cfg.train_list)]
         frames = torch.stack([read_frame(c["source"], int(t)) for c in clips
                               for t in np.linspace(0, c["T"] - 1, frames_per_clip)])  # (N, 3, H, W)
         frames = resize_frames(frames, cfg.image_size)  # (N, 3, S, S), as stage B sees them

@@ -73,8 +73,8 @@ def arrow(draw, x, y):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mouse", default="out/figure_runs/sample", help="sample.py --output_dir of the mouse chain")
-    p.add_argument("--dance", default="out/figure_runs/dance_sample", help="sample.py --music's --output_dir")
+    p.add_argument("--mouse", default="out/figure_runs/sample", help="sample.py --out_dir of the mouse chain")
+    p.add_argument("--dance", default="out/figure_runs/dance_sample", help="sample.py --music's --out_dir")
     p.add_argument("--music", default="data/toy_dance/clip_00095/audio.wav", help="the --music it was made from")
     p.add_argument("--fps", type=int, default=30, help="the dance video's frame rate")
     p.add_argument("--out", default="docs/figure.png")

@@ -13,7 +13,7 @@ from conftest import DANCE_FPS, DANCE_SECONDS
 from safetensors.torch import load_file
 
 import train_dance
-from data import DanceClipDataset, check_clip
+from data import DanceClipDataset, read_clip
 from losses import beat_alignment, gaussian_heatmaps, heatmap_loss, motion_beats, soft_argmax, video_beats
 from models import IRESNET_CONFIGS, M2P_CONFIGS, IResNet, M2PEncoder
 from plumbing import InputError, load_config
@@ -131,7 +131,7 @@ def test_bad_clips_stop_with_an_error_naming_the_file(tiny_dance, tmp_path, brea
     with pytest.raises((ValueError, FileNotFoundError), match=match):
         DanceClipDataset(tmp_path / "list.txt", window=30)
     with pytest.raises((ValueError, FileNotFoundError), match=re.escape(str(clip))):
-        check_clip(clip)
+        read_clip(clip)
 
 
 def test_iresnet_loads_an_arcface_torch_state_dict(tmp_path):
