@@ -1,6 +1,6 @@
-"""What touches real data on disk: config loading, checkpoints, camera files and rigs, multi-view
-samples, prompt embeddings, dance clips and music features, and outputs (grids, PLY, videos,
-metrics). The built-in toy datasets are in toy.py.
+"""Data on disk: camera files and rigs, multi-view samples, prompt embeddings, dance clips and music
+features, and outputs (grids, PLY, videos). Run machinery is in plumbing.py, checkpoint readers in
+weights.py, the built-in toy datasets in toy.py.
 
     python data.py rig_from_cameras SAMPLE/opencv_cameras.json --name=my_rig --out=configs/rigs/my_rig.json
     python data.py rig_prompt_embeds --rig=my_rig --text_encoder=SD21/text_encoder --out=my_rig_clr_embeds.pt

@@ -1,9 +1,9 @@
-"""Every nn.Module of the project and the math they need.
+"""Every nn.Module of the project and the math it needs (the rasterizer is in render.py, readers of
+released checkpoints in weights.py).
 
-Camera rays and ray encodings; the 3D Gaussian rasterizer (gsplat on CUDA, our own sparse
-pure-PyTorch rasterizer everywhere else, and a dense all-pairs reference that tests use as the
-oracle); GS-LRM as released with FaceLift; FaceLift's multi-view UNet and its sampler; the dance
-modules (music-to-pose encoder, ArcFace's IResNet); loaders for released checkpoints.
+Camera rays and ray encodings; GS-LRM as released with FaceLift; FaceLift's multi-view UNet, its
+conditioning and sampler; the dance modules (music-to-pose encoder, ArcFace's IResNet, pose guider,
+face tokens, ReferenceNet attention, DanceNet) and their sampler.
 Conventions are 3DGS/gsplat's: OpenCV cameras (x right, y down, z forward),
 `w2c` world-to-camera matrices, intrinsics as 3x3 `K`, quaternions (w, x, y, z), RGB colours.
 """

@@ -1,4 +1,7 @@
-"""TODO render
+"""The 3D Gaussian rasterizer: EWA projection, our sparse pure-PyTorch rasterizer (each Gaussian touches
+only its footprint's pixels: CPU training), a dense all-pairs reference that tests use as the oracle,
+gsplat's CUDA rasterizer when CUDA and gsplat are present, and deferred rendering (backprop one view at
+a time). Conventions are 3DGS/gsplat's: OpenCV cameras, `w2c` matrices, 3x3 `K`, quaternions (w, x, y, z).
 """
 import math
 

@@ -1,5 +1,7 @@
-"""The built-in toy datasets: procedural data in the real formats, so that every stage runs on a
-CPU in minutes with nothing downloaded (like nanoGPT's data/*/prepare.py).
+"""The built-in toy datasets and stand-ins: procedural data in the real formats, so that every stage runs
+on a CPU in minutes with nothing downloaded (like nanoGPT's data/*/prepare.py); the frozen encoders'
+seeded random stand-ins (face recognizer, CLIP) and the toy's "SD" (toy_unet: a UNet pretrained on the
+toy frames, as the dance stages start from SD-1.5).
 
     python toy.py mice --out=data/toy_mice --n=200          # FaceLift-format mice + preview.png
     python toy.py mice --out=data/toy_mice_mv --yaw_deg=30  # mice facing +x +- 30 deg

@@ -1,4 +1,7 @@
-"""TODO weights
+"""Readers of weights: released and foreign formats (FaceLift's GS-LRM `.pt` and UNet folders, MatConvNet's
+VGG `.mat`, torchvision VGG and LPIPS heads, arcface_torch IResNets, SD / AnimateDiff / CLIP folders), each
+an explicit key map with asserted shapes; and our own checkpoints: the multi-view diffusion and GS-LRM
+checkpoints, and the one definition of what each dance stage's final/ folder holds (writer and readers).
 """
 import inspect
 import json

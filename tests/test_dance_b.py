@@ -306,7 +306,7 @@ def test_stage_b_runs_after_stage_a_starts_from_its_m2p_and_resumes_exactly(tiny
         run(tiny_dance, tmp_path / "x", *b_args, "--m2p_preset=toy")
     run(tiny_dance, tmp_path / "x", *b_args)
     out = capsys.readouterr().out
-    assert "freeze | referencenet" in out and "step 3 | loss " in out and " heat " in out
+    assert "freeze | referencenet" in out and "step 3 | loss " in out and " pose " in out
     assert "group referencenet: " in out and "lr 0.0001" in out.split("group referencenet: ")[1].splitlines()[0]
     x = tmp_path / "x" / "stage_B"
     val = [json.loads(line) for line in (x / "metrics.jsonl").read_text().splitlines()]
