@@ -680,9 +680,11 @@ class DanceClipDataset(torch.utils.data.Dataset):
         widths = [f.shape[1] for f in self.feats]
         if len(set(widths)) != 1:  # name the odd one: the clip whose width most clips do not share
             odd = min(range(len(widths)), key=lambda i: widths.count(widths[i]))
-            common = max(set(widths), key=widths.count)
+            other = next(i for i in range(len(widths)) if widths[i] != widths[odd])
+            tie = widths.count(widths[odd]) == widths.count(widths[other])  # no majority: name both
             raise InputError(f"{self.clips[odd]['dir'] / 'music_feats.npy'}: music features of width "
-                             f"{widths[odd]}, other clips of {list_file} have {common}")
+                             f"{widths[odd]}, " + (f"{self.clips[other]['dir'] / 'music_feats.npy'}: {widths[other]}"
+                                                   if tie else f"other clips of {list_file} have {widths[other]}"))
         self.music_dim, self.J, self.window, self.fps = widths[0], JOINT_SETS[joints], window, fps
         self.poses = [np.load(c["dir"] / "poses.npy")[:, : self.J].astype(np.float32) for c in self.clips]
         self.seed, self.start, self.ref_frame, self.face_size = seed, start, ref_frame, face_size

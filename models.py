@@ -804,21 +804,21 @@ class DanceNet(nn.Module):
 def motion_unet(unet, adapter=None, max_frames=32, heads=4):
     """Stage C's denoiser: the stage-B UNet with AnimateDiff motion modules (diffusers MotionAdapter ->
     UNetMotionModel.from_unet2d). adapter: AnimateDiff weights (load_motion_adapter) or None (a new one
-    shaped like the UNet, position table of max_frames). Every motion module's proj_out is zeroed, so
-    the model starts as the stage-B UNet applied frame by frame. Its input is (B, C, F, H, W).
-    from_unet2d resets the attention processors: reinstall the reference ones (DanceNet.install)."""
+    shaped like the UNet, position table of max_frames). A new adapter's proj_out is zeroed, so the
+    model starts as the stage-B UNet applied frame by frame; loaded weights are kept as they are.
+    Its input is (B, C, F, H, W). from_unet2d resets the attention processors: reinstall the reference
+    ones (DanceNet.install)."""
     c = unet.config
     if adapter is None:
         adapter = MotionAdapter(block_out_channels=tuple(c.block_out_channels),
                                 motion_layers_per_block=c.layers_per_block, motion_num_attention_heads=heads,
                                 motion_norm_num_groups=c.norm_num_groups, motion_max_seq_length=max_frames,
                                 use_motion_mid_block=False)
-    model = UNetMotionModel.from_unet2d(unet, adapter)
-    for name, mod in model.named_modules():
-        if re.search(r"motion_modules\.\d+$", name):
-            nn.init.zeros_(mod.proj_out.weight)
-            nn.init.zeros_(mod.proj_out.bias)
-    return model
+        for name, mod in adapter.named_modules():
+            if re.search(r"motion_modules\.\d+$", name):
+                nn.init.zeros_(mod.proj_out.weight)
+                nn.init.zeros_(mod.proj_out.bias)
+    return UNetMotionModel.from_unet2d(unet, adapter)
 
 
 def clip_image_embeds(clip, images):

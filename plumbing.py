@@ -4,6 +4,7 @@ errors that end as one line, the config loader and command line, the Accelerator
 helpers every training loop shares (run start, resume, the step line, validation logging).
 """
 import contextlib
+import ctypes
 import dataclasses
 import errno
 import inspect
@@ -13,6 +14,7 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import types
@@ -296,10 +298,20 @@ def save_config(cfg, path):
 DDP_TIMEOUT_S = int(os.environ.get("MOUSELIFT_DDP_TIMEOUT_S", 1800))
 
 
+def die_with_parent():
+    """SIGKILL this process when its parent (the launcher) dies: a killed launcher otherwise leaves its
+    workers training on, unwatched, to the end (Linux prctl PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the launcher died before the line above: adopted by init
+        raise SystemExit("error: the launcher of this worker is gone")
+
+
 def make_accelerator(mixed_precision="no", wandb=False):
     """Every script's Accelerator: cpu=True without CUDA (torchrun / `accelerate launch --multi_gpu` then
     give real DDP over gloo; without it each process would train alone), bf16 only on a GPU, and the
-    process-group timeout above."""
+    process-group timeout above. A worker of a launcher (torchrun, accelerate launch) ends with it."""
+    if "LOCAL_RANK" in os.environ and sys.platform.startswith("linux"):
+        die_with_parent()
     cuda = torch.cuda.is_available()
     return Accelerator(cpu=not cuda, mixed_precision=mixed_precision if cuda else "no",
                        log_with="wandb" if wandb else None,

@@ -92,6 +92,7 @@ from plumbing import (
 )
 from toy import face_recognizer, frozen_encoders, toy_dance, toy_unet
 from weights import (
+    check_sd_scheduler,
     load_dance_net,
     load_m2p,
     load_motion_adapter,
@@ -117,7 +118,7 @@ class Config:
     window: int = 90  # frames per training window (EDGE: 150 = 5 s at 30 fps)
     # ---- optimisation (every stage)
     batch_size: int = 8  # per process, per micro-step (stages A and B)
-    grad_accum: int = 1  # stage A only
+    grad_accum: int = 1  # micro-batches per optimizer step (stage C: of batch_size_c clips)
     mixed_precision: str = "no"  # no | bf16 | fp16, used on GPU only
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1  # cosine decays to lr * this
@@ -310,11 +311,22 @@ def build_stage_b(cfg, J, device):
     return net.to(device), vae, clip, recognizer
 
 
-def backward_and_step(accelerator, net, optimizer, loss, guard, step, grad_clip):
-    """Stages B and C: backward, clear the reference store (only after backward: gradient checkpointing
-    re-reads it there), clip, and step unless the gradient is not finite (counted by guard)."""
-    accelerator.backward(loss)
+def no_sync(accelerator, skip, *models):
+    """DDP's all-reduce off for `models` when skip (all but the last micro-batch); the forward decides it."""
+    stack = contextlib.ExitStack()
+    for m in models if skip else ():
+        stack.enter_context(accelerator.no_sync(m))
+    return stack
+
+
+def backward_and_step(accelerator, net, optimizer, loss, guard, step, grad_clip, micro=0, G=1):
+    """Stages B and C: backward of micro-batch `micro`'s loss / G, clear the reference store (only after
+    backward: gradient checkpointing re-reads it there); after the last of G, clip and step unless the
+    gradient is not finite (counted by guard) and return the grad norm."""
+    accelerator.backward(loss / G)
     net.store.clear()
+    if micro < G - 1:
+        return None
     params = [p for g in optimizer.param_groups for p in g["params"]]
     grad_norm = accelerator.clip_grad_norm_(params, grad_clip).item()
     if guard.should_step(math.isfinite(grad_norm), step, f"loss {loss.item():.4g}, grad norm {grad_norm:.4g}",
@@ -583,11 +595,9 @@ def stage_b(cfg):
     frames; VAE, CLIP and face recognizer are frozen; M2P (from stage A) joins at m2p_unfreeze_step."""
     accelerator = make_accelerator(cfg.mixed_precision, cfg.wandb)
     main_proc, device, rank = accelerator.is_main_process, accelerator.device, accelerator.process_index
-    if cfg.grad_accum != 1:
-        raise ConfigError(f"--grad_accum={cfg.grad_accum}: stage B trains with grad_accum 1 (raise batch_size)")
     check_flags(cfg, {"joints": JOINT_SETS, "unet_preset": DANCE_UNET_CONFIGS,
                       "prediction_type": ("epsilon", "v_prediction", "sample")},
-                ("batch_size", "window", "val_every", "ckpt_every", "log_every", "max_bad_steps",
+                ("batch_size", "grad_accum", "window", "val_every", "ckpt_every", "log_every", "max_bad_steps",
                  "max_steps_b", "image_size", "val_frames", "val_steps"))
     out_dir, data_dir = start_stage(cfg, accelerator, "B")
     # one random target frame per sample, inside a music window (M2P's input for that frame)
@@ -600,6 +610,7 @@ def stage_b(cfg):
                                   if cfg.toy_pretrain_steps else "")
     net, vae, clip, recognizer = build_stage_b(dataclasses.replace(cfg, unet_path=unet_path), train_set.J, device)
     scheduler = dance_scheduler(cfg)
+    check_sd_scheduler(cfg.unet_path, scheduler.config)  # SD's own betas: fine-tuning keeps its noise levels
     factor = 8 if vae is not None else 1  # image px per UNet input px
     if net.guider.down != factor:  # heatmaps come at the image size, the guider brings them to the UNet's
         raise InputError(f"--guider_channels={list(cfg.guider_channels)}: {len(cfg.guider_channels) - 1} stride-2 "
@@ -641,8 +652,9 @@ def stage_b(cfg):
     raw = accelerator.unwrap_model(model)
     if main_proc:
         save_config(cfg, out_dir / "config.yaml")
-    global_batch, total = cfg.batch_size * accelerator.num_processes, cfg.max_steps_b
-    sampler = StepSampler(len(train_set), global_batch, rank, accelerator.num_processes, cfg.seed, start_step)
+    G, global_batch, total = cfg.grad_accum, cfg.batch_size * accelerator.num_processes, cfg.max_steps_b
+    sampler = StepSampler(len(train_set), global_batch, rank, accelerator.num_processes, cfg.seed,
+                          start_step * G)  # one sampler step per micro-batch
     loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers))
 
     t_last = time.perf_counter()
@@ -666,60 +678,64 @@ def stage_b(cfg):
         for g in optimizer.param_groups:  # one warmup + cosine shape; M2P's group at 0 until it unfreezes
             g["lr"] = lr_at(step, g["initial_lr"], total, cfg) if g["name"] != "m2p" or m2p_on else 0.0
         lr = optimizer.param_groups[0]["lr"]
-        batch = {k: v.to(device) for k, v in next(loader).items() if torch.is_tensor(v)}
-        B, gen = len(batch["frames"]), seeded(cfg.seed, rank, step)
         scale, p_m2p = cond_scale_at(step, total), m2p_pose_prob(step, total, cfg.scheduled_sampling_start)
-        target_pose = batch["poses"][torch.arange(B, device=device), batch["offsets"][:, 0]]  # (B, J, 3)
-        # randomness of this step, all from its own generator: noise, timesteps, dropout, pose source
-        t = torch.randint(0, 1000, (B,), generator=gen).to(device)
-        keep = (torch.rand(B, generator=gen) >= cfg.cond_drop_prob).to(device)
-        use_m2p = (torch.rand(B, generator=gen) < p_m2p).to(device)
-        with accelerator.autocast():
-            parts = {}
-            pose = target_pose
-            if m2p_on or use_m2p.any():  # M2P's pose for the target frame, from the music window
-                with contextlib.nullcontext() if m2p_on else torch.no_grad():
-                    logits, _ = m2p_model(batch["music"], batch["ref_pose"], batch["face"])  # (B, W, J, h, h)
-                    xy = soft_argmax(logits.float())[torch.arange(B, device=device), batch["offsets"][:, 0]]
-                m2p_pose = torch.cat([xy, batch["ref_pose"][..., 2:]], -1)  # visibility: the reference's
-                pose = torch.where(use_m2p[:, None, None], m2p_pose, target_pose)
-                if m2p_on:
-                    parts["pose"], _ = heatmap_loss(logits, batch["poses"], cfg.heatmap_sigma)
-            with torch.no_grad():
-                x0 = to_model_space(vae, batch["frames"][:, 0], gen)  # (B, C, h, w)
-                ref_x = to_model_space(vae, batch["ref_image"], gen)
-                face_emb = recognizer(batch["face"] * 2 - 1)  # (B, 512): the reference's identity
-                clip_emb = clip_image_embeds(clip, batch["ref_image"])  # (B, D)
-            noise = torch.randn(x0.shape, generator=gen).to(device)
-            noise = noise + cfg.noise_offset * torch.randn(B, x0.shape[1], 1, 1, generator=gen).to(device)
-            x_t = scheduler.add_noise(x0, noise, t)
-            heat = pose_heatmaps(pose, cfg.image_size, cfg.pose_sigma)  # (B, J, H, W)
-            out = model(x_t, t, heat, scale, ref_x, clip_emb, face_emb, keep)
-            # the face region weighs face_loss_scale, min-SNR per sample
-            box = batch["boxes"][:, 0]  # (B, 4), NaN: no face
-            face = box_mask(box.nan_to_num(0.0), x0.shape[-1])  # (B, 1, h, w)
-            weight = min_snr_weight(scheduler.alphas_cumprod.to(device)[t], cfg.min_snr_gamma, cfg.prediction_type)
-            parts["diff"] = weighted_mse(out, diffusion_target(scheduler, x0, noise, t), weight,
-                                         1 + (cfg.face_loss_scale - 1) * face)
-            # identity: the recognizer on the face crop of the predicted x0, at low noise only (t <
-            # id_loss_max_t: the prediction is sharp enough there to have a face)
-            low = (t < cfg.id_loss_max_t) & ~box.isnan().any(1) & keep
-            if low.any():
-                pred = to_images(vae, predicted_x0(scheduler, x_t[low], out[low].float(), t[low]))
-                crop = crop_box(pred, box[low], 112)
-                parts["id"] = face_loss(recognizer(crop * 2 - 1), face_emb[low])
-            else:
-                parts["id"] = out.sum() * 0.0  # every trainable tensor still in the graph (DDP)
-            loss = cfg.diffusion_loss_weight * parts["diff"] + cfg.id_loss_weight * parts["id"]
-            if "pose" in parts:
-                loss = loss + cfg.pose_loss_weight * parts["pose"]
-        grad_norm = backward_and_step(accelerator, raw, optimizer, loss, guard, step, cfg.grad_clip)
+        logged = {}
+        for micro in range(G):  # G micro-batches, each its own sampler step and generator (G = 1: the step's)
+            batch = {k: v.to(device) for k, v in next(loader).items() if torch.is_tensor(v)}
+            B, gen = len(batch["frames"]), seeded(cfg.seed, rank, step, *([micro] if G > 1 else []))
+            target_pose = batch["poses"][torch.arange(B, device=device), batch["offsets"][:, 0]]  # (B, J, 3)
+            # randomness of this step, all from its own generator: noise, timesteps, dropout, pose source
+            t = torch.randint(0, 1000, (B,), generator=gen).to(device)
+            keep = (torch.rand(B, generator=gen) >= cfg.cond_drop_prob).to(device)
+            use_m2p = (torch.rand(B, generator=gen) < p_m2p).to(device)
+            with no_sync(accelerator, micro < G - 1, model, m2p_model), accelerator.autocast():
+                parts = {}
+                pose = target_pose
+                if m2p_on or use_m2p.any():  # M2P's pose for the target frame, from the music window
+                    with contextlib.nullcontext() if m2p_on else torch.no_grad():
+                        logits, _ = m2p_model(batch["music"], batch["ref_pose"], batch["face"])  # (B, W, J, h, h)
+                        xy = soft_argmax(logits.float())[torch.arange(B, device=device), batch["offsets"][:, 0]]
+                    m2p_pose = torch.cat([xy, batch["ref_pose"][..., 2:]], -1)  # visibility: the reference's
+                    pose = torch.where(use_m2p[:, None, None], m2p_pose, target_pose)
+                    if m2p_on:
+                        parts["pose"], _ = heatmap_loss(logits, batch["poses"], cfg.heatmap_sigma)
+                with torch.no_grad():
+                    x0 = to_model_space(vae, batch["frames"][:, 0], gen)  # (B, C, h, w)
+                    ref_x = to_model_space(vae, batch["ref_image"], gen)
+                    face_emb = recognizer(batch["face"] * 2 - 1)  # (B, 512): the reference's identity
+                    clip_emb = clip_image_embeds(clip, batch["ref_image"])  # (B, D)
+                noise = torch.randn(x0.shape, generator=gen).to(device)
+                noise = noise + cfg.noise_offset * torch.randn(B, x0.shape[1], 1, 1, generator=gen).to(device)
+                x_t = scheduler.add_noise(x0, noise, t)
+                heat = pose_heatmaps(pose, cfg.image_size, cfg.pose_sigma)  # (B, J, H, W)
+                out = model(x_t, t, heat, scale, ref_x, clip_emb, face_emb, keep)
+                # the face region weighs face_loss_scale, min-SNR per sample
+                box = batch["boxes"][:, 0]  # (B, 4), NaN: no face
+                face = box_mask(box.nan_to_num(0.0), x0.shape[-1])  # (B, 1, h, w)
+                weight = min_snr_weight(scheduler.alphas_cumprod.to(device)[t], cfg.min_snr_gamma, cfg.prediction_type)
+                parts["diff"] = weighted_mse(out, diffusion_target(scheduler, x0, noise, t), weight,
+                                             1 + (cfg.face_loss_scale - 1) * face)
+                # identity: the recognizer on the face crop of the predicted x0, at low noise only (t <
+                # id_loss_max_t: the prediction is sharp enough there to have a face)
+                low = (t < cfg.id_loss_max_t) & ~box.isnan().any(1) & keep
+                if low.any():
+                    pred = to_images(vae, predicted_x0(scheduler, x_t[low], out[low].float(), t[low]))
+                    crop = crop_box(pred, box[low], 112)
+                    parts["id"] = face_loss(recognizer(crop * 2 - 1), face_emb[low])
+                else:
+                    parts["id"] = out.sum() * 0.0  # every trainable tensor still in the graph (DDP)
+                loss = cfg.diffusion_loss_weight * parts["diff"] + cfg.id_loss_weight * parts["id"]
+                if "pose" in parts:
+                    loss = loss + cfg.pose_loss_weight * parts["pose"]
+            grad_norm = backward_and_step(accelerator, raw, optimizer, loss, guard, step, cfg.grad_clip, micro, G)
+            for k, v in {"loss": loss, **parts}.items():
+                logged[k] = logged.get(k, 0.0) + v.item() / G
 
         if main_proc and step % cfg.log_every == 0:
             dt = (time.perf_counter() - t_last) / (cfg.log_every if step > start_step else 1)
             t_last = time.perf_counter()
-            log_step(accelerator, step, {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}, lr,
-                     grad_norm, guard.skipped, dt, global_batch, cond_scale=scale, m2p_poses=p_m2p)
+            log_step(accelerator, step, logged, lr, grad_norm, guard.skipped, dt, global_batch * G, cond_scale=scale,
+                     m2p_poses=p_m2p)
 
     if main_proc:  # the weights for stage C: <out_dir>/stage_B/final/
         save_dance_final(out_dir / "final", cfg, accelerator.unwrap_model(m2p_model), raw, scheduler)
@@ -792,8 +808,8 @@ def load_stage_b(cfg, J, device):
     final = Path(cfg.stage_b_path) if cfg.stage_b_path else Path(cfg.out_dir) / "stage_B" / "final"
     b = read_dance_final(final, "B", f"run `train_dance.py --training_stage B --out_dir {cfg.out_dir}` first "
                                      "or set --stage_b_path")
-    for key in ("joints", "fps", "image_size", "guider_channels", "face_tokens", "pose_sigma", "vae_path",
-                "clip_path", "face_recognizer_path", "prediction_type", "beta_schedule", "zero_snr"):
+    for key in ("joints", "fps", "image_size", "guider_channels", "face_tokens", "pose_sigma", "vae_path", "clip_path",
+                "face_recognizer_path", "prediction_type", "beta_schedule", "beta_start", "beta_end", "zero_snr"):
         mine = list(getattr(cfg, key)) if isinstance(getattr(cfg, key), tuple) else getattr(cfg, key)
         if b.get(key) != mine:
             raise InputError(f"{final / 'config.yaml'}: stage B ran with {key}={b.get(key)!r}, this run has {mine!r}")
@@ -807,11 +823,9 @@ def stage_c(cfg):
     clips whose length follows seq_len_at(step); everything else is frozen, M2P too unless m2p_lr_c > 0."""
     accelerator = make_accelerator(cfg.mixed_precision, cfg.wandb)
     main_proc, device, rank = accelerator.is_main_process, accelerator.device, accelerator.process_index
-    if cfg.grad_accum != 1:
-        raise ConfigError(f"--grad_accum={cfg.grad_accum}: stage C trains with grad_accum 1")
-    check_flags(cfg, {"joints": JOINT_SETS}, ("batch_size_c", "max_steps_c", "seq_len_start", "seq_len_end",
-                                              "val_every", "ckpt_every", "log_every", "max_bad_steps", "val_steps",
-                                              "val_samples_c"))
+    check_flags(cfg, {"joints": JOINT_SETS}, ("batch_size_c", "grad_accum", "max_steps_c", "seq_len_start",
+                                              "seq_len_end", "val_every", "ckpt_every", "log_every", "max_bad_steps",
+                                              "val_steps", "val_samples_c"))
     if cfg.seq_len_start > cfg.seq_len_end:
         raise ConfigError(f"--seq_len_start={cfg.seq_len_start} is above --seq_len_end={cfg.seq_len_end}")
     out_dir, data_dir = start_stage(cfg, accelerator, "C")
@@ -865,9 +879,9 @@ def stage_c(cfg):
     raw = accelerator.unwrap_model(model)
     if main_proc:
         save_config(cfg, out_dir / "config.yaml")
-    B, total = cfg.batch_size_c, cfg.max_steps_c
+    B, G, total = cfg.batch_size_c, cfg.grad_accum, cfg.max_steps_c
     sampler = StepSampler(len(train_set), B * accelerator.num_processes, rank, accelerator.num_processes,
-                          cfg.seed, start_step)
+                          cfg.seed, start_step * G)  # one sampler step per micro-batch
     loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers))
 
     t_last = time.perf_counter()
@@ -891,50 +905,54 @@ def stage_c(cfg):
             g["lr"] = lr_at(step, g["initial_lr"], total, cfg)
         lr = optimizer.param_groups[0]["lr"]
         T = seq_len_at(step, cfg)
-        batch = {k: v.to(device) for k, v in next(loader).items() if torch.is_tensor(v)}
-        gen = seeded(cfg.seed, rank, step)
-        t = torch.randint(0, 1000, (B,), generator=gen).to(device)  # one timestep per clip
-        keep = (torch.rand(B, generator=gen) >= cfg.cond_drop_prob).to(device)
-        with accelerator.autocast():
-            with torch.no_grad():
-                frames = batch["frames"][:, :T]  # (B, T, 3, S, S)
-                x0 = rearrange(to_model_space(vae, frames.flatten(0, 1), gen), "(b f) c h w -> b c f h w", b=B)
-                ref_x = to_model_space(vae, batch["ref_image"], gen)
-                face_emb = recognizer(batch["face"] * 2 - 1)
-                clip_emb = clip_image_embeds(clip, batch["ref_image"])
-            noise = torch.randn(x0.shape, generator=gen).to(device)
-            noise = noise + cfg.noise_offset * torch.randn(B, x0.shape[1], 1, 1, 1, generator=gen).to(device)
-            x_t = scheduler.add_noise(x0, noise, t)
-            heat = pose_heatmaps(batch["poses"][:, :T], cfg.image_size, cfg.pose_sigma)  # (B, T, J, S, S)
-            out = model(x_t, t, heat, 1.5, ref_x, clip_emb, face_emb, keep)  # (B, C, T, h, w)
-            boxes = batch["boxes"][:, :T].flatten(0, 1)  # (B T, 4)
-            face = rearrange(box_mask(boxes.nan_to_num(0.0), x0.shape[-1]), "(b f) c h w -> b c f h w", b=B)
-            weight = min_snr_weight(scheduler.alphas_cumprod.to(device)[t], cfg.min_snr_gamma, cfg.prediction_type)
-            parts = {"diff": weighted_mse(out, diffusion_target(scheduler, x0, noise, t), weight,
-                                          1 + (cfg.face_loss_scale - 1) * face)}
-            # temporal: the predicted clip's frame-to-frame differences match the ground truth's (in model
-            # space: pixels for the toy, latents with a VAE)
-            pred = predicted_x0(scheduler, x_t, out.float(), t)  # (B, C, T, h, w)
-            parts["temp"] = F.mse_loss(pred.diff(dim=2), x0.float().diff(dim=2))
-            # identity on the middle frame of low-noise clips (as stage B)
-            low = (t < cfg.id_loss_max_t) & keep & ~batch["boxes"][:, T // 2].isnan().any(1)
-            if low.any():
-                crop = crop_box(to_images(vae, pred[low][:, :, T // 2]), batch["boxes"][low, T // 2], 112)
-                parts["id"] = face_loss(recognizer(crop * 2 - 1), face_emb[low])
-            else:
-                parts["id"] = out.sum() * 0.0
-            loss = (cfg.diffusion_loss_weight * parts["diff"] + cfg.temporal_loss_weight * parts["temp"]
-                    + cfg.id_loss_weight * parts["id"])
-            if cfg.m2p_lr_c > 0:  # M2P's pose loss on the clip's music window
-                logits, _ = m2p_model(batch["music"], batch["ref_pose"], batch["face"])  # (B, L, J, h, h)
-                parts["pose"], _ = heatmap_loss(logits, batch["poses"], cfg.heatmap_sigma)
-                loss = loss + cfg.pose_loss_weight * parts["pose"]
-        grad_norm = backward_and_step(accelerator, raw, optimizer, loss, guard, step, cfg.grad_clip)
+        logged = {}
+        for micro in range(G):  # G micro-batches, each its own sampler step and generator (G = 1: the step's)
+            batch = {k: v.to(device) for k, v in next(loader).items() if torch.is_tensor(v)}
+            gen = seeded(cfg.seed, rank, step, *([micro] if G > 1 else []))
+            t = torch.randint(0, 1000, (B,), generator=gen).to(device)  # one timestep per clip
+            keep = (torch.rand(B, generator=gen) >= cfg.cond_drop_prob).to(device)
+            with no_sync(accelerator, micro < G - 1, model, m2p_model), accelerator.autocast():
+                with torch.no_grad():
+                    frames = batch["frames"][:, :T]  # (B, T, 3, S, S)
+                    x0 = rearrange(to_model_space(vae, frames.flatten(0, 1), gen), "(b f) c h w -> b c f h w", b=B)
+                    ref_x = to_model_space(vae, batch["ref_image"], gen)
+                    face_emb = recognizer(batch["face"] * 2 - 1)
+                    clip_emb = clip_image_embeds(clip, batch["ref_image"])
+                noise = torch.randn(x0.shape, generator=gen).to(device)
+                noise = noise + cfg.noise_offset * torch.randn(B, x0.shape[1], 1, 1, 1, generator=gen).to(device)
+                x_t = scheduler.add_noise(x0, noise, t)
+                heat = pose_heatmaps(batch["poses"][:, :T], cfg.image_size, cfg.pose_sigma)  # (B, T, J, S, S)
+                out = model(x_t, t, heat, 1.5, ref_x, clip_emb, face_emb, keep)  # (B, C, T, h, w)
+                boxes = batch["boxes"][:, :T].flatten(0, 1)  # (B T, 4)
+                face = rearrange(box_mask(boxes.nan_to_num(0.0), x0.shape[-1]), "(b f) c h w -> b c f h w", b=B)
+                weight = min_snr_weight(scheduler.alphas_cumprod.to(device)[t], cfg.min_snr_gamma, cfg.prediction_type)
+                parts = {"diff": weighted_mse(out, diffusion_target(scheduler, x0, noise, t), weight,
+                                              1 + (cfg.face_loss_scale - 1) * face)}
+                # temporal: the predicted clip's frame-to-frame differences match the ground truth's (in model
+                # space: pixels for the toy, latents with a VAE)
+                pred = predicted_x0(scheduler, x_t, out.float(), t)  # (B, C, T, h, w)
+                parts["temp"] = F.mse_loss(pred.diff(dim=2), x0.float().diff(dim=2))
+                # identity on the middle frame of low-noise clips (as stage B)
+                low = (t < cfg.id_loss_max_t) & keep & ~batch["boxes"][:, T // 2].isnan().any(1)
+                if low.any():
+                    crop = crop_box(to_images(vae, pred[low][:, :, T // 2]), batch["boxes"][low, T // 2], 112)
+                    parts["id"] = face_loss(recognizer(crop * 2 - 1), face_emb[low])
+                else:
+                    parts["id"] = out.sum() * 0.0
+                loss = (cfg.diffusion_loss_weight * parts["diff"] + cfg.temporal_loss_weight * parts["temp"]
+                        + cfg.id_loss_weight * parts["id"])
+                if cfg.m2p_lr_c > 0:  # M2P's pose loss on the clip's music window
+                    logits, _ = m2p_model(batch["music"], batch["ref_pose"], batch["face"])  # (B, L, J, h, h)
+                    parts["pose"], _ = heatmap_loss(logits, batch["poses"], cfg.heatmap_sigma)
+                    loss = loss + cfg.pose_loss_weight * parts["pose"]
+            grad_norm = backward_and_step(accelerator, raw, optimizer, loss, guard, step, cfg.grad_clip, micro, G)
+            for k, v in {"loss": loss, **parts}.items():
+                logged[k] = logged.get(k, 0.0) + v.item() / G
         if main_proc and step % cfg.log_every == 0:
             dt = (time.perf_counter() - t_last) / (cfg.log_every if step > start_step else 1)
             t_last = time.perf_counter()
-            log_step(accelerator, step, {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}, lr,
-                     grad_norm, guard.skipped, dt, B * accelerator.num_processes, frames=T)
+            log_step(accelerator, step, logged, lr, grad_norm, guard.skipped, dt, B * accelerator.num_processes * G,
+                     frames=T)
 
     if main_proc:  # stage_C/final/ and the top-level final/: everything sample.py needs
         for final in (out_dir / "final", Path(cfg.out_dir) / "final"):

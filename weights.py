@@ -287,7 +287,15 @@ def load_iresnet(path, arch):
     """An IResNet(arch) with the weights of an arcface_torch `backbone.pth` (a plain state dict,
     or one under 'state_dict'; a DDP 'module.' prefix is removed), in eval mode and frozen."""
     model = IResNet(**IRESNET_CONFIGS[arch])
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    want = f"expected an arcface_torch backbone.pth (torch.save of an {arch} state dict), not ONNX (insightface's)"
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as err:  # an .onnx model, a pickled module, a truncated file: torch raises many kinds
+        raise InputError(f"{path}: not a PyTorch state dict ({type(err).__name__}): {want}") from None
+    if not isinstance(sd, dict):
+        raise InputError(f"{path}: holds a {type(sd).__name__}, not a state dict: {want}")
     sd = sd.get("state_dict", sd)
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     ours = model.state_dict()
@@ -338,6 +346,20 @@ def load_clip_image_encoder(path):
     if not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"{path}/config.json not found (expected a CLIPVisionModelWithProjection folder)")
     return CLIPVisionModelWithProjection.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
+
+
+def check_sd_scheduler(unet_path, config):
+    """The noise schedule of a run's scheduler `config` against the one that the SD folder of `unet_path` was
+    trained with (its sibling scheduler/scheduler_config.json, when there is one): betas and timesteps."""
+    file = Path(unet_path).parent / "scheduler" / "scheduler_config.json"
+    if not unet_path or not file.is_file():
+        return
+    sd = json.loads(file.read_text())
+    for key in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps"):
+        mine, theirs = config[key], sd.get(key, config[key])
+        if mine != theirs and not (isinstance(mine, float) and abs(mine - theirs) <= 1e-9):
+            raise InputError(f"{file}: the UNet in {unet_path} was trained with {key}={theirs!r}, this run's "
+                             f"config has {key}={mine!r}")
 
 
 def load_vae(path):

@@ -236,6 +236,16 @@ def odd_feature_width(tm, td, tmp):
     return train_dance, args(train_dance, d, tmp / "out"), ["clip_00001/music_feats.npy", "width 20"]
 
 
+def feature_width_tie(tm, td, tmp):
+    d = dance_copy(td, tmp)
+    feats = np.load(d / "clip_00001" / "music_feats.npy")
+    np.save(d / "clip_00001" / "music_feats.npy", feats[:, :20])
+    first, second = (d / "data_train.txt").read_text().splitlines()[:2]
+    (d / "data_train.txt").write_text(f"{first}\n{second}\n")  # one clip of each width: both named
+    return train_dance, args(train_dance, d, tmp / "out"), ["music_feats.npy: music features of width",
+                                                            "clip_00000/music_feats.npy", "clip_00001/music_feats.npy"]
+
+
 def unknown_stage(tm, td, tmp):
     return train_dance, args(train_dance, td, tmp / "out", "--training_stage=D"), ["--training_stage='D'",
                                                                                    "stages A"]
@@ -267,6 +277,7 @@ CASES = [gslrm_truncated_weights, gslrm_truncated_state_auto, gslrm_fresh_run_in
          image_size_not_a_patch_multiple, zero_batch, unknown_key, bad_value, missing_config_file,
          nan_prompt_embeds, truncated_prompt_embeds, facelift_embeds_for_the_mouse_rig, reference_view_flag,
          mvdiff_image_size, nan_music_features, nan_visible_joint, missing_frame_png, odd_feature_width,
+         feature_width_tie,
          unknown_stage, stage_b_without_stage_a, unknown_m2p_preset, gen_synthetic_not_a_checkpoint,
          sample_without_input]
 

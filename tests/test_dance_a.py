@@ -155,6 +155,10 @@ def test_iresnet_loads_an_arcface_torch_state_dict(tmp_path):
             "layer4.1.conv2.weight", "bn2.weight", "fc.weight", "features.weight"} <= keys
     with pytest.raises(KeyError, match=r"backbone.pth: not an arcface_torch iresnet18 state dict"):
         load_iresnet(tmp_path / "backbone.pth", "iresnet18")
+    # insightface's antelopev2 ships glintr100 as ONNX: refused, naming the format wanted
+    (tmp_path / "glintr100.onnx").write_bytes(b"\x08\x07\x12\x07pytorch\x1a\x032.0" + bytes(64))
+    with pytest.raises(InputError, match=r"glintr100.onnx: not a PyTorch state dict .*arcface_torch backbone.pth"):
+        load_iresnet(tmp_path / "glintr100.onnx", "iresnet100")
 
 
 def test_m2p_shapes_and_positions_for_150_frames():

@@ -111,6 +111,25 @@ def test_animatediff_weights_load_with_another_position_table(tmp_path, capsys):
         load_motion_adapter(tmp_path / "bad", 24)
 
 
+def test_loaded_motion_modules_keep_their_weights_and_new_ones_start_at_zero(tmp_path):
+    torch.manual_seed(0)
+    saved = MotionAdapter(block_out_channels=C["block_out_channels"], motion_layers_per_block=1,
+                          motion_num_attention_heads=2, motion_norm_num_groups=8, motion_max_seq_length=24,
+                          use_motion_mid_block=False)
+    with torch.no_grad():  # trained weights: nothing zero, proj_out included
+        for p in saved.parameters():
+            p.normal_(0, 0.1)
+    saved.save_pretrained(tmp_path / "motion")  # the layout --motion_adapter_path reads
+    model = motion_unet(UNet2DConditionModel(**C), load_motion_adapter(tmp_path / "motion", 24)).state_dict()
+    weights = saved.state_dict()
+    assert any(".proj_out." in k for k in weights)
+    for k, v in weights.items():
+        assert torch.equal(model[k], v), k
+    new = motion_unet(UNet2DConditionModel(**C), None, max_frames=24, heads=2).state_dict()
+    out = [k for k in new if "motion_modules" in k and ".proj_out." in k]
+    assert out and all(not new[k].any() for k in out)
+
+
 ALL_ARGS = ["--m2p_preset=tiny", "--window=30", "--max_steps_a=2", "--batch_size=2", "--val_samples=2",
             "--val_every=2", "--ckpt_every=2", "--warmup_steps=2", "--unet_preset=tiny", "--image_size=16",
             "--max_steps_b=2", "--val_steps=2", "--id_loss_max_t=900", "--log_every=1", "--max_steps_c=4",

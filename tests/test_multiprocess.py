@@ -80,3 +80,31 @@ def test_torchrun_mvdiff_trains_in_step(tiny_mice, tmp_path):
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "processes: 2" in run.stdout and (tmp_path / "out" / "checkpoint-2" / "COMPLETE").is_file()
+
+
+@pytest.mark.slow
+def test_killed_launcher_ends_its_workers_and_the_run_resumes_exactly(tiny_mice, tmp_path):
+    import psutil
+    args = lambda out: [f"--data_dir={tiny_mice}", f"--out_dir={out}", *TINY_ARGS["train_gslrm"],  # noqa: E731
+                        "--batch_size=1", "--max_steps=6", "--ckpt_every=2"]
+    # both workers hang after saving checkpoint-4: the launcher is killed while they still run
+    launcher = subprocess.Popen([*TORCHRUN, str(TESTS / "kill_worker.py"), "train_gslrm", *args(tmp_path / "out")],
+                                env=env(HANG_AT_STEP=4), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (tmp_path / "out" / "checkpoint-4" / "COMPLETE").is_file():
+        assert time.time() < deadline and launcher.poll() is None, "the run did not reach checkpoint-4"
+        time.sleep(0.5)
+    workers = psutil.Process(launcher.pid).children(recursive=True)
+    assert len(workers) >= 2
+    launcher.kill()
+    launcher.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, f"{len(alive)} workers outlived their launcher"
+    resumed = subprocess.run([*TORCHRUN, str(REPO / "train_gslrm.py"), *args(tmp_path / "out"), "--resume=auto"],
+                             env=env(), timeout=600, capture_output=True, text=True)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-2000:]
+    full = subprocess.run([*TORCHRUN, str(REPO / "train_gslrm.py"), *args(tmp_path / "full")], env=env(),
+                          timeout=600, capture_output=True, text=True)
+    assert full.returncode == 0, full.stderr[-2000:]
+    a, b = (load_file(tmp_path / o / "checkpoint-6" / "model.safetensors") for o in ("full", "out"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
