@@ -201,7 +201,8 @@ RENAMED = {"output_dir": "out_dir", "snr_gamma": "min_snr_gamma", "cond_drop_rat
 def load_config(cls, argv=None, aliases=None):
     """`cls` defaults, then every `--cfg x.yaml` (before any --key, wherever it stands), then --key=value /
     --key value in argv order. `aliases` maps other names (e.g. another code base's) to fields; RENAMED
-    maps earlier names. Errors: ConfigError."""
+    maps earlier names. A yaml's sections (see `field` below) go to cfg.sections, less the keys given on the
+    command line. Errors: ConfigError."""
     argv = list(sys.argv[1:] if argv is None else argv)
     hints = typing.get_type_hints(cls)
     aliases = {**{k: v for k, v in RENAMED.items() if k not in hints}, **(aliases or {})}
@@ -210,12 +211,17 @@ def load_config(cls, argv=None, aliases=None):
         print(f"usage: {Path(sys.argv[0]).name} [--cfg x.yaml] [--key=value ...]\n\n{inspect.getsource(cls)}"
               + (f"\naliases:{also}" if also else ""))
         raise SystemExit(0)
-    valid = [f.name for f in dataclasses.fields(cls) if f.init]
+    # a class with a `sections` field: a yaml mapping under one of its default's names (e.g. `stage_b:`) holds
+    # values for one part of the run only, kept in cfg.sections for the script to apply
+    field = next((f for f in dataclasses.fields(cls) if f.name == "sections"), None)
+    names = sorted(field.default_factory()) if field else []
+    valid = [f.name for f in dataclasses.fields(cls) if f.init and f is not field]
 
     def fail(where, msg):
-        return ConfigError(f"{where}: {msg} (valid keys: {', '.join(valid)})")
+        also = f"; sections: {', '.join(names)}" if names else ""
+        return ConfigError(f"{where}: {msg} (valid keys: {', '.join(valid)}{also})")
 
-    files, cli, args = [], [], iter(enumerate(argv))  # cli: (key, value, where, from_cli)
+    files, cli, args = [], [], iter(enumerate(argv))  # cli: (key, value, where, from_cli, section)
     for i, arg in args:
         key, eq, value = arg.partition("=")
         if not key.startswith("--") or key == "--":
@@ -231,7 +237,7 @@ def load_config(cls, argv=None, aliases=None):
         if key == "--cfg":
             files.append(value)
         else:
-            cli.append((key[2:], value, f"command line {arg!r}", True))
+            cli.append((key[2:], value, f"command line {arg!r}", True, None))
     overrides = []
     for file in files:
         try:
@@ -242,18 +248,30 @@ def load_config(cls, argv=None, aliases=None):
         if not isinstance(data, dict):
             raise ConfigError(f"config file {file} must be a mapping (key: value), "
                               f"not a {type(data).__name__}")
-        overrides += [(key, value, f"{file}: key {key!r}", False) for key, value in data.items()]
-    values = {}
-    for key, value, where, from_cli in overrides + cli:
+        if names and isinstance(data.get("sections"), dict):  # a saved config.yaml keeps them there
+            data = {**{k: v for k, v in data.items() if k != "sections"}, **data["sections"]}
+        for key, value in data.items():
+            if key in names and not isinstance(value, (dict, type(None))):
+                raise ConfigError(f"config file {file}: {key} must be a mapping (key: value), not {value!r}")
+            if key not in names:
+                overrides.append((key, value, f"{file}: key {key!r}", False, None))
+            else:  # `stage_b:` with nothing under it sets nothing
+                overrides += [(k, v, f"{file}: key {key}.{k}", False, key) for k, v in (value or {}).items()]
+    values, parts, from_cli = {}, {name: {} for name in names}, set()
+    for key, value, where, cli_value, part in overrides + cli:
         key = aliases.get(key, key)
         if isinstance(key, tuple):  # a renamed field whose meaning changed: the old value converted
             key, value = key[0], key[1](value)
         if key not in valid:
             raise fail(where, f"unknown key {key!r}")
         try:
-            values[key] = coerce(value, hints[key], cli=from_cli)
+            (parts[part] if part else values)[key] = coerce(value, hints[key], cli=cli_value)
         except (TypeError, ValueError, yaml.YAMLError) as err:
             raise fail(where, f"{key} expects {type_name(hints[key])}: {err}") from None
+        if cli_value:
+            from_cli.add(key)
+    if field:  # the command line wins over the sections too
+        values["sections"] = {n: {k: v for k, v in p.items() if k not in from_cli} for n, p in parts.items()}
     return cls(**values)  # the fields not given get fresh defaults (default_factory runs per call)
 
 

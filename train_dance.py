@@ -105,6 +105,8 @@ from weights import (
 @dataclass
 class Config:
     training_stage: str = "A"  # A: M2P pretraining | B: single frames | C: temporal modules | all: A -> B -> C
+    # a yaml's stage_a: / stage_b: / stage_c: mappings: values for that stage only (docs/operations.md)
+    sections: dict = dataclasses.field(default_factory=lambda: {"stage_a": {}, "stage_b": {}, "stage_c": {}})
     # ---- data (every stage)
     data_dir: str = "data/toy_dance"  # clip dirs + list files; the toy dancers are made here if missing
     train_list: str = "data_train.txt"  # relative to data_dir, or absolute
@@ -684,7 +686,7 @@ def stage_b(cfg):
             batch = {k: v.to(device) for k, v in next(loader).items() if torch.is_tensor(v)}
             B, gen = len(batch["frames"]), seeded(cfg.seed, rank, step, *([micro] if G > 1 else []))
             target_pose = batch["poses"][torch.arange(B, device=device), batch["offsets"][:, 0]]  # (B, J, 3)
-            # randomness of this step, all from its own generator: noise, timesteps, dropout, pose source
+            # randomness of this micro-batch, all from its own generator: noise, timesteps, dropout, pose source
             t = torch.randint(0, 1000, (B,), generator=gen).to(device)
             keep = (torch.rand(B, generator=gen) >= cfg.cond_drop_prob).to(device)
             use_m2p = (torch.rand(B, generator=gen) < p_m2p).to(device)
@@ -728,8 +730,7 @@ def stage_b(cfg):
                 if "pose" in parts:
                     loss = loss + cfg.pose_loss_weight * parts["pose"]
             grad_norm = backward_and_step(accelerator, raw, optimizer, loss, guard, step, cfg.grad_clip, micro, G)
-            for k, v in {"loss": loss, **parts}.items():
-                logged[k] = logged.get(k, 0.0) + v.item() / G
+            logged = {k: logged.get(k, 0.0) + v.item() / G for k, v in {"loss": loss, **parts}.items()}
 
         if main_proc and step % cfg.log_every == 0:
             dt = (time.perf_counter() - t_last) / (cfg.log_every if step > start_step else 1)
@@ -946,8 +947,7 @@ def stage_c(cfg):
                     parts["pose"], _ = heatmap_loss(logits, batch["poses"], cfg.heatmap_sigma)
                     loss = loss + cfg.pose_loss_weight * parts["pose"]
             grad_norm = backward_and_step(accelerator, raw, optimizer, loss, guard, step, cfg.grad_clip, micro, G)
-            for k, v in {"loss": loss, **parts}.items():
-                logged[k] = logged.get(k, 0.0) + v.item() / G
+            logged = {k: logged.get(k, 0.0) + v.item() / G for k, v in {"loss": loss, **parts}.items()}
         if main_proc and step % cfg.log_every == 0:
             dt = (time.perf_counter() - t_last) / (cfg.log_every if step > start_step else 1)
             t_last = time.perf_counter()
@@ -967,17 +967,21 @@ def stage_c(cfg):
 
 def main(cfg):
     stages = {"A": stage_a, "B": stage_b, "C": stage_c}
+
+    def at(s):  # a stage's own run: its section's values over the top-level ones
+        return dataclasses.replace(cfg, **{**cfg.sections.get(f"stage_{s.lower()}", {}), "training_stage": s})
+
     if cfg.training_stage == "all":
         for stage in "ABC":
             done = (Path(cfg.out_dir) / f"stage_{stage}" / "final" / "COMPLETE").is_file()
             if done and cfg.resume:  # --resume=auto: finished stages are skipped, the next one continues
                 print(f"stage {stage}: {Path(cfg.out_dir) / f'stage_{stage}' / 'final'} is complete, skipped")
                 continue
-            stages[stage](dataclasses.replace(cfg, training_stage=stage))
+            stages[stage](at(stage))
         return None
     if cfg.training_stage not in stages:
         raise InputError(f"--training_stage={cfg.training_stage!r}: expected one of the stages A, B, C or all")
-    return stages[cfg.training_stage](cfg)
+    return stages[cfg.training_stage](at(cfg.training_stage))
 
 
 if __name__ == "__main__":

@@ -108,24 +108,34 @@ def facelift_gslrm(tmp_path, vgg19_mat, **_):
     return "psnr", "recon_psnr"
 
 
-def dance_stage_a(tmp_path, tiny_dance, **_):
+# The dance configs chain A -> B -> C as shipped: M2P preset, joints, fps and the noise schedule are never
+# overridden (stage B rebuilds stage A's M2P from its preset, stage C checks stage B's schedule), so the test
+# catches a config that disagrees with the one before it. Overridden: sizes (the 5 s window -> 1 s, the
+# iresnet100 recognizer -> the toy IResNet, 512 px -> 32 px), steps and paths, the same in every stage.
+DANCE = dict(window=30, face_recognizer_arch="toy", num_workers=0, log_every=1, warmup_steps=1)
+
+
+def arcface_file(tmp_path):
     torch.manual_seed(0)
     torch.save(IResNet(**IRESNET_CONFIGS["toy"]).state_dict(), tmp_path / "backbone.pth")  # arcface_torch
-    short = dict(SHORT, max_steps_a=SHORT["max_steps"])
-    del short["max_steps"]
-    cfg, m2p = run(train_dance, "dance_stage_a.yaml", data_dir=tiny_dance, face_recognizer_path=tmp_path /
-                   "backbone.pth", face_recognizer_arch="toy", m2p_preset="tiny", window=30, batch_size=2,
-                   val_samples=2, out_dir=tmp_path / "out", **short)
-    assert cfg.fps == 30 and cfg.lr_a == 1e-4
+    return tmp_path / "backbone.pth"
+
+
+def dance_stage_a(tmp_path, tiny_dance, **_):
+    cfg, m2p = run(train_dance, "dance_stage_a.yaml", data_dir=tiny_dance, face_recognizer_path=arcface_file(tmp_path),
+                   batch_size=2, val_samples=2, out_dir=tmp_path / "out", max_steps_a=2, val_every=2, ckpt_every=2,
+                   **DANCE)
+    assert cfg.fps == 30 and cfg.lr_a == 1e-4 and cfg.m2p_preset == "base"
     return "pose_err", "beat_align_shuffled"
 
 
 def dance_stage_b(tmp_path, tiny_dance, **_):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-    torch.manual_seed(0)
-    torch.save(IResNet(**IRESNET_CONFIGS["toy"]).state_dict(), tmp_path / "backbone.pth")  # arcface_torch
-    sd = tmp_path / "stable-diffusion-v1-5"  # SD-1.5's unet/ and vae/ layouts (latents at 1/8, 4 channels)
+    recognizer = arcface_file(tmp_path)
+    sd = tmp_path / "stable-diffusion-v1-5"  # SD-1.5's unet/, vae/ and scheduler/ layouts (latents at 1/8)
+    PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                  skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False).save_pretrained(sd / "scheduler")
     UNet2DConditionModel(**{**DANCE_UNET_CONFIGS["tiny"], "in_channels": 4, "out_channels": 4}).save_pretrained(
         sd / "unet")
     AutoencoderKL(block_out_channels=(8,) * 4, down_block_types=("DownEncoderBlock2D",) * 4,
@@ -134,15 +144,15 @@ def dance_stage_b(tmp_path, tiny_dance, **_):
     CLIPVisionModelWithProjection(CLIPVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
         patch_size=8, projection_dim=16)).save_pretrained(tmp_path / "clip")
-    common = dict(data_dir=tiny_dance, face_recognizer_path=tmp_path / "backbone.pth", face_recognizer_arch="toy",
-                  window=30, batch_size=2, val_samples=2, out_dir=tmp_path / "out", num_workers=0, log_every=1,
-                  warmup_steps=1, m2p_preset="tiny")
+    common = dict(data_dir=tiny_dance, face_recognizer_path=recognizer, batch_size=2, val_samples=2,
+                  out_dir=tmp_path / "out", **DANCE)
     run(train_dance, "dance_stage_a.yaml", max_steps_a=1, val_every=1, ckpt_every=1,
         **common)  # stage B starts from stage A's final/
     cfg, net = run(train_dance, "dance_stage_b.yaml", unet_path=sd / "unet", vae_path=sd / "vae",
                    clip_path=tmp_path / "clip", image_size=32, max_steps_b=2, m2p_unfreeze_step=1, val_every=2,
                    ckpt_every=2, val_steps=2, val_frames=2, **common)
-    assert cfg.lr_b == 1e-4 and cfg.m2p_lr_b == 1e-5 and cfg.id_loss_weight == 0.1
+    assert cfg.lr_b == 1e-4 and cfg.m2p_lr_b == 1e-5 and cfg.id_loss_weight == 0.1 and cfg.m2p_preset == "base"
+    assert (cfg.beta_schedule, cfg.prediction_type, cfg.zero_snr) == ("scaled_linear", "v_prediction", True)
     assert (tmp_path / "out" / "stage_B" / "final" / "unet" / "config.json").is_file()
     return "psnr", "psnr_copy_ref", "psnr_wrong_pose", "id_cos", "id_cos_other"
 
@@ -155,11 +165,10 @@ def dance_stage_c(tmp_path, tiny_dance, **_):
                   motion_num_attention_heads=2, motion_norm_num_groups=8, use_motion_mid_block=False).save_pretrained(
         tmp_path / "motion")  # AnimateDiff's layout (position table 32: rebuilt for 4 frames)
     cfg, net = run(train_dance, "dance_stage_c.yaml", vae_path=sd / "vae", clip_path=tmp_path / "clip",
-                   face_recognizer_path=tmp_path / "backbone.pth", face_recognizer_arch="toy",
-                   motion_adapter_path=tmp_path / "motion", data_dir=tiny_dance, out_dir=tmp_path / "out",
-                   image_size=32, max_steps_c=2, val_every=2, ckpt_every=2, val_steps=2, val_samples_c=2,
-                   seq_len_start=2, seq_len_end=4, seq_len_ramp_steps=2, num_workers=0, log_every=1, warmup_steps=1,
-                   m2p_preset="tiny")
+                   face_recognizer_path=tmp_path / "backbone.pth", motion_adapter_path=tmp_path / "motion",
+                   data_dir=tiny_dance, out_dir=tmp_path / "out", image_size=32, max_steps_c=2, val_every=2,
+                   ckpt_every=2, val_steps=2, val_samples_c=2, seq_len_start=2, seq_len_end=4, seq_len_ramp_steps=2,
+                   **DANCE)
     assert cfg.lr_c == 5e-5 and cfg.temporal_loss_weight == 0.1
     assert (tmp_path / "out" / "final" / "unet" / "config.json").is_file()
     return "psnr", "temporal_err", "bg_flicker", "id_cos"

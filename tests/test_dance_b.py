@@ -2,13 +2,15 @@
 guider, schedules, the freeze matrix, the SD-layout loaders, the sampler, and train_dance.py's stage B
 (runs after stage A, starts from its M2P, resumes exactly)."""
 import copy
+import dataclasses
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 from safetensors.torch import load_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -28,7 +30,7 @@ from models import (
     to_model_space,
 )
 from plumbing import InputError, load_config
-from weights import load_clip_image_encoder, load_unet, load_vae
+from weights import check_sd_scheduler, load_clip_image_encoder, load_unet, load_vae
 
 J, D = 24, DANCE_UNET_CONFIGS["tiny"]["cross_attention_dim"]
 
@@ -261,6 +263,21 @@ def test_loaders_read_the_sd_layouts(tmp_path):
     for load in (load_unet, load_vae, load_clip_image_encoder):
         with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
             load(tmp_path / "nowhere")
+
+
+def test_a_noise_schedule_that_contradicts_the_sd_folders_is_refused(tmp_path):
+    sd = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    PNDMScheduler(**sd, skip_prk_steps=True, steps_offset=1).save_pretrained(tmp_path / "scheduler")
+    unet = tmp_path / "unet"
+    shipped = Path(train_dance.__file__).parent / "configs" / "dance_stage_b.yaml"
+    real = load_config(train_dance.Config, ["--cfg", str(shipped)])
+    check_sd_scheduler(unet, train_dance.dance_scheduler(real).config)  # the shipped config agrees
+    check_sd_scheduler("", train_dance.dance_scheduler(train_dance.Config()).config)  # no SD folder: the toy's
+    check_sd_scheduler(tmp_path / "elsewhere" / "unet", train_dance.dance_scheduler(train_dance.Config()).config)
+    for key, value in (("beta_schedule", "squaredcos_cap_v2"), ("beta_end", 0.02)):
+        wrong = train_dance.dance_scheduler(dataclasses.replace(real, **{key: value})).config
+        with pytest.raises(InputError, match=rf"scheduler_config.json: .* {key}={sd[key]!r}, .* {key}={value!r}"):
+            check_sd_scheduler(unet, wrong)
 
 
 def test_sample_frames_are_finite_and_batch_independent(net):

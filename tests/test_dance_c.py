@@ -141,6 +141,77 @@ def train(data, out, *args):
     return train_dance.main(load_config(train_dance.Config, [f"--data_dir={data}", f"--out_dir={out}", *args]))
 
 
+def test_each_stage_runs_with_its_section_of_one_yaml(tmp_path, monkeypatch):
+    seen = {}
+    for s in "ABC":  # the stages record the config they are given
+        monkeypatch.setattr(train_dance, f"stage_{s.lower()}", lambda cfg: seen.setdefault(cfg.training_stage, cfg))
+    one = tmp_path / "all.yaml"
+    one.write_text("training_stage: all\nbatch_size: 16\nlr_b: 1.0e-3\nstage_b:\n  batch_size: 4\n  lr_b: 1.0e-4\n"
+                   "stage_c:\n  batch_size: 2\n  training_stage: A\n")
+    train_dance.main(load_config(train_dance.Config, ["--cfg", str(one)]))
+    assert [(seen[s].batch_size, seen[s].lr_b) for s in "ABC"] == [(16, 1e-3), (4, 1e-4), (2, 1e-3)]
+    assert seen["C"].training_stage == "C"  # a section cannot move its stage
+    seen.clear()  # one stage runs with its own section; the command line wins over it
+    train_dance.main(load_config(train_dance.Config, ["--cfg", str(one), "--training_stage=B", "--lr_b=5e-4"]))
+    assert list(seen) == ["B"] and (seen["B"].batch_size, seen["B"].lr_b) == (4, 5e-4)
+
+
+def per_sample_draws(kind, real):
+    """torch.<kind> that draws the same values for every sample when given a generator (the training step's
+    draws): t = 500 (no identity loss), no condition dropped, no M2P pose, noise a fixed pattern."""
+    def draw(*args, generator=None, **kwargs):
+        if generator is None:
+            return real(*args, **kwargs)
+        size = torch.Size(args[2] if kind == "randint" else args[0] if not isinstance(args[0], int) else args)
+        if kind != "randn":
+            return torch.full(size, 500) if kind == "randint" else torch.ones(size)
+        return torch.linspace(-2, 2, size[1:].numel()).reshape(size[1:]).expand(size).clone()  # (B, ...)
+    return draw
+
+
+def first_step_grads(monkeypatch, data, out, *args):
+    """The gradient that a run's first optimizer step applies, one tensor (or None) per grouped parameter."""
+    grads, step = [], torch.optim.AdamW.step
+
+    def recording(self, *a, **k):
+        if not grads:
+            grads.append([None if p.grad is None else p.grad.clone() for g in self.param_groups for p in g["params"]])
+        return step(self, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.optim.AdamW, "step", recording)
+        for kind in ("randint", "rand", "randn"):
+            m.setattr(torch, kind, per_sample_draws(kind, getattr(torch, kind)))
+        train(data, out, *args)
+    return grads[0]
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_in_stages_b_and_c_equals_the_larger_batch(tiny_dance, tmp_path, monkeypatch):
+    # 2 micro-batches of 1 against 1 batch of 2: the same samples (StepSampler: one sampler step per micro-batch,
+    # items k = step * batch + i either way), the same per-sample draws (the real ones come from one generator
+    # per micro-batch, so they differ: per_sample_draws controls them), one optimizer step; the loss is a mean
+    # over samples of equal size, so the accumulated gradient is the batch's
+    tiny = ["--m2p_preset=tiny", "--window=30", "--unet_preset=tiny", "--image_size=16", "--toy_pretrain_steps=0",
+            "--val_every=100", "--ckpt_every=100", "--val_samples=1", "--val_frames=1", "--val_steps=1",
+            "--val_samples_c=1", "--warmup_steps=1", "--seq_len_start=3", "--seq_len_end=3", "--motion_heads=2",
+            "--grad_clip=1e9"]  # clipping to a norm would hide a gradient's scale
+    train(tiny_dance, tmp_path / "x", *tiny, "--training_stage=A", "--max_steps_a=1", "--batch_size=2")
+    b_final = tmp_path / "x" / "stage_B" / "final"
+    for stage, batch, more in (("B", "batch_size", [f"--m2p_path={tmp_path / 'x' / 'stage_A' / 'final'}"]),
+                               ("C", "batch_size_c", [f"--stage_b_path={b_final}"])):
+        run = [*tiny, f"--training_stage={stage}", f"--max_steps_{stage.lower()}=1", *more]
+        whole = first_step_grads(monkeypatch, tiny_dance, tmp_path / "x", *run, f"--{batch}=2")
+        accum = first_step_grads(monkeypatch, tiny_dance, tmp_path / f"g{stage}", *run, f"--{batch}=1",
+                                 "--grad_accum=2")
+        assert len(whole) == len(accum) and sum(g is not None for g in whole) > 10, stage
+        for a, b in zip(whole, accum):
+            assert (a is None) == (b is None), stage
+            if a is not None:
+                err = ((a - b).abs().max() / a.abs().max().clamp(min=1e-12)).item()
+                assert err < 1e-4, stage
+
+
 def test_sequence_length_curriculum_at_its_boundaries():
     cfg = load_config(train_dance.Config, ["--seq_len_start=8", "--seq_len_end=32", "--seq_len_ramp_steps=100"])
     assert [train_dance.seq_len_at(s, cfg) for s in (0, 50, 100, 101, 10_000)] == [8, 20, 32, 32, 32]

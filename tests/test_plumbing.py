@@ -180,3 +180,28 @@ def test_earlier_names_still_load(tmp_path):
     cfg = load_config(train_mvdiff.Config, ["--snr_gamma=3", "--cond_drop_rate=0.1", "--reference_view_idx=0"])
     assert (cfg.min_snr_gamma, cfg.cond_drop_prob, cfg.reference_view) == (3.0, 0.1, "0")
     assert load_config(sample.Config, ["--output_dir=y"]).out_dir == "y"
+
+
+@dataclass
+class Staged:
+    steps: int = 10
+    lr: float = 1e-3
+    sections: dict = field(default_factory=lambda: {"stage_a": {}, "stage_b": {}})
+
+
+def test_sections_hold_one_parts_values_and_the_command_line_wins(tmp_path):
+    path = write(tmp_path, "steps: 5\nstage_b:\n  lr: 1e-4\n  steps: 7\n")
+    cfg = load_config(Staged, ["--cfg", path, "--steps=9"])
+    assert (cfg.steps, cfg.lr) == (9, 1e-3)  # the top-level values are every part's
+    assert cfg.sections == {"stage_a": {}, "stage_b": {"lr": 1e-4}}  # coerced; --steps wins over the section
+    save_config(cfg, tmp_path / "saved.yaml")  # a saved config keeps them under `sections`: it reloads the same
+    assert load_config(Staged, ["--cfg", str(tmp_path / "saved.yaml")]) == cfg
+    for text, match in (("stage_b:\n  lrr: 1\n", r"key stage_b.lrr: unknown key 'lrr' .*; sections: stage_a, stage_b"),
+                        ("stage_b:\n  lr: fast\n", r"key stage_b.lr: lr expects float"),
+                        ("stage_a: 3\n", "stage_a must be a mapping")):
+        with pytest.raises(ConfigError, match=match):
+            load_config(Staged, ["--cfg", write(tmp_path, text)])
+    with pytest.raises(ConfigError, match="unknown key 'sections'"):  # only a yaml's mappings set them
+        load_config(Staged, ["--sections={}"])
+    with pytest.raises(ConfigError, match="unknown key 'stage_b'"):  # a class without sections has none
+        load_config(Cfg, ["--cfg", write(tmp_path, "stage_b:\n  lr: 1\n")])
