@@ -321,6 +321,18 @@ def no_sync(accelerator, skip, *models):
     return stack
 
 
+def matrix_rows(net, m2p, recognizer, clip, vae, temporal=()):
+    """{freeze-matrix row: [parameters]} of a stage-B or C model; `temporal`: the motion modules' (stage C)."""
+    ids = {id(p) for p in temporal}
+    rows = {"spatial_unet": [p for p in net.unet.parameters() if id(p) not in ids], "temporal_modules": list(temporal),
+            "referencenet": list(net.referencenet.parameters()), "pose_guider": list(net.guider.parameters()),
+            "face_tokens": list(net.face_tokens.parameters()), "m2p": list(m2p.parameters()),
+            "face_recognizer": list(recognizer.parameters()), "clip": list(clip.parameters())}
+    if vae is not None:
+        rows["vae"] = list(vae.parameters())
+    return {k: v for k, v in rows.items() if v or k != "temporal_modules"}  # stage B has no motion modules
+
+
 def backward_and_step(accelerator, net, optimizer, loss, guard, step, grad_clip, micro=0, G=1):
     """Stages B and C: backward of micro-batch `micro`'s loss / G, clear the reference store (only after
     backward: gradient checkpointing re-reads it there); after the last of G, clip and step unless the
@@ -624,12 +636,7 @@ def stage_b(cfg):
     # m2p_unfreeze_step (its outputs detached), then m2p_lr_b. M2P's face head stays frozen: the
     # identity comes from the recognizer of the reference face.
     m2p.face_head.requires_grad_(False)
-    rows = {"spatial_unet": list(net.unet.parameters()), "referencenet": list(net.referencenet.parameters()),
-            "pose_guider": list(net.guider.parameters()), "face_tokens": list(net.face_tokens.parameters()),
-            "m2p": list(m2p.parameters()), "face_recognizer": list(recognizer.parameters()),
-            "clip": list(clip.parameters())}
-    if vae is not None:
-        rows["vae"] = list(vae.parameters())
+    rows = matrix_rows(net, m2p, recognizer, clip, vae)
     trainable = [p for k in ("spatial_unet", "pose_guider", "face_tokens") for p in rows[k] if p.requires_grad]
     groups = [{"name": "stage_b", "params": trainable, "initial_lr": cfg.lr_b},
               {"name": "referencenet", "params": [p for p in rows["referencenet"] if p.requires_grad],
@@ -859,13 +866,7 @@ def stage_c(cfg):
                        "initial_lr": cfg.m2p_lr_c})
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr_c, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     if main_proc:
-        ids = {id(p) for p in temporal}
-        rows = {"spatial_unet": [p for p in net.unet.parameters() if id(p) not in ids], "temporal_modules": temporal,
-                "referencenet": list(net.referencenet.parameters()), "pose_guider": list(net.guider.parameters()),
-                "face_tokens": list(net.face_tokens.parameters()), "face_recognizer": list(recognizer.parameters()),
-                "clip": list(clip.parameters()), "m2p": list(m2p.parameters())}
-        if vae is not None:
-            rows["vae"] = list(vae.parameters())
+        rows = matrix_rows(net, m2p, recognizer, clip, vae, temporal)
         head = len(list(m2p.face_head.parameters()))
         check_freeze("C", rows, optimizer, {"m2p": (head, f"lr {cfg.m2p_lr_c:g}; face head frozen")},
                      ["m2p"] if cfg.m2p_lr_c > 0 else [])
