@@ -1,6 +1,6 @@
 """The README's figure (docs/figure.png), composed from what sample.py wrote; nothing is trained or sampled here.
 
-    python docs/make_figure.py          # the folders of the README's figure commands, under out/figure_runs/
+    python docs/make_figure.py          # the folders of the README's figure commands, under out/figure/
 
 Mouse row: the input view -> the 6 generated views -> the Gaussians rendered at the rig's 6 cameras (sample.py's
 input.png, multiview.png, renders.png). Dance row: the reference + the music (waveform, librosa's beats, the
@@ -73,8 +73,8 @@ def arrow(draw, x, y):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mouse", default="out/figure_runs/sample", help="sample.py --out_dir of the mouse chain")
-    p.add_argument("--dance", default="out/figure_runs/dance_sample", help="sample.py --music's --out_dir")
+    p.add_argument("--mouse", default="out/figure/sample", help="sample.py --out_dir of the mouse chain")
+    p.add_argument("--dance", default="out/figure/dance_sample", help="sample.py --music's --out_dir")
     p.add_argument("--music", default="data/toy_dance/clip_00095/audio.wav", help="the --music it was made from")
     p.add_argument("--fps", type=int, default=30, help="the dance video's frame rate")
     p.add_argument("--out", default="docs/figure.png")
