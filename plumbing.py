@@ -57,7 +57,17 @@ class SkipGuard:
     before anything more is saved. Decide on the all-reduced gradient norm: every rank skips alike."""
 
     def __init__(self, limit, skipped=0):
-        self.limit, self.skipped, self.in_a_row = limit, skipped, 0
+        self.limit, self.skipped, self.in_a_row, self.norm = limit, skipped, 0, None
+
+    def check_weights(self, module, step, growth=10.0):
+        """Call at the start and before every save: weights whose norm grew more than `growth`-fold since the
+        last call stop the run (TrainingDiverged) before they are saved; a huge learning rate blows them up
+        with every gradient finite."""
+        norm = torch.linalg.vector_norm(torch.stack([p.detach().float().norm() for p in module.parameters()]))
+        if self.norm is not None and not norm.item() <= growth * self.norm:  # NaN too
+            raise TrainingDiverged(f"step {step}: the weights' norm grew from {self.norm:.4g} to {norm.item():.4g} "
+                                   "since the last checkpoint: nothing saved; lower the learning rate")
+        self.norm = norm.item()
 
     def should_step(self, good, step, why, log=True):
         if good:

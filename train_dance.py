@@ -449,6 +449,7 @@ def stage_a(cfg):
                                    lambda path: load_checkpoint(path, {"m2p": m2p}, {"optimizer": optimizer}))
     model, optimizer = accelerator.prepare(m2p, optimizer)
     raw = accelerator.unwrap_model(model)
+    guard.check_weights(raw, start_step)  # the reference for the checks before each save
     if main_proc:  # the run is set up: its config replaces an earlier one only now
         save_config(cfg, out_dir / "config.yaml")
     G, total = cfg.grad_accum, cfg.max_steps_a
@@ -474,6 +475,7 @@ def stage_a(cfg):
                     print(f"video {video}")
             accelerator.wait_for_everyone()
         if step > start_step and (step % cfg.ckpt_every == 0 or step == total):
+            guard.check_weights(raw, step)
             if main_proc:
                 path = save_checkpoint(out_dir, step, {"m2p": raw}, {"optimizer": optimizer}, cfg,
                                        {"skipped": guard.skipped})
@@ -659,6 +661,7 @@ def stage_b(cfg):
         path, {"dance": net, "m2p": m2p}, {"optimizer": optimizer}))
     model, m2p_model, optimizer = accelerator.prepare(net, m2p, optimizer)
     raw = accelerator.unwrap_model(model)
+    guard.check_weights(raw, start_step)  # the reference for the checks before each save
     if main_proc:
         save_config(cfg, out_dir / "config.yaml")
     G, global_batch, total = cfg.grad_accum, cfg.batch_size * accelerator.num_processes, cfg.max_steps_b
@@ -675,6 +678,7 @@ def stage_b(cfg):
                 print(f"grid {grid}")
             accelerator.wait_for_everyone()
         if step > start_step and (step % cfg.ckpt_every == 0 or step == total):
+            guard.check_weights(raw, step)
             if main_proc:
                 path = save_checkpoint(out_dir, step, {"dance": raw, "m2p": accelerator.unwrap_model(m2p_model)},
                                        {"optimizer": optimizer}, cfg, {"skipped": guard.skipped})
@@ -879,6 +883,7 @@ def stage_c(cfg):
     model, optimizer = accelerator.prepare(net, optimizer)
     m2p_model = accelerator.prepare(m2p) if cfg.m2p_lr_c > 0 else m2p  # DDP only when it trains
     raw = accelerator.unwrap_model(model)
+    guard.check_weights(raw, start_step)  # the reference for the checks before each save
     if main_proc:
         save_config(cfg, out_dir / "config.yaml")
     B, G, total = cfg.batch_size_c, cfg.grad_accum, cfg.max_steps_c
@@ -895,6 +900,7 @@ def stage_c(cfg):
                 print(f"grid {grid}" + (" (step 0: stage B applied frame by frame)" if step == 0 else ""))
             accelerator.wait_for_everyone()
         if step > start_step and (step % cfg.ckpt_every == 0 or step == total):
+            guard.check_weights(raw, step)
             if main_proc:
                 path = save_checkpoint(out_dir, step, {"dance": raw, "m2p": m2p}, {"optimizer": optimizer}, cfg,
                                        {"skipped": guard.skipped})

@@ -203,6 +203,7 @@ def main(cfg):
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
+    guard.check_weights(raw_model, start_step)  # the reference for the checks before each save
 
     global_batch = cfg.batch_size * accelerator.num_processes
     sampler = StepSampler(len(train_set), global_batch, accelerator.process_index, accelerator.num_processes,
@@ -234,6 +235,7 @@ def main(cfg):
                 print(f"grid {grid}" + (f" | gaussians {ply}" if ply else ""))
             accelerator.wait_for_everyone()
         if step > start_step and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
+            guard.check_weights(raw_model, step)
             if main_proc:
                 path = save_checkpoint(out_dir, step, {"model": raw_model}, {"optimizer": optimizer}, cfg,
                                        {"skipped": guard.skipped}, rig)

@@ -292,6 +292,7 @@ def main(cfg):
     start_step, guard = resume_run(cfg, out_dir, accelerator, load)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
+    guard.check_weights(raw_model, start_step)  # the reference for the checks before each save
 
     # diffusion: DDPM noising for training, DDIM (same betas) for sampling
     noise_scheduler, sampler_scheduler = mv_schedulers(cfg.prediction_type, cfg.beta_schedule, cfg.beta_start,
@@ -316,6 +317,7 @@ def main(cfg):
                 print(f"{'ema ' if ema is not None else ''}grids {', '.join(map(str, grids))}")
             accelerator.wait_for_everyone()
         if step > start_step and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
+            guard.check_weights(raw_model, step)
             if main_proc:
                 path = save_mv_checkpoint(out_dir, step, raw_model, ema, optimizer, cfg, rig, prompt_file,
                                           {"skipped": guard.skipped})

@@ -192,3 +192,20 @@ def test_broken_checkpoints_are_named(tmp_path):
     path = save_checkpoint(tmp_path, 2, {"model": model})
     with pytest.raises(InputError, match="non-finite weights"):
         load_checkpoint(path, {"model": model})
+
+
+@pytest.mark.parametrize("script", ["train_gslrm", "train_dance"])
+def test_weights_blown_up_with_finite_gradients_are_never_saved(script, tiny_mice, tiny_dance, tiny_cfg, tmp_path):
+    """lr 1e6 from the first step: every gradient is clipped and finite, the loss may stay finite, but the
+    weights jump by orders of magnitude; the run stops before any checkpoint holds them."""
+    import importlib
+
+    from plumbing import TrainingDiverged, latest_checkpoint
+    trainer = importlib.import_module(script)
+    lr = {"train_gslrm": "lr", "train_dance": "lr_a"}[script]
+    out = tmp_path / "out"
+    cfg = tiny_cfg(trainer, tiny_dance if script == "train_dance" else tiny_mice, out, warmup_steps=1,
+                   ckpt_every=1, **{lr: 1e6})
+    with pytest.raises(TrainingDiverged, match="weights' norm grew from"):
+        trainer.main(cfg)
+    assert latest_checkpoint(out / ("stage_A" if script == "train_dance" else "")) is None
