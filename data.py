@@ -58,9 +58,19 @@ def check_frames(frames, path):
         if np.abs(R @ R.T - np.eye(3)).max() > 1e-3 or np.abs(w2c[3] - [0, 0, 0, 1]).max() > 1e-6:
             raise InputError(f"{path}: frame {i} w2c is not a rigid transform (rotation must be "
                              f"orthonormal, last row 0 0 0 1): {fr['w2c']}")
+        if np.linalg.det(R) < 0:  # orthonormal with det -1: one axis flipped, a mirror image of the world
+            raise InputError(f"{path}: frame {i} w2c rotation has det -1 (a mirrored camera: one axis "
+                             "flipped); OpenCV cameras are right-handed (x right, y down, z forward)")
         intr = [fr[k] for k in ("fx", "fy", "cx", "cy")]
         if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in intr) or not min(intr[:2]) > 0:
             raise InputError(f"{path}: frame {i} needs finite intrinsics with fx, fy > 0, got {intr}")
+    centres, dirs = centre_rays(frames)
+    target = meeting_point(centres, dirs)
+    if target is not None and (behind := (((target - centres) * dirs).sum(-1) <= 0).nonzero()[:, 0].tolist()):
+        who = "every camera faces" if len(behind) == len(frames) else f"frames {behind} face"
+        at = [round(v, 2) for v in target.tolist()]
+        raise InputError(f"{path}: {who} away from the point the cameras look at {at}: an OpenGL file "
+                         "(camera looking down -z)? convert it: c2w_cv = c2w_gl @ diag(1, -1, -1, 1)")
 
 
 def write_cameras(path, cams):
@@ -112,16 +122,16 @@ BUILTIN_RIGS = {
         prompt_embeds_sha256="b9e51666588d0f075e031262744d371e12076160231aab19a531dbf7ab976e4d",
         description="FaceLift's 6 multi-view diffusion views: elevation 0, "
                     "azimuth offsets from the front 0, -45, -90, 180, +90, +45 deg"),
-    # measured from the set-up's camera file (in FaceLift's camera space: fx = fy = 549 at 512 px)
+    # measured from the set-up's camera file (FaceLift's camera space); names: azimuths about the origin
     "mouse_6view": dict(
         views=["cam0_az-145", "cam1_az+32", "cam2_az+97", "cam3_az-24", "cam4_az+158", "cam5_az-79"],
-        azimuths=[-145, 32, 97, -24, 158, -79], elevations=[0.7, 15.0, 2.2, 0.7, 15.3, 18.3],
+        azimuths=[-144.0, 31.2, 94.6, -22.6, 156.7, -76.5], elevations=[0.7, 15.0, 2.2, 0.7, 15.3, 18.3],
         distances=[2.67, 2.92, 2.70, 2.66, 2.74, 2.71], target=(-0.11, -0.02, -0.42),
         prompt_embeds="mvdiffusion/data/mouse_prompt_embeds_6view/clr_embeds.pt",
         description="a published 6-camera mouse set-up's measured geometry, in the capture's camera order: "
-                    "cameras aim at (-0.11, -0.02, -0.42); seen from there azimuths -145, 32, 97, -24, 158, "
-                    "-79 deg, elevations 0.7, 15.0, 2.2, 0.7, 15.3, 18.3 deg, distances 2.67, 2.92, 2.70, "
-                    "2.66, 2.74, 2.71; fx/w 1.072"),
+                    "cameras aim at (-0.11, -0.02, -0.42); seen from there azimuths -144.0, 31.2, 94.6, -22.6, "
+                    "156.7, -76.5 deg (about the origin -145, 32, 97, -24, 158, -79), elevations 0.7, 15.0, 2.2, "
+                    "0.7, 15.3, 18.3 deg, distances 2.67, 2.92, 2.70, 2.66, 2.74, 2.71; fx/w 1.072"),
 }
 
 
@@ -151,26 +161,44 @@ def load_rig(name_or_path):
     return rig
 
 
+def centre_rays(frames):
+    """Camera centres (V, 3) and unit rays through the image centres (V, 3): what each view looks at.
+    A crop moves the principal point, not the view, so the ray is through (w/2, h/2), not the optical axis."""
+    c2w = torch.linalg.inv(torch.tensor([fr["w2c"] for fr in frames], dtype=torch.float64))  # (V, 4, 4)
+    d_cam = torch.tensor([[(fr["w"] / 2 - fr["cx"]) / fr["fx"], (fr["h"] / 2 - fr["cy"]) / fr["fy"], 1.0]
+                          for fr in frames], dtype=torch.float64)  # (V, 3)
+    d = F.normalize((c2w[:, :3, :3] @ d_cam[:, :, None])[:, :, 0], dim=-1)  # (V, 3)
+    return c2w[:, :3, 3], d
+
+
+def meeting_point(centres, dirs):
+    """The least-squares meeting point (3,) of rays (centres, unit dirs), or None when they are parallel."""
+    P = torch.eye(3, dtype=torch.float64) - dirs[:, :, None] * dirs[:, None, :]  # (V, 3, 3) projectors
+    if len(dirs) < 2 or torch.linalg.matrix_rank(P.sum(0)) < 3:
+        return None
+    return torch.linalg.lstsq(P.sum(0), (P @ centres[:, :, None]).sum(0)).solution[:, 0]  # (3,)
+
+
 def camera_geometry(frames):
     """Per view: azimuth, elevation (deg) and distance seen from the point the cameras look at (the least-
-    squares meeting point of their optical axes; real rigs aim below the origin), normalised intrinsics."""
-    c2w = torch.linalg.inv(torch.tensor([fr["w2c"] for fr in frames], dtype=torch.float64))  # (V, 4, 4)
-    centres, axes = c2w[:, :3, 3], c2w[:, :3, 2]  # (V, 3) each
-    P = torch.eye(3, dtype=torch.float64) - axes[:, :, None] * axes[:, None, :]  # (V, 3, 3) projectors
-    target = torch.linalg.lstsq(P.sum(0), (P @ centres[:, :, None]).sum(0)).solution[:, 0]  # (3,)
-    if len(frames) < 2 or torch.linalg.matrix_rank(P.sum(0)) < 3:
+    squares meeting point of their image-centre rays; real rigs aim below the origin), normalised intrinsics."""
+    centres, axes = centre_rays(frames)
+    target = meeting_point(centres, axes)
+    if target is None:
         target = torch.zeros(3, dtype=torch.float64)  # parallel axes meet nowhere: use the origin
     dist = (centres - target).norm(dim=-1)  # (V,)
     d = (centres - target) / dist[:, None]  # (V, 3) unit directions
     intr = torch.tensor([[fr["fx"] / fr["w"], fr["fy"] / fr["h"], fr["cx"] / fr["w"], fr["cy"] / fr["h"]]
                          for fr in frames])  # (V, 4)
     az, el = torch.rad2deg(torch.atan2(d[:, 1], d[:, 0])), torch.rad2deg(torch.asin(d[:, 2].clamp(-1, 1)))
-    return {"dirs": d, "az": az, "el": el, "dist": dist, "intr": intr, "target": target}
+    aim = torch.rad2deg(torch.acos((-d * axes).sum(-1).clamp(-1, 1)))  # (V,) image centre to target, deg
+    return {"dirs": d, "az": az, "el": el, "dist": dist, "intr": intr, "target": target, "aim": aim}
 
 
 def rig_mismatch(rig, frames, tol_deg=8.0, radius_rtol=0.1, intr_rtol=0.05):
     """How cameras `frames` (opencv frames in view order) differ from `rig`, as text, or None. Directions
-    are seen from the point each camera set looks at, so re-centring and a few degrees of jitter pass."""
+    are seen from the point each camera set looks at, so a few degrees of jitter pass; that point must be
+    the rig's (GS-LRM reads rays relative to the world origin). The principal point may move (a crop)."""
     name = rig.get("name", "rig")
     if len(frames) != len(rig["frames"]):
         return f"{len(frames)} cameras, but rig {name!r} has {len(rig['frames'])} views ({rig['views']})"
@@ -194,7 +222,15 @@ def rig_mismatch(rig, frames, tol_deg=8.0, radius_rtol=0.1, intr_rtol=0.05):
     if ((a["dist"] - b["dist"]).abs() / b["dist"] > radius_rtol).any():
         problems.append(f"camera distance {[round(v, 2) for v in a['dist'].tolist()]} "
                         f"vs rig {[round(v, 2) for v in b['dist'].tolist()]}")
-    off = ((a["intr"] - b["intr"]).abs() / b["intr"].abs().clamp(min=1e-6) > intr_rtol).any(1)  # (V,)
+    if (bad := ((a["aim"] - b["aim"]).abs() > tol_deg).nonzero()[:, 0].tolist()):
+        problems.append(f"views {bad} are centred {[round(a['aim'][i].item()) for i in bad]} deg away from the "
+                        "point the cameras look at (cx, cy set to the image centre after a crop?)")
+    shift = a["target"] - b["target"]
+    if shift.norm() > radius_rtol * b["dist"].mean():
+        problems.append(f"the cameras look at {[round(v, 2) for v in a['target'].tolist()]}, rig {name!r} at "
+                        f"{[round(v, 2) for v in b['target'].tolist()]}: the world is translated by "
+                        f"{[round(v, 2) for v in shift.tolist()]} (move it back)")
+    off = ((a["intr"] - b["intr"])[:, :2].abs() / b["intr"][:, :2] > intr_rtol).any(1)  # (V,) focal only
     for i in off.nonzero()[:, 0].tolist():
         problems.append(f"view {i} ({rig['views'][i]}) intrinsics (fx/w, fy/h, cx/w, cy/h) "
                         f"{[round(v, 4) for v in a['intr'][i].tolist()]} vs rig "
@@ -227,8 +263,9 @@ def read_list_file(list_file):
     return [list_file.parent / ln for ln in lines]  # an absolute ln stays itself
 
 
-def load_rgba(path, size=None, bg=1.0):
-    """RGBA (or RGB) PNG -> (4, S, S) in [0, 1]: RGB composited on `bg`, alpha kept; resized to `size`."""
+def load_rgba(path, size=None, bg=1.0, wh=None):
+    """RGBA (or RGB) PNG -> (4, S, S) in [0, 1]: RGB composited on `bg`, alpha kept; resized to `size`.
+    wh: the (w, h) its camera frame's intrinsics are in pixels of, which the image must have."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: image missing")
@@ -242,6 +279,9 @@ def load_rgba(path, size=None, bg=1.0):
         raise InputError(f"{path}: cannot read image ({err})") from None
     if x.shape[0] != x.shape[1]:
         raise InputError(f"{path}: image is {x.shape[1]}x{x.shape[0]}, expected a square image")
+    if wh is not None and tuple(wh) != (x.shape[1], x.shape[0]):
+        raise InputError(f"{path}: image is {x.shape[1]}x{x.shape[0]}, its camera frame says {wh[0]}x{wh[1]} "
+                         "(intrinsics are in pixels of w x h): resize the image or scale the frame")
     x = x.permute(2, 0, 1)  # (4, H, W)
     x = torch.cat([x[:3] * x[3:] + bg * (1 - x[3:]), x[3:]])
     if size is not None and size != x.shape[-1]:
@@ -315,7 +355,9 @@ class MultiViewDataset(torch.utils.data.Dataset):
         rest = [i for i in range(len(frames)) if i not in inputs]
         views = inputs + [rest[i] for i in rng.choice(len(rest), n_target, replace=False)]
         sel = [frames[i] for i in views]
-        images = torch.stack([load_rgba(d / fr["file_path"], self.size) for fr in sel])  # (V, 4, S, S)
+        wh = [(fr["w"], fr["h"]) if cam_file else None for fr in sel]  # a rig's frames: any size, square
+        images = torch.stack([load_rgba(d / fr["file_path"], self.size, wh=s)
+                              for fr, s in zip(sel, wh)])  # (V, 4, S, S)
         w2c, K = frames_to_tensors(sel, self.size)
         return {"images": images, "w2c": w2c, "c2w": torch.linalg.inv(w2c), "fxfycxcy": K,
                 "views": torch.tensor(views), "path": str(d)}
