@@ -16,10 +16,12 @@ Dance: music + a reference -> a dance video (train_dance.py's top-level final/):
 
     python sample.py --music song.wav --ref_image data/toy_dance/clip_00095 --out_dir out/dance_sample
     python sample.py --music song.mp3 --ref_image me.png --ref_pose me.json --dance_checkpoint out/dance/final
+    python sample.py --music song.mp3 --ref_image me.png --pose_model dw-ll_ucoco_384.onnx   # pose found
     python sample.py --dance_eval_list data/toy_dance/data_val.txt --max_seconds 4 --out_dir out/dance_eval
 
 --ref_image is a clip folder (its frame ref_frame, with that frame's pose and face box) or an image with
---ref_pose (JSON: "pose": J x [x, y, visibility] and "face_box": [x0, y0, x1, y1], normalised to [0, 1]).
+--ref_pose (JSON: "pose": J x [x, y, visibility] and "face_box": [x0, y0, x1, y1], normalised to [0, 1]), or
+with --pose_model (a local RTMPose / DWPose whole-body ONNX: pose.py finds the pose and the face box).
 Music at any sample rate -> M2P poses -> frames in overlapping context windows (averaged at every
 step) -> dance.mp4 with the music (GIF without sound when ffmpeg is missing), poses.mp4 (the skeletons),
 poses.npy and contact_sheet.png. --dance_eval_list scores videos made from held-out clips' music alone
@@ -39,6 +41,7 @@ from tqdm import tqdm
 
 from data import (
     JOINT_SETS,
+    VISIBLE,
     RigMismatch,
     camera_geometry,
     crop_box,
@@ -80,6 +83,7 @@ from models import (
     to_model_space,
 )
 from plumbing import InputError, cli
+from pose import PoseModel, face_box
 from toy import frozen_encoders
 from weights import load_dance_final, load_gslrm_checkpoint, load_mv_checkpoint
 
@@ -106,6 +110,8 @@ class Config:
     music: str = ""  # audio file: a dance video instead of the mouse chain
     ref_image: str = ""  # a clip folder, or an image file with ref_pose
     ref_pose: str = ""  # JSON with "pose" and "face_box" for an image file
+    pose_model: str = ""  # or a whole-body ONNX that finds them (RTMPose / DWPose, as prepare_dance.py)
+    pose_detector: str = "full_frame"  # its person box: the whole image (one person), or a YOLOX ONNX
     ref_frame: int = 0  # the frame of a clip folder used as the reference
     dance_checkpoint: str = "out/dance/final"
     context_frames: int = 24  # frames per window (CHAMP: 24; at most the motion modules' table)
@@ -273,9 +279,11 @@ def read_dance_reference(cfg, J, fps):
         pose = np.load(path / "poses.npy")[cfg.ref_frame, :J]
         return read_frame(clip["source"], cfg.ref_frame), torch.tensor(pose, dtype=torch.float32), \
             torch.tensor(clip["boxes"][cfg.ref_frame], dtype=torch.float32)
+    if cfg.pose_model and not cfg.ref_pose:
+        return pose_reference(path, cfg, J)
     if not cfg.ref_pose:
-        raise InputError(f"--ref_image={path}: an image needs --ref_pose (JSON: pose, face_box); "
-                         "a clip folder does not")
+        raise InputError(f"--ref_image={path}: an image needs --ref_pose (JSON: pose, face_box) or --pose_model "
+                         "(a whole-body ONNX); a clip folder does not")
     meta = json.loads(Path(cfg.ref_pose).read_text())
     pose, box = torch.tensor(meta["pose"], dtype=torch.float32), torch.tensor(meta["face_box"], dtype=torch.float32)
     if pose.shape != (J, 3) or box.shape != (4,):
@@ -283,6 +291,19 @@ def read_dance_reference(cfg, J, fps):
                          f"({J}, 3) and (4,)")
     image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), np.float32) / 255).permute(2, 0, 1)
     return image, pose, box
+
+
+def pose_reference(path, cfg, J):
+    """An image's pose (J, 3) and face box (4,), normalised by its width and height, from --pose_model."""
+    rgb = np.asarray(Image.open(path).convert("RGB"))  # (H, W, 3)
+    pose = PoseModel(cfg.pose_model, cfg.pose_detector)(rgb)  # (134, 3) in pixels
+    pose[:, :2] /= np.array([rgb.shape[1], rgb.shape[0]], np.float32)
+    box = face_box(pose)
+    if box is None:
+        raise InputError(f"{path}: {cfg.pose_model} finds no face (no face points or nose/eyes/ears scored "
+                         f">= {VISIBLE}); give --ref_pose instead")
+    image = torch.from_numpy(rgb.astype(np.float32) / 255).permute(2, 0, 1)  # (3, H, W)
+    return image, torch.from_numpy(pose[:J]), torch.tensor(box, dtype=torch.float32)
 
 
 def dance_length(audio, sr, fps, max_seconds, where):
