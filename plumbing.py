@@ -9,6 +9,7 @@ import dataclasses
 import errno
 import inspect
 import io
+import itertools
 import json
 import os
 import pickle
@@ -140,7 +141,11 @@ def cli(main, cls=None, aliases=None, argv=None):
     debug = "--debug" in argv or os.environ.get("MOUSELIFT_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
     try:
-        return main(argv if cls is None else load_config(cls, argv, aliases))
+        try:
+            return main(argv if cls is None else load_config(cls, argv, aliases))
+        except BaseException:
+            put_back_failed()
+            raise
     except (UserError, FileNotFoundError) as err:
         if debug:
             raise
@@ -406,36 +411,116 @@ def clean_stale(folder):
 
 def prepare_run(ckpt_dir, resume, overwrite, accelerator):
     """Before a run writes anything: the checkpoint to resume from (None: a fresh run). A fresh run into
-    a folder holding checkpoints is refused (or, with overwrite, they are deleted first); temporaries of
-    killed saves are cleaned (main process), and --resume=auto says when there is nothing to resume."""
+    a folder holding checkpoints is refused without --overwrite (which sets them aside later, in
+    open_run); temporaries of killed saves and of killed overwrites are cleaned (main process), and
+    --resume=auto says when there is nothing to resume."""
     ckpt_dir = Path(ckpt_dir)
+    if accelerator.is_main_process:
+        for line in clean_overwrites(ckpt_dir) + clean_stale(ckpt_dir):
+            print(f"start-up: {line}")
+    accelerator.wait_for_everyone()
     existing = sorted(ckpt_dir.glob("checkpoint-*")) if ckpt_dir.is_dir() else []
     if not resume and existing and not overwrite:
         names = ", ".join(p.name for p in existing)
         raise UserError(f"{ckpt_dir} holds checkpoints of an earlier run ({names}): "
-                        "use --resume=auto to continue it, another out_dir, or --overwrite to delete them")
-    if ckpt_dir.is_dir():
-        try:  # a real write (a nameless file), before --overwrite deletes half of what a read-only folder holds
-            tempfile.TemporaryFile(dir=ckpt_dir).close()
+                        "use --resume=auto to continue it, another out_dir, or --overwrite to replace that run")
+    # a real write (a nameless file); --overwrite also writes beside the folder (its trash)
+    for folder in (ckpt_dir, ckpt_dir.parent) if overwrite else (ckpt_dir,):
+        if not folder.is_dir():
+            continue
+        try:
+            tempfile.TemporaryFile(dir=folder).close()
         except OSError as err:
             if err.errno not in WRITE_FIXES:
                 raise
-            raise UserError(f"{ckpt_dir}: cannot write into this output folder ({err.strerror}): "
+            raise UserError(f"{folder}: cannot write into this output folder ({err.strerror}): "
                             f"{WRITE_FIXES[err.errno]}; nothing in it was changed") from err
-    if accelerator.is_main_process:
-        for line in clean_stale(ckpt_dir):
-            print(f"start-up: {line}")
-        if not resume and existing:  # --overwrite
-            for p in existing:
-                shutil.rmtree(p)
-            print(f"--overwrite: deleted {len(existing)} checkpoints of an earlier run in {ckpt_dir}")
-    accelerator.wait_for_everyone()
     if resume != "auto":
         return resume or None
     found = latest_checkpoint(ckpt_dir)
     if found is None and accelerator.is_main_process:
         print(f"--resume=auto: no complete checkpoint in {ckpt_dir}: starting from step 0")
     return found
+
+
+# --overwrite as a transaction. The earlier run's folder (and, for dance, the later stages' folders made
+# from it) move into one trash folder beside it: `.<run>.overwriting-<tag>` while they move, renamed
+# `.<run>.overwritten-<tag>` (one atomic step) once all are in. Only then does the new run write. The
+# trash is deleted once the new run has a complete checkpoint; if the new run fails before that, its
+# folder goes and the earlier run comes back. After a kill, clean_overwrites applies the same rules.
+TRASH = re.compile(r"\.(?P<run>.+)\.(?P<state>overwriting|overwritten)-[0-9a-f]{8}")
+SET_ASIDE = []  # trash folders this process made: cli puts their runs back when this run fails
+
+
+def set_aside(cfg, run, downstream=()):
+    """Moves the run folder `run` and the existing `downstream` folders (its siblings) into one trash
+    folder named for `run`. Refused when a path in the config (data, weights to start from) lies inside one
+    of them."""
+    run = Path(run)
+    folders = [f for f in (run, *map(Path, downstream)) if f.exists()]
+    for key, value in config_to_dict(cfg).items():
+        if key in ("out_dir", "resume") or not isinstance(value, str) or not value:
+            continue
+        if any(Path(value).resolve().is_relative_to(f.resolve()) for f in folders):
+            raise UserError(f"--overwrite would delete {key}={value} (it lies in {run}): "
+                            "copy it elsewhere or choose another out_dir")
+    if any(Path.cwd().resolve().is_relative_to(f.resolve()) for f in folders):
+        raise UserError(f"--overwrite would delete the current folder {Path.cwd()}: choose another out_dir")
+    tag = uuid.uuid4().hex[:8]
+    moving = run.parent / f".{run.name}.overwriting-{tag}"
+    moving.mkdir()
+    for f in folders:
+        os.replace(f, moving / f.name)
+    trash = run.parent / f".{run.name}.overwritten-{tag}"
+    os.replace(moving, trash)  # the one step after which the earlier run counts as replaced
+    SET_ASIDE.append(trash)
+    return trash
+
+
+def put_back(trash):
+    """Undoes an overwrite: the new run's folders (those the trash holds names of) go, the earlier ones
+    come back. Safe to kill at any point: the next clean_overwrites finishes it."""
+    parent = trash.parent
+    if TRASH.fullmatch(trash.name)["state"] == "overwritten":
+        for f in trash.iterdir():
+            if (parent / f.name).exists():
+                shutil.rmtree(parent / f.name)
+        moving = trash.with_name(trash.name.replace(".overwritten-", ".overwriting-"))
+        os.replace(trash, moving)
+        trash = moving
+    for f in sorted(trash.iterdir()):
+        if not (parent / f.name).exists():
+            os.replace(f, parent / f.name)
+    shutil.rmtree(trash)
+
+
+def clean_overwrites(folder):
+    """Finishes or undoes the overwrites of `folder` (the trash folders beside it that hold a folder of its
+    name): a kill while moving is undone; a new run with a complete checkpoint keeps its place (the trash
+    is deleted), a new run without one is removed and the earlier run put back. Returns lines."""
+    folder, done = Path(folder), []
+    for trash in sorted(folder.parent.glob(".*.overwrit*-*")) if folder.parent.is_dir() else []:
+        m = TRASH.fullmatch(trash.name)
+        if not m or not (m["run"] == folder.name or (trash / folder.name).exists()):
+            continue
+        if m["state"] == "overwritten" and latest_checkpoint(folder.parent / m["run"]):
+            shutil.rmtree(trash)
+            done.append(f"deleted the run that --overwrite replaced ({trash})")
+        else:
+            put_back(trash)
+            done.append(f"put back the run in {folder.parent / m['run']}: an --overwrite of it was stopped before "
+                        "the new run's first checkpoint")
+    return done
+
+
+def put_back_failed():
+    """cli's clean-up when a run fails: an earlier run this process set aside comes back, unless the new
+    run already has a complete checkpoint."""
+    for trash in SET_ASIDE:
+        if trash.exists() and not latest_checkpoint(trash.parent / TRASH.fullmatch(trash.name)["run"]):
+            put_back(trash)
+            print(f"--overwrite: the earlier run in {trash.parent / TRASH.fullmatch(trash.name)['run']} is back "
+                  "(this run stopped before its first checkpoint)", file=sys.stderr)
 
 
 def save_checkpoint(ckpt_dir, step, modules, optimizers=None, cfg=None, extra=None, rig=None):
@@ -461,6 +546,7 @@ def save_checkpoint(ckpt_dir, step, modules, optimizers=None, cfg=None, extra=No
             save_config(cfg, tmp / "config.yaml")
         if rig is not None:
             (tmp / "rig.json").write_text(json.dumps(rig, indent=1))
+    clean_overwrites(ckpt_dir)  # a run this one --overwrote is deleted now that this one has a checkpoint
     return final
 
 
@@ -571,15 +657,33 @@ def log_metrics(metrics, step, out_dir, tag="val"):
 # ----------------------------------------------------------------------------------------------
 # What the five training loops share; the loops themselves stay written out in each script.
 
-def start_run(cfg, out_dir, accelerator):
-    """A run's start: per-rank seed, the printed config, out_dir, and wandb with its files in out_dir."""
+def start_run(cfg, accelerator):
+    """A run's start: per-rank seed and the printed config. Nothing is written yet (open_run)."""
     set_seed(cfg.seed + accelerator.process_index)
     if accelerator.is_main_process:
         print(f"config: {cfg}\nprocesses: {accelerator.num_processes}, device: {accelerator.device}")
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
+
+
+def open_run(cfg, out_dir, accelerator, loader, start_step, downstream=()):
+    """The first writes of a run, once its data, model and checkpoint are read: the first batch is read
+    now (a bad file stops the run before it has changed anything); then --overwrite sets the earlier run
+    aside (with the `downstream` folders made from it), and out_dir gets config.yaml, metrics.jsonl
+    without the lines of steps this run logs again, and wandb. Returns the loader, first batch first."""
+    first = next(loader)
+    if accelerator.is_main_process:
+        out_dir = Path(out_dir)
+        if cfg.overwrite and not start_step and any(Path(f).exists() for f in (out_dir, *downstream)):
+            trash = set_aside(cfg, out_dir, downstream)
+            print(f"--overwrite: the earlier run is set aside in {trash}, deleted at this run's first "
+                  "checkpoint (put back if this run stops before it)")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+        forget_metrics_after(out_dir, start_step if start_step else -1)  # step 0 is validated again
         if cfg.wandb:
             accelerator.init_trackers(cfg.wandb_project, config=vars(cfg),
                                       init_kwargs={"wandb": {"dir": str(out_dir)}})
+    accelerator.wait_for_everyone()
+    return itertools.chain([first], loader)
 
 
 def resume_run(cfg, out_dir, accelerator, load):
@@ -593,7 +697,6 @@ def resume_run(cfg, out_dir, accelerator, load):
     set_seed(cfg.seed + accelerator.process_index + 1000 * state["step"])
     if accelerator.is_main_process:
         print(f"resumed from {path} at step {state['step']}")
-        forget_metrics_after(out_dir, state["step"])
     return state["step"], SkipGuard(cfg.max_bad_steps, state["extra"].get("skipped", 0))
 
 

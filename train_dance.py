@@ -84,9 +84,9 @@ from plumbing import (
     log_eval,
     log_step,
     make_accelerator,
+    open_run,
     resume_run,
     save_checkpoint,
-    save_config,
     seeded,
     start_run,
 )
@@ -267,11 +267,16 @@ def dance_scheduler(cfg):
                          clip_sample=False, set_alpha_to_one=True)
 
 
+def later_stages(cfg, stage):
+    """The folders of the stages made from `stage`'s output: an --overwrite of it replaces them too."""
+    return [Path(cfg.out_dir) / f"stage_{s}" for s in "ABC" if s > stage]
+
+
 def start_stage(cfg, accelerator, stage):
     """A stage's start (plumbing.start_run) in <out_dir>/stage_<X>/, and the toy dancers and their
     pretrained UNet (toy_unet) when data_dir is the default. Returns (out_dir, data_dir)."""
     out_dir = Path(cfg.out_dir) / f"stage_{stage}"
-    start_run(cfg, out_dir, accelerator)
+    start_run(cfg, accelerator)
     data_dir = Path(cfg.data_dir)
     if data_dir == Path(Config.data_dir):
         toy_dance(data_dir, accelerator, n=cfg.toy_clips, seconds=cfg.toy_seconds, size=cfg.toy_image_size,
@@ -450,13 +455,13 @@ def stage_a(cfg):
     model, optimizer = accelerator.prepare(m2p, optimizer)
     raw = accelerator.unwrap_model(model)
     guard.check_weights(raw, start_step)  # the reference for the checks before each save
-    if main_proc:  # the run is set up: its config replaces an earlier one only now
-        save_config(cfg, out_dir / "config.yaml")
     G, total = cfg.grad_accum, cfg.max_steps_a
     global_batch = cfg.batch_size * accelerator.num_processes
     sampler = StepSampler(len(train_set), global_batch, accelerator.process_index, accelerator.num_processes,
                           cfg.seed, start_step * G)  # one sampler step per micro-batch
     loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers))
+    loader = open_run(cfg, out_dir, accelerator, loader, start_step,
+                      later_stages(cfg, "A"))
     beats = {}  # music beats (s) of the validation clips, from librosa's beat tracker, computed once
 
     t_last = time.perf_counter()
@@ -662,12 +667,12 @@ def stage_b(cfg):
     model, m2p_model, optimizer = accelerator.prepare(net, m2p, optimizer)
     raw = accelerator.unwrap_model(model)
     guard.check_weights(raw, start_step)  # the reference for the checks before each save
-    if main_proc:
-        save_config(cfg, out_dir / "config.yaml")
     G, global_batch, total = cfg.grad_accum, cfg.batch_size * accelerator.num_processes, cfg.max_steps_b
     sampler = StepSampler(len(train_set), global_batch, rank, accelerator.num_processes, cfg.seed,
                           start_step * G)  # one sampler step per micro-batch
     loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers))
+    loader = open_run(cfg, out_dir, accelerator, loader, start_step,
+                      later_stages(cfg, "B"))
 
     t_last = time.perf_counter()
     for step in range(start_step, total + 1):
@@ -884,12 +889,11 @@ def stage_c(cfg):
     m2p_model = accelerator.prepare(m2p) if cfg.m2p_lr_c > 0 else m2p  # DDP only when it trains
     raw = accelerator.unwrap_model(model)
     guard.check_weights(raw, start_step)  # the reference for the checks before each save
-    if main_proc:
-        save_config(cfg, out_dir / "config.yaml")
     B, G, total = cfg.batch_size_c, cfg.grad_accum, cfg.max_steps_c
     sampler = StepSampler(len(train_set), B * accelerator.num_processes, rank, accelerator.num_processes,
                           cfg.seed, start_step * G)  # one sampler step per micro-batch
     loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers))
+    loader = open_run(cfg, out_dir, accelerator, loader, start_step)
 
     t_last = time.perf_counter()
     for step in range(start_step, total + 1):

@@ -23,9 +23,9 @@ from plumbing import (
     log_eval,
     log_step,
     make_accelerator,
+    open_run,
     resume_run,
     save_checkpoint,
-    save_config,
     seeded,
     start_run,
 )
@@ -152,7 +152,7 @@ def main(cfg):
         raise InputError(f"--image_size={cfg.image_size}: must be a multiple of the {cfg.preset} preset's "
                          f"patch size {GSLRM_CONFIGS[cfg.preset]['patch']}")
     out_dir = Path(cfg.out_dir)
-    start_run(cfg, out_dir, accelerator)
+    start_run(cfg, accelerator)
 
     # data: generate the toy mice once (main process), everyone waits
     data_dir = Path(cfg.data_dir)
@@ -209,6 +209,7 @@ def main(cfg):
     sampler = StepSampler(len(train_set), global_batch, accelerator.process_index, accelerator.num_processes,
                           cfg.seed, start_step)
     loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers))
+    loader = open_run(cfg, out_dir, accelerator, loader, start_step)
 
     # frozen loss/metric networks, from local files only
     vgg, lpips_net = None, None
@@ -221,8 +222,6 @@ def main(cfg):
     if main_proc and lpips_net is None:
         print("LPIPS off: set lpips_vgg16_path and lpips_heads_path to report it")
 
-    if main_proc:  # the run is set up: its config replaces an earlier one only now
-        save_config(cfg, out_dir / "config.yaml")
     H = cfg.image_size
     t_last = time.perf_counter()
     for step in range(start_step, cfg.max_steps + 1):

@@ -48,9 +48,9 @@ from plumbing import (
     log_eval,
     log_step,
     make_accelerator,
+    open_run,
     read_state,
     resume_run,
-    save_config,
     seeded,
     start_run,
 )
@@ -219,7 +219,7 @@ def main(cfg):
         raise InputError(f"--image_size={cfg.image_size}: must be a multiple of {down} for the {cfg.preset} "
                          "preset")
     out_dir = Path(cfg.out_dir)
-    start_run(cfg, out_dir, accelerator)
+    start_run(cfg, accelerator)
 
     # data: the toy mice on the default folder; every sample's cameras must match the rig
     data_dir = Path(cfg.data_dir)
@@ -299,13 +299,12 @@ def main(cfg):
                                                        cfg.beta_end, cfg.clip_sample, cfg.pipeline_dir)
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
 
-    if main_proc:  # the run is set up: its config replaces an earlier one only now
-        save_config(cfg, out_dir / "config.yaml")
     G = cfg.grad_accum
     global_batch = cfg.batch_size * accelerator.num_processes
     sampler = StepSampler(len(train_set), global_batch, rank, accelerator.num_processes, cfg.seed,
                           start_step * G)  # one sampler step per micro-batch
     loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers))
+    loader = open_run(cfg, out_dir, accelerator, loader, start_step)
 
     t_last = time.perf_counter()
     for step in range(start_step, cfg.max_steps + 1):

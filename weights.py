@@ -39,6 +39,7 @@ from models import (
 from plumbing import (
     InputError,
     atomic_dir,
+    clean_overwrites,
     latest_checkpoint,
     load_checkpoint,
     save_config,
@@ -381,6 +382,7 @@ def save_mv_checkpoint(ckpt_dir, step, model, ema, optimizer, cfg, rig, prompt_f
         shutil.copyfile(prompt_file, tmp / "prompt_embeds.pt")
         write_state(tmp, step, {"optimizer": optimizer}, extra)
         save_config(cfg, tmp / "config.yaml")
+    clean_overwrites(ckpt_dir)  # a run this one --overwrote is deleted now that this one has a checkpoint
     return final
 
 

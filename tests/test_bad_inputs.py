@@ -69,6 +69,12 @@ def gslrm_fresh_run_into_old_run(tm, td, tmp):
     return train_gslrm, args(train_gslrm, m, tmp / "out", "--lr=0.01"), ["holds checkpoints", "--resume=auto"]
 
 
+def overwrite_would_delete_init_from(tm, td, tmp):
+    ck = trained_gslrm(m := mice(tm, tmp), tmp / "out")  # fine-tuning from a checkpoint of the run it replaces
+    return train_gslrm, args(train_gslrm, m, tmp / "out", "--overwrite", f"--init_from={ck}"), [
+        f"--overwrite would delete init_from={ck}", "copy it elsewhere"]
+
+
 def gslrm_diverges(tm, td, tmp):
     return (train_gslrm, args(train_gslrm, mice(tm, tmp), tmp / "out", "--lr=1e6", "--max_bad_steps=2",
                               "--warmup_steps=1"), ["steps in a row skipped", "nothing saved"])
@@ -271,6 +277,7 @@ def sample_without_input(tm, td, tmp):
 
 
 CASES = [gslrm_truncated_weights, gslrm_truncated_state_auto, gslrm_fresh_run_into_old_run, gslrm_diverges,
+         overwrite_would_delete_init_from,
          broken_rig_json, broken_camera_json, scaled_rotation_on_a_target_view, singular_w2c,
          zero_focal_on_a_target_view, missing_sample_folder, missing_image, more_novel_views_than_a_sample_has,
          no_view_left_to_validate, out_dir_below_a_file, out_dir_is_a_file, unknown_preset,
@@ -368,3 +375,30 @@ def test_python_entry_point_prints_one_line(tmp_path):
                            capture_output=True, text=True)
     assert debug.returncode != 0 and "Traceback" in debug.stderr  # --debug: the traceback, for a bug report
     assert not (tmp_path / "out" / "config.yaml").exists()  # written only once a run is set up
+
+
+@pytest.mark.parametrize("when", ["first batch", "second batch", "diverged"])
+def test_failed_overwrite_leaves_the_earlier_run(when, tiny_mice, tmp_path, capsys):
+    """--overwrite sets the earlier run aside only once the new run's data and first batch are read, and puts
+    it back when the new run fails before its own first checkpoint."""
+    from data import StepSampler, read_list_file
+    ck = trained_gslrm(m := mice(tiny_mice, tmp_path), out := tmp_path / "out")
+    before = snapshot(out)
+    extra = ["--lr=1e6", "--max_bad_steps=2", "--warmup_steps=1"] if when == "diverged" else []
+    if when != "diverged":
+        samples = read_list_file(m / train_gslrm.Config.train_list)
+        first = {i for i, _ in StepSampler(len(samples), 2, seed=train_gslrm.Config.seed).batch(0)}
+        second = {i for i, _ in StepSampler(len(samples), 2, seed=train_gslrm.Config.seed).batch(1)}
+        bad = samples[min(first) if when == "first batch" else min(second - first)]
+        for png in (bad / "images").glob("*.png"):
+            png.write_bytes(b"not a png")
+    with pytest.raises(SystemExit) as exit_:
+        cli(train_gslrm.main, train_gslrm.Config, argv=args(train_gslrm, m, out, "--overwrite", *extra))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    # a broken image stops the run before anything moved (GS-LRM reads up to 100 training samples for its
+    # mean-image baseline, and the first batch); a run failing later puts the earlier run back
+    assert ("is back" in err) == (when == "diverged")
+    assert one_error_line(err).startswith("error: " + (f"{bad}" if when != "diverged" else ""))
+    assert snapshot(out) == before and step_of(ck) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mice", "out"]  # no trash left beside it

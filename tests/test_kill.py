@@ -3,6 +3,7 @@
 `latest_checkpoint` could pick is ever half written."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -58,3 +59,54 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(script, tiny_mice, tiny
         for rel in FINAL[script]:
             a, b = load_file(tmp_path / "full" / rel), load_file(out / rel)
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (name, rel)
+
+
+def weights_of(out, script):
+    return {rel: load_file(out / rel) for rel in FINAL[script]}
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+                                        for x, y in zip(a.values(), b.values()))
+
+
+def files(out):
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["train_gslrm", "train_mvdiff", "train_dance"])
+def test_sigkill_during_overwrite_leaves_one_whole_run(script, tiny_mice, tiny_dance, tmp_path):
+    """An earlier run (seed 1; for dance with a later stage's folder made from it) is --overwritten by a
+    run SIGKILLed at each move and deletion of the overwrite, and at a step before the new run's first
+    checkpoint. `--resume=auto` then ends with the earlier run put back whole, or the new run finished
+    bitwise equal to an uninterrupted one; a second --overwrite leaves no file of the earlier run."""
+    data_dir = tiny_dance if script == "train_dance" else tiny_mice
+    assert run(script, data_dir, tmp_path / "new").returncode == 0
+    old = tmp_path / "old"
+    assert run(script, data_dir, old, "--seed=1").returncode == 0
+    if script == "train_dance":  # stage B's folder, made from the stage A that the overwrite replaces
+        (old / "stage_B" / "checkpoint-2").mkdir(parents=True)
+        (old / "stage_B" / "checkpoint-2" / "dance.safetensors").write_text("stage B of the earlier stage A")
+    # the k-th of: the moves of each folder, the trash's rename, its deletion (gslrm: every one; the others
+    # share that code: a kill between moves or before the rename, and the last deletion)
+    points = {"train_gslrm": ["op1", "op2", "op3", "step"], "train_mvdiff": ["op2", "op3", "step"],
+              "train_dance": ["op2", "op4", "step"]}[script]
+    for point in points:
+        kill = {"KILL_AT_STEP": 1} if point == "step" else {"KILL_AT_OVERWRITE": int(point[2:])}
+        out = tmp_path / point
+        shutil.copytree(old, out)
+        killed = run(script, data_dir, out, "--overwrite", **kill)
+        assert killed.returncode == -9, (point, killed.stderr[-2000:])
+        resumed = run(script, data_dir, out, "--resume=auto")
+        assert resumed.returncode == 0, (point, resumed.stderr[-2000:])
+        assert not list(tmp_path.glob(f".{point}.overwrit*")) and not list(out.glob(".stage_*.overwrit*")), point
+        kept_old = same(weights_of(out, script), weights_of(old, script))
+        assert kept_old or same(weights_of(out, script), weights_of(tmp_path / "new", script)), point
+        assert kept_old == (point in ("op1", "op2", "step") or script == "train_dance" and point == "op3"), point
+        if script == "train_dance":  # the later stage goes and comes back with the stage it was made from
+            assert (out / "stage_B").exists() == kept_old, point
+        again = run(script, data_dir, out, "--overwrite")
+        assert again.returncode == 0, (point, again.stderr[-2000:])
+        assert files(out) == files(tmp_path / "new"), point  # nothing of the earlier run is left
+        assert same(weights_of(out, script), weights_of(tmp_path / "new", script)), point
