@@ -64,6 +64,11 @@ def ffmpeg():
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
+def last_line(err):
+    """ffmpeg's reason: the last line of its message (the first ones are its banner)."""
+    return (str(err).strip().splitlines() or ["unknown error"])[-1].strip()[-160:]
+
+
 def video_frames(path, fps):
     """Frames of a video resampled to fps by ffmpeg (its fps filter drops or repeats frames by time)."""
     import imageio_ffmpeg
@@ -71,7 +76,7 @@ def video_frames(path, fps):
         gen = imageio_ffmpeg.read_frames(str(path), output_params=["-vf", f"fps={fps}"])
         meta = next(gen)
     except (OSError, RuntimeError, StopIteration) as err:
-        raise InputError(f"cannot read it as a video ({' '.join(str(err).split())[:200]})") from None
+        raise InputError(f"cannot read it as a video ({last_line(err)})") from None
     W, H = meta["size"]
     for raw in gen:
         yield np.frombuffer(raw, np.uint8).reshape(H, W, 3)  # (H, W, 3)
@@ -84,7 +89,7 @@ def video_fps(path):
         meta = next(gen)
         gen.close()
     except (OSError, RuntimeError, StopIteration) as err:
-        raise InputError(f"cannot read it as a video ({' '.join(str(err).split())[:200]})") from None
+        raise InputError(f"cannot read it as a video ({last_line(err)})") from None
     return float(meta["fps"])
 
 
@@ -102,9 +107,9 @@ def write_audio(src, dst):
     run = subprocess.run([ffmpeg(), "-nostdin", "-v", "error", "-y", "-i", str(src), "-vn", "-ac", "1",
                           "-c:a", "pcm_s16le", str(dst)], capture_output=True, text=True)
     if run.returncode != 0 or not Path(dst).is_file():
-        why = " ".join(run.stderr.replace(str(dst), "audio.wav").split())[-160:] or "no audio stream"
-        raise InputError(f"no usable audio in {Path(src).name} ({why}); put an audio file with the video's "
-                         "name beside it")
+        why = (run.stderr.strip().splitlines() or ["no audio stream"])[-1].replace(str(dst), "audio.wav")
+        raise InputError(f"no usable audio in {Path(src).name} (ffmpeg: {why.strip()[-160:]}); give it an audio "
+                         "track or an audio file of the same name beside it")
     audio, sr = read_audio(dst)
     return len(audio) / sr
 
@@ -210,6 +215,8 @@ def square_crop(poses, hw):
 
 def prepare_clip(item, cfg, model, dst, dancer):
     """Writes item's clip into folder dst (a temporary folder: atomic_dir renames it when complete)."""
+    if not item["path"].is_dir():
+        video_fps(item["path"])  # unreadable: say so before anything else fails on it
     seconds = write_audio(item["audio"], dst / "audio.wav")
     poses = item["keypoints"]() if item["keypoints"] is not None else None
     hw, n = None, 0

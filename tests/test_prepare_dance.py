@@ -189,10 +189,16 @@ def test_pose_model_refuses_bad_files(models, tmp_path):
         PoseModel(tmp_path / "junk.onnx", "full_frame")
 
 
-def test_videos_to_clips_that_train_and_resume(models, videos, tmp_path):
-    out = tmp_path / "clips"
+@pytest.fixture(scope="module")
+def prepared(models, videos, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared") / "clips"
     prepare(f"--videos={videos}", f"--out_dir={out}", f"--pose_model={models['const']}", "--detector=full_frame",
             "--size=32", "--val_fraction=0.5")
+    return out
+
+
+def test_videos_to_clips(models, prepared):
+    out = prepared
     train, val = (read_list_file(out / f) for f in ("data_train.txt", "data_val.txt"))
     assert len(train) == 2 and len(val) == 2
     who = {p.name: json.loads((p / "meta.json").read_text())["dancer"] for p in train + val}
@@ -220,7 +226,12 @@ def test_videos_to_clips_that_train_and_resume(models, videos, tmp_path):
     nose = (models["const_uv"][0] - [96, 128]) * 0.625 + [48, 32]
     assert np.allclose(np.load(d / "poses.npy")[0, 0, :2], (nose - [x0, 0]) / 64, atol=1 / 64)
 
-    # resume: finished clips are skipped, a killed clip's temporary is removed, a missing clip is remade
+
+
+def test_resume_skips_finished_clips(models, videos, prepared, tmp_path):
+    # finished clips are skipped, a killed clip's temporary is removed, a missing clip is remade
+    out = shutil.copytree(prepared, tmp_path / "clips")
+    train = read_list_file(out / "data_train.txt")
     (out / ".tmp-dancerA_000-deadbeef").mkdir()
     shutil.rmtree(out / "dancerA_001")
     kept = (out / "dancerB_000" / "poses.npy").stat().st_mtime_ns
@@ -230,14 +241,25 @@ def test_videos_to_clips_that_train_and_resume(models, videos, tmp_path):
     assert (out / "dancerB_000" / "poses.npy").stat().st_mtime_ns == kept
     assert read_list_file(out / "data_train.txt") == train  # the same split
 
-    # train_dance.py's stage A trains on them, as a user runs it
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "train_dance.py", f"--data_dir={out}", f"--out_dir={tmp_path / 'run'}",
-                          *TINY_ARGS["train_dance"], "--max_steps_a=2", "--val_samples=2", "--training_stage=A"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_train_dance_trains_on_prepared_clips(prepared, tmp_path):
+    # stages A and B, run as a user runs them (stage B's arguments: test_dance_b.py's)
+    def train(*args):
+        run = subprocess.run([sys.executable, "train_dance.py", f"--data_dir={prepared}",
+                              f"--out_dir={tmp_path / 'run'}",
+                              *args], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        return run.stdout
+    assert "step 1 |" in train(*TINY_ARGS["train_dance"], "--max_steps_a=2", "--training_stage=A")
     assert (tmp_path / "run" / "stage_A" / "final" / "m2p.safetensors").is_file()
-    assert "step 2 |" in run.stdout
+    log = train("--training_stage=B", "--m2p_preset=tiny", "--window=30", "--unet_preset=tiny", "--image_size=16",
+                "--toy_pretrain_steps=2", "--max_steps_b=2", "--batch_size=2", "--val_every=100", "--val_samples=2",
+                "--val_steps=2", "--warmup_steps=1", "--log_every=1")
+    assert "step 1 | loss " in log and "val step 2 | psnr " in log
+    assert (tmp_path / "run" / "stage_B" / "final" / "pose_guider.safetensors").is_file()
 
 
 def test_bad_videos_are_named_in_one_line(videos, models, tmp_path, capsys):
@@ -254,7 +276,7 @@ def test_bad_videos_are_named_in_one_line(videos, models, tmp_path, capsys):
     lines = capsys.readouterr().err.splitlines()  # tqdm's bar, then the error
     err = [line for line in lines if line.startswith("error")]
     assert len(err) == 1 and err[0] == lines[-1] and err[0].startswith("error: 2 of 3 videos not prepared"), err
-    assert "broken_000.mp4 (cannot read it as a video" in err[0] or "broken_000.mp4 (no usable audio" in err[0]
+    assert "broken_000.mp4 (cannot read it as a video" in err[0]
     assert "mute_000.mp4 (no usable audio" in err[0] and "good_000" not in err[0]
     assert (tmp_path / "clips" / "good_000" / "COMPLETE").is_file()  # the good one is kept
     assert not list((tmp_path / "clips").glob(".tmp-*"))  # no half-written clip left
