@@ -68,7 +68,8 @@ def session(path, what):
     try:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3  # no warnings on stdout about unused initialisers
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        gpu = [p for p in ("CUDAExecutionProvider",) if p in ort.get_available_providers()]  # onnxruntime-gpu
+        return ort.InferenceSession(str(path), opts, providers=gpu + ["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own classes for a file that is not a model
         raise InputError(f"{path}: cannot load it as an ONNX {what} ({' '.join(str(err).split())[:200]})") from None
 

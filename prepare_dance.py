@@ -153,17 +153,20 @@ def list_sources(cfg):
             name = pkl.stem.replace("_cAll_", f"_{cfg.camera}_")  # AIST++: one pkl for all 9 cameras
             video = next((root / (name + s) for s in VIDEO_SUFFIXES if (root / (name + s)).is_file()), root / name)
             m = re.search(r"_(m[A-Z]{2}\d)_", name)  # the music id, e.g. mBR0
-            audio = find_audio(cfg.music, m[1]) if cfg.music and m else None
-            items.append(dict(name=name, path=video, audio=audio or video,
+            audio = video  # without --music: the video's own track
+            if cfg.music:  # a missing music file is an error for this video, not a silent fall-back
+                audio = find_audio(cfg.music, m[1]) if m else None
+                audio = audio or Path(cfg.music) / f"{m[1] if m else name}.wav"
+            items.append(dict(name=name, path=video, audio=audio,
                               frames=lambda v=video: video_frames(v, cfg.fps),
                               keypoints=lambda pkl=pkl, v=video: aistpp_keypoints(pkl, cfg.camera, v, cfg.fps)))
     else:
         for d in sorted(q for q in root.iterdir() if (q / "images").is_dir()):
-            paths = frame_source(d)[1]
             kp = d / (cfg.keypoints or "poses.npy")
-            items.append(dict(name=d.name, path=d, audio=find_audio(d, "audio") or find_audio(root, d.name),
-                              frames=lambda paths=paths: image_frames(paths, cfg.source_fps, cfg.fps),
-                              keypoints=(lambda kp=kp, d=d, paths=paths: stableanimator_keypoints(kp, paths, cfg))
+            audio = find_audio(d, "audio") or find_audio(root, d.name) or root / f"{d.name}.wav"  # else: named
+            items.append(dict(name=d.name, path=d, audio=audio,  # frame_source: images/frame_0.png, ...
+                              frames=lambda d=d: image_frames(frame_source(d)[1], cfg.source_fps, cfg.fps),
+                              keypoints=(lambda kp=kp, d=d: stableanimator_keypoints(kp, frame_source(d)[1], cfg))
                               if kp.is_file() or not cfg.pose_model else None))
     return items
 
@@ -219,15 +222,8 @@ def prepare_clip(item, cfg, model, dst, dancer):
         video_fps(item["path"])  # unreadable: say so before anything else fails on it
     seconds = write_audio(item["audio"], dst / "audio.wav")
     poses = item["keypoints"]() if item["keypoints"] is not None else None
-    hw, n = None, 0
     if poses is None:  # first pass: the pose model on every frame, in the source's pixels
-        if model is None:
-            raise InputError("no keypoints and no --pose_model")
-        found = []
-        for frame in item["frames"]():
-            hw = frame.shape[:2]
-            found.append(model(frame))
-        poses = np.stack(found) if found else np.zeros((0, 134, 3), np.float32)  # (T, 134, 3)
+        poses = np.stack([model(frame) for frame in item["frames"]()] or [np.zeros((134, 3), np.float32)])
     T = len(poses)
     if T / cfg.fps - 0.1 <= seconds < T / cfg.fps:  # AAC encoders cut a few ms off the end: pad with silence
         audio, sr = read_audio(dst / "audio.wav")
@@ -235,12 +231,11 @@ def prepare_clip(item, cfg, model, dst, dancer):
                         sr, subtype="PCM_16")
         seconds = T / cfg.fps
     T = min(T, int(seconds * cfg.fps + 1e-6))  # else the shorter of video and audio
-    frames = dst / "frames"
+    frames, n = dst / "frames", 0
     frames.mkdir()
     for t, frame in enumerate(item["frames"]()):  # second pass: crop and resize
         if t == 0:
-            hw = frame.shape[:2]
-            x0, y0, side = square_crop(poses[:T], hw)
+            x0, y0, side = square_crop(poses[:T], frame.shape[:2])
         if t >= T:
             break
         im = Image.fromarray(frame[y0: y0 + side, x0: x0 + side]).resize((cfg.size, cfg.size), Image.BICUBIC)
@@ -301,6 +296,8 @@ def main(cfg):
     check_flags(cfg, choices={"source": {"videos", "aistpp", "stableanimator"}}, positive=("fps", "size"))
     if not cfg.videos:
         raise InputError("give --videos (a folder of dance videos; see the top of prepare_dance.py)")
+    if cfg.source == "aistpp" and not re.fullmatch(r"c0[1-9]", cfg.camera):
+        raise InputError(f"--camera={cfg.camera!r}: AIST++ cameras are c01 ... c09")
     out = Path(cfg.out_dir)
     for line in clean_stale(out):  # clips half-written by a killed run
         print(line)
