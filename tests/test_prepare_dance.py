@@ -42,11 +42,19 @@ class DotPose(torch.nn.Module):
     """Every keypoint at the brightest pixel of the input's first channel: simcc_x is the column maximum,
     simcc_y the row maximum, each repeated twice (split ratio 2). Tests the crop and its inverse."""
 
-    def forward(self, x):  # (1, 3, 256, 192)
+    def forward(self, x):  # (1, 3, H, W): 256 x 192 (RTMPose-m/l) or 384 x 288 (DWPose-l)
         c = x[:, :1]
-        sx = torch.repeat_interleave(torch.amax(c, dim=2), 2, dim=-1)  # (1, 1, 384)
-        sy = torch.repeat_interleave(torch.amax(c, dim=3), 2, dim=-1)  # (1, 1, 512)
-        return sx.expand(1, 133, 384), sy.expand(1, 133, 512)
+        sx = torch.repeat_interleave(torch.amax(c, dim=2), 2, dim=-1)  # (1, 1, 2 W)
+        sy = torch.repeat_interleave(torch.amax(c, dim=3), 2, dim=-1)  # (1, 1, 2 H)
+        return sx.expand(1, 133, sx.shape[-1]), sy.expand(1, 133, sy.shape[-1])
+
+
+class NmsYolox(torch.nn.Module):
+    """YOLOX exported with NMS: (1, N, 5) boxes x0 y0 x1 y1 (input pixels) and score."""
+
+    def forward(self, x):
+        box = torch.tensor([[[10.0, 10.0, 30.0, 30.0, 0.4], [192.0, 40.0, 448.0, 360.0, 0.9]]])  # (1, 2, 5)
+        return box + 0.0 * x.mean()
 
 
 class ConstPose(torch.nn.Module):
@@ -106,6 +114,8 @@ def models(tmp_path_factory):
     uv = torch.from_numpy((xy - [48, 32]) / 0.625 + [96, 128]).float()  # (133, 2) input pixels
     return dict(
         dot=export(DotPose(), x, d / "dot.onnx", ["input"], ["simcc_x", "simcc_y"]),
+        dot384=export(DotPose(), torch.zeros(1, 3, 384, 288), d / "dot384.onnx", ["input"], ["simcc_x", "simcc_y"]),
+        yolox_nms=export(NmsYolox(), torch.zeros(1, 3, 640, 640), d / "nms.onnx", ["images"], ["dets"]),
         const=export(ConstPose(uv.clamp(0, 191)), x, d / "const.onnx", ["input"], ["simcc_x", "simcc_y"]),
         const_uv=uv.clamp(0, 191).numpy(),
         yolox=export(ConstYolox(320, 200, 256, 320, 0.81), torch.zeros(1, 3, 640, 640), d / "yolox.onnx",
@@ -165,12 +175,12 @@ def test_layout_mapping_and_face_boxes():
         to_layout134(xy[:20], score[:20])
 
 
-@pytest.mark.parametrize("detector", ["full_frame", "yolox"])
-def test_pose_model_finds_a_dot_through_the_crop(models, detector):
+@pytest.mark.parametrize("pose_model, detector", [("dot", "full_frame"), ("dot", "yolox"), ("dot384", "yolox_nms")])
+def test_pose_model_finds_a_dot_through_the_crop(models, pose_model, detector):
     image = np.zeros((80, 120, 3), np.uint8)
     image[29:32, 69:72] = 255  # a 3 x 3 white dot centred at pixel (70, 30)
-    model = PoseModel(models["dot"], "full_frame" if detector == "full_frame" else models["yolox"])
-    if detector == "yolox":  # the letterbox: 640 / 120 = 5.33, the box (192, 40, 448, 360) / 5.33
+    model = PoseModel(models[pose_model], models.get(detector, detector))
+    if detector != "full_frame":  # the letterbox: 640 / 120 = 5.33, the box (192, 40, 448, 360) / 5.33
         assert np.allclose(model.person_box(image), [36, 7.5, 84, 67.5], atol=1e-3)
     pose = model(image)
     assert pose.shape == (134, 3)
