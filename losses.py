@@ -278,3 +278,56 @@ def beat_alignment(music_beats_s, motion_beats_s, sigma_s=3 / 60):
         return 0.0
     d = (music[:, None] - motion[None, :]).abs().min(1).values
     return torch.exp(-d**2 / (2 * sigma_s**2)).mean().item()
+
+
+TORSO = (1, 8, 11)  # neck and hips in the OpenPose-18 order that starts every joint set (data.JOINT_SETS)
+
+
+def limb_beats(motion, fps, smooth_s=5 / 60):
+    """motion_beats of the joints relative to the torso's centre: moving the whole picture (a reference
+    image bobbing on the beats) is no limb motion and has no beats; a dance's arms and legs have."""
+    x = torch.as_tensor(motion, dtype=torch.float64)[..., :2]
+    rel = x - x[:, list(TORSO)].mean(1, keepdim=True)  # (T, J, 2)
+    speed = (rel[1:] - rel[:-1]).norm(dim=-1).mean(-1)  # (T - 1,)
+    speed = torch.where(speed < 1e-9, 0.0, speed)  # rounding noise of a rigid shift is no motion
+    return speed_minima(speed, fps, smooth_s)
+
+
+def bobbing(pose_xy, beats_s, n_frames, fps, amplitude=0.02, half_width_s=0.25):
+    """The trivial beat dancer: a still pose dipping by `amplitude` (normalised units: 2 px of 100) on every
+    music beat, a cos^2 bump `half_width_s` wide each side, so it stops at the bottom on the beat (a
+    motion beat there); bumps overlap at tempos above 120 bpm, so it never holds still (a hold has no
+    beat). pose_xy [J, 2] -> [T, J, 2]."""
+    t = torch.arange(n_frames, dtype=torch.float64)[:, None] / fps  # (T, 1)
+    u = (t - torch.as_tensor(beats_s, dtype=torch.float64)[None]) / half_width_s  # (T, nb)
+    dy = (torch.cos(u.clamp(-1, 1) * torch.pi / 2) ** 2).sum(1) * amplitude  # (T,)
+    out = torch.as_tensor(pose_xy, dtype=torch.float64)[None].repeat(n_frames, 1, 1)  # (T, J, 2)
+    out[..., 1] += dy[:, None]
+    return out
+
+
+def kinetic_features(motion, fps):
+    """Bailando's kinetic features in 2-D: per joint the mean horizontal and vertical kinetic energy (v^2)
+    and the mean acceleration magnitude (its 'energy expenditure'). motion [T, J, 2+] -> [3J]."""
+    x = torch.as_tensor(motion, dtype=torch.float64)[..., :2]
+    v = (x[1:] - x[:-1]) * fps  # (T - 1, J, 2)
+    a = (v[1:] - v[:-1]) * fps  # (T - 2, J, 2)
+    return torch.cat([v[..., 0].pow(2).mean(0), v[..., 1].pow(2).mean(0), a.norm(dim=-1).mean(0)])
+
+
+def frechet_distance(real, fake):
+    """FID between feature sets real [N, D] and fake [M, D] (both already normalised): |mu_r - mu_f|^2 +
+    tr(C_r + C_f - 2 (C_r C_f)^1/2), the trace of the root from the eigenvalues of C_r^1/2 C_f C_r^1/2."""
+    real, fake = torch.as_tensor(real, dtype=torch.float64), torch.as_tensor(fake, dtype=torch.float64)
+    cr, cf = torch.cov(real.T), torch.cov(fake.T)
+    w, q = torch.linalg.eigh(cr)
+    root = q @ torch.diag(w.clamp(min=0).sqrt()) @ q.T  # C_r^1/2
+    cross = torch.linalg.eigvalsh(root @ cf @ root).clamp(min=0).sqrt().sum()
+    return ((real.mean(0) - fake.mean(0)).pow(2).sum() + cr.trace() + cf.trace() - 2 * cross).item()
+
+
+def diversity(features):
+    """Bailando's Div_k: the mean Euclidean distance between the feature vectors [N, D] of all pairs."""
+    f = torch.as_tensor(features, dtype=torch.float64)
+    d = torch.cdist(f, f)  # (N, N)
+    return (d.sum() / (len(f) * (len(f) - 1))).item()

@@ -48,9 +48,14 @@ from data import (
 from losses import (
     beat_alignment,
     beats_within,
+    bobbing,
     diffusion_target,
+    diversity,
     face_loss,
+    frechet_distance,
     heatmap_loss,
+    kinetic_features,
+    limb_beats,
     min_snr_weight,
     motion_beats,
     pose_error,
@@ -359,26 +364,42 @@ def backward_and_step(accelerator, net, optimizer, loss, guard, step, grad_clip,
 # Stage A: music + reference pose + reference face -> per-frame joint heatmaps and a face embedding
 
 
+def kinetic_windows(motions, fps):
+    """Kinetic features (losses.kinetic_features) of every 1-s window of each motion's 18 body joints, the
+    samples of FID_k and Div_k: [N, 54]."""
+    return torch.stack([kinetic_features(torch.as_tensor(m)[t: t + fps, :18], fps)
+                        for m in motions for t in range(0, len(m) - fps + 1, fps)])
+
+
 @torch.no_grad()
-def evaluate_a(m2p, recognizer, val_set, mean_pose, beats, cfg, step, out_dir, device, tag="val"):
+def evaluate_a(m2p, recognizer, val_set, mean_pose, beats, real_k, cfg, step, out_dir, device, tag="val"):
     """On whole held-out clips (reference = frame 0, windows of the training length): pose error and
-    PCK@0.05 against the mean-pose and reference-pose baselines, beat alignment against the same
-    score with the music shuffled across clips, face-embedding cosine, and the skeleton video."""
+    PCK@0.05 against the mean-pose and reference-pose baselines; beat alignment against the music
+    shuffled across clips, the real dance and the reference bobbing on the beats, also from the limbs
+    only (joints relative to the torso: bobbing has none); FID_k and Div_k (Bailando, 2-D kinetic
+    features of 1-s windows, normalised by the training clips' `real_k` [N, 54]) against the real dance,
+    standing still and shuffled music; face-embedding cosine; the skeleton video."""
     m2p.eval()
     n = min(cfg.val_samples, len(val_set))
     s = {k: [] for k in ("pose_err", "pose_err_mean_pose", "pose_err_ref_pose", "pck", "pck_mean_pose",
                          "pck_ref_pose", "face_cos")}
-    preds, gts = [], []
+
+    def dance(music, ref_pose, face):  # (T, D) music -> (T, J, 2) poses, (1, E) face embedding
+        pred = []
+        for t0 in range(0, len(music), cfg.window):  # non-overlapping windows, as long as in training
+            logits, emb = m2p(music[None, t0: t0 + cfg.window], ref_pose, face)
+            pred.append(soft_argmax(logits.float())[0])  # (w, J, 2)
+        return torch.cat(pred), emb
+
+    preds, gts, shuffled_preds, refs = [], [], [], []
     for i in range(n):
         item = val_set[i]  # start 0, reference frame 0
         music = torch.from_numpy(val_set.feats[i]).to(device)  # (T, D)
         gt = torch.from_numpy(val_set.poses[i]).to(device)  # (T, J, 3)
         ref_pose, face = item["ref_pose"][None].to(device), item["face"][None].to(device)
-        pred = []
-        for t0 in range(0, len(music), cfg.window):  # non-overlapping windows, as long as in training
-            logits, emb = m2p(music[None, t0: t0 + cfg.window], ref_pose, face)
-            pred.append(soft_argmax(logits.float())[0])  # (w, J, 2)
-        pred = torch.cat(pred)  # (T, J, 2)
+        pred, emb = dance(music, ref_pose, face)  # (T, J, 2)
+        other = torch.from_numpy(val_set.feats[(i + 1) % n]).to(device)  # the next clip's music
+        shuffled_preds.append(dance(other, ref_pose, face)[0].cpu())
         guesses = {"": pred, "_mean_pose": mean_pose.expand_as(pred), "_ref_pose": ref_pose[:, :, :2].expand_as(pred)}
         for name, guess in guesses.items():
             err, pck = pose_error(guess, gt)
@@ -387,6 +408,7 @@ def evaluate_a(m2p, recognizer, val_set, mean_pose, beats, cfg, step, out_dir, d
         s["face_cos"].append(F.cosine_similarity(emb.float(), recognizer(face * 2 - 1), dim=-1).item())
         preds.append(pred.cpu().numpy())
         gts.append(gt.cpu().numpy())
+        refs.append(ref_pose[0, :, :2].cpu())
     m = {k: float(np.mean(v)) for k, v in s.items()}
     # beat alignment: the predicted motion against its own music's beats, and against the next clip's
     # music (a derangement: the same motion statistics, music that did not drive it); as Bailando,
@@ -399,6 +421,19 @@ def evaluate_a(m2p, recognizer, val_set, mean_pose, beats, cfg, step, out_dir, d
     m["beat_align_shuffled"] = float(np.mean(shuffled))
     m["beat_align_gt"] = float(np.mean([beat_alignment(own[i], motion_beats(g, cfg.fps))
                                         for i, g in enumerate(gts)]))
+    bobs = [bobbing(refs[i], own[i], len(preds[i]), cfg.fps) for i in range(n)]  # (T, J, 2) each
+    m["beat_align_bobbing"] = float(np.mean([beat_alignment(own[i], motion_beats(b, cfg.fps))
+                                             for i, b in enumerate(bobs)]))
+    for name, motions in {"": preds, "_gt": gts, "_bobbing": bobs, "_shuffled": shuffled_preds}.items():
+        beats_of = (lambda i: own[i]) if name != "_shuffled" else (lambda i: beats_within(  # noqa: E731
+            beats[(i + 1) % n], len(motions[i]), cfg.fps))
+        m["beat_align_limbs" + name] = float(np.mean([beat_alignment(beats_of(i), limb_beats(x, cfg.fps))
+                                                      for i, x in enumerate(motions)]))
+    mu, sd = real_k.mean(0), real_k.std(0).clamp(min=1e-8)
+    still = [refs[i][None].expand(len(p), -1, -1) for i, p in enumerate(preds)]  # (T, J, 2): standing still
+    for name, motions in {"": preds, "_gt": gts, "_still": still, "_shuffled": shuffled_preds}.items():
+        k = (kinetic_windows(motions, cfg.fps) - mu) / sd  # (N, 54)
+        m["fid_k" + name], m["div_k" + name] = frechet_distance((real_k - mu) / sd, k), diversity(k)
     video = out_dir / f"{tag}_{step:06d}.mp4"
     video, frame = write_skeleton_video(video, val_set.clips[0], gts[0], preds[0], cfg.fps)
     Image.fromarray(frame).save(out_dir / f"{tag}_{step:06d}.png")
@@ -427,6 +462,7 @@ def stage_a(cfg):
     P = torch.from_numpy(np.concatenate(train_set.poses))  # (N, J, 3)
     vis = (P[..., 2:] >= VISIBLE).float()
     mean_pose = ((P[..., :2] * vis).sum(0) / vis.sum(0).clamp(min=1)).to(device)  # (J, 2)
+    real_k = kinetic_windows(train_set.poses, cfg.fps)  # (N, 54): the real motion FID_k compares with
 
     # models: the M2P encoder (trained) and the face recognizer (frozen)
     m2p = m2p_encoder(train_set.music_dim, train_set.J, cfg.m2p_preset, cfg.window, cfg.grad_checkpoint)
@@ -472,7 +508,7 @@ def stage_a(cfg):
                     if tag not in beats:
                         clips = val_set.clips[: cfg.val_samples]
                         beats[tag] = [music_beats(*read_audio(c["dir"] / "audio.wav"), cfg.fps) for c in clips]
-                    m, video = evaluate_a(raw, recognizer, val_set, mean_pose, beats[tag], cfg, step, out_dir,
+                    m, video = evaluate_a(raw, recognizer, val_set, mean_pose, beats[tag], real_k, cfg, step, out_dir,
                                           device, tag)
                     m, frame = ({k if tag == "val" else f"seen_{k}": v for k, v in m.items()},
                                 "frame" if tag == "val" else "seen_frame")

@@ -115,3 +115,41 @@ def test_beat_tracker_starts_from_the_clip_tempo_as_edge(bpm, period):
     assert len(b) >= 4 and abs(np.diff(b).mean() - period) < 0.5 / FPS
     clicks = np.arange(0.5, 6.0, 60 / bpm)
     assert np.abs(b[:, None] - clicks[None]).min(1).max() <= 1.5 / FPS  # on the clicks
+
+
+def test_bobbing_wins_beat_alignment_but_not_its_limb_version():
+    """The trivial beat dancer (a still pose dipping on every beat) beats a real swing on Bailando's score;
+    from the limbs (joints relative to the torso) it has no beats at all, and the swing keeps its score."""
+    from losses import bobbing, limb_beats
+    beats = np.arange(0.3, 8, 0.5)  # 120 bpm
+    pose = np.random.default_rng(0).random((18, 2))
+    bob = bobbing(pose, beats, 240, FPS)  # (T, J, 2)
+    assert float((bob - bob[0]).abs().max()) == pytest.approx(0.02, rel=0.01)  # 2 px of 100
+    music = beats_within(beats, 240, FPS)
+    assert beat_alignment(music, motion_beats(bob, FPS)) > 0.9
+    assert len(limb_beats(bob, FPS)) == 0 and beat_alignment(music, limb_beats(bob, FPS)) == 0.0
+    t = np.arange(240) / FPS
+    swing = np.repeat(pose[None], 240, 0)  # (T, J, 2): the right wrist swings, turning on every beat
+    swing[:, 4, 0] += 0.1 * np.cos(np.pi * (t - 0.3) / 0.5)
+    assert beat_alignment(music, limb_beats(swing, FPS)) == pytest.approx(
+        beat_alignment(music, motion_beats(swing, FPS))) and beat_alignment(music, limb_beats(swing, FPS)) > 0.9
+
+
+def test_frechet_distance_and_diversity():
+    """FID as scipy's sqrtm computes it (Bailando's formula), 0 for one set against itself; Div_k is the
+    mean pairwise distance (0 for a still dancer's identical windows)."""
+    import scipy.linalg
+    import torch
+
+    from losses import diversity, frechet_distance, kinetic_features
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(300, 6)), rng.normal(size=(200, 6)) * 1.5 + 0.3
+    c1, c2 = np.cov(a.T), np.cov(b.T)
+    ref = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(c1 + c2 - 2 * scipy.linalg.sqrtm(c1 @ c2).real)
+    assert frechet_distance(torch.tensor(a), torch.tensor(b)) == pytest.approx(ref, rel=1e-6)
+    assert abs(frechet_distance(torch.tensor(a), torch.tensor(a))) < 1e-6
+    p = rng.random((4, 3))
+    assert diversity(torch.tensor(p)) == pytest.approx(np.mean([np.linalg.norm(p[i] - p[j])
+                                                                for i in range(4) for j in range(4) if i != j]))
+    still = kinetic_features(np.repeat(rng.random((1, 18, 2)), 30, 0), FPS)  # (54,)
+    assert still.shape == (54,) and float(still.abs().max()) == 0.0
