@@ -706,7 +706,7 @@ def resize_frames(images, size):
 
 class DanceClipDataset(torch.utils.data.Dataset):
     """Windows of dance clips (all checked here), starting at random per (seed, epoch, index) or at `start`
-    >= 0; the reference frame is random among those with a face box, or `ref_frame` >= 0."""
+    >= 0 (or start[index]); the reference frame is random among those with a face box, or `ref_frame` >= 0."""
 
     def __init__(self, list_file, window, joints="body_feet24", fps=DANCE_FPS, seed=0, start=-1, ref_frame=-1,
                  face_size=112, image_size=0, frames=0):
@@ -741,7 +741,8 @@ class DanceClipDataset(torch.utils.data.Dataset):
         idx, epoch = key if isinstance(key, tuple) else (key, 0)  # StepSampler passes (index, epoch)
         clip = self.clips[idx]
         rng = np.random.default_rng((self.seed, epoch, idx))
-        start = self.start if self.start >= 0 else int(rng.integers(0, clip["T"] - self.window + 1))
+        start = self.start[idx] if isinstance(self.start, list) else self.start  # a list: one per clip
+        start = start if start >= 0 else int(rng.integers(0, clip["T"] - self.window + 1))
         with_face = [i for i, b in enumerate(clip["boxes"]) if b is not None]
         ref = self.ref_frame if self.ref_frame >= 0 else int(with_face[rng.integers(len(with_face))])
         if clip["boxes"][ref] is None:

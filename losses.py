@@ -331,3 +331,22 @@ def diversity(features):
     f = torch.as_tensor(features, dtype=torch.float64)
     d = torch.cdist(f, f)  # (N, N)
     return (d.sum() / (len(f) * (len(f) - 1))).item()
+
+
+def kinetic_windows(motions, fps):
+    """Kinetic features (losses.kinetic_features) of every 1-s window of each motion's 18 body joints, the
+    samples of FID_k and Div_k: [N, 54]."""
+    return torch.stack([kinetic_features(torch.as_tensor(m)[t: t + fps, :18], fps)
+                        for m in motions for t in range(0, len(m) - fps + 1, fps)])
+
+
+def identity_scores(rec, gen_faces, gt_faces, ref_faces, other_faces):
+    """Identity by the evaluation recognizer `rec` (toy.eval_face_recognizer): cosine of the generated face
+    crops [N, 3, 112, 112] with their reference faces, beside another dancer's face, the ground-truth crop
+    and that crop painted flat in its mean colour (what colour alone scores)."""
+    emb = lambda x: F.normalize(rec(x * 2 - 1), dim=-1)  # noqa: E731
+    own, other = emb(ref_faces), emb(other_faces)
+    cos = lambda faces, ref: (emb(faces) * ref).sum(-1).mean().item()  # noqa: E731
+    flat = gt_faces.mean((2, 3), keepdim=True).expand_as(gt_faces)  # (N, 3, 112, 112)
+    return {"id_cos": cos(gen_faces, own), "id_cos_other": cos(gen_faces, other), "id_cos_gt": cos(gt_faces, own),
+            "id_cos_flat_face": cos(flat, own)}

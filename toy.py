@@ -93,6 +93,19 @@ def face_recognizer(c, device):
     return toy_face_recognizer(c["seed"]).to(device)
 
 
+def eval_face_recognizer(c, device):
+    """The recognizer that scores identity, one the identity loss never saw: eval_face_recognizer_path (an
+    arcface_torch file of face_recognizer_arch), or the toy's recognizer seeded apart. A real run without
+    one scores with its training recognizer, and says so."""
+    if c.get("eval_face_recognizer_path"):
+        return load_iresnet(c["eval_face_recognizer_path"], c["face_recognizer_arch"]).to(device)
+    if c["face_recognizer_path"]:
+        print("identity scored by the training face recognizer: set eval_face_recognizer_path to one the "
+              "identity loss never saw")
+        return face_recognizer(c, device)
+    return toy_face_recognizer(c["seed"] + 1).to(device)
+
+
 def toy_unet(cfg, accelerator, scheduler, lr_at, batch_size=16, lr=1e-3, frames_per_clip=24):
     """The toy's stand-in for SD-1.5's UNet: the unet_preset UNet trained as an unconditional denoiser
     (context zero, stage B's scheduler) on frames of the training clips, toy_pretrain_steps at batch

@@ -54,7 +54,8 @@ from losses import (
     face_loss,
     frechet_distance,
     heatmap_loss,
-    kinetic_features,
+    identity_scores,
+    kinetic_windows,
     limb_beats,
     min_snr_weight,
     motion_beats,
@@ -95,7 +96,7 @@ from plumbing import (
     seeded,
     start_run,
 )
-from toy import face_recognizer, frozen_encoders, toy_dance, toy_unet
+from toy import eval_face_recognizer, face_recognizer, frozen_encoders, toy_dance, toy_unet
 from weights import (
     check_sd_scheduler,
     load_dance_net,
@@ -140,6 +141,7 @@ class Config:
     heatmap_sigma: float = 1.0  # ground-truth Gaussian, in heatmap cells
     face_recognizer_path: str = ""  # arcface_torch backbone.pth; "": a frozen random toy IResNet
     face_recognizer_arch: str = "iresnet100"  # IRESNET_CONFIGS key of that file (glintr100 = iresnet100)
+    eval_face_recognizer_path: str = ""  # scores identity, never trained against; "": the toy's, seeded apart
     pose_loss_weight: float = 0.5  # M2P's heatmap loss, also when M2P trains in stages B and C
     face_loss_weight: float = 0.1
     # ---- stage B: pose guider + denoising UNet + ReferenceNet + face tokens on single frames
@@ -364,13 +366,6 @@ def backward_and_step(accelerator, net, optimizer, loss, guard, step, grad_clip,
 # Stage A: music + reference pose + reference face -> per-frame joint heatmaps and a face embedding
 
 
-def kinetic_windows(motions, fps):
-    """Kinetic features (losses.kinetic_features) of every 1-s window of each motion's 18 body joints, the
-    samples of FID_k and Div_k: [N, 54]."""
-    return torch.stack([kinetic_features(torch.as_tensor(m)[t: t + fps, :18], fps)
-                        for m in motions for t in range(0, len(m) - fps + 1, fps)])
-
-
 @torch.no_grad()
 def evaluate_a(m2p, recognizer, val_set, mean_pose, beats, real_k, cfg, step, out_dir, device, tag="val"):
     """On whole held-out clips (reference = frame 0, windows of the training length): pose error and
@@ -581,7 +576,7 @@ def m2p_pose_prob(step, total, start=0.8):
 
 
 @torch.no_grad()
-def evaluate_b(net, vae, clip, recognizer, scheduler, val_set, cfg, step, out_dir, device):
+def evaluate_b(net, vae, clip, recognizer, eval_rec, scheduler, val_set, cfg, step, out_dir, device):
     """Held-out clips (dancers never trained on), reference = frame 0, frames generated at the ground-
     truth poses of val_frames times: PSNR / SSIM against the ground truth, against the copy-the-reference
     baseline, and against the ground truth of another time of the same clip (the wrong-pose control: a
@@ -630,14 +625,9 @@ def evaluate_b(net, vae, clip, recognizer, scheduler, val_set, cfg, step, out_di
     m["ref_swap"] = (x0[0] - x0[1]).abs().mean().item()
     boxes = torch.stack([it["box"] for it in items]).to(device)
     has = ~boxes.isnan().any(1)
-    if has.any():
-        e_gen = F.normalize(recognizer(crop_box(gen[has], boxes[has], 112) * 2 - 1), dim=-1)
-        e_gt = F.normalize(recognizer(crop_box(gt[has], boxes[has], 112) * 2 - 1), dim=-1)
-        own = F.normalize(face_emb[idx[has]], dim=-1)
-        # another held-out dancer: the next clip whose dancer differs (toy: the next clip)
-        other = F.normalize(face_emb[(idx[has] + 1) % n], dim=-1)
-        m.update(id_cos=(e_gen * own).sum(-1).mean().item(), id_cos_other=(e_gen * other).sum(-1).mean().item(),
-                 id_cos_gt=(e_gt * own).sum(-1).mean().item())
+    if has.any():  # another held-out dancer: the next clip (toy: its dancer differs)
+        m.update(identity_scores(eval_rec, crop_box(gen[has], boxes[has], 112), crop_box(gt[has], boxes[has], 112),
+                                 ref_faces[idx[has]], ref_faces[(idx[has] + 1) % n]))
     pose_img = heat.amax(1, keepdim=True).expand(-1, 3, -1, -1)  # (n K, 3, H, W): the joints
     pose_img = 1 - F.interpolate(pose_img, size=(S, S), mode="area").clamp(0, 1)
     rows = [torch.stack([ref_images[i], pose_img[j], gt[j], gen[j]]).cpu() for j, i in enumerate(idx.tolist())][:16]
@@ -666,6 +656,7 @@ def stage_b(cfg):
     unet_path = cfg.unet_path or (str(toy_unet(cfg, accelerator, dance_scheduler(cfg), lr_at))
                                   if cfg.toy_pretrain_steps else "")
     net, vae, clip, recognizer = build_stage_b(dataclasses.replace(cfg, unet_path=unet_path), train_set.J, device)
+    eval_rec = eval_face_recognizer(vars(cfg), device)  # scores identity; the loss never sees it
     scheduler = dance_scheduler(cfg)
     check_sd_scheduler(cfg.unet_path, scheduler.config)  # SD's own betas: fine-tuning keeps its noise levels
     factor = 8 if vae is not None else 1  # image px per UNet input px
@@ -714,7 +705,8 @@ def stage_b(cfg):
     for step in range(start_step, total + 1):
         if (step > start_step or step == 0) and (step % cfg.val_every == 0 or step == total):
             if main_proc:
-                m, grid = evaluate_b(raw, vae, clip, recognizer, scheduler, val_set, cfg, step, out_dir, device)
+                m, grid = evaluate_b(raw, vae, clip, recognizer, eval_rec, scheduler, val_set, cfg, step, out_dir,
+                                     device)
                 log_eval(accelerator, m, step, out_dir, {"grid": grid})
                 print(f"grid {grid}")
             accelerator.wait_for_everyone()
@@ -809,12 +801,13 @@ def seq_len_at(step, cfg):
 
 
 @torch.no_grad()
-def evaluate_c(net, vae, clip, recognizer, scheduler, val_set, cfg, step, out_dir, device):
-    """Whole held-out clips (dancers never trained on; reference = frame 0, the first seq_len_end frames,
-    ground-truth poses): PSNR / SSIM, identity cosine, and temporal consistency: the mean error of the
-    frame-to-frame differences against the ground truth's, and background flicker (the mean frame-to-frame
-    change where the ground truth's background never changes). At step 0 the model is stage B applied
-    frame by frame (the motion modules start at zero), so step 0 is the baseline. Writes mp4s + a grid."""
+def evaluate_c(net, vae, clip, recognizer, eval_rec, scheduler, val_set, cfg, step, out_dir, device):
+    """Held-out clips (dancers never trained on; reference = frame 0, windows of seq_len_end frames spread
+    over the clip, ground-truth poses): PSNR / SSIM, identity cosine, and temporal consistency: the mean
+    error of the frame-to-frame differences against the ground truth's, over the frame, on the dancer (the
+    pixels that change in the ground truth) and on the background (there all change is flicker), each
+    beside copying the reference frame. At step 0 the model is stage B applied frame by frame (the motion
+    modules start at zero), so step 0 is the other baseline. Writes mp4s + a grid."""
     net.eval()
     n, T, S = min(cfg.val_samples_c, len(val_set)), cfg.seq_len_end, cfg.image_size
     items = [val_set[i] for i in range(n)]
@@ -830,18 +823,26 @@ def evaluate_c(net, vae, clip, recognizer, scheduler, val_set, cfg, step, out_di
     gen = to_images(vae, rearrange(x, "b c f h w -> (b f) c h w")).float()  # (n T, 3, S, S)
     gen = rearrange(gen, "(b f) c h w -> b f c h w", b=n)
     flat = lambda v: v.flatten(0, 1)  # noqa: E731
-    d_gen, d_gt = gen[:, 1:] - gen[:, :-1], gt[:, 1:] - gt[:, :-1]  # (n, T-1, 3, S, S)
     static = ((gt - gt[:, :1]).abs().amax((1, 2)) < 1e-3)[:, None, None]  # (n, 1, 1, S, S): background
-    m = {"psnr": psnr(flat(gen), flat(gt)).mean().item(), "ssim": ssim(flat(gen), flat(gt)).mean().item(),
-         "temporal_err": (d_gen - d_gt).abs().mean().item(),
-         "bg_flicker": ((d_gen.abs() * static).sum() / (static.sum() * 3 * (T - 1)).clamp(min=1)).item()}
+    copy = refs[:, None].expand_as(gt)  # (n, T, 3, S, S): the trivial video, the reference held still
+    m = {}
+    for name, video in (("", gen), ("_copy_ref", copy)):
+        d, d_gt = video[:, 1:] - video[:, :-1], gt[:, 1:] - gt[:, :-1]  # (n, T-1, 3, S, S)
+        err = (d - d_gt).abs()
+        region = lambda mask: ((err * mask).sum() / (mask.sum() * 3 * (T - 1)).clamp(min=1)).item()  # noqa: E731
+        m.update({f"psnr{name}": psnr(flat(video), flat(gt)).mean().item(),
+                  f"ssim{name}": ssim(flat(video), flat(gt)).mean().item(),
+                  f"temporal_err{name}": err.mean().item(),  # the whole frame, the dancer, the background
+                  f"temporal_err_dancer{name}": region(~static), f"temporal_err_bg{name}": region(static)})
+    m["bg_flicker"] = m["temporal_err_bg"]  # the ground truth's background does not change: all is flicker
     boxes = torch.stack([it["boxes"][:T] for it in items]).to(device)  # (n, T, 4)
     has = ~flat(boxes).isnan().any(1)
     if has.any():
-        e = F.normalize(recognizer(crop_box(flat(gen)[has], flat(boxes)[has], 112) * 2 - 1), dim=-1)
-        own = F.normalize(face_emb.repeat_interleave(T, 0)[has], dim=-1)
-        other = F.normalize(face_emb.roll(-1, 0).repeat_interleave(T, 0)[has], dim=-1)
-        m.update(id_cos=(e * own).sum(-1).mean().item(), id_cos_other=(e * other).sum(-1).mean().item())
+        faces = torch.stack([it["face"] for it in items]).to(device)  # (n, 3, 112, 112): the references'
+        own = faces.repeat_interleave(T, 0)[has]
+        m.update(identity_scores(eval_rec, crop_box(flat(gen)[has], flat(boxes)[has], 112),
+                                 crop_box(flat(gt)[has], flat(boxes)[has], 112), own,
+                                 faces.roll(-1, 0).repeat_interleave(T, 0)[has]))
     up = lambda v: F.interpolate(v, scale_factor=max(1, 128 // S), mode="nearest")  # noqa: E731
     for i in range(min(2, n)):  # ground truth | generated, with the clip's music
         frames = (torch.cat([up(gt[i]), up(gen[i])], -1).permute(0, 2, 3, 1).cpu().numpy() * 255).astype(np.uint8)
@@ -889,7 +890,11 @@ def stage_c(cfg):
                                  image_size=cfg.image_size, frames=L)
     val_set = DanceClipDataset(data_dir / cfg.val_list, L, cfg.joints, cfg.fps, start=0, ref_frame=0,
                                image_size=cfg.image_size, frames=L)
+    # windows spread over each clip (golden-ratio strides), not starting at the reference frame 0: there,
+    # copying the reference would win every pixel and temporal score
+    val_set.start = [int((c["T"] - L) * ((i + 1) * 0.618034 % 1)) for i, c in enumerate(val_set.clips)]
     net, vae, clip, recognizer, b_final = load_stage_b(cfg, train_set.J, device)
+    eval_rec = eval_face_recognizer(vars(cfg), device)  # scores identity; the loss never sees it
     m2p = load_stage_a(dataclasses.replace(cfg, m2p_path=str(b_final)), train_set.music_dim, device)[0]
     m2p.requires_grad_(cfg.m2p_lr_c > 0)
     m2p.face_head.requires_grad_(False)  # as in stage B: the identity comes from the recognizer
@@ -935,7 +940,8 @@ def stage_c(cfg):
     for step in range(start_step, total + 1):
         if (step > start_step or step == 0) and (step % cfg.val_every == 0 or step == total):
             if main_proc:
-                m, grid = evaluate_c(raw, vae, clip, recognizer, scheduler, val_set, cfg, step, out_dir, device)
+                m, grid = evaluate_c(raw, vae, clip, recognizer, eval_rec, scheduler, val_set, cfg, step, out_dir,
+                                     device)
                 log_eval(accelerator, m, step, out_dir, {"grid": grid})
                 print(f"grid {grid}" + (" (step 0: stage B applied frame by frame)" if step == 0 else ""))
             accelerator.wait_for_everyone()
