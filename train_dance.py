@@ -800,6 +800,12 @@ def seq_len_at(step, cfg):
     return int(round(cfg.seq_len_start + frac * (cfg.seq_len_end - cfg.seq_len_start)))
 
 
+def spread_starts(clips, L):
+    """Validation windows of L frames spread over each clip (golden-ratio strides of its length), not at
+    the reference frame 0, where copying the reference would win every pixel and temporal score."""
+    return [int((c["T"] - L) * ((i + 1) * 0.618034 % 1)) for i, c in enumerate(clips)]
+
+
 @torch.no_grad()
 def evaluate_c(net, vae, clip, recognizer, eval_rec, scheduler, val_set, cfg, step, out_dir, device):
     """Held-out clips (dancers never trained on; reference = frame 0, windows of seq_len_end frames spread
@@ -890,9 +896,7 @@ def stage_c(cfg):
                                  image_size=cfg.image_size, frames=L)
     val_set = DanceClipDataset(data_dir / cfg.val_list, L, cfg.joints, cfg.fps, start=0, ref_frame=0,
                                image_size=cfg.image_size, frames=L)
-    # windows spread over each clip (golden-ratio strides), not starting at the reference frame 0: there,
-    # copying the reference would win every pixel and temporal score
-    val_set.start = [int((c["T"] - L) * ((i + 1) * 0.618034 % 1)) for i, c in enumerate(val_set.clips)]
+    val_set.start = spread_starts(val_set.clips, L)
     net, vae, clip, recognizer, b_final = load_stage_b(cfg, train_set.J, device)
     eval_rec = eval_face_recognizer(vars(cfg), device)  # scores identity; the loss never sees it
     m2p = load_stage_a(dataclasses.replace(cfg, m2p_path=str(b_final)), train_set.music_dim, device)[0]

@@ -236,6 +236,11 @@ def test_all_chains_the_stages_and_stage_c_resumes_exactly(tiny_dance, tmp_path,
     assert m2p_c.keys() == m2p_b.keys() and all(torch.equal(m2p_c[k], m2p_b[k]) for k in m2p_b)
     val = [json.loads(line) for line in (x / "stage_C" / "metrics.jsonl").read_text().splitlines()]
     assert [v["step"] for v in val] == [0, 2, 4] and all(math.isfinite(v["temporal_err"]) for v in val)
+    for v in val:  # every score beside copying the reference; identity beside a flat-colour face
+        for key in ("psnr", "ssim", "temporal_err", "temporal_err_dancer", "temporal_err_bg"):
+            assert math.isfinite(v[key]) and math.isfinite(v[f"{key}_copy_ref"]), key
+        assert v["temporal_err_bg_copy_ref"] == 0.0 and v["bg_flicker"] == v["temporal_err_bg"]
+        assert {"id_cos", "id_cos_other", "id_cos_gt", "id_cos_flat_face"} <= v.keys()
     # stage C changed only the motion modules: everything else is stage B's
     b = load_file(x / "stage_B" / "checkpoint-2" / "dance.safetensors")
     c0, c4 = (load_file(x / "stage_C" / f"checkpoint-{s}" / "dance.safetensors") for s in (2, 4))
@@ -305,3 +310,17 @@ def dance_sample(final, clip_dir, out, **kw):
             f"--output_dir={out}", "--steps=2", "--context_frames=3", "--context_overlap=1", "--video_size=32",
             *[f"--{k}={v}" for k, v in kw.items()]]
     return sample.main(load_config(sample.Config, args))
+
+
+def test_stage_c_validates_windows_spread_over_the_clip_and_identity_with_another_recognizer(tiny_dance):
+    """Stage C's validation windows do not start at the reference frame (where copying it wins), and the
+    toy's evaluation recognizer is not the one the identity loss trains against."""
+    from data import DanceClipDataset
+    from toy import eval_face_recognizer, face_recognizer
+    cfg = vars(load_config(train_dance.Config, [f"--data_dir={tiny_dance}"]))
+    a, b = face_recognizer(cfg, "cpu"), eval_face_recognizer(cfg, "cpu")
+    assert not torch.equal(next(a.parameters()), next(b.parameters()))
+    vs = DanceClipDataset(tiny_dance / "data_val.txt", 8, "body18", start=0, ref_frame=0)
+    vs.start = train_dance.spread_starts(vs.clips, 8)
+    starts = [vs[i]["start"] for i in range(len(vs))]
+    assert all(s > 0 for s in starts) and len(set(starts)) == len(starts) and vs[0]["ref_pose"] is not None
