@@ -246,3 +246,24 @@ def test_image_size_must_match_its_frame(tmp_path):
     ds = MultiViewDataset(toy / "data_train.txt", 16, rig=load_rig("mouse_6view"))
     with pytest.raises(InputError, match=r"cam_000.png: image is 16x16, its camera frame says 512x512"):
         ds[0]
+
+
+def test_gen_synthetic_checks_the_cameras_it_is_given(tiny_mv_ckpt, tiny_mice, tmp_path):
+    """--camera_json: an OpenGL file and a translated world are refused in one line before anything is written."""
+    import gen_synthetic
+    from data import RigMismatch
+    from plumbing import load_config
+    rig = load_rig("mouse_6view")
+    gl = rig_c2w() @ torch.diag(torch.tensor([1.0, -1, -1, 1], dtype=torch.float64))  # (V, 4, 4)
+    moved = rig_c2w()
+    moved[:, :3, 3] += torch.tensor([1.5, -2.0, 0.7], dtype=torch.float64)
+    for name, c2w, err, words in [("gl.json", gl, InputError, "c2w_cv = c2w_gl @ diag(1, -1, -1, 1)"),
+                                  ("moved.json", moved, RigMismatch, "translated by [1.5, -2.0, 0.7]")]:
+        path = write_frames(tmp_path / name, c2w, rig["frames"])
+        cfg = load_config(gen_synthetic.Config, [f"--mvdiff_checkpoint={tiny_mv_ckpt}", f"--camera_json={path}",
+                                                 f"--input_data={tiny_mice}/data_train.txt", "--steps=1",
+                                                 f"--out_dir={tmp_path / 'out'}", "--max_sources=1"])
+        with pytest.raises(err) as e:
+            gen_synthetic.main(cfg)
+        assert str(path) in str(e.value) and words in str(e.value) and "\n" not in str(e.value)
+        assert not (tmp_path / "out" / "data_train.txt").exists()

@@ -258,6 +258,63 @@ def test_centres_and_masks_match_the_truth(capture, prepared):
     assert np.mean(ious) > 0.85 and np.min(ious) > 0.75
 
 
+def rotation_vector(R):
+    """Matrix -> Rodrigues vector (angles below 180 deg), as Anipose stores rotations."""
+    th = np.arccos(np.clip((np.trace(R) - 1) / 2, -1, 1))
+    w = np.array([R[2, 1] - R[1, 2], R[0, 2] - R[2, 0], R[1, 0] - R[0, 1]])
+    return w * th / (2 * np.sin(th)) if th > 1e-9 else np.zeros(3)
+
+
+def test_anipose_and_mammal_calibrations_read_as_the_json(tmp_path):
+    cams = mm_cameras()
+    toml = "".join(f"[cam_{i}]\nname = \"{c['name']}\"\nsize = [{W}, {H}]\nmatrix = {c['K'].tolist()}\n"
+                   f"distortions = {list(c['dist'])}\nrotation = {rotation_vector(c['R']).tolist()}\n"
+                   f"translation = {c['t'].tolist()}\n\n" for i, c in enumerate(cams)) + "[metadata]\nadjusted = true\n"
+    (tmp_path / "calibration.toml").write_text(toml)
+    import pickle
+    with open(tmp_path / "new_cam.pkl", "wb") as f:  # MAMMAL: {index: {K, R, T (3, 1) in mm}}, no distortion
+        pickle.dump({i: {"K": c["K"], "R": c["R"], "T": c["t"][:, None]} for i, c in enumerate(cams)}, f)
+    (tmp_path / "m.json").write_text(json.dumps({"units": "m", "cameras": [
+        dict(c, K=c["K"].tolist(), R=c["R"].tolist(), t=(c["t"] / 1000).tolist()) for c in cams]}))
+    anipose = prepare_mouse.read_calibration(tmp_path / "calibration.toml")
+    mammal = prepare_mouse.read_calibration(tmp_path / "new_cam.pkl")
+    metres = prepare_mouse.read_calibration(tmp_path / "m.json")
+    for c, a, m, j in zip(cams, anipose, mammal, metres, strict=True):
+        assert a["name"] == c["name"] and m["name"] == str(cams.index(c)) and a["size"] == (W, H)
+        for got in (a, m, j):
+            assert np.allclose(got["R"], c["R"], atol=1e-5) and np.allclose(got["t"], c["t"], atol=1e-6)
+            assert np.allclose(got["K"], c["K"])
+        assert np.allclose(a["dist"], DIST) and not m["dist"].any() and m["size"] is None
+    (tmp_path / "bad.toml").write_text("[cam_0]\nname = 'a'\nmatrix = [[1, 0, 0], [0, 1, 0], [0, 0, 1]]\n")
+    with pytest.raises(prepare_mouse.InputError, match=r"bad.toml: not a calibration .*'rotation'"):
+        prepare_mouse.read_calibration(tmp_path / "bad.toml")
+
+
+def test_the_labs_masks_are_used(capture, tmp_path):
+    """Masks from a folder (the truth, as PNG frame folders) instead of the background model: the centre is
+    then the true masks' triangulation (to 1.5 mm) and the crops' alpha follows them (IoU >= 0.85)."""
+    root, truth = capture
+    for name, t in truth.items():
+        for c, m in zip(mm_cameras(), t["masks"]):
+            (tmp_path / "masks" / name / c["name"]).mkdir(parents=True)
+            for i, frame in enumerate(m):
+                Image.fromarray(frame.astype(np.uint8) * 255).save(tmp_path / "masks" / name / c["name"] / f"{i}.png")
+    out = tmp_path / "prepared"
+    counts = prepare_mouse.main(load_config(prepare_mouse.Config, [
+        f"--calibration={root / 'calibration.json'}", f"--videos={root / 'videos'}", f"--masks={tmp_path / 'masks'}",
+        f"--out_dir={out}", "--image_size=32", "--morph_px=0", "--split_by=time", "--block_frames=3",
+        "--val_fraction=0.5"]))
+    assert counts["written"] >= 9 and counts["skipped_few_clean_masks"] >= 1
+    blocks = [{(p.name[:7], int(p.name[-6:]) // 3) for p in read_list_file(out / f"data_{s}.txt")}
+              for s in ("train", "val")]
+    assert blocks[0] and blocks[1] and not blocks[0] & blocks[1]  # split by time block
+    for d in read_list_file(out / "data_train.txt") + read_list_file(out / "data_val.txt"):
+        tr = json.loads((d / "transform.json").read_text())
+        t = truth[tr["session"]]
+        centroids = np.stack([np.argwhere(m[tr["frame"]]).mean(0)[::-1] for m in t["masks"]])  # (V, 2)
+        assert np.linalg.norm(np.array(tr["centre_mm"]) - dlt(t["cams"], centroids)) < 1.5
+
+
 def test_bad_calibrations_are_refused_in_one_line(capture, tmp_path):
     root, _ = capture
     cal = json.loads((root / "calibration.json").read_text())
