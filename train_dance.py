@@ -189,6 +189,7 @@ class Config:
     motion_heads: int = 4  # attention heads of new motion modules
     stage_b_path: str = ""  # stage B's final/ folder; "": <out_dir>/stage_B/final
     m2p_lr_c: float = 0.0  # > 0: M2P trains in stage C too, with its pose loss on the clips' music; 0: frozen
+    m2p_poses_c: float = 0.5  # share of stage-C clips posed by M2P (from their music), as sampling poses them
     # ---- validation and run
     val_samples: int = 10  # held-out clips evaluated in stages A and B (A: whole clips in `window` windows)
     val_samples_c: int = 4  # whole held-out clips of seq_len_end frames, generated at steps 0 and last
@@ -926,7 +927,8 @@ def stage_c(cfg):
                      ["m2p"] if cfg.m2p_lr_c > 0 else [])
         print(f"stage B from {b_final}; motion modules: {cfg.motion_adapter_path or 'new, proj_out zeroed'}; "
               f"group temporal: {len(temporal)} tensors, {sum(p.numel() for p in temporal):,} params, "
-              f"lr {cfg.lr_c:g}; clips of {cfg.seq_len_start} -> {L} frames by step {cfg.seq_len_ramp_steps}")
+              f"lr {cfg.lr_c:g}; clips of {cfg.seq_len_start} -> {L} frames by step {cfg.seq_len_ramp_steps}, "
+              f"{cfg.m2p_poses_c:.0%} of them posed by M2P")
 
     start_step, guard = resume_run(cfg, out_dir, accelerator, lambda path: load_checkpoint(
         path, {"dance": net, "m2p": m2p}, {"optimizer": optimizer}))
@@ -969,7 +971,17 @@ def stage_c(cfg):
             gen = seeded(cfg.seed, rank, step, *([micro] if G > 1 else []))
             t = torch.randint(0, 1000, (B,), generator=gen).to(device)  # one timestep per clip
             keep = (torch.rand(B, generator=gen) >= cfg.cond_drop_prob).to(device)
+            use_m2p = (torch.rand(B, generator=gen) < cfg.m2p_poses_c).to(device)
             with no_sync(accelerator, micro < G - 1, model, m2p_model), accelerator.autocast():
+                # the pose condition: the ground truth, or for a share of the clips M2P's poses from the clip's
+                # music, which is what drives the motion modules at sampling (whole clips switch, as in B)
+                pose, logits = batch["poses"][:, :T], None  # (B, T, J, 3)
+                if cfg.m2p_lr_c > 0 or use_m2p.any():
+                    with contextlib.nullcontext() if cfg.m2p_lr_c > 0 else torch.no_grad():
+                        logits, _ = m2p_model(batch["music"], batch["ref_pose"], batch["face"])  # (B, L, J, h, h)
+                    xy = soft_argmax(logits.float())[:, :T]  # (B, T, J, 2)
+                    vis = batch["ref_pose"][:, None, :, 2:].expand(-1, T, -1, -1)  # (B, T, J, 1): the reference's
+                    pose = torch.where(use_m2p[:, None, None, None], torch.cat([xy, vis], -1), pose)
                 with torch.no_grad():
                     frames = batch["frames"][:, :T]  # (B, T, 3, S, S)
                     x0 = rearrange(to_model_space(vae, frames.flatten(0, 1), gen), "(b f) c h w -> b c f h w", b=B)
@@ -979,7 +991,7 @@ def stage_c(cfg):
                 noise = torch.randn(x0.shape, generator=gen).to(device)
                 noise = noise + cfg.noise_offset * torch.randn(B, x0.shape[1], 1, 1, 1, generator=gen).to(device)
                 x_t = scheduler.add_noise(x0, noise, t)
-                heat = pose_heatmaps(batch["poses"][:, :T], cfg.image_size, cfg.pose_sigma)  # (B, T, J, S, S)
+                heat = pose_heatmaps(pose, cfg.image_size, cfg.pose_sigma)  # (B, T, J, S, S)
                 out = model(x_t, t, heat, 1.5, ref_x, clip_emb, face_emb, keep)  # (B, C, T, h, w)
                 boxes = batch["boxes"][:, :T].flatten(0, 1)  # (B T, 4)
                 face = rearrange(box_mask(boxes.nan_to_num(0.0), x0.shape[-1]), "(b f) c h w -> b c f h w", b=B)
@@ -1000,7 +1012,6 @@ def stage_c(cfg):
                 loss = (cfg.diffusion_loss_weight * parts["diff"] + cfg.temporal_loss_weight * parts["temp"]
                         + cfg.id_loss_weight * parts["id"])
                 if cfg.m2p_lr_c > 0:  # M2P's pose loss on the clip's music window
-                    logits, _ = m2p_model(batch["music"], batch["ref_pose"], batch["face"])  # (B, L, J, h, h)
                     parts["pose"], _ = heatmap_loss(logits, batch["poses"], cfg.heatmap_sigma)
                     loss = loss + cfg.pose_loss_weight * parts["pose"]
             grad_norm = backward_and_step(accelerator, raw, optimizer, loss, guard, step, cfg.grad_clip, micro, G)
