@@ -317,19 +317,38 @@ def dance_length(audio, sr, fps, max_seconds, where):
 
 
 @torch.no_grad()
+def m2p_poses(m2p, feats, ref_pose, face, W):
+    """M2P's poses for music features (T, D): windows of its training length W overlapping by W / 4, cross-
+    faded linearly in the overlaps, since separate windows jump at their boundaries. Prints the largest
+    joint jump at a window boundary beside the typical frame-to-frame jump. -> (T, J, 3), visibility the
+    reference's."""
+    T, J, ov = len(feats), len(ref_pose), W // 4
+    acc, total = torch.zeros(T, J, 2, device=feats.device), torch.zeros(T, device=feats.device)
+    windows = context_windows(T, W, ov)
+    for s, e in windows:
+        logits, _ = m2p(feats[s:e][None], ref_pose[None], face)  # (1, e - s, J, h, h)
+        k = torch.arange(e - s, device=feats.device)
+        w = torch.minimum((k + 1) / (ov + 1), (e - s - k) / (ov + 1)).clamp(max=1)  # (e - s,): the fade
+        acc[s:e] += w[:, None, None] * soft_argmax(logits.float())[0]
+        total[s:e] += w
+    xy = acc / total[:, None, None]  # (T, J, 2)
+    jump = (xy[1:] - xy[:-1]).norm(dim=-1).mean(-1)  # (T - 1,): mean joint move from frame t to t + 1
+    # the moves into and through each overlap: where separate windows would jump
+    edges = [t for (_, end), (s, _) in zip(windows, windows[1:]) for t in range(max(s - 1, 0), min(end, T - 1))]
+    if edges:
+        print(f"M2P: {len(windows)} windows of {W} frames, cross-faded over {ov}; largest joint jump at a window "
+              f"boundary {jump[edges].max():.4f}, median frame-to-frame {jump.median():.4f}")
+    return torch.cat([xy, ref_pose[None, :, 2:].expand(T, -1, -1)], -1)
+
+
 def generate_dance(d, cfg, image, ref_pose, box, audio, sr, T, device):
     """Music (audio at sr) + a reference (image, its pose, its face box) -> (x, poses, ref_img): T frames
     of video in model space (1, C, T, h, w), M2P's poses (T, J, 3) and the reference at the model's size."""
     c, net, vae, sched = d["cfg"], d["net"], d["vae"], d["scheduler"]
-    J, fps, S = JOINT_SETS[c["joints"]], c["fps"], c["image_size"]
+    fps, S = c["fps"], c["image_size"]
     feats = torch.from_numpy(music_features(audio, sr, fps, T)).to(device)  # (T, 35)
     face = crop_box(image, box, 112)[None].to(device)  # (1, 3, 112, 112)
-    # poses: M2P over windows of its training length (the last one ends at T; later windows win)
-    W, poses = c["window"], torch.zeros(T, J, 3, device=device)
-    for s, e in context_windows(T, W, 0):
-        logits, _ = d["m2p"](feats[s:e][None], ref_pose[None].to(device), face)  # (1, e - s, J, h, h)
-        poses[s:e, :, :2] = soft_argmax(logits.float())[0]
-    poses[:, :, 2] = ref_pose[:, 2].to(device)  # visibility: the reference's
+    poses = m2p_poses(d["m2p"], feats, ref_pose.to(device), face, c["window"])  # (T, J, 3)
     ref_img = resize_frames(image[None], S).to(device)  # (1, 3, S, S), as in training
     gen = torch.Generator(device).manual_seed(cfg.seed)
     ref_x = to_model_space(vae, ref_img, gen)  # (1, C, h, w)
