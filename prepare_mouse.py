@@ -286,6 +286,11 @@ def frames(src):
         raise InputError(f"{p}: cannot read video ({err})") from None
 
 
+def where(src):
+    """A source's name in messages: the video, or the frame folder."""
+    return src[1] if src[0] == "video" else src[1][0].parent if src[1] else "(empty folder)"
+
+
 def count(src):
     kind, p = src
     if kind == "images":
@@ -420,17 +425,19 @@ def main(cfg):
                     "file_path": f"images/cam_{v:03d}.png"} for v, (c, (fx, fy, cx, cy)) in
                    enumerate(zip(cams, crops))]
 
-    if rig:  # the calibration itself, seen as a mouse at its aim point would be: order, up axis, scale
-        p0 = np.linalg.solve(norm[0] * norm[1], aim) + norm[2]  # the aim point in mm
-        intr = []
-        for c in cams:
-            pc = c["R"] @ p0 + c["t"]
-            fx = focal * S
-            fy = fx * c["K"][1, 1] / c["K"][0, 0]
-            intr.append((fx, fy, S / 2 - fx * pc[0] / pc[2], S / 2 - fy * pc[1] / pc[2]))
-        if msg := rig_mismatch(rig, sample_frames(p0, intr)[1]):
-            raise InputError(f"{cfg.calibration} (cameras in the order {[c['name'] for c in cams]}, "
-                             f"--up={cfg.up}): {msg}")
+    # the calibration's own rig: crops centred on its aim point (a mouse standing there); checked against
+    # the rig first, so a wrong camera order, up axis or scale stops here with the rig check's message
+    p0 = np.linalg.solve(norm[0] * norm[1], norm[3]) + norm[2]  # the aim point in mm
+    intr = []
+    for c in cams:
+        pc = c["R"] @ p0 + c["t"]
+        fx = focal * S
+        fy = fx * c["K"][1, 1] / c["K"][0, 0]
+        intr.append((fx, fy, S / 2 - fx * pc[0] / pc[2], S / 2 - fy * pc[1] / pc[2]))
+    own = {"id": f"{Path(cfg.calibration).name}, a mouse at the aim point", "frames": sample_frames(p0, intr)[1]}
+    if rig and (msg := rig_mismatch(rig, own["frames"])):
+        raise InputError(f"{cfg.calibration} (cameras in the order {[c['name'] for c in cams]}, "
+                         f"--up={cfg.up}): {msg}")
 
     counts = {"frames": 0, "written": 0, "existing": 0, "skipped_few_clean_masks": 0,
               "skipped_masks_disagree": 0, "skipped_off_rig": 0}
@@ -438,9 +445,8 @@ def main(cfg):
     for name, vids, msks in todo:
         n = [count(s) for s in vids] + ([count(s) for s in msks] if msks else [])
         if len(set(n)) != 1:
-            files = [str(s[1] if s[0] == "video" else s[1][0].parent) for s in vids + (msks or [])]
-            raise InputError(f"session {name}: the cameras' frame counts differ: "
-                             f"{dict(zip(files, n))}")
+            files = [str(where(s)) for s in vids + (msks or [])]
+            raise InputError(f"session {name}: the cameras' frame counts differ: {dict(zip(files, n))}")
         n = n[0] if not cfg.max_frames else min(n[0], cfg.max_frames * cfg.frame_step)
         bgs = None
         streams = [frames(s) for s in vids]
@@ -457,10 +463,13 @@ def main(cfg):
                 counts["existing"] += 1
                 listed[sample] = unit
                 continue
-            for c, im in zip(cams, ims):
+            for v, (c, im) in enumerate(zip(cams, ims)):
                 if c["size"] is not None and (im.shape[1], im.shape[0]) != c["size"]:
-                    raise InputError(f"session {name}: camera {c['name']!r} frames are {im.shape[1]}x"
-                                     f"{im.shape[0]}, {cfg.calibration} says {c['size'][0]}x{c['size'][1]}")
+                    raise InputError(f"{where(vids[v])}: frames are {im.shape[1]}x{im.shape[0]}, {cfg.calibration} "
+                                     f"says {c['size'][0]}x{c['size'][1]} for camera {c['name']!r}")
+                if mks is not None and mks[v].shape[:2] != im.shape[:2]:
+                    raise InputError(f"{where(msks[v])}: masks are {mks[v].shape[1]}x{mks[v].shape[0]}, the frames "
+                                     f"{im.shape[1]}x{im.shape[0]}")
             if mks is None and bgs is None:
                 bgs = [background(s, count(s), cfg.bg_frames) for s in vids]
             fgs = ([m.max(-1) > 127 for m in mks] if mks is not None else
@@ -470,7 +479,8 @@ def main(cfg):
             if len(good) < max(2, min_views):
                 counts["skipped_few_clean_masks"] += 1
                 continue
-            uv = np.stack([np.argwhere(m).mean(0)[::-1] for m in masks])  # (V, 2) centroids (x, y)
+            uv = np.zeros((V, 2))  # mask centroids (x, y) of the clean views
+            uv[good] = [np.argwhere(masks[v]).mean(0)[::-1] for v in good]
             p = triangulate(cams, uv, good)
             reproj = [np.linalg.norm(project(cams[v], p)[0] - uv[v]) / math.sqrt(masks[v].sum()) for v in good]
             if max(reproj) > cfg.max_reproj or min(project(c, p)[1] for c in cams) <= 0:
@@ -500,9 +510,8 @@ def main(cfg):
     for split, keep in (("train", False), ("val", True)):
         (out / f"data_{split}.txt").write_text("".join(f"{s}\n" for s, u in sorted(listed.items())
                                                        if (u in val) == keep))
-    first = json.loads((out / sorted(listed)[0] / "opencv_cameras.json").read_text())
-    made = rig_from_cameras(first, rig["name"] if rig else out.name, description=f"made by prepare_mouse.py "
-                            f"from {cfg.calibration}, sample {first['id']}")
+    made = rig_from_cameras(own, out.name, prompt_embeds=rig["prompt_embeds"] if rig else "",
+                            description=f"made by prepare_mouse.py from {own['id']}")
     made["views"] = rig["views"] if rig else [c["name"] for c in cams]
     (out / "rig.json").write_text(json.dumps(made, indent=1))
     counts.update(train=sum(u not in val for u in listed.values()), val=sum(u in val for u in listed.values()),

@@ -332,6 +332,15 @@ def test_bad_calibrations_are_refused_in_one_line(capture, tmp_path):
         prepare_mouse.main(load_config(prepare_mouse.Config, cfg + ["--cameras=cam0,cam4,cam2,cam3,cam1,cam5"]))
     with pytest.raises(prepare_mouse.InputError, match="elevation|direction"):
         prepare_mouse.main(load_config(prepare_mouse.Config, cfg + ["--up=+x"]))
+    import shutil
+
+    import imageio.v2 as imageio
+    shutil.copytree(root / "videos" / "m1_day1", tmp_path / "short")
+    frames = list(imageio.get_reader(root / "videos" / "m1_day1" / "cam5.mp4", "ffmpeg").iter_data())[:3]
+    imageio.mimwrite(tmp_path / "short" / "cam5.mp4", frames, fps=10, codec="libx264", macro_block_size=16)
+    with pytest.raises(prepare_mouse.InputError, match=r"session short: the cameras' frame counts differ: .*"
+                                                       r"cam5.mp4': 3"):
+        prepare_mouse.main(load_config(prepare_mouse.Config, cfg[:1] + [f"--videos={tmp_path / 'short'}"] + cfg[2:]))
 
 
 def test_phases_1_and_3_train_on_the_samples(prepared, tiny_cfg, tmp_path):
