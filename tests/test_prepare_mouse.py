@@ -285,6 +285,11 @@ def test_anipose_and_mammal_calibrations_read_as_the_json(tmp_path):
             assert np.allclose(got["R"], c["R"], atol=1e-5) and np.allclose(got["t"], c["t"], atol=1e-6)
             assert np.allclose(got["K"], c["K"])
         assert np.allclose(a["dist"], DIST) and not m["dist"].any() and m["size"] is None
+    auto = prepare_mouse.up_rotation("auto", anipose)  # the cameras' mean image-up: within 1 deg of z here
+    assert np.degrees(np.arccos(auto[2, 2])) < 1.0 and np.isclose(np.linalg.det(auto), 1.0)
+    for axis, vec in (("-y", [0, -1, 0]), ("-z", [0, 0, -1]), ("+x", [1, 0, 0])):
+        U = prepare_mouse.up_rotation(axis, anipose)
+        assert np.allclose(U @ vec, [0, 0, 1]) and np.isclose(np.linalg.det(U), 1.0)
     (tmp_path / "bad.toml").write_text("[cam_0]\nname = 'a'\nmatrix = [[1, 0, 0], [0, 1, 0], [0, 0, 1]]\n")
     with pytest.raises(prepare_mouse.InputError, match=r"bad.toml: not a calibration .*'rotation'"):
         prepare_mouse.read_calibration(tmp_path / "bad.toml")
