@@ -72,7 +72,7 @@ class Config:
     val_list: str = "data_val.txt"
     rig: str = "mouse_6view"  # the samples' cameras must match this rig (configs/rigs/<rig>.json)
     prompt_embeds: str = "data/toy_mice_mv/toy_prompt_embeds.pt"  # [V, T, D]; "" = the file the rig names
-    make_toy_prompt_embeds: bool = True  # a missing prompt file is made from the rig's cameras (toy only)
+    make_toy_prompt_embeds: bool = True  # a missing prompt file is made from the rig's cameras (toy runs only)
     allow_rig_mismatch: bool = False  # use prompt embeddings made for another rig (recorded in rig.json)
     toy_samples: int = 400  # size of the generated toy set (only used when data_dir has no train list)
     toy_yaw_deg: float = 30.0  # toy mice face +x +- this (180: any way; docs/experiments.md says why)
@@ -248,6 +248,10 @@ def main(cfg):
     ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema_decay > 0 else None  # DiT's EMA
     dim = model.unet.config.cross_attention_dim
     prompt_file = Path(cfg.prompt_embeds or rig["prompt_embeds"])
+    if cfg.make_toy_prompt_embeds and not prompt_file.exists() and (cfg.pipeline_dir or cfg.init_from):
+        # a real UNet with toy embeddings would train and pass every later hash check
+        raise InputError(f"{prompt_file}: not found; toy prompt embeddings are made only for toy runs (this one "
+                         "sets pipeline_dir or init_from): make the rig's with `python data.py rig_prompt_embeds`")
     if cfg.make_toy_prompt_embeds:
         toy_prompt_embeds(prompt_file, rig, dim, accelerator)
     prompt_embeds, mismatch = load_prompt_embeds(prompt_file, rig, dim, cfg.allow_rig_mismatch)  # (V, T, D)

@@ -198,6 +198,11 @@ def facelift_embeds_for_the_mouse_rig(tm, td, tmp):
     return train_mvdiff, mv_args(m, tmp / "out"), ["pe.pt", "bare tensor", "mouse_6view"]
 
 
+def toy_embeds_in_a_real_run(tm, td, tmp):
+    return train_mvdiff, args(train_mvdiff, tm, tmp / "out", f"--prompt_embeds={tmp / 'missing.pt'}",
+                              f"--pipeline_dir={tmp / 'sd'}"), ["missing.pt: not found", "only for toy runs"]
+
+
 def reference_view_flag(tm, td, tmp):
     return train_mvdiff, mv_args(tm, tmp / "out", "--reference_view=3"), ["--reference_view='3'"]
 
@@ -277,7 +282,7 @@ def sample_without_input(tm, td, tmp):
 
 
 CASES = [gslrm_truncated_weights, gslrm_truncated_state_auto, gslrm_fresh_run_into_old_run, gslrm_diverges,
-         overwrite_would_delete_init_from,
+         overwrite_would_delete_init_from, toy_embeds_in_a_real_run,
          broken_rig_json, broken_camera_json, scaled_rotation_on_a_target_view, singular_w2c,
          zero_focal_on_a_target_view, missing_sample_folder, missing_image, more_novel_views_than_a_sample_has,
          no_view_left_to_validate, out_dir_below_a_file, out_dir_is_a_file, unknown_preset,
