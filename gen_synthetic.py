@@ -27,17 +27,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from data import (
-    RigMismatch,
-    camera_hash,
-    file_sha256,
-    load_prompt_embeds,
-    load_rgba,
-    read_cameras,
-    read_list_file,
-    rig_mismatch,
-    rig_sample_frames,
-)
+from cameras import RigMismatch, camera_hash, file_sha256, load_prompt_embeds, read_cameras, rig_mismatch
+from data import load_rgba, read_list_file, rig_sample_frames
 from models import Conditioner, mv_schedulers, sample_views
 from plumbing import InputError, atomic_dir, cli, make_accelerator
 from weights import load_mv_checkpoint

@@ -32,7 +32,7 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
-from data import camera_geometry, load_rig, meeting_point, rig_from_cameras, rig_mismatch, write_cameras
+from cameras import camera_geometry, load_rig, meeting_point, rig_from_cameras, rig_mismatch, write_cameras
 from plumbing import InputError, atomic_dir, cli
 
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm")

@@ -39,25 +39,20 @@ from einops import rearrange
 from PIL import Image
 from tqdm import tqdm
 
+from cameras import RigMismatch, camera_geometry, frames_to_tensors, orbit_c2w, read_cameras, rig_mismatch
 from data import (
     JOINT_SETS,
     VISIBLE,
-    RigMismatch,
-    camera_geometry,
     crop_box,
     draw_skeleton,
-    frames_to_tensors,
     load_rgba,
     music_beats,
     music_features,
-    orbit_c2w,
     read_audio,
-    read_cameras,
     read_clip,
     read_frame,
     read_list_file,
     resize_frames,
-    rig_mismatch,
     save_image_grid,
     save_ply,
     write_video,

@@ -13,26 +13,37 @@ the set is written once, and a folder holding another set (its toy.json differs)
 import argparse
 import inspect
 import json
+import math
+import time
 from pathlib import Path
 
 import numpy as np
 import soundfile
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from PIL import Image, ImageDraw
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from data import (
-    DANCE_FPS,
-    HOP,
+from cameras import (
     camera_geometry,
     camera_hash,
     frames_to_tensors,
     load_rig,
     make_frame,
-    music_features,
     orbit_c2w,
+    save_prompt_embeds,
+    write_cameras,
+)
+from data import (
+    DANCE_FPS,
+    HOP,
+    JOINT_SETS,
+    music_beats,
+    music_features,
     preview_samples,
     read_audio,
     read_clip,
@@ -40,10 +51,18 @@ from data import (
     read_list_file,
     resize_frames,
     save_image_grid,
-    save_prompt_embeds,
-    write_cameras,
 )
-from losses import diffusion_target, min_snr_weight, weighted_mse
+from losses import (
+    beat_alignment,
+    beats_within,
+    diffusion_target,
+    heatmap_loss,
+    limb_beats,
+    min_snr_weight,
+    pose_error,
+    soft_argmax,
+    weighted_mse,
+)
 from models import (
     DANCE_UNET_CONFIGS,
     IRESNET_CONFIGS,
@@ -536,6 +555,156 @@ def toy_dance(out, accelerator=None, progress=True, **spec):
     """The toy dance set write_toy_dance(out, **spec) describes, in `out` (see with_barrier)."""
     args = resolved(write_toy_dance, **spec)
     return with_barrier(accelerator, lambda: write_toy_dance(out, **args, progress=progress), out, args)
+
+
+# ----------------------------------------------------------------------------------------------
+# The toy's pose detector: reads the joints back from frames (generated ones at validation), so that
+# pose accuracy and the beats of re-detected poses can be scored on what a model drew
+
+
+def _conv(c_in, c_out, stride=1):
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1), nn.GroupNorm(8, c_out), nn.SiLU())
+
+
+class PoseDetector(nn.Module):
+    """A small UNet (full, 1/2 and 1/4 resolution): frames (B, 3, S, S) in [0, 1] -> joint heatmap logits
+    (B, J, S, S), read out by soft_argmax. Two coordinate channels join the RGB: the toy dancers stand
+    in one place, and where a limb is in the frame tells which joint it carries."""
+
+    def __init__(self, J, image_size, width=32):
+        super().__init__()
+        w, self.J, self.image_size = width, J, image_size
+        self.inp = nn.Sequential(_conv(5, w), _conv(w, w))
+        self.down1 = nn.Sequential(_conv(w, 2 * w, 2), _conv(2 * w, 2 * w))
+        self.down2 = nn.Sequential(_conv(2 * w, 2 * w, 2), _conv(2 * w, 2 * w), _conv(2 * w, 2 * w))
+        self.up1, self.up2 = _conv(4 * w, 2 * w), _conv(3 * w, w)
+        self.out = nn.Conv2d(w, J, 1)
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        ys = (torch.arange(H, device=x.device, dtype=x.dtype) + 0.5) / H
+        xs = (torch.arange(W, device=x.device, dtype=x.dtype) + 0.5) / W
+        coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij")).expand(B, -1, -1, -1)  # (B, 2, H, W)
+        h0 = self.inp(torch.cat([x * 2 - 1, coords * 2 - 1], 1))  # (B, w, H, W)
+        h1 = self.down1(h0)  # (B, 2w, H/2, W/2)
+        h2 = self.down2(h1)  # (B, 2w, H/4, W/4)
+        u1 = self.up1(torch.cat([F.interpolate(h2, scale_factor=2.0), h1], 1))  # (B, 2w, H/2, W/2)
+        return self.out(self.up2(torch.cat([F.interpolate(u1, scale_factor=2.0), h0], 1)))  # (B, J, H, W)
+
+
+def pose_frames(data_dir, list_file, J, image_size, fps, frames_per_clip=0):
+    """Frames of the listed clips resized to image_size as stages B and C see them, (N, 3, S, S), and
+    their poses (N, J, 3): frames_per_clip evenly spread over each clip, or all (0)."""
+    clips = [read_clip(d, fps) for d in read_list_file(Path(data_dir) / list_file)]
+    frames, poses = [], []
+    for c in clips:
+        P = np.load(c["dir"] / "poses.npy")[:, :J].astype(np.float32)  # (T, J, 3)
+        ts = np.linspace(0, c["T"] - 1, frames_per_clip).round().astype(int) if frames_per_clip else range(c["T"])
+        frames.append(resize_frames(torch.stack([read_frame(c["source"], int(t)) for t in ts]), image_size))
+        poses.append(torch.from_numpy(P[list(ts)]))  # (n, J, 3)
+    return torch.cat(frames), torch.cat(poses)
+
+
+def degrade(x, gen, noise=0.1):
+    """What a generator gets wrong that says nothing of the pose, as training augmentation: colours
+    (RGB channels shuffled: clothes and background are per clip anyway), sharpness (a random blend with
+    a 3 x 3 blur) and pixel noise (random strength up to `noise`)."""
+    B = len(x)
+    perm = torch.argsort(torch.rand(B, 3, generator=gen), 1)  # (B, 3): a channel order per frame
+    x = torch.gather(x, 1, perm[:, :, None, None].expand_as(x))
+    blur = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1)
+    a = torch.rand(B, 1, 1, 1, generator=gen)
+    x = a * blur + (1 - a) * x
+    return x + torch.randn(x.shape, generator=gen) * noise * torch.rand(B, 1, 1, 1, generator=gen)
+
+
+def toy_pose_detector(data_dir, joints="body_feet24", image_size=32, fps=DANCE_FPS, steps=250, seed=0,
+                      train_list="data_train.txt", width=32, batch_size=32, lr=2e-3, frames_per_clip=48,
+                      accelerator=None, progress=True):
+    """The toy's pose detector (PoseDetector), trained on frames of the training clips against their
+    poses (heatmap_loss, invisible joints masked) at image_size, the size stages B and C generate.
+    Like toy_unet it is made once and then only read: <data_dir>/toy_pose_detector/<joints>_<size>px_
+    <steps>/ (detector.safetensors + spec.json); the main process trains it. Returns it frozen, eval, on CPU."""
+    if joints not in JOINT_SETS:
+        raise InputError(f"joints={joints!r}: expected one of {list(JOINT_SETS)}")
+    out = Path(data_dir) / "toy_pose_detector" / f"{joints}_{image_size}px_{steps}"
+    spec = {"joints": joints, "image_size": image_size, "fps": fps, "steps": steps, "seed": seed,
+            "train_list": str(train_list), "width": width, "batch_size": batch_size, "lr": lr,
+            "frames_per_clip": frames_per_clip}
+    J = JOINT_SETS[joints]
+    done = lambda: (out / "spec.json").is_file() and json.loads((out / "spec.json").read_text()) == spec  # noqa: E731
+    if (accelerator is None or accelerator.is_main_process) and not done():
+        print(f"the toy's pose detector learns the training frames' poses, once -> {out}")
+        frames, poses = pose_frames(data_dir, train_list, J, image_size, fps, frames_per_clip)
+        with torch.random.fork_rng():  # the same weights whatever ran before
+            torch.manual_seed(seed)
+            net = PoseDetector(J, image_size, width)
+        gen = seeded(seed, 11)  # batches and augmentation: its own stream
+        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+        t0 = time.time()
+        for step in tqdm(range(steps), desc="toy pose detector", mininterval=10, disable=not progress):
+            warm, t = min(1.0, (step + 1) / 20), step / steps  # 20 warmup steps, then cosine to lr / 20
+            for g in opt.param_groups:
+                g["lr"] = lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+            i = torch.randint(len(frames), (batch_size,), generator=gen)
+            loss, _ = heatmap_loss(net(degrade(frames[i], gen)), poses[i])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        print(f"the toy's pose detector: {steps} steps in {time.time() - t0:.0f} s, last loss {loss.item():.3f}")
+        with atomic_dir(out) as tmp:
+            save_file(net.state_dict(), str(tmp / "detector.safetensors"))
+            (tmp / "spec.json").write_text(json.dumps(spec, indent=1))
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    with torch.random.fork_rng():  # weights about to be overwritten: no draws from the caller's RNG
+        net = PoseDetector(J, image_size, width)
+    net.load_state_dict(load_file(str(out / "detector.safetensors")))
+    return net.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def detect_poses(detector, frames, batch_size=256):
+    """Joints read from frames (N, 3, H, W) in [0, 1] (resized to the detector's size) -> (N, J, 2)
+    normalised (x, y), as poses.npy; on the frames' device, computed on the detector's."""
+    device = next(detector.parameters()).device
+    out = []
+    for x in frames.split(batch_size):
+        x = resize_frames(x.to(device, torch.float32), detector.image_size)  # (b, 3, S, S)
+        out.append(soft_argmax(detector(x)).to(frames.device))  # (b, J, 2)
+    return torch.cat(out) if out else frames.new_zeros(0, detector.J, 2)
+
+
+LIMB_ENDS = [3, 4, 6, 7, 9, 10, 12, 13]  # elbows, wrists, knees, ankles: where a standing pose is wrong
+
+
+def pose_detector_scores(detector, data_dir, val_list="data_val.txt", train_list="data_train.txt",
+                         fps=DANCE_FPS):
+    """The detector on every frame of the val_list clips (real frames): pose error and PCK@0.05 against
+    their poses (all joints, and elbows / wrists / knees / ankles), beside the mean training pose, the
+    clip's frame-0 pose (copy the reference) and the detection against the pose half a clip away (wrong
+    pose); and beat alignment of the limb beats of detected and true poses with the music's beats."""
+    J, S = detector.J, detector.image_size
+    frames, poses = pose_frames(data_dir, val_list, J, S, fps)
+    clips = [read_clip(d, fps) for d in read_list_file(Path(data_dir) / val_list)]
+    T = [c["T"] for c in clips]
+    pred = detect_poses(detector, frames)  # (N, J, 2)
+    mean = pose_frames(data_dir, train_list, J, S, fps, 48)[1][..., :2].mean(0)  # (J, 2)
+    per_clip = lambda x: x.split(T)  # noqa: E731
+    ref = torch.cat([p[:1, :, :2].expand(len(p), -1, -1) for p in per_clip(poses)])  # (N, J, 2)
+    wrong = torch.cat([p.roll(len(p) // 2, 0) for p in per_clip(poses)])  # (N, J, 3)
+    m = {}
+    for name, xy, target in (("", pred, poses), ("_mean_pose", mean.expand_as(pred), poses),
+                             ("_copy_ref", ref, poses), ("_wrong_pose", pred, wrong)):
+        err, pck = pose_error(xy, target)
+        err_l, pck_l = pose_error(xy[:, LIMB_ENDS], target[:, LIMB_ENDS])
+        m.update({f"pose_err{name}": err.item(), f"pck{name}": pck.item(),
+                  f"pose_err_limbs{name}": err_l.item(), f"pck_limbs{name}": pck_l.item()})
+    beats = [beats_within(music_beats(*read_audio(c["dir"] / "audio.wav"), fps), c["T"], fps) for c in clips]
+    for name, motion in (("detected", pred), ("gt", poses)):
+        m[f"beat_align_limbs_{name}"] = float(np.mean([beat_alignment(b, limb_beats(x, fps))
+                                                       for b, x in zip(beats, per_clip(motion))]))
+    return m
 
 
 def _main(argv):

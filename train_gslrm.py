@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from data import MultiViewDataset, StepSampler, load_rig, save_image_grid, save_ply
+from cameras import load_rig
+from data import MultiViewDataset, StepSampler, save_image_grid, save_ply
 from losses import lpips, masked_psnr, perceptual_loss, psnr, ssim
 from models import GSLRM, GSLRM_CONFIGS
 from plumbing import (

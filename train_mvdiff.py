@@ -22,15 +22,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from data import (
-    MultiViewDataset,
-    StepSampler,
-    load_prompt_embeds,
-    load_rig,
-    read_list_file,
-    rig_sample_frames,
-    save_image_grid,
-)
+from cameras import load_prompt_embeds, load_rig
+from data import MultiViewDataset, StepSampler, read_list_file, rig_sample_frames, save_image_grid
 from losses import diffusion_target, lpips, min_snr_weight, psnr, ssim, weighted_mse
 from models import (
     MVDIFF_UNET_CONFIGS,

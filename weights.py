@@ -22,7 +22,8 @@ from diffusers import (
 from safetensors.torch import load_file, load_model, save_file, save_model
 from transformers import CLIPVisionModelWithProjection
 
-from data import JOINT_SETS, MUSIC_DIM, load_prompt_embeds
+from cameras import load_prompt_embeds
+from data import JOINT_SETS, MUSIC_DIM
 from models import (
     GSLRM,
     GSLRM_CONFIGS,

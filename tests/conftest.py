@@ -210,7 +210,7 @@ def fabricate_facelift_ckpt(path, layers=2, d=32, patch=8, drop=None, extra=None
 def tiny_mv_ckpt(tmp_path_factory):
     """An (untrained) tiny phase-1 checkpoint for the mouse rig, as train_mvdiff saves it."""
     import train_mvdiff
-    from data import load_rig
+    from cameras import load_rig
     from models import build_mv_unet
     from toy import toy_prompt_embeds
     from weights import save_mv_checkpoint
@@ -229,7 +229,7 @@ def tiny_mv_ckpt(tmp_path_factory):
 def tiny_gslrm_ckpt(tmp_path_factory):
     """An (untrained) tiny GS-LRM checkpoint trained 'on' the mouse rig, as train_gslrm saves it."""
     import train_gslrm
-    from data import load_rig
+    from cameras import load_rig
     from models import GSLRM, GSLRM_CONFIGS
     from plumbing import save_checkpoint
     torch.manual_seed(0)

@@ -7,7 +7,8 @@ import sys
 import torch
 from accelerate import Accelerator
 
-from data import MultiViewDataset, StepSampler, load_rig
+from cameras import load_rig
+from data import MultiViewDataset, StepSampler
 from models import GSLRM, GSLRM_CONFIGS
 
 data_dir, out = sys.argv[1], sys.argv[2]

@@ -18,7 +18,7 @@ import sample
 import train_dance
 import train_gslrm
 import train_mvdiff
-from data import load_rig, read_cameras, save_prompt_embeds, write_cameras
+from cameras import load_rig, read_cameras, save_prompt_embeds, write_cameras
 from models import GSLRM, GSLRM_CONFIGS
 from plumbing import cli, load_checkpoint
 from toy import toy_rig_prompt_embeds

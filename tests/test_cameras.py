@@ -7,9 +7,8 @@ import re
 import pytest
 import torch
 
-from data import (
+from cameras import (
     BUILTIN_RIGS,
-    MultiViewDataset,
     camera_geometry,
     frames_to_tensors,
     load_rig,
@@ -19,9 +18,9 @@ from data import (
     read_cameras,
     rig_from_cameras,
     rig_mismatch,
-    rig_sample_frames,
     write_cameras,
 )
+from data import MultiViewDataset, rig_sample_frames
 from models import look_at_c2w
 from plumbing import InputError
 from toy import write_toy_mice
@@ -251,7 +250,7 @@ def test_image_size_must_match_its_frame(tmp_path):
 def test_gen_synthetic_checks_the_cameras_it_is_given(tiny_mv_ckpt, tiny_mice, tmp_path):
     """--camera_json: an OpenGL file and a translated world are refused in one line before anything is written."""
     import gen_synthetic
-    from data import RigMismatch
+    from cameras import RigMismatch
     from plumbing import load_config
     rig = load_rig("mouse_6view")
     gl = rig_c2w() @ torch.diag(torch.tensor([1.0, -1, -1, 1], dtype=torch.float64))  # (V, 4, 4)

@@ -13,16 +13,8 @@ import torch
 
 import gen_synthetic
 import sample
-from data import (
-    RigMismatch,
-    load_ply,
-    load_prompt_embeds,
-    load_rig,
-    read_cameras,
-    read_list_file,
-    save_prompt_embeds,
-    write_cameras,
-)
+from cameras import RigMismatch, load_prompt_embeds, load_rig, read_cameras, save_prompt_embeds, write_cameras
+from data import load_ply, read_list_file
 from plumbing import load_config
 from toy import toy_rig_prompt_embeds
 

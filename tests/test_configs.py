@@ -15,7 +15,8 @@ import gen_synthetic
 import train_dance
 import train_gslrm
 import train_mvdiff
-from data import load_rig, read_cameras, read_list_file, rig_view_prompts, save_prompt_embeds
+from cameras import load_rig, read_cameras, rig_view_prompts, save_prompt_embeds
+from data import read_list_file
 from models import DANCE_UNET_CONFIGS, IRESNET_CONFIGS, IResNet
 from plumbing import load_config
 from toy import write_toy_mice

@@ -9,7 +9,8 @@ import torch
 from conftest import write_png16
 from PIL import Image
 
-from data import MultiViewDataset, camera_hash, load_rgba, load_rig, preview_samples, save_image_grid
+from cameras import camera_hash, load_rig
+from data import MultiViewDataset, load_rgba, preview_samples, save_image_grid
 from toy import toy_mouse, write_toy_mice
 
 

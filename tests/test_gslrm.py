@@ -12,7 +12,8 @@ from conftest import fabricate_facelift_ckpt
 from safetensors.torch import load_file
 
 import train_gslrm
-from data import frames_to_tensors, load_ply, load_rig
+from cameras import frames_to_tensors, load_rig
+from data import load_ply
 from models import GSLRM, GSLRM_CONFIGS, get_rays
 from toy import write_toy_mice
 from weights import facelift_gslrm_key_map, load_facelift_gslrm

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import data
 import train_mvdiff
-from data import clip_prompt_embeds, load_prompt_embeds, load_rig, rig_view_prompts, save_prompt_embeds
+from cameras import clip_prompt_embeds, load_prompt_embeds, load_rig, rig_view_prompts, save_prompt_embeds
 from losses import diffusion_target, min_snr_weight
 from models import MVAttnProcessor, build_mv_unet, sample_views
 from plumbing import load_config

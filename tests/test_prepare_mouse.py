@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 import prepare_mouse
-from data import MultiViewDataset, camera_geometry, load_rig, read_cameras, read_list_file, rig_mismatch
+from cameras import camera_geometry, load_rig, read_cameras, rig_mismatch
+from data import MultiViewDataset, read_list_file
 from models import intrinsics_matrix
 from plumbing import load_config
 from render import render_gaussians
