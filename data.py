@@ -56,9 +56,11 @@ def read_list_file(list_file):
     return [list_file.parent / ln for ln in lines]  # an absolute ln stays itself
 
 
-def load_rgba(path, size=None, bg=1.0, wh=None):
-    """RGBA (or RGB) PNG -> (4, S, S) in [0, 1]: RGB composited on `bg`, alpha kept; resized to `size`.
-    wh: the (w, h) its camera frame's intrinsics are in pixels of, which the image must have."""
+def load_rgba(path, size=None, bg=1.0, wh=None, rgb_ok=True):
+    """RGBA (or RGB, alpha = 1) PNG -> (4, S, S) in [0, 1]: RGB composited on `bg`, alpha kept; resized to
+    `size`. wh: the (w, h) its camera frame's intrinsics are in pixels of, which the image must have.
+    rgb_ok=False refuses RGB: training composites samples on random backgrounds by their alpha, and
+    without one it would learn the arena."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: image missing")
@@ -67,6 +69,9 @@ def load_rgba(path, size=None, bg=1.0, wh=None):
             im.load()
             if im.mode not in ("RGBA", "RGB"):
                 raise InputError(f"mode {im.mode}, expected RGBA or RGB")
+            if im.mode == "RGB" and not rgb_ok:
+                raise InputError("RGB without alpha: write RGBA with the animal's mask (prepare_mouse.py does), "
+                                 "or set --rgb_ok=true if every background is already clean white")
             x = torch.from_numpy(np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0)  # (H, W, 4)
     except (OSError, ValueError, SyntaxError) as err:
         raise InputError(f"{path}: cannot read image ({err})") from None
@@ -85,10 +90,11 @@ def load_rgba(path, size=None, bg=1.0, wh=None):
 class MultiViewDataset(torch.utils.data.Dataset):
     """FaceLift's two sample layouts (docs/formats.md): inputs from the pool `input_views` (None: all
     frames; `num_inputs` of them drawn per (seed, epoch, index), None: all, in order), then
-    `num_target_views` others drawn likewise (-1: all, at least one). With a `rig`, the pool must match it."""
+    `num_target_views` others drawn likewise (-1: all, at least one). With a `rig`, the pool must match it.
+    RGB images without alpha are refused unless rgb_ok (load_rgba)."""
 
     def __init__(self, list_file, image_size, input_views=(0, 1, 2, 3, 4, 5), num_target_views=0,
-                 rig=None, seed=0, num_inputs=None):
+                 rig=None, seed=0, num_inputs=None, rgb_ok=False):
         self.samples = read_list_file(list_file)
         if not self.samples:
             raise InputError(f"{list_file}: no samples listed")
@@ -97,7 +103,7 @@ class MultiViewDataset(torch.utils.data.Dataset):
                                     f"{len(missing)} of {len(self.samples)} listed folders are missing)")
         self.size, self.num_target, self.num_inputs = image_size, num_target_views, num_inputs
         self.pool = None if input_views is None else list(input_views)
-        self.rig, self.seed = rig, seed
+        self.rig, self.seed, self.rgb_ok = rig, seed, rgb_ok
 
     def __len__(self):
         return len(self.samples)
@@ -149,7 +155,7 @@ class MultiViewDataset(torch.utils.data.Dataset):
         views = inputs + [rest[i] for i in rng.choice(len(rest), n_target, replace=False)]
         sel = [frames[i] for i in views]
         wh = [(fr["w"], fr["h"]) if cam_file else None for fr in sel]  # a rig's frames: any size, square
-        images = torch.stack([load_rgba(d / fr["file_path"], self.size, wh=s)
+        images = torch.stack([load_rgba(d / fr["file_path"], self.size, wh=s, rgb_ok=self.rgb_ok)
                               for fr, s in zip(sel, wh)])  # (V, 4, S, S)
         w2c, K = frames_to_tensors(sel, self.size)
         return {"images": images, "w2c": w2c, "c2w": torch.linalg.inv(w2c), "fxfycxcy": K,

@@ -39,6 +39,7 @@ class Config:
     # data
     data_dir: str = "data/toy_mice"  # FaceLift-format samples; the toy mice are generated here if missing
     train_list: str = "data_train.txt"  # relative to data_dir, or absolute
+    rgb_ok: bool = False  # accept RGB samples (alpha 1): only if every background is already clean white
     val_list: str = "data_val.txt"
     rig: str = "mouse_6view"  # inputs come from this rig's views (a sample's first frames, checked
     # against configs/rigs/<rig>.json); "": from any frame, no rig check (FaceLift's 32-view data)
@@ -163,9 +164,11 @@ def main(cfg):
     rig = load_rig(cfg.rig) if cfg.rig else None
     pool = range(len(rig["frames"])) if rig else None  # None: any frame may be an input
     S, n_in = cfg.image_size, cfg.num_input_views
-    train_set = MultiViewDataset(train_list, S, pool, cfg.num_novel_views, rig, cfg.seed, n_in)
-    val_set = MultiViewDataset(val_list, S, pool, -1, rig, num_inputs=n_in)  # every other view is held out
-    recon_set = MultiViewDataset(val_list, S, pool, 0, rig) if rig and n_in < len(pool) else None
+    train_set = MultiViewDataset(train_list, S, pool, cfg.num_novel_views, rig, cfg.seed, n_in,
+                                 rgb_ok=cfg.rgb_ok)
+    # every other view is held out
+    val_set = MultiViewDataset(val_list, S, pool, -1, rig, num_inputs=n_in, rgb_ok=cfg.rgb_ok)
+    recon_set = MultiViewDataset(val_list, S, pool, 0, rig, rgb_ok=cfg.rgb_ok) if rig and n_in < len(pool) else None
     # the baseline that knows nothing about the input: the mean training image
     first = [train_set[i]["images"][:, :3].mean(0) for i in range(min(100, len(train_set)))]  # (3, H, W) each
     mean_image = torch.stack(first).mean(0).to(device)

@@ -62,6 +62,7 @@ class Config:
     # data
     data_dir: str = "data/toy_mice_mv"  # FaceLift-format samples; the toy mice are generated here if missing
     train_list: str = "data_train.txt"  # relative to data_dir, or absolute
+    rgb_ok: bool = False  # accept RGB samples (alpha 1): only if every background is already clean white
     val_list: str = "data_val.txt"
     rig: str = "mouse_6view"  # the samples' cameras must match this rig (configs/rigs/<rig>.json)
     prompt_embeds: str = "data/toy_mice_mv/toy_prompt_embeds.pt"  # [V, T, D]; "" = the file the rig names
@@ -224,8 +225,8 @@ def main(cfg):
     check_cameras(train_list, rig)
     check_cameras(val_list, rig)
     V = len(rig["frames"])
-    train_set = MultiViewDataset(train_list, cfg.image_size, range(V), 0, rig, cfg.seed)
-    val_set = MultiViewDataset(val_list, cfg.image_size, range(V), 0, rig)
+    train_set = MultiViewDataset(train_list, cfg.image_size, range(V), 0, rig, cfg.seed, rgb_ok=cfg.rgb_ok)
+    val_set = MultiViewDataset(val_list, cfg.image_size, range(V), 0, rig, rgb_ok=cfg.rgb_ok)
 
     # model: FaceLift's / our unet/ folder, or a preset; the rig's prompt embeddings
     if cfg.init_from:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_ARGS
+from PIL import Image
 
 import gen_synthetic
 import sample
@@ -198,6 +199,14 @@ def facelift_embeds_for_the_mouse_rig(tm, td, tmp):
     return train_mvdiff, mv_args(m, tmp / "out"), ["pe.pt", "bare tensor", "mouse_6view"]
 
 
+def rgb_only_samples(tm, td, tmp):
+    m = mice(tm, tmp)
+    for png in (m / "mouse_00001" / "images").glob("*.png"):  # a camera's frames with the arena, no mask
+        Image.open(png).convert("RGB").save(png)
+    return train_gslrm, args(train_gslrm, m, tmp / "out"), ["mouse_00001/images/cam_0", "RGB without alpha",
+                                                             "--rgb_ok=true"]
+
+
 def toy_embeds_in_a_real_run(tm, td, tmp):
     return train_mvdiff, args(train_mvdiff, tm, tmp / "out", f"--prompt_embeds={tmp / 'missing.pt'}",
                               f"--pipeline_dir={tmp / 'sd'}"), ["missing.pt: not found", "only for toy runs"]
@@ -283,6 +292,7 @@ def sample_without_input(tm, td, tmp):
 
 CASES = [gslrm_truncated_weights, gslrm_truncated_state_auto, gslrm_fresh_run_into_old_run, gslrm_diverges,
          overwrite_would_delete_init_from, toy_embeds_in_a_real_run,
+         rgb_only_samples,
          broken_rig_json, broken_camera_json, scaled_rotation_on_a_target_view, singular_w2c,
          zero_focal_on_a_target_view, missing_sample_folder, missing_image, more_novel_views_than_a_sample_has,
          no_view_left_to_validate, out_dir_below_a_file, out_dir_is_a_file, unknown_preset,
