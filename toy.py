@@ -568,8 +568,8 @@ def _conv(c_in, c_out, stride=1):
 
 class PoseDetector(nn.Module):
     """A small UNet (full, 1/2 and 1/4 resolution): frames (B, 3, S, S) in [0, 1] -> joint heatmap logits
-    (B, J, S, S), read out by soft_argmax. Two coordinate channels join the RGB: the toy dancers stand
-    in one place, and where a limb is in the frame tells which joint it carries."""
+    (B, J, S, S), read out by soft_argmax. Two coordinate channels join the RGB: the toy dancers face the
+    camera, so the side of the frame a limb is on tells its left from its right."""
 
     def __init__(self, J, image_size, width=32):
         super().__init__()
