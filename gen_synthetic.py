@@ -16,7 +16,9 @@ same files as an uninterrupted one. Work is split over processes by batch (same 
 import hashlib
 import json
 import os
+import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,7 +152,9 @@ def main(cfg):
     sampler = mv_schedulers(mcfg["prediction_type"], mcfg["beta_schedule"], mcfg["beta_start"],
                             mcfg["beta_end"], mcfg["clip_sample"], mcfg.get("pipeline_dir", ""))[1]
     cond = Conditioner(mcfg.get("pipeline_dir", ""), device)
-    meta_common = {"mvdiff_checkpoint": str(Path(ck["path"]).resolve()), "rig": rig["name"],
+    # what phase 3 records in its checkpoint and sample.py compares: which weights made these views
+    meta_common = {"mvdiff_checkpoint": str(Path(ck["path"]).resolve()),
+                   "unet_sha256": file_sha256(ck["weights_file"]), "rig": rig["name"],
                    "camera_hash": camera_hash(frames), "prompt_embeds_sha256": file_sha256(prompt_file),
                    "steps": cfg.steps, "guidance": cfg.guidance, "eta": cfg.eta, "seed": cfg.seed,
                    "image_size": S, **({"allowed_rig_mismatch": mismatches} if mismatches else {})}
@@ -212,5 +216,10 @@ def main(cfg):
     return out
 
 
+# the original code base's flag names (its output_dir is plumbing.RENAMED's), accepted as is
+ALIASES = {"prompt_embed_path": "prompt_embeds"}
+
+
 if __name__ == "__main__":
-    cli(main, Config)
+    # and its --config is our --cfg
+    cli(main, Config, ALIASES, [re.sub(r"^--config(?=$|=)", "--cfg", a) for a in sys.argv[1:]])

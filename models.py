@@ -147,7 +147,8 @@ class GSLRM(nn.Module):
         Gaussians {means, scales, quats, opacities, rgb}, each (B, 2 + V*H*W, ...)."""
         B, V, _, H, W = images.shape
         p = self.patch
-        o, d = get_rays(c2w, fxfycxcy, H, W)  # (B, V, H, W, 3) each
+        with torch.autocast(c2w.device.type, enabled=False):  # rays, and so positions, in fp32
+            o, d = get_rays(c2w.float(), fxfycxcy.float(), H, W)  # (B, V, H, W, 3) each
         rays = rearrange(ray_encoding_facelift(o, d), "b v h w c -> b v c h w")  # (B, V, 6, H, W)
         x = torch.cat([images * 2 - 1, rays.to(images.dtype)], dim=2)  # (B, V, 9, H, W)
         x = rearrange(x, "b v c (h ph) (w pw) -> b (v h w) (ph pw c)", ph=p, pw=p)  # (B, V*h*w, 9*p*p)
@@ -163,11 +164,12 @@ class GSLRM(nn.Module):
         # closest to the origin (so the depth range does not depend on the camera distance).
         t_mid = -(o * d).sum(-1, keepdim=True)  # (B, V, H, W, 1)
         depth = (2 * torch.sigmoid(pix[..., :3].float().mean(-1, keepdim=True)) - 1) * 1.8 + t_mid
-        xyz = o + depth * d  # (B, V, H, W, 3)
-        pix = torch.cat([xyz.to(pix.dtype), pix[..., 3:]], -1).flatten(1, 3)  # (B, V*H*W, 14)
+        xyz = o + depth * d  # (B, V, H, W, 3), fp32
+        # positions stay fp32 under bf16 autocast (bf16 would move them by up to ~2 px at 512 px)
+        pix = torch.cat([xyz, pix[..., 3:].float()], -1).flatten(1, 3)  # (B, V*H*W, 14)
         # Order: the 2 extra Gaussians, then one per pixel by view, image row, image column. FaceLift's
         # list goes by view, patch row, patch column, row in patch, column in patch (same set, other order).
-        raw = torch.cat([extra, pix], dim=1).float()  # (B, 2 + V*H*W, 14)
+        raw = torch.cat([extra.float(), pix], dim=1)  # (B, 2 + V*H*W, 14)
         xyz, sh, scale, rot, opac = raw.split([3, 3, 3, 4, 1], dim=-1)
         return {"means": xyz, "rgb": 0.5 + SH_C0 * sh, "scales": torch.exp((scale - 2.3).clamp(max=-1.2)),
                 "quats": F.normalize(rot, dim=-1), "opacities": torch.sigmoid(opac[..., 0] - 2.0)}

@@ -29,6 +29,8 @@ poses.npy and contact_sheet.png. --dance_eval_list scores videos made from held-
 """
 import dataclasses
 import json
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +62,8 @@ from data import (
 from losses import (
     beat_alignment,
     beats_within,
+    bobbing,
+    limb_beats,
     masked_psnr,
     motion_beats,
     pose_heatmaps,
@@ -72,6 +76,7 @@ from models import (
     Conditioner,
     clip_image_embeds,
     context_windows,
+    get_rays,
     mv_schedulers,
     sample_views,
     to_images,
@@ -79,22 +84,28 @@ from models import (
 )
 from plumbing import InputError, cli
 from pose import PoseModel, face_box
-from toy import frozen_encoders
-from weights import load_dance_final, load_gslrm_checkpoint, load_mv_checkpoint
+from toy import eval_face_recognizer, frozen_encoders
+from weights import load_dance_final, load_gslrm_checkpoint, load_mv_checkpoint, mv_identity
 
 
 @dataclass
 class Config:
     input_image: str = ""  # RGBA (composited on white) or RGB (used as is) square image of one rig view
+    input_dir: str = ""  # every image in this folder, each to <out_dir>/<image name>/
+    views_dir: str = ""  # a sample folder with the rig's real posed views: Gaussians directly, no diffusion
     mvdiff_checkpoint: str = "out/mvdiff_toy"  # train_mvdiff checkpoint-<step>/ or run folder (latest)
     gslrm_checkpoint: str = "out/gslrm_toy"  # train_gslrm checkpoint-<step>/, run folder, or FaceLift .pt
     out_dir: str = "out/sample"
-    reference_view: int = 0  # the rig view the input image shows
+    reference_view: int = -1  # the rig view the input image shows; required but for the toy's (pixel) model: 0
     steps: int = 20  # DDIM steps (FaceLift: 50)
     guidance: float = 1.0  # classifier-free guidance (FaceLift: 3; the toy scores best at 1)
     eta: float = 1.0
     seed: int = 0
-    opacity_threshold: float = 0.04  # FaceLift's inference value
+    # pruning, as FaceLift's inference filters its Gaussians before writing and rendering them
+    opacity_threshold: float = 0.04  # FaceLift's value: fainter Gaussians are dropped
+    max_scale_px: float = 20.0  # larger axes (in input pixels at the rig's distance) dropped: FaceLift's 0.1 at 512 px
+    crop_radius: float = 1.3  # Gaussians farther from the rig's aim point are floaters (FaceLift: a +-0.91 box)
+    measure_floaters: bool = False  # also render the unpruned turntable and score both (chain.json)
     turntable_frames: int = 48
     fps: int = 24
     eval_list: str = ""  # held-out samples: run the chain on each and score it (no input_image then)
@@ -117,28 +128,34 @@ class Config:
 
 
 class Chain:
-    """The phase-1 model and GS-LRM, checked to belong together."""
+    """The phase-1 model (none with --views_dir) and GS-LRM, checked to belong together."""
 
-    def __init__(self, cfg, device):
-        self.ck = load_mv_checkpoint(cfg.mvdiff_checkpoint, device)
+    def __init__(self, cfg, device, diffusion=True):
         self.gs = load_gslrm_checkpoint(cfg.gslrm_checkpoint, device)
-        mcfg, rig = self.ck["config"], self.ck["rig"]
-        self.mismatches = [rig["allowed_mismatch"]] if rig.get("allowed_mismatch") else []
-        if self.gs["rig"] is None:
-            print(f"WARNING: {self.gs['path']} records no rig: its cameras are not checked")
-        elif msg := rig_mismatch(self.gs["rig"], rig["frames"]):
-            msg = (f"{self.ck['path']} generates views for rig {rig['name']!r}, {self.gs['path']} was "
-                   f"trained on {self.gs['rig']['name']!r}: {msg}")
-            if not cfg.allow_rig_mismatch:
-                raise RigMismatch(f"{msg} (--allow_rig_mismatch to run them anyway)")
-            print(f"WARNING (allow_rig_mismatch): {msg}")
-            self.mismatches.append(msg)
+        self.ck = load_mv_checkpoint(cfg.mvdiff_checkpoint, device) if diffusion else None
+        self.mismatches, self.provenance = [], []
+        rig = self.gs["rig"]
+        if self.ck is not None:
+            rig = self.ck["rig"]
+            self.mismatches += [rig["allowed_mismatch"]] if rig.get("allowed_mismatch") else []
+            if self.gs["rig"] is None:
+                print(f"WARNING: {self.gs['path']} records no rig: its cameras are not checked")
+            elif msg := rig_mismatch(self.gs["rig"], rig["frames"]):
+                msg = (f"{self.ck['path']} generates views for rig {rig['name']!r}, {self.gs['path']} was "
+                       f"trained on {self.gs['rig']['name']!r}: {msg}")
+                if not cfg.allow_rig_mismatch:
+                    raise RigMismatch(f"{msg} (--allow_rig_mismatch to run them anyway)")
+                print(f"WARNING (allow_rig_mismatch): {msg}")
+                self.mismatches.append(msg)
+            mcfg = self.ck["config"]
+            self.gen_size = mcfg["image_size"]
+            self.sampler = mv_schedulers(mcfg["prediction_type"], mcfg["beta_schedule"], mcfg["beta_start"],
+                                         mcfg["beta_end"], mcfg["clip_sample"], mcfg.get("pipeline_dir", ""))[1]
+            self.cond = Conditioner(mcfg.get("pipeline_dir", ""), device)
+        self.provenance = gslrm_provenance(self.gs, self.ck)
         # GS-LRM reads the views as seen from the cameras it was trained on
-        self.frames = (self.gs["rig"] or rig)["frames"]
-        self.V, self.gen_size, self.S = len(rig["frames"]), mcfg["image_size"], self.gs["image_size"]
-        self.sampler = mv_schedulers(mcfg["prediction_type"], mcfg["beta_schedule"], mcfg["beta_start"],
-                                     mcfg["beta_end"], mcfg["clip_sample"], mcfg.get("pipeline_dir", ""))[1]
-        self.cond = Conditioner(mcfg.get("pipeline_dir", ""), device)
+        self.frames = (self.gs["rig"] or rig or {}).get("frames")
+        self.V, self.S = (len(rig["frames"]) if rig else 6), self.gs["image_size"]
         self.cfg, self.device = cfg, device
 
     @torch.no_grad()
@@ -173,6 +190,32 @@ class Chain:
         return self.gs["model"].render(g, c2w, K[None].to(self.device), self.S, self.S)[0].cpu()
 
 
+def gslrm_provenance(gs, ck):
+    """What GS-LRM's rig.json says it was trained on, printed; a WARNING when that is not this phase-1
+    checkpoint's views (the two checkpoints are not one chain). -> the lines, for chain.json."""
+    prov = (gs["rig"] or {}).get("provenance")
+    if prov is None:
+        lines = [f"{gs['path']} records no training data (trained before provenance was recorded, or FaceLift's)"]
+    else:
+        lines = [f"{gs['path']} was trained on {prov['real_samples']} real samples"
+                 + (f" (initialised from {prov['init_from']})" if prov.get("init_from") else "")]
+        lines += [f"... and {s['samples']} synthetic samples of {s['mvdiff_checkpoint']} (rig {s['rig']}, UNet sha256 "
+                  f"{str(s['unet_sha256'])[:12]})" + (f", made with an allowed rig mismatch: "
+                                                      f"{s['allowed_rig_mismatch'][0]}" if s["allowed_rig_mismatch"]
+                                                      else "") for s in prov["synthetic"]]
+    if ck is not None:
+        me = mv_identity(ck)
+        made = [s for s in (prov or {}).get("synthetic", [])
+                if (s["unet_sha256"], s["prompt_embeds_sha256"]) == (me["unet_sha256"], me["prompt_embeds_sha256"])]
+        if not made:
+            lines.append(f"WARNING: not one chain: {gs['path']} was not fine-tuned on views of {ck['path']} "
+                         f"(UNet sha256 {me['unet_sha256'][:12]}, its prompt embeddings): it reads views of a "
+                         "model it has not seen")
+    for line in lines:
+        print(line)
+    return lines
+
+
 def turntable_frames(rig_frames, n):
     """n cameras circling the point the rig aims at, at the rig's mean elevation and distance."""
     g = camera_geometry(rig_frames)
@@ -185,6 +228,83 @@ def turntable_frames(rig_frames, n):
     return out
 
 
+def prune(gaussians, frames, S, cfg):
+    """FaceLift's inference filters, for any rig -> a bool mask of the Gaussians kept: opacity above
+    opacity_threshold; largest axis under max_scale_px of GS-LRM's S-pixel input at the rig's mean distance
+    (FaceLift's 0.1 world units at 512 px, 50 deg; it spares the top half of a head, a mouse has no such
+    half); within crop_radius of the point the cameras aim at (FaceLift crops heads to a box around the
+    origin and cuts its lower corners: floaters that no view pins down, the speckles of a turntable)."""
+    geo, fr = camera_geometry(frames), frames[0]
+    pixel = geo["dist"].mean().item() * fr["w"] / (fr["fx"] * S)  # world units per input pixel there
+    far = (gaussians["means"] - geo["target"].to(gaussians["means"])).norm(dim=-1)  # (N,)
+    return ((gaussians["opacities"] > cfg.opacity_threshold)
+            & (gaussians["scales"].amax(-1) < cfg.max_scale_px * pixel) & (far < cfg.crop_radius))
+
+
+def hull_silhouettes(masks, frames, cams, S, n=96):
+    """The object's silhouette seen from cameras `cams` (T, S, S) bool: the pixels whose ray crosses the
+    visual hull of the views' masks (V, H, W) seen from `frames` (points inside every mask), sampled at
+    n depths within the rig's distance of the point the cameras aim at."""
+    geo = camera_geometry(frames)
+    w2c, K = frames_to_tensors(frames, masks.shape[-1])  # (V, 4, 4), (V, 4)
+    cw2c, cK = frames_to_tensors(cams, S)
+    o, d = get_rays(torch.linalg.inv(cw2c), cK, S, S)  # (T, S, S, 3) each
+    reach = geo["dist"].mean().item() * 0.5  # the object is within this of the aim point
+    t_mid = ((geo["target"] - o) * d).sum(-1, keepdim=True)  # (T, S, S, 1): depth of the aim point
+    out = []
+    for i in range(len(cams)):
+        t = t_mid[i] + torch.linspace(-reach, reach, n)  # (S, S, n)
+        pts = o[i, :, :, None] + t[..., None] * d[i, :, :, None]  # (S, S, n, 3)
+        inside = torch.ones(pts.shape[:-1], dtype=torch.bool)
+        for v in range(len(frames)):
+            cam = pts @ w2c[v, :3, :3].T + w2c[v, :3, 3]  # (S, S, n, 3) in camera v
+            z = cam[..., 2].clamp(min=1e-6)
+            u = (cam[..., 0] / z * K[v, 0] + K[v, 2]).floor().long()
+            w = (cam[..., 1] / z * K[v, 1] + K[v, 3]).floor().long()
+            ok = (cam[..., 2] > 0) & (u >= 0) & (u < masks.shape[-1]) & (w >= 0) & (w < masks.shape[-2])
+            inside &= ok & masks[v][w.clamp(0, masks.shape[-2] - 1), u.clamp(0, masks.shape[-1] - 1)]
+        out.append(inside.any(-1))
+    return torch.stack(out)  # (T, S, S)
+
+
+def off_silhouette_share(rgb, silhouette, threshold=0.1):
+    """Share of the pixels off the object's silhouette (one pixel of slack) that are not background:
+    rendered RGB (T, 3, S, S) on white farther than `threshold` from white in some channel."""
+    near = F.max_pool2d(silhouette[:, None].float(), 3, stride=1, padding=1)[:, 0] > 0  # (T, S, S)
+    seen = (1 - rgb).amax(1) > threshold  # (T, S, S)
+    return (seen & ~near).sum().item() / max(1, (~near).sum().item())
+
+
+def quat_of(R):
+    """Rotation matrix (3, 3) -> unit quaternion (w, x, y, z) (the Gaussians' convention)."""
+    w = torch.sqrt((1 + R.trace()).clamp(min=1e-12)) / 2
+    if w > 1e-3:
+        q = torch.cat([w[None], torch.stack([R[2, 1] - R[1, 2], R[0, 2] - R[2, 0], R[1, 0] - R[0, 1]]) / (4 * w)])
+    else:  # a half turn: from the axis (the eigenvector of eigenvalue 1)
+        vals, vecs = torch.linalg.eigh((R + R.T) / 2)
+        q = torch.cat([torch.zeros(1), vecs[:, vals.argmax()]])
+    return F.normalize(q, dim=0)
+
+
+def quat_mul(a, b):
+    """Hamilton products a * b of quaternions (w, x, y, z): (4,) x (N, 4) -> (N, 4)."""
+    aw, ax, ay, az = a
+    bw, bx, by, bz = b.unbind(-1)
+    return torch.stack([aw * bw - ax * bx - ay * by - az * bz, aw * bx + ax * bw + ay * bz - az * by,
+                        aw * by - ax * bz + ay * bw + az * bx, aw * bz + ax * by - ay * bx + az * bw], -1)
+
+
+def to_millimetres(gaussians, transform_file):
+    """Gaussians in the normalised world -> in the capture's millimetres: transform.json's `to_mm`
+    (prepare_mouse.py: a similarity, scale s times a rotation, plus a shift) moves the means, scales the
+    axes by s and turns the rotations."""
+    A = torch.tensor(json.loads(Path(transform_file).read_text())["to_mm"], dtype=torch.float32)  # (4, 4)
+    s = torch.linalg.det(A[:3, :3]).abs() ** (1 / 3)
+    g = {k: v.cpu().float() for k, v in gaussians.items()}
+    return dict(g, means=g["means"] @ A[:3, :3].T + A[:3, 3], scales=g["scales"] * s,
+                quats=quat_mul(quat_of(A[:3, :3] / s), g["quats"]))
+
+
 def read_input(path):
     """The input image as RGB on white (3, H, W); an RGB image is used as is, with a warning."""
     with Image.open(path) as im:
@@ -195,30 +315,84 @@ def read_input(path):
     return load_rgba(path)[:3]
 
 
+def read_views(chain, cfg):
+    """--views_dir: the sample's rig views (V, 4, H, W), RGBA, and their camera frames, checked against the
+    rig GS-LRM was trained on (a camera-less sample, cam_000.png ..., is taken to be that rig's views)."""
+    d, rig = Path(cfg.views_dir), chain.gs["rig"]
+    if not (d / "opencv_cameras.json").is_file():
+        if rig is None:
+            raise InputError(f"{d}: no opencv_cameras.json, and {chain.gs['path']} records no rig to take "
+                             "the cameras from")
+        print(f"{d}: no opencv_cameras.json: the views are taken to be rig {rig['name']!r}'s, in its order")
+        frames = [dict(fr, file_path=f"cam_{i:03d}.png") for i, fr in enumerate(rig["frames"])]
+    else:
+        frames = read_cameras(d / "opencv_cameras.json")["frames"][: chain.V]
+        if len(frames) < chain.V:
+            raise InputError(f"{d / 'opencv_cameras.json'}: {len(frames)} cameras, GS-LRM reads {chain.V}")
+        if rig is None:
+            print(f"WARNING: {chain.gs['path']} records no rig: the cameras of {d} are not checked")
+        elif msg := rig_mismatch(rig, frames):
+            msg = f"{d / 'opencv_cameras.json'}: {msg} (the rig of {chain.gs['path']})"
+            if not cfg.allow_rig_mismatch:
+                raise RigMismatch(f"{msg} (--allow_rig_mismatch to run anyway)")
+            print(f"WARNING (allow_rig_mismatch): {msg}")
+            chain.mismatches.append(msg)
+    views = torch.stack([load_rgba(d / fr["file_path"], wh=(fr["w"], fr["h"])) for fr in frames])  # (V, 4, H, W)
+    return views, frames
+
+
 def run_one(chain, cfg):
+    """One input (an image through the chain, or --views_dir's views straight into GS-LRM) -> the outputs."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ref = read_input(cfg.input_image)
-    views = chain.generate(ref, cfg.reference_view).cpu()  # (V, 3, H, W)
-    gaussians = chain.reconstruct(views)
-    keep = gaussians["opacities"] > cfg.opacity_threshold
-    ply = save_ply({k: v[keep] for k, v in gaussians.items()}, out / "gaussians.ply")
-    renders = chain.render(gaussians, chain.frames)  # (V, 4, S, S)
-    Image.fromarray((ref.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)).save(out / "input.png")
-    save_image_grid([views], out / "multiview.png", [("generated views", len(views))])
+    if cfg.views_dir:
+        views, frames = read_views(chain, cfg)
+        masks, views, ref = views[:, 3] > 0.5, views[:, :3], None  # the real masks (V, H, W)
+        transform = Path(cfg.views_dir) / "transform.json"
+    else:
+        ref, frames = read_input(cfg.input_image), chain.frames
+        views = chain.generate(ref, cfg.reference_view).cpu()  # (V, 3, H, W)
+        masks = (1 - views).amax(1) > 0.1  # generated views have no alpha: off-white, as phase 2 reads them
+        transform = Path(cfg.input_image).parent.parent / "transform.json"  # a prepared sample's images/
+    gaussians = chain.reconstruct(views, frames)
+    keep = prune(gaussians, frames, chain.S, cfg)
+    kept = {k: v[keep] for k, v in gaussians.items()}
+    ply = save_ply(kept, out / "gaussians.ply")
+    written = [ply.name]
+    if transform.is_file():  # prepare_mouse.py's map back to the capture's millimetres
+        written.append(save_ply(to_millimetres(kept, transform), out / "gaussians_mm.ply").name)
+    renders = chain.render(kept, frames)  # (V, 4, S, S)
+    if ref is not None:
+        Image.fromarray((ref.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)).save(out / "input.png")
+        ref_cell = F.interpolate(ref[None], size=views.shape[-2:], mode="area")  # (1, 3, h, w)
+        save_image_grid([torch.cat([ref_cell, views])], out / "multiview.png",
+                        [(f"input (view {cfg.reference_view})", 1), ("generated views", len(views))])
+    else:
+        save_image_grid([views], out / "views.png", [("input views", len(views))])
     save_image_grid([renders], out / "renders.png", [("Gaussians at the rig's cameras", len(renders))])
-    spin = chain.render(gaussians, turntable_frames(chain.frames, cfg.turntable_frames))[:, :3]
+    cams = turntable_frames(frames, cfg.turntable_frames)
+    spin = chain.render(kept, cams)[:, :3]  # (T, 3, S, S)
+    info = {}
+    if cfg.measure_floaters:  # the speckles around the animal, before and after pruning
+        hull = hull_silhouettes(masks, frames, cams, chain.S)
+        share = {"unpruned": off_silhouette_share(chain.render(gaussians, cams)[:, :3], hull),
+                 "pruned": off_silhouette_share(spin, hull)}
+        info["turntable_off_silhouette"] = share
+        print(f"turntable pixels off the silhouette that are not background: {share['unpruned']:.4f} unpruned, "
+              f"{share['pruned']:.4f} pruned")
     size = max(128, chain.S)  # small toy renders are upscaled so that players show them
     spin = F.interpolate(spin, size=(size, size), mode="nearest")  # (T, 3, size, size)
-    frames = (spin.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)  # (T, size, size, 3)
-    video = write_video(out / "turntable.mp4", frames, cfg.fps)
+    video = write_video(out / "turntable.mp4", (spin.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8),
+                        cfg.fps)  # (T, size, size, 3) frames
+    rig = (chain.ck or chain.gs)["rig"]
     (out / "chain.json").write_text(json.dumps({
-        "input_image": cfg.input_image, "reference_view": cfg.reference_view,
-        "mvdiff_checkpoint": str(chain.ck["path"]), "gslrm_checkpoint": str(chain.gs["path"]),
-        "rig": chain.ck["rig"]["name"], "gaussians_kept": int(keep.sum()), "gaussians": len(keep),
-        "allowed_rig_mismatch": chain.mismatches}, indent=1))
-    print(f"wrote {out}/input.png, multiview.png, {ply.name} ({int(keep.sum())} of {len(keep)} Gaussians), "
-          f"renders.png, {video.name}")
+        "input_image": cfg.input_image, "views_dir": cfg.views_dir, "reference_view": cfg.reference_view,
+        "mvdiff_checkpoint": str(chain.ck["path"]) if chain.ck else None, "gslrm_checkpoint": str(chain.gs["path"]),
+        "rig": rig["name"] if rig else None, "gaussians_kept": int(keep.sum()), "gaussians": len(keep),
+        "gslrm_provenance": chain.provenance, "allowed_rig_mismatch": chain.mismatches, **info}, indent=1))
+    print(f"wrote {out}/{', '.join(written)} ({int(keep.sum())} of {len(keep)} Gaussians), "
+          f"{'multiview.png' if ref is not None else 'views.png'}, renders.png, {video.name}")
+    return out
 
 
 def run_eval(chain, cfg):
@@ -430,21 +604,49 @@ def run_dance(cfg, device):
     return video
 
 
+def limb_colours(images, poses):
+    """Clothes colours of a dancer: the mean colour of 3x3 pixels at the torso's middle (neck to mid-hip)
+    and the middles of both thighs and shins (OpenPose-18 joints). images (N, 3, S, S), poses (N, J, 2+)
+    normalised -> (N, 5, 3)."""
+    p = torch.as_tensor(poses, dtype=torch.float32)[..., :2]
+    hip = (p[:, 8] + p[:, 11]) / 2
+    points = torch.stack([(p[:, 1] + hip) / 2, (p[:, 8] + p[:, 9]) / 2, (p[:, 9] + p[:, 10]) / 2,
+                          (p[:, 11] + p[:, 12]) / 2, (p[:, 12] + p[:, 13]) / 2], 1)  # (N, 5, 2)
+    blurred = F.avg_pool2d(images.float(), 3, 1, 1, count_include_pad=False)
+    grid = (points * 2 - 1)[:, :, None]  # (N, 5, 1, 2) in grid_sample's [-1, 1]
+    return F.grid_sample(blurred, grid, align_corners=False)[..., 0].transpose(1, 2)  # (N, 5, 3)
+
+
+def bobbing_video(image, beats, T, fps):
+    """The trivial beat video: the reference image dipping 2 % of its height on every music beat
+    (losses.bobbing's motion). image (3, S, S) -> (T, 3, S, S)."""
+    dy = bobbing(torch.zeros(1, 2), beats, T, fps)[:, 0, 1].float()  # (T,) normalised
+    theta = torch.zeros(T, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1
+    theta[:, 1, 2] = -2 * dy  # grid_sample's y spans 2 units: content moves down by dy
+    grid = F.affine_grid(theta, (T, 3, *image.shape[-2:]), align_corners=False)
+    return F.grid_sample(image[None].expand(T, -1, -1, -1), grid, padding_mode="border", align_corners=False)
+
+
 @torch.no_grad()
 def run_dance_eval(cfg, device):
     """The end-to-end dance metrics from music alone, on held-out clips: each clip's music and its frame
     ref_frame -> a video (cfg.max_seconds long). Beat alignment of the generated video's motion, read
-    from its pixels (video_beats: no pose model), and of the M2P poses that drove it, against the
-    clip's music beats and against the next clip's (shuffled music: a video that ignores the music
-    scores the same on both); the ground-truth frames' score as the ceiling. Identity: recognizer
-    cosine of the generated face (the reference's face box, moved with M2P's nose joint) with the
-    reference face, against the next clip's dancer."""
+    from its pixels (video_beats: no pose model), and of the M2P poses that drove it (also from the
+    limbs only), against the clip's music beats and against the next clip's (shuffled music), beside the
+    reference image bobbing on the beats and the real video. Identity: the evaluation recognizer's cosine
+    of the generated face (the reference's face box, moved with M2P's nose joint) with the reference
+    face, against the next clip's dancer and a flat-colour face. Clothes colours of torso and legs
+    against the reference's (and the next dancer's); pose spread over time against the real dance's;
+    PSNR against copying the reference."""
     d = load_dance(cfg.dance_checkpoint, device)
     c = d["cfg"]
     J, fps, S = JOINT_SETS[c["joints"]], c["fps"], c["image_size"]
+    eval_rec = eval_face_recognizer(c, device)  # identity by a recognizer the identity loss never saw
     clips = read_list_file(cfg.dance_eval_list)[: cfg.eval_samples or None]
     if len(clips) < 2:
         raise InputError(f"{cfg.dance_eval_list}: the shuffled-music control needs at least 2 clips")
+    embed = lambda faces: F.normalize(eval_rec((faces * 2 - 1).to(device)), dim=-1).cpu()  # noqa: E731
     runs = []
     for path in clips:
         clip = read_clip(path, fps)
@@ -458,22 +660,39 @@ def run_dance_eval(cfg, device):
         gen = torch.cat([im.cpu() for im in decoded(d["vae"], x)])  # (T, 3, S, S)
         gt = torch.stack([read_frame(clip["source"], t) for t in range(T)])
         gt = resize_frames(gt, S)
+        gt_poses = torch.from_numpy(np.load(path / "poses.npy")[:T, :J].copy())  # (T, J, 3)
         shift = (poses[:, 0, :2].cpu() - ref_pose[0, :2]).repeat(1, 2)  # (T, 4): the nose's move
         faces = crop_box(gen, box[None] + shift, 112)  # (T, 3, 112, 112)
-        runs.append(dict(gen=gen, gt=gt, poses=poses.cpu(), beats=beats,
-                         face=F.normalize(d["recognizer"]((faces * 2 - 1).to(device)), dim=-1).cpu(),
-                         ref_face=F.normalize(d["recognizer"](crop_box(image, box, 112)[None].to(device) * 2 - 1),
-                                              dim=-1).cpu()))
+        ref_img = resize_frames(image[None], S)[0]
+        runs.append(dict(gen=gen, gt=gt, poses=poses.cpu(), gt_poses=gt_poses, beats=beats, ref_img=ref_img,
+                         bob=bobbing_video(ref_img, beats, T, fps), face=embed(faces),
+                         flat_face=embed(faces.mean((2, 3), keepdim=True).expand_as(faces)),
+                         ref_face=embed(crop_box(image, box, 112)[None]),
+                         colours=limb_colours(gen, poses.cpu()), gt_colours=limb_colours(gt, gt_poses),
+                         ref_colours=limb_colours(ref_img[None], ref_pose[None])[0]))
     n = len(runs)
     score = lambda f, k: float(np.mean([beat_alignment(runs[(i + k) % n]["beats"], f(runs[i])) for i in range(n)]))  # noqa: E731
     video, pose = (lambda r: video_beats(r["gen"], fps)), (lambda r: motion_beats(r["poses"], fps))
+    limbs = lambda r: limb_beats(r["poses"], fps)  # noqa: E731
+    mean = lambda f: float(np.mean([f(i, r) for i, r in enumerate(runs)]))  # noqa: E731
+    # clothes colours: the generated torso and legs against the reference's, and against the next dancer's
+    colour = lambda key, k: mean(lambda i, r: (r[key] - runs[(i + k) % n]["ref_colours"]).norm(dim=-1).mean())  # noqa: E731
+    spread = lambda p: p[:, :18, :2].std(0).norm(dim=-1).mean().item()  # noqa: E731
     m = {"beat_align_video": score(video, 0), "beat_align_video_shuffled": score(video, 1),
-         "beat_align_pose": score(pose, 0), "beat_align_pose_shuffled": score(pose, 1),
+         "beat_align_video_bobbing": score(lambda r: video_beats(r["bob"], fps), 0),
          "beat_align_video_gt": score(lambda r: video_beats(r["gt"], fps), 0),
-         "id_cos": float(np.mean([(r["face"] @ r["ref_face"].T).mean() for r in runs])),
-         "id_cos_other": float(np.mean([(r["face"] @ runs[(i + 1) % n]["ref_face"].T).mean()
-                                        for i, r in enumerate(runs)])),
-         "psnr_vs_gt": float(np.mean([psnr(r["gen"], r["gt"]).mean().item() for r in runs])),
+         "beat_align_pose": score(pose, 0), "beat_align_pose_shuffled": score(pose, 1),
+         "beat_align_pose_limbs": score(limbs, 0), "beat_align_pose_limbs_shuffled": score(limbs, 1),
+         "beat_align_pose_limbs_gt": score(lambda r: limb_beats(r["gt_poses"], fps), 0),
+         "id_cos": mean(lambda i, r: (r["face"] @ r["ref_face"].T).mean()),
+         "id_cos_other": mean(lambda i, r: (r["face"] @ runs[(i + 1) % n]["ref_face"].T).mean()),
+         "id_cos_flat_face": mean(lambda i, r: (r["flat_face"] @ r["ref_face"].T).mean()),
+         "colour_err": colour("colours", 0), "colour_err_other": colour("colours", 1),
+         "colour_err_gt": colour("gt_colours", 0), "colour_err_gt_other": colour("gt_colours", 1),
+         "pose_spread": mean(lambda i, r: spread(r["poses"])),
+         "pose_spread_gt": mean(lambda i, r: spread(r["gt_poses"])),
+         "psnr_vs_gt": mean(lambda i, r: psnr(r["gen"], r["gt"]).mean().item()),
+         "psnr_copy_ref": mean(lambda i, r: psnr(r["ref_img"][None].expand_as(r["gt"]), r["gt"]).mean().item()),
          "clips": n, "seconds": runs[0]["gen"].shape[0] / fps, "dance_checkpoint": str(cfg.dance_checkpoint)}
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -494,16 +713,49 @@ def main(cfg):
         return run_dance_eval(cfg, "cuda" if torch.cuda.is_available() else "cpu")
     if cfg.music:
         return run_dance(cfg, "cuda" if torch.cuda.is_available() else "cpu")
-    if bool(cfg.input_image) == bool(cfg.eval_list):
-        raise InputError("give --input_image (one image) or --eval_list (held-out samples), "
-                         "not both or neither")
+    given = [k for k in ("input_image", "input_dir", "views_dir", "eval_list") if getattr(cfg, k)]
+    if len(given) != 1:
+        raise InputError(f"give one of --input_image (one image), --input_dir (a folder of images), --views_dir "
+                         f"(a sample's real views) or --eval_list (held-out samples); got {given or 'none'}")
     if cfg.eval_views not in ("generated", "ground_truth"):
         raise InputError(f"eval_views {cfg.eval_views!r}: expected generated or ground_truth")
-    chain = Chain(cfg, "cuda" if torch.cuda.is_available() else "cpu")
-    if not 0 <= cfg.reference_view < chain.V:
-        raise InputError(f"reference_view {cfg.reference_view}: the rig has views 0..{chain.V - 1}")
-    return run_eval(chain, cfg) if cfg.eval_list else run_one(chain, cfg)
+    chain = Chain(cfg, "cuda" if torch.cuda.is_available() else "cpu", diffusion=not cfg.views_dir)
+    if chain.ck is not None:
+        cfg = dataclasses.replace(cfg, reference_view=reference_view(chain, cfg))
+    if cfg.eval_list:
+        return run_eval(chain, cfg)
+    if not cfg.input_dir:
+        return run_one(chain, cfg)
+    images = sorted(p for p in Path(cfg.input_dir).glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if not images:
+        raise InputError(f"--input_dir={cfg.input_dir}: no .png / .jpg images there")
+    if len({p.stem for p in images}) < len(images):
+        raise InputError(f"--input_dir={cfg.input_dir}: two images share a name ({[p.name for p in images][:4]}...): "
+                         "each names its output folder")
+    for path in tqdm(images, desc=f"{len(images)} images -> {cfg.out_dir}", unit="image"):
+        run_one(chain, dataclasses.replace(cfg, input_image=str(path), out_dir=str(Path(cfg.out_dir) / path.stem)))
+    return Path(cfg.out_dir)
+
+
+def reference_view(chain, cfg):
+    """The rig view the input shows: --reference_view, which only the toy's pixel-space model may leave out
+    (it was trained from every view; 0 then). A model trained from one view only (FaceLift's: the front) is
+    warned about any other."""
+    mcfg, V = chain.ck["config"], chain.V
+    k = cfg.reference_view
+    if k < 0 and mcfg.get("pipeline_dir"):
+        views = ", ".join(f"{i} {name}" for i, name in enumerate(chain.ck["rig"]["views"]))
+        raise InputError(f"--reference_view: which rig view does the input show? {chain.ck['path']} is not the "
+                         f"toy's model, so say it ({views})")
+    k = max(k, 0)
+    if not 0 <= k < V:
+        raise InputError(f"reference_view {k}: the rig has views 0..{V - 1}")
+    if mcfg.get("reference_view", "random") not in ("random", str(k)):
+        print(f"WARNING: {chain.ck['path']} was trained from view {mcfg['reference_view']} only; "
+              f"--reference_view={k} is another view")
+    return k
 
 
 if __name__ == "__main__":
-    cli(main, Config)
+    # the original code base's --config is our --cfg
+    cli(main, Config, None, [re.sub(r"^--config(?=$|=)", "--cfg", a) for a in sys.argv[1:]])

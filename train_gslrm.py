@@ -5,7 +5,10 @@
     accelerate launch train_gslrm.py --cfg configs/mouse_gslrm_synthetic.yaml
     python train_gslrm.py --resume=auto                          # continue the latest checkpoint
 """
+import json
 import math
+import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +16,7 @@ from pathlib import Path
 import torch
 
 from cameras import load_rig
-from data import MultiViewDataset, StepSampler, save_image_grid, save_ply
+from data import MultiViewDataset, StepSampler, read_list_file, save_image_grid, save_ply
 from losses import lpips, masked_psnr, perceptual_loss, psnr, ssim
 from models import GSLRM, GSLRM_CONFIGS
 from plumbing import (
@@ -40,6 +43,7 @@ class Config:
     data_dir: str = "data/toy_mice"  # FaceLift-format samples; the toy mice are generated here if missing
     train_list: str = "data_train.txt"  # relative to data_dir, or absolute
     rgb_ok: bool = False  # accept RGB samples (alpha 1): only if every background is already clean white
+    allow_mixed_provenance: bool = False  # train on synthetic sets made with and without an allowed rig mismatch
     val_list: str = "data_val.txt"
     rig: str = "mouse_6view"  # inputs come from this rig's views (a sample's first frames, checked
     # against configs/rigs/<rig>.json); "": from any frame, no rig check (FaceLift's 32-view data)
@@ -92,6 +96,43 @@ def lr_at(step, cfg):
         return cfg.lr * (step + 1) / cfg.warmup_steps
     t = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+# what names the diffusion checkpoint that made a synthetic sample (gen_synthetic.py's metadata.json)
+MADE_BY = ("mvdiff_checkpoint", "unet_sha256", "prompt_embeds_sha256", "rig", "camera_hash")
+
+
+def read_provenance(list_files, allow_mixed):
+    """Every listed sample's metadata.json (phase 2 writes one; real samples have none) -> the record that
+    rig.json keeps: one entry per diffusion checkpoint whose views are trained on (its identity, sample
+    count, any rig mismatch it was allowed) and the number of real samples. Views made across a rig
+    mismatch teach GS-LRM other cameras than its inputs' rig: mixed with clean ones they are refused
+    unless allow_mixed; alone they train with a warning."""
+    sets, real = {}, 0
+    for list_file in list_files:
+        for d in read_list_file(list_file):
+            if not (d / "metadata.json").is_file():
+                real += 1
+                continue
+            try:
+                meta = json.loads((d / "metadata.json").read_text())
+            except json.JSONDecodeError as err:
+                raise InputError(f"{d / 'metadata.json'}: not JSON ({err})") from None
+            entry = {k: meta.get(k) for k in MADE_BY} | {"allowed_rig_mismatch": meta.get("allowed_rig_mismatch", [])}
+            key = json.dumps(entry, sort_keys=True)
+            sets.setdefault(key, dict(entry, samples=0, example=str(d)))["samples"] += 1
+    synthetic = list(sets.values())
+    mismatched = [s for s in synthetic if s["allowed_rig_mismatch"]]
+    clean = len(synthetic) - len(mismatched) + (real > 0)
+    for s in mismatched:
+        print(f"WARNING: {s['samples']} samples (e.g. {s['example']}) were made by {s['mvdiff_checkpoint']} "
+              f"with an allowed rig mismatch: {s['allowed_rig_mismatch'][0]}")
+    if mismatched and clean and not allow_mixed:
+        raise InputError(f"{list_files[0]}: lists {sum(s['samples'] for s in mismatched)} synthetic samples made "
+                         f"with an allowed rig mismatch (e.g. {mismatched[0]['example']}) beside "
+                         f"{sum(s['samples'] for s in synthetic if not s['allowed_rig_mismatch']) + real} clean "
+                         "ones: train on one kind, or --allow_mixed_provenance=true (recorded in rig.json)")
+    return {"synthetic": synthetic, "real_samples": real}
 
 
 def split_views(batch, n_in):
@@ -162,6 +203,12 @@ def main(cfg):
     if data_dir == Path(Config.data_dir):
         toy_mice(data_dir, accelerator, n=cfg.toy_samples, rig=cfg.rig, size=64, seed=cfg.seed)
     rig = load_rig(cfg.rig) if cfg.rig else None
+    provenance = read_provenance([train_list, val_list], cfg.allow_mixed_provenance)
+    if rig is not None:  # rig.json says which diffusion checkpoint made the views (sample.py checks it)
+        rig = dict(rig, provenance=dict(provenance, init_from=cfg.init_from))
+    if main_proc and provenance["synthetic"]:
+        print("synthetic data: " + "; ".join(f"{s['samples']} samples by {s['mvdiff_checkpoint']}"
+                                              for s in provenance["synthetic"]))
     pool = range(len(rig["frames"])) if rig else None  # None: any frame may be an input
     S, n_in = cfg.image_size, cfg.num_input_views
     train_set = MultiViewDataset(train_list, S, pool, cfg.num_novel_views, rig, cfg.seed, n_in,
@@ -291,5 +338,10 @@ def main(cfg):
     return raw_model
 
 
+# the original code base's flag names (its output_dir is plumbing.RENAMED's), accepted as is
+ALIASES = {"max_train_steps": "max_steps"}
+
+
 if __name__ == "__main__":
-    cli(main, Config)
+    # and its --config is our --cfg
+    cli(main, Config, ALIASES, [re.sub(r"^--config(?=$|=)", "--cfg", a) for a in sys.argv[1:]])

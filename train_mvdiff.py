@@ -14,6 +14,8 @@ reference by a per-view embedding added to the time embedding.
 import copy
 import json
 import math
+import re
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -377,5 +379,10 @@ def main(cfg):
     return raw_model, ema
 
 
+# the original code base's flag names (its output_dir is plumbing.RENAMED's), accepted as is
+ALIASES = {"max_train_steps": "max_steps", "prompt_embed_path": "prompt_embeds"}
+
+
 if __name__ == "__main__":
-    cli(main, Config)
+    # and its --config is our --cfg
+    cli(main, Config, ALIASES, [re.sub(r"^--config(?=$|=)", "--cfg", a) for a in sys.argv[1:]])

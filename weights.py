@@ -22,7 +22,7 @@ from diffusers import (
 from safetensors.torch import load_file, load_model, save_file, save_model
 from transformers import CLIPVisionModelWithProjection
 
-from cameras import load_prompt_embeds
+from cameras import camera_hash, file_sha256, load_prompt_embeds, load_rig
 from data import JOINT_SETS, MUSIC_DIM
 from models import (
     GSLRM,
@@ -41,6 +41,7 @@ from plumbing import (
     InputError,
     atomic_dir,
     clean_overwrites,
+    cli,
     latest_checkpoint,
     load_checkpoint,
     save_config,
@@ -404,8 +405,53 @@ def load_mv_checkpoint(path, device="cpu"):
     model = load_mv_unet(unet_dir, len(rig["frames"]), cfg.get("sparse_attention", True)).to(device).eval()
     pe, _ = load_prompt_embeds(path / "prompt_embeds.pt", rig, model.unet.config.cross_attention_dim,
                                allow_mismatch=bool(rig.get("allowed_mismatch")))
+    weights = next(unet_dir / f for f in WEIGHT_FILES if (unet_dir / f).is_file())
     return {"model": model, "rig": rig, "prompt_embeds": pe.to(device),
-            "prompt_file": path / "prompt_embeds.pt", "config": cfg, "path": path}
+            "prompt_file": path / "prompt_embeds.pt", "config": cfg, "path": path, "weights_file": weights}
+
+
+def mv_identity(ck):
+    """What names a loaded phase-1 checkpoint wherever it is copied: the sha256 of the UNet weights it
+    samples with and of its prompt embeddings, its rig and folder. Phase 2 writes it into every synthetic
+    sample, phase 3 into its rig.json, and sample.py compares the two checkpoints by it."""
+    return {"mvdiff_checkpoint": str(Path(ck["path"]).resolve()), "unet_sha256": file_sha256(ck["weights_file"]),
+            "prompt_embeds_sha256": file_sha256(ck["prompt_file"]), "rig": ck["rig"]["name"],
+            "camera_hash": camera_hash(ck["rig"]["frames"])}
+
+
+def import_facelift_mvdiff(pipeline_dir, prompt_embeds, out, rig="facelift_6view", image_size=512):
+    """FaceLift's released multi-view diffusion (its pipeline folder: unet/ in FaceLift's layout, vae/,
+    image_encoder/, scheduler/) and its prompt embeddings (`clr_embeds.pt`) -> a phase-1 checkpoint
+    `<out>/checkpoint-0/` in train_mvdiff's layout, so that gen_synthetic.py and sample.py run "FaceLift as
+    released". The prompt file must be the one `rig` names (facelift_6view names FaceLift's by sha256);
+    the noise schedule comes from the folder's scheduler/; the VAE and CLIP stay in the folder
+    (`pipeline_dir` in config.yaml: move it and the checkpoint must be imported again)."""
+    pipe, rig = Path(pipeline_dir).resolve(), load_rig(rig)
+    sched_file = pipe / "scheduler" / "scheduler_config.json"
+    missing = [d for d in ("unet", "vae", "image_encoder") if not (pipe / d).is_dir()]
+    if missing or not sched_file.is_file():
+        raise InputError(f"{pipe}: not FaceLift's pipeline folder (no {', '.join(missing) or sched_file.name}); "
+                         "expected unet/, vae/, image_encoder/, scheduler/ (checkpoints/mvdiffusion/pipeckpts)")
+    model = load_mv_unet(pipe / "unet", len(rig["frames"]))
+    # refused unless it is the file the rig names (FaceLift's clr_embeds.pt for facelift_6view)
+    load_prompt_embeds(prompt_embeds, rig, model.unet.config.cross_attention_dim)
+    sched = json.loads(sched_file.read_text())
+    cfg = {"source": "FaceLift as released, imported by weights.py import_facelift_mvdiff",
+           "pipeline_dir": str(pipe), "prompt_embeds": str(Path(prompt_embeds).resolve()),
+           "rig": rig["name"], "image_size": image_size, "reference_view": "0",  # FaceLift: always the front
+           "sparse_attention": model.sparse, "prediction_type": sched.get("prediction_type", "epsilon"),
+           "beta_schedule": sched.get("beta_schedule", "linear"), "beta_start": sched.get("beta_start", 0.0001),
+           "beta_end": sched.get("beta_end", 0.02), "clip_sample": sched.get("clip_sample", True)}
+    final = Path(out) / "checkpoint-0"
+    with atomic_dir(final) as tmp:
+        save_mv_unet(model, tmp / "unet")
+        (tmp / "rig.json").write_text(json.dumps(rig, indent=1))
+        shutil.copyfile(prompt_embeds, tmp / "prompt_embeds.pt")
+        write_state(tmp, 0, {}, {"imported_from": str(pipe)})
+        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    print(f"wrote {final}: FaceLift's multi-view diffusion for rig {rig['name']!r} ({model.num_views} views, "
+          f"{'sparse' if model.sparse else 'dense'} attention, {cfg['prediction_type']}, {image_size} px)")
+    return final
 
 
 def load_gslrm_checkpoint(path, device="cpu"):
@@ -500,3 +546,23 @@ def load_dance_final(path, device):
     return dict(net=load_dance_net(path, cfg).to(device).eval(), cfg=cfg,
                 m2p=load_m2p(path, cfg, MUSIC_DIM).to(device).eval(),
                 scheduler=DDIMScheduler.from_pretrained(Path(path) / "scheduler"))
+
+
+def _main(argv):
+    """python weights.py import_facelift_mvdiff --pipeline_dir=DIR --prompt_embeds=FILE --out=DIR
+    [--rig=facelift_6view --image_size=512]"""
+    if not argv or argv[0] != "import_facelift_mvdiff":
+        raise InputError(f"usage: python weights.py import_facelift_mvdiff --pipeline_dir=DIR "
+                         f"--prompt_embeds=clr_embeds.pt --out=DIR (got {argv[:1]})")
+    args = dict(a.removeprefix("--").split("=", 1) for a in argv[1:] if "=" in a)
+    unknown = sorted(set(args) - {"pipeline_dir", "prompt_embeds", "out", "rig", "image_size"})
+    if unknown or not {"pipeline_dir", "prompt_embeds", "out"} <= set(args) or len(args) != len(argv) - 1:
+        raise InputError(f"{argv[1:]}: expected --pipeline_dir=DIR --prompt_embeds=FILE --out=DIR "
+                         "[--rig=NAME] [--image_size=N] (each as --key=value)")
+    if "image_size" in args:
+        args["image_size"] = int(args["image_size"])
+    return import_facelift_mvdiff(**args)
+
+
+if __name__ == "__main__":
+    cli(_main)
