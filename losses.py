@@ -283,14 +283,20 @@ def beat_alignment(music_beats_s, motion_beats_s, sigma_s=3 / 60):
 TORSO = (1, 8, 11)  # neck and hips in the OpenPose-18 order that starts every joint set (data.JOINT_SETS)
 
 
-def limb_beats(motion, fps, smooth_s=5 / 60):
-    """motion_beats of the joints relative to the torso's centre: moving the whole picture (a reference
-    image bobbing on the beats) is no limb motion and has no beats; a dance's arms and legs have."""
+def limb_beats(motion, fps, smooth_s=5 / 60, floor=0.06, reach_s=0.25):
+    """motion_beats of the joints relative to the torso's centre, kept only where the limbs really move:
+    the fastest limb speed within reach_s of the beat must pass `floor` (normalised units per second; a
+    real toy dance moves ~0.17). Moving the whole picture (a reference image bobbing on the beats) is no
+    limb motion, and neither are a pose reader's small errors that follow such a bob."""
     x = torch.as_tensor(motion, dtype=torch.float64)[..., :2]
     rel = x - x[:, list(TORSO)].mean(1, keepdim=True)  # (T, J, 2)
-    speed = (rel[1:] - rel[:-1]).norm(dim=-1).mean(-1)  # (T - 1,)
+    speed = (rel[1:] - rel[:-1]).norm(dim=-1).mean(-1)  # (T - 1,) per frame
     speed = torch.where(speed < 1e-9, 0.0, speed)  # rounding noise of a rigid shift is no motion
-    return speed_minima(speed, fps, smooth_s)
+    beats = speed_minima(speed, fps, smooth_s)
+    r = max(1, round(reach_s * fps))
+    k = (beats * fps - 0.5).round().long()  # the speed sample of each beat
+    moving = [speed[max(0, i - r): i + r + 1].max() * fps >= floor for i in k.tolist()]
+    return beats[torch.tensor(moving, dtype=torch.bool)] if len(beats) else beats
 
 
 def bobbing(pose_xy, beats_s, n_frames, fps, amplitude=0.02, half_width_s=0.25):

@@ -66,6 +66,7 @@ from losses import (
     limb_beats,
     masked_psnr,
     motion_beats,
+    pose_error,
     pose_heatmaps,
     psnr,
     soft_argmax,
@@ -84,7 +85,7 @@ from models import (
 )
 from plumbing import InputError, cli
 from pose import PoseModel, face_box
-from toy import eval_face_recognizer, frozen_encoders
+from toy import TOY_DANCE_DIR, eval_face_recognizer, frozen_encoders, pose_reader
 from weights import load_dance_final, load_gslrm_checkpoint, load_mv_checkpoint, mv_identity
 
 
@@ -245,7 +246,7 @@ def hull_silhouettes(masks, frames, cams, S, n=96):
     """The object's silhouette seen from cameras `cams` (T, S, S) bool: the pixels whose ray crosses the
     visual hull of the views' masks (V, H, W) seen from `frames` (points inside every mask), sampled at
     n depths within the rig's distance of the point the cameras aim at."""
-    geo = camera_geometry(frames)
+    geo = {k: v.float() for k, v in camera_geometry(frames).items()}
     w2c, K = frames_to_tensors(frames, masks.shape[-1])  # (V, 4, 4), (V, 4)
     cw2c, cK = frames_to_tensors(cams, S)
     o, d = get_rays(torch.linalg.inv(cw2c), cK, S, S)  # (T, S, S, 3) each
@@ -647,6 +648,9 @@ def run_dance_eval(cfg, device):
     if len(clips) < 2:
         raise InputError(f"{cfg.dance_eval_list}: the shuffled-music control needs at least 2 clips")
     embed = lambda faces: F.normalize(eval_rec((faces * 2 - 1).to(device)), dim=-1).cpu()  # noqa: E731
+    # poses read back from the generated video: the run's reader (toy: its detector), or this --pose_model
+    read_poses = pose_reader({**c, "pose_model": cfg.pose_model or c.get("pose_model", "")},
+                             Path(c["data_dir"]) == Path(TOY_DANCE_DIR), device)
     runs = []
     for path in clips:
         clip = read_clip(path, fps)
@@ -669,6 +673,8 @@ def run_dance_eval(cfg, device):
                          flat_face=embed(faces.mean((2, 3), keepdim=True).expand_as(faces)),
                          ref_face=embed(crop_box(image, box, 112)[None]),
                          colours=limb_colours(gen, poses.cpu()), gt_colours=limb_colours(gt, gt_poses),
+                         read={k: read_poses(v).cpu() for k, v in (("gen", gen), ("gt", gt), ("ref", ref_img[None]))}
+                         if read_poses else None,
                          ref_colours=limb_colours(ref_img[None], ref_pose[None])[0]))
     n = len(runs)
     score = lambda f, k: float(np.mean([beat_alignment(runs[(i + k) % n]["beats"], f(runs[i])) for i in range(n)]))  # noqa: E731
@@ -694,6 +700,18 @@ def run_dance_eval(cfg, device):
          "psnr_vs_gt": mean(lambda i, r: psnr(r["gen"], r["gt"]).mean().item()),
          "psnr_copy_ref": mean(lambda i, r: psnr(r["ref_img"][None].expand_as(r["gt"]), r["gt"]).mean().item()),
          "clips": n, "seconds": runs[0]["gen"].shape[0] / fps, "dance_checkpoint": str(cfg.dance_checkpoint)}
+    if read_poses is not None:  # the generated video's poses read back: do they follow M2P's, and the music?
+        for r in runs:
+            r["read"]["bob"] = read_poses(r["bob"]).cpu()
+        read_limbs = lambda key: lambda r: limb_beats(r["read"][key], fps)  # noqa: E731
+        m.update({"beat_align_read": score(read_limbs("gen"), 0),
+                  "beat_align_read_shuffled": score(read_limbs("gen"), 1),
+                  "beat_align_read_bobbing": score(read_limbs("bob"), 0),
+                  "beat_align_read_gt": score(read_limbs("gt"), 0)})
+        for name, key in (("", "gen"), ("_copy_ref", "ref")):
+            errs = [pose_error(r["read"][key].expand(len(r["poses"]), -1, -1), r["poses"]) for r in runs]
+            m[f"pose_err_gen{name}"] = float(np.mean([e.item() for e, _ in errs]))
+            m[f"pck_gen{name}"] = float(np.mean([p.item() for _, p in errs]))
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     idx = np.linspace(0, len(runs[0]["gen"]) - 1, 8).round().astype(int)

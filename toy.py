@@ -71,6 +71,7 @@ from models import (
     to_model_space,
 )
 from plumbing import InputError, atomic_dir, cli, seeded
+from pose import PoseModel
 from render import render_gaussians
 from weights import load_clip_image_encoder, load_iresnet, load_vae
 
@@ -673,6 +674,32 @@ def detect_poses(detector, frames, batch_size=256):
         x = resize_frames(x.to(device, torch.float32), detector.image_size)  # (b, 3, S, S)
         out.append(soft_argmax(detector(x)).to(frames.device))  # (b, J, 2)
     return torch.cat(out) if out else frames.new_zeros(0, detector.J, 2)
+
+
+TOY_DANCE_DIR = "data/toy_dance"  # train_dance.py's default data_dir: the toy dancers are made there
+
+
+def pose_reader(c, toy, device, accelerator=None):
+    """What reads poses back from generated frames for the pose-accuracy metrics, from a run's config `c`:
+    its pose_model ONNX file (pose.py, real data), else on the toy data (toy, or pose_model "toy") the
+    toy's detector trained on the run's clips, else None. Returns frames (N, 3, H, W) in [0, 1] ->
+    (N, J, 2) normalised. Call it on every process: the toy's detector is trained once, by the main one."""
+    J = JOINT_SETS[c["joints"]]
+    if c.get("pose_model") and c["pose_model"] != "toy":
+        model = PoseModel(c["pose_model"], c.get("pose_detector") or "full_frame")
+
+        def read(frames):
+            out = []
+            for f in frames:
+                rgb = (f.permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)  # (H, W, 3)
+                out.append(torch.from_numpy(model(rgb)[:J, :2]) / torch.tensor([f.shape[-1], f.shape[-2]]))
+            return torch.stack(out).to(frames.device)  # (N, J, 2)
+        return read
+    if not toy and c.get("pose_model") != "toy":
+        return None
+    det = toy_pose_detector(c["data_dir"], c["joints"], c["image_size"], c["fps"], seed=c["seed"],
+                            train_list=c["train_list"], accelerator=accelerator).to(device)
+    return lambda frames: detect_poses(det, frames)
 
 
 LIMB_ENDS = [3, 4, 6, 7, 9, 10, 12, 13]  # elbows, wrists, knees, ankles: where a standing pose is wrong

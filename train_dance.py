@@ -96,7 +96,15 @@ from plumbing import (
     seeded,
     start_run,
 )
-from toy import eval_face_recognizer, face_recognizer, frozen_encoders, toy_dance, toy_unet
+from toy import (
+    TOY_DANCE_DIR,
+    eval_face_recognizer,
+    face_recognizer,
+    frozen_encoders,
+    pose_reader,
+    toy_dance,
+    toy_unet,
+)
 from weights import (
     check_sd_scheduler,
     load_dance_net,
@@ -114,7 +122,7 @@ class Config:
     # a yaml's stage_a: / stage_b: / stage_c: mappings: values for that stage only (docs/operations.md)
     sections: dict = dataclasses.field(default_factory=lambda: {"stage_a": {}, "stage_b": {}, "stage_c": {}})
     # ---- data (every stage)
-    data_dir: str = "data/toy_dance"  # clip dirs + list files; the toy dancers are made here if missing
+    data_dir: str = TOY_DANCE_DIR  # clip dirs + list files; the toy dancers are made here if missing
     train_list: str = "data_train.txt"  # relative to data_dir, or absolute
     val_list: str = "data_val.txt"  # the toy's: dancers never trained on
     val_seen_list: str = "data_val_seen.txt"  # stage A also scores these (toy: new clips of training dancers)
@@ -142,6 +150,9 @@ class Config:
     face_recognizer_path: str = ""  # arcface_torch backbone.pth; "": a frozen random toy IResNet
     face_recognizer_arch: str = "iresnet100"  # IRESNET_CONFIGS key of that file (glintr100 = iresnet100)
     eval_face_recognizer_path: str = ""  # scores identity, never trained against; "": the toy's, seeded apart
+    pose_model: str = ""  # reads poses back from generated frames: a DWPose / RTMPose ONNX; "toy": the toy's
+    # detector trained on data_dir's clips (the default on the toy data); "" on real data: no pose metrics
+    pose_detector: str = "full_frame"  # its person box: the whole frame, or a YOLOX ONNX file
     pose_loss_weight: float = 0.5  # M2P's heatmap loss, also when M2P trains in stages B and C
     face_loss_weight: float = 0.1
     # ---- stage B: pose guider + denoising UNet + ReferenceNet + face tokens on single frames
@@ -569,6 +580,17 @@ def cond_scale_at(step, total):
     return min(1.5, 0.5 + step / (0.3 * total))
 
 
+def pose_scores(found, found_ref, pose, wrong):
+    """Pose accuracy of generated frames: the poses read back from them (found, (N, J, 2)) against the
+    poses they were generated at (pose, (N, J, 3)), beside the reference image's pose read the same way
+    (copy the reference) and against another time's pose (wrong pose): error and PCK@0.05."""
+    m = {}
+    for name, xy, target in (("", found, pose), ("_copy_ref", found_ref, pose), ("_wrong_pose", found, wrong)):
+        err, pck = pose_error(xy, target)
+        m[f"pose_err_gen{name}"], m[f"pck_gen{name}"] = err.item(), pck.item()
+    return m
+
+
 def m2p_pose_prob(step, total, start=0.8):
     """Scheduled sampling: the probability that a sample's pose condition comes from M2P instead of the
     ground truth, 0 until `start` x total, then ramping linearly to 1 at the last step. Blending
@@ -577,7 +599,8 @@ def m2p_pose_prob(step, total, start=0.8):
 
 
 @torch.no_grad()
-def evaluate_b(net, vae, clip, recognizer, eval_rec, scheduler, val_set, cfg, step, out_dir, device):
+def evaluate_b(net, vae, clip, recognizer, eval_rec, read_poses, scheduler, val_set, cfg, step, out_dir,
+               device):
     """Held-out clips (dancers never trained on), reference = frame 0, frames generated at the ground-
     truth poses of val_frames times: PSNR / SSIM against the ground truth, against the copy-the-reference
     baseline, and against the ground truth of another time of the same clip (the wrong-pose control: a
@@ -611,6 +634,9 @@ def evaluate_b(net, vae, clip, recognizer, eval_rec, scheduler, val_set, cfg, st
     m = {"psnr": score(psnr, gen, gt), "ssim": score(ssim, gen, gt),
          "psnr_copy_ref": score(psnr, ref_images[idx], gt), "ssim_copy_ref": score(ssim, ref_images[idx], gt),
          "psnr_wrong_pose": score(psnr, gen, gt[wrong]), "ssim_wrong_pose": score(ssim, gen, gt[wrong])}
+    if read_poses is not None:  # the pose read back from each generated frame against the pose it was given
+        pose = torch.stack([it["pose"] for it in items]).to(device)  # (n K, J, 3)
+        m.update(pose_scores(read_poses(gen), read_poses(ref_images[idx]), pose, pose[wrong]))
     # does the reference's content reach the output? The x0 prediction at t = 900 from the same noisy
     # frames with each clip's own reference and with the next clip's (context kept): 0 = ignored
     t_hi = torch.full((len(items),), 900, device=device)
@@ -658,6 +684,7 @@ def stage_b(cfg):
                                   if cfg.toy_pretrain_steps else "")
     net, vae, clip, recognizer = build_stage_b(dataclasses.replace(cfg, unet_path=unet_path), train_set.J, device)
     eval_rec = eval_face_recognizer(vars(cfg), device)  # scores identity; the loss never sees it
+    read_poses = pose_reader(vars(cfg), data_dir == Path(Config.data_dir), device, accelerator)  # or None
     scheduler = dance_scheduler(cfg)
     check_sd_scheduler(cfg.unet_path, scheduler.config)  # SD's own betas: fine-tuning keeps its noise levels
     factor = 8 if vae is not None else 1  # image px per UNet input px
@@ -706,8 +733,8 @@ def stage_b(cfg):
     for step in range(start_step, total + 1):
         if (step > start_step or step == 0) and (step % cfg.val_every == 0 or step == total):
             if main_proc:
-                m, grid = evaluate_b(raw, vae, clip, recognizer, eval_rec, scheduler, val_set, cfg, step, out_dir,
-                                     device)
+                m, grid = evaluate_b(raw, vae, clip, recognizer, eval_rec, read_poses, scheduler, val_set, cfg, step,
+                                     out_dir, device)
                 log_eval(accelerator, m, step, out_dir, {"grid": grid})
                 print(f"grid {grid}")
             accelerator.wait_for_everyone()
@@ -808,7 +835,8 @@ def spread_starts(clips, L):
 
 
 @torch.no_grad()
-def evaluate_c(net, vae, clip, recognizer, eval_rec, scheduler, val_set, cfg, step, out_dir, device):
+def evaluate_c(net, vae, clip, recognizer, eval_rec, read_poses, scheduler, val_set, cfg, step, out_dir,
+               device):
     """Held-out clips (dancers never trained on; reference = frame 0, windows of seq_len_end frames spread
     over the clip, ground-truth poses): PSNR / SSIM, identity cosine, and temporal consistency: the mean
     error of the frame-to-frame differences against the ground truth's, over the frame, on the dancer (the
@@ -842,6 +870,10 @@ def evaluate_c(net, vae, clip, recognizer, eval_rec, scheduler, val_set, cfg, st
                   f"temporal_err{name}": err.mean().item(),  # the whole frame, the dancer, the background
                   f"temporal_err_dancer{name}": region(~static), f"temporal_err_bg{name}": region(static)})
     m["bg_flicker"] = m["temporal_err_bg"]  # the ground truth's background does not change: all is flicker
+    if read_poses is not None:  # as stage B; wrong pose: the pose half a window away
+        pose = flat(torch.stack([it["poses"][:T] for it in items]).to(device))  # (n T, J, 3)
+        wrong = pose.unflatten(0, (n, T)).roll(T // 2, 1).flatten(0, 1)
+        m.update(pose_scores(read_poses(flat(gen)), read_poses(refs).repeat_interleave(T, 0), pose, wrong))
     boxes = torch.stack([it["boxes"][:T] for it in items]).to(device)  # (n, T, 4)
     has = ~flat(boxes).isnan().any(1)
     if has.any():
@@ -900,6 +932,7 @@ def stage_c(cfg):
     val_set.start = spread_starts(val_set.clips, L)
     net, vae, clip, recognizer, b_final = load_stage_b(cfg, train_set.J, device)
     eval_rec = eval_face_recognizer(vars(cfg), device)  # scores identity; the loss never sees it
+    read_poses = pose_reader(vars(cfg), data_dir == Path(Config.data_dir), device, accelerator)  # or None
     m2p = load_stage_a(dataclasses.replace(cfg, m2p_path=str(b_final)), train_set.music_dim, device)[0]
     m2p.requires_grad_(cfg.m2p_lr_c > 0)
     m2p.face_head.requires_grad_(False)  # as in stage B: the identity comes from the recognizer
@@ -946,8 +979,8 @@ def stage_c(cfg):
     for step in range(start_step, total + 1):
         if (step > start_step or step == 0) and (step % cfg.val_every == 0 or step == total):
             if main_proc:
-                m, grid = evaluate_c(raw, vae, clip, recognizer, eval_rec, scheduler, val_set, cfg, step, out_dir,
-                                     device)
+                m, grid = evaluate_c(raw, vae, clip, recognizer, eval_rec, read_poses, scheduler, val_set, cfg, step,
+                                     out_dir, device)
                 log_eval(accelerator, m, step, out_dir, {"grid": grid})
                 print(f"grid {grid}" + (" (step 0: stage B applied frame by frame)" if step == 0 else ""))
             accelerator.wait_for_everyone()

@@ -134,7 +134,7 @@ ALL_ARGS = ["--m2p_preset=tiny", "--window=30", "--max_steps_a=2", "--batch_size
             "--val_every=2", "--ckpt_every=2", "--warmup_steps=2", "--unet_preset=tiny", "--image_size=16",
             "--max_steps_b=2", "--val_steps=2", "--id_loss_max_t=900", "--log_every=1", "--max_steps_c=4",
             "--seq_len_start=2", "--seq_len_end=4", "--seq_len_ramp_steps=2", "--val_samples_c=2",
-            "--motion_heads=2", "--toy_pretrain_steps=2"]
+            "--motion_heads=2", "--toy_pretrain_steps=2", "--pose_model=toy"]
 
 
 def train(data, out, *args):
@@ -241,6 +241,7 @@ def test_all_chains_the_stages_and_stage_c_resumes_exactly(tiny_dance, tmp_path,
             assert math.isfinite(v[key]) and math.isfinite(v[f"{key}_copy_ref"]), key
         assert v["temporal_err_bg_copy_ref"] < 1e-3 and v["bg_flicker"] == v["temporal_err_bg"]  # a still background
         assert {"id_cos", "id_cos_other", "id_cos_gt", "id_cos_flat_face"} <= v.keys()
+        assert all(math.isfinite(v[f"pose_err_gen{k}"]) for k in ("", "_copy_ref", "_wrong_pose"))
     # stage C changed only the motion modules: everything else is stage B's
     b = load_file(x / "stage_B" / "checkpoint-2" / "dance.safetensors")
     c0, c4 = (load_file(x / "stage_C" / f"checkpoint-{s}" / "dance.safetensors") for s in (2, 4))
@@ -282,8 +283,14 @@ def test_all_chains_the_stages_and_stage_c_resumes_exactly(tiny_dance, tmp_path,
     m = sample.main(load_config(sample.Config, [
         f"--dance_checkpoint={final}", f"--dance_eval_list={tiny_dance / 'data_train.txt'}",
         f"--output_dir={tmp_path / 'e'}", "--steps=2", "--context_frames=3", "--context_overlap=1"]))
-    assert m["clips"] >= 2 and all(math.isfinite(m[k]) for k in ("beat_align_video", "beat_align_video_shuffled",
-                                                                  "beat_align_pose", "id_cos", "id_cos_other"))
+    assert m["clips"] >= 2 and all(math.isfinite(m[k]) for k in (
+        "beat_align_video", "beat_align_video_shuffled", "beat_align_video_bobbing", "beat_align_pose",
+        "beat_align_pose_limbs", "id_cos", "id_cos_other", "id_cos_flat_face", "colour_err", "colour_err_other",
+        "pose_spread", "pose_spread_gt", "psnr_copy_ref"))
+    # the real video wears its own reference's clothes and not the next dancer's (the toy: exactly)
+    assert m["colour_err_gt"] < 0.05 < m["colour_err_gt_other"] and m["beat_align_video_bobbing"] > 0.5
+    assert all(math.isfinite(m[k]) for k in ("beat_align_read", "beat_align_read_bobbing", "pose_err_gen",
+                                              "pose_err_gen_copy_ref"))  # the run's toy pose detector
     for name in ("metrics.json", "dance_eval.png"):
         assert (tmp_path / "e" / name).is_file(), name
 

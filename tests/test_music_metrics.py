@@ -128,9 +128,14 @@ def test_bobbing_wins_beat_alignment_but_not_its_limb_version():
     music = beats_within(beats, 240, FPS)
     assert beat_alignment(music, motion_beats(bob, FPS)) > 0.9
     assert len(limb_beats(bob, FPS)) == 0 and beat_alignment(music, limb_beats(bob, FPS)) == 0.0
+    # a pose reader's errors that follow the bob (limbs wobbling 0.002 on the beats) are no limb motion either
+    wobble = bob.clone()
+    wobble[:, 4, 0] += bobbing(np.zeros((1, 2)), beats, 240, FPS, amplitude=0.002)[:, 0, 1]
+    assert beat_alignment(music, motion_beats(wobble[:, [4, 1, 8, 11]] - wobble[:, [1]], FPS)) > 0.8
+    assert len(limb_beats(wobble, FPS)) == 0
     t = np.arange(240) / FPS
-    swing = np.repeat(pose[None], 240, 0)  # (T, J, 2): the right wrist swings, turning on every beat
-    swing[:, 4, 0] += 0.1 * np.cos(np.pi * (t - 0.3) / 0.5)
+    swing = np.repeat(pose[None], 240, 0)  # (T, J, 2): wrists and ankles swing, turning on every beat
+    swing[:, [4, 7, 10, 13], 0] += 0.1 * np.cos(np.pi * (t - 0.3) / 0.5)[:, None]
     assert beat_alignment(music, limb_beats(swing, FPS)) == pytest.approx(
         beat_alignment(music, motion_beats(swing, FPS))) and beat_alignment(music, limb_beats(swing, FPS)) > 0.9
 
