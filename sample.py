@@ -3,14 +3,23 @@
     python sample.py --input_image mouse.png --out_dir out/sample          # the toy runs' checkpoints
     python sample.py --input_image x.png --mvdiff_checkpoint ckpt/mvdiff --gslrm_checkpoint ckpt/gslrm \\
         --out_dir out/x --reference_view 2                                  # the image shows rig view 2
+    python sample.py --input_dir photos/ --reference_view 2 ...            # each image -> out_dir/<name>/
+    python sample.py --views_dir data/mouse/s1_000120 --gslrm_checkpoint ckpt/gslrm   # 6 real posed views
     python sample.py --eval_list data/toy_mice_eval/data_val.txt --out_dir out/chain_eval
+    python weights.py import_facelift_mvdiff --pipeline_dir=checkpoints/mvdiffusion/pipeckpts \\
+        --prompt_embeds=clr_embeds.pt --out=ckpt/facelift_mvdiff           # FaceLift as released (phase 1)
 
-Writes input.png, multiview.png (the generated views), gaussians.ply (3DGS format, Gaussians fainter
-than `opacity_threshold` dropped as FaceLift's inference does), renders.png (the Gaussians at the rig's
-cameras) and turntable.mp4 (GIF without ffmpeg). The two checkpoints must name the same rig: the
-views are generated for the diffusion model's rig and read by GS-LRM as seen from its own.
---eval_list runs the chain from view `reference_view` of each held-out sample and scores the renders
-at all its other cameras against the ground truth (the README's chain experiment).
+Writes input.png, multiview.png (the input beside the generated views; views.png with --views_dir),
+gaussians.ply (3DGS format; gaussians_mm.ply too, in the capture's millimetres, when the sample has
+prepare_mouse.py's transform.json), renders.png (at the rig's cameras), turntable.mp4 (GIF without
+ffmpeg) and chain.json. Gaussians are pruned before all of them as FaceLift's inference does (see
+`prune`); --measure_floaters scores the turntable's speckles before and after. --reference_view is
+required unless the phase-1 model is the toy's (trained from every view). The two checkpoints must
+name the same rig: the views are generated for the diffusion model's rig and read by GS-LRM as seen
+from its own; GS-LRM's rig.json also says which diffusion checkpoint made its training views, and a
+pair that is not one chain is warned about. --views_dir reads no diffusion model: the sample's cameras
+are checked against GS-LRM's rig. --eval_list runs the chain from view `reference_view` of each
+held-out sample and scores the renders at all its other cameras (the README's chain experiment).
 
 Dance: music + a reference -> a dance video (train_dance.py's top-level final/):
 
@@ -105,7 +114,7 @@ class Config:
     # pruning, as FaceLift's inference filters its Gaussians before writing and rendering them
     opacity_threshold: float = 0.04  # FaceLift's value: fainter Gaussians are dropped
     max_scale_px: float = 20.0  # larger axes (in input pixels at the rig's distance) dropped: FaceLift's 0.1 at 512 px
-    crop_radius: float = 1.3  # Gaussians farther from the rig's aim point are floaters (FaceLift: a +-0.91 box)
+    crop_radius: float = 1.0  # farther from the aim point than this x the views' half-width there: floaters
     measure_floaters: bool = False  # also render the unpruned turntable and score both (chain.json)
     turntable_frames: int = 48
     fps: int = 24
@@ -234,12 +243,13 @@ def prune(gaussians, frames, S, cfg):
     opacity_threshold; largest axis under max_scale_px of GS-LRM's S-pixel input at the rig's mean distance
     (FaceLift's 0.1 world units at 512 px, 50 deg; it spares the top half of a head, a mouse has no such
     half); within crop_radius of the point the cameras aim at (FaceLift crops heads to a box around the
-    origin and cuts its lower corners: floaters that no view pins down, the speckles of a turntable)."""
+    origin and cuts its lower corners: floaters that no view pins down, the speckles of a turntable); the
+    radius is crop_radius x the half-width that the views frame there (FaceLift's box: 0.72 of it in x, y)."""
     geo, fr = camera_geometry(frames), frames[0]
     pixel = geo["dist"].mean().item() * fr["w"] / (fr["fx"] * S)  # world units per input pixel there
     far = (gaussians["means"] - geo["target"].to(gaussians["means"])).norm(dim=-1)  # (N,)
     return ((gaussians["opacities"] > cfg.opacity_threshold)
-            & (gaussians["scales"].amax(-1) < cfg.max_scale_px * pixel) & (far < cfg.crop_radius))
+            & (gaussians["scales"].amax(-1) < cfg.max_scale_px * pixel) & (far < cfg.crop_radius * pixel * S / 2))
 
 
 def hull_silhouettes(masks, frames, cams, S, n=96):

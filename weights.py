@@ -560,6 +560,8 @@ def _main(argv):
         raise InputError(f"{argv[1:]}: expected --pipeline_dir=DIR --prompt_embeds=FILE --out=DIR "
                          "[--rig=NAME] [--image_size=N] (each as --key=value)")
     if "image_size" in args:
+        if not args["image_size"].isdigit():
+            raise InputError(f"--image_size={args['image_size']}: expected a whole number of pixels")
         args["image_size"] = int(args["image_size"])
     return import_facelift_mvdiff(**args)
 
