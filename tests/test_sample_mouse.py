@@ -229,3 +229,21 @@ def test_phase3_records_the_diffusion_checkpoint_and_refuses_mixed_sets(tiny_mv_
     train_gslrm.main(tiny_cfg(train_gslrm, data, tmp_path / "mixed", allow_mixed_provenance="true", **few))
     prov = json.loads((tmp_path / "mixed" / "checkpoint-1" / "rig.json").read_text())["provenance"]
     assert any("facelift_6view" in m for s in prov["synthetic"] for m in s["allowed_rig_mismatch"])
+
+
+@pytest.mark.slow
+def test_views_dir_on_a_prepared_capture(tiny_gslrm_ckpt, tmp_path):
+    """prepare_mouse.py's samples of the tests' synthetic capture (published rig, millimetres) pass GS-LRM's rig
+    check, and the .ply comes back in the capture's millimetres through the sample's transform.json."""
+    from test_prepare_mouse import write_capture
+
+    import prepare_mouse
+    write_capture(tmp_path)
+    prepare_mouse.main(load_config(prepare_mouse.Config, [
+        f"--calibration={tmp_path / 'calibration.json'}", f"--videos={tmp_path / 'videos'}",
+        f"--out_dir={tmp_path / 'prepared'}", "--image_size=32", "--morph_px=1", "--split_by=animal"]))
+    d = (tmp_path / "prepared" / (tmp_path / "prepared" / "data_val.txt").read_text().split()[0])
+    out = run_sample(f"--views_dir={d}", f"--gslrm_checkpoint={tiny_gslrm_ckpt}", f"--out_dir={tmp_path / 'o'}")
+    to_mm = torch.tensor(json.loads((d / "transform.json").read_text())["to_mm"])
+    g, mm = load_ply(out / "gaussians.ply"), load_ply(out / "gaussians_mm.ply")
+    assert torch.allclose(mm["means"], g["means"] @ to_mm[:3, :3].T + to_mm[:3, 3], atol=1e-2)
