@@ -278,7 +278,7 @@ def hull_silhouettes(masks, frames, cams, S, n=96):
     return torch.stack(out)  # (T, S, S)
 
 
-def off_silhouette_share(rgb, silhouette, threshold=0.1):
+def off_silhouette_share(rgb, silhouette, threshold=0.05):
     """Share of the pixels off the object's silhouette (one pixel of slack) that are not background:
     rendered RGB (T, 3, S, S) on white farther than `threshold` from white in some channel."""
     near = F.max_pool2d(silhouette[:, None].float(), 3, stride=1, padding=1)[:, 0] > 0  # (T, S, S)
@@ -431,6 +431,13 @@ def run_eval(chain, cfg):
         scores["masked_psnr"].append(masked_psnr(pred, gt, alpha))
         scores["ssim"].append(ssim(pred, gt))
         gts.append(gt)
+        if cfg.measure_floaters:  # turntable speckles against the true silhouettes (the rig views' masks)
+            cams = turntable_frames(frames[:V], cfg.turntable_frames)
+            hull = hull_silhouettes(images[:V, 3] > 0.5, frames[:V], cams, S)
+            pruned = {key: v[prune(gaussians, chain.frames or frames[:V], S, cfg)] for key, v in gaussians.items()}
+            for key, g in (("off_silhouette_unpruned", gaussians), ("off_silhouette_pruned", pruned)):
+                scores.setdefault(key, []).append(torch.tensor([off_silhouette_share(chain.render(g, cams)[:, :3],
+                                                                                     hull)]))
         if n < 4:
             rows.append(torch.cat([images[k:k + 1, :3], F.interpolate(views, size=(S, S)), gt, pred]))
     mean_image = torch.cat(gts).mean(0, keepdim=True)  # (1, 3, S, S): the baseline that sees no input

@@ -50,6 +50,12 @@ def test_views_dir_reconstructs_real_views_without_diffusion(tiny_gslrm_ckpt, ti
         run_sample(f"--views_dir={bad}", f"--gslrm_checkpoint={tiny_gslrm_ckpt}", f"--out_dir={tmp_path / 'x'}")
 
 
+def test_eval_scores_turntable_speckles_against_true_silhouettes(tiny_mv_ckpt, tiny_gslrm_ckpt, tiny_mice, tmp_path):
+    m = run_sample(f"--eval_list={tiny_mice / 'data_val.txt'}", f"--mvdiff_checkpoint={tiny_mv_ckpt}",
+                   f"--gslrm_checkpoint={tiny_gslrm_ckpt}", f"--out_dir={tmp_path}", "--measure_floaters")
+    assert 0 <= m["off_silhouette_pruned"] <= 1 and 0 <= m["off_silhouette_unpruned"] <= 1
+
+
 def test_input_dir_writes_one_folder_per_image(tiny_mv_ckpt, tiny_gslrm_ckpt, tiny_mice, tmp_path):
     images = tmp_path / "in"
     images.mkdir()
@@ -247,3 +253,31 @@ def test_views_dir_on_a_prepared_capture(tiny_gslrm_ckpt, tmp_path):
     to_mm = torch.tensor(json.loads((d / "transform.json").read_text())["to_mm"])
     g, mm = load_ply(out / "gaussians.ply"), load_ply(out / "gaussians_mm.ply")
     assert torch.allclose(mm["means"], g["means"] @ to_mm[:3, :3].T + to_mm[:3, 3], atol=1e-2)
+
+
+def test_pruning_removes_a_floater_from_the_turntable():
+    """An opaque ball where the rig looks, plus a cyan Gaussian far off it: the turntable's off-silhouette share
+    is above 0 unpruned and 0 pruned, against the visual hull of the ball's own masks."""
+    rig, S = load_rig("mouse_6view"), 32
+    frames = rig["frames"]
+    target = sample.camera_geometry(frames)["target"].float()
+    torch.manual_seed(0)
+    ball = torch.nn.functional.normalize(torch.randn(300, 3), dim=-1) * 0.3 * torch.rand(300, 1) ** (1 / 3)
+    g = {"means": torch.cat([target + ball, target[None] + torch.tensor([[1.0, 0.8, 0.2]])]),
+         "scales": torch.full((301, 3), 0.06), "quats": torch.tensor([[1.0, 0, 0, 0]]).repeat(301, 1),
+         "opacities": torch.full((301,), 0.9), "rgb": torch.tensor([[0.5, 0.3, 0.2]]).repeat(301, 1)}
+    g["rgb"][-1] = torch.tensor([0.0, 1.0, 1.0])
+    model = GSLRM(**GSLRM_CONFIGS["tiny"])
+
+    def render(gs, cams):
+        w2c, K = sample.frames_to_tensors(cams, S)
+        return model.render({k: v[None] for k, v in gs.items()}, torch.linalg.inv(w2c)[None], K[None], S, S)[0]
+
+    masks = render({k: v[:-1] for k, v in g.items()}, frames)[:, 3] > 0.5  # the ball's own silhouettes
+    cams = sample.turntable_frames(frames, 8)
+    hull = sample.hull_silhouettes(masks, frames, cams, S)
+    assert hull.float().mean() > 0.02  # the ball is seen
+    keep = sample.prune(g, frames, S, load_config(sample.Config, []))
+    assert keep[:-1].all() and not keep[-1]
+    assert sample.off_silhouette_share(render(g, cams)[:, :3], hull) > 0.001
+    assert sample.off_silhouette_share(render({k: v[keep] for k, v in g.items()}, cams)[:, :3], hull) == 0
