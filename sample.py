@@ -143,8 +143,7 @@ class Chain:
     def __init__(self, cfg, device, diffusion=True):
         self.gs = load_gslrm_checkpoint(cfg.gslrm_checkpoint, device)
         self.ck = load_mv_checkpoint(cfg.mvdiff_checkpoint, device) if diffusion else None
-        self.mismatches, self.provenance = [], []
-        rig = self.gs["rig"]
+        self.mismatches, rig = [], self.gs["rig"]
         if self.ck is not None:
             rig = self.ck["rig"]
             self.mismatches += [rig["allowed_mismatch"]] if rig.get("allowed_mismatch") else []
@@ -207,20 +206,19 @@ def gslrm_provenance(gs, ck):
     if prov is None:
         lines = [f"{gs['path']} records no training data (trained before provenance was recorded, or FaceLift's)"]
     else:
-        lines = [f"{gs['path']} was trained on {prov['real_samples']} real samples"
-                 + (f" (initialised from {prov['init_from']})" if prov.get("init_from") else "")]
-        lines += [f"... and {s['samples']} synthetic samples of {s['mvdiff_checkpoint']} (rig {s['rig']}, UNet sha256 "
-                  f"{str(s['unet_sha256'])[:12]})" + (f", made with an allowed rig mismatch: "
-                                                      f"{s['allowed_rig_mismatch'][0]}" if s["allowed_rig_mismatch"]
-                                                      else "") for s in prov["synthetic"]]
-    if ck is not None:
-        me = mv_identity(ck)
-        made = [s for s in (prov or {}).get("synthetic", [])
-                if (s["unet_sha256"], s["prompt_embeds_sha256"]) == (me["unet_sha256"], me["prompt_embeds_sha256"])]
-        if not made:
+        init = f" (initialised from {prov['init_from']})" if prov.get("init_from") else ""
+        lines = [f"{gs['path']} was trained on {prov['real_samples']} real samples{init}"]
+        for s in prov["synthetic"]:
+            allowed = s["allowed_rig_mismatch"]
+            lines.append(f"... and {s['samples']} synthetic samples of {s['mvdiff_checkpoint']} (rig {s['rig']}, "
+                         f"UNet sha256 {str(s['unet_sha256'])[:12]})"
+                         + (f", made with an allowed rig mismatch: {allowed[0]}" if allowed else ""))
+    made_by = {(s["unet_sha256"], s["prompt_embeds_sha256"]) for s in (prov or {}).get("synthetic", [])}
+    if ck is not None:  # hashed only when there is something to compare with (a real UNet is GBs)
+        me = mv_identity(ck) if made_by else None
+        if not made_by or (me["unet_sha256"], me["prompt_embeds_sha256"]) not in made_by:
             lines.append(f"WARNING: not one chain: {gs['path']} was not fine-tuned on views of {ck['path']} "
-                         f"(UNet sha256 {me['unet_sha256'][:12]}, its prompt embeddings): it reads views of a "
-                         "model it has not seen")
+                         "(its UNet and prompt embeddings): it reads views of a model it has not seen")
     for line in lines:
         print(line)
     return lines
