@@ -436,6 +436,9 @@ def run_eval(chain, cfg):
             for key, g in (("off_silhouette_unpruned", gaussians), ("off_silhouette_pruned", pruned)):
                 scores.setdefault(key, []).append(torch.tensor([off_silhouette_share(chain.render(g, cams)[:, :3],
                                                                                      hull)]))
+            # what pruning costs on the animal: the pruned Gaussians scored as `psnr` scores the unpruned
+            scores.setdefault("psnr_pruned", []).append(psnr(chain.render(pruned, [frames[i] for i in held])[:, :3],
+                                                             gt))
         if n < 4:
             rows.append(torch.cat([images[k:k + 1, :3], F.interpolate(views, size=(S, S)), gt, pred]))
     mean_image = torch.cat(gts).mean(0, keepdim=True)  # (1, 3, S, S): the baseline that sees no input

@@ -54,6 +54,7 @@ def test_eval_scores_turntable_speckles_against_true_silhouettes(tiny_mv_ckpt, t
     m = run_sample(f"--eval_list={tiny_mice / 'data_val.txt'}", f"--mvdiff_checkpoint={tiny_mv_ckpt}",
                    f"--gslrm_checkpoint={tiny_gslrm_ckpt}", f"--out_dir={tmp_path}", "--measure_floaters")
     assert 0 <= m["off_silhouette_pruned"] <= 1 and 0 <= m["off_silhouette_unpruned"] <= 1
+    assert m["psnr_pruned"] != m["psnr"]  # the pruned Gaussians scored too (the tiny model's are faint)
 
 
 def test_input_dir_writes_one_folder_per_image(tiny_mv_ckpt, tiny_gslrm_ckpt, tiny_mice, tmp_path):
