@@ -102,7 +102,7 @@ def lr_at(step, cfg):
 MADE_BY = ("mvdiff_checkpoint", "unet_sha256", "prompt_embeds_sha256", "rig", "camera_hash")
 
 
-def read_provenance(list_files, allow_mixed):
+def read_provenance(list_files, allow_mixed, verbose=True):
     """Every listed sample's metadata.json (phase 2 writes one; real samples have none) -> the record that
     rig.json keeps: one entry per diffusion checkpoint whose views are trained on (its identity, sample
     count, any rig mismatch it was allowed) and the number of real samples. Views made across a rig
@@ -124,7 +124,7 @@ def read_provenance(list_files, allow_mixed):
     synthetic = list(sets.values())
     mismatched = [s for s in synthetic if s["allowed_rig_mismatch"]]
     clean = len(synthetic) - len(mismatched) + (real > 0)
-    for s in mismatched:
+    for s in mismatched if verbose else []:
         print(f"WARNING: {s['samples']} samples (e.g. {s['example']}) were made by {s['mvdiff_checkpoint']} "
               f"with an allowed rig mismatch: {s['allowed_rig_mismatch'][0]}")
     if mismatched and clean and not allow_mixed:
@@ -203,7 +203,7 @@ def main(cfg):
     if data_dir == Path(Config.data_dir):
         toy_mice(data_dir, accelerator, n=cfg.toy_samples, rig=cfg.rig, size=64, seed=cfg.seed)
     rig = load_rig(cfg.rig) if cfg.rig else None
-    provenance = read_provenance([train_list, val_list], cfg.allow_mixed_provenance)
+    provenance = read_provenance([train_list, val_list], cfg.allow_mixed_provenance, main_proc)
     if rig is not None:  # rig.json says which diffusion checkpoint made the views (sample.py checks it)
         rig = dict(rig, provenance=dict(provenance, init_from=cfg.init_from))
     if main_proc and provenance["synthetic"]:
