@@ -413,6 +413,12 @@ def run_eval(chain, cfg):
     scores, rows, gts = {"psnr": [], "masked_psnr": [], "ssim": [], "views_psnr": []}, [], []
     for n, d in enumerate(samples):
         frames = read_cameras(d / "opencv_cameras.json")["frames"]
+        # generated views are reconstructed at the rig's cameras and scored at the sample's: the two must agree
+        rig = chain.gs["rig"] or (chain.ck or {}).get("rig")
+        if rig and (msg := rig_mismatch(rig, frames[:V])):
+            if not cfg.allow_rig_mismatch:
+                raise RigMismatch(f"{d / 'opencv_cameras.json'}: {msg} (--allow_rig_mismatch to score it anyway)")
+            print(f"WARNING (allow_rig_mismatch): {d}: {msg}")
         images = torch.stack([load_rgba(d / fr["file_path"], S) for fr in frames])  # (F, 4, S, S)
         if cfg.eval_views == "ground_truth":  # the true rig views, at their true cameras
             views, gaussians = images[:V, :3], chain.reconstruct(images[:V, :3], frames[:V])

@@ -51,7 +51,7 @@ def mouse_mvdiffusion_6x_aug(tmp_path, tiny_mice, write_vgg, **_):
     return "psnr_g1_all", "lpips_g3"
 
 
-def mouse_gslrm_synthetic(tmp_path, vgg19_mat, tiny_mice, tiny_mv_ckpt, **_):
+def mouse_gslrm_synthetic(tmp_path, vgg19_mat, tiny_mice, tiny_mv_ckpt, write_vgg, **_):
     # phase 2's output, as gen_synthetic.py writes it from a (tiny) phase-1 checkpoint
     data = gen_synthetic.main(load_config(gen_synthetic.Config, [
         f"--mvdiff_checkpoint={tiny_mv_ckpt}", f"--input_data={tiny_mice}/data_train.txt", "--steps=1",
@@ -59,10 +59,11 @@ def mouse_gslrm_synthetic(tmp_path, vgg19_mat, tiny_mice, tiny_mv_ckpt, **_):
     fabricate_facelift_ckpt(tmp_path / "ckpt.pt")  # the tiny preset's sizes
     cfg, model = run(train_gslrm, "mouse_gslrm_synthetic.yaml", data_dir=data, preset="tiny",
                      init_from=tmp_path / "ckpt.pt", vgg19_path=vgg19_mat[0], image_size=16,
-                     l2_warmup_steps=1, val_samples=2, out_dir=tmp_path / "out", **SHORT)
+                     l2_warmup_steps=1, val_samples=2, out_dir=tmp_path / "out", **lpips_files(tmp_path, write_vgg),
+                     **SHORT)
     assert (cfg.num_input_views, cfg.num_novel_views, cfg.num_input_views_supervised) == (4, 2, 4)
     assert json.loads((tmp_path / "out" / "checkpoint-2" / "rig.json").read_text())["name"] == "mouse_6view"
-    return "psnr", "recon_psnr"  # the 2 held-out rig views, and all 6 in -> 6 out
+    return "psnr", "recon_psnr", "lpips"  # the 2 held-out rig views, and all 6 in -> 6 out
 
 
 def toy_gslrm_synthetic(tmp_path, tiny_mice, tiny_mv_ckpt, tiny_gslrm_ckpt, **_):

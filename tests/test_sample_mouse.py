@@ -57,6 +57,24 @@ def test_eval_scores_turntable_speckles_against_true_silhouettes(tiny_mv_ckpt, t
     assert m["psnr_pruned"] != m["psnr"]  # the pruned Gaussians scored too (the tiny model's are faint)
 
 
+def test_eval_samples_on_another_rig_are_refused(tiny_mv_ckpt, tiny_gslrm_ckpt, tiny_mice, tmp_path):
+    """--eval_list reconstructs generated views at the rig's cameras and scores at the sample's: a sample
+    whose cameras are not the rig's (two swapped) is refused, naming its camera file."""
+    bad = tmp_path / "mice" / "mouse_x"
+    shutil.copytree(tiny_mice / read_list(tiny_mice / "data_val.txt")[0], bad)
+    cams = read_cameras(bad / "opencv_cameras.json")
+    cams["frames"][1], cams["frames"][4] = cams["frames"][4], cams["frames"][1]
+    write_cameras(bad / "opencv_cameras.json", cams)
+    (tmp_path / "mice" / "list.txt").write_text("mouse_x\n")
+    with pytest.raises(RigMismatch, match="mouse_x/opencv_cameras.json"):
+        run_sample(f"--eval_list={tmp_path / 'mice' / 'list.txt'}", f"--mvdiff_checkpoint={tiny_mv_ckpt}",
+                   f"--gslrm_checkpoint={tiny_gslrm_ckpt}", f"--out_dir={tmp_path / 'o'}")
+
+
+def read_list(path):
+    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def test_input_dir_writes_one_folder_per_image(tiny_mv_ckpt, tiny_gslrm_ckpt, tiny_mice, tmp_path):
     images = tmp_path / "in"
     images.mkdir()
