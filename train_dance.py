@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, UNet2DConditionModel
 from einops import rearrange
-from PIL import Image
 
+from dance_eval import evaluate_a, evaluate_b, evaluate_c, spread_starts
 from data import (
     JOINT_SETS,
     VISIBLE,
@@ -39,32 +39,17 @@ from data import (
     crop_box,
     music_beats,
     read_audio,
-    read_frame,
     read_list_file,
-    save_image_grid,
-    write_skeleton_video,
-    write_video,
 )
 from losses import (
-    beat_alignment,
-    beats_within,
-    bobbing,
     diffusion_target,
-    diversity,
     face_loss,
-    frechet_distance,
     heatmap_loss,
-    identity_scores,
     kinetic_windows,
-    limb_beats,
     min_snr_weight,
-    motion_beats,
-    pose_error,
     pose_heatmaps,
     predicted_x0,
-    psnr,
     soft_argmax,
-    ssim,
     weighted_mse,
 )
 from models import (
@@ -77,7 +62,6 @@ from models import (
     m2p_encoder,
     motion_unet,
     referencenet_unused,
-    sample_frames,
     to_images,
     to_model_space,
 )
@@ -378,76 +362,6 @@ def backward_and_step(accelerator, net, optimizer, loss, guard, step, grad_clip,
 # Stage A: music + reference pose + reference face -> per-frame joint heatmaps and a face embedding
 
 
-@torch.no_grad()
-def evaluate_a(m2p, recognizer, val_set, mean_pose, beats, real_k, cfg, step, out_dir, device, tag="val"):
-    """On whole held-out clips (reference = frame 0, windows of the training length): pose error and
-    PCK@0.05 against the mean-pose and reference-pose baselines; beat alignment against the music
-    shuffled across clips, the real dance and the reference bobbing on the beats, also from the limbs
-    only (joints relative to the torso: bobbing has none); FID_k and Div_k (Bailando, 2-D kinetic
-    features of 1-s windows, normalised by the training clips' `real_k` [N, 54]) against the real dance,
-    standing still and shuffled music; face-embedding cosine; the skeleton video."""
-    m2p.eval()
-    n = min(cfg.val_samples, len(val_set))
-    s = {k: [] for k in ("pose_err", "pose_err_mean_pose", "pose_err_ref_pose", "pck", "pck_mean_pose",
-                         "pck_ref_pose", "face_cos")}
-
-    def dance(music, ref_pose, face):  # (T, D) music -> (T, J, 2) poses, (1, E) face embedding
-        pred = []
-        for t0 in range(0, len(music), cfg.window):  # non-overlapping windows, as long as in training
-            logits, emb = m2p(music[None, t0: t0 + cfg.window], ref_pose, face)
-            pred.append(soft_argmax(logits.float())[0])  # (w, J, 2)
-        return torch.cat(pred), emb
-
-    preds, gts, shuffled_preds, refs = [], [], [], []
-    for i in range(n):
-        item = val_set[i]  # start 0, reference frame 0
-        music = torch.from_numpy(val_set.feats[i]).to(device)  # (T, D)
-        gt = torch.from_numpy(val_set.poses[i]).to(device)  # (T, J, 3)
-        ref_pose, face = item["ref_pose"][None].to(device), item["face"][None].to(device)
-        pred, emb = dance(music, ref_pose, face)  # (T, J, 2)
-        other = torch.from_numpy(val_set.feats[(i + 1) % n]).to(device)  # the next clip's music
-        shuffled_preds.append(dance(other, ref_pose, face)[0].cpu())
-        guesses = {"": pred, "_mean_pose": mean_pose.expand_as(pred), "_ref_pose": ref_pose[:, :, :2].expand_as(pred)}
-        for name, guess in guesses.items():
-            err, pck = pose_error(guess, gt)
-            s["pose_err" + name].append(err.item())
-            s["pck" + name].append(pck.item())
-        s["face_cos"].append(F.cosine_similarity(emb.float(), recognizer(face * 2 - 1), dim=-1).item())
-        preds.append(pred.cpu().numpy())
-        gts.append(gt.cpu().numpy())
-        refs.append(ref_pose[0, :, :2].cpu())
-    m = {k: float(np.mean(v)) for k, v in s.items()}
-    # beat alignment: the predicted motion against its own music's beats, and against the next clip's
-    # music (a derangement: the same motion statistics, music that did not drive it); as Bailando,
-    # only the music beats before the motion's last frame count
-    mb = [motion_beats(p, cfg.fps) for p in preds]
-    own = [beats_within(beats[i], len(preds[i]), cfg.fps) for i in range(n)]
-    m["beat_align"] = float(np.mean([beat_alignment(own[i], mb[i]) for i in range(n)]))
-    shuffled = [beat_alignment(beats_within(beats[(i + 1) % n], len(preds[i]), cfg.fps), mb[i])
-                for i in range(n)] if n > 1 else [float("nan")]
-    m["beat_align_shuffled"] = float(np.mean(shuffled))
-    m["beat_align_gt"] = float(np.mean([beat_alignment(own[i], motion_beats(g, cfg.fps))
-                                        for i, g in enumerate(gts)]))
-    bobs = [bobbing(refs[i], own[i], len(preds[i]), cfg.fps) for i in range(n)]  # (T, J, 2) each
-    m["beat_align_bobbing"] = float(np.mean([beat_alignment(own[i], motion_beats(b, cfg.fps))
-                                             for i, b in enumerate(bobs)]))
-    for name, motions in {"": preds, "_gt": gts, "_bobbing": bobs, "_shuffled": shuffled_preds}.items():
-        beats_of = (lambda i: own[i]) if name != "_shuffled" else (lambda i: beats_within(  # noqa: E731
-            beats[(i + 1) % n], len(motions[i]), cfg.fps))
-        m["beat_align_limbs" + name] = float(np.mean([beat_alignment(beats_of(i), limb_beats(x, cfg.fps))
-                                                      for i, x in enumerate(motions)]))
-    mu, sd = real_k.mean(0), real_k.std(0).clamp(min=1e-8)
-    still = [refs[i][None].expand(len(p), -1, -1) for i, p in enumerate(preds)]  # (T, J, 2): standing still
-    for name, motions in {"": preds, "_gt": gts, "_still": still, "_shuffled": shuffled_preds}.items():
-        k = (kinetic_windows(motions, cfg.fps) - mu) / sd  # (N, 54)
-        m["fid_k" + name], m["div_k" + name] = frechet_distance((real_k - mu) / sd, k), diversity(k)
-    video = out_dir / f"{tag}_{step:06d}.mp4"
-    video, frame = write_skeleton_video(video, val_set.clips[0], gts[0], preds[0], cfg.fps)
-    Image.fromarray(frame).save(out_dir / f"{tag}_{step:06d}.png")
-    m2p.train()
-    return m, video
-
-
 def stage_a(cfg):
     """Stage A: the M2P encoder trains at lr_a, the face recognizer is frozen."""
     accelerator = make_accelerator(cfg.mixed_precision, cfg.wandb)
@@ -580,88 +494,11 @@ def cond_scale_at(step, total):
     return min(1.5, 0.5 + step / (0.3 * total))
 
 
-def pose_scores(found, found_ref, pose, wrong):
-    """Pose accuracy of generated frames: the poses read back from them (found, (N, J, 2)) against the
-    poses they were generated at (pose, (N, J, 3)), beside the reference image's pose read the same way
-    (copy the reference) and against another time's pose (wrong pose): error and PCK@0.05."""
-    m = {}
-    for name, xy, target in (("", found, pose), ("_copy_ref", found_ref, pose), ("_wrong_pose", found, wrong)):
-        err, pck = pose_error(xy, target)
-        m[f"pose_err_gen{name}"], m[f"pck_gen{name}"] = err.item(), pck.item()
-    return m
-
-
 def m2p_pose_prob(step, total, start=0.8):
     """Scheduled sampling: the probability that a sample's pose condition comes from M2P instead of the
     ground truth, 0 until `start` x total, then ramping linearly to 1 at the last step. Blending
     the two heatmaps instead draws ghost limbs, so whole samples switch with this probability."""
     return min(1.0, max(0.0, (step - start * total) / ((1 - start) * total)))
-
-
-@torch.no_grad()
-def evaluate_b(net, vae, clip, recognizer, eval_rec, read_poses, scheduler, val_set, cfg, step, out_dir,
-               device):
-    """Held-out clips (dancers never trained on), reference = frame 0, frames generated at the ground-
-    truth poses of val_frames times: PSNR / SSIM against the ground truth, against the copy-the-reference
-    baseline, and against the ground truth of another time of the same clip (the wrong-pose control: a
-    model that ignores the pose scores the same on both); identity: recognizer cosine of the generated
-    face crop with the reference face, against another dancer's face. Writes a PNG grid."""
-    net.eval()
-    n, K, S = min(cfg.val_samples, len(val_set)), cfg.val_frames, cfg.image_size
-    items = []
-    for i in range(n):
-        clip_i, T = val_set.clips[i], val_set.clips[i]["T"]
-        for k, t in enumerate(np.linspace(0, T - 1, K + 2)[1:-1].round().astype(int)):
-            items.append(dict(clip=i, t=t, frame=val_set.resize(read_frame(clip_i["source"], t)),
-                              box=val_set.box(clip_i, t), pose=torch.from_numpy(val_set.poses[i][t])))
-    ref_images = torch.stack([val_set.resize(read_frame(c["source"], 0)) for c in val_set.clips[:n]]).to(device)
-    if any(c["boxes"][0] is None for c in val_set.clips[:n]):
-        raise InputError(f"{cfg.val_list}: validation clips need a face box in frame 0 (the reference)")
-    ref_faces = torch.stack([crop_box(read_frame(c["source"], 0), c["boxes"][0], 112)
-                             for c in val_set.clips[:n]]).to(device)
-    face_emb = recognizer(ref_faces * 2 - 1)  # (n, 512)
-    clip_emb = clip_image_embeds(clip, ref_images)  # (n, D)
-    idx = torch.tensor([it["clip"] for it in items], device=device)
-    gt = torch.stack([it["frame"] for it in items]).to(device)  # (n K, 3, S, S)
-    heat = pose_heatmaps(torch.stack([it["pose"] for it in items]).to(device), cfg.image_size, cfg.pose_sigma)
-    ref_x = to_model_space(vae, ref_images[idx], seeded(cfg.seed, 0))
-    gens = [seeded(cfg.seed, 1, j) for j in range(len(items))]  # one per frame: batch-independent noise
-    x = sample_frames(net, scheduler, ref_x, clip_emb[idx], face_emb[idx], heat, 1.5, ref_x.shape[1:],
-                      cfg.val_steps, cfg.val_guidance, gens)
-    gen = to_images(vae, x).float()
-    wrong = torch.tensor([(j // K) * K + (j % K + 1) % K for j in range(len(items))], device=device)  # same clip
-    score = lambda f, a, b: f(a, b).mean().item()  # noqa: E731
-    m = {"psnr": score(psnr, gen, gt), "ssim": score(ssim, gen, gt),
-         "psnr_copy_ref": score(psnr, ref_images[idx], gt), "ssim_copy_ref": score(ssim, ref_images[idx], gt),
-         "psnr_wrong_pose": score(psnr, gen, gt[wrong]), "ssim_wrong_pose": score(ssim, gen, gt[wrong])}
-    if read_poses is not None:  # the pose read back from each generated frame against the pose it was given
-        pose = torch.stack([it["pose"] for it in items]).to(device)  # (n K, J, 3)
-        m.update(pose_scores(read_poses(gen), read_poses(ref_images[idx]), pose, pose[wrong]))
-    # does the reference's content reach the output? The x0 prediction at t = 900 from the same noisy
-    # frames with each clip's own reference and with the next clip's (context kept): 0 = ignored
-    t_hi = torch.full((len(items),), 900, device=device)
-    x_hi = scheduler.add_noise(to_model_space(vae, gt, seeded(cfg.seed, 2)),
-                               torch.randn(ref_x.shape, generator=seeded(cfg.seed, 3)).to(device), t_hi)
-    keep = torch.ones(len(items), dtype=torch.bool, device=device)
-    context = net.context(clip_emb[idx], face_emb[idx], keep)
-    x0 = []
-    for r in (ref_x, to_model_space(vae, ref_images[(idx + 1) % n], seeded(cfg.seed, 0))):
-        net.reference(r, context, keep)
-        x0.append(predicted_x0(scheduler, x_hi, net.denoise(x_hi, t_hi, heat, 1.5, context), t_hi))
-        net.store.clear()
-    m["ref_swap"] = (x0[0] - x0[1]).abs().mean().item()
-    boxes = torch.stack([it["box"] for it in items]).to(device)
-    has = ~boxes.isnan().any(1)
-    if has.any():  # another held-out dancer: the next clip (toy: its dancer differs)
-        m.update(identity_scores(eval_rec, crop_box(gen[has], boxes[has], 112), crop_box(gt[has], boxes[has], 112),
-                                 ref_faces[idx[has]], ref_faces[(idx[has] + 1) % n]))
-    pose_img = heat.amax(1, keepdim=True).expand(-1, 3, -1, -1)  # (n K, 3, H, W): the joints
-    pose_img = 1 - F.interpolate(pose_img, size=(S, S), mode="area").clamp(0, 1)
-    rows = [torch.stack([ref_images[i], pose_img[j], gt[j], gen[j]]).cpu() for j, i in enumerate(idx.tolist())][:16]
-    grid = save_image_grid(rows, out_dir / f"val_{step:06d}.png",
-                           [("reference", 1), ("pose", 1), ("ground truth", 1), ("generated", 1)])
-    net.train()
-    return m, grid
 
 
 def stage_b(cfg):
@@ -826,73 +663,6 @@ def seq_len_at(step, cfg):
     linear to seq_len_end at seq_len_ramp_steps, then constant."""
     frac = min(1.0, step / max(1, cfg.seq_len_ramp_steps))
     return int(round(cfg.seq_len_start + frac * (cfg.seq_len_end - cfg.seq_len_start)))
-
-
-def spread_starts(clips, L):
-    """Validation windows of L frames spread over each clip (golden-ratio strides of its length), not at
-    the reference frame 0, where copying the reference would win every pixel and temporal score."""
-    return [int((c["T"] - L) * ((i + 1) * 0.618034 % 1)) for i, c in enumerate(clips)]
-
-
-@torch.no_grad()
-def evaluate_c(net, vae, clip, recognizer, eval_rec, read_poses, scheduler, val_set, cfg, step, out_dir,
-               device):
-    """Held-out clips (dancers never trained on; reference = frame 0, windows of seq_len_end frames spread
-    over the clip, ground-truth poses): PSNR / SSIM, identity cosine, and temporal consistency: the mean
-    error of the frame-to-frame differences against the ground truth's, over the frame, on the dancer (the
-    pixels that change in the ground truth) and on the background (there all change is flicker), each
-    beside copying the reference frame. At step 0 the model is stage B applied frame by frame (the motion
-    modules start at zero), so step 0 is the other baseline. Writes mp4s + a grid."""
-    net.eval()
-    n, T, S = min(cfg.val_samples_c, len(val_set)), cfg.seq_len_end, cfg.image_size
-    items = [val_set[i] for i in range(n)]
-    gt = torch.stack([it["frames"][:T] for it in items]).to(device)  # (n, T, 3, S, S)
-    refs = torch.stack([it["ref_image"] for it in items]).to(device)
-    face_emb = recognizer(torch.stack([it["face"] for it in items]).to(device) * 2 - 1)  # (n, 512)
-    heat = pose_heatmaps(torch.stack([it["poses"][:T] for it in items]).to(device), S, cfg.pose_sigma)
-    ref_x = to_model_space(vae, refs, seeded(cfg.seed, 0))
-    C, h = ref_x.shape[1], ref_x.shape[-1]
-    gens = [seeded(cfg.seed, 1, j) for j in range(n)]  # the same noise at every validation
-    x = sample_frames(net, scheduler, ref_x, clip_image_embeds(clip, refs), face_emb, heat, 1.5, (C, T, h, h),
-                      cfg.val_steps, cfg.val_guidance, gens)  # (n, C, T, h, w)
-    gen = to_images(vae, rearrange(x, "b c f h w -> (b f) c h w")).float()  # (n T, 3, S, S)
-    gen = rearrange(gen, "(b f) c h w -> b f c h w", b=n)
-    flat = lambda v: v.flatten(0, 1)  # noqa: E731
-    static = ((gt - gt[:, :1]).abs().amax((1, 2)) < 1e-3)[:, None, None]  # (n, 1, 1, S, S): background
-    copy = refs[:, None].expand_as(gt)  # (n, T, 3, S, S): the trivial video, the reference held still
-    m = {}
-    for name, video in (("", gen), ("_copy_ref", copy)):
-        d, d_gt = video[:, 1:] - video[:, :-1], gt[:, 1:] - gt[:, :-1]  # (n, T-1, 3, S, S)
-        err = (d - d_gt).abs()
-        region = lambda mask: ((err * mask).sum() / (mask.sum() * 3 * (T - 1)).clamp(min=1)).item()  # noqa: E731
-        m.update({f"psnr{name}": psnr(flat(video), flat(gt)).mean().item(),
-                  f"ssim{name}": ssim(flat(video), flat(gt)).mean().item(),
-                  f"temporal_err{name}": err.mean().item(),  # the whole frame, the dancer, the background
-                  f"temporal_err_dancer{name}": region(~static), f"temporal_err_bg{name}": region(static)})
-    m["bg_flicker"] = m["temporal_err_bg"]  # the ground truth's background does not change: all is flicker
-    if read_poses is not None:  # as stage B; wrong pose: the pose half a window away
-        pose = flat(torch.stack([it["poses"][:T] for it in items]).to(device))  # (n T, J, 3)
-        wrong = pose.unflatten(0, (n, T)).roll(T // 2, 1).flatten(0, 1)
-        m.update(pose_scores(read_poses(flat(gen)), read_poses(refs).repeat_interleave(T, 0), pose, wrong))
-    boxes = torch.stack([it["boxes"][:T] for it in items]).to(device)  # (n, T, 4)
-    has = ~flat(boxes).isnan().any(1)
-    if has.any():
-        faces = torch.stack([it["face"] for it in items]).to(device)  # (n, 3, 112, 112): the references'
-        own = faces.repeat_interleave(T, 0)[has]
-        m.update(identity_scores(eval_rec, crop_box(flat(gen)[has], flat(boxes)[has], 112),
-                                 crop_box(flat(gt)[has], flat(boxes)[has], 112), own,
-                                 faces.roll(-1, 0).repeat_interleave(T, 0)[has]))
-    up = lambda v: F.interpolate(v, scale_factor=max(1, 128 // S), mode="nearest")  # noqa: E731
-    for i in range(min(2, n)):  # ground truth | generated, with the clip's music
-        frames = (torch.cat([up(gt[i]), up(gen[i])], -1).permute(0, 2, 3, 1).cpu().numpy() * 255).astype(np.uint8)
-        write_video(out_dir / f"val_{step:06d}_clip{i}.mp4", frames, cfg.fps, val_set.clips[i]["dir"] / "audio.wav")
-    k = np.linspace(0, T - 1, min(8, T)).round().astype(int)
-    rows = [torch.cat([refs[i:i + 1], gt[i, k]]).cpu() for i in range(min(2, n))]
-    rows += [torch.cat([refs[i:i + 1], gen[i, k]]).cpu() for i in range(min(2, n))]
-    groups = [("reference", 1), (f"rows 1-{min(2, n)}: ground truth, then generated", len(k))]
-    grid = save_image_grid(rows, out_dir / f"val_{step:06d}.png", groups)
-    net.train()
-    return m, grid
 
 
 def load_stage_b(cfg, J, device):

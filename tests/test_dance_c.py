@@ -12,6 +12,7 @@ import torch
 from diffusers import MotionAdapter, UNet2DConditionModel
 from safetensors.torch import load_file
 
+import dance_eval
 import sample
 import train_dance
 from losses import pose_heatmaps
@@ -336,6 +337,6 @@ def test_stage_c_validates_windows_spread_over_the_clip_and_identity_with_anothe
     a, b = face_recognizer(cfg, "cpu"), eval_face_recognizer(cfg, "cpu")
     assert not torch.equal(next(a.parameters()), next(b.parameters()))
     vs = DanceClipDataset(tiny_dance / "data_val.txt", 8, "body18", start=0, ref_frame=0)
-    vs.start = train_dance.spread_starts(vs.clips, 8)
+    vs.start = dance_eval.spread_starts(vs.clips, 8)
     starts = [vs[i]["start"] for i in range(len(vs))]
     assert all(s > 0 for s in starts) and len(set(starts)) == len(starts) and vs[0]["ref_pose"] is not None
