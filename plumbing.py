@@ -517,10 +517,11 @@ def put_back_failed():
     """cli's clean-up when a run fails: an earlier run this process set aside comes back, unless the new
     run already has a complete checkpoint."""
     for trash in SET_ASIDE:
-        if trash.exists() and not latest_checkpoint(trash.parent / TRASH.fullmatch(trash.name)["run"]):
+        run = trash.parent / TRASH.fullmatch(trash.name)["run"]
+        if trash.exists() and not latest_checkpoint(run):
             put_back(trash)
-            print(f"--overwrite: the earlier run in {trash.parent / TRASH.fullmatch(trash.name)['run']} is back "
-                  "(this run stopped before its first checkpoint)", file=sys.stderr)
+            print(f"--overwrite: the earlier run in {run} is back (this run stopped before its first checkpoint)",
+                  file=sys.stderr)
 
 
 def save_checkpoint(ckpt_dir, step, modules, optimizers=None, cfg=None, extra=None, rig=None):
