@@ -32,7 +32,7 @@ from tqdm import tqdm
 from cameras import RigMismatch, camera_hash, file_sha256, load_prompt_embeds, read_cameras, rig_mismatch
 from data import load_rgba, read_list_file, rig_sample_frames
 from models import Conditioner, mv_schedulers, sample_views
-from plumbing import InputError, atomic_dir, cli, make_accelerator
+from plumbing import InputError, atomic_dir, check_flags, cli, make_accelerator
 from weights import load_mv_checkpoint
 
 
@@ -53,6 +53,7 @@ class Config:
     seed: int = 0
     batch_size: int = 8  # references per forward pass (x 6 views)
     image_size: int = 0  # written size (GS-LRM's training size); 0 = the diffusion model's
+    alpha_from: str = "source"  # source: the source view's mask where it has one, else white | white
     alpha_threshold: float = 0.1  # alpha = distance from the white background / this, clipped to 1
     allow_rig_mismatch: bool = False  # go on with prompt embeddings / cameras of another rig (recorded)
 
@@ -63,14 +64,25 @@ def noise_seed(seed, source, view):
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def to_rgba(rgb, threshold):
-    """Generated views on white (V, 3, H, W) in [0, 1] -> RGBA uint8 (V, H, W, 4). Alpha: distance from
-    white (max over channels) / threshold, clipped; the colour is stored un-composited, so that the
-    loaders' compositing on white (rgb * a + 1 - a) gives back the generated image."""
-    a = ((1 - rgb).amax(1, keepdim=True) / threshold).clamp(0, 1)  # (V, 1, H, W)
+def to_rgba(rgb, threshold, alpha=None):
+    """Generated views on white (V, 3, H, W) in [0, 1] -> RGBA uint8 (V, H, W, 4). Alpha: the given one
+    (V, 1, H, W), else distance from white (max over channels) / threshold, clipped; the colour is stored
+    un-composited, so that the loaders' compositing on white (rgb * a + 1 - a) gives back the generated
+    image (where a given alpha is 0 it gives white, and where it is too small for a dark pixel, lighter)."""
+    a = ((1 - rgb).amax(1, keepdim=True) / threshold).clamp(0, 1) if alpha is None else alpha  # (V, 1, H, W)
     straight = torch.where(a > 0, 1 - (1 - rgb) / a.clamp(min=1e-6), torch.ones_like(rgb)).clamp(0, 1)
     rgba = torch.cat([straight, a], 1).permute(0, 2, 3, 1)  # (V, H, W, 4)
     return (rgba * 255 + 0.5).to(torch.uint8).numpy()
+
+
+def source_alpha(sample, frames, size):
+    """The source sample's masks (V, 1, size, size), resized as the loaders resize, or None when it has
+    none (RGB files, or alpha 255 everywhere)."""
+    alphas = [load_rgba(sample / fr["file_path"])[3:] for fr in frames]  # (1, H, W) each, full size
+    if all(bool((a == 1).all()) for a in alphas):
+        return None
+    return torch.stack([F.interpolate(a[None], size=(size, size), mode="bilinear", antialias=True,
+                                      align_corners=False)[0] for a in alphas])  # (V, 1, S, S)
 
 
 def scaled_frames(frames, size):
@@ -81,6 +93,7 @@ def scaled_frames(frames, size):
 
 
 def main(cfg):
+    check_flags(cfg, {"alpha_from": ("source", "white")})
     accelerator = make_accelerator()
     main_proc, device, rank, world = (accelerator.is_main_process, accelerator.device,
                                       accelerator.process_index, accelerator.num_processes)
@@ -186,16 +199,23 @@ def main(cfg):
             if sample_dir(k).is_dir():  # written before a kill
                 continue
             i, v = items[k]
+            # The generated view v is taken to show the animal in the pose and place of the source's real
+            # view v (phase 1 learns exactly that: its targets are the real views of the same moment), so the
+            # real mask is a cleaner silhouette than whiteness, which loses pale fur and keeps grey haze.
+            # Limit: where the model's view departs from the real one (a tail or head placed elsewhere), the
+            # generated pixels outside the mask turn white and mask pixels it left white stay opaque white.
+            alpha = source_alpha(sources[i], frames_of[i], S) if cfg.alpha_from == "source" else None
             with atomic_dir(sample_dir(k), marker=False) as tmp:
                 (tmp / "images").mkdir()
-                for fr, px in zip(out_frames, to_rgba(rgb, cfg.alpha_threshold)):
+                for fr, px in zip(out_frames, to_rgba(rgb, cfg.alpha_threshold, alpha)):
                     Image.fromarray(px, "RGBA").save(tmp / fr["file_path"])
                 (tmp / "opencv_cameras.json").write_text(json.dumps(
                     {"id": sample_dir(k).name, "rig": rig["name"], "frames": out_frames}, indent=1))
                 meta = {"source": names[i], "source_index": i, "reference_view": v,
                         "reference_view_name": rig["views"][v],
                         "split": "val" if i in val_sources else "train",
-                        "noise_seed": noise_seed(cfg.seed, names[i], v), **meta_common}
+                        "noise_seed": noise_seed(cfg.seed, names[i], v),
+                        "alpha_from": "white" if alpha is None else "source", **meta_common}
                 (tmp / "metadata.json").write_text(json.dumps(meta, indent=1))
             bar.update(1)
     bar.close()

@@ -43,13 +43,14 @@ CAFFE_MEAN = (123.68, 116.779, 103.939)  # MatConvNet VGG19: RGB x255 minus this
 PERCEPTUAL_WEIGHTS = (1.0, 1 / 2.6, 1 / 4.8, 1 / 3.7, 1 / 5.6, 10 / 1.5)
 
 
-def perceptual_loss(vgg19, pred, target):
+def perceptual_loss(vgg19, pred, target, weight=None):
     """FaceLift's VGG19 perceptual loss: L1 between the normalised images and between 5 ReLU
     activations, weighted by PERCEPTUAL_WEIGHTS, summed and divided by 255. The normalisation is the
     one `vgg19.preprocess` names: "caffe" (MatConvNet `.mat`, exactly FaceLift's loss) x255 minus
     CAFFE_MEAN; "torchvision" (`.pth`) (x - IMAGENET_MEAN) / IMAGENET_STD, which the image L1 term
     then also uses (inputs span ~4.5, not 255: a far smaller loss; perceptual_weight won't carry over).
-    pred, target (N, 3, H, W) in [0, 1] -> scalar."""
+    pred, target (N, 3, H, W) in [0, 1] -> scalar. weight (N, 1, H, W), mean 1 per image (foreground_weight):
+    each pixel's share of every term, area-pooled to each activation's size."""
     if vgg19.preprocess == "caffe":
         mean = torch.tensor(CAFFE_MEAN, device=pred.device, dtype=pred.dtype)[:, None, None]
         x, y = pred * 255 - mean, target * 255 - mean  # (N, 3, H, W)
@@ -57,12 +58,27 @@ def perceptual_loss(vgg19, pred, target):
         mean = torch.tensor(IMAGENET_MEAN, device=pred.device, dtype=pred.dtype)[:, None, None]
         std = torch.tensor(IMAGENET_STD, device=pred.device, dtype=pred.dtype)[:, None, None]
         x, y = (pred - mean) / std, (target - mean) / std  # (N, 3, H, W)
-    loss = PERCEPTUAL_WEIGHTS[0] * (x - y).abs().mean()
+    def l1(a, b):  # weighted: the weight map area-pooled to this term's size (its mean stays 1)
+        if weight is None:
+            return (a - b).abs().mean()
+        return ((a - b).abs() * F.adaptive_avg_pool2d(weight, a.shape[-2:])).mean()
+
+    loss = PERCEPTUAL_WEIGHTS[0] * l1(x, y)
     with torch.no_grad():
         fy = vgg19(y)
     for w, a, b in zip(PERCEPTUAL_WEIGHTS[1:], vgg19(x), fy):
-        loss = loss + w * (a - b).abs().mean()
+        loss = loss + w * l1(a, b)
     return loss / 255
+
+
+def foreground_weight(alpha, fg_weight):
+    """Per-pixel loss weights (N, 1, H, W) from the targets' alpha (N, 1, H, W): 1 + fg_weight x the mask,
+    divided by its mean per image (so the loss keeps its scale and the lr its meaning). The mask is the
+    alpha dilated by ~1.5 % of the width (1 px at 32-64 px, 8 px at 512): the soft silhouette edge and
+    floaters just outside it count as foreground, so a small animal's halo is not the cheap place to err."""
+    r = max(1, round(alpha.shape[-1] / 64))
+    w = 1 + fg_weight * F.max_pool2d(alpha, 2 * r + 1, stride=1, padding=r)  # (N, 1, H, W)
+    return w / w.mean((-2, -1), keepdim=True)
 
 
 LPIPS_SHIFT, LPIPS_SCALE = (-0.030, -0.088, -0.188), (0.458, 0.448, 0.450)

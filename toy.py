@@ -216,10 +216,11 @@ def _ellipsoid_blobs(rng, n, centre, axes, colour, belly, jitter, scale):
     return pts, np.full((n, 3), scale) * rng.uniform(0.8, 1.2, size=(n, 3)), col
 
 
-def toy_mouse(rng, yaw_deg=None):
+def toy_mouse(rng, yaw_deg=None, mouse_scale=1.0):
     """A random mouse as Gaussian parameters (numpy): means (N, 3), scales (N, 3), quats (N, 4),
     opacities (N,), colors (N, 3). Built facing +x, then turned by a random yaw: any direction
-    (yaw_deg None) or within +-yaw_deg of +x."""
+    (yaw_deg None) or within +-yaw_deg of +x. mouse_scale multiplies its size (offsets from its centre
+    and the Gaussians' scales) after every draw, so the same rng gives the same mouse, smaller."""
     s = rng.uniform(1.1, 1.35)  # overall size (the 50 deg view is 2.5 units wide at the origin)
     fur = rng.choice([[0.55, 0.42, 0.3], [0.5, 0.5, 0.52], [0.85, 0.83, 0.8], [0.25, 0.22, 0.2],
                       [0.7, 0.55, 0.35]])
@@ -266,8 +267,8 @@ def toy_mouse(rng, yaw_deg=None):
     # one quaternion for the whole animal's yaw (w, x, y, z) so flattened ears turn with it
     quats = np.tile([np.cos(yaw / 2), 0, 0, np.sin(yaw / 2)], (len(means), 1))
     opac = np.full(len(means), 0.95)
-    return {"means": (means - means.mean(0) * [1, 1, 0]) @ R.T, "scales": scales, "quats": quats,
-            "opacities": opac, "colors": colors}
+    return {"means": (means - means.mean(0) * [1, 1, 0]) @ R.T * mouse_scale, "scales": scales * mouse_scale,
+            "quats": quats, "opacities": opac, "colors": colors}
 
 
 def random_view_frames(rng, n, size, focal, radius=2.7, elevations=(-10.0, 50.0), target=(0.0, 0.0, 0.0)):
@@ -277,12 +278,22 @@ def random_view_frames(rng, n, size, focal, radius=2.7, elevations=(-10.0, 50.0)
                        focal) for _ in range(n)]
 
 
+def off_aim_offset(seed, i, off_aim):
+    """Mouse i's horizontal offset (3,) from the rig's aim point: uniform in a disc of radius off_aim.
+    Its own rng stream (seed, i, 1), so that the mouse's and the views' draws stay those of off_aim 0."""
+    rng = np.random.default_rng((seed, i, 1))
+    r, phi = off_aim * np.sqrt(rng.uniform()), rng.uniform(0, 2 * np.pi)  # sqrt: uniform over the area
+    return np.array([r * np.cos(phi), r * np.sin(phi), 0.0])
+
+
 def write_toy_mice(out, n=200, rig="mouse_6view", size=64, n_extra=4, n_val=None, seed=0, yaw_deg=None,
-                   progress=True):
+                   mouse_scale=1.0, off_aim=0.0, progress=True):
     """Write n toy mice in the FaceLift GS-LRM sample format under `out`: each sample has the
     rig's views first (cam_000..), then n_extra random views; plus data_train.txt / data_val.txt and
     toy.json (the arguments, so a later run can tell whether the folder is the set it asks for).
-    yaw_deg: mice face any way (None) or +x +- yaw_deg (see toy_mouse)."""
+    yaw_deg: mice face any way (None) or +x +- yaw_deg (see toy_mouse). mouse_scale: their size (0.6-0.8
+    covers ~5-10 % of the rig's views, as real mice do). off_aim: each mouse stands up to this far
+    (horizontally, uniform in a disc) from where the rig aims, as real mice walk about the arena."""
     rig = load_rig(rig) if isinstance(rig, str) else rig
     out = Path(out)
     n_val = max(1, n // 10) if n_val is None else n_val
@@ -293,12 +304,13 @@ def write_toy_mice(out, n=200, rig="mouse_6view", size=64, n_extra=4, n_val=None
     names = []
     for i in tqdm(range(n), desc=f"toy mice -> {out}", disable=not progress):
         rng = np.random.default_rng((seed, i))
-        m = {k: torch.as_tensor(v + target if k == "means" else v, dtype=torch.float32)
-             for k, v in toy_mouse(rng, yaw_deg).items()}
+        centre = target + off_aim_offset(seed, i, off_aim)  # == target when off_aim is 0
+        m = {k: torch.as_tensor(v + centre if k == "means" else v, dtype=torch.float32)
+             for k, v in toy_mouse(rng, yaw_deg, mouse_scale).items()}
         focal = rig["frames"][0]["fx"] * size / rig["frames"][0]["w"]
         frames = [make_frame(torch.linalg.inv(torch.tensor(fr["w2c"], dtype=torch.float64)), size,
                              fr["fx"] * size / fr["w"]) for fr in rig["frames"]]
-        frames += random_view_frames(rng, n_extra, size, focal, radius, target=target.tolist())
+        frames += random_view_frames(rng, n_extra, size, focal, radius, target=centre.tolist())  # around the mouse
         w2c, K = frames_to_tensors(frames)
         # black background: the colour is then premultiplied by alpha; stored straight in RGBA
         rgb, alpha = render_gaussians(m["means"], m["quats"], m["scales"], m["opacities"], m["colors"], w2c,
@@ -313,14 +325,18 @@ def write_toy_mice(out, n=200, rig="mouse_6view", size=64, n_extra=4, n_val=None
         names.append(d.name)
     (out / "data_train.txt").write_text("\n".join(names[: n - n_val]) + "\n")
     (out / "data_val.txt").write_text("\n".join(names[n - n_val:]) + "\n")
-    (out / "toy.json").write_text(json.dumps(toy_spec(n, rig, size, n_extra, n_val, seed, yaw_deg)))
+    spec = toy_spec(n, rig, size, n_extra, n_val, seed, yaw_deg, mouse_scale, off_aim)
+    (out / "toy.json").write_text(json.dumps(spec))
     return out
 
 
-def toy_spec(n, rig, size, n_extra, n_val, seed, yaw_deg):
-    """What write_toy_mice was asked for, as toy.json records it."""
-    return {"n": n, "rig": rig["name"], "cameras": camera_hash(rig["frames"]), "size": size,
+def toy_spec(n, rig, size, n_extra, n_val, seed, yaw_deg, mouse_scale=1.0, off_aim=0.0):
+    """What write_toy_mice was asked for, as toy.json records it. mouse_scale and off_aim only when
+    not the defaults: a folder written before they existed is the same set, and still matches."""
+    spec = {"n": n, "rig": rig["name"], "cameras": camera_hash(rig["frames"]), "size": size,
             "n_extra": n_extra, "n_val": n_val, "seed": seed, "yaw_deg": yaw_deg}
+    given, defaults = {"mouse_scale": mouse_scale, "off_aim": off_aim}, {"mouse_scale": 1.0, "off_aim": 0.0}
+    return spec | {k: v for k, v in given.items() if v != defaults[k]}
 
 
 def toy_mice(out, accelerator=None, progress=True, **spec):
@@ -746,6 +762,8 @@ def _main(argv):
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--yaw_deg", type=float, default=None, help="mice face +x +- this (default: any way)")
     t.add_argument("--n_val", type=int, default=None, help="held-out mice, the last ones (default: n // 10)")
+    t.add_argument("--mouse_scale", type=float, default=1.0, help="mouse size (0.6-0.8: ~5-10 %% of a view)")
+    t.add_argument("--off_aim", type=float, default=0.0, help="mice stand up to this far from the rig's aim")
     dn = sub.add_parser("dance", help="write the toy dance clips (stick dancers with music) and preview.png")
     dn.add_argument("--out", default="data/toy_dance")
     dn.add_argument("--n", type=int, default=100)
@@ -754,7 +772,8 @@ def _main(argv):
     dn.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if a.cmd == "mice":
-        out = write_toy_mice(a.out, a.n, a.rig, a.size, a.n_extra, a.n_val, a.seed, a.yaw_deg)
+        out = write_toy_mice(a.out, a.n, a.rig, a.size, a.n_extra, a.n_val, a.seed, a.yaw_deg, a.mouse_scale,
+                             a.off_aim)
         listed = "data_val.txt" if a.n_val == a.n else "data_train.txt"
         preview = preview_samples(out / listed, out / "preview.png")
     else:

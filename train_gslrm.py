@@ -17,9 +17,10 @@ import torch
 
 from cameras import load_rig
 from data import MultiViewDataset, StepSampler, read_list_file, save_image_grid, save_ply
-from losses import lpips, masked_psnr, perceptual_loss, psnr, ssim
+from losses import foreground_weight, lpips, masked_psnr, perceptual_loss, psnr, ssim
 from models import GSLRM, GSLRM_CONFIGS
 from plumbing import (
+    ConfigError,
     InputError,
     check_flags,
     cli,
@@ -73,6 +74,7 @@ class Config:
     l2_warmup_steps: int = 0  # MSE only for the first steps (FaceLift: 500)
     ssim_weight: float = 0.0
     alpha_weight: float = 1.0  # MSE on rendered alpha: a from-scratch toy stays opaque (FaceLift: 0)
+    fg_weight: float = 0.0  # MSE and perceptual loss: the target's (dilated) mask counts 1 + this x (mean 1)
     mixed_precision: str = "bf16"  # bf16 | no; bf16 autocast is used on GPU only
     compile: bool = False
     # run
@@ -191,6 +193,8 @@ def main(cfg):
     main_proc, device = accelerator.is_main_process, accelerator.device
     check_flags(cfg, {"preset": GSLRM_CONFIGS}, ("batch_size", "image_size", "num_input_views",
                                                  "val_every", "ckpt_every", "log_every", "max_bad_steps"))
+    if cfg.fg_weight < 0:
+        raise ConfigError(f"--fg_weight={cfg.fg_weight}: must be >= 0 (0: every pixel counts the same)")
     if cfg.image_size % GSLRM_CONFIGS[cfg.preset]["patch"]:
         raise InputError(f"--image_size={cfg.image_size}: must be a multiple of the {cfg.preset} preset's "
                          f"patch size {GSLRM_CONFIGS[cfg.preset]['patch']}")
@@ -310,12 +314,16 @@ def main(cfg):
         pred, pred_alpha = render.split([3, 1], dim=2)
         gt = tgt[:, :, :3]
         mse = torch.nn.functional.mse_loss(pred, gt)
-        loss, parts = mse, {"mse": mse.item()}
+        loss, parts, w = mse, {"mse": mse.item()}, None
+        if cfg.fg_weight > 0:  # a small animal's pixels must not be outvoted by the easy white background
+            w = foreground_weight(tgt[:, :, 3:].flatten(0, 1), cfg.fg_weight)  # (B * Vt, 1, H, W)
+            loss = ((pred - gt).flatten(0, 1).pow(2) * w).mean()
+            parts["mse_fg"] = loss.item()
         if cfg.alpha_weight > 0:
             a = torch.nn.functional.mse_loss(pred_alpha, tgt[:, :, 3:])
             loss, parts["alpha"] = loss + cfg.alpha_weight * a, a.item()
         if vgg is not None and step >= cfg.l2_warmup_steps:
-            perc = perceptual_loss(vgg, pred.flatten(0, 1), gt.flatten(0, 1))
+            perc = perceptual_loss(vgg, pred.flatten(0, 1), gt.flatten(0, 1), w)
             loss, parts["perc"] = loss + cfg.perceptual_weight * perc, perc.item()
         if cfg.ssim_weight > 0:
             s = ssim(pred, gt).mean()

@@ -26,7 +26,7 @@ import yaml
 
 from cameras import load_prompt_embeds, load_rig
 from data import MultiViewDataset, StepSampler, read_list_file, rig_sample_frames, save_image_grid
-from losses import diffusion_target, lpips, min_snr_weight, psnr, ssim, weighted_mse
+from losses import diffusion_target, foreground_weight, lpips, min_snr_weight, psnr, ssim, weighted_mse
 from models import (
     MVDIFF_UNET_CONFIGS,
     Conditioner,
@@ -35,6 +35,7 @@ from models import (
     sample_views,
 )
 from plumbing import (
+    ConfigError,
     InputError,
     check_finite_weights,
     check_flags,
@@ -89,6 +90,7 @@ class Config:
     min_snr_gamma: float = 5.0  # min-SNR weighting; 0 = off
     cond_drop_prob: float = 0.05  # FaceLift's drop_as_a_whole: u < r: CLIP, < 2r: both, < 3r: reference
     train_bg: str = "white"  # white | three_choices (white, black or grey per object: FaceLift's training)
+    fg_weight: float = 0.0  # the target's (dilated) mask counts 1 + this x in the loss (mean weight 1)
     # optimisation
     batch_size: int = 4  # objects per process per micro-step (x 6 views)
     grad_accum: int = 1
@@ -208,6 +210,8 @@ def main(cfg):
                       "preset": MVDIFF_UNET_CONFIGS},
                 ("batch_size", "grad_accum", "image_size", "val_every", "ckpt_every",
                  "log_every", "max_bad_steps"))
+    if cfg.fg_weight < 0:
+        raise ConfigError(f"--fg_weight={cfg.fg_weight}: must be >= 0 (0: every pixel counts the same)")
     # the UNet halves the size at each block but the last (x8 more through the VAE)
     blocks = len(MVDIFF_UNET_CONFIGS[cfg.preset]["block_out_channels"])
     down = 2 ** (blocks - 1) * (8 if cfg.pipeline_dir else 1)
@@ -354,11 +358,16 @@ def main(cfg):
             weight = torch.ones(B, device=device)
             if cfg.min_snr_gamma > 0:  # min-SNR, with pure noise kept at weight 1 (losses.min_snr_weight)
                 weight = min_snr_weight(alphas_cumprod[t], cfg.min_snr_gamma, cfg.prediction_type)
+            pixel_weight = None
+            if cfg.fg_weight > 0:  # weights at the image's size, area-pooled to the model's (latents: 1/8)
+                pixel_weight = foreground_weight(alpha.flatten(0, 1), cfg.fg_weight)  # (B * V, 1, H, W)
+                pixel_weight = torch.nn.functional.adaptive_avg_pool2d(pixel_weight, x0.shape[-2:])
+                pixel_weight = pixel_weight.unflatten(0, (B, V))  # (B, V, 1, h, w)
             # only the last micro-batch all-reduces the gradients
             sync = accelerator.no_sync(model) if micro < G - 1 else nullcontext()
             with sync, accelerator.autocast():
                 pred = model(noisy, t, prompt_embeds, ref_idx, ref_cond, labels)
-                loss = weighted_mse(pred, target, weight) / G
+                loss = weighted_mse(pred, target, weight, pixel_weight) / G
                 accelerator.backward(loss)
             loss_sum += loss.item()
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
