@@ -36,8 +36,11 @@ step) -> dance.mp4 with the music (GIF without sound when ffmpeg is missing), po
 poses.npy and contact_sheet.png. --dance_eval_list scores videos made from held-out clips' music alone
 (beat alignment read from the video's pixels and from M2P's poses, against shuffled music; identity).
 """
+import csv
 import dataclasses
+import hashlib
 import json
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -121,6 +124,8 @@ class Config:
     eval_list: str = ""  # held-out samples: run the chain on each and score it (no input_image then)
     eval_views: str = "generated"  # generated | ground_truth (the true rig views into GS-LRM: upper bound)
     eval_samples: int = 0  # 0 = all listed
+    eval_all_views: bool = False  # every rig view the reference in turn (not only --reference_view)
+    eval_cache: str = ""  # a folder keeping generated views, so other GS-LRMs are scored on the same ones
     allow_rig_mismatch: bool = False  # run checkpoints made for different rigs
     # dance
     music: str = ""  # audio file: a dance video instead of the mouse chain
@@ -168,17 +173,37 @@ class Chain:
         self.cfg, self.device = cfg, device
 
     @torch.no_grad()
-    def generate(self, ref, ref_view):
-        """Reference RGB (3, H, W) in [0, 1] on white -> the rig's views (V, 3, H, W) in [0, 1]."""
+    def generate(self, refs, ref_views, keys=None):
+        """References RGB (b, 3, H, W) in [0, 1] on white, their rig views (b,) -> the rig's views (b, V, 3, h, w)
+        in [0, 1]. Each object's noise comes from its own generator seeded --seed, so a view does not depend on
+        what it was batched with. keys (b,): names under which --eval_cache keeps the views."""
         cfg = self.cfg
-        ref = F.interpolate(ref[None], size=(self.gen_size,) * 2, mode="bilinear", antialias=True,
-                            align_corners=False).to(self.device)  # (1, 3, H, W)
-        ref_cond, labels = self.cond.reference(ref * 2 - 1)
-        gen = torch.Generator(self.device).manual_seed(cfg.seed)
-        ref_idx = torch.tensor([ref_view], device=self.device)
+        cache = [Path(cfg.eval_cache) / f"{k}.pt" for k in keys] if cfg.eval_cache and keys else None
+        if cache and all(c.is_file() for c in cache):
+            return torch.stack([torch.load(c) for c in cache])
+        refs = F.interpolate(refs, size=(self.gen_size,) * 2, mode="bilinear", antialias=True,
+                             align_corners=False).to(self.device)  # (b, 3, H, W)
+        ref_cond, labels = self.cond.reference(refs * 2 - 1)
+        gens = [torch.Generator(self.device).manual_seed(cfg.seed) for _ in range(len(refs))]
+        ref_idx = torch.tensor(ref_views, device=self.device)
         x = sample_views(self.ck["model"], self.sampler, ref_cond, ref_idx, self.ck["prompt_embeds"],
-                         ref_cond.shape[1:], labels, cfg.steps, cfg.guidance, cfg.eta, gen)  # (1, V, C, h, w)
-        return self.cond.decode(x)[0].float()
+                         ref_cond.shape[1:], labels, cfg.steps, cfg.guidance, cfg.eta, gens)  # (b, V, C, h, w)
+        views = self.cond.decode(x).float().cpu()  # (b, V, 3, h, w)
+        for c, v in zip(cache or [], views):
+            c.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(v.clone(), c.with_suffix(".tmp"))
+            c.with_suffix(".tmp").replace(c)  # whole files only: a killed run leaves no half view
+        return views
+
+    def cache_key(self, sample, ref_view):
+        """What names one generated set of views: the phase-1 weights and prompts, the sample, the
+        reference view and the sampler's settings."""
+        if not hasattr(self, "_identity"):
+            self._identity = mv_identity(self.ck)
+        c = self.cfg
+        what = [self._identity["unet_sha256"], self._identity["prompt_embeds_sha256"], str(Path(sample).resolve()),
+                ref_view, c.steps, c.guidance, c.eta, c.seed, self.gen_size]
+        return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:24]
 
     @torch.no_grad()
     def reconstruct(self, views, frames=None):
@@ -360,7 +385,7 @@ def run_one(chain, cfg):
         transform = Path(cfg.views_dir) / "transform.json"
     else:
         ref, frames = read_input(cfg.input_image), chain.frames
-        views = chain.generate(ref, cfg.reference_view).cpu()  # (V, 3, H, W)
+        views = chain.generate(ref[None], [cfg.reference_view])[0]  # (V, 3, H, W)
         masks = (1 - views).amax(1) > 0.1  # generated views have no alpha: off-white, as phase 2 reads them
         transform = Path(cfg.input_image).parent.parent / "transform.json"  # a prepared sample's images/
     gaussians = chain.reconstruct(views, frames)
@@ -404,14 +429,28 @@ def run_one(chain, cfg):
     return out
 
 
+def alpha_iou(pred_alpha, alpha):
+    """Silhouette IoU of rendered and true alpha (N, 1, H, W), each above 0.5 -> (N,); 1 where both are empty.
+    Unlike masked PSNR it counts what is drawn outside the animal (floaters, a too-fat body)."""
+    p, g = pred_alpha > 0.5, alpha > 0.5
+    inter, union = (p & g).sum((-3, -2, -1)).float(), (p | g).sum((-3, -2, -1)).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+SCORES = ("psnr", "masked_psnr", "ssim", "alpha_iou")
+
+
 def run_eval(chain, cfg):
-    """The chain from view `reference_view` of every listed sample, scored at all its other cameras."""
+    """The chain from view `reference_view` (every rig view with --eval_all_views) of every listed sample,
+    scored at all its other cameras -> metrics.json (means), scores.csv (one row per scored image), eval.png."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     samples = read_list_file(cfg.eval_list)[: cfg.eval_samples or None]
-    k, S, V = cfg.reference_view, chain.S, chain.V
-    scores, rows, gts = {"psnr": [], "masked_psnr": [], "ssim": [], "views_psnr": []}, [], []
-    for n, d in enumerate(samples):
+    S, V = chain.S, chain.V
+    refs = list(range(V)) if cfg.eval_all_views else [max(cfg.reference_view, 0)]
+    generated = cfg.eval_views != "ground_truth"
+    scores, rows, gts, records = {k: [] for k in (*SCORES, "views_psnr")}, [], [], []
+    for n, d in enumerate(tqdm(samples, desc=f"chain from {len(refs)} view(s) of each sample", unit="sample")):
         frames = read_cameras(d / "opencv_cameras.json")["frames"]
         # generated views are reconstructed at the rig's cameras and scored at the sample's: the two must agree
         rig = chain.gs["rig"] or (chain.ck or {}).get("rig")
@@ -420,46 +459,61 @@ def run_eval(chain, cfg):
                 raise RigMismatch(f"{d / 'opencv_cameras.json'}: {msg} (--allow_rig_mismatch to score it anyway)")
             print(f"WARNING (allow_rig_mismatch): {d}: {msg}")
         images = torch.stack([load_rgba(d / fr["file_path"], S) for fr in frames])  # (F, 4, S, S)
-        if cfg.eval_views == "ground_truth":  # the true rig views, at their true cameras
-            views, gaussians = images[:V, :3], chain.reconstruct(images[:V, :3], frames[:V])
-        else:
-            views = chain.generate(load_rgba(d / frames[k]["file_path"])[:3], k).cpu()  # (V, 3, h, w)
-            gaussians = chain.reconstruct(views)
-            gt_views = torch.stack([load_rgba(d / fr["file_path"], views.shape[-1])[:3] for fr in frames[:V]])
-            others = [v for v in range(V) if v != k]
-            scores["views_psnr"].append(psnr(views[others], gt_views[others]))
-        held = [i for i in range(len(frames)) if i != k]  # every camera but the input's
-        pred = chain.render(gaussians, [frames[i] for i in held])[:, :3]  # (F - 1, 3, S, S)
-        gt, alpha = images[held, :3], images[held, 3:]
-        scores["psnr"].append(psnr(pred, gt))
-        scores["masked_psnr"].append(masked_psnr(pred, gt, alpha))
-        scores["ssim"].append(ssim(pred, gt))
-        gts.append(gt)
-        if cfg.measure_floaters:  # turntable speckles against the true silhouettes (the rig views' masks)
-            cams = turntable_frames(frames[:V], cfg.turntable_frames)
-            hull = hull_silhouettes(images[:V, 3] > 0.5, frames[:V], cams, S)
-            pruned = {key: v[prune(gaussians, chain.frames or frames[:V], S, cfg)] for key, v in gaussians.items()}
-            for key, g in (("off_silhouette_unpruned", gaussians), ("off_silhouette_pruned", pruned)):
-                scores.setdefault(key, []).append(torch.tensor([off_silhouette_share(chain.render(g, cams)[:, :3],
-                                                                                     hull)]))
-            # what pruning costs on the animal: the pruned Gaussians scored as `psnr` scores the unpruned
-            scores.setdefault("psnr_pruned", []).append(psnr(chain.render(pruned, [frames[i] for i in held])[:, :3],
-                                                             gt))
-        if n < 4:
-            rows.append(torch.cat([images[k:k + 1, :3], F.interpolate(views, size=(S, S)), gt, pred]))
+        if generated:  # every reference of the sample in one batch
+            src = torch.stack([load_rgba(d / frames[k]["file_path"])[:3] for k in refs])  # (b, 3, H, W)
+            gen = chain.generate(src, refs, [chain.cache_key(d, k) for k in refs])  # (b, V, 3, h, w)
+            gt_views = torch.stack([load_rgba(d / fr["file_path"], gen.shape[-1])[:3] for fr in frames[:V]])
+        else:  # the true rig views, at their true cameras: one reconstruction whatever the reference
+            true_gaussians = chain.reconstruct(images[:V, :3], frames[:V])
+        name = os.path.relpath(d, Path(cfg.eval_list).parent)
+        for j, k in enumerate(refs):
+            if generated:
+                views, gaussians = gen[j], chain.reconstruct(gen[j])
+                others = [v for v in range(V) if v != k]
+                scores["views_psnr"].append(psnr(views[others], gt_views[others]))
+            else:
+                views, gaussians = images[:V, :3], true_gaussians
+            held = [i for i in range(len(frames)) if i != k]  # every camera but the input's
+            pred, pred_alpha = chain.render(gaussians, [frames[i] for i in held]).split([3, 1], 1)  # (F - 1, 3|1, S, S)
+            gt, alpha = images[held, :3], images[held, 3:]
+            for key, v in zip(SCORES, (psnr(pred, gt), masked_psnr(pred, gt, alpha), ssim(pred, gt),
+                                       alpha_iou(pred_alpha, alpha))):
+                scores[key].append(v)
+            records += [(name, k, i) for i in held]
+            gts.append(gt)
+            if cfg.measure_floaters:  # turntable speckles against the true silhouettes (the rig views' masks)
+                cams = turntable_frames(frames[:V], cfg.turntable_frames)
+                hull = hull_silhouettes(images[:V, 3] > 0.5, frames[:V], cams, S)
+                keep = prune(gaussians, chain.frames or frames[:V], S, cfg)
+                pruned = {key: v[keep] for key, v in gaussians.items()}
+                for key, g in (("off_silhouette_unpruned", gaussians), ("off_silhouette_pruned", pruned)):
+                    scores.setdefault(key, []).append(
+                        torch.tensor([off_silhouette_share(chain.render(g, cams)[:, :3], hull)]))
+                # what pruning costs on the animal: the pruned Gaussians scored as `psnr` scores the unpruned
+                scores.setdefault("psnr_pruned", []).append(
+                    psnr(chain.render(pruned, [frames[i] for i in held])[:, :3], gt))
+            if n < 4 and j == 0:
+                rows.append(torch.cat([images[k:k + 1, :3], F.interpolate(views, size=(S, S)), gt, pred]))
     mean_image = torch.cat(gts).mean(0, keepdim=True)  # (1, 3, S, S): the baseline that sees no input
+    mean_scores = torch.cat([psnr(mean_image.expand_as(g), g) for g in gts])
     metrics = {key: torch.cat(v).mean().item() for key, v in scores.items() if v}
-    metrics["psnr_mean_image"] = torch.cat([psnr(mean_image.expand_as(g), g) for g in gts]).mean().item()
-    metrics.update(samples=len(samples), views=cfg.eval_views, reference_view=k,
-                   mvdiff_checkpoint=str(chain.ck["path"]), gslrm_checkpoint=str(chain.gs["path"]),
+    metrics["psnr_mean_image"] = mean_scores.mean().item()
+    metrics.update(samples=len(samples), views=cfg.eval_views, reference_views=refs,
+                   mvdiff_checkpoint=str(chain.ck["path"]) if chain.ck else None,
+                   gslrm_checkpoint=str(chain.gs["path"]),
                    allowed_rig_mismatch=chain.mismatches)
+    per_image = torch.stack([torch.cat(scores[key]) for key in SCORES] + [mean_scores], 1)  # (images, 5)
+    with open(out / "scores.csv", "w", newline="") as f:  # one row per scored image: intervals need them
+        w = csv.writer(f)
+        w.writerow(["sample", "reference_view", "camera", *SCORES, "psnr_mean_image"])
+        w.writerows([*r, *(f"{x:.4f}" for x in v)] for r, v in zip(records, per_image.tolist()))
     groups = [("input", 1), (f"{cfg.eval_views} views", V), ("held-out ground truth", len(held)),
               ("rendered", len(held))]
     save_image_grid(rows, out / "eval.png", groups)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     print(" | ".join(f"{key} {v:.2f}" if isinstance(v, float) else f"{key} {v}" for key, v in metrics.items()
                      if key not in ("mvdiff_checkpoint", "gslrm_checkpoint")))
-    print(f"wrote {out}/metrics.json, eval.png")
+    print(f"wrote {out}/metrics.json, scores.csv ({len(records)} images), eval.png")
     return metrics
 
 
@@ -761,7 +815,9 @@ def main(cfg):
                          f"(a sample's real views) or --eval_list (held-out samples); got {given or 'none'}")
     if cfg.eval_views not in ("generated", "ground_truth"):
         raise InputError(f"eval_views {cfg.eval_views!r}: expected generated or ground_truth")
-    chain = Chain(cfg, "cuda" if torch.cuda.is_available() else "cpu", diffusion=not cfg.views_dir)
+    # the true views in (--views_dir, --eval_views ground_truth) need no diffusion model
+    chain = Chain(cfg, "cuda" if torch.cuda.is_available() else "cpu",
+                  diffusion=not (cfg.views_dir or cfg.eval_list and cfg.eval_views == "ground_truth"))
     if chain.ck is not None:
         cfg = dataclasses.replace(cfg, reference_view=reference_view(chain, cfg))
     if cfg.eval_list:

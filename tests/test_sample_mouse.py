@@ -1,6 +1,7 @@
 """Mouse inference and provenance: sample.py --views_dir / --input_dir, --reference_view, pruning and its floater
 measure, the millimetre .ply; phase 3's record of which diffusion checkpoint made its data; FaceLift's released
 pipeline imported as a phase-1 checkpoint; GS-LRM positions under bf16; the original code base's flag names."""
+import csv
 import hashlib
 import json
 import shutil
@@ -55,6 +56,36 @@ def test_eval_scores_turntable_speckles_against_true_silhouettes(tiny_mv_ckpt, t
                    f"--gslrm_checkpoint={tiny_gslrm_ckpt}", f"--out_dir={tmp_path}", "--measure_floaters")
     assert 0 <= m["off_silhouette_pruned"] <= 1 and 0 <= m["off_silhouette_unpruned"] <= 1
     assert m["psnr_pruned"] != m["psnr"]  # the pruned Gaussians scored too (the tiny model's are faint)
+
+
+def test_eval_all_views_writes_per_image_scores_and_reuses_generated_views(tiny_mv_ckpt, tiny_gslrm_ckpt, tiny_mice,
+                                                                           tmp_path):
+    """--eval_all_views: every rig view the reference once, one scores.csv row per scored image, whose means are
+    metrics.json's; --eval_cache keeps the generated views, which do not depend on their batch (the single-view
+    run makes the same views) and are read back, not made again, by a second run."""
+    base = [f"--eval_list={tiny_mice / 'data_val.txt'}", f"--mvdiff_checkpoint={tiny_mv_ckpt}",
+            f"--gslrm_checkpoint={tiny_gslrm_ckpt}", f"--eval_cache={tmp_path / 'cache'}", "--eval_samples=1"]
+    m = run_sample(*base, "--eval_all_views", f"--out_dir={tmp_path / 'all'}")
+    with open(tmp_path / "all" / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    frames = len(read_cameras(tiny_mice / read_list(tiny_mice / "data_val.txt")[0] / "opencv_cameras.json")["frames"])
+    assert len(rows) == m["samples"] * 6 * (frames - 1) and m["reference_views"] == list(range(6))
+    assert {int(r["reference_view"]) for r in rows} == set(range(6))
+    assert all(r["camera"] != r["reference_view"] for r in rows)
+    for key in ("psnr", "masked_psnr", "ssim", "alpha_iou"):
+        assert abs(sum(float(r[key]) for r in rows) / len(rows) - m[key]) < 1e-3
+    assert all(0 <= float(r["alpha_iou"]) <= 1 for r in rows)
+    cached = sorted((tmp_path / "cache").glob("*.pt"))
+    assert len(cached) == m["samples"] * 6
+    one = run_sample(*base[:3], base[4], "--reference_view=2", f"--out_dir={tmp_path / 'one'}")  # no cache, batch of 1
+    with open(tmp_path / "one" / "scores.csv") as f:
+        single = {(r["sample"], r["camera"]): float(r["psnr"]) for r in csv.DictReader(f)}
+    batched = {(r["sample"], r["camera"]): float(r["psnr"]) for r in rows if r["reference_view"] == "2"}
+    assert single.keys() == batched.keys()
+    assert all(abs(single[k] - batched[k]) < 1e-2 for k in single), (single, batched)
+    mtimes = [p.stat().st_mtime_ns for p in cached]
+    again = run_sample(*base, "--eval_all_views", f"--out_dir={tmp_path / 'again'}")
+    assert again["psnr"] == m["psnr"] and [p.stat().st_mtime_ns for p in cached] == mtimes
 
 
 def test_eval_samples_on_another_rig_are_refused(tiny_mv_ckpt, tiny_gslrm_ckpt, tiny_mice, tmp_path):
