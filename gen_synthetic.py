@@ -204,7 +204,7 @@ def main(cfg):
             # real mask is a cleaner silhouette than whiteness, which loses pale fur and keeps grey haze.
             # Limit: where the model's view departs from the real one (a tail or head placed elsewhere), the
             # generated pixels outside the mask turn white and mask pixels it left white stay opaque white.
-            alpha = source_alpha(sources[i], frames_of[i], S) if cfg.alpha_from == "source" else None
+            alpha = source_alpha(sources[i], frames_of[i][:V], S) if cfg.alpha_from == "source" else None
             with atomic_dir(sample_dir(k), marker=False) as tmp:
                 (tmp / "images").mkdir()
                 for fr, px in zip(out_frames, to_rgba(rgb, cfg.alpha_threshold, alpha)):
