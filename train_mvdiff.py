@@ -26,7 +26,7 @@ import yaml
 
 from cameras import load_prompt_embeds, load_rig
 from data import MultiViewDataset, StepSampler, read_list_file, rig_sample_frames, save_image_grid
-from losses import diffusion_target, foreground_weight, lpips, min_snr_weight, psnr, ssim, weighted_mse
+from losses import diffusion_target, foreground_weight, lpips, masked_psnr, min_snr_weight, psnr, ssim, weighted_mse
 from models import (
     MVDIFF_UNET_CONFIGS,
     Conditioner,
@@ -165,14 +165,14 @@ def wrong_views(others):
 @torch.no_grad()
 def evaluate(model, cond, scheduler, val_set, prompt_embeds, cfg, step, device, out_dir, lpips_net=None):
     """DDIM samples of every view from one reference view for held-out objects, at each guidance:
-    PSNR / SSIM (/ LPIPS) of the non-reference views against the ground truth, and FaceLift's way
-    (`_all`: the reference view included), the same for copying the reference image into every view
-    (the baseline), PSNR against the ground truth of another non-reference view of the same object
-    (a model that ignores which camera it renders scores the same on both), and a PNG grid
+    PSNR / masked PSNR (the target's alpha) / SSIM (/ LPIPS) of the non-reference views against the ground
+    truth, and FaceLift's way (`_all`: the reference view included), the same for copying the reference
+    image into every view (the baseline), PSNR against the ground truth of another non-reference view of
+    the same object (a model that ignores which camera it renders scores the same on both), and a PNG grid
     (reference | ground truth | generated)."""
     model.eval()
     n, V = min(cfg.val_samples, len(val_set)), model.num_views
-    gt = torch.stack([val_set[i]["images"][:, :3] for i in range(n)]).to(device)  # (n, V, 3, H, W) in [0, 1]
+    gt, alpha = torch.stack([val_set[i]["images"] for i in range(n)]).to(device).split([3, 1], 2)  # (n, V, 3|1, H, W)
     ref_idx = torch.arange(n, device=device) % V  # reference view i % V for the i-th object...
     if cfg.reference_view == "0":
         ref_idx = torch.zeros_like(ref_idx)  # ...or always view 0
@@ -182,8 +182,10 @@ def evaluate(model, cond, scheduler, val_set, prompt_embeds, cfg, step, device, 
     wrong = gt[torch.arange(n)[:, None], wrong_views(others)]  # (n, V, 3, H, W): another view's ground truth
     copied = ref_img[:, None].expand_as(gt)  # the baseline: the reference in every view
     score = lambda metric, x, y, views=others: metric(x, y)[views].mean().item()  # noqa: E731
-    metrics, grids = {"psnr_copy_ref": score(psnr, copied, gt), "ssim_copy_ref": score(ssim, copied, gt)}, []
-    scored = {"psnr": psnr, "ssim": ssim}
+    masked = lambda x, y: masked_psnr(x, y, alpha)  # noqa: E731  the animal only: small ones drown in white
+    metrics, grids = {"psnr_copy_ref": score(psnr, copied, gt), "masked_psnr_copy_ref": score(masked, copied, gt),
+                      "ssim_copy_ref": score(ssim, copied, gt)}, []
+    scored = {"psnr": psnr, "masked_psnr": masked, "ssim": ssim}
     if lpips_net is not None:
         scored["lpips"] = lambda x, y: lpips(*lpips_net, x, y)  # (n, V)
     for g in cfg.val_guidance:
