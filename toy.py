@@ -5,7 +5,7 @@ toy frames, as the dance stages start from SD-1.5).
 
     python toy.py mice --out=data/toy_mice --n=200          # FaceLift-format mice + preview.png
     python toy.py mice --out=data/toy_mice_mv --yaw_deg=30  # mice facing +x +- 30 deg
-    python toy.py mice --out=data/toy_mice_small --mouse_scale=0.7 --off_aim=1.2  # ~7 % of a view, anywhere
+    python toy.py mice --out=data/toy_mice_small --mouse_scale=0.7 --off_aim=1.2  # ~7 % of a view, off-centre
     python toy.py dance --out=data/toy_dance --n=100        # stick dancers with music + preview.png
 
 The training scripts call `toy_mice(...)` / `toy_dance(...)` when they run on their default folder:
