@@ -5,6 +5,7 @@ would (subprocesses: no script imports another), resumable, two jobs at a time:
 
     python chain_experiment.py                       # ~2 h on 2 CPU cores; out/chain_exp/
     python chain_experiment.py --seeds 1 --eval_mice 8 --gslrm_steps 200 --mvdiff_steps 100   # a smoke run
+    python chain_experiment.py --only eval_ --jobs 1   # beside a running one: the evaluations as they can start
 
 Arms (every GS-LRM arm trained with `seeds` seeds; one phase-1 model P0 shared by all seeds, a second
 phase-1 seed P1 once, to show its share of the variance):
@@ -15,7 +16,8 @@ phase-1 seed P1 once, to show its share of the variance):
   C   A reading the views of a horizontal-rig model H (FaceLift's rig: the original recipe's failure)
   A_true, B_true: the true 6 views in (upper bounds); the mean image of the held-out views (sees no input)
 Each arm runs the chain from every rig view of `eval_mice` held-out mice (another seed, seen by no phase)
-and is scored at every other camera (sample.py --eval_list --eval_all_views: scores.csv per arm).
+and is scored at every other camera (sample.py --eval_list --eval_all_views: scores.csv per arm), at 10 DDIM
+steps as phase 2 writes B's training views; the generated views are made once per phase-1 model and shared.
 The summary pools them into <out>/scores.csv.gz and <out>/summary.md with paired bootstrap 95 % intervals
 (mice and seeds resampled together) and <out>/psnr_by_arm.png. Steps already done (<out>/done/<step>)
 are skipped: a killed run resumes where it stopped.
@@ -48,7 +50,8 @@ class Config:
     finetune_steps: int = 500  # B, A', B1 (configs/toy_gslrm_synthetic.yaml's)
     sources: int = 64  # phase 2's source mice (x 6 references)
     bootstrap: int = 4000
-    train_only: bool = False  # stop before the evaluations (train here, evaluate elsewhere or later)
+    only: str = ""  # run only the steps whose names start with one of these (comma-separated), e.g. "eval_";
+    # steps they need are waited for: another driver (another machine on a shared disk) may be running them
 
 
 def steps_of(cfg):
@@ -98,7 +101,7 @@ def steps_of(cfg):
     evals += [(f"{arm}_true", s, None, f"{arm}_s{s}") for arm in ("A", "B") for s in S]
     for arm, s, p1, gs in evals:
         cmd = [py, "sample.py", "--eval_list", ev / "data_val.txt", "--eval_all_views", "--gslrm_checkpoint", R / gs,
-               "--out_dir", R / "eval" / f"{arm}_s{s}", "--eval_cache", R / "eval_cache"]
+               "--out_dir", R / "eval" / f"{arm}_s{s}", "--eval_cache", R / "eval_cache", "--steps", 10]
         cmd += ["--eval_views", "ground_truth"] if p1 is None else ["--mvdiff_checkpoint", R / p1]
         cmd += ["--allow_rig_mismatch"] if arm == "C" else []
         steps[f"eval_{arm}_s{s}"] = ([gs, "data_eval"] + ([p1] if p1 else []), cmd)
@@ -115,16 +118,19 @@ def write_source_lists(synthetic, mv):
 
 
 def run_steps(cfg, steps):
-    """Run the steps whose needs are done, `jobs` at a time; a failed step stops the launching of others."""
+    """Run the steps whose needs are done, `jobs` at a time; a failed step stops the launching of others.
+    Done markers are re-read every round, so two drivers (e.g. --only=eval_ beside a training one) share work."""
     R = Path(cfg.out)
     (R / "done").mkdir(parents=True, exist_ok=True)
     (R / "logs").mkdir(exist_ok=True)
-    done = {n for n in steps if (R / "done" / n).exists()}
-    running, times = {}, {}
+    mine = [n for n in steps if not cfg.only or n.startswith(tuple(cfg.only.split(",")))]
+    running, waiting_said = {}, False
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // cfg.jobs)))
-    print(f"{len(steps)} steps, {len(done)} done already; logs in {R}/logs")
-    while len(done) < len(steps):
-        for name, (needs, cmd) in steps.items():
+    done = {n for n in steps if (R / "done" / n).exists()}
+    print(f"{len(mine)} steps, {len(set(mine) & done)} done already; logs in {R}/logs")
+    while not set(mine) <= done:
+        for name in mine:
+            needs, cmd = steps[name]
             if len(running) >= cfg.jobs or name in done or name in running or not set(needs) <= done:
                 continue
             if callable(cmd):
@@ -136,8 +142,12 @@ def run_steps(cfg, steps):
             print(f"[{time.strftime('%H:%M:%S')}] start {name}: {' '.join(map(str, cmd))}", flush=True)
             running[name] = (subprocess.Popen(list(map(str, cmd)), stdout=log, stderr=subprocess.STDOUT, env=env),
                              time.perf_counter())
-        if not running and len(done) < len(steps):
-            raise RuntimeError(f"nothing can run: {sorted(set(steps) - done)} wait for each other")
+        if not running and not waiting_said:
+            others = {n for m in mine if m not in done for n in steps[m][0]} - set(mine) - done
+            if not others:
+                raise RuntimeError(f"nothing can run: {sorted(set(mine) - done)} wait for each other")
+            print(f"waiting for steps another driver runs: {sorted(others)}", flush=True)
+            waiting_said = True
         time.sleep(2)
         for name, (proc, t0) in list(running.items()):
             if proc.poll() is None:
@@ -148,10 +158,11 @@ def run_steps(cfg, steps):
                     other.wait()
                 tail = (R / "logs" / f"{name}.log").read_text().splitlines()[-5:]
                 raise InputError(f"step {name} failed (exit {proc.returncode}): {' | '.join(tail)}")
-            times[name] = time.perf_counter() - t0
-            (R / "done" / name).write_text(f"{times[name]:.0f} s\n")
-            done.add(name)
-            print(f"[{time.strftime('%H:%M:%S')}] done {name} in {times[name] / 60:.1f} min", flush=True)
+            took = time.perf_counter() - t0
+            (R / "done" / name).write_text(f"{took:.0f} s\n")
+            print(f"[{time.strftime('%H:%M:%S')}] done {name} in {took / 60:.1f} min", flush=True)
+            waiting_said = False
+        done = {n for n in steps if (R / "done" / n).exists()}
 
 
 METRICS = ("psnr", "masked_psnr", "ssim", "alpha_iou")
@@ -270,12 +281,10 @@ def main(cfg):
     if cfg.seeds < 1 or cfg.eval_mice < 1 or cfg.jobs < 1:
         raise InputError("seeds, eval_mice and jobs must be at least 1")
     steps, evals = steps_of(cfg)
-    if cfg.train_only:
-        steps = {k: v for k, v in steps.items() if not k.startswith("eval_")}
     t0 = time.perf_counter()
     run_steps(cfg, steps)
     print(f"steps took {(time.perf_counter() - t0) / 60:.1f} min this time")
-    if not cfg.train_only:
+    if not cfg.only:
         summarise(cfg, evals)
 
 
