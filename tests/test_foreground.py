@@ -36,7 +36,7 @@ def test_default_toy_mice_unchanged():
     assert h.hexdigest() == "bc98f432eeffbb4c99ac2f5742ad40da8bb002d8f0b6637772cdf0a39cea1baf"
 
 
-def test_mouse_scale_same_mouse_smaller_and_coverage():
+def test_mouse_scale_is_the_same_mouse_smaller():
     big, small = (toy_mouse(np.random.default_rng((0, 3)), None, s) for s in (1.0, 0.7))
     assert np.allclose(small["means"], big["means"] * 0.7) and np.allclose(small["scales"], big["scales"] * 0.7)
     assert np.array_equal(small["colors"], big["colors"])  # no draw moved
