@@ -125,7 +125,8 @@ def run_steps(cfg, steps):
     (R / "logs").mkdir(exist_ok=True)
     mine = [n for n in steps if not cfg.only or n.startswith(tuple(cfg.only.split(",")))]
     running, waiting_said = {}, False
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // cfg.jobs)))
+    env = dict(os.environ)  # threads: cores / jobs, unless OMP_NUM_THREADS says (more threads than free cores
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // cfg.jobs)))  # spin: many x slower)
     done = {n for n in steps if (R / "done" / n).exists()}
     print(f"{len(mine)} steps, {len(set(mine) & done)} done already; logs in {R}/logs")
     while not set(mine) <= done:

@@ -77,7 +77,7 @@ def test_eval_all_views_writes_per_image_scores_and_reuses_generated_views(tiny_
     assert all(0 <= float(r["alpha_iou"]) <= 1 for r in rows)
     cached = sorted((tmp_path / "cache").glob("*.pt"))
     assert len(cached) == m["samples"] * 6
-    one = run_sample(*base[:3], base[4], "--reference_view=2", f"--out_dir={tmp_path / 'one'}")  # no cache, batch of 1
+    run_sample(*base[:3], base[4], "--reference_view=2", f"--out_dir={tmp_path / 'one'}")  # no cache, batch of 1
     with open(tmp_path / "one" / "scores.csv") as f:
         single = {(r["sample"], r["camera"]): float(r["psnr"]) for r in csv.DictReader(f)}
     batched = {(r["sample"], r["camera"]): float(r["psnr"]) for r in rows if r["reference_view"] == "2"}
