@@ -253,28 +253,34 @@ def summarise(cfg, evals):
         summary["pairs"][name] = entry
     (R / "summary.md").write_text("\n".join(lines) + "\n")
     (R / "summary.json").write_text(json.dumps(summary, indent=1))
-    plot(summary["arms"], R / "psnr_by_arm.png")
+    plot(summary["arms"], summary["pairs"], R / "psnr_by_arm.png")
     print("\n".join(lines))
     print(f"wrote {R}/scores.csv.gz ({len(rows)} rows), summary.md, summary.json, psnr_by_arm.png")
 
 
-def plot(arms, path, w=640, row=34):
-    """PSNR by arm: a dot at the mean, a bar over the 95 % interval (PIL: no plotting library needed)."""
-    items = [(a, e["psnr"]) for a, e in arms.items() if "psnr" in e]
-    lo = min(v[1] for _, v in items) - 0.5
-    hi = max(v[2] for _, v in items) + 0.5
-    img = Image.new("RGB", (w, row * (len(items) + 2)), "white")
-    d = ImageDraw.Draw(img)
-    x = lambda v: 110 + (v - lo) / (hi - lo) * (w - 140)  # noqa: E731
-    for t in np.arange(np.ceil(lo), hi, 1.0):  # a grid line per dB
-        d.line([(x(t), row // 2), (x(t), row * (len(items) + 1))], fill=(220, 220, 220))
-        d.text((x(t) - 8, row * (len(items) + 1) + 4), f"{t:.0f}", fill="black")
-    for i, (a, (m, low, high)) in enumerate(items):
-        y = row * (i + 1)
-        d.text((8, y - 6), a, fill="black")
-        d.line([(x(low), y), (x(high), y)], fill=(60, 90, 200), width=3)
-        d.ellipse([x(m) - 4, y - 4, x(m) + 4, y + 4], fill=(200, 40, 40))
-    d.text((w // 2 - 60, 4), "held-out PSNR (dB), 95 % interval", fill="black")
+def plot(arms, pairs, path, w=640, row=30):
+    """Two panels, a dot at the mean and a bar over the 95 % interval (PIL: no plotting library needed):
+    each arm's PSNR (wide intervals: mice differ), then the paired differences (narrow: pairing removes that)."""
+    panels = [("held-out PSNR by arm (dB), 95 % interval", [(a, e["psnr"]) for a, e in arms.items() if "psnr" in e]),
+              ("paired differences (dB), 95 % interval", [(k, e["psnr"]) for k, e in pairs.items()])]
+    img = Image.new("RGB", (w, sum(row * (len(items) + 3) for _, items in panels)), "white")
+    d, top = ImageDraw.Draw(img), 0
+    for title, items in panels:
+        lo = min([v[1] for _, v in items] + [0.0 if "differences" in title else np.inf]) - 0.3
+        hi = max(v[2] for _, v in items) + 0.3
+        x = lambda v, lo=lo, hi=hi: 130 + (v - lo) / (hi - lo) * (w - 160)  # noqa: E731
+        step = 1.0 if hi - lo > 3 else 0.5
+        bottom = top + row * (len(items) + 1)
+        for t in np.arange(np.ceil(lo / step) * step, hi, step):  # grid lines
+            d.line([(x(t), top + row // 2), (x(t), bottom)], fill=(150, 150, 150) if t == 0 else (225, 225, 225))
+            d.text((x(t) - 8, bottom + 4), f"{t + 0.0:g}", fill="black")  # + 0.0: no "-0"
+        d.text((w // 2 - 110, top + 2), title, fill="black")
+        for i, (a, (m, low, high)) in enumerate(items):
+            y = top + row * (i + 1)
+            d.text((8, y - 6), a, fill="black")
+            d.line([(x(low), y), (x(high), y)], fill=(60, 90, 200), width=3)
+            d.ellipse([x(m) - 4, y - 4, x(m) + 4, y + 4], fill=(200, 40, 40))
+        top += row * (len(items) + 3)
     img.save(path)
 
 
