@@ -19,7 +19,9 @@ name the same rig: the views are generated for the diffusion model's rig and rea
 from its own; GS-LRM's rig.json also says which diffusion checkpoint made its training views, and a
 pair that is not one chain is warned about. --views_dir reads no diffusion model: the sample's cameras
 are checked against GS-LRM's rig. --eval_list runs the chain from view `reference_view` of each
-held-out sample and scores the renders at all its other cameras (the README's chain experiment).
+held-out sample and scores the renders at all its other cameras: metrics.json and scores.csv (one row per
+image); --eval_all_views makes every rig view the reference in turn, --eval_cache keeps the generated views
+so that other GS-LRMs are scored on the same ones (chain_experiment.py).
 
 Dance: music + a reference -> a dance video (train_dance.py's top-level final/):
 
