@@ -3,7 +3,7 @@ released checkpoints in weights.py).
 
 Camera rays and ray encodings; GS-LRM as released with FaceLift; FaceLift's multi-view UNet, its
 conditioning and sampler; the dance modules (music-to-pose encoder, ArcFace's IResNet, pose guider,
-face tokens, ReferenceNet attention, DanceNet) and their sampler.
+StableAnimator's face encoder, ReferenceNet attention, DanceNet) and their sampler.
 Conventions are 3DGS/gsplat's: OpenCV cameras (x right, y down, z forward),
 `w2c` world-to-camera matrices, intrinsics as 3x3 `K`, quaternions (w, x, y, z), RGB colours.
 """
@@ -735,18 +735,63 @@ class PoseGuider(nn.Module):
         return self.embed(heatmaps)
 
 
-class FaceTokens(nn.Module):
-    """StableAnimator's face encoder, reduced to its input and output: the 512-d face embedding -> n
-    cross-attention tokens appended to the CLIP image token."""
+class PerceiverAttention(nn.Module):
+    """Latent tokens attend to [features; latents] (IP-Adapter's resampler attention, as in StableAnimator's
+    face encoder; its module names, so its weights load as they are)."""
 
-    def __init__(self, dim, n=4, embed_dim=512, hidden=1024):
+    def __init__(self, dim, dim_head=64, heads=1):
+        super().__init__()
+        self.heads, inner = heads, dim_head * heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, inner * 2, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, x, latents):  # x (B, N, dim) features, latents (B, n, dim)
+        x, latents = self.norm1(x), self.norm2(latents)
+        k, v = self.to_kv(torch.cat([x, latents], 1)).chunk(2, -1)  # (B, N + n, inner) each
+        q, k, v = (rearrange(a, "b n (h d) -> b h n d", h=self.heads) for a in (self.to_q(latents), k, v))
+        return self.to_out(rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)"))
+
+
+class FaceTokens(nn.Module):
+    """StableAnimator's face encoder (`FusionFaceId`): the 512-d face embedding -> n tokens (MLP + norm),
+    which then attend to the CLIP image embedding through a 4-layer perceiver, so the face tokens carry
+    the reference image's look beside the identity. The perceiver's output projection starts at zero
+    (so do the tokens, as in StableAnimator); they are appended to the CLIP token as cross-attention
+    context. Module names are StableAnimator's (`proj`, `norm`, `fusion_model.*`)."""
+
+    def __init__(self, dim, n=4, embed_dim=512, depth=4, dim_head=64, ff_mult=4):
         super().__init__()
         self.n = n
-        self.mlp = nn.Sequential(nn.Linear(embed_dim, hidden), nn.GELU(), nn.Linear(hidden, n * dim))
+        self.proj = nn.Sequential(nn.Linear(embed_dim, embed_dim * 2), nn.GELU(), nn.Linear(embed_dim * 2, n * dim))
         self.norm = nn.LayerNorm(dim)
+        self.fusion_model = FacePerceiver(dim, depth, dim_head, max(1, dim // 64), ff_mult)
 
-    def forward(self, emb):
-        return self.norm(rearrange(self.mlp(emb), "b (n d) -> b n d", n=self.n))  # (B, n, dim)
+    def forward(self, emb, clip_emb):  # emb (B, 512), clip_emb (B, dim) -> (B, n, dim)
+        tokens = self.norm(rearrange(self.proj(emb), "b (n d) -> b n d", n=self.n))
+        return self.fusion_model(tokens, clip_emb[:, None])
+
+
+class FacePerceiver(nn.Module):
+    """StableAnimator's `FacePerceiver` with its embedding width = the UNet's (the CLIP projection)."""
+
+    def __init__(self, dim, depth, dim_head, heads, ff_mult):
+        super().__init__()
+        self.proj_in, self.proj_out, self.norm_out = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.LayerNorm(dim)
+        ff = lambda: nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * ff_mult, bias=False), nn.GELU(),  # noqa: E731
+                                   nn.Linear(dim * ff_mult, dim, bias=False))
+        self.layers = nn.ModuleList(nn.ModuleList([PerceiverAttention(dim, dim_head, heads), ff()])
+                                    for _ in range(depth))
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, latents, x):  # latents (B, n, dim), x (B, N, dim)
+        x = self.proj_in(x)
+        for attn, ff in self.layers:
+            latents = attn(x, latents) + latents
+            latents = ff(latents) + latents
+        return self.norm_out(self.proj_out(latents))
 
 
 class DanceNet(nn.Module):
@@ -773,7 +818,7 @@ class DanceNet(nn.Module):
     def context(self, clip_emb, face_emb, keep):
         """CLIP image embedding (B, D) + face embedding (B, 512) -> cross-attention context (B, 1 + n, D),
         zero where keep is False (the null condition of training's dropout and of sampling)."""
-        ctx = torch.cat([clip_emb[:, None], self.face_tokens(face_emb)], 1)  # (B, 1 + n, D)
+        ctx = torch.cat([clip_emb[:, None], self.face_tokens(face_emb, clip_emb)], 1)  # (B, 1 + n, D)
         return ctx * keep[:, None, None].to(ctx.dtype)
 
     def reference(self, ref, context, keep):

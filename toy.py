@@ -1,7 +1,7 @@
 """The built-in toy datasets and stand-ins: procedural data in the real formats, so that every stage runs
 on a CPU in minutes with nothing downloaded (like nanoGPT's data/*/prepare.py); the frozen encoders'
-seeded random stand-ins (face recognizer, CLIP) and the toy's "SD" (toy_unet: a UNet pretrained on the
-toy frames, as the dance stages start from SD-1.5).
+seeded random face recognizer, and the toy's pretrained "SD" and "CLIP" (toy_unet: a UNet pretrained on the
+toy frames, as the dance stages start from SD-1.5; toy_clip: an image encoder of the dancers' look).
 
     python toy.py mice --out=data/toy_mice --n=200          # FaceLift-format mice + preview.png
     python toy.py mice --out=data/toy_mice_mv --yaw_deg=30  # mice facing +x +- 30 deg
@@ -68,6 +68,7 @@ from models import (
     DANCE_UNET_CONFIGS,
     IRESNET_CONFIGS,
     IResNet,
+    clip_image_embeds,
     intrinsics_matrix,
     to_model_space,
 )
@@ -97,14 +98,23 @@ def toy_clip_image_encoder(seed, dim, image_size):
 def frozen_encoders(c, dim, device):
     """The dance stages' frozen encoders from a run's config `c` (a dict): the SD VAE (None: pixel space),
     the CLIP image encoder (projection `dim`) and the face recognizer, from their local paths, or the
-    toy's seeded random stand-ins where a path is empty."""
+    toy's stand-ins where a path is empty: the pretrained toy CLIP (toy_clip) beside the toy SD, the
+    random one without it (toy_pretrain_steps 0), the seeded random recognizer."""
     vae = load_vae(c["vae_path"]).to(device) if c["vae_path"] else None
-    clip = (load_clip_image_encoder(c["clip_path"]) if c["clip_path"]
-            else toy_clip_image_encoder(c["seed"], dim, c["image_size"])).to(device)
+    if c["clip_path"]:
+        clip = load_clip_image_encoder(c["clip_path"])
+    elif c.get("toy_pretrain_steps"):
+        folder = toy_clip_dir(c, dim)
+        if not (folder / "spec.json").is_file():
+            raise InputError(f"{folder}: the toy CLIP is missing (stage B makes it with the toy SD; "
+                             "or set --clip_path)")
+        clip = load_clip_image_encoder(folder)
+    else:
+        clip = toy_clip_image_encoder(c["seed"], dim, c["image_size"])
     if clip.config.projection_dim != dim:
         raise InputError(f"--clip_path={c['clip_path']}: image embeddings of width {clip.config.projection_dim}, "
                          f"the UNet's cross-attention takes {dim}")
-    return vae, clip, face_recognizer(c, device)
+    return vae, clip.to(device), face_recognizer(c, device)
 
 
 def face_recognizer(c, device):
@@ -127,6 +137,26 @@ def eval_face_recognizer(c, device):
     return toy_face_recognizer(c["seed"] + 1).to(device)
 
 
+def training_frames(cfg, frames_per_clip):
+    """frames_per_clip frames spread over every training clip, as stage B sees them: (N, k, 3, S, S)."""
+    clips = [read_clip(d, cfg.fps) for d in read_list_file(Path(cfg.data_dir) / cfg.train_list)]
+    frames = torch.stack([read_frame(c["source"], int(t)) for c in clips
+                          for t in np.linspace(0, c["T"] - 1, frames_per_clip)])  # (N k, 3, H, W)
+    return resize_frames(frames, cfg.image_size).unflatten(0, (len(clips), frames_per_clip))  # (N, k, 3, S, S)
+
+
+def made_once(out, spec, accelerator, what, make):
+    """`make(tmp)` writes a toy stand-in into `out` unless its spec.json is `spec` (main process, atomic);
+    every process waits for it."""
+    if accelerator.is_main_process and not ((out / "spec.json").is_file()
+                                            and json.loads((out / "spec.json").read_text()) == spec):
+        print(f"{what}, once -> {out}")
+        with atomic_dir(out) as tmp:
+            make(tmp)
+            (tmp / "spec.json").write_text(json.dumps(spec, indent=1))
+    accelerator.wait_for_everyone()
+
+
 def toy_unet(cfg, accelerator, scheduler, lr_at, batch_size=16, lr=1e-3, frames_per_clip=24):
     """The toy's stand-in for SD-1.5's UNet: the unet_preset UNet trained as an unconditional denoiser
     (context zero, stage B's scheduler) on frames of the training clips, toy_pretrain_steps at batch
@@ -138,18 +168,13 @@ def toy_unet(cfg, accelerator, scheduler, lr_at, batch_size=16, lr=1e-3, frames_
     spec = {"unet_preset": cfg.unet_preset, "image_size": cfg.image_size, "steps": cfg.toy_pretrain_steps,
             "seed": cfg.seed, "train_list": str(cfg.train_list), "prediction_type": cfg.prediction_type,
             "beta_schedule": cfg.beta_schedule, "zero_snr": cfg.zero_snr}
-    done = lambda: (out / "spec.json").is_file() and json.loads((out / "spec.json").read_text()) == spec  # noqa: E731
-    if accelerator.is_main_process and not done():
-        print(f"the toy's SD: the {cfg.unet_preset} UNet learns the training frames unconditionally, once -> {out}")
+
+    def make(tmp):
         gen, device = seeded(cfg.seed, 7), accelerator.device
         with torch.random.fork_rng():  # the same weights whatever ran before
             torch.manual_seed(cfg.seed)
             unet = UNet2DConditionModel(**DANCE_UNET_CONFIGS[cfg.unet_preset]).to(device)
-        clips = [read_clip(d, cfg.fps) for d in read_list_file(Path(cfg.data_dir) / cfg.train_list)]
-        frames = torch.stack([read_frame(c["source"], int(t)) for c in clips
-                              for t in np.linspace(0, c["T"] - 1, frames_per_clip)])  # (N, 3, H, W)
-        frames = resize_frames(frames, cfg.image_size)  # (N, 3, S, S), as stage B sees them
-        x_all = to_model_space(None, frames)
+        x_all = to_model_space(None, training_frames(cfg, frames_per_clip).flatten(0, 1))  # (N k, 3, S, S)
         opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=cfg.weight_decay)
         ctx = torch.zeros(batch_size, 1, unet.config.cross_attention_dim, device=device)
         alphas = scheduler.alphas_cumprod.to(device)
@@ -167,11 +192,50 @@ def toy_unet(cfg, accelerator, scheduler, lr_at, batch_size=16, lr=1e-3, frames_
             torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
             opt.step()
         print(f"the toy's SD: {cfg.toy_pretrain_steps} steps, last loss {loss.item():.4f}")
-        with atomic_dir(out) as tmp:
-            unet.save_pretrained(tmp / "unet")
-            (tmp / "spec.json").write_text(json.dumps(spec, indent=1))
-    accelerator.wait_for_everyone()
+        unet.save_pretrained(tmp / "unet")
+
+    made_once(out, spec, accelerator, f"the toy's SD: the {cfg.unet_preset} UNet learns the training frames "
+              "unconditionally", make)
     return out / "unet"
+
+
+def toy_clip_dir(c, dim):
+    """Where the toy CLIP of a run's config `c` (a dict) and UNet width `dim` is kept."""
+    return Path(c["data_dir"]) / "toy_clip" / f"{dim}_{c['image_size']}px"
+
+
+def toy_clip(cfg, dim, accelerator, steps=300, batch_size=64, frames_per_clip=24, temperature=0.1, lr=1e-3):
+    """The toy's stand-in for CLIP's image encoder, made once beside the toy SD (toy_clip_dir). Real
+    CLIP embeds a person's look (clothes, colours) whatever the pose; a random encoder barely does, and
+    stage B then paints the clothes of its training dancers (docs/experiments.md). So the toy CLIP
+    learns that invariance contrastively (InfoNCE, CLIP's loss): two frames of one training clip are a
+    pair, the other clips of the batch its negatives (clothes are drawn per clip)."""
+    out = toy_clip_dir(vars(cfg), dim)
+    spec = {"dim": dim, "image_size": cfg.image_size, "steps": steps, "seed": cfg.seed,
+            "train_list": str(cfg.train_list)}
+
+    def make(tmp):
+        gen = seeded(cfg.seed, 8)
+        clip = toy_clip_image_encoder(cfg.seed, dim, cfg.image_size).train().requires_grad_(True)
+        frames = training_frames(cfg, frames_per_clip)  # (N, k, 3, S, S)
+        opt = torch.optim.AdamW(clip.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+        b = min(batch_size, len(frames))
+        for _ in tqdm(range(steps), desc="toy CLIP", mininterval=10):
+            which = torch.randperm(len(frames), generator=gen)[:b]  # b clips
+            pick = torch.randint(frames_per_clip, (b, 2), generator=gen)  # two frames of each
+            z = F.normalize(clip_image_embeds(clip, torch.cat([frames[which, pick[:, 0]], frames[which, pick[:, 1]]])),
+                            dim=-1)  # (2b, dim)
+            logits = z[:b] @ z[b:].T / temperature  # (b, b): the diagonal pairs frames of one clip
+            labels = torch.arange(b)
+            loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        print(f"the toy CLIP: {steps} steps, last loss {loss.item():.4f}")
+        clip.eval().save_pretrained(tmp)
+
+    made_once(out, spec, accelerator, "the toy CLIP learns the clips' look whatever the pose", make)
+    return out
 
 
 def check_toy_set(out, spec):

@@ -86,6 +86,7 @@ from toy import (
     face_recognizer,
     frozen_encoders,
     pose_reader,
+    toy_clip,
     toy_dance,
     toy_unet,
 )
@@ -152,7 +153,8 @@ class Config:
     toy_pretrain_steps: int = 1000  # unet_path "": the preset UNet pretrained this long (toy.toy_unet); 0: random
     unet_path: str = ""  # SD-1.5 `unet/` folder: denoiser and ReferenceNet both start from it
     vae_path: str = ""  # SD `vae/` folder (frozen); "": pixel space (the toy)
-    clip_path: str = ""  # CLIPVisionModelWithProjection folder (frozen); "": a frozen random toy CLIP
+    clip_path: str = ""  # CLIPVisionModelWithProjection folder (frozen); "": the toy CLIP (toy.toy_clip; random
+    # when toy_pretrain_steps is 0)
     guider_channels: tuple[int, ...] = (16,)  # pose guider widths: len - 1 stride-2 steps (SD: 16, 32, 96, 256)
     pose_sigma: float = 1.0  # pose-condition heatmap Gaussian, in image pixels
     face_tokens: int = 4  # cross-attention tokens from the face embedding
@@ -284,9 +286,18 @@ def start_stage(cfg, accelerator, stage):
     if data_dir == Path(Config.data_dir):
         toy_dance(data_dir, accelerator, n=cfg.toy_clips, seconds=cfg.toy_seconds, size=cfg.toy_image_size,
                   fps=cfg.fps, seed=cfg.seed)
-        if stage in "AB" and not cfg.unet_path and cfg.toy_pretrain_steps:  # the toy set's "SD", made with it
-            toy_unet(cfg, accelerator, dance_scheduler(cfg), lr_at)
+        if stage in "AB" and cfg.toy_pretrain_steps:  # the toy set's "SD" and "CLIP", made with it
+            toy_encoders(cfg, accelerator)
     return out_dir, data_dir
+
+
+def toy_encoders(cfg, accelerator):
+    """The toy's pretrained stand-ins where no path is given: the toy SD (returns its unet/ folder, or
+    "" when unet_path is set) and the toy CLIP (read back by frozen_encoders)."""
+    if not cfg.clip_path:  # its embeddings are as wide as the UNet's cross-attention
+        unet = UNet2DConditionModel.load_config(cfg.unet_path) if cfg.unet_path else DANCE_UNET_CONFIGS[cfg.unet_preset]
+        toy_clip(cfg, unet["cross_attention_dim"], accelerator)
+    return "" if cfg.unet_path else str(toy_unet(cfg, accelerator, dance_scheduler(cfg), lr_at))
 
 
 def load_stage_a(cfg, music_dim, device):
@@ -517,8 +528,7 @@ def stage_b(cfg):
     val_set = DanceClipDataset(data_dir / cfg.val_list, cfg.window, cfg.joints, cfg.fps, start=0, ref_frame=0,
                                image_size=cfg.image_size)
     m2p, a_cfg = load_stage_a(cfg, train_set.music_dim, device)
-    unet_path = cfg.unet_path or (str(toy_unet(cfg, accelerator, dance_scheduler(cfg), lr_at))
-                                  if cfg.toy_pretrain_steps else "")
+    unet_path = cfg.unet_path or (toy_encoders(cfg, accelerator) if cfg.toy_pretrain_steps else "")
     net, vae, clip, recognizer = build_stage_b(dataclasses.replace(cfg, unet_path=unet_path), train_set.J, device)
     eval_rec = eval_face_recognizer(vars(cfg), device)  # scores identity; the loss never sees it
     read_poses = pose_reader(vars(cfg), data_dir == Path(Config.data_dir), device, accelerator)  # or None
@@ -671,8 +681,9 @@ def load_stage_b(cfg, J, device):
     final = Path(cfg.stage_b_path) if cfg.stage_b_path else Path(cfg.out_dir) / "stage_B" / "final"
     b = read_dance_final(final, "B", f"run `train_dance.py --training_stage B --out_dir {cfg.out_dir}` first "
                                      "or set --stage_b_path")
-    for key in ("joints", "fps", "image_size", "guider_channels", "face_tokens", "pose_sigma", "vae_path", "clip_path",
-                "face_recognizer_path", "prediction_type", "beta_schedule", "beta_start", "beta_end", "zero_snr"):
+    for key in ("joints", "fps", "image_size", "guider_channels", "face_tokens", "pose_sigma", "vae_path",
+                "clip_path", "toy_pretrain_steps", "face_recognizer_path", "prediction_type", "beta_schedule",
+                "beta_start", "beta_end", "zero_snr"):
         mine = list(getattr(cfg, key)) if isinstance(getattr(cfg, key), tuple) else getattr(cfg, key)
         if b.get(key) != mine:
             raise InputError(f"{final / 'config.yaml'}: stage B ran with {key}={b.get(key)!r}, this run has {mine!r}")

@@ -118,7 +118,7 @@ def test_only_the_referencenets_unused_tail_gets_no_gradient(preset):
             assert any(n.startswith(part) for n in unused), part
         assert not any(n.startswith(f"{last}.transformer_blocks.0.norm1.") for n in unused)
         # build_stage_b freezes exactly these
-        cfg = load_config(train_dance.Config, ["--unet_preset=tiny", "--image_size=16"])
+        cfg = load_config(train_dance.Config, ["--unet_preset=tiny", "--image_size=16", "--toy_pretrain_steps=0"])
         stage_b_net = train_dance.build_stage_b(cfg, J, "cpu")[0]
         frozen = [n for n, p in stage_b_net.referencenet.named_parameters() if not p.requires_grad]
         assert frozen == [n for n, _ in stage_b_net.referencenet.named_parameters() if n in set(unused)]
@@ -356,3 +356,47 @@ def test_stage_b_runs_after_stage_a_starts_from_its_m2p_and_resumes_exactly(tiny
         assert all(torch.equal(full[k], resumed[k]) for k in full), name
     before, after = (load_file(x / f"checkpoint-{s}" / "dance.safetensors") for s in (2, 4))
     assert any(not torch.equal(before[k], after[k]) for k in after)  # steps 2-3 changed the weights
+
+
+def test_face_tokens_are_stableanimators_face_encoder():
+    """StableAnimator's FusionFaceId, names and shapes (cross-attention 128: 2 heads of 64), so its weights
+    load as they are; the tokens start at zero (its zeroed proj_out), then read the CLIP embedding."""
+    f = FaceTokens(128)
+    sd = f.state_dict()
+    assert len(sd) == 12 + 4 * 11  # proj, norm, perceiver in/out/norm; 4 x (attention 7, feed-forward 4)
+    assert sd["proj.2.weight"].shape == (4 * 128, 1024)
+    assert sd["fusion_model.layers.3.0.to_kv.weight"].shape == (2 * 2 * 64, 128)
+    assert sd["fusion_model.layers.0.1.3.weight"].shape == (128, 4 * 128)
+    emb, clip = torch.randn(2, 512), torch.randn(2, 128)
+    assert f(emb, clip).abs().max() == 0
+    torch.nn.init.normal_(f.fusion_model.proj_out.weight)
+    out = f(emb, clip)  # (2, 4, 128)
+    assert out.shape == (2, 4, 128)
+    assert (out - f(emb, clip.flip(0))).abs().mean() > 0.1  # the face tokens read the image embedding
+
+
+def test_the_toy_clip_embeds_a_clips_look_whatever_the_pose(tmp_path):
+    """The toy CLIP (stage B's stand-in, made once): a frame of a training clip finds its clip among the
+    others from another frame, which the random encoder it starts from does far less; stage B and
+    frozen_encoders read that folder back."""
+    import types
+
+    from toy import frozen_encoders, toy_clip, toy_clip_image_encoder, training_frames, write_toy_dance
+    data = write_toy_dance(tmp_path / "d", n=12, n_dancers=3, seconds=0.5, size=32, n_val=2, progress=False)
+    cfg = load_config(train_dance.Config, [f"--data_dir={data}", "--image_size=16"])
+    solo = types.SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+    folder = toy_clip(cfg, D, solo, steps=60)
+    frames = training_frames(cfg, 8)  # (10 clips, 8, 3, 16, 16)
+
+    def gap(clip):  # cosine of frames 0 and 6 of one clip, minus that of different clips
+        with torch.no_grad():
+            a, b = (torch.nn.functional.normalize(clip_image_embeds(clip, frames[:, i]), dim=-1) for i in (0, 6))
+        cos = a @ b.T  # (10, 10)
+        return cos.diag().mean().item() - cos[~torch.eye(len(cos), dtype=bool)].mean().item()
+
+    _, clip, _ = frozen_encoders(vars(cfg), D, "cpu")
+    trained, random = gap(clip), gap(toy_clip_image_encoder(cfg.seed, D, cfg.image_size))
+    assert trained > 0.5 and trained > 3 * random, (trained, random)
+    assert (folder / "spec.json").is_file()
+    with pytest.raises(InputError, match="toy CLIP is missing"):
+        frozen_encoders(vars(dataclasses.replace(cfg, image_size=32)), D, "cpu")
