@@ -381,22 +381,31 @@ def test_the_toy_clip_embeds_a_clips_look_whatever_the_pose(tmp_path):
     frozen_encoders read that folder back."""
     import types
 
-    from toy import frozen_encoders, toy_clip, toy_clip_image_encoder, training_frames, write_toy_dance
-    data = write_toy_dance(tmp_path / "d", n=12, n_dancers=3, seconds=0.5, size=32, n_val=2, progress=False)
-    cfg = load_config(train_dance.Config, [f"--data_dir={data}", "--image_size=16"])
+    from toy import (
+        frozen_encoders,
+        new_background,
+        toy_clip,
+        toy_clip_image_encoder,
+        training_frames,
+        write_toy_dance,
+    )
+    data = write_toy_dance(tmp_path / "d", n=34, n_dancers=4, seconds=0.5, size=32, n_val=2, progress=False)
+    cfg = load_config(train_dance.Config, [f"--data_dir={data}", "--image_size=32"])
     solo = types.SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
-    folder = toy_clip(cfg, D, solo, steps=60)
-    frames = training_frames(cfg, 8)  # (10 clips, 8, 3, 16, 16)
+    folder = toy_clip(cfg, 64, solo, steps=150)  # the toy UNet's width (a narrower one collapses more often)
+    frames, g = training_frames(cfg, 8), torch.Generator().manual_seed(0)  # (32 clips, 8, 3, 32, 32)
 
-    def gap(clip):  # cosine of frames 0 and 6 of one clip, minus that of different clips
+    def gap(clip, p=0.0):  # cosine of frames 0 and 6 of one clip, minus that of different clips
         with torch.no_grad():
-            a, b = (torch.nn.functional.normalize(clip_image_embeds(clip, frames[:, i]), dim=-1) for i in (0, 6))
-        cos = a @ b.T  # (10, 10)
+            a, b = (torch.nn.functional.normalize(clip_image_embeds(clip, new_background(frames[:, i], g, p)), dim=-1)
+                    for i in (0, 6))
+        cos = a @ b.T  # (32, 32)
         return cos.diag().mean().item() - cos[~torch.eye(len(cos), dtype=bool)].mean().item()
 
-    _, clip, _ = frozen_encoders(vars(cfg), D, "cpu")
-    trained, random = gap(clip), gap(toy_clip_image_encoder(cfg.seed, D, cfg.image_size))
+    _, clip, _ = frozen_encoders(vars(cfg), 64, "cpu")
+    trained, random = gap(clip), gap(toy_clip_image_encoder(cfg.seed, 64, cfg.image_size))
     assert trained > 0.5 and trained > 3 * random, (trained, random)
+    assert gap(clip, p=1.0) > 0.5  # the dancer's look, not only the background's colour
     assert (folder / "spec.json").is_file()
     with pytest.raises(InputError, match="toy CLIP is missing"):
-        frozen_encoders(vars(dataclasses.replace(cfg, image_size=32)), D, "cpu")
+        frozen_encoders(vars(dataclasses.replace(cfg, image_size=16)), 64, "cpu")
