@@ -535,7 +535,11 @@ def load_dance_net(path, c):
     guider = PoseGuider(JOINT_SETS[c["joints"]], unet.config.block_out_channels[0], tuple(c["guider_channels"]))
     face_tokens = FaceTokens(unet.config.cross_attention_dim, c["face_tokens"])
     load_model(guider, str(path / "pose_guider.safetensors"))
-    load_model(face_tokens, str(path / "face_tokens.safetensors"))
+    try:
+        load_model(face_tokens, str(path / "face_tokens.safetensors"))
+    except RuntimeError as err:  # e.g. a final/ from before the face tokens were StableAnimator's face encoder
+        raise InputError(f"{path / 'face_tokens.safetensors'}: not this code's face encoder (StableAnimator's "
+                         f"FusionFaceId): {' '.join(str(err).split())[:200]}; train stage B again") from None
     return DanceNet(unet, load_unet(path / "referencenet"), guider, face_tokens)
 
 
