@@ -19,10 +19,10 @@ from data import (
     write_video,
 )
 from losses import (
+    aligned_face_crop,
     beat_alignment,
     beats_within,
     bobbing,
-    aligned_face_crop,
     diversity,
     foot_contact_score,
     frechet_distance,
@@ -49,6 +49,7 @@ from plumbing import (
     InputError,
     seeded,
 )
+from pose import face_points5
 
 
 @torch.no_grad()
@@ -141,6 +142,23 @@ def motion_scores(motions, real_k, real_g, fps):
     return m
 
 
+def face_crops(images, boxes, points, size=112):
+    """Face crops for the identity scores: aligned as ArcFace's training faces (losses.aligned_face_crop)
+    where the 5 face points are known, box crops (data.crop_box) where not (COCO-17 poses, the toy's).
+    images [N, 3, H, W], boxes [N, 4], points [N, 5, 2] (NaN: unknown) -> [N, 3, size, size]."""
+    crops = crop_box(images, boxes, size)
+    ok = points.isfinite().flatten(1).all(1).to(images.device)  # (N,)
+    if ok.any():
+        crops = crops.index_put((ok,), aligned_face_crop(images[ok], points.to(images.device)[ok], size))
+    return crops
+
+
+def clip_face_points(clip, frames):
+    """The 5 face points [len(frames), 5, 2] of a clip's frames, from all 134 points of its poses.npy (the
+    run may model fewer joints)."""
+    return face_points5(np.load(clip["dir"] / "poses.npy", mmap_mode="r")[np.asarray(frames)])
+
+
 def pose_scores(found, found_ref, pose, wrong):
     """Pose accuracy of generated frames: the poses read back from them (found, (N, J, 2)) against the
     poses they were generated at (pose, (N, J, 3)), beside the reference image's pose read the same way
@@ -167,12 +185,13 @@ def evaluate_b(net, vae, clip, recognizer, eval_rec, read_poses, scheduler, val_
         clip_i, T = val_set.clips[i], val_set.clips[i]["T"]
         for k, t in enumerate(np.linspace(0, T - 1, K + 2)[1:-1].round().astype(int)):
             items.append(dict(clip=i, t=t, frame=val_set.resize(read_frame(clip_i["source"], t)),
-                              box=val_set.box(clip_i, t), pose=torch.from_numpy(val_set.poses[i][t])))
+                              box=val_set.box(clip_i, t), pose=torch.from_numpy(val_set.poses[i][t]),
+                              points=clip_face_points(clip_i, [t])[0]))
     ref_images = torch.stack([val_set.resize(read_frame(c["source"], 0)) for c in val_set.clips[:n]]).to(device)
     if any(c["boxes"][0] is None for c in val_set.clips[:n]):
         raise InputError(f"{cfg.val_list}: validation clips need a face box in frame 0 (the reference)")
-    ref_faces = torch.stack([crop_box(read_frame(c["source"], 0), c["boxes"][0], 112)
-                             for c in val_set.clips[:n]]).to(device)
+    ref_faces = torch.cat([face_crops(read_frame(c["source"], 0)[None], torch.tensor([c["boxes"][0]]),
+                                      clip_face_points(c, [0])) for c in val_set.clips[:n]]).to(device)
     face_emb = recognizer(ref_faces * 2 - 1)  # (n, 512)
     clip_emb = clip_image_embeds(clip, ref_images)  # (n, D)
     idx = torch.tensor([it["clip"] for it in items], device=device)
@@ -207,7 +226,9 @@ def evaluate_b(net, vae, clip, recognizer, eval_rec, read_poses, scheduler, val_
     boxes = torch.stack([it["box"] for it in items]).to(device)
     has = ~boxes.isnan().any(1)
     if has.any():  # another held-out dancer: the next clip (toy: its dancer differs)
-        m.update(identity_scores(eval_rec, crop_box(gen[has], boxes[has], 112), crop_box(gt[has], boxes[has], 112),
+        points = torch.stack([it["points"] for it in items])[has.cpu()]  # (N, 5, 2)
+        m.update(identity_scores(eval_rec, face_crops(gen[has], boxes[has], points),
+                                 face_crops(gt[has], boxes[has], points),
                                  ref_faces[idx[has]], ref_faces[(idx[has] + 1) % n]))
     pose_img = heat.amax(1, keepdim=True).expand(-1, 3, -1, -1)  # (n K, 3, H, W): the joints
     pose_img = 1 - F.interpolate(pose_img, size=(S, S), mode="area").clamp(0, 1)
@@ -266,11 +287,14 @@ def evaluate_c(net, vae, clip, recognizer, eval_rec, read_poses, scheduler, val_
         m.update(pose_scores(read_poses(flat(gen)), read_poses(refs).repeat_interleave(T, 0), pose, wrong))
     boxes = torch.stack([it["boxes"][:T] for it in items]).to(device)  # (n, T, 4)
     has = ~flat(boxes).isnan().any(1)
-    if has.any():
-        faces = torch.stack([it["face"] for it in items]).to(device)  # (n, 3, 112, 112): the references'
+    if has.any():  # the references' faces (frame 0), cropped as the frames' are
+        clips = val_set.clips[:n]
+        faces = torch.cat([face_crops(read_frame(c["source"], 0)[None], torch.tensor([c["boxes"][0]]),
+                                      clip_face_points(c, [0])) for c in clips]).to(device)  # (n, 3, 112, 112)
+        points = torch.cat([clip_face_points(c, it["start"] + np.arange(T)) for c, it in zip(clips, items)])
         own = faces.repeat_interleave(T, 0)[has]
-        m.update(identity_scores(eval_rec, crop_box(flat(gen)[has], flat(boxes)[has], 112),
-                                 crop_box(flat(gt)[has], flat(boxes)[has], 112), own,
+        m.update(identity_scores(eval_rec, face_crops(flat(gen)[has], flat(boxes)[has], points[has.cpu()]),
+                                 face_crops(flat(gt)[has], flat(boxes)[has], points[has.cpu()]), own,
                                  faces.roll(-1, 0).repeat_interleave(T, 0)[has]))
     up = lambda v: F.interpolate(v, scale_factor=max(1, 128 // S), mode="nearest")  # noqa: E731
     for i in range(min(2, n)):  # ground truth | generated, with the clip's music

@@ -140,7 +140,7 @@ class Config:
     pose_detector: str = "full_frame"  # its person box: the whole frame, or a YOLOX ONNX file
     pose_loss_weight: float = 0.5  # M2P's heatmap loss, also when M2P trains in stages B and C
     face_loss_weight: float = 0.1
-    m2p_smooth: int = 5  # M2P's poses averaged over this many frames (odd; 0 / 1: off) at validation, as sample.py
+    m2p_smooth: int = 3  # M2P's poses averaged over this many frames (odd; 0 / 1: off) at validation, as sample.py
     # ---- stage B: pose guider + denoising UNet + ReferenceNet + face tokens on single frames
     max_steps_b: int = 1500
     lr_b: float = 1e-3  # the toy's; configs/dance_stage_b.yaml: 1e-4
