@@ -449,11 +449,12 @@ def foot_contact_score(motion, fps):
     falling, which gravity explains); "horizontal" is image x only (sliding in depth is unseen); a foot is
     the ankle and the big toe when the motion has the feet (J >= 24), else the ankle alone; units are
     normalised image widths, so values are not on EDGE's (metres) scale. A motion whose root never
-    accelerates scores 0 (EDGE would divide by zero)."""
+    accelerates (beyond rounding) scores 0 (EDGE would divide by zero, or by rounding noise)."""
     x = torch.as_tensor(motion, dtype=torch.float64)[..., :2]
     root = (x[:, 8] + x[:, 11]) / 2  # (T, 2) mid-hip: SMPL's pelvis
     a = (root[2:] - 2 * root[1:-1] + root[:-2]) * fps**2  # (T - 2, 2)
     a = torch.stack([a[:, 0], a[:, 1].clamp(max=0)], -1).norm(dim=-1)  # only rising (-y) counts upward
+    a = torch.where(a < 1e-6, 0.0, a)  # rounding noise (widths / s^2): normalised by its max it would count fully
     if a.max() <= 0:
         return 0.0
     a = a / a.max()
