@@ -1,8 +1,9 @@
 """The dance stages' validations, each score beside the trivial videos that could win it: stage A's poses
 against standing still, the mean pose and a reference bobbing on the beats (beat alignment, limb beats,
-FID_k / Div_k); stages B and C's frames against copying the reference and a wrong pose (PSNR / SSIM,
-poses read back from the frames, temporal error on the dancer and the background), identity by a
-recognizer the loss never saw beside a flat-colour face. train_dance.py calls them at val_every.
+FID_k / Div_k, FID_g / Div_g, foot contact); stages B and C's frames against copying the reference and a
+wrong pose (PSNR / SSIM, poses read back from the frames, temporal error on the dancer and the
+background), identity by a recognizer the loss never saw beside a flat-colour face (faces aligned by
+their 5 points where the poses have face points). train_dance.py calls them at val_every.
 """
 
 import numpy as np
