@@ -769,7 +769,7 @@ def run_dance_eval(cfg, device):
     n = len(runs)
     # motion quality of M2P's poses (those that drove the videos): FID_k, FID_g, Div, PFC beside the real
     # dance, standing still (in the reference pose, in the training clips' mean pose), M2P on the next
-    # clip's music and, with a pose reader, the poses read back from the generated videos
+    # clip's music and, with a pose reader, the poses read back from the generated and the real videos
     train = [np.load(p / "poses.npy")[:, :J] for p in read_list_file(Path(c["data_dir"]) / c["train_list"])]
     P = torch.from_numpy(np.concatenate(train))  # (N, J, 3)
     vis = (P[..., 2:] >= VISIBLE).float()
@@ -781,6 +781,7 @@ def run_dance_eval(cfg, device):
                              r["face_in"], c["window"], cfg.m2p_smooth).cpu() for i, r in enumerate(runs)]}
     if read_poses is not None:
         motions["_read"] = [r["read"]["gen"] for r in runs]
+        motions["_read_gt"] = [r["read"]["gt"] for r in runs]  # the reader's own jitter on real frames
     motion = motion_scores(motions, kinetic_windows(train, fps), geometric_windows(train, fps), fps)
     score = lambda f, k: float(np.mean([beat_alignment(runs[(i + k) % n]["beats"], f(runs[i])) for i in range(n)]))  # noqa: E731
     video, pose = (lambda r: video_beats(r["gen"], fps)), (lambda r: motion_beats(r["poses"], fps))
