@@ -390,7 +390,8 @@ def geometric_features(motion, fps):
     Changed: angles are of the projected limbs (foreshortening bends them); lengths are in units of this
     motion's median 2-D torso (neck to mid-hip; half of it stands for Bailando's humerus length `hl`,
     the median shoulder and hip widths for its `sw`, `hw`), not a fixed 3-D skeleton's metres;
-    velocities are per second at the true fps (Bailando divides by 1/120 s at 60 fps)."""
+    velocities are per second at the true fps (Bailando divides by 1/120 s at 60 fps). Visibility is
+    ignored, as in kinetic_features."""
     x = torch.as_tensor(motion, dtype=torch.float64)[:, :18, :2]
     up = x.new_tensor([0.0, -1.0])  # image y points down
     neck, root = x[:, 1], (x[:, 8] + x[:, 11]) / 2  # (T, 2); Bailando's root is the pelvis
