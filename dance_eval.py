@@ -1,8 +1,9 @@
 """The dance stages' validations, each score beside the trivial videos that could win it: stage A's poses
 against standing still, the mean pose and a reference bobbing on the beats (beat alignment, limb beats,
-FID_k / Div_k); stages B and C's frames against copying the reference and a wrong pose (PSNR / SSIM,
-poses read back from the frames, temporal error on the dancer and the background), identity by a
-recognizer the loss never saw beside a flat-colour face. train_dance.py calls them at val_every.
+FID_k / Div_k, FID_g / Div_g, foot contact); stages B and C's frames against copying the reference and a
+wrong pose (PSNR / SSIM, poses read back from the frames, temporal error on the dancer and the
+background), identity by a recognizer the loss never saw beside a flat-colour face (faces aligned by
+their 5 points where the poses have face points). train_dance.py calls them at val_every.
 """
 
 import numpy as np
@@ -19,11 +20,14 @@ from data import (
     write_video,
 )
 from losses import (
+    aligned_face_crop,
     beat_alignment,
     beats_within,
     bobbing,
     diversity,
+    foot_contact_score,
     frechet_distance,
+    geometric_windows,
     identity_scores,
     kinetic_windows,
     limb_beats,
@@ -32,6 +36,7 @@ from losses import (
     pose_heatmaps,
     predicted_x0,
     psnr,
+    smooth_poses,
     soft_argmax,
     ssim,
 )
@@ -45,16 +50,20 @@ from plumbing import (
     InputError,
     seeded,
 )
+from pose import face_points5
 
 
 @torch.no_grad()
-def evaluate_a(m2p, recognizer, val_set, mean_pose, beats, real_k, cfg, step, out_dir, device, tag="val"):
+def evaluate_a(m2p, recognizer, val_set, mean_pose, beats, real, cfg, step, out_dir, device, tag="val"):
     """On whole held-out clips (reference = frame 0, windows of the training length): pose error and
     PCK@0.05 against the mean-pose and reference-pose baselines; beat alignment against the music
     shuffled across clips, the real dance and the reference bobbing on the beats, also from the limbs
-    only (joints relative to the torso: bobbing has none); FID_k and Div_k (Bailando, 2-D kinetic
-    features of 1-s windows, normalised by the training clips' `real_k` [N, 54]) against the real dance,
-    standing still and shuffled music; face-embedding cosine; the skeleton video."""
+    only (joints relative to the torso: bobbing has none); FID_k / Div_k and FID_g / Div_g (Bailando's
+    2-D kinetic and geometric features of 1-s windows against the training clips' `real` = (kinetic
+    [N, 54], geometric [N, 25]); the kinetic ones normalised by the training windows') and EDGE's foot
+    contact score (PFC) against the real dance, standing still in the reference and in the mean pose and
+    shuffled music; face-embedding cosine; the skeleton video. M2P's poses are smoothed over
+    cfg.m2p_smooth frames (losses.smooth_poses), as sampling smooths them."""
     m2p.eval()
     n = min(cfg.val_samples, len(val_set))
     s = {k: [] for k in ("pose_err", "pose_err_mean_pose", "pose_err_ref_pose", "pck", "pck_mean_pose",
@@ -65,7 +74,7 @@ def evaluate_a(m2p, recognizer, val_set, mean_pose, beats, real_k, cfg, step, ou
         for t0 in range(0, len(music), cfg.window):  # non-overlapping windows, as long as in training
             logits, emb = m2p(music[None, t0: t0 + cfg.window], ref_pose, face)
             pred.append(soft_argmax(logits.float())[0])  # (w, J, 2)
-        return torch.cat(pred), emb
+        return smooth_poses(torch.cat(pred), cfg.m2p_smooth), emb
 
     preds, gts, shuffled_preds, refs = [], [], [], []
     for i in range(n):
@@ -105,16 +114,50 @@ def evaluate_a(m2p, recognizer, val_set, mean_pose, beats, real_k, cfg, step, ou
             beats[(i + 1) % n], len(motions[i]), cfg.fps))
         m["beat_align_limbs" + name] = float(np.mean([beat_alignment(beats_of(i), limb_beats(x, cfg.fps))
                                                       for i, x in enumerate(motions)]))
-    mu, sd = real_k.mean(0), real_k.std(0).clamp(min=1e-8)
     still = [refs[i][None].expand(len(p), -1, -1) for i, p in enumerate(preds)]  # (T, J, 2): standing still
-    for name, motions in {"": preds, "_gt": gts, "_still": still, "_shuffled": shuffled_preds}.items():
-        k = (kinetic_windows(motions, cfg.fps) - mu) / sd  # (N, 54)
-        m["fid_k" + name], m["div_k" + name] = frechet_distance((real_k - mu) / sd, k), diversity(k)
+    mean_still = [mean_pose.cpu()[None].expand(len(p), -1, -1) for p in preds]
+    motions = {"": preds, "_gt": gts, "_still": still, "_mean_pose": mean_still, "_shuffled": shuffled_preds}
+    m.update(motion_scores(motions, *real, cfg.fps))
     video = out_dir / f"{tag}_{step:06d}.mp4"
     video, frame = write_skeleton_video(video, val_set.clips[0], gts[0], preds[0], cfg.fps)
     Image.fromarray(frame).save(out_dir / f"{tag}_{step:06d}.png")
     m2p.train()
     return m, video
+
+
+def motion_scores(motions, real_k, real_g, fps):
+    """FID_k / Div_k, FID_g / Div_g (1-s windows) and PFC (whole motions, averaged) of each named set of
+    motions {name: [[T, J, 2+], ...]} against the training windows' kinetic [N, 54] and geometric [N, 25]
+    features. Kinetic features are z-scored by the training windows' (their units differ by orders of
+    magnitude); geometric ones are fractions of frames, on one scale already, and are not: 11 of the 25
+    relations are never true in the toy's training windows, and dividing by their ~0 spread would let a
+    stray frame decide FID_g."""
+    mu, sd = real_k.mean(0), real_k.std(0).clamp(min=1e-8)
+    m = {}
+    for name, ms in motions.items():
+        k = (kinetic_windows(ms, fps) - mu) / sd  # (N, 54)
+        g = geometric_windows(ms, fps)  # (N, 25)
+        m["fid_k" + name], m["div_k" + name] = frechet_distance((real_k - mu) / sd, k), diversity(k)
+        m["fid_g" + name], m["div_g" + name] = frechet_distance(real_g, g), diversity(g)
+        m["pfc" + name] = float(np.mean([foot_contact_score(x, fps) for x in ms]))
+    return m
+
+
+def face_crops(images, boxes, points, size=112):
+    """Face crops for the identity scores: aligned as ArcFace's training faces (losses.aligned_face_crop)
+    where the 5 face points are known, box crops (data.crop_box) where not (COCO-17 poses, the toy's).
+    images [N, 3, H, W], boxes [N, 4], points [N, 5, 2] (NaN: unknown) -> [N, 3, size, size]."""
+    crops = crop_box(images, boxes, size)
+    ok = points.isfinite().flatten(1).all(1).to(images.device)  # (N,)
+    if ok.any():
+        crops = crops.index_put((ok,), aligned_face_crop(images[ok], points.to(images.device)[ok], size))
+    return crops
+
+
+def clip_face_points(clip, frames):
+    """The 5 face points [len(frames), 5, 2] of a clip's frames, from all 134 points of its poses.npy (the
+    run may model fewer joints)."""
+    return face_points5(np.load(clip["dir"] / "poses.npy", mmap_mode="r")[np.asarray(frames)])
 
 
 def pose_scores(found, found_ref, pose, wrong):
@@ -143,12 +186,13 @@ def evaluate_b(net, vae, clip, recognizer, eval_rec, read_poses, scheduler, val_
         clip_i, T = val_set.clips[i], val_set.clips[i]["T"]
         for k, t in enumerate(np.linspace(0, T - 1, K + 2)[1:-1].round().astype(int)):
             items.append(dict(clip=i, t=t, frame=val_set.resize(read_frame(clip_i["source"], t)),
-                              box=val_set.box(clip_i, t), pose=torch.from_numpy(val_set.poses[i][t])))
+                              box=val_set.box(clip_i, t), pose=torch.from_numpy(val_set.poses[i][t]),
+                              points=clip_face_points(clip_i, [t])[0]))
     ref_images = torch.stack([val_set.resize(read_frame(c["source"], 0)) for c in val_set.clips[:n]]).to(device)
     if any(c["boxes"][0] is None for c in val_set.clips[:n]):
         raise InputError(f"{cfg.val_list}: validation clips need a face box in frame 0 (the reference)")
-    ref_faces = torch.stack([crop_box(read_frame(c["source"], 0), c["boxes"][0], 112)
-                             for c in val_set.clips[:n]]).to(device)
+    ref_faces = torch.cat([face_crops(read_frame(c["source"], 0)[None], torch.tensor([c["boxes"][0]]),
+                                      clip_face_points(c, [0])) for c in val_set.clips[:n]]).to(device)
     face_emb = recognizer(ref_faces * 2 - 1)  # (n, 512)
     clip_emb = clip_image_embeds(clip, ref_images)  # (n, D)
     idx = torch.tensor([it["clip"] for it in items], device=device)
@@ -183,7 +227,9 @@ def evaluate_b(net, vae, clip, recognizer, eval_rec, read_poses, scheduler, val_
     boxes = torch.stack([it["box"] for it in items]).to(device)
     has = ~boxes.isnan().any(1)
     if has.any():  # another held-out dancer: the next clip (toy: its dancer differs)
-        m.update(identity_scores(eval_rec, crop_box(gen[has], boxes[has], 112), crop_box(gt[has], boxes[has], 112),
+        points = torch.stack([it["points"] for it in items])[has.cpu()]  # (N, 5, 2)
+        m.update(identity_scores(eval_rec, face_crops(gen[has], boxes[has], points),
+                                 face_crops(gt[has], boxes[has], points),
                                  ref_faces[idx[has]], ref_faces[(idx[has] + 1) % n]))
     pose_img = heat.amax(1, keepdim=True).expand(-1, 3, -1, -1)  # (n K, 3, H, W): the joints
     pose_img = 1 - F.interpolate(pose_img, size=(S, S), mode="area").clamp(0, 1)
@@ -242,11 +288,14 @@ def evaluate_c(net, vae, clip, recognizer, eval_rec, read_poses, scheduler, val_
         m.update(pose_scores(read_poses(flat(gen)), read_poses(refs).repeat_interleave(T, 0), pose, wrong))
     boxes = torch.stack([it["boxes"][:T] for it in items]).to(device)  # (n, T, 4)
     has = ~flat(boxes).isnan().any(1)
-    if has.any():
-        faces = torch.stack([it["face"] for it in items]).to(device)  # (n, 3, 112, 112): the references'
+    if has.any():  # the references' faces (frame 0), cropped as the frames' are
+        clips = val_set.clips[:n]
+        faces = torch.cat([face_crops(read_frame(c["source"], 0)[None], torch.tensor([c["boxes"][0]]),
+                                      clip_face_points(c, [0])) for c in clips]).to(device)  # (n, 3, 112, 112)
+        points = torch.cat([clip_face_points(c, it["start"] + np.arange(T)) for c, it in zip(clips, items)])
         own = faces.repeat_interleave(T, 0)[has]
-        m.update(identity_scores(eval_rec, crop_box(flat(gen)[has], flat(boxes)[has], 112),
-                                 crop_box(flat(gt)[has], flat(boxes)[has], 112), own,
+        m.update(identity_scores(eval_rec, face_crops(flat(gen)[has], flat(boxes)[has], points[has.cpu()]),
+                                 face_crops(flat(gt)[has], flat(boxes)[has], points[has.cpu()]), own,
                                  faces.roll(-1, 0).repeat_interleave(T, 0)[has]))
     up = lambda v: F.interpolate(v, scale_factor=max(1, 128 // S), mode="nearest")  # noqa: E731
     for i in range(min(2, n)):  # ground truth | generated, with the clip's music

@@ -362,6 +362,144 @@ def kinetic_windows(motions, fps):
                         for m in motions for t in range(0, len(m) - fps + 1, fps)])
 
 
+def smooth_poses(xy, window):
+    """A centred moving average of `window` frames (odd; 0 or 1: unchanged) along time of poses [T, J, C],
+    padded by reflection as gaussian_smooth (the edge frame repeated). Averaging the positions averages the
+    velocities over the window: jitter from frame to frame falls as 1 / window, while a move lasting longer
+    than the window keeps its speed and its stops (the motion beats)."""
+    if window <= 1:
+        return xy
+    if window % 2 == 0:
+        raise ValueError(f"smoothing window {window}: expected an odd number of frames (centred) or 0 / 1 (off)")
+    r = min(window // 2, len(xy))
+    xp = torch.cat([xy[:r].flip(0), xy, xy[-r:].flip(0)])  # (T + 2r, J, C)
+    return xp.unfold(0, 2 * r + 1, 1).mean(-1)  # (T, J, C, 2r + 1) -> (T, J, C)
+
+
+def geometric_features(motion, fps):
+    """Bailando's geometric features (utils/features/manual*.py: Mueller et al.'s boolean relations between
+    joints, per frame) in 2-D image coordinates, y down. motion [T, J >= 18, 2+] (OpenPose-18 order) ->
+    [T - 1, 25], one row per frame from the second (velocities from the frame before), 1.0 = true.
+    Kept, 25 of Bailando's 32: hand above the neck (along the torso), elbow and knee bent (< 110 deg),
+    hands and ankles far apart along the shoulder / hip line, hands moving apart or along wrist-to-root,
+    wrists, ankles and root fast, ankle lifted above the lowest joint, hand near the lowest joint, upper
+    arm and thigh raised off the torso axis, torso horizontal. Dropped, they need depth: the hands'
+    velocities out of the body plane (2), the feet's distance from the leg planes (2) and the root's from
+    the ankles-neck plane (1); and Bailando's belly-chest velocity along the torso (2: its f_move scores
+    its third joint, the chest, against the belly, ~0 on a rigid torso; our torso has no spine joints).
+    Changed: angles are of the projected limbs (foreshortening bends them); lengths are in units of this
+    motion's median 2-D torso (neck to mid-hip; half of it stands for Bailando's humerus length `hl`,
+    the median shoulder and hip widths for its `sw`, `hw`), not a fixed 3-D skeleton's metres;
+    velocities are per second at the true fps (Bailando divides by 1/120 s at 60 fps). Visibility is
+    ignored, as in kinetic_features."""
+    x = torch.as_tensor(motion, dtype=torch.float64)[:, :18, :2]
+    up = x.new_tensor([0.0, -1.0])  # image y points down
+    neck, root = x[:, 1], (x[:, 8] + x[:, 11]) / 2  # (T, 2); Bailando's root is the pelvis
+    rsho, relb, rwri, lsho, lelb, lwri = (x[:, i] for i in (2, 3, 4, 5, 6, 7))
+    rhip, rkne, rank, lhip, lkne, lank = (x[:, i] for i in (8, 9, 10, 11, 12, 13))
+    hl = 0.5 * (neck - root).norm(dim=-1).median()  # the humerus is about half the torso
+    sw, hw = (rsho - lsho).norm(dim=-1).median(), (rhip - lhip).norm(dim=-1).median()
+    unit = lambda v: v / v.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # noqa: E731
+    dot = lambda a, b: (a * b).sum(-1)  # noqa: E731
+    lowest = x[..., 1].amax(1)  # (T,): the lowest joint's y (Bailando's y_min, y up there)
+
+    def angle(a, b, c, d, lo, hi):  # the angle between a -> b and c -> d strictly within (lo, hi) degrees
+        cos = dot(unit(b - a), unit(d - c)).clamp(-1, 1)
+        deg = torch.rad2deg(torch.arccos(cos))
+        return (deg > lo) & (deg < hi)
+
+    def move(a, b, p, k):  # p's velocity relative to a, along a -> b, above k hl / s (Bailando's f_move)
+        v = ((p - a)[1:] - (p - a)[:-1]) * fps  # (T - 1, 2)
+        return dot(v, unit(b - a)[1:]) > k * hl
+
+    def fast(p, k):
+        return (p[1:] - p[:-1]).norm(dim=-1) * fps > k * hl
+
+    static = [  # (T,) each, the frame's own relations; torso direction root -> neck for chest -> neck
+        dot(rwri - neck, unit(neck - root)) > 0.2 * hl, dot(lwri - neck, unit(neck - root)) > 0.2 * hl,
+        angle(relb, rsho, relb, rwri, 0, 110), angle(lelb, lsho, lelb, lwri, 0, 110),
+        dot(rwri - lwri, unit(rsho - lsho)) > 2.5 * sw,
+        lowest - rank[:, 1] > 1.2 * hl, lowest - lank[:, 1] > 1.2 * hl,  # ankle height above the lowest joint
+        dot(rank - lank, unit(rhip - lhip)) > 2.1 * hw,
+        angle(rkne, rhip, rkne, rank, 0, 110), angle(lkne, lhip, lkne, lank, 0, 110),
+        angle(neck, root, rsho, relb, 25, 180), angle(neck, root, lsho, lelb, 25, 180),
+        angle(neck, root, rhip, rkne, 50, 180), angle(neck, root, lhip, lkne, 50, 180),
+        angle(neck, root, torch.zeros_like(up), up.expand_as(neck), 70, 110),
+        lowest - rwri[:, 1] < 1.2 * hl, lowest - lwri[:, 1] < 1.2 * hl,  # hand within 1.2 hl of the lowest joint
+    ]
+    moving = [  # (T - 1,) each: from the frame before
+        move(lwri, rwri, rwri, 1.4), move(rwri, root, lwri, 1.4), move(lwri, root, rwri, 1.4),
+        fast(rwri, 2.5), fast(lwri, 2.5), fast(rank, 2.5), fast(lank, 2.5), fast(root, 2.3),
+    ]
+    return torch.stack([f[1:] for f in static] + moving, -1).to(torch.float64)  # (T - 1, 25)
+
+
+def geometric_windows(motions, fps):
+    """Geometric features (losses.geometric_features) averaged over every 1-s window of each motion, the
+    windows of kinetic_windows: the samples of FID_g and Div_g [N, 25] (Bailando averages whole clips)."""
+    return torch.stack([geometric_features(torch.as_tensor(m)[t: t + fps], fps).mean(0)
+                        for m in motions for t in range(0, len(m) - fps + 1, fps)])
+
+
+def foot_contact_score(motion, fps):
+    """EDGE's Physical Foot Contact score (eval/eval_pfc.py; lower is better), in 2-D image coordinates: the
+    mean over frames of (the root's acceleration, normalised by its largest over the motion) x (the slower
+    of each foot's joints' horizontal speed, per frame) for the left foot x the right foot, times 10^4.
+    The body may only accelerate while a foot is planted. motion [T, J >= 14, 2+] -> float.
+    Changed for 2-D: y points down, so the upward acceleration kept is -y (EDGE keeps +z and drops
+    falling, which gravity explains); "horizontal" is image x only (sliding in depth is unseen); a foot is
+    the ankle and the big toe when the motion has the feet (J >= 24), else the ankle alone; units are
+    normalised image widths, so values are not on EDGE's (metres) scale. A motion whose root never
+    accelerates (beyond rounding) scores 0 (EDGE would divide by zero, or by rounding noise)."""
+    x = torch.as_tensor(motion, dtype=torch.float64)[..., :2]
+    root = (x[:, 8] + x[:, 11]) / 2  # (T, 2) mid-hip: SMPL's pelvis
+    a = (root[2:] - 2 * root[1:-1] + root[:-2]) * fps**2  # (T - 2, 2)
+    a = torch.stack([a[:, 0], a[:, 1].clamp(max=0)], -1).norm(dim=-1)  # only rising (-y) counts upward
+    a = torch.where(a < 1e-6, 0.0, a)  # rounding noise (widths / s^2): normalised by its max it would count fully
+    if a.max() <= 0:
+        return 0.0
+    a = a / a.max()
+    feet = ((10, 21), (13, 18)) if x.shape[1] >= 24 else ((10,), (13,))  # right, left: ankle, big toe
+    v = (x[2:, :, 0] - x[1:-1, :, 0]).abs()  # (T - 2, J): horizontal speed per frame, EDGE's frames
+    right, left = (v[:, list(f)].amin(1) for f in feet)
+    return ((right * left * a).mean() * 1e4).item()
+
+
+# insightface's arcface_dst: eye centres, nose tip, mouth corners (the image's left one first) in the
+# 112 x 112 crop that ArcFace reads, in pixel indices (pixel i's centre at i)
+ARCFACE_112 = ((38.2946, 51.6963), (73.5318, 51.5014), (56.0252, 71.7366), (41.5493, 92.3655), (70.7299, 92.2041))
+
+
+def similarity_transform(src, dst):
+    """Umeyama's (1991) least-squares similarity (scale, rotation, shift; no reflection) taking points src to
+    dst [B, N, 2] each: A = s R [B, 2, 2] and t [B, 2], dst ~ A src + t (skimage's SimilarityTransform,
+    which insightface's norm_crop uses)."""
+    mu_s, mu_d = src.mean(1, keepdim=True), dst.mean(1, keepdim=True)  # (B, 1, 2)
+    s0, d0 = src - mu_s, dst - mu_d
+    U, S, Vh = torch.linalg.svd(d0.transpose(1, 2) @ s0 / src.shape[1])  # of the (B, 2, 2) covariance
+    d = torch.sign(torch.linalg.det(U) * torch.linalg.det(Vh))  # -1: the fit would reflect: flip the weak axis
+    D = torch.stack([torch.ones_like(d), d], -1)  # (B, 2)
+    scale = (S * D).sum(-1) / s0.pow(2).sum((1, 2)).div(src.shape[1])  # (B,)
+    A = scale[:, None, None] * (U @ torch.diag_embed(D) @ Vh)
+    return A, mu_d[:, 0] - (A @ mu_s.transpose(1, 2))[..., 0]
+
+
+def aligned_face_crop(images, points, size=112):
+    """Face crops aligned as insightface does for ArcFace: the similarity taking the 5 face points to
+    ARCFACE_112 (scaled to size), applied by bilinear sampling, differentiable in the image. images
+    [B, 3, H, W]; points [B, 5, 2] normalised (x, y) in [0, 1], ARCFACE_112's order -> [B, 3, size, size]."""
+    B, _, H, W = images.shape
+    wh = images.new_tensor([W, H])
+    dst = (images.new_tensor(ARCFACE_112) + 0.5) * size / 112  # pixel indices -> continuous (pixel i: [i, i + 1])
+    A, t = similarity_transform(points.to(images.dtype) * wh, dst.expand(B, -1, -1))  # image px -> crop px
+    Ai = torch.linalg.inv(A)  # crop px q -> image px p = Ai (q - t)
+    # affine_grid maps the crop's u in [-1, 1] (q = (u + 1) size / 2) to the image's 2 p / wh - 1
+    theta = torch.cat([(2 / wh)[:, None] * Ai * size / 2,
+                       ((2 / wh) * (Ai @ (size / 2 - t)[..., None])[..., 0] - 1)[..., None]], -1)  # (B, 2, 3)
+    grid = F.affine_grid(theta, (B, 3, size, size), align_corners=False)  # (B, size, size, 2)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 def identity_scores(rec, gen_faces, gt_faces, ref_faces, other_faces):
     """Identity by the evaluation recognizer `rec` (toy.eval_face_recognizer): cosine of the generated face
     crops [N, 3, 112, 112] with their reference faces, beside another dancer's face, the ground-truth crop

@@ -42,6 +42,22 @@ def to_layout134(xy, score):
     return out
 
 
+# the 5 points insightface aligns a face by (losses.ARCFACE_112's order), from the 68 face points (iBUG order):
+# the eye on the image's left (the person's right; the mean of its 6 points), the other eye, the nose tip,
+# the mouth corner on the image's left, the other corner
+FACE5 = ((36, 37, 38, 39, 40, 41), (42, 43, 44, 45, 46, 47), (30,), (48,), (54,))
+
+
+def face_points5(pose):
+    """The 5 face-alignment points [..., 5, 2] of poses [..., 134, 3] (normalised or in pixels), NaN where a
+    point they are made of is invisible (COCO-17 poses and the toy's have no face points: all NaN)."""
+    p = torch.as_tensor(np.asarray(pose), dtype=torch.float32)
+    face = p[..., FACE, :]  # (..., 68, 3)
+    pts = torch.stack([face[..., list(i), :2].mean(-2) for i in FACE5], -2)  # (..., 5, 2)
+    seen = torch.stack([(face[..., list(i), 2] >= VISIBLE).all(-1) for i in FACE5], -1).all(-1)  # (...,)
+    return torch.where(seen[..., None, None], pts, torch.nan)
+
+
 def face_box(pose, margin=1.2):
     """A square face box [x0, y0, x1, y1] from a pose (134, 3) (normalised or in pixels), or None: around the
     visible face points (widened by `margin`: they run from the brows to the chin), else around the visible

@@ -56,6 +56,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from cameras import RigMismatch, camera_geometry, frames_to_tensors, orbit_c2w, read_cameras, rig_mismatch
+from dance_eval import face_crops, motion_scores
 from data import (
     JOINT_SETS,
     VISIBLE,
@@ -77,12 +78,15 @@ from losses import (
     beat_alignment,
     beats_within,
     bobbing,
+    geometric_windows,
+    kinetic_windows,
     limb_beats,
     masked_psnr,
     motion_beats,
     pose_error,
     pose_heatmaps,
     psnr,
+    smooth_poses,
     soft_argmax,
     ssim,
     video_beats,
@@ -98,7 +102,7 @@ from models import (
     to_model_space,
 )
 from plumbing import InputError, cli
-from pose import PoseModel, face_box
+from pose import PoseModel, face_box, face_points5
 from toy import TOY_DANCE_DIR, eval_face_recognizer, frozen_encoders, pose_reader
 from weights import load_dance_final, load_gslrm_checkpoint, load_mv_checkpoint, mv_identity
 
@@ -139,6 +143,7 @@ class Config:
     dance_checkpoint: str = "out/dance/final"
     context_frames: int = 24  # frames per window (CHAMP: 24; at most the motion modules' table)
     context_overlap: int = 4
+    m2p_smooth: int = 3  # M2P's poses averaged over this many frames (odd; 0 / 1: off): its frame-to-frame jitter
     max_seconds: float = 0.0  # 0: all of the music
     dance_eval_list: str = ""  # held-out clips: dance videos from their music alone, scored (see run_dance_eval)
     video_size: int = 256  # output frames are upscaled (nearest) to at least this
@@ -567,11 +572,12 @@ def dance_length(audio, sr, fps, max_seconds, where):
 
 
 @torch.no_grad()
-def m2p_poses(m2p, feats, ref_pose, face, W):
+def m2p_poses(m2p, feats, ref_pose, face, W, smooth=0):
     """M2P's poses for music features (T, D): windows of its training length W overlapping by W / 4, cross-
-    faded linearly in the overlaps, since separate windows jump at their boundaries. Prints the largest
-    joint jump at a window boundary beside the typical frame-to-frame jump. -> (T, J, 3), visibility the
-    reference's."""
+    faded linearly in the overlaps, since separate windows jump at their boundaries; then a centred moving
+    average over `smooth` frames (losses.smooth_poses), since M2P's poses jitter from frame to frame.
+    Prints the largest joint jump at a window boundary beside the typical frame-to-frame jump.
+    -> (T, J, 3), visibility the reference's."""
     T, J, ov = len(feats), len(ref_pose), W // 4
     acc, total = torch.zeros(T, J, 2, device=feats.device), torch.zeros(T, device=feats.device)
     windows = context_windows(T, W, ov)
@@ -581,7 +587,7 @@ def m2p_poses(m2p, feats, ref_pose, face, W):
         w = torch.minimum((k + 1) / (ov + 1), (e - s - k) / (ov + 1)).clamp(max=1)  # (e - s,): the fade
         acc[s:e] += w[:, None, None] * soft_argmax(logits.float())[0]
         total[s:e] += w
-    xy = acc / total[:, None, None]  # (T, J, 2)
+    xy = smooth_poses(acc / total[:, None, None], smooth)  # (T, J, 2)
     jump = (xy[1:] - xy[:-1]).norm(dim=-1).mean(-1)  # (T - 1,): mean joint move from frame t to t + 1
     # the moves into and through each overlap: where separate windows would jump
     edges = [t for (_, end), (s, _) in zip(windows, windows[1:]) for t in range(max(s - 1, 0), min(end, T - 1))]
@@ -598,7 +604,7 @@ def generate_dance(d, cfg, image, ref_pose, box, audio, sr, T, device):
     fps, S = c["fps"], c["image_size"]
     feats = torch.from_numpy(music_features(audio, sr, fps, T)).to(device)  # (T, 35)
     face = crop_box(image, box, 112)[None].to(device)  # (1, 3, 112, 112)
-    poses = m2p_poses(d["m2p"], feats, ref_pose.to(device), face, c["window"])  # (T, J, 3)
+    poses = m2p_poses(d["m2p"], feats, ref_pose.to(device), face, c["window"], cfg.m2p_smooth)  # (T, J, 3)
     ref_img = resize_frames(image[None], S).to(device)  # (1, 3, S, S), as in training
     gen = torch.Generator(device).manual_seed(cfg.seed)
     ref_x = to_model_space(vae, ref_img, gen)  # (1, C, h, w)
@@ -716,10 +722,11 @@ def run_dance_eval(cfg, device):
     from its pixels (video_beats: no pose model), and of the M2P poses that drove it (also from the
     limbs only), against the clip's music beats and against the next clip's (shuffled music), beside the
     reference image bobbing on the beats and the real video. Identity: the evaluation recognizer's cosine
-    of the generated face (the reference's face box, moved with M2P's nose joint) with the reference
-    face, against the next clip's dancer and a flat-colour face. Clothes colours of torso and legs
-    against the reference's (and the next dancer's); pose spread over time against the real dance's;
-    PSNR against copying the reference."""
+    of the generated face (the reference's face box, or its 5 face points aligned as ArcFace's faces when
+    the pose has them, moved with M2P's nose joint) with the reference face, against the next clip's
+    dancer and a flat-colour face. Clothes colours of torso and legs against the reference's (and the
+    next dancer's); pose spread over time against the real dance's; PSNR against copying the reference.
+    M2P's poses: FID_k / FID_g / Div / PFC (dance_eval.motion_scores) against the trivial motions."""
     d = load_dance(cfg.dance_checkpoint, device)
     c = d["cfg"]
     J, fps, S = JOINT_SETS[c["joints"]], c["fps"], c["image_size"]
@@ -746,17 +753,36 @@ def run_dance_eval(cfg, device):
         gt = resize_frames(gt, S)
         gt_poses = torch.from_numpy(np.load(path / "poses.npy")[:T, :J].copy())  # (T, J, 3)
         shift = (poses[:, 0, :2].cpu() - ref_pose[0, :2]).repeat(1, 2)  # (T, 4): the nose's move
-        faces = crop_box(gen, box[None] + shift, 112)  # (T, 3, 112, 112)
+        points = face_points5(np.load(path / "poses.npy")[cfg.ref_frame])[None]  # (1, 5, 2); NaN: none
+        faces = face_crops(gen, box[None] + shift, points + shift[:, None, :2])  # (T, 3, 112, 112)
         ref_img = resize_frames(image[None], S)[0]
         runs.append(dict(gen=gen, gt=gt, poses=poses.cpu(), gt_poses=gt_poses, beats=beats, ref_img=ref_img,
+                         ref_pose=ref_pose, face_in=crop_box(image, box, 112)[None].to(device),
+                         feats=torch.from_numpy(music_features(audio, sr, fps, T)).to(device),
                          bob=bobbing_video(ref_img, beats, T, fps), face=embed(faces),
                          flat_face=embed(faces.mean((2, 3), keepdim=True).expand_as(faces)),
-                         ref_face=embed(crop_box(image, box, 112)[None]),
+                         ref_face=embed(face_crops(image[None], box[None], points)),
                          colours=limb_colours(gen, poses.cpu()), gt_colours=limb_colours(gt, gt_poses),
                          read={k: read_poses(v).cpu() for k, v in (("gen", gen), ("gt", gt), ("ref", ref_img[None]))}
                          if read_poses else None,
                          ref_colours=limb_colours(ref_img[None], ref_pose[None])[0]))
     n = len(runs)
+    # motion quality of M2P's poses (those that drove the videos): FID_k, FID_g, Div, PFC beside the real
+    # dance, standing still (in the reference pose, in the training clips' mean pose), M2P on the next
+    # clip's music and, with a pose reader, the poses read back from the generated and the real videos
+    train = [np.load(p / "poses.npy")[:, :J] for p in read_list_file(Path(c["data_dir"]) / c["train_list"])]
+    P = torch.from_numpy(np.concatenate(train))  # (N, J, 3)
+    vis = (P[..., 2:] >= VISIBLE).float()
+    mean_pose = (P[..., :2] * vis).sum(0) / vis.sum(0).clamp(min=1)  # (J, 2)
+    motions = {"": [r["poses"] for r in runs], "_gt": [r["gt_poses"] for r in runs],
+               "_still": [r["ref_pose"][None].expand(len(r["poses"]), -1, -1) for r in runs],
+               "_mean_pose": [mean_pose[None].expand(len(r["poses"]), -1, -1) for r in runs], "_shuffled": [
+                   m2p_poses(d["m2p"], runs[(i + 1) % n]["feats"][:len(r["poses"])], r["ref_pose"].to(device),
+                             r["face_in"], c["window"], cfg.m2p_smooth).cpu() for i, r in enumerate(runs)]}
+    if read_poses is not None:
+        motions["_read"] = [r["read"]["gen"] for r in runs]
+        motions["_read_gt"] = [r["read"]["gt"] for r in runs]  # the reader's own jitter on real frames
+    motion = motion_scores(motions, kinetic_windows(train, fps), geometric_windows(train, fps), fps)
     score = lambda f, k: float(np.mean([beat_alignment(runs[(i + k) % n]["beats"], f(runs[i])) for i in range(n)]))  # noqa: E731
     video, pose = (lambda r: video_beats(r["gen"], fps)), (lambda r: motion_beats(r["poses"], fps))
     limbs = lambda r: limb_beats(r["poses"], fps)  # noqa: E731
@@ -779,6 +805,7 @@ def run_dance_eval(cfg, device):
          "pose_spread_gt": mean(lambda i, r: spread(r["gt_poses"])),
          "psnr_vs_gt": mean(lambda i, r: psnr(r["gen"], r["gt"]).mean().item()),
          "psnr_copy_ref": mean(lambda i, r: psnr(r["ref_img"][None].expand_as(r["gt"]), r["gt"]).mean().item()),
+         **motion, "m2p_smooth": cfg.m2p_smooth,
          "clips": n, "seconds": runs[0]["gen"].shape[0] / fps, "dance_checkpoint": str(cfg.dance_checkpoint)}
     if read_poses is not None:  # the generated video's poses read back: do they follow M2P's, and the music?
         for r in runs:

@@ -44,6 +44,7 @@ from data import (
 from losses import (
     diffusion_target,
     face_loss,
+    geometric_windows,
     heatmap_loss,
     kinetic_windows,
     min_snr_weight,
@@ -140,6 +141,7 @@ class Config:
     pose_detector: str = "full_frame"  # its person box: the whole frame, or a YOLOX ONNX file
     pose_loss_weight: float = 0.5  # M2P's heatmap loss, also when M2P trains in stages B and C
     face_loss_weight: float = 0.1
+    m2p_smooth: int = 3  # M2P's poses averaged over this many frames (odd; 0 / 1: off) at validation, as sample.py
     # ---- stage B: pose guider + denoising UNet + ReferenceNet + face tokens on single frames
     max_steps_b: int = 1500
     lr_b: float = 1e-3  # the toy's; configs/dance_stage_b.yaml: 1e-4
@@ -394,7 +396,8 @@ def stage_a(cfg):
     P = torch.from_numpy(np.concatenate(train_set.poses))  # (N, J, 3)
     vis = (P[..., 2:] >= VISIBLE).float()
     mean_pose = ((P[..., :2] * vis).sum(0) / vis.sum(0).clamp(min=1)).to(device)  # (J, 2)
-    real_k = kinetic_windows(train_set.poses, cfg.fps)  # (N, 54): the real motion FID_k compares with
+    # the real motion FID_k and FID_g compare with: (N, 54) kinetic, (N, 25) geometric features
+    real = kinetic_windows(train_set.poses, cfg.fps), geometric_windows(train_set.poses, cfg.fps)
 
     # models: the M2P encoder (trained) and the face recognizer (frozen)
     m2p = m2p_encoder(train_set.music_dim, train_set.J, cfg.m2p_preset, cfg.window, cfg.grad_checkpoint)
@@ -440,7 +443,7 @@ def stage_a(cfg):
                     if tag not in beats:
                         clips = val_set.clips[: cfg.val_samples]
                         beats[tag] = [music_beats(*read_audio(c["dir"] / "audio.wav"), cfg.fps) for c in clips]
-                    m, video = evaluate_a(raw, recognizer, val_set, mean_pose, beats[tag], real_k, cfg, step, out_dir,
+                    m, video = evaluate_a(raw, recognizer, val_set, mean_pose, beats[tag], real, cfg, step, out_dir,
                                           device, tag)
                     m, frame = ({k if tag == "val" else f"seen_{k}": v for k, v in m.items()},
                                 "frame" if tag == "val" else "seen_frame")

@@ -158,3 +158,87 @@ def test_frechet_distance_and_diversity():
                                                                 for i in range(4) for j in range(4) if i != j]))
     still = kinetic_features(np.repeat(rng.random((1, 18, 2)), 30, 0), FPS)  # (54,)
     assert still.shape == (54,) and float(still.abs().max()) == 0.0
+
+
+def standing(T=60, J=24):
+    """A dancer standing upright, arms and legs straight down, in image coordinates (y down): [T, J, 2]."""
+    body = [(0.5, 0.22), (0.5, 0.3), (0.42, 0.31), (0.40, 0.42), (0.39, 0.52), (0.58, 0.31), (0.60, 0.42),
+            (0.61, 0.52), (0.45, 0.55), (0.45, 0.7), (0.45, 0.85), (0.55, 0.55), (0.55, 0.7), (0.55, 0.85),
+            (0.48, 0.2), (0.52, 0.2), (0.46, 0.21), (0.54, 0.21)]
+    feet = [(0.57, 0.87), (0.56, 0.87), (0.54, 0.86), (0.43, 0.87), (0.44, 0.87), (0.46, 0.86)]
+    return np.repeat(np.array(body + feet)[None, :J], T, 0)
+
+
+def test_geometric_features_read_relations_not_place_or_size():
+    """Bailando's geometric features in 2-D: a raised hand, a bent elbow, a lifted leg switch their
+    relations on; moving or scaling the whole dancer in the image changes none (units of its torso)."""
+    import torch
+
+    from losses import frechet_distance, geometric_features, geometric_windows
+    still = standing()
+    f = geometric_features(still, FPS)
+    assert f.shape == (59, 25) and float(f.sum()) == 0  # upright and still: no relation holds
+    up = still.copy()
+    up[:, 3:5] = (0.41, 0.2), (0.40, 0.1)  # the right arm straight up: hand above the neck, upper arm raised
+    g = geometric_features(up, FPS)[0]
+    assert g[0] == 1 and g[1] == 0 and g[10] == 1 and g[11] == 0  # right hand above the neck, right arm raised
+    lifted = still.copy()
+    lifted[:, 10] = (0.35, 0.6)  # right ankle kicked up: knee bent, above the lowest joint
+    h = geometric_features(lifted, FPS)[0]
+    assert h[5] == 1 and h[8] == 1 and h[6] == 0
+    rng = np.random.default_rng(0)
+    t = np.arange(60) / FPS
+    motions = []
+    for k in range(6):  # arms swinging up and down at different speeds and heights
+        m = standing()
+        m[:, [4, 7], 1] -= (0.2 + 0.1 * rng.random()) * (1 + np.sin(2 * np.pi * (1 + k) * t))[:, None] / 2
+        motions.append(m)
+    a = geometric_windows(motions, FPS)  # (12, 25)
+    moved = geometric_windows([0.5 * m + np.array([0.3, 0.1]) for m in motions], FPS)
+    assert torch.allclose(a, moved)
+    assert abs(frechet_distance(a, moved)) < 1e-6
+    assert frechet_distance(a, geometric_windows([standing() for _ in range(6)], FPS)) > 0.1  # still vs swinging
+
+
+def test_foot_contact_score_planted_feet_pay_nothing_sliding_feet_pay():
+    """EDGE's PFC in 2-D: zero for a still dancer; the hips swaying over planted feet cost nothing, the
+    same sway with the feet sliding along costs, more the more they slide; falling (down) is free."""
+    from losses import foot_contact_score
+    assert foot_contact_score(standing(), FPS) == 0.0
+    t = np.arange(90) / FPS
+    sway = 0.03 * np.sin(2 * np.pi * t)[:, None]  # (T, 1)
+    planted = standing(90)
+    planted[:, :18, 0] += sway  # the upper body and the legs' tops sway, ankles and toes stay
+    planted[:, [10, 13], 0] -= sway
+    assert foot_contact_score(planted, FPS) == 0.0
+    sliding = standing(90)
+    sliding[..., 0] += sway  # everything moves together: the feet skate
+    slid = foot_contact_score(sliding, FPS)
+    assert slid > 0.05
+    wider = standing(90)
+    wider[..., 0] += 2 * sway
+    assert foot_contact_score(wider, FPS) == pytest.approx(4 * slid)  # root term normalised: each foot 2x
+    falling = standing(90)
+    falling[:, :18, 1] += 0.1 * t[:, None] ** 2  # the body accelerating down (y grows) over sliding feet
+    falling[..., 0] += 0.01 * t[:, None]
+    assert foot_contact_score(falling, FPS) == 0.0
+
+
+def test_smoothing_removes_jitter_and_keeps_slow_motion():
+    import torch
+
+    from losses import kinetic_features, motion_beats, smooth_poses
+    t = torch.arange(120, dtype=torch.float64) / FPS
+    slow = 0.1 * torch.cos(torch.pi * (t - 0.25) / 0.5)  # turning on every beat (0.5 s)
+    x = torch.stack([0.5 + slow, torch.full_like(t, 0.5)], -1)[:, None].repeat(1, 3, 1)  # (T, 3, 2)
+    jitter = x.clone()
+    jitter[:, :, 0] += 0.004 * (-1) ** torch.arange(120)[:, None]
+    assert smooth_poses(x, 1) is x and smooth_poses(x, 0) is x
+    s = smooth_poses(jitter, 3)
+    assert (s - x)[1:-1, :, 0].abs().max() < 0.004 / 3 + 2e-3  # jitter / 3, plus the curve's own flattening
+    acc = lambda m: float(kinetic_features(m, FPS)[-3:].mean())  # noqa: E731  mean |a| of the joints
+    assert acc(jitter) > 5 * acc(x) and acc(s) < 2 * acc(x)
+    b0, b1 = motion_beats(x, FPS), motion_beats(s, FPS)
+    assert len(b0) == len(b1) and (b0 - b1).abs().max() < 1.01 / FPS  # the stops stay where they were
+    with pytest.raises(ValueError, match="odd"):
+        smooth_poses(x, 4)
