@@ -50,6 +50,7 @@ from losses import (
     min_snr_weight,
     pose_heatmaps,
     predicted_x0,
+    smooth_poses,
     soft_argmax,
     weighted_mse,
 )
@@ -796,7 +797,8 @@ def stage_c(cfg):
                 if cfg.m2p_lr_c > 0 or use_m2p.any():
                     with contextlib.nullcontext() if cfg.m2p_lr_c > 0 else torch.no_grad():
                         logits, _ = m2p_model(batch["music"], batch["ref_pose"], batch["face"])  # (B, L, J, h, h)
-                    xy = soft_argmax(logits.float())[:, :T]  # (B, T, J, 2)
+                    xy = soft_argmax(logits.float())  # (B, L, J, 2), smoothed as sampling smooths it
+                    xy = torch.stack([smooth_poses(p, cfg.m2p_smooth) for p in xy])[:, :T]  # (B, T, J, 2)
                     vis = batch["ref_pose"][:, None, :, 2:].expand(-1, T, -1, -1)  # (B, T, J, 1): the reference's
                     pose = torch.where(use_m2p[:, None, None, None], torch.cat([xy, vis], -1), pose)
                 with torch.no_grad():
