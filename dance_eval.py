@@ -13,14 +13,14 @@ from einops import rearrange
 from PIL import Image
 
 from data import (
-    crop_box,
+    face_crops,
+    face_points5,
     read_frame,
     save_image_grid,
     write_skeleton_video,
     write_video,
 )
 from losses import (
-    aligned_face_crop,
     beat_alignment,
     beats_within,
     bobbing,
@@ -50,7 +50,6 @@ from plumbing import (
     InputError,
     seeded,
 )
-from pose import face_points5
 
 
 @torch.no_grad()
@@ -141,17 +140,6 @@ def motion_scores(motions, real_k, real_g, fps):
         m["fid_g" + name], m["div_g" + name] = frechet_distance(real_g, g), diversity(g)
         m["pfc" + name] = float(np.mean([foot_contact_score(x, fps) for x in ms]))
     return m
-
-
-def face_crops(images, boxes, points, size=112):
-    """Face crops for the identity scores: aligned as ArcFace's training faces (losses.aligned_face_crop)
-    where the 5 face points are known, box crops (data.crop_box) where not (COCO-17 poses, the toy's).
-    images [N, 3, H, W], boxes [N, 4], points [N, 5, 2] (NaN: unknown) -> [N, 3, size, size]."""
-    crops = crop_box(images, boxes, size)
-    ok = points.isfinite().flatten(1).all(1).to(images.device)  # (N,)
-    if ok.any():
-        crops = crops.index_put((ok,), aligned_face_crop(images[ok], points.to(images.device)[ok], size))
-    return crops
 
 
 def clip_face_points(clip, frames):

@@ -389,6 +389,70 @@ def crop_box(image, box, size):
     return out[0] if one else out
 
 
+FACE = slice(24, 92)  # the 68 face points in the 134 layout
+# the 5 points insightface aligns a face by (ARCFACE_112's order), from the 68 face points (iBUG order):
+# the eye on the image's left (the person's right; the mean of its 6 points), the other eye, the nose tip,
+# the mouth corner on the image's left, the other corner
+FACE5 = ((36, 37, 38, 39, 40, 41), (42, 43, 44, 45, 46, 47), (30,), (48,), (54,))
+
+
+def face_points5(pose):
+    """The 5 face-alignment points [..., 5, 2] of poses [..., 134, 3] (normalised or in pixels), NaN where a
+    point they are made of is invisible (COCO-17 poses and the toy's have no face points: all NaN)."""
+    p = torch.as_tensor(np.asarray(pose), dtype=torch.float32)
+    face = p[..., FACE, :]  # (..., 68, 3)
+    pts = torch.stack([face[..., list(i), :2].mean(-2) for i in FACE5], -2)  # (..., 5, 2)
+    seen = torch.stack([(face[..., list(i), 2] >= VISIBLE).all(-1) for i in FACE5], -1).all(-1)  # (...,)
+    return torch.where(seen[..., None, None], pts, torch.nan)
+
+
+# insightface's arcface_dst: eye centres, nose tip, mouth corners (the image's left one first) in the
+# 112 x 112 crop that ArcFace reads, in pixel indices (pixel i's centre at i)
+ARCFACE_112 = ((38.2946, 51.6963), (73.5318, 51.5014), (56.0252, 71.7366), (41.5493, 92.3655), (70.7299, 92.2041))
+
+
+def similarity_transform(src, dst):
+    """Umeyama's (1991) least-squares similarity (scale, rotation, shift; no reflection) taking points src to
+    dst [B, N, 2] each: A = s R [B, 2, 2] and t [B, 2], dst ~ A src + t (skimage's SimilarityTransform,
+    which insightface's norm_crop uses)."""
+    mu_s, mu_d = src.mean(1, keepdim=True), dst.mean(1, keepdim=True)  # (B, 1, 2)
+    s0, d0 = src - mu_s, dst - mu_d
+    U, S, Vh = torch.linalg.svd(d0.transpose(1, 2) @ s0 / src.shape[1])  # of the (B, 2, 2) covariance
+    d = torch.sign(torch.linalg.det(U) * torch.linalg.det(Vh))  # -1: the fit would reflect: flip the weak axis
+    D = torch.stack([torch.ones_like(d), d], -1)  # (B, 2)
+    scale = (S * D).sum(-1) / s0.pow(2).sum((1, 2)).div(src.shape[1])  # (B,)
+    A = scale[:, None, None] * (U @ torch.diag_embed(D) @ Vh)
+    return A, mu_d[:, 0] - (A @ mu_s.transpose(1, 2))[..., 0]
+
+
+def aligned_face_crop(images, points, size=112):
+    """Face crops aligned as insightface does for ArcFace: the similarity taking the 5 face points to
+    ARCFACE_112 (scaled to size), applied by bilinear sampling, differentiable in the image. images
+    [B, 3, H, W]; points [B, 5, 2] normalised (x, y) in [0, 1], ARCFACE_112's order -> [B, 3, size, size]."""
+    B, _, H, W = images.shape
+    wh = images.new_tensor([W, H])
+    dst = (images.new_tensor(ARCFACE_112) + 0.5) * size / 112  # pixel indices -> continuous (pixel i: [i, i + 1])
+    A, t = similarity_transform(points.to(images.dtype) * wh, dst.expand(B, -1, -1))  # image px -> crop px
+    Ai = torch.linalg.inv(A)  # crop px q -> image px p = Ai (q - t)
+    # affine_grid maps the crop's u in [-1, 1] (q = (u + 1) size / 2) to the image's 2 p / wh - 1
+    theta = torch.cat([(2 / wh)[:, None] * Ai * size / 2,
+                       ((2 / wh) * (Ai @ (size / 2 - t)[..., None])[..., 0] - 1)[..., None]], -1)  # (B, 2, 3)
+    grid = F.affine_grid(theta, (B, 3, size, size), align_corners=False)  # (B, size, size, 2)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def face_crops(images, boxes, points, size=112):
+    """Face crops for the recognizer (conditioning, identity loss and scores): aligned as ArcFace's training
+    faces (aligned_face_crop) where the 5 face points are known, box crops (crop_box) where not (COCO-17
+    poses, the toy's).
+    images [N, 3, H, W], boxes [N, 4], points [N, 5, 2] (NaN: unknown) -> [N, 3, size, size]."""
+    crops = crop_box(images, boxes, size)
+    ok = points.isfinite().flatten(1).all(1).to(images.device)  # (N,)
+    if ok.any():
+        crops = crops.index_put((ok,), aligned_face_crop(images[ok], points.to(images.device)[ok], size))
+    return crops
+
+
 def box_mask(boxes, size):
     """Rectangles [x0, y0, x1, y1] (B, 4), normalised -> masks (B, 1, size, size) (1 inside, pixel centres)."""
     c = (torch.arange(size, dtype=boxes.dtype, device=boxes.device) + 0.5) / size
@@ -428,7 +492,9 @@ class DanceClipDataset(torch.utils.data.Dataset):
                              f"{widths[odd]}, " + (f"{self.clips[other]['dir'] / 'music_feats.npy'}: {widths[other]}"
                                                    if tie else f"other clips of {list_file} have {widths[other]}"))
         self.music_dim, self.J, self.window, self.fps = widths[0], JOINT_SETS[joints], window, fps
-        self.poses = [np.load(c["dir"] / "poses.npy")[:, : self.J].astype(np.float32) for c in self.clips]
+        full = [np.load(c["dir"] / "poses.npy") for c in self.clips]  # (T, 134, 3) each
+        self.poses = [p[:, : self.J].astype(np.float32) for p in full]
+        self.face5 = [face_points5(p) for p in full]  # (T, 5, 2) each, NaN: no face points (the toy's)
         self.seed, self.start, self.ref_frame, self.face_size = seed, start, ref_frame, face_size
         # frames > 0: also that many target frames of the window (1: one at random, the window's
         # length: all), resized to image_size (stages B and C)
@@ -451,7 +517,8 @@ class DanceClipDataset(torch.utils.data.Dataset):
         item = {"music": torch.from_numpy(self.feats[idx][start: start + self.window]),  # (W, D)
                 "poses": torch.from_numpy(self.poses[idx][start: start + self.window]),  # (W, J, 3)
                 "ref_pose": torch.from_numpy(self.poses[idx][ref]),  # (J, 3)
-                "face": crop_box(image, clip["boxes"][ref], self.face_size),  # (3, 112, 112)
+                "face": face_crops(image[None], torch.tensor([clip["boxes"][ref]]), self.face5[idx][ref][None],
+                                   self.face_size)[0],  # (3, 112, 112)
                 "ref_image": self.resize(image), "ref_box": self.box(clip, ref), "start": start, "index": idx}
         if self.frames:
             offsets = (torch.arange(self.window) if self.frames >= self.window
@@ -459,6 +526,7 @@ class DanceClipDataset(torch.utils.data.Dataset):
             item["offsets"] = offsets  # (n,) frame indices within the window
             item["frames"] = torch.stack([self.resize(read_frame(clip["source"], start + int(k))) for k in offsets])
             item["boxes"] = torch.stack([self.box(clip, start + int(k)) for k in offsets])  # (n, 4), NaN: no face
+            item["face_points"] = self.face5[idx][start + offsets]  # (n, 5, 2), NaN: unknown
         return item
 
     def resize(self, image):

@@ -465,41 +465,6 @@ def foot_contact_score(motion, fps):
     return ((right * left * a).mean() * 1e4).item()
 
 
-# insightface's arcface_dst: eye centres, nose tip, mouth corners (the image's left one first) in the
-# 112 x 112 crop that ArcFace reads, in pixel indices (pixel i's centre at i)
-ARCFACE_112 = ((38.2946, 51.6963), (73.5318, 51.5014), (56.0252, 71.7366), (41.5493, 92.3655), (70.7299, 92.2041))
-
-
-def similarity_transform(src, dst):
-    """Umeyama's (1991) least-squares similarity (scale, rotation, shift; no reflection) taking points src to
-    dst [B, N, 2] each: A = s R [B, 2, 2] and t [B, 2], dst ~ A src + t (skimage's SimilarityTransform,
-    which insightface's norm_crop uses)."""
-    mu_s, mu_d = src.mean(1, keepdim=True), dst.mean(1, keepdim=True)  # (B, 1, 2)
-    s0, d0 = src - mu_s, dst - mu_d
-    U, S, Vh = torch.linalg.svd(d0.transpose(1, 2) @ s0 / src.shape[1])  # of the (B, 2, 2) covariance
-    d = torch.sign(torch.linalg.det(U) * torch.linalg.det(Vh))  # -1: the fit would reflect: flip the weak axis
-    D = torch.stack([torch.ones_like(d), d], -1)  # (B, 2)
-    scale = (S * D).sum(-1) / s0.pow(2).sum((1, 2)).div(src.shape[1])  # (B,)
-    A = scale[:, None, None] * (U @ torch.diag_embed(D) @ Vh)
-    return A, mu_d[:, 0] - (A @ mu_s.transpose(1, 2))[..., 0]
-
-
-def aligned_face_crop(images, points, size=112):
-    """Face crops aligned as insightface does for ArcFace: the similarity taking the 5 face points to
-    ARCFACE_112 (scaled to size), applied by bilinear sampling, differentiable in the image. images
-    [B, 3, H, W]; points [B, 5, 2] normalised (x, y) in [0, 1], ARCFACE_112's order -> [B, 3, size, size]."""
-    B, _, H, W = images.shape
-    wh = images.new_tensor([W, H])
-    dst = (images.new_tensor(ARCFACE_112) + 0.5) * size / 112  # pixel indices -> continuous (pixel i: [i, i + 1])
-    A, t = similarity_transform(points.to(images.dtype) * wh, dst.expand(B, -1, -1))  # image px -> crop px
-    Ai = torch.linalg.inv(A)  # crop px q -> image px p = Ai (q - t)
-    # affine_grid maps the crop's u in [-1, 1] (q = (u + 1) size / 2) to the image's 2 p / wh - 1
-    theta = torch.cat([(2 / wh)[:, None] * Ai * size / 2,
-                       ((2 / wh) * (Ai @ (size / 2 - t)[..., None])[..., 0] - 1)[..., None]], -1)  # (B, 2, 3)
-    grid = F.affine_grid(theta, (B, 3, size, size), align_corners=False)  # (B, size, size, 2)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
 def identity_scores(rec, gen_faces, gt_faces, ref_faces, other_faces):
     """Identity by the evaluation recognizer `rec` (toy.eval_face_recognizer): cosine of the generated face
     crops [N, 3, 112, 112] with their reference faces, beside another dancer's face, the ground-truth crop

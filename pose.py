@@ -13,13 +13,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import VISIBLE
+from data import FACE, VISIBLE
 from plumbing import InputError
 
 # our 134 points from COCO-WholeBody's 133: the body in OpenPose-18 order with the neck (-1: the mean of the
 # shoulders) inserted at 1, then feet, face and hands in their order (DWPose's conversion; docs/formats.md)
 BODY18_FROM_COCO = [0, -1, 6, 8, 10, 5, 7, 9, 12, 14, 16, 11, 13, 15, 2, 1, 4, 3]
-FACE = slice(24, 92)  # the 68 face points in the 134 layout
 HEAD = [0, 14, 15, 16, 17]  # nose, eyes, ears: the face box of a COCO-17 pose (no face points)
 MEAN, STD = np.array([123.675, 116.28, 103.53]), np.array([58.395, 57.12, 57.375])  # RTMPose, BGR order
 PERSON_SCORE = 0.5  # YOLOX objectness x person probability below this: no person in the frame
@@ -40,22 +39,6 @@ def to_layout134(xy, score):
     if K == 133:
         out[18:] = src[17:]  # feet 6, face 68, left hand 21, right hand 21: same order
     return out
-
-
-# the 5 points insightface aligns a face by (losses.ARCFACE_112's order), from the 68 face points (iBUG order):
-# the eye on the image's left (the person's right; the mean of its 6 points), the other eye, the nose tip,
-# the mouth corner on the image's left, the other corner
-FACE5 = ((36, 37, 38, 39, 40, 41), (42, 43, 44, 45, 46, 47), (30,), (48,), (54,))
-
-
-def face_points5(pose):
-    """The 5 face-alignment points [..., 5, 2] of poses [..., 134, 3] (normalised or in pixels), NaN where a
-    point they are made of is invisible (COCO-17 poses and the toy's have no face points: all NaN)."""
-    p = torch.as_tensor(np.asarray(pose), dtype=torch.float32)
-    face = p[..., FACE, :]  # (..., 68, 3)
-    pts = torch.stack([face[..., list(i), :2].mean(-2) for i in FACE5], -2)  # (..., 5, 2)
-    seen = torch.stack([(face[..., list(i), 2] >= VISIBLE).all(-1) for i in FACE5], -1).all(-1)  # (...,)
-    return torch.where(seen[..., None, None], pts, torch.nan)
 
 
 def face_box(pose, margin=1.2):

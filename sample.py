@@ -56,12 +56,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from cameras import RigMismatch, camera_geometry, frames_to_tensors, orbit_c2w, read_cameras, rig_mismatch
-from dance_eval import face_crops, motion_scores
+from dance_eval import motion_scores
 from data import (
     JOINT_SETS,
     VISIBLE,
-    crop_box,
     draw_skeleton,
+    face_crops,
+    face_points5,
     load_rgba,
     music_beats,
     music_features,
@@ -102,7 +103,7 @@ from models import (
     to_model_space,
 )
 from plumbing import InputError, cli
-from pose import PoseModel, face_box, face_points5
+from pose import PoseModel, face_box
 from toy import TOY_DANCE_DIR, eval_face_recognizer, frozen_encoders, pose_reader
 from weights import load_dance_final, load_gslrm_checkpoint, load_mv_checkpoint, mv_identity
 
@@ -525,15 +526,16 @@ def run_eval(chain, cfg):
 
 
 def read_dance_reference(cfg, J, fps):
-    """The reference image (3, H, W) in [0, 1], its pose (J, 3) and face box (4,), normalised."""
+    """The reference image (3, H, W) in [0, 1], its pose (J, 3), face box (4,) and 5 face-alignment points
+    (5, 2; NaN: none), normalised."""
     path = Path(cfg.ref_image)
     if path.is_dir():
         clip = read_clip(path, fps)
         if not 0 <= cfg.ref_frame < clip["T"] or clip["boxes"][cfg.ref_frame] is None:
             raise InputError(f"{path}: frame {cfg.ref_frame} is not a frame with a face box")
-        pose = np.load(path / "poses.npy")[cfg.ref_frame, :J]
-        return read_frame(clip["source"], cfg.ref_frame), torch.tensor(pose, dtype=torch.float32), \
-            torch.tensor(clip["boxes"][cfg.ref_frame], dtype=torch.float32)
+        pose = np.load(path / "poses.npy")[cfg.ref_frame]  # (134, 3)
+        return read_frame(clip["source"], cfg.ref_frame), torch.tensor(pose[:J], dtype=torch.float32), \
+            torch.tensor(clip["boxes"][cfg.ref_frame], dtype=torch.float32), face_points5(pose)
     if cfg.pose_model and not cfg.ref_pose:
         return pose_reference(path, cfg, J)
     if not cfg.ref_pose:
@@ -545,11 +547,12 @@ def read_dance_reference(cfg, J, fps):
         raise InputError(f"{cfg.ref_pose}: pose {tuple(pose.shape)} and face_box {tuple(box.shape)}, expected "
                          f"({J}, 3) and (4,)")
     image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), np.float32) / 255).permute(2, 0, 1)
-    return image, pose, box
+    return image, pose, box, torch.full((5, 2), torch.nan)  # J points: no face points to align by
 
 
 def pose_reference(path, cfg, J):
-    """An image's pose (J, 3) and face box (4,), normalised by its width and height, from --pose_model."""
+    """An image's pose (J, 3), face box (4,) and 5 face points (5, 2), normalised by its width and height,
+    from --pose_model."""
     rgb = np.asarray(Image.open(path).convert("RGB"))  # (H, W, 3)
     pose = PoseModel(cfg.pose_model, cfg.pose_detector)(rgb)  # (134, 3) in pixels
     pose[:, :2] /= np.array([rgb.shape[1], rgb.shape[0]], np.float32)
@@ -558,7 +561,7 @@ def pose_reference(path, cfg, J):
         raise InputError(f"{path}: {cfg.pose_model} finds no face (no face points or nose/eyes/ears scored "
                          f">= {VISIBLE}); give --ref_pose instead")
     image = torch.from_numpy(rgb.astype(np.float32) / 255).permute(2, 0, 1)  # (3, H, W)
-    return image, torch.from_numpy(pose[:J]), torch.tensor(box, dtype=torch.float32)
+    return image, torch.from_numpy(pose[:J]), torch.tensor(box, dtype=torch.float32), face_points5(pose)
 
 
 def dance_length(audio, sr, fps, max_seconds, where):
@@ -597,13 +600,13 @@ def m2p_poses(m2p, feats, ref_pose, face, W, smooth=0):
     return torch.cat([xy, ref_pose[None, :, 2:].expand(T, -1, -1)], -1)
 
 
-def generate_dance(d, cfg, image, ref_pose, box, audio, sr, T, device):
-    """Music (audio at sr) + a reference (image, its pose, its face box) -> (x, poses, ref_img): T frames
+def generate_dance(d, cfg, image, ref_pose, box, points, audio, sr, T, device):
+    """Music (audio at sr) + a reference (image, its pose, face box and points) -> (x, poses, ref_img): T frames
     of video in model space (1, C, T, h, w), M2P's poses (T, J, 3) and the reference at the model's size."""
     c, net, vae, sched = d["cfg"], d["net"], d["vae"], d["scheduler"]
     fps, S = c["fps"], c["image_size"]
     feats = torch.from_numpy(music_features(audio, sr, fps, T)).to(device)  # (T, 35)
-    face = crop_box(image, box, 112)[None].to(device)  # (1, 3, 112, 112)
+    face = face_crops(image[None], box[None], points[None]).to(device)  # (1, 3, 112, 112), as in training
     poses = m2p_poses(d["m2p"], feats, ref_pose.to(device), face, c["window"], cfg.m2p_smooth)  # (T, J, 3)
     ref_img = resize_frames(image[None], S).to(device)  # (1, 3, S, S), as in training
     gen = torch.Generator(device).manual_seed(cfg.seed)
@@ -656,10 +659,10 @@ def load_dance(path, device):
 def run_dance(cfg, device):
     d = load_dance(cfg.dance_checkpoint, device)
     J, fps, S = JOINT_SETS[d["cfg"]["joints"]], d["cfg"]["fps"], d["cfg"]["image_size"]
-    image, ref_pose, box = read_dance_reference(cfg, J, fps)
+    image, ref_pose, box, points = read_dance_reference(cfg, J, fps)
     audio, sr = read_audio(cfg.music)
     T, vae = dance_length(audio, sr, fps, cfg.max_seconds, cfg.music), d["vae"]
-    x, poses, ref_img = generate_dance(d, cfg, image, ref_pose, box, audio, sr, T, device)
+    x, poses, ref_img = generate_dance(d, cfg, image, ref_pose, box, points, audio, sr, T, device)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     k = max(1, -(-cfg.video_size // S))  # integer upscale
@@ -741,23 +744,23 @@ def run_dance_eval(cfg, device):
     runs = []
     for path in clips:
         clip = read_clip(path, fps)
-        image, ref_pose, box = read_dance_reference(dataclasses.replace(cfg, ref_image=str(path)), J, fps)
+        image, ref_pose, box, points = read_dance_reference(dataclasses.replace(cfg, ref_image=str(path)), J, fps)
         audio, sr = read_audio(path / "audio.wav")
         T = min(clip["T"], dance_length(audio, sr, fps, cfg.max_seconds, path / "audio.wav"))  # the clip's frames
         beats = beats_within(music_beats(audio, sr, fps), T, fps)
         if len(beats) == 0:
             raise InputError(f"{path / 'audio.wav'}: no music beat in the first {T / fps:.1f} s: raise --max_seconds")
-        x, poses, _ = generate_dance(d, cfg, image, ref_pose, box, audio, sr, T, device)
+        x, poses, _ = generate_dance(d, cfg, image, ref_pose, box, points, audio, sr, T, device)
         gen = torch.cat([im.cpu() for im in decoded(d["vae"], x)])  # (T, 3, S, S)
         gt = torch.stack([read_frame(clip["source"], t) for t in range(T)])
         gt = resize_frames(gt, S)
         gt_poses = torch.from_numpy(np.load(path / "poses.npy")[:T, :J].copy())  # (T, J, 3)
         shift = (poses[:, 0, :2].cpu() - ref_pose[0, :2]).repeat(1, 2)  # (T, 4): the nose's move
-        points = face_points5(np.load(path / "poses.npy")[cfg.ref_frame])[None]  # (1, 5, 2); NaN: none
+        points = points[None]  # (1, 5, 2); NaN: none
         faces = face_crops(gen, box[None] + shift, points + shift[:, None, :2])  # (T, 3, 112, 112)
         ref_img = resize_frames(image[None], S)[0]
         runs.append(dict(gen=gen, gt=gt, poses=poses.cpu(), gt_poses=gt_poses, beats=beats, ref_img=ref_img,
-                         ref_pose=ref_pose, face_in=crop_box(image, box, 112)[None].to(device),
+                         ref_pose=ref_pose, face_in=face_crops(image[None], box[None], points).to(device),
                          feats=torch.from_numpy(music_features(audio, sr, fps, T)).to(device),
                          bob=bobbing_video(ref_img, beats, T, fps), face=embed(faces),
                          flat_face=embed(faces.mean((2, 3), keepdim=True).expand_as(faces)),

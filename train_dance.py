@@ -36,7 +36,7 @@ from data import (
     DanceClipDataset,
     StepSampler,
     box_mask,
-    crop_box,
+    face_crops,
     music_beats,
     read_audio,
     read_list_file,
@@ -645,7 +645,7 @@ def stage_b(cfg):
                 low = (t < cfg.id_loss_max_t) & ~box.isnan().any(1) & keep
                 if low.any():
                     pred = to_images(vae, predicted_x0(scheduler, x_t[low], out[low].float(), t[low]))
-                    crop = crop_box(pred, box[low], 112)
+                    crop = face_crops(pred, box[low], batch["face_points"][low, 0])  # as the reference's
                     parts["id"] = face_loss(recognizer(crop * 2 - 1), face_emb[low])
                 else:
                     parts["id"] = out.sum() * 0.0  # every trainable tensor still in the graph (DDP)
@@ -824,7 +824,8 @@ def stage_c(cfg):
                 # identity on the middle frame of low-noise clips (as stage B)
                 low = (t < cfg.id_loss_max_t) & keep & ~batch["boxes"][:, T // 2].isnan().any(1)
                 if low.any():
-                    crop = crop_box(to_images(vae, pred[low][:, :, T // 2]), batch["boxes"][low, T // 2], 112)
+                    crop = face_crops(to_images(vae, pred[low][:, :, T // 2]), batch["boxes"][low, T // 2],
+                                      batch["face_points"][low, T // 2])
                     parts["id"] = face_loss(recognizer(crop * 2 - 1), face_emb[low])
                 else:
                     parts["id"] = out.sum() * 0.0

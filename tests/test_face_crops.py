@@ -6,10 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dance_eval import face_crops
-from data import crop_box
-from losses import ARCFACE_112, aligned_face_crop, similarity_transform
-from pose import FACE, face_points5
+from data import ARCFACE_112, FACE, aligned_face_crop, crop_box, face_crops, face_points5, similarity_transform
 
 POINTS = 0.3 + (torch.tensor(ARCFACE_112, dtype=torch.float64) + 0.5) / 112 * 0.4  # (5, 2): a face in the middle
 
@@ -91,3 +88,24 @@ def test_aligned_crop_is_differentiable_in_the_image(size):
     img = face_image(64)[None].requires_grad_()
     aligned_face_crop(img, POINTS[None].float(), size).mean().backward()
     assert img.grad is not None and img.grad.abs().sum() > 0
+
+
+def test_the_dataset_aligns_faces_where_the_poses_have_face_points(tiny_dance, tmp_path):
+    """The recognizer's crops in training (the reference's, and the points of the target frames for the
+    identity loss) are the aligned ones where poses.npy has face points, as the scores' are."""
+    import shutil
+
+    from data import DanceClipDataset, read_clip, read_frame, read_list_file
+    clip = tmp_path / "clip"
+    shutil.copytree(read_list_file(tiny_dance / "data_train.txt")[0], clip)
+    poses = np.load(clip / "poses.npy")  # (T, 134, 3): the toy's have no face points
+    face = POINTS.numpy()[[0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 2, 3, 4]]  # eyes x 6, nose, mouth corners
+    for i, k in enumerate([36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 30, 48, 54]):
+        poses[:, 24 + k, :2], poses[:, 24 + k, 2] = face[i], 1.0
+    np.save(clip / "poses.npy", poses)
+    (tmp_path / "list.txt").write_text(f"{clip}\n")
+    item = DanceClipDataset(tmp_path / "list.txt", 30, ref_frame=0, frames=2, image_size=16)[0]
+    image, box = read_frame(read_clip(clip)["source"], 0), read_clip(clip)["boxes"][0]
+    assert torch.allclose(item["face"], aligned_face_crop(image[None], POINTS[None].float())[0], atol=1e-5)
+    assert not torch.allclose(item["face"], crop_box(image, box, 112), atol=0.05)
+    assert item["face_points"].shape == (2, 5, 2) and torch.allclose(item["face_points"][0], POINTS.float())

@@ -354,8 +354,8 @@ def test_sample_finds_the_reference_pose(models, tmp_path):
     path = tmp_path / "me.png"
     Image.fromarray(toy_video(0)[0][0]).save(path)  # 96 x 64
     cfg = sample.Config(ref_image=str(path), pose_model=str(models["const"]))
-    image, pose, box = sample.read_dance_reference(cfg, 24, FPS)
-    assert image.shape == (3, 64, 96) and pose.shape == (24, 3) and box.shape == (4,)
+    image, pose, box, points = sample.read_dance_reference(cfg, 24, FPS)
+    assert image.shape == (3, 64, 96) and pose.shape == (24, 3) and box.shape == (4,) and points.shape == (5, 2)
     want = ((models["const_uv"][0] - [96, 128]) * 0.625 + [48, 32]) / [96, 64]  # the nose, normalised by W, H
     assert np.allclose(pose[0, :2].numpy(), want, atol=0.01)
     assert box[0] < pose[0, 0] < box[2] and box[1] < pose[0, 1] < box[3]  # the face points circle the nose
