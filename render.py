@@ -58,11 +58,11 @@ def project_gaussians(means, quats, scales, opacities, w2c, K, H, W):
     zero = torch.zeros_like(z)
     J = torch.stack([fx / z, zero, -fx * tx / z**2,
                      zero, fy / z, -fy * ty / z**2], -1).unflatten(-1, (2, 3))  # (..., C, N, 2, 3)
-    # cov2 = J R cov3 R^T J^T = T T^T with T = J R M: two small products instead of five
-    T = J @ (R[..., :, None, :, :] @ M[..., None, :, :, :])  # (..., C, N, 2, 3)
-    low_pass = EPS2D * torch.eye(2, dtype=p.dtype, device=p.device)
-    cov2 = T @ T.transpose(-1, -2) + low_pass  # (..., C, N, 2, 2)
-    a, b, c = cov2[..., 0, 0], cov2[..., 0, 1], cov2[..., 1, 1]
+    # cov2 = J R cov3 R^T J^T + low-pass = T T^T + EPS2D I with T = J R M, as two einsums that
+    # batch over cameras and over Gaussians (not over both: a CPU is slow at millions of tiny matmuls)
+    T = torch.einsum("...cnkl,...nlm->...cnkm", torch.einsum("...cnij,...cjk->...cnik", J, R), M)  # (..., C, N, 2, 3)
+    t0, t1 = T.unbind(-2)  # (..., C, N, 3) each: the rows
+    a, b, c = (t0 * t0).sum(-1) + EPS2D, (t0 * t1).sum(-1), (t1 * t1).sum(-1) + EPS2D  # cov2's entries
     det = (a * c - b * b).clamp(min=1e-12)
     conics = torch.stack([c / det, -b / det, a / det], -1)  # (..., C, N, 3)
 
