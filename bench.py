@@ -7,6 +7,7 @@
     python bench.py --only=gen_synthetic  # phase 2: views/s batched vs one reference at a time
     python bench.py --only=stage_b      # dance stage B's step at the toy size, split by part
     python bench.py --only=stage_c      # dance stage C's step against the clip length; sampling frames/s
+    python bench.py --only=train_gslrm,train_mvdiff  # the default toy steps, split by part
 Timings are medians of a few repeats after a warm-up; compare figures from one run as ratios.
 """
 import argparse
@@ -241,10 +242,140 @@ def bench_stage_c(B=2, S=32, J=24, lengths=(8, 16, 32, 64)):
     print(f"| dance sampling, one denoising step of a 16-frame window with guidance at {S} px | "
           f"{ts * 1e3:.0f} ms ({16 / ts:.0f} frame-steps/s; 25 steps: {16 / ts / 25:.1f} frames/s) |")
 
+
+def timed_parts(step, n=12, warmup=3):
+    """step() -> {part: seconds} (its own perf_counter marks); median of each part over n steps."""
+    for _ in range(warmup):
+        step()
+    runs = [step() for _ in range(n)]
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def warm_up(dataset, epochs=4):
+    """A few epochs' items, so that the step sees the data path of a run past its first epoch."""
+    for e in range(epochs):
+        for i in range(len(dataset)):
+            dataset[i, e]
+
+
+def print_parts(what, parts):
+    total = sum(parts.values())
+    print(f"| {what} | {total * 1e3:.0f} ms |")
+    for k, t in parts.items():
+        print(f"| of which {k} | {t * 1e3:.0f} ms ({100 * t / total:.0f}%) |")
+
+
+def bench_train_gslrm(data_dir="data/toy_mice", init_from=""):
+    """train_gslrm.py's default step (toy preset, 32 px, batch 2, 6 views in, 4 rendered), split by part,
+    and one default validation (20 held-out mice). init_from: a checkpoint to start from (trained
+    Gaussians are small; a fresh model's cover many pixels and make the renderer dominate)."""
+    from cameras import load_rig
+    from data import MultiViewDataset, StepSampler
+    from models import GSLRM, GSLRM_CONFIGS
+    from plumbing import load_checkpoint, seeded
+    from train_gslrm import Config, evaluate, split_views
+    cfg, perf = Config(data_dir=data_dir), time.perf_counter
+    torch.manual_seed(0)
+    rig, S, n_in = load_rig(cfg.rig), cfg.image_size, cfg.num_input_views
+    train_set = MultiViewDataset(f"{data_dir}/data_train.txt", S, range(6), cfg.num_novel_views, rig, 0, n_in)
+    val_set = MultiViewDataset(f"{data_dir}/data_val.txt", S, range(6), -1, rig, num_inputs=n_in)
+    model = GSLRM(**GSLRM_CONFIGS[cfg.preset])
+    if init_from:
+        load_checkpoint(init_from, {"model": model})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    warm_up(train_set)
+    loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=StepSampler(len(train_set), 2)))
+    mse = torch.nn.functional.mse_loss
+
+    def step(i=[0]):  # noqa: B006  (the step counter)
+        t0 = perf()
+        batch = {k: v for k, v in next(loader).items() if torch.is_tensor(v)}
+        (img, c2w, K), (tgt, tc2w, tK) = split_views(batch, n_in)
+        pick = torch.randperm(n_in, generator=seeded(0, i[0]))[:2]
+        i[0] += 1
+        tgt = torch.cat([batch["images"][:, pick], tgt], 1)  # (B, Vt, 4, H, W)
+        tc2w, tK = torch.cat([c2w[:, pick], tc2w], 1), torch.cat([K[:, pick], tK], 1)
+        t1 = perf()
+        gaussians = model(img, c2w, K)
+        t2 = perf()
+        pred, pred_alpha = model.render(gaussians, tc2w, tK, S, S).split([3, 1], dim=2)
+        loss = mse(pred, tgt[:, :, :3]) + cfg.alpha_weight * mse(pred_alpha, tgt[:, :, 3:])
+        t3 = perf()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        t4 = perf()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        optimizer.step()
+        return {"data": t1 - t0, "GS-LRM forward": t2 - t1, "render forward": t3 - t2, "backward": t4 - t3,
+                "clip + AdamW": perf() - t4}
+
+    print_parts(f"train_gslrm step, toy preset, batch 2, 6 views in, 4 rendered at {S} px"
+                + (f", from {init_from}" if init_from else ", fresh weights"), timed_parts(step))
+    mean_image = torch.full((3, S, S), 0.9)
+    with tempfile.TemporaryDirectory() as d:
+        t = timeit(lambda: evaluate(model, val_set, None, cfg, 0, mean_image, "cpu", d), repeat=1)
+    print(f"| train_gslrm validation, {min(cfg.val_samples, len(val_set))} held-out mice | {t:.1f} s |")
+
+
+def bench_train_mvdiff(data_dir="data/toy_mice_mv"):
+    """train_mvdiff.py's default step (toy UNet, pixel space, 32 px, batch 4 objects x 6 views, EMA),
+    split by part."""
+    import copy
+
+    from cameras import load_prompt_embeds, load_rig
+    from data import MultiViewDataset, StepSampler
+    from losses import diffusion_target, min_snr_weight, weighted_mse
+    from models import Conditioner, mv_schedulers
+    from plumbing import seeded
+    from train_mvdiff import Config, update_ema
+    cfg, perf = Config(data_dir=data_dir), time.perf_counter
+    torch.manual_seed(0)
+    rig = load_rig(cfg.rig)
+    train_set = MultiViewDataset(f"{data_dir}/data_train.txt", cfg.image_size, range(6), 0, rig, 0)
+    model = build_mv_unet(cfg.preset, 6, cfg.sparse_attention)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    prompt_embeds, _ = load_prompt_embeds(f"{data_dir}/toy_prompt_embeds.pt", rig, 32, False)  # (V, T, D)
+    cond, (noise_scheduler, _) = Conditioner("", "cpu"), mv_schedulers(cfg.prediction_type, cfg.beta_schedule,
+                                                                        cfg.beta_start, cfg.beta_end, True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), fused=True)
+    warm_up(train_set)
+    loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=StepSampler(len(train_set), cfg.batch_size)))
+
+    def step(i=[0]):  # noqa: B006  (the step counter)
+        t0 = perf()
+        images = next(loader)["images"][:, :, :3] * 2 - 1  # (B, V, 3, H, W)
+        gen = seeded(0, 0, i[0], 0)
+        i[0] += 1
+        B = len(images)
+        x0, ref_cond, _ = cond(images, torch.randint(0, 6, (B,), generator=gen), gen)
+        noise, t = torch.randn(x0.shape, generator=gen), torch.randint(0, 1000, (B,), generator=gen)
+        noisy, target = noise_scheduler.add_noise(x0, noise, t), diffusion_target(noise_scheduler, x0, noise, t)
+        weight = min_snr_weight(noise_scheduler.alphas_cumprod[t], cfg.min_snr_gamma, cfg.prediction_type)
+        t1 = perf()
+        loss = weighted_mse(model(noisy, t, prompt_embeds, torch.zeros(B, dtype=torch.long), ref_cond),
+                            target, weight)
+        t2 = perf()
+        loss.backward()
+        loss.item()
+        t3 = perf()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        optimizer.step()
+        update_ema(ema, model, cfg.ema_decay)
+        optimizer.zero_grad(set_to_none=True)
+        return {"data": t1 - t0, "UNet forward": t2 - t1, "backward": t3 - t2, "clip + AdamW + EMA": perf() - t3}
+
+    print_parts(f"train_mvdiff step, toy UNet, {cfg.batch_size} objects x 6 views at {cfg.image_size} px",
+                timed_parts(step))
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default="render,toy_mice")
-    only = p.parse_args().only.split(",")
+    p.add_argument("--gslrm_data", default="data/toy_mice", help="train_gslrm's toy set (its default)")
+    p.add_argument("--gslrm_init", default="", help="train_gslrm checkpoint for its step's weights")
+    p.add_argument("--mvdiff_data", default="data/toy_mice_mv", help="train_mvdiff's toy set (its default)")
+    args = p.parse_args()
+    kwargs = {"train_gslrm": dict(data_dir=args.gslrm_data, init_from=args.gslrm_init),
+              "train_mvdiff": dict(data_dir=args.mvdiff_data)}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n\n| what | figure |\n|---|---|")
-    for name in only:
-        globals()[f"bench_{name}"]()
+    for name in args.only.split(","):
+        globals()[f"bench_{name}"](**kwargs.get(name, {}))

@@ -87,6 +87,11 @@ def load_rgba(path, size=None, bg=1.0, wh=None, rgb_ok=True):
     return x
 
 
+# decoded views kept in memory, up to this many bytes per dataset: a toy set fits whole (decoding
+# and resizing its PNGs cost more than the rest of its data path), a real one at 512 px does not
+CACHE_BYTES = 2**30
+
+
 class MultiViewDataset(torch.utils.data.Dataset):
     """FaceLift's two sample layouts (docs/formats.md): inputs from the pool `input_views` (None: all
     frames; `num_inputs` of them drawn per (seed, epoch, index), None: all, in order), then
@@ -104,6 +109,7 @@ class MultiViewDataset(torch.utils.data.Dataset):
         self.size, self.num_target, self.num_inputs = image_size, num_target_views, num_inputs
         self.pool = None if input_views is None else list(input_views)
         self.rig, self.seed, self.rgb_ok = rig, seed, rgb_ok
+        self.frames, self.views, self.cached_bytes = {}, {}, 0  # per sample dir / image path
 
     def __len__(self):
         return len(self.samples)
@@ -137,26 +143,35 @@ class MultiViewDataset(torch.utils.data.Dataset):
                              f"--num_novel_views to at most {max(0, n - k)} (or --num_input_views), "
                              "or use samples with more views")
 
+    def load_view(self, path, wh):
+        x = self.views.get(path)
+        if x is None:
+            x = load_rgba(path, self.size, wh=wh, rgb_ok=self.rgb_ok)
+            if self.cached_bytes + x.nbytes <= CACHE_BYTES:
+                self.views[path], self.cached_bytes = x, self.cached_bytes + x.nbytes
+        return x
+
     def __getitem__(self, key):
         idx, epoch = key if isinstance(key, tuple) else (key, 0)  # StepSampler passes (index, epoch)
         d = self.samples[idx]
-        frames, cam_file = self.read_frames(d)
+        frames, cam_file = self.frames.get(d) or self.read_frames(d)
         pool = list(range(len(frames))) if self.pool is None else self.pool
         k = len(pool) if self.num_inputs is None else self.num_inputs
         n_target = len(frames) - k if self.num_target < 0 else self.num_target
-        self.check_view_count(d, len(frames), pool, k, n_target)
-        if self.rig is not None and cam_file is not None:
-            msg = rig_mismatch(self.rig, [frames[i] for i in pool])
-            if msg:
-                raise InputError(f"{cam_file}: {msg}")
+        if d not in self.frames:  # read and checked once per sample
+            self.check_view_count(d, len(frames), pool, k, n_target)
+            if self.rig is not None and cam_file is not None:
+                msg = rig_mismatch(self.rig, [frames[i] for i in pool])
+                if msg:
+                    raise InputError(f"{cam_file}: {msg}")
+            self.frames[d] = frames, cam_file
         rng = np.random.default_rng((self.seed, epoch, idx))
         inputs = pool if k == len(pool) else [pool[i] for i in sorted(rng.choice(len(pool), k, False))]
         rest = [i for i in range(len(frames)) if i not in inputs]
         views = inputs + [rest[i] for i in rng.choice(len(rest), n_target, replace=False)]
         sel = [frames[i] for i in views]
         wh = [(fr["w"], fr["h"]) if cam_file else None for fr in sel]  # a rig's frames: any size, square
-        images = torch.stack([load_rgba(d / fr["file_path"], self.size, wh=s, rgb_ok=self.rgb_ok)
-                              for fr, s in zip(sel, wh)])  # (V, 4, S, S)
+        images = torch.stack([self.load_view(d / fr["file_path"], s) for fr, s in zip(sel, wh)])  # (V, 4, S, S)
         w2c, K = frames_to_tensors(sel, self.size)
         return {"images": images, "w2c": w2c, "c2w": torch.linalg.inv(w2c), "fxfycxcy": K,
                 "views": torch.tensor(views), "path": str(d)}

@@ -50,9 +50,7 @@ def project_gaussians(means, quats, scales, opacities, w2c, K, H, W):
     fx, fy, cx, cy = (K[..., i, j, None] for i, j in ((0, 0), (1, 1), (0, 2), (1, 2)))  # (..., C, 1)
     means2d = torch.stack([fx * p[..., 0] / z + cx, fy * p[..., 1] / z + cy], -1)  # (..., C, N, 2)
 
-    M = quat_to_rotmat(quats) * scales[..., None, :]  # (..., N, 3, 3) = R_q diag(s)
-    cov3 = M @ M.transpose(-1, -2)  # (..., N, 3, 3)
-    cov_cam = torch.einsum("...cij,...njk,...clk->...cnil", R, cov3, R)  # (..., C, N, 3, 3)
+    M = quat_to_rotmat(quats) * scales[..., None, :]  # (..., N, 3, 3) = R_q diag(s): cov3 = M M^T
     # The Jacobian is evaluated at a point clamped to a little beyond the view frustum (as 3DGS
     # does), so Gaussians far off-screen do not get absurd footprints.
     tx = z * torch.clamp(p[..., 0] / z, -(cx / fx + 0.15 * W / fx), (W - cx) / fx + 0.15 * W / fx)
@@ -60,9 +58,11 @@ def project_gaussians(means, quats, scales, opacities, w2c, K, H, W):
     zero = torch.zeros_like(z)
     J = torch.stack([fx / z, zero, -fx * tx / z**2,
                      zero, fy / z, -fy * ty / z**2], -1).unflatten(-1, (2, 3))  # (..., C, N, 2, 3)
-    low_pass = EPS2D * torch.eye(2, dtype=p.dtype, device=p.device)
-    cov2 = J @ cov_cam @ J.transpose(-1, -2) + low_pass  # (..., C, N, 2, 2)
-    a, b, c = cov2[..., 0, 0], cov2[..., 0, 1], cov2[..., 1, 1]
+    # cov2 = J R cov3 R^T J^T + low-pass = T T^T + EPS2D I with T = J R M, as two einsums that
+    # batch over cameras and over Gaussians (not over both: a CPU is slow at millions of tiny matmuls)
+    T = torch.einsum("...cnkl,...nlm->...cnkm", torch.einsum("...cnij,...cjk->...cnik", J, R), M)  # (..., C, N, 2, 3)
+    t0, t1 = T.unbind(-2)  # (..., C, N, 3) each: the rows
+    a, b, c = (t0 * t0).sum(-1) + EPS2D, (t0 * t1).sum(-1), (t1 * t1).sum(-1) + EPS2D  # cov2's entries
     det = (a * c - b * b).clamp(min=1e-12)
     conics = torch.stack([c / det, -b / det, a / det], -1)  # (..., C, N, 3)
 
@@ -142,50 +142,103 @@ def _render_sparse(means, quats, scales, opacities, colors, w2c, K, bg, H, W):
     memory scale with the number of pairs, not Gaussians x pixels."""
     B, C, N, D = w2c.shape[0], w2c.shape[1], means.shape[1], colors.shape[-1]
     means2d, conics, depths, box, valid = project_gaussians(means, quats, scales, opacities, w2c, K, H, W)
-    cam, gid = valid.flatten(0, 1).nonzero(as_tuple=True)  # (E,) visible entries: camera b*C+c, Gaussian n
+    with torch.no_grad():
+        cam, gid = valid.flatten(0, 1).nonzero(as_tuple=True)  # (E,) visible entries: camera b*C+c, Gaussian n
+        # entries in (camera, depth) order: the pairs are made in this order, so a stable sort by
+        # pixel puts them in (pixel, depth) order, the compositing order
+        by_depth = depths.flatten()[cam * N + gid].argsort()
+        by_depth = by_depth[cam[by_depth].argsort(stable=True)]
+        cam, gid = cam[by_depth], gid[by_depth]
     entry, g = cam * N + gid, (cam // C) * N + gid  # index into (B*C*N) projections / (B*N) Gaussians
     # everything a pair needs from its entry, in one tensor so that one gather (and one
     # index_add in backward) serves all of it: u, v | conic 3 | opacity | colour D
     ent = torch.cat([means2d.flatten(0, 2)[entry], conics.flatten(0, 2)[entry],
                      opacities.flatten()[g, None], colors.flatten(0, 1)[g]], -1)  # (E, 6 + D)
     with torch.no_grad():
-        x0, x1, y0, y1 = box.flatten(0, 2)[entry].unbind(-1)  # (E,) each
+        x0, x1, y0, y1 = box.flatten(0, 2)[entry].int().unbind(-1)  # (E,) each
         bw, count = x1 - x0 + 1, (x1 - x0 + 1) * (y1 - y0 + 1)
-        entries = torch.arange(len(cam), device=cam.device)  # (E,)
-        e = torch.repeat_interleave(entries, count)  # (P,) entry of each pair
-        local = torch.arange(len(e), device=e.device) - (count.cumsum(0) - count)[e]
-        px, py = x0[e] + local % bw[e], y0[e] + local // bw[e]
-        pe = ent.detach().index_select(0, e)
-        _, keep = _pair_alpha(px + 0.5 - pe[:, 0], py + 0.5 - pe[:, 1], pe[:, 2:5], pe[:, 5])
-        keep = keep.nonzero().squeeze(1)
-        e, px, py = e[keep], px[keep], py[keep]
-        pix = cam[e] * (H * W) + py * W + px  # (P,) flat output pixel
-        # sort pairs by (pixel, depth): the depth rank among all entries orders each pixel's list
-        depth_rank = torch.empty_like(cam)
-        depth_rank[depths.flatten()[entry].argsort()] = torch.arange(len(cam), device=cam.device)
-        order = (pix * max(len(cam), 1) + depth_rank[e]).argsort()
-        e, px, py, pix = e[order], px[order], py[order], pix[order]
+        # the pixels of every box, row by row, in int32 (faster than int64 in index_select and sort
+        # on a CPU); per-pair values by repeat_interleave (a fill) or index_select, never by []
+        # with a (P,) index (several times slower)
+        P = int(count.sum())
+        per_pair = lambda x: torch.repeat_interleave(x, count, output_size=P)  # noqa: E731  (E,) -> (P,)
+        e = per_pair(torch.arange(len(cam), dtype=torch.int32, device=cam.device))  # (P,) entry of each pair
+        start = count.cumsum(0, dtype=torch.int32) - count  # (E,) first pair of each entry
+        local = torch.arange(P, dtype=torch.int32, device=e.device) - per_pair(start)  # (P,) index in the box
+        row = local // per_pair(bw)
+        pix = per_pair(cam.int() * (H * W) + y0 * W + x0) + row * (W - per_pair(bw)) + local  # (P,) output pixel
+        u, v, c0, c1, c2, o = ent.detach()[:, :6].t().contiguous().index_select(1, e)  # (P,) each
+        dx, dy = _pixel_offsets(pix, H, W, u, v)
+        maha2 = c0 * dx * dx + 2 * c1 * dx * dy + c2 * dy * dy
+        # the pairs that count (as _pair_alpha's keep): inside the footprint ellipse, alpha >= 1/255
+        keep = ((maha2 <= FOOTPRINT_SIGMAS**2) & (o * torch.exp(-0.5 * maha2) >= ALPHA_MIN)).nonzero().squeeze(1)
+        pix = pix.index_select(0, keep)
+        by_pixel = pix.argsort(stable=True)
+        e, pix = e.index_select(0, keep.index_select(0, by_pixel)), pix.index_select(0, by_pixel)
 
-    # split (not slicing) so that backward concatenates the pieces' grads instead of
-    # scattering each into its own zero-filled (P, 6 + D) buffer
-    u, v, conic, opac, col = ent.index_select(0, e).split([1, 1, 3, 1, D], dim=1)  # (P, .) each
-    alpha, _ = _pair_alpha(px + 0.5 - u[:, 0], py + 0.5 - v[:, 0], conic, opac[:, 0])  # (P,)
-    # Exclusive transmittance per pixel = exp(segmented cumsum of log(1 - alpha)). The running
-    # sum spans all pixels, so it is taken in float64 to keep the per-pixel differences exact.
-    la = torch.log1p(-alpha.double())
-    cs = la.cumsum(0)
-    first = torch.ones_like(pix, dtype=torch.bool)
-    first[1:] = pix[1:] != pix[:-1]
-    seg = first.cumsum(0) - 1  # (P,) segment (= pixel list) of each pair
-    before = (cs - la)[first][seg]  # sum of log(1 - alpha) of all earlier pixels' pairs
-    T_excl, T_incl = torch.exp(cs - la - before), torch.exp(cs - before)
-    w = (alpha * T_excl * (T_incl > T_MIN)).to(alpha.dtype)  # (P,) compositing weight
+    rgba = _Composite.apply(ent, e, pix, B * C * H * W, H, W)  # (D + 1, B*C*H*W)
+    rgb, acc = rgba.t().reshape(B, C, H, W, D + 1).split([D, 1], -1)
+    return rgb + (1 - acc) * bg[:, :, None, None, :], acc
 
-    rgb = torch.zeros(B * C * H * W, D, dtype=colors.dtype, device=colors.device)
-    rgb = rgb.index_add(0, pix, w[:, None] * col)  # (B*C*H*W, D)
-    acc = torch.zeros(B * C * H * W, dtype=w.dtype, device=w.device).index_add(0, pix, w)
-    rgb = rgb.view(B, C, H, W, D) + (1 - acc.view(B, C, H, W, 1)) * bg[:, :, None, None, :]
-    return rgb, acc.view(B, C, H, W, 1)
+
+class _Composite(torch.autograd.Function):
+    """Front-to-back compositing of the (pixel, depth)-sorted pairs -> per pixel colour and alpha
+    (D + 1, n_pix), with the gradient written out: autograd's graph of the same ops keeps more
+    (P,) tensors and runs slower on a CPU. ent (E, 6 + D): u, v | conic 3 | opacity | colour D of
+    each entry; e, pix (P,) int32: each pair's entry and output pixel. Per-pair values are rows
+    (6 + D, P), not columns: contiguous for the elementwise ops, and index_add along dim 1 is the
+    fast one (int64 indices there: int32 ones take a slow path)."""
+
+    @staticmethod
+    def forward(ctx, ent, e, pix, n_pix, H, W):
+        pe = ent.t().contiguous().index_select(1, e)  # (6 + D, P)
+        u, v, c0, c1, c2, o, col = pe[0], pe[1], pe[2], pe[3], pe[4], pe[5], pe[6:]
+        dx, dy = _pixel_offsets(pix, H, W, u, v)
+        fall = torch.exp(-0.5 * (c0 * dx * dx + 2 * c1 * dx * dy + c2 * dy * dy))  # (P,)
+        alpha = (o * fall).clamp(max=ALPHA_MAX)
+        # Exclusive transmittance per pixel = exp(segmented cumsum of log(1 - alpha)). The running
+        # sum spans all pixels, so it is taken in float64 to keep the per-pixel differences exact.
+        la = torch.log1p(-alpha.double())
+        cs = la.cumsum(0)
+        first = torch.ones_like(pix, dtype=torch.bool)
+        first[1:] = pix[1:] != pix[:-1]
+        seg = first.cumsum(0) - 1  # (P,) segment (= pixel list) of each pair
+        before = cs.sub(la)[first].index_select(0, seg)  # sum of log(1 - alpha) of all earlier pixels' pairs
+        T_live = (torch.exp(cs - la - before) * (torch.exp(cs - before) > T_MIN)).to(alpha.dtype)  # (P,)
+        w = alpha * T_live  # (P,) compositing weight
+        pix64 = pix.long()
+        out = torch.zeros(len(col) + 1, n_pix, dtype=ent.dtype, device=ent.device)
+        out.index_add_(1, pix64, torch.cat([w * col, w[None]]))  # (D + 1, n_pix): colour, alpha
+        ctx.save_for_backward(pe, dx, dy, fall, alpha, T_live, w, e, pix64, first, seg)
+        ctx.n_ent = len(ent)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # grad_out (D + 1, n_pix)
+        pe, dx, dy, fall, alpha, T_live, w, e, pix64, first, seg = ctx.saved_tensors
+        c0, c1, c2, o, col = pe[2], pe[3], pe[4], pe[5], pe[6:]
+        raw = o * fall  # alpha before the clamp
+        g = grad_out.index_select(1, pix64)  # (D + 1, P)
+        dw = (col * g[:-1]).sum(0) + g[-1]  # (P,) dL/dw
+        # w_i = alpha_i T_i, T_i = prod of (1 - alpha_j) over the pixel's earlier pairs j, so
+        # dL/dalpha_k = dw_k T_k - (sum over the pixel's later pairs i of dw_i w_i) / (1 - alpha_k)
+        cs = (dw * w).double().cumsum(0)
+        last = torch.ones_like(first)
+        last[:-1] = first[1:]
+        later = cs[last].index_select(0, seg) - cs  # (P,)
+        d_alpha = dw * T_live - (later / (1 - alpha.double())).to(alpha.dtype)
+        d_raw = d_alpha * (raw <= ALPHA_MAX)  # the clamp
+        d_m = -0.5 * d_raw * raw  # dL/d maha^2
+        d_dx, d_dy = 2 * d_m * (c0 * dx + c1 * dy), 2 * d_m * (c1 * dx + c2 * dy)
+        grad_pe = torch.cat([torch.stack([-d_dx, -d_dy, d_m * dx * dx, 2 * d_m * dx * dy, d_m * dy * dy,
+                                          d_raw * fall]), w * g[:-1]])  # (6 + D, P)
+        grad_ent = torch.zeros(len(pe), ctx.n_ent, dtype=pe.dtype, device=pe.device)
+        return grad_ent.index_add_(1, e.long(), grad_pe).t(), None, None, None, None, None
+
+
+def _pixel_offsets(pix, H, W, u, v):
+    """(P,) flat output pixels and Gaussian centres -> offsets of the pixel centres from them."""
+    return (pix % W).to(u.dtype) + 0.5 - u, (pix // W % H).to(u.dtype) + 0.5 - v
 
 
 def _render_dense(means, quats, scales, opacities, colors, w2c, K, bg, H, W):

@@ -280,7 +280,7 @@ def main(cfg):
         for g in groups:
             n = sum(p.numel() for p in g["params"])
             print(f"group {g['name']}: {len(g['params'])} tensors, {n:,} params, lr {cfg.lr:g}")
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=torch.cuda.is_available())
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=True)
     for g in optimizer.param_groups:
         g["initial_lr"] = cfg.lr
 

@@ -78,6 +78,23 @@ def test_gradients_agree_with_dense():
     assert all(g.abs().sum() > 0 for g in grads["sparse"])  # every parameter gets a gradient
 
 
+def test_gradients_agree_with_dense_when_opaque():
+    """Opacity 1 (alpha clamped at ALPHA_MAX) and stacks deep enough to stop at T_MIN: the branches
+    of the sparse back end's hand-written compositing gradient that the scene above rarely reaches."""
+    w2c, K = cameras(2, 12, torch.float64)
+    means, quats, scales, opac, colors = hard_scene(N=150, seed=6, dtype=torch.float64)
+    opac[::2] = 1.0
+    params = [t.requires_grad_() for t in (means, quats, scales * 2, opac, colors)]
+    w = torch.rand(2, 12, 12, 3, dtype=torch.float64)
+    grads = {}
+    for backend in ("sparse", "dense"):
+        rgb, alpha = render_gaussians(*params, w2c, K, 12, 12, 0.5, backend=backend)
+        grads[backend] = torch.autograd.grad((rgb * w).sum() + alpha.sum(), params)
+    assert alpha.max() > 0.98  # opaque pixels: the clamp, and lists cut off at T_MIN behind them
+    for gs, gd in zip(grads["sparse"], grads["dense"]):
+        assert torch.allclose(gs, gd, atol=1e-8, rtol=1e-6)
+
+
 def test_gradcheck_tiny_scene():
     w2c, K = cameras(1, 8, torch.float64, focal=1.0)
     means = torch.tensor([[0.05, 0.1, 0.02], [-0.1, 0.0, 0.1], [0.1, -0.1, -0.1]], dtype=torch.float64)
