@@ -200,8 +200,9 @@ def toy_unet(cfg, accelerator, scheduler, lr_at, batch_size=16, lr=1e-3, frames_
 
 
 def toy_clip_dir(c, dim):
-    """Where the toy CLIP of a run's config `c` (a dict) and UNet width `dim` is kept."""
-    return Path(c["data_dir"]) / "toy_clip" / f"{dim}_{c['image_size']}px"
+    """Where the toy CLIP of a run's config `c` (a dict) and UNet width `dim` is kept: one per seed, so
+    that a run with another seed on the same data never replaces the encoder an earlier run samples with."""
+    return Path(c["data_dir"]) / "toy_clip" / f"{dim}_{c['image_size']}px_seed{c['seed']}"
 
 
 def new_background(x, gen, p=0.5):
