@@ -34,6 +34,7 @@ from losses import (
     motion_beats,
     pose_error,
     pose_heatmaps,
+    pose_spread,
     predicted_x0,
     psnr,
     smooth_poses,
@@ -60,7 +61,7 @@ def evaluate_a(m2p, recognizer, val_set, mean_pose, beats, real, cfg, step, out_
     only (joints relative to the torso: bobbing has none); FID_k / Div_k and FID_g / Div_g (Bailando's
     2-D kinetic and geometric features of 1-s windows against the training clips' `real` = (kinetic
     [N, 54], geometric [N, 25]); the kinetic ones normalised by the training windows') and EDGE's foot
-    contact score (PFC) against the real dance, standing still in the reference and in the mean pose and
+    contact score (PFC) and pose spread against the real dance, standing still in the reference and in the mean pose and
     shuffled music; face-embedding cosine; the skeleton video. M2P's poses are smoothed over
     cfg.m2p_smooth frames (losses.smooth_poses), as sampling smooths them."""
     m2p.eval()
@@ -68,10 +69,10 @@ def evaluate_a(m2p, recognizer, val_set, mean_pose, beats, real, cfg, step, out_
     s = {k: [] for k in ("pose_err", "pose_err_mean_pose", "pose_err_ref_pose", "pck", "pck_mean_pose",
                          "pck_ref_pose", "face_cos")}
 
-    def dance(music, ref_pose, face):  # (T, D) music -> (T, J, 2) poses, (1, E) face embedding
+    def dance(music, ref_pose, face, style):  # (T, D) music -> (T, J, 2) poses, (1, E) face embedding
         pred = []
         for t0 in range(0, len(music), cfg.window):  # non-overlapping windows, as long as in training
-            logits, emb = m2p(music[None, t0: t0 + cfg.window], ref_pose, face)
+            logits, emb, _ = m2p(music[None, t0: t0 + cfg.window], ref_pose, face, style)
             pred.append(soft_argmax(logits.float())[0])  # (w, J, 2)
         return smooth_poses(torch.cat(pred), cfg.m2p_smooth), emb
 
@@ -81,9 +82,10 @@ def evaluate_a(m2p, recognizer, val_set, mean_pose, beats, real, cfg, step, out_
         music = torch.from_numpy(val_set.feats[i]).to(device)  # (T, D)
         gt = torch.from_numpy(val_set.poses[i]).to(device)  # (T, J, 3)
         ref_pose, face = item["ref_pose"][None].to(device), item["face"][None].to(device)
-        pred, emb = dance(music, ref_pose, face)  # (T, J, 2)
+        style = torch.randn(1, m2p.style_dim, generator=seeded(cfg.seed, 4, i)).to(device)  # a style from the prior
+        pred, emb = dance(music, ref_pose, face, style)  # (T, J, 2)
         other = torch.from_numpy(val_set.feats[(i + 1) % n]).to(device)  # the next clip's music
-        shuffled_preds.append(dance(other, ref_pose, face)[0].cpu())
+        shuffled_preds.append(dance(other, ref_pose, face, style)[0].cpu())
         guesses = {"": pred, "_mean_pose": mean_pose.expand_as(pred), "_ref_pose": ref_pose[:, :, :2].expand_as(pred)}
         for name, guess in guesses.items():
             err, pck = pose_error(guess, gt)
@@ -139,6 +141,7 @@ def motion_scores(motions, real_k, real_g, fps):
         m["fid_k" + name], m["div_k" + name] = frechet_distance((real_k - mu) / sd, k), diversity(k)
         m["fid_g" + name], m["div_g" + name] = frechet_distance(real_g, g), diversity(g)
         m["pfc" + name] = float(np.mean([foot_contact_score(x, fps) for x in ms]))
+        m["pose_spread" + name] = float(np.mean([pose_spread(x) for x in ms]))
     return m
 
 

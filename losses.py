@@ -217,6 +217,12 @@ def heatmap_loss(logits, poses, sigma=1.0):
     return ce + l1, {"ce": ce, "l1": l1}
 
 
+def pose_spread(poses):
+    """How much a motion [T, J, 2+] moves: each body joint's standard deviation over time (its L2 norm
+    over x, y), averaged over the 18 body joints."""
+    return torch.as_tensor(poses)[:, :18, :2].float().std(0).norm(dim=-1).mean().item()
+
+
 def face_loss(pred, target):
     """1 - cos(pred, target) per row, averaged (the recognizer's embedding is the target)."""
     return (1 - F.cosine_similarity(pred, target.detach(), dim=-1)).mean()
