@@ -126,15 +126,15 @@ def evaluate_a(m2p, recognizer, val_set, mean_pose, beats, real, cfg, step, out_
     return m, video
 
 
-def motion_scores(motions, real_k, real_g, fps):
+def motion_scores(motions, real_k, real_g, real_spread, fps):
     """FID_k / Div_k, FID_g / Div_g (1-s windows) and PFC (whole motions, averaged) of each named set of
     motions {name: [[T, J, 2+], ...]} against the training windows' kinetic [N, 54] and geometric [N, 25]
-    features. Kinetic features are z-scored by the training windows' (their units differ by orders of
-    magnitude); geometric ones are fractions of frames, on one scale already, and are not: 11 of the 25
-    relations are never true in the toy's training windows, and dividing by their ~0 spread would let a
-    stray frame decide FID_g."""
+    features; their pose spread beside the training clips' (real_spread). Kinetic features are z-scored by
+    the training windows' (their units differ by orders of magnitude); geometric ones are fractions of
+    frames, on one scale already, and are not: 11 of the 25 relations are never true in the toy's training
+    windows, and dividing by their ~0 spread would let a stray frame decide FID_g."""
     mu, sd = real_k.mean(0), real_k.std(0).clamp(min=1e-8)
-    m = {}
+    m = {"pose_spread_train": real_spread}
     for name, ms in motions.items():
         k = (kinetic_windows(ms, fps) - mu) / sd  # (N, 54)
         g = geometric_windows(ms, fps)  # (N, 25)

@@ -86,6 +86,7 @@ from losses import (
     motion_beats,
     pose_error,
     pose_heatmaps,
+    pose_spread,
     psnr,
     smooth_poses,
     soft_argmax,
@@ -789,7 +790,9 @@ def run_dance_eval(cfg, device):
     if read_poses is not None:
         motions["_read"] = [r["read"]["gen"] for r in runs]
         motions["_read_gt"] = [r["read"]["gt"] for r in runs]  # the reader's own jitter on real frames
-    motion = motion_scores(motions, kinetic_windows(train, fps), geometric_windows(train, fps), fps)
+    T = len(runs[0]["poses"])
+    motion = motion_scores(motions, kinetic_windows(train, fps), geometric_windows(train, fps),
+                           float(np.mean([pose_spread(p[:T]) for p in train])), fps)
     score = lambda f, k: float(np.mean([beat_alignment(runs[(i + k) % n]["beats"], f(runs[i])) for i in range(n)]))  # noqa: E731
     video, pose = (lambda r: video_beats(r["gen"], fps)), (lambda r: motion_beats(r["poses"], fps))
     limbs = lambda r: limb_beats(r["poses"], fps)  # noqa: E731

@@ -49,6 +49,7 @@ from losses import (
     kinetic_windows,
     min_snr_weight,
     pose_heatmaps,
+    pose_spread,
     predicted_x0,
     smooth_poses,
     soft_argmax,
@@ -398,8 +399,10 @@ def stage_a(cfg):
     P = torch.from_numpy(np.concatenate(train_set.poses))  # (N, J, 3)
     vis = (P[..., 2:] >= VISIBLE).float()
     mean_pose = ((P[..., :2] * vis).sum(0) / vis.sum(0).clamp(min=1)).to(device)  # (J, 2)
-    # the real motion FID_k and FID_g compare with: (N, 54) kinetic, (N, 25) geometric features
-    real = kinetic_windows(train_set.poses, cfg.fps), geometric_windows(train_set.poses, cfg.fps)
+    # the real motion FID_k and FID_g compare with: (N, 54) kinetic, (N, 25) geometric features; and how much
+    # a training dance moves (pose spread): the held-out dancers are a handful, their spread one draw
+    real = (kinetic_windows(train_set.poses, cfg.fps), geometric_windows(train_set.poses, cfg.fps),
+            float(np.mean([pose_spread(p) for p in train_set.poses])))
 
     # models: the M2P encoder (trained) and the face recognizer (frozen)
     m2p = m2p_encoder(train_set.music_dim, train_set.J, cfg.m2p_preset, cfg.window, cfg.grad_checkpoint)
