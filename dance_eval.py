@@ -69,10 +69,10 @@ def evaluate_a(m2p, recognizer, val_set, mean_pose, beats, real, cfg, step, out_
     s = {k: [] for k in ("pose_err", "pose_err_mean_pose", "pose_err_ref_pose", "pck", "pck_mean_pose",
                          "pck_ref_pose", "face_cos")}
 
-    def dance(music, ref_pose, face, style):  # (T, D) music -> (T, J, 2) poses, (1, E) face embedding
+    def dance(music, ref_pose, face):  # (T, D) music -> (T, J, 2) poses, (1, E) face embedding
         pred = []
         for t0 in range(0, len(music), cfg.window):  # non-overlapping windows, as long as in training
-            logits, emb, _ = m2p(music[None, t0: t0 + cfg.window], ref_pose, face, style)
+            logits, emb = m2p(music[None, t0: t0 + cfg.window], ref_pose, face)
             pred.append(soft_argmax(logits.float())[0])  # (w, J, 2)
         return smooth_poses(torch.cat(pred), cfg.m2p_smooth), emb
 
@@ -82,10 +82,9 @@ def evaluate_a(m2p, recognizer, val_set, mean_pose, beats, real, cfg, step, out_
         music = torch.from_numpy(val_set.feats[i]).to(device)  # (T, D)
         gt = torch.from_numpy(val_set.poses[i]).to(device)  # (T, J, 3)
         ref_pose, face = item["ref_pose"][None].to(device), item["face"][None].to(device)
-        style = torch.randn(1, m2p.style_dim, generator=seeded(cfg.seed, 4, i)).to(device)  # a style from the prior
-        pred, emb = dance(music, ref_pose, face, style)  # (T, J, 2)
+        pred, emb = dance(music, ref_pose, face)  # (T, J, 2)
         other = torch.from_numpy(val_set.feats[(i + 1) % n]).to(device)  # the next clip's music
-        shuffled_preds.append(dance(other, ref_pose, face, style)[0].cpu())
+        shuffled_preds.append(dance(other, ref_pose, face)[0].cpu())
         guesses = {"": pred, "_mean_pose": mean_pose.expand_as(pred), "_ref_pose": ref_pose[:, :, :2].expand_as(pred)}
         for name, guess in guesses.items():
             err, pck = pose_error(guess, gt)

@@ -477,36 +477,27 @@ def sample_views(model, scheduler, ref_cond, ref_idx, prompt_embeds, shape, clas
 # (train_dance.py)
 
 M2P_CONFIGS = {
-    "tiny": dict(d=32, layers=1, heads=2, heatmap=8, style_dim=4),  # tests
-    "toy": dict(d=128, layers=3, heads=4, heatmap=12, style_dim=8),  # the CPU toy run (64 px frames)
-    "base": dict(d=512, layers=8, heads=8, heatmap=64, style_dim=32),  # real data
+    "tiny": dict(d=32, layers=1, heads=2, heatmap=8),  # tests
+    "toy": dict(d=128, layers=3, heads=4, heatmap=12),  # the CPU toy run (64 px frames)
+    "base": dict(d=512, layers=8, heads=8, heatmap=64),  # real data
 }
 
 
 class M2PEncoder(nn.Module):
-    """Music window [B, T, D] + reference pose [B, J, 3] + reference face crop [B, 3, h, w] + a style
-    [B, style_dim] -> per-frame per-joint heatmap logits [B, T, J, H, H], a 512-d L2-normalised face
-    embedding (from the face alone) and the style's KL divergence (nats, batch mean).
-
-    Many dances fit one song, so M2P is a conditional VAE: in training a posterior (one block over the
-    true motion relative to the reference, with the music) encodes the window's style as a Gaussian,
-    whose KL to N(0, I) the loss charges; at sampling the style is drawn from N(0, I). The caller passes
-    standard-normal `noise` from its own seeded generator: style = noise without poses, mu + sigma *
-    noise with them. The face does not reach the motion: a toy dancer's style is its identity, and
-    with the face M2P memorised the training dancers' dances and, for a new face, stood still.
+    """Music window [B, T, D] + reference pose [B, J, 3] + reference face crop [B, 3, h, w] ->
+    per-frame per-joint heatmap logits [B, T, J, H, H] and a 512-d L2-normalised face embedding.
 
     A depthwise temporal convolution (~1 s: turns beat impulses into smooth phase signals) and a
     pre-LN transformer over time (bidirectional: the whole window of music is known) on tokens
-    music_proj(music) + pos[t] + pose_proj(ref pose) + style_proj(style). The heatmap of a joint is a
-    Gaussian (of learned per-joint width) around the reference joint moved by a predicted offset, plus
-    a zero-initialised separable residual (x logits + y logits): training starts from the reference
-    pose instead of from noise."""
+    music_proj(music) + pos[t] + pose_proj(ref pose) + face_proj(face features). The heatmap of a
+    joint is a Gaussian (of learned per-joint width) around the reference joint moved by a
+    predicted offset, plus a zero-initialised separable residual (x logits + y logits): training
+    starts from the reference pose instead of from noise."""
 
     def __init__(self, music_dim, joints, d, layers, heads, heatmap, max_frames=300, face_size=32,
-                 style_dim=8, embed_dim=512, conv_kernel=31, grad_checkpoint=False):
+                 embed_dim=512, conv_kernel=31, grad_checkpoint=False):
         super().__init__()
         self.J, self.H, self.face_size, self.grad_checkpoint = joints, heatmap, face_size, grad_checkpoint
-        self.style_dim = style_dim
         # music features come in wildly different scales (MFCC ~100s, one-hots 0/1): normalised with
         # training-set statistics that the training script sets once and the checkpoint keeps
         self.register_buffer("music_mean", torch.zeros(music_dim))
@@ -518,13 +509,10 @@ class M2PEncoder(nn.Module):
         self.face_cnn = nn.Sequential(  # 32 -> 16 -> 8 -> 4 -> pooled
             nn.Conv2d(3, 32, 3, 2, 1), nn.GELU(), nn.Conv2d(32, 64, 3, 2, 1), nn.GELU(),
             nn.Conv2d(64, d, 3, 2, 1), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.face_proj = nn.Linear(d, d)
         self.face_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, embed_dim))
         self.blocks = nn.ModuleList([Block(d, heads) for _ in range(layers)])
         self.norm = nn.LayerNorm(d)
-        self.style_in = nn.Linear(joints * 2, d)  # the posterior: true joint moves from the reference
-        self.style_block = Block(d, heads)
-        self.style_head = nn.Linear(d, 2 * style_dim)  # mean, log-variance
-        self.style_proj = nn.Linear(style_dim, d)
         self.offset_head = nn.Linear(d, joints * 2)  # offsets from the reference joints (normalised coords)
         self.residual_head = nn.Linear(d, joints * 2 * heatmap)  # x logits, then y logits
         self.log_width = nn.Parameter(torch.zeros(joints))  # Gaussian width per joint, in heatmap cells (exp)
@@ -539,30 +527,18 @@ class M2PEncoder(nn.Module):
         for head in (self.offset_head, self.residual_head):  # start exactly at the reference pose
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
-        # a sharp posterior from the start (sigma 0.14): a style that is mostly noise teaches the decoder to ignore it
-        nn.init.constant_(self.style_head.bias[self.style_dim:], -4.0)
 
-    def forward(self, music, ref_pose, face, noise, poses=None):
+    def forward(self, music, ref_pose, face):
         B, T, _ = music.shape
         assert T <= self.pos.shape[0], f"window of {T} frames, positions only for {self.pos.shape[0]}"
         face = F.interpolate(face, size=(self.face_size, self.face_size), mode="bilinear", antialias=True,
                              align_corners=False)  # (B, 3, face_size, face_size)
         f = self.face_cnn(face * 2 - 1)  # (B, d)
         pose_in = torch.cat([ref_pose[..., :2] - 0.5, ref_pose[..., 2:]], -1).flatten(1)  # (B, J * 3)
-        cond = self.pose_proj(pose_in)  # (B, d)
+        cond = self.pose_proj(pose_in) + self.face_proj(f)  # (B, d)
         x = self.music_proj((music - self.music_mean) / self.music_std)  # (B, T, d)
         x = x + F.gelu(rearrange(self.music_conv(rearrange(x, "b t d -> b d t")), "b d t -> b t d"))
-        x = x + self.pos[:T]  # (B, T, d)
-        kl = x.new_zeros(())
-        style = noise
-        if poses is not None:  # the posterior, from the window's true motion
-            vis = (poses[..., 2:] >= 0.3).to(x.dtype)  # (B, T, J, 1)
-            moves = ((poses[..., :2] - ref_pose[:, None, :, :2]) * vis).flatten(2)  # (B, T, J * 2)
-            h = self.style_block(x + cond[:, None] + self.style_in(moves)).mean(1)  # (B, d)
-            mu, logvar = self.style_head(h).chunk(2, -1)  # (B, style_dim) each
-            style = mu + (0.5 * logvar).exp() * noise
-            kl = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(-1).mean()  # nats, batch mean
-        x = x + (cond + self.style_proj(style))[:, None]  # (B, T, d)
+        x = x + self.pos[:T] + cond[:, None]  # (B, T, d)
         ckpt = self.grad_checkpoint and self.training
         for block in self.blocks:
             x = checkpoint(block, x, use_reentrant=False) if ckpt else block(x)
@@ -579,7 +555,7 @@ class M2PEncoder(nn.Module):
         rx, ry = rearrange(res, "b t (j c h) -> c b t j h", j=self.J, c=2)  # (B, T, J, H) each
         logits = (gy + ry)[..., :, None] + (gx + rx)[..., None, :]  # (B, T, J, H, W)
         embedding = F.normalize(self.face_head(f), dim=-1)  # (B, 512)
-        return logits, embedding, kl
+        return logits, embedding
 
 
 # The face recognizer, in the layout of insightface's arcface_torch `iresnet.py` so that its

@@ -576,19 +576,17 @@ def dance_length(audio, sr, fps, max_seconds, where):
 
 
 @torch.no_grad()
-def m2p_poses(m2p, feats, ref_pose, face, W, smooth, seed):
+def m2p_poses(m2p, feats, ref_pose, face, W, smooth=0):
     """M2P's poses for music features (T, D): windows of its training length W overlapping by W / 4, cross-
     faded linearly in the overlaps, since separate windows jump at their boundaries; then a centred moving
     average over `smooth` frames (losses.smooth_poses), since M2P's poses jitter from frame to frame.
-    Prints the largest joint jump at a window boundary beside the typical frame-to-frame jump. The dance's
-    style is drawn from M2P's prior with `seed`, one for the whole clip (a dancer keeps a style).
+    Prints the largest joint jump at a window boundary beside the typical frame-to-frame jump.
     -> (T, J, 3), visibility the reference's."""
     T, J, ov = len(feats), len(ref_pose), W // 4
-    style = torch.randn(1, m2p.style_dim, generator=torch.Generator().manual_seed(seed)).to(feats.device)
     acc, total = torch.zeros(T, J, 2, device=feats.device), torch.zeros(T, device=feats.device)
     windows = context_windows(T, W, ov)
     for s, e in windows:
-        logits, _, _ = m2p(feats[s:e][None], ref_pose[None], face, style)  # (1, e - s, J, h, h)
+        logits, _ = m2p(feats[s:e][None], ref_pose[None], face)  # (1, e - s, J, h, h)
         k = torch.arange(e - s, device=feats.device)
         w = torch.minimum((k + 1) / (ov + 1), (e - s - k) / (ov + 1)).clamp(max=1)  # (e - s,): the fade
         acc[s:e] += w[:, None, None] * soft_argmax(logits.float())[0]
@@ -610,7 +608,7 @@ def generate_dance(d, cfg, image, ref_pose, box, points, audio, sr, T, device):
     fps, S = c["fps"], c["image_size"]
     feats = torch.from_numpy(music_features(audio, sr, fps, T)).to(device)  # (T, 35)
     face = face_crops(image[None], box[None], points[None]).to(device)  # (1, 3, 112, 112), as in training
-    poses = m2p_poses(d["m2p"], feats, ref_pose.to(device), face, c["window"], cfg.m2p_smooth, cfg.seed)  # (T, J, 3)
+    poses = m2p_poses(d["m2p"], feats, ref_pose.to(device), face, c["window"], cfg.m2p_smooth)  # (T, J, 3)
     ref_img = resize_frames(image[None], S).to(device)  # (1, 3, S, S), as in training
     gen = torch.Generator(device).manual_seed(cfg.seed)
     ref_x = to_model_space(vae, ref_img, gen)  # (1, C, h, w)
@@ -745,7 +743,7 @@ def run_dance_eval(cfg, device):
     read_poses = pose_reader({**c, "pose_model": cfg.pose_model or c.get("pose_model", "")},
                              Path(c["data_dir"]) == Path(TOY_DANCE_DIR), device)
     runs = []
-    for k, path in enumerate(clips):
+    for path in clips:
         clip = read_clip(path, fps)
         image, ref_pose, box, points = read_dance_reference(dataclasses.replace(cfg, ref_image=str(path)), J, fps)
         audio, sr = read_audio(path / "audio.wav")
@@ -753,9 +751,7 @@ def run_dance_eval(cfg, device):
         beats = beats_within(music_beats(audio, sr, fps), T, fps)
         if len(beats) == 0:
             raise InputError(f"{path / 'audio.wav'}: no music beat in the first {T / fps:.1f} s: raise --max_seconds")
-        seed = cfg.seed + k  # each clip its own style and noise
-        x, poses, _ = generate_dance(d, dataclasses.replace(cfg, seed=seed), image, ref_pose, box, points, audio, sr,
-                                     T, device)
+        x, poses, _ = generate_dance(d, cfg, image, ref_pose, box, points, audio, sr, T, device)
         gen = torch.cat([im.cpu() for im in decoded(d["vae"], x)])  # (T, 3, S, S)
         gt = torch.stack([read_frame(clip["source"], t) for t in range(T)])
         gt = resize_frames(gt, S)
@@ -764,7 +760,7 @@ def run_dance_eval(cfg, device):
         points = points[None]  # (1, 5, 2); NaN: none
         faces = face_crops(gen, box[None] + shift, points + shift[:, None, :2])  # (T, 3, 112, 112)
         ref_img = resize_frames(image[None], S)[0]
-        runs.append(dict(seed=seed, gen=gen, gt=gt, poses=poses.cpu(), gt_poses=gt_poses, beats=beats, ref_img=ref_img,
+        runs.append(dict(gen=gen, gt=gt, poses=poses.cpu(), gt_poses=gt_poses, beats=beats, ref_img=ref_img,
                          ref_pose=ref_pose, face_in=face_crops(image[None], box[None], points).to(device),
                          feats=torch.from_numpy(music_features(audio, sr, fps, T)).to(device),
                          bob=bobbing_video(ref_img, beats, T, fps), face=embed(faces),
@@ -786,7 +782,7 @@ def run_dance_eval(cfg, device):
                "_still": [r["ref_pose"][None].expand(len(r["poses"]), -1, -1) for r in runs],
                "_mean_pose": [mean_pose[None].expand(len(r["poses"]), -1, -1) for r in runs], "_shuffled": [
                    m2p_poses(d["m2p"], runs[(i + 1) % n]["feats"][:len(r["poses"])], r["ref_pose"].to(device),
-                             r["face_in"], c["window"], cfg.m2p_smooth, r["seed"]).cpu() for i, r in enumerate(runs)]}
+                             r["face_in"], c["window"], cfg.m2p_smooth).cpu() for i, r in enumerate(runs)]}
     if read_poses is not None:
         motions["_read"] = [r["read"]["gen"] for r in runs]
         motions["_read_gt"] = [r["read"]["gt"] for r in runs]  # the reader's own jitter on real frames

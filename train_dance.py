@@ -142,7 +142,6 @@ class Config:
     # detector trained on data_dir's clips (the default on the toy data); "" on real data: no pose metrics
     pose_detector: str = "full_frame"  # its person box: the whole frame, or a YOLOX ONNX file
     pose_loss_weight: float = 0.5  # M2P's heatmap loss, also when M2P trains in stages B and C
-    kl_weight: float = 0.003  # M2P's style posterior against N(0, I), in nats; also when M2P trains in B and C
     face_loss_weight: float = 0.1
     m2p_smooth: int = 3  # M2P's poses averaged over this many frames (odd; 0 / 1: off) at validation, as sample.py
     # ---- stage B: pose guider + denoising UNet + ReferenceNet + face tokens on single frames
@@ -468,26 +467,22 @@ def stage_a(cfg):
         lr = lr_at(step, cfg.lr_a, total, cfg)
         for g in optimizer.param_groups:
             g["lr"] = g["initial_lr"] * lr / cfg.lr_a
-        parts = {"loss": 0.0, "pose": 0.0, "ce": 0.0, "l1": 0.0, "kl": 0.0, "face": 0.0}
+        parts = {"loss": 0.0, "pose": 0.0, "ce": 0.0, "l1": 0.0, "face": 0.0}
         for micro in range(G):
             batch = {k: v.to(device) for k, v in next(loader).items() if torch.is_tensor(v)}
-            noise = torch.randn(len(batch["music"]), raw.style_dim,  # the style posterior's sample
-                                generator=seeded(cfg.seed, accelerator.process_index, step, micro)).to(device)
             # only the last micro-batch all-reduces the gradients
             sync = contextlib.nullcontext() if micro == G - 1 else accelerator.no_sync(model)
             with sync:
                 with accelerator.autocast():
-                    # (B, W, J, h, h), (B, 512), ()
-                    logits, emb, kl = model(batch["music"], batch["ref_pose"], batch["face"], noise, batch["poses"])
+                    # (B, W, J, h, h), (B, 512)
+                    logits, emb = model(batch["music"], batch["ref_pose"], batch["face"])
                 with torch.no_grad():
                     target = recognizer(batch["face"] * 2 - 1)  # (B, 512), 112x112 crops in [-1, 1]
                 pose, hm = heatmap_loss(logits, batch["poses"], cfg.heatmap_sigma)
                 face = face_loss(emb.float(), target)
-                loss = (cfg.pose_loss_weight * pose + cfg.kl_weight * kl
-                        + cfg.face_loss_weight * face)
+                loss = cfg.pose_loss_weight * pose + cfg.face_loss_weight * face
                 accelerator.backward(loss / G)
-            for k, v in (("loss", loss), ("pose", pose), ("ce", hm["ce"]), ("l1", hm["l1"]), ("kl", kl),
-                         ("face", face)):
+            for k, v in (("loss", loss), ("pose", pose), ("ce", hm["ce"]), ("l1", hm["l1"]), ("face", face)):
                 parts[k] += v.item() / G
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
         # a non-finite loss makes the gradient non-finite
@@ -625,18 +620,13 @@ def stage_b(cfg):
                 parts = {}
                 pose = target_pose
                 if m2p_on or use_m2p.any():  # M2P's pose for the target frame, from the music window
-                    # the style from the posterior of the true motion: M2P's poses then follow the frames the
-                    # denoiser learns to make (a style from the prior would teach it to ignore the pose)
-                    style = torch.randn(B, m2p.style_dim, generator=gen).to(device)
                     with contextlib.nullcontext() if m2p_on else torch.no_grad():
-                        logits, _, kl = m2p_model(batch["music"], batch["ref_pose"], batch["face"], style,
-                                                  batch["poses"])  # (B, W, J, h, h), _, ()
+                        logits, _ = m2p_model(batch["music"], batch["ref_pose"], batch["face"])  # (B, W, J, h, h)
                         xy = soft_argmax(logits.float())[torch.arange(B, device=device), batch["offsets"][:, 0]]
                     m2p_pose = torch.cat([xy, batch["ref_pose"][..., 2:]], -1)  # visibility: the reference's
                     pose = torch.where(use_m2p[:, None, None], m2p_pose, target_pose)
-                    if m2p_on:  # its own loss, as in stage A
+                    if m2p_on:
                         parts["pose"], _ = heatmap_loss(logits, batch["poses"], cfg.heatmap_sigma)
-                        parts["kl"] = kl
                 with torch.no_grad():
                     x0 = to_model_space(vae, batch["frames"][:, 0], gen)  # (B, C, h, w)
                     ref_x = to_model_space(vae, batch["ref_image"], gen)
@@ -664,7 +654,7 @@ def stage_b(cfg):
                     parts["id"] = out.sum() * 0.0  # every trainable tensor still in the graph (DDP)
                 loss = cfg.diffusion_loss_weight * parts["diff"] + cfg.id_loss_weight * parts["id"]
                 if "pose" in parts:
-                    loss = loss + cfg.pose_loss_weight * parts["pose"] + cfg.kl_weight * parts["kl"]
+                    loss = loss + cfg.pose_loss_weight * parts["pose"]
             grad_norm = backward_and_step(accelerator, raw, optimizer, loss, guard, step, cfg.grad_clip, micro, G)
             logged = {k: logged.get(k, 0.0) + v.item() / G for k, v in {"loss": loss, **parts}.items()}
 
@@ -808,10 +798,8 @@ def stage_c(cfg):
                 # music, which is what drives the motion modules at sampling (whole clips switch, as in B)
                 pose, logits = batch["poses"][:, :T], None  # (B, T, J, 3)
                 if cfg.m2p_lr_c > 0 or use_m2p.any():
-                    style = torch.randn(B, m2p.style_dim, generator=gen).to(device)  # posterior style, as in B
                     with contextlib.nullcontext() if cfg.m2p_lr_c > 0 else torch.no_grad():
-                        logits, _, kl = m2p_model(batch["music"], batch["ref_pose"], batch["face"], style,
-                                                  batch["poses"])  # (B, L, J, h, h), _, ()
+                        logits, _ = m2p_model(batch["music"], batch["ref_pose"], batch["face"])  # (B, L, J, h, h)
                     xy = soft_argmax(logits.float())  # (B, L, J, 2), smoothed as sampling smooths it
                     xy = torch.stack([smooth_poses(p, cfg.m2p_smooth) for p in xy])[:, :T]  # (B, T, J, 2)
                     vis = batch["ref_pose"][:, None, :, 2:].expand(-1, T, -1, -1)  # (B, T, J, 1): the reference's
@@ -848,8 +836,7 @@ def stage_c(cfg):
                         + cfg.id_loss_weight * parts["id"])
                 if cfg.m2p_lr_c > 0:  # M2P's pose loss on the clip's music window
                     parts["pose"], _ = heatmap_loss(logits, batch["poses"], cfg.heatmap_sigma)
-                    parts["kl"] = kl
-                    loss = loss + cfg.pose_loss_weight * parts["pose"] + cfg.kl_weight * parts["kl"]
+                    loss = loss + cfg.pose_loss_weight * parts["pose"]
             grad_norm = backward_and_step(accelerator, raw, optimizer, loss, guard, step, cfg.grad_clip, micro, G)
             logged = {k: logged.get(k, 0.0) + v.item() / G for k, v in {"loss": loss, **parts}.items()}
         if main_proc and step % cfg.log_every == 0:

@@ -11,14 +11,12 @@ import soundfile
 import torch
 from conftest import DANCE_FPS, DANCE_SECONDS
 from safetensors.torch import load_file
-from torch import nn
 
 import train_dance
 from data import DanceClipDataset, read_clip
 from losses import beat_alignment, gaussian_heatmaps, heatmap_loss, motion_beats, soft_argmax, video_beats
 from models import IRESNET_CONFIGS, M2P_CONFIGS, IResNet, M2PEncoder
 from plumbing import InputError, load_config
-from sample import m2p_poses
 from weights import load_iresnet
 
 SECONDS, FPS = DANCE_SECONDS, DANCE_FPS
@@ -165,31 +163,9 @@ def test_iresnet_loads_an_arcface_torch_state_dict(tmp_path):
 
 def test_m2p_shapes_and_positions_for_150_frames():
     m = M2PEncoder(35, 24, **M2P_CONFIGS["tiny"])
-    style = torch.randn(2, m.style_dim)
-    logits, emb, kl = m(torch.randn(2, 150, 35), torch.rand(2, 24, 3), torch.rand(2, 3, 112, 112), style)
+    logits, emb = m(torch.randn(2, 150, 35), torch.rand(2, 24, 3), torch.rand(2, 3, 112, 112))
     H = M2P_CONFIGS["tiny"]["heatmap"]
     assert logits.shape == (2, 150, 24, H, H) and torch.allclose(emb.norm(dim=-1), torch.ones(2))
-    assert kl.shape == () and kl == 0  # no poses: the style is the prior's noise
-
-
-def test_m2p_style_comes_from_the_true_motion_in_training_and_the_seed_at_sampling():
-    torch.manual_seed(0)
-    m = M2PEncoder(35, 24, **M2P_CONFIGS["tiny"]).eval()
-    nn.init.normal_(m.offset_head.weight, std=0.1)  # a trained M2P: its offsets depend on the tokens
-    music, ref, face = torch.randn(1, 30, 35), torch.rand(1, 24, 3), torch.rand(1, 3, 112, 112)
-    poses = torch.rand(1, 30, 24, 3)
-    z = torch.zeros(1, m.style_dim)
-    with torch.no_grad():
-        prior, _, _ = m(music, ref, face, z)
-        other, _, _ = m(music, ref, face, z + 1)
-        posterior, _, kl = m(music, ref, face, z, poses)  # noise 0: the posterior mean
-        moved, _, _ = m(music, ref, face, z, poses.flip(1))  # another motion: another style
-        faced, _, _ = m(music, ref, torch.rand(1, 3, 112, 112), z)
-    assert not torch.allclose(prior, other) and not torch.allclose(posterior, moved) and kl > 0
-    assert torch.equal(prior, faced)  # the face feeds the face embedding only, never the motion
-    feats = torch.randn(70, 35)  # sampling: one style per seed for the whole clip
-    a, b, c = (m2p_poses(m, feats, ref[0], face, 30, 3, seed) for seed in (0, 0, 1))
-    assert a.shape == (70, 24, 3) and torch.equal(a, b) and not torch.allclose(a, c)
 
 
 def test_m2p_activation_checkpointing_gives_the_same_gradients():
@@ -200,10 +176,9 @@ def test_m2p_activation_checkpointing_gives_the_same_gradients():
         g = torch.Generator().manual_seed(1)
         count = []  # tensors the forward keeps for backward
         with torch.autograd.graph.saved_tensors_hooks(lambda t: count.append(1) or t, lambda t: t):
-            logits, emb, kl = m(torch.randn(2, 30, 35, generator=g), torch.rand(2, 24, 3, generator=g),
-                                torch.rand(2, 3, 112, 112, generator=g), torch.randn(2, m.style_dim, generator=g),
-                                torch.rand(2, 30, 24, 3, generator=g))  # with poses: the posterior trains too
-        (logits.square().mean() + emb.sum() + kl.sum()).backward()
+            logits, emb = m(torch.randn(2, 30, 35, generator=g), torch.rand(2, 24, 3, generator=g),
+                            torch.rand(2, 3, 112, 112, generator=g))
+        (logits.square().mean() + emb.sum()).backward()
         grads.append([p.grad for p in m.parameters()])
         saved.append(len(count))
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))

@@ -287,7 +287,8 @@ def test_all_chains_the_stages_and_stage_c_resumes_exactly(tiny_dance, tmp_path,
     assert m["clips"] >= 2 and all(math.isfinite(m[k]) for k in (
         "beat_align_video", "beat_align_video_shuffled", "beat_align_video_bobbing", "beat_align_pose",
         "beat_align_pose_limbs", "id_cos", "id_cos_other", "id_cos_flat_face", "colour_err", "colour_err_other",
-        "pose_spread", "pose_spread_gt", "psnr_copy_ref"))
+        "pose_spread", "pose_spread_gt", "pose_spread_train", "psnr_copy_ref"))
+    assert m["pose_spread_still"] == 0 < m["pose_spread_gt"]  # standing still does not move; a dance does
     # the real video wears its own reference's clothes and not the next dancer's (the toy: exactly)
     assert m["colour_err_gt"] < 0.05 < m["colour_err_gt_other"] and m["beat_align_video_bobbing"] > 0.5
     assert all(math.isfinite(m[k]) for k in ("beat_align_read", "beat_align_read_bobbing", "pose_err_gen",
