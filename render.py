@@ -204,11 +204,15 @@ class _Composite(torch.autograd.Function):
         first[1:] = pix[1:] != pix[:-1]
         seg = first.cumsum(0) - 1  # (P,) segment (= pixel list) of each pair
         before = cs.sub(la)[first].index_select(0, seg)  # sum of log(1 - alpha) of all earlier pixels' pairs
-        T_live = (torch.exp(cs - la - before) * (torch.exp(cs - before) > T_MIN)).to(alpha.dtype)  # (P,)
+        incl = cs - before  # (P,) log transmittance after the pair: it lives while that stays above T_MIN
+        T_live = (torch.exp(incl - la) * (incl > math.log(T_MIN))).to(alpha.dtype)  # (P,)
         w = alpha * T_live  # (P,) compositing weight
         pix64 = pix.long()
+        wc = torch.empty(len(col) + 1, len(w), dtype=w.dtype, device=w.device)  # (D + 1, P): w colour, w
+        torch.mul(w, col, out=wc[:-1])
+        wc[-1] = w
         out = torch.zeros(len(col) + 1, n_pix, dtype=ent.dtype, device=ent.device)
-        out.index_add_(1, pix64, torch.cat([w * col, w[None]]))  # (D + 1, n_pix): colour, alpha
+        out.index_add_(1, pix64, wc)  # (D + 1, n_pix): colour, alpha
         ctx.save_for_backward(pe, dx, dy, fall, alpha, T_live, w, e, pix64, first, seg)
         ctx.n_ent = len(ent)
         return out
@@ -229,9 +233,15 @@ class _Composite(torch.autograd.Function):
         d_alpha = dw * T_live - (later / (1 - alpha.double())).to(alpha.dtype)
         d_raw = d_alpha * (raw <= ALPHA_MAX)  # the clamp
         d_m = -0.5 * d_raw * raw  # dL/d maha^2
-        d_dx, d_dy = 2 * d_m * (c0 * dx + c1 * dy), 2 * d_m * (c1 * dx + c2 * dy)
-        grad_pe = torch.cat([torch.stack([-d_dx, -d_dy, d_m * dx * dx, 2 * d_m * dx * dy, d_m * dy * dy,
-                                          d_raw * fall]), w * g[:-1]])  # (6 + D, P)
+        # the rows of dL/d(u, v, conic, opacity, colour) (6 + D, P), written in place (no stack / cat copies)
+        grad_pe, m2 = torch.empty_like(pe), -2 * d_m
+        torch.mul(m2, c0 * dx + c1 * dy, out=grad_pe[0])  # u: -dL/ddx
+        torch.mul(m2, c1 * dx + c2 * dy, out=grad_pe[1])  # v: -dL/ddy
+        torch.mul(d_m * dx, dx, out=grad_pe[2])
+        torch.mul(2 * d_m * dx, dy, out=grad_pe[3])
+        torch.mul(d_m * dy, dy, out=grad_pe[4])
+        torch.mul(d_raw, fall, out=grad_pe[5])
+        torch.mul(w, g[:-1], out=grad_pe[6:])
         grad_ent = torch.zeros(len(pe), ctx.n_ent, dtype=pe.dtype, device=pe.device)
         return grad_ent.index_add_(1, e.long(), grad_pe).t(), None, None, None, None, None
 
