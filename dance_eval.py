@@ -60,10 +60,10 @@ def evaluate_a(m2p, recognizer, val_set, mean_pose, beats, real, cfg, step, out_
     shuffled across clips, the real dance and the reference bobbing on the beats, also from the limbs
     only (joints relative to the torso: bobbing has none); FID_k / Div_k and FID_g / Div_g (Bailando's
     2-D kinetic and geometric features of 1-s windows against the training clips' `real` = (kinetic
-    [N, 54], geometric [N, 25]); the kinetic ones normalised by the training windows') and EDGE's foot
-    contact score (PFC) and pose spread against the real dance, standing still in the reference and in the mean pose and
-    shuffled music; face-embedding cosine; the skeleton video. M2P's poses are smoothed over
-    cfg.m2p_smooth frames (losses.smooth_poses), as sampling smooths them."""
+    [N, 54], geometric [N, 25], their mean pose spread); the kinetic ones normalised by the training
+    windows'), EDGE's foot contact score (PFC) and pose spread against the real dance, standing still in
+    the reference and in the mean pose and shuffled music; face-embedding cosine; the skeleton video.
+    M2P's poses are smoothed over cfg.m2p_smooth frames (losses.smooth_poses), as sampling smooths them."""
     m2p.eval()
     n = min(cfg.val_samples, len(val_set))
     s = {k: [] for k in ("pose_err", "pose_err_mean_pose", "pose_err_ref_pose", "pck", "pck_mean_pose",

@@ -237,8 +237,9 @@ class _Composite(torch.autograd.Function):
         grad_pe, m2 = torch.empty_like(pe), -2 * d_m
         torch.mul(m2, c0 * dx + c1 * dy, out=grad_pe[0])  # u: -dL/ddx
         torch.mul(m2, c1 * dx + c2 * dy, out=grad_pe[1])  # v: -dL/ddy
-        torch.mul(d_m * dx, dx, out=grad_pe[2])
-        torch.mul(2 * d_m * dx, dy, out=grad_pe[3])
+        dmx = d_m * dx
+        torch.mul(dmx, dx, out=grad_pe[2])
+        torch.mul(2 * dmx, dy, out=grad_pe[3])
         torch.mul(d_m * dy, dy, out=grad_pe[4])
         torch.mul(d_raw, fall, out=grad_pe[5])
         torch.mul(w, g[:-1], out=grad_pe[6:])

@@ -786,7 +786,7 @@ def run_dance_eval(cfg, device):
     if read_poses is not None:
         motions["_read"] = [r["read"]["gen"] for r in runs]
         motions["_read_gt"] = [r["read"]["gt"] for r in runs]  # the reader's own jitter on real frames
-    T = len(runs[0]["poses"])
+    T = len(runs[0]["poses"])  # the training dances' spread over as many frames (it grows with the length)
     motion = motion_scores(motions, kinetic_windows(train, fps), geometric_windows(train, fps),
                            float(np.mean([pose_spread(p[:T]) for p in train])), fps)
     score = lambda f, k: float(np.mean([beat_alignment(runs[(i + k) % n]["beats"], f(runs[i])) for i in range(n)]))  # noqa: E731
