@@ -21,10 +21,12 @@ from data import (
     write_video,
 )
 from losses import (
+    axis_soft_argmax,
     beat_alignment,
     beats_within,
     bobbing,
     diversity,
+    draw_hypothesis,
     foot_contact_score,
     frechet_distance,
     geometric_windows,
@@ -38,7 +40,6 @@ from losses import (
     predicted_x0,
     psnr,
     smooth_poses,
-    soft_argmax,
     ssim,
 )
 from models import (
@@ -63,18 +64,21 @@ def evaluate_a(m2p, recognizer, val_set, mean_pose, beats, real, cfg, step, out_
     [N, 54], geometric [N, 25], their mean pose spread); the kinetic ones normalised by the training
     windows'), EDGE's foot contact score (PFC) and pose spread against the real dance, standing still in
     the reference and in the mean pose and shuffled music; face-embedding cosine; the skeleton video.
-    M2P's poses are smoothed over cfg.m2p_smooth frames (losses.smooth_poses), as sampling smooths them."""
+    M2P's poses are smoothed over cfg.m2p_smooth frames (losses.smooth_poses), as sampling smooths them;
+    its hypothesis is drawn once per clip, as sampling draws it (pose_err_best: the nearest of the K)."""
     m2p.eval()
     n = min(cfg.val_samples, len(val_set))
-    s = {k: [] for k in ("pose_err", "pose_err_mean_pose", "pose_err_ref_pose", "pck", "pck_mean_pose",
-                         "pck_ref_pose", "face_cos")}
+    s = {k: [] for k in ("pose_err", "pose_err_mean_pose", "pose_err_ref_pose", "pose_err_best", "pck",
+                         "pck_mean_pose", "pck_ref_pose", "face_cos")}
 
-    def dance(music, ref_pose, face):  # (T, D) music -> (T, J, 2) poses, (1, E) face embedding
-        pred = []
+    def dance(music, ref_pose, face, i):  # (T, D) music -> the K dances (K, T, J, 2), the drawn one, (1, E)
+        pred, k = [], None
         for t0 in range(0, len(music), cfg.window):  # non-overlapping windows, as long as in training
-            logits, emb = m2p(music[None, t0: t0 + cfg.window], ref_pose, face)
-            pred.append(soft_argmax(logits.float())[0])  # (w, J, 2)
-        return smooth_poses(torch.cat(pred), cfg.m2p_smooth), emb
+            logits, choice, emb = m2p(music[None, t0: t0 + cfg.window], ref_pose, face)
+            if k is None:  # as sampling: one hypothesis per clip (seeded by the clip)
+                k = draw_hypothesis(choice[0], torch.Generator().manual_seed(cfg.seed + i))
+            pred.append(axis_soft_argmax(logits.float())[0])  # (K, w, J, 2)
+        return torch.stack([smooth_poses(p, cfg.m2p_smooth) for p in torch.cat(pred, 1)]), k, emb
 
     preds, gts, shuffled_preds, refs = [], [], [], []
     for i in range(n):
@@ -82,14 +86,18 @@ def evaluate_a(m2p, recognizer, val_set, mean_pose, beats, real, cfg, step, out_
         music = torch.from_numpy(val_set.feats[i]).to(device)  # (T, D)
         gt = torch.from_numpy(val_set.poses[i]).to(device)  # (T, J, 3)
         ref_pose, face = item["ref_pose"][None].to(device), item["face"][None].to(device)
-        pred, emb = dance(music, ref_pose, face)  # (T, J, 2)
+        dances, k, emb = dance(music, ref_pose, face, i)  # (K, T, J, 2)
+        pred = dances[k]  # (T, J, 2)
         other = torch.from_numpy(val_set.feats[(i + 1) % n]).to(device)  # the next clip's music
-        shuffled_preds.append(dance(other, ref_pose, face)[0].cpu())
+        others, k_other, _ = dance(other, ref_pose, face, i)
+        shuffled_preds.append(others[k_other].cpu())
         guesses = {"": pred, "_mean_pose": mean_pose.expand_as(pred), "_ref_pose": ref_pose[:, :, :2].expand_as(pred)}
         for name, guess in guesses.items():
             err, pck = pose_error(guess, gt)
             s["pose_err" + name].append(err.item())
             s["pck" + name].append(pck.item())
+        # the nearest of the K dances: whether the true one is among them (sampling cannot pick it)
+        s["pose_err_best"].append(min(pose_error(d, gt)[0].item() for d in dances))
         s["face_cos"].append(F.cosine_similarity(emb.float(), recognizer(face * 2 - 1), dim=-1).item())
         preds.append(pred.cpu().numpy())
         gts.append(gt.cpu().numpy())

@@ -217,6 +217,53 @@ def heatmap_loss(logits, poses, sigma=1.0):
     return ce + l1, {"ce": ce, "l1": l1}
 
 
+def axis_soft_argmax(logits):
+    """Separable heatmap logits [..., 2, H] (x logits, then y logits) -> expected (x, y) [..., 2] in
+    normalised coordinates; the same as soft_argmax of the 2-D logits y[i] + x[j]."""
+    cells = (torch.arange(logits.shape[-1], device=logits.device, dtype=logits.dtype) + 0.5) / logits.shape[-1]
+    return (logits.softmax(-1) * cells).sum(-1)
+
+
+def hypothesis_losses(logits, poses, sigma=1.0):
+    """M2P's heatmap loss per sample and hypothesis: logits [B, K, T, J, 2, H], poses [B, T, J, 3] -> the
+    cross-entropy against the ground-truth Gaussian plus the L1 of the soft-argmax (in heatmap cells),
+    each [B, K] averaged over the visible joints of the window. The 2-D Gaussian target is a product of
+    two 1-D ones and the logits are separable, so this equals heatmap_loss on the 2-D heatmaps at 2H
+    instead of H^2 cells per joint (what lets M2P afford K hypotheses)."""
+    H = logits.shape[-1]
+    cells = torch.arange(H, device=logits.device, dtype=torch.float32)
+    mu = poses[:, None, ..., :2].float() * H - 0.5  # (B, 1, T, J, 2) in cells
+    target = torch.exp(-((cells - mu[..., None]) ** 2) / (2 * sigma**2))  # (B, 1, T, J, 2, H)
+    target = target / target.sum(-1, keepdim=True).clamp(min=1e-12)
+    logp = logits.float().log_softmax(-1)
+    ce = -torch.where(target > 0, target * logp, 0).sum((-2, -1))  # (B, K, T, J); 0 log 0 = 0
+    l1 = (axis_soft_argmax(logits.float()) - poses[:, None, ..., :2]).abs().sum(-1) * H  # (B, K, T, J)
+    vis = visible(poses)[:, None]  # (B, 1, T, J)
+    n = vis.sum((-2, -1)).clamp(min=1)  # (B, 1)
+    return torch.where(vis > 0, ce, 0).sum((-2, -1)) / n, torch.where(vis > 0, l1, 0).sum((-2, -1)) / n
+
+
+def m2p_loss(logits, choice, poses, sigma=1.0, relax=0.05):
+    """Winner-takes-all over M2P's K hypotheses (multiple-hypothesis learning, relaxed as Rupprecht et al.
+    2017: the others get `relax` of the mean loss, so none is left behind): each sample trains the
+    hypothesis nearest its dance, and the choice logits [B, K] learn which one that is. Returns (loss,
+    {pose, ce, l1, choice}, best [B]): the winners' heatmap loss and the choice's cross-entropy."""
+    ce, l1 = hypothesis_losses(logits, poses, sigma)  # (B, K) each
+    per = ce + l1
+    best = per.detach().argmin(1)  # (B,)
+    win = per.gather(1, best[:, None]).mean()
+    pick = F.cross_entropy(choice.float(), best)
+    parts = {"ce": ce.gather(1, best[:, None]).mean(), "l1": l1.gather(1, best[:, None]).mean(), "choice": pick}
+    pose = (1 - relax) * win + relax * per.mean() if per.shape[1] > 1 else win
+    return pose + pick, {"pose": pose, **parts}, best
+
+
+def draw_hypothesis(choice, generator):
+    """One of M2P's hypotheses for a clip, drawn from its choice logits [K] (sampling: one per clip,
+    from the first window, so that the whole clip dances one dance)."""
+    return torch.multinomial(choice.detach().float().cpu().softmax(-1), 1, generator=generator).item()
+
+
 def pose_spread(poses):
     """How much a motion [T, J, 2+] moves: each body joint's standard deviation over time (its L2 norm
     over x, y), averaged over the 18 body joints."""

@@ -477,27 +477,35 @@ def sample_views(model, scheduler, ref_cond, ref_idx, prompt_embeds, shape, clas
 # (train_dance.py)
 
 M2P_CONFIGS = {
-    "tiny": dict(d=32, layers=1, heads=2, heatmap=8),  # tests
-    "toy": dict(d=128, layers=3, heads=4, heatmap=12),  # the CPU toy run (64 px frames)
-    "base": dict(d=512, layers=8, heads=8, heatmap=64),  # real data
+    "tiny": dict(d=32, layers=1, heads=2, heatmap=8, hypotheses=2),  # tests
+    "toy": dict(d=128, layers=3, heads=4, heatmap=12, hypotheses=8),  # the CPU toy run (64 px frames)
+    "base": dict(d=512, layers=8, heads=8, heatmap=64, hypotheses=8),  # real data
 }
 
 
 class M2PEncoder(nn.Module):
     """Music window [B, T, D] + reference pose [B, J, 3] + reference face crop [B, 3, h, w] ->
-    per-frame per-joint heatmap logits [B, T, J, H, H] and a 512-d L2-normalised face embedding.
+    K hypotheses of per-frame per-joint heatmap logits [B, K, T, J, 2, H] (x logits over columns, then
+    y logits over rows: the heatmap is separable, logits_2d[i, j] = y[i] + x[j]), their choice logits
+    [B, K] and a 512-d L2-normalised face embedding.
+
+    One song fits many dances: a new dancer's limbs may move on the beats, off them or not at all, and a
+    single regressed dance averages these into one that hardly moves. M2P is therefore a mixture of K
+    dances (multiple-hypothesis learning, trained winner-takes-all: losses.m2p_loss); the choice head
+    learns which hypothesis fits, and sampling draws one hypothesis per clip from it.
 
     A depthwise temporal convolution (~1 s: turns beat impulses into smooth phase signals) and a
     pre-LN transformer over time (bidirectional: the whole window of music is known) on tokens
     music_proj(music) + pos[t] + pose_proj(ref pose) + face_proj(face features). The heatmap of a
     joint is a Gaussian (of learned per-joint width) around the reference joint moved by a
-    predicted offset, plus a zero-initialised separable residual (x logits + y logits): training
-    starts from the reference pose instead of from noise."""
+    predicted offset, plus a zero-initialised residual: training starts from the reference pose
+    instead of from noise."""
 
-    def __init__(self, music_dim, joints, d, layers, heads, heatmap, max_frames=300, face_size=32,
+    def __init__(self, music_dim, joints, d, layers, heads, heatmap, hypotheses=1, max_frames=300, face_size=32,
                  embed_dim=512, conv_kernel=31, grad_checkpoint=False):
         super().__init__()
-        self.J, self.H, self.face_size, self.grad_checkpoint = joints, heatmap, face_size, grad_checkpoint
+        self.J, self.H, self.K = joints, heatmap, hypotheses
+        self.face_size, self.grad_checkpoint = face_size, grad_checkpoint
         # music features come in wildly different scales (MFCC ~100s, one-hots 0/1): normalised with
         # training-set statistics that the training script sets once and the checkpoint keeps
         self.register_buffer("music_mean", torch.zeros(music_dim))
@@ -513,20 +521,24 @@ class M2PEncoder(nn.Module):
         self.face_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, embed_dim))
         self.blocks = nn.ModuleList([Block(d, heads) for _ in range(layers)])
         self.norm = nn.LayerNorm(d)
-        self.offset_head = nn.Linear(d, joints * 2)  # offsets from the reference joints (normalised coords)
-        self.residual_head = nn.Linear(d, joints * 2 * heatmap)  # x logits, then y logits
+        K = hypotheses
+        self.offset_head = nn.Linear(d, K * joints * 2)  # offsets from the reference joints (normalised coords)
+        self.residual_head = nn.Linear(d, K * joints * 2 * heatmap)  # x logits, then y logits
+        self.choice_head = nn.Linear(d, K)  # from the window's mean token
         self.log_width = nn.Parameter(torch.zeros(joints))  # Gaussian width per joint, in heatmap cells (exp)
         # dance is smooth: the offsets are low-passed in time (a fixed Gaussian of 2 frames), so
         # that per-frame feature spikes (onset/beat one-hots) cannot make the joints jitter
         k = torch.exp(-torch.arange(-4, 5.0) ** 2 / (2 * 2.0**2))
-        self.register_buffer("smooth", (k / k.sum()).expand(joints * 2, 1, 9).clone(), persistent=False)
+        self.register_buffer("smooth", (k / k.sum()).expand(K * joints * 2, 1, 9).clone(), persistent=False)
         self.initialize_weights()
 
     def initialize_weights(self):
         nn.init.normal_(self.pos, std=0.02)
-        for head in (self.offset_head, self.residual_head):  # start exactly at the reference pose
+        for head in (self.offset_head, self.residual_head, self.choice_head):  # start at the reference pose
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
+        if self.K > 1:  # equal hypotheses would stay equal (winner-takes-all ties): ~0.2 heatmap cells apart
+            nn.init.normal_(self.offset_head.weight, std=0.2 / self.H / self.offset_head.in_features**0.5)
 
     def forward(self, music, ref_pose, face):
         B, T, _ = music.shape
@@ -543,19 +555,17 @@ class M2PEncoder(nn.Module):
         for block in self.blocks:
             x = checkpoint(block, x, use_reentrant=False) if ckpt else block(x)
         x = self.norm(x)
-        offset = rearrange(self.offset_head(x), "b t jc -> b jc t")  # (B, J * 2, T)
+        offset = rearrange(self.offset_head(x), "b t kjc -> b kjc t")  # (B, K * J * 2, T)
         offset = F.conv1d(F.pad(offset, (4, 4), mode="replicate"), self.smooth, groups=offset.shape[1])
-        offset = rearrange(offset, "b (j c) t -> b t j c", c=2)  # (B, T, J, 2)
-        mu = (ref_pose[:, None, :, :2] + offset) * self.H - 0.5  # (B, T, J, 2) in cells (centres at i)
+        offset = rearrange(offset, "b (k j c) t -> b k t j c", k=self.K, c=2)  # (B, K, T, J, 2)
+        mu = (ref_pose[:, None, None, :, :2] + offset) * self.H - 0.5  # (B, K, T, J, 2) in cells (centres at i)
         cells = torch.arange(self.H, device=x.device, dtype=x.dtype)
-        width = self.log_width.exp()[:, None]  # (J, 1)
-        gx = -((cells - mu[..., :1]) / width) ** 2 / 2  # (B, T, J, W): x along columns
-        gy = -((cells - mu[..., 1:]) / width) ** 2 / 2  # (B, T, J, H)
-        res = self.residual_head(x)  # (B, T, J * 2 * H)
-        rx, ry = rearrange(res, "b t (j c h) -> c b t j h", j=self.J, c=2)  # (B, T, J, H) each
-        logits = (gy + ry)[..., :, None] + (gx + rx)[..., None, :]  # (B, T, J, H, W)
+        width = self.log_width.exp()[:, None, None]  # (J, 1, 1)
+        gauss = -((cells - mu[..., None]) / width) ** 2 / 2  # (B, K, T, J, 2, H)
+        res = rearrange(self.residual_head(x), "b t (k j c h) -> b k t j c h", k=self.K, j=self.J, c=2)
+        choice = self.choice_head(x.mean(1))  # (B, K)
         embedding = F.normalize(self.face_head(f), dim=-1)  # (B, 512)
-        return logits, embedding
+        return gauss + res, choice, embedding
 
 
 # The face recognizer, in the layout of insightface's arcface_torch `iresnet.py` so that its

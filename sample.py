@@ -76,9 +76,11 @@ from data import (
     write_video,
 )
 from losses import (
+    axis_soft_argmax,
     beat_alignment,
     beats_within,
     bobbing,
+    draw_hypothesis,
     geometric_windows,
     kinetic_windows,
     limb_beats,
@@ -89,7 +91,6 @@ from losses import (
     pose_spread,
     psnr,
     smooth_poses,
-    soft_argmax,
     ssim,
     video_beats,
 )
@@ -576,20 +577,23 @@ def dance_length(audio, sr, fps, max_seconds, where):
 
 
 @torch.no_grad()
-def m2p_poses(m2p, feats, ref_pose, face, W, smooth=0):
-    """M2P's poses for music features (T, D): windows of its training length W overlapping by W / 4, cross-
-    faded linearly in the overlaps, since separate windows jump at their boundaries; then a centred moving
-    average over `smooth` frames (losses.smooth_poses), since M2P's poses jitter from frame to frame.
-    Prints the largest joint jump at a window boundary beside the typical frame-to-frame jump.
-    -> (T, J, 3), visibility the reference's."""
+def m2p_poses(m2p, feats, ref_pose, face, W, smooth=0, seed=0):
+    """M2P's poses for music features (T, D): one of its dances (hypotheses), drawn with `seed` from the
+    first window's choice and kept for the whole clip; windows of its training length W overlapping by
+    W / 4, cross-faded linearly in the overlaps, since separate windows jump at their boundaries; then a
+    centred moving average over `smooth` frames (losses.smooth_poses), since M2P's poses jitter from
+    frame to frame. Prints the largest joint jump at a window boundary beside the typical frame-to-frame
+    jump. -> (T, J, 3), visibility the reference's."""
     T, J, ov = len(feats), len(ref_pose), W // 4
     acc, total = torch.zeros(T, J, 2, device=feats.device), torch.zeros(T, device=feats.device)
-    windows = context_windows(T, W, ov)
+    windows, pick = context_windows(T, W, ov), None
     for s, e in windows:
-        logits, _ = m2p(feats[s:e][None], ref_pose[None], face)  # (1, e - s, J, h, h)
-        k = torch.arange(e - s, device=feats.device)
-        w = torch.minimum((k + 1) / (ov + 1), (e - s - k) / (ov + 1)).clamp(max=1)  # (e - s,): the fade
-        acc[s:e] += w[:, None, None] * soft_argmax(logits.float())[0]
+        logits, choice, _ = m2p(feats[s:e][None], ref_pose[None], face)  # (1, K, e - s, J, 2, h), (1, K)
+        if pick is None:
+            pick = draw_hypothesis(choice[0], torch.Generator().manual_seed(seed))
+        i = torch.arange(e - s, device=feats.device)
+        w = torch.minimum((i + 1) / (ov + 1), (e - s - i) / (ov + 1)).clamp(max=1)  # (e - s,): the fade
+        acc[s:e] += w[:, None, None] * axis_soft_argmax(logits[0, pick].float())
         total[s:e] += w
     xy = smooth_poses(acc / total[:, None, None], smooth)  # (T, J, 2)
     jump = (xy[1:] - xy[:-1]).norm(dim=-1).mean(-1)  # (T - 1,): mean joint move from frame t to t + 1
@@ -608,7 +612,7 @@ def generate_dance(d, cfg, image, ref_pose, box, points, audio, sr, T, device):
     fps, S = c["fps"], c["image_size"]
     feats = torch.from_numpy(music_features(audio, sr, fps, T)).to(device)  # (T, 35)
     face = face_crops(image[None], box[None], points[None]).to(device)  # (1, 3, 112, 112), as in training
-    poses = m2p_poses(d["m2p"], feats, ref_pose.to(device), face, c["window"], cfg.m2p_smooth)  # (T, J, 3)
+    poses = m2p_poses(d["m2p"], feats, ref_pose.to(device), face, c["window"], cfg.m2p_smooth, cfg.seed)  # (T, J, 3)
     ref_img = resize_frames(image[None], S).to(device)  # (1, 3, S, S), as in training
     gen = torch.Generator(device).manual_seed(cfg.seed)
     ref_x = to_model_space(vae, ref_img, gen)  # (1, C, h, w)
@@ -782,7 +786,7 @@ def run_dance_eval(cfg, device):
                "_still": [r["ref_pose"][None].expand(len(r["poses"]), -1, -1) for r in runs],
                "_mean_pose": [mean_pose[None].expand(len(r["poses"]), -1, -1) for r in runs], "_shuffled": [
                    m2p_poses(d["m2p"], runs[(i + 1) % n]["feats"][:len(r["poses"])], r["ref_pose"].to(device),
-                             r["face_in"], c["window"], cfg.m2p_smooth).cpu() for i, r in enumerate(runs)]}
+                             r["face_in"], c["window"], cfg.m2p_smooth, cfg.seed).cpu() for i, r in enumerate(runs)]}
     if read_poses is not None:
         motions["_read"] = [r["read"]["gen"] for r in runs]
         motions["_read_gt"] = [r["read"]["gt"] for r in runs]  # the reader's own jitter on real frames

@@ -42,17 +42,17 @@ from data import (
     read_list_file,
 )
 from losses import (
+    axis_soft_argmax,
     diffusion_target,
     face_loss,
     geometric_windows,
-    heatmap_loss,
     kinetic_windows,
+    m2p_loss,
     min_snr_weight,
     pose_heatmaps,
     pose_spread,
     predicted_x0,
     smooth_poses,
-    soft_argmax,
     weighted_mse,
 )
 from models import (
@@ -467,22 +467,22 @@ def stage_a(cfg):
         lr = lr_at(step, cfg.lr_a, total, cfg)
         for g in optimizer.param_groups:
             g["lr"] = g["initial_lr"] * lr / cfg.lr_a
-        parts = {"loss": 0.0, "pose": 0.0, "ce": 0.0, "l1": 0.0, "face": 0.0}
+        parts = {"loss": 0.0, "pose": 0.0, "ce": 0.0, "l1": 0.0, "choice": 0.0, "face": 0.0}
         for micro in range(G):
             batch = {k: v.to(device) for k, v in next(loader).items() if torch.is_tensor(v)}
             # only the last micro-batch all-reduces the gradients
             sync = contextlib.nullcontext() if micro == G - 1 else accelerator.no_sync(model)
             with sync:
                 with accelerator.autocast():
-                    # (B, W, J, h, h), (B, 512)
-                    logits, emb = model(batch["music"], batch["ref_pose"], batch["face"])
+                    # (B, K, W, J, 2, h), (B, K), (B, 512)
+                    logits, choice, emb = model(batch["music"], batch["ref_pose"], batch["face"])
                 with torch.no_grad():
                     target = recognizer(batch["face"] * 2 - 1)  # (B, 512), 112x112 crops in [-1, 1]
-                pose, hm = heatmap_loss(logits, batch["poses"], cfg.heatmap_sigma)
+                pose, hm, _ = m2p_loss(logits, choice, batch["poses"], cfg.heatmap_sigma)
                 face = face_loss(emb.float(), target)
                 loss = cfg.pose_loss_weight * pose + cfg.face_loss_weight * face
                 accelerator.backward(loss / G)
-            for k, v in (("loss", loss), ("pose", pose), ("ce", hm["ce"]), ("l1", hm["l1"]), ("face", face)):
+            for k, v in {"loss": loss, **hm, "face": face}.items():
                 parts[k] += v.item() / G
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
         # a non-finite loss makes the gradient non-finite
@@ -621,12 +621,15 @@ def stage_b(cfg):
                 pose = target_pose
                 if m2p_on or use_m2p.any():  # M2P's pose for the target frame, from the music window
                     with contextlib.nullcontext() if m2p_on else torch.no_grad():
-                        logits, _ = m2p_model(batch["music"], batch["ref_pose"], batch["face"])  # (B, W, J, h, h)
-                        xy = soft_argmax(logits.float())[torch.arange(B, device=device), batch["offsets"][:, 0]]
+                        # (B, K, W, J, 2, h), (B, K): the hypothesis nearest the true dance poses the frame
+                        logits, choice, _ = m2p_model(batch["music"], batch["ref_pose"], batch["face"])
+                        m2p_l, _, best = m2p_loss(logits, choice, batch["poses"], cfg.heatmap_sigma)
+                        xy = axis_soft_argmax(logits.float())[torch.arange(B, device=device), best,
+                                                              batch["offsets"][:, 0]]  # (B, J, 2)
                     m2p_pose = torch.cat([xy, batch["ref_pose"][..., 2:]], -1)  # visibility: the reference's
                     pose = torch.where(use_m2p[:, None, None], m2p_pose, target_pose)
                     if m2p_on:
-                        parts["pose"], _ = heatmap_loss(logits, batch["poses"], cfg.heatmap_sigma)
+                        parts["pose"] = m2p_l
                 with torch.no_grad():
                     x0 = to_model_space(vae, batch["frames"][:, 0], gen)  # (B, C, h, w)
                     ref_x = to_model_space(vae, batch["ref_image"], gen)
@@ -796,11 +799,14 @@ def stage_c(cfg):
             with no_sync(accelerator, micro < G - 1, model, m2p_model), accelerator.autocast():
                 # the pose condition: the ground truth, or for a share of the clips M2P's poses from the clip's
                 # music, which is what drives the motion modules at sampling (whole clips switch, as in B)
-                pose, logits = batch["poses"][:, :T], None  # (B, T, J, 3)
+                pose, m2p_l = batch["poses"][:, :T], None  # (B, T, J, 3)
                 if cfg.m2p_lr_c > 0 or use_m2p.any():
                     with contextlib.nullcontext() if cfg.m2p_lr_c > 0 else torch.no_grad():
-                        logits, _ = m2p_model(batch["music"], batch["ref_pose"], batch["face"])  # (B, L, J, h, h)
-                    xy = soft_argmax(logits.float())  # (B, L, J, 2), smoothed as sampling smooths it
+                        # (B, K, L, J, 2, h), (B, K): the hypothesis nearest the clip's dance poses it
+                        logits, choice, _ = m2p_model(batch["music"], batch["ref_pose"], batch["face"])
+                        m2p_l, _, best = m2p_loss(logits, choice, batch["poses"], cfg.heatmap_sigma)
+                    xy = axis_soft_argmax(logits.float()[torch.arange(B, device=device), best])  # (B, L, J, 2)
+                    # smoothed as sampling smooths it
                     xy = torch.stack([smooth_poses(p, cfg.m2p_smooth) for p in xy])[:, :T]  # (B, T, J, 2)
                     vis = batch["ref_pose"][:, None, :, 2:].expand(-1, T, -1, -1)  # (B, T, J, 1): the reference's
                     pose = torch.where(use_m2p[:, None, None, None], torch.cat([xy, vis], -1), pose)
@@ -835,7 +841,7 @@ def stage_c(cfg):
                 loss = (cfg.diffusion_loss_weight * parts["diff"] + cfg.temporal_loss_weight * parts["temp"]
                         + cfg.id_loss_weight * parts["id"])
                 if cfg.m2p_lr_c > 0:  # M2P's pose loss on the clip's music window
-                    parts["pose"], _ = heatmap_loss(logits, batch["poses"], cfg.heatmap_sigma)
+                    parts["pose"] = m2p_l
                     loss = loss + cfg.pose_loss_weight * parts["pose"]
             grad_norm = backward_and_step(accelerator, raw, optimizer, loss, guard, step, cfg.grad_clip, micro, G)
             logged = {k: logged.get(k, 0.0) + v.item() / G for k, v in {"loss": loss, **parts}.items()}

@@ -14,7 +14,18 @@ from safetensors.torch import load_file
 
 import train_dance
 from data import DanceClipDataset, read_clip
-from losses import beat_alignment, gaussian_heatmaps, heatmap_loss, motion_beats, soft_argmax, video_beats
+from losses import (
+    axis_soft_argmax,
+    beat_alignment,
+    draw_hypothesis,
+    gaussian_heatmaps,
+    heatmap_loss,
+    hypothesis_losses,
+    m2p_loss,
+    motion_beats,
+    soft_argmax,
+    video_beats,
+)
 from models import IRESNET_CONFIGS, M2P_CONFIGS, IResNet, M2PEncoder
 from plumbing import InputError, load_config
 from weights import load_iresnet
@@ -163,9 +174,39 @@ def test_iresnet_loads_an_arcface_torch_state_dict(tmp_path):
 
 def test_m2p_shapes_and_positions_for_150_frames():
     m = M2PEncoder(35, 24, **M2P_CONFIGS["tiny"])
-    logits, emb = m(torch.randn(2, 150, 35), torch.rand(2, 24, 3), torch.rand(2, 3, 112, 112))
-    H = M2P_CONFIGS["tiny"]["heatmap"]
-    assert logits.shape == (2, 150, 24, H, H) and torch.allclose(emb.norm(dim=-1), torch.ones(2))
+    ref = torch.rand(2, 24, 3)
+    logits, choice, emb = m(torch.randn(2, 150, 35), ref, torch.rand(2, 3, 112, 112))
+    H, K = M2P_CONFIGS["tiny"]["heatmap"], M2P_CONFIGS["tiny"]["hypotheses"]
+    assert logits.shape == (2, K, 150, 24, 2, H) and choice.shape == (2, K)
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(2))
+    # a new M2P starts near the reference pose, its hypotheses apart (winner-takes-all needs them unequal)
+    xy = axis_soft_argmax(logits)  # (2, K, 150, 24, 2)
+    assert (xy[:, 0] - xy[:, 1]).abs().max() > 1e-4
+    assert (xy - ref[:, None, None, :, :2].clamp(0.5 / H, 1 - 0.5 / H)).abs().max() < 0.1
+
+
+def test_separable_m2p_loss_equals_the_2d_heatmap_loss_and_trains_the_nearest_hypothesis():
+    g = torch.Generator().manual_seed(0)
+    B, K, T, J, H = 2, 3, 5, 7, 16
+    poses = torch.cat([0.2 + 0.6 * torch.rand(B, T, J, 2, generator=g), torch.ones(B, T, J, 1)], -1)
+    poses[0, :, 2, 2] = 0.1  # joint 2 of sample 0 invisible
+    logits = torch.randn(B, K, T, J, 2, H, generator=g)
+    ce, l1 = hypothesis_losses(logits, poses)  # (B, K)
+    for b in range(B):
+        for k in range(K):  # the same as the 2-D loss on the heatmap y[i] + x[j], per sample and hypothesis
+            full = logits[b, k, ..., 1, :, None] + logits[b, k, ..., 0, None, :]  # (T, J, H, W)
+            ref, parts = heatmap_loss(full, poses[b])
+            assert torch.allclose(ce[b, k], parts["ce"], atol=1e-4) and torch.allclose(l1[b, k], parts["l1"], atol=1e-4)
+    # the winner is the hypothesis nearest the dance: put the truth into hypothesis 2 of sample 1
+    logits[1, 2] = (gaussian_heatmaps(poses[1], H, 1.0).sum(-2).clamp(min=1e-9).log()  # x marginal (T, J, W)
+                    [..., None, :].expand(-1, -1, 2, -1).clone())
+    logits[1, 2, ..., 1, :] = gaussian_heatmaps(poses[1], H, 1.0).sum(-1).clamp(min=1e-9).log()  # y marginal
+    choice = torch.zeros(B, K, requires_grad=True)
+    loss, parts, best = m2p_loss(logits, choice, poses)
+    assert best[1] == 2 and parts["l1"] < l1.mean()
+    loss.backward()
+    assert choice.grad[1, 2] < 0 < choice.grad[1, 0]  # the choice learns to pick it
+    assert draw_hypothesis(torch.tensor([0.0, 30.0, 0.0]), torch.Generator().manual_seed(0)) == 1
 
 
 def test_m2p_activation_checkpointing_gives_the_same_gradients():
@@ -176,9 +217,9 @@ def test_m2p_activation_checkpointing_gives_the_same_gradients():
         g = torch.Generator().manual_seed(1)
         count = []  # tensors the forward keeps for backward
         with torch.autograd.graph.saved_tensors_hooks(lambda t: count.append(1) or t, lambda t: t):
-            logits, emb = m(torch.randn(2, 30, 35, generator=g), torch.rand(2, 24, 3, generator=g),
+            logits, choice, emb = m(torch.randn(2, 30, 35, generator=g), torch.rand(2, 24, 3, generator=g),
                             torch.rand(2, 3, 112, 112, generator=g))
-        (logits.square().mean() + emb.sum()).backward()
+        (logits.square().mean() + choice.sum() + emb.sum()).backward()
         grads.append([p.grad for p in m.parameters()])
         saved.append(len(count))
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
