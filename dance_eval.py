@@ -21,6 +21,7 @@ from data import (
     write_video,
 )
 from losses import (
+    assemble_dance,
     axis_soft_argmax,
     beat_alignment,
     beats_within,
@@ -41,6 +42,7 @@ from losses import (
     psnr,
     smooth_poses,
     ssim,
+    visible,
 )
 from models import (
     clip_image_embeds,
@@ -65,20 +67,25 @@ def evaluate_a(m2p, recognizer, val_set, mean_pose, beats, real, cfg, step, out_
     windows'), EDGE's foot contact score (PFC) and pose spread against the real dance, standing still in
     the reference and in the mean pose and shuffled music; face-embedding cosine; the skeleton video.
     M2P's poses are smoothed over cfg.m2p_smooth frames (losses.smooth_poses), as sampling smooths them;
-    its hypothesis is drawn once per clip, as sampling draws it (pose_err_best: the nearest of the K)."""
+    its hypotheses are drawn once per clip, as sampling draws them (pose_err_best: the nearest of its dances)."""
     m2p.eval()
     n = min(cfg.val_samples, len(val_set))
     s = {k: [] for k in ("pose_err", "pose_err_mean_pose", "pose_err_ref_pose", "pose_err_best", "pck",
                          "pck_mean_pose", "pck_ref_pose", "face_cos")}
 
-    def dance(music, ref_pose, face, i):  # (T, D) music -> the K dances (K, T, J, 2), the drawn one, (1, E)
+    def dance(music, ref_pose, face, i):  # (T, D) music -> the K hypotheses (1, K, T, J, 2), the drawn (1, P), (1, E)
         pred, k = [], None
         for t0 in range(0, len(music), cfg.window):  # non-overlapping windows, as long as in training
-            logits, choice, emb = m2p(music[None, t0: t0 + cfg.window], ref_pose, face)
-            if k is None:  # as sampling: one hypothesis per clip (seeded by the clip)
-                k = draw_hypothesis(choice[0], torch.Generator().manual_seed(cfg.seed + i))
-            pred.append(axis_soft_argmax(logits.float())[0])  # (K, w, J, 2)
-        return torch.stack([smooth_poses(p, cfg.m2p_smooth) for p in torch.cat(pred, 1)]), k, emb
+            logits, choice, emb = m2p(music[None, t0: t0 + cfg.window], ref_pose, face, drop_face=True)
+            if k is None:  # as sampling: one hypothesis per body part and clip (seeded by the clip)
+                k = draw_hypothesis(choice[0], torch.Generator().manual_seed(cfg.seed + i))[None].to(device)
+            pred.append(axis_soft_argmax(logits.float()))  # (1, K, w, J, 2)
+        xy = torch.cat(pred, 2)
+        return torch.stack([smooth_poses(p, cfg.m2p_smooth) for p in xy[0]])[None], k, emb
+
+    def nearest(xy, gt):  # (1, K, T, J, 2) -> per body part the hypothesis nearest the dance gt (T, J, 3): (1, P)
+        err = torch.where(visible(gt) > 0, (xy[0] - gt[..., :2]).norm(dim=-1), 0).sum(1)  # (K, J)
+        return (err @ F.one_hot(m2p.part, m2p.P).float()).argmin(0)[None]  # (1, P)
 
     preds, gts, shuffled_preds, refs = [], [], [], []
     for i in range(n):
@@ -86,18 +93,19 @@ def evaluate_a(m2p, recognizer, val_set, mean_pose, beats, real, cfg, step, out_
         music = torch.from_numpy(val_set.feats[i]).to(device)  # (T, D)
         gt = torch.from_numpy(val_set.poses[i]).to(device)  # (T, J, 3)
         ref_pose, face = item["ref_pose"][None].to(device), item["face"][None].to(device)
-        dances, k, emb = dance(music, ref_pose, face, i)  # (K, T, J, 2)
-        pred = dances[k]  # (T, J, 2)
+        dances, k, emb = dance(music, ref_pose, face, i)  # (1, K, T, J, 2)
+        pred = assemble_dance(dances, k, m2p.part, m2p.root)[0]  # (T, J, 2)
         other = torch.from_numpy(val_set.feats[(i + 1) % n]).to(device)  # the next clip's music
         others, k_other, _ = dance(other, ref_pose, face, i)
-        shuffled_preds.append(others[k_other].cpu())
+        shuffled_preds.append(assemble_dance(others, k_other, m2p.part, m2p.root)[0].cpu())
         guesses = {"": pred, "_mean_pose": mean_pose.expand_as(pred), "_ref_pose": ref_pose[:, :, :2].expand_as(pred)}
         for name, guess in guesses.items():
             err, pck = pose_error(guess, gt)
             s["pose_err" + name].append(err.item())
             s["pck" + name].append(pck.item())
-        # the nearest of the K dances: whether the true one is among them (sampling cannot pick it)
-        s["pose_err_best"].append(min(pose_error(d, gt)[0].item() for d in dances))
+        # the nearest of M2P's dances: whether the true one is among them (sampling cannot pick it)
+        s["pose_err_best"].append(pose_error(assemble_dance(dances, nearest(dances, gt), m2p.part, m2p.root)[0],
+                                             gt)[0].item())
         s["face_cos"].append(F.cosine_similarity(emb.float(), recognizer(face * 2 - 1), dim=-1).item())
         preds.append(pred.cpu().numpy())
         gts.append(gt.cpu().numpy())

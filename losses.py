@@ -225,11 +225,11 @@ def axis_soft_argmax(logits):
 
 
 def hypothesis_losses(logits, poses, sigma=1.0):
-    """M2P's heatmap loss per sample and hypothesis: logits [B, K, T, J, 2, H], poses [B, T, J, 3] -> the
-    cross-entropy against the ground-truth Gaussian plus the L1 of the soft-argmax (in heatmap cells),
-    each [B, K] averaged over the visible joints of the window. The 2-D Gaussian target is a product of
-    two 1-D ones and the logits are separable, so this equals heatmap_loss on the 2-D heatmaps at 2H
-    instead of H^2 cells per joint (what lets M2P afford K hypotheses)."""
+    """M2P's heatmap loss per sample, hypothesis and joint: logits [B, K, T, J, 2, H], poses [B, T, J, 3]
+    -> the cross-entropy against the ground-truth Gaussian and the L1 of the soft-argmax (in heatmap
+    cells), each summed over the window's frames where the joint is visible [B, K, J], and that count
+    [B, 1, J]. The 2-D Gaussian target is a product of two 1-D ones and the logits are separable, so this
+    is heatmap_loss on the 2-D heatmaps at 2H instead of H^2 cells per joint (M2P affords K hypotheses)."""
     H = logits.shape[-1]
     cells = torch.arange(H, device=logits.device, dtype=torch.float32)
     mu = poses[:, None, ..., :2].float() * H - 0.5  # (B, 1, T, J, 2) in cells
@@ -237,31 +237,46 @@ def hypothesis_losses(logits, poses, sigma=1.0):
     target = target / target.sum(-1, keepdim=True).clamp(min=1e-12)
     logp = logits.float().log_softmax(-1)
     ce = -torch.where(target > 0, target * logp, 0).sum((-2, -1))  # (B, K, T, J); 0 log 0 = 0
-    l1 = (axis_soft_argmax(logits.float()) - poses[:, None, ..., :2]).abs().sum(-1) * H  # (B, K, T, J)
+    xy = (logp.exp() * (cells + 0.5) / H).sum(-1)  # (B, K, T, J, 2): axis_soft_argmax, one softmax fewer
+    l1 = (xy - poses[:, None, ..., :2]).abs().sum(-1) * H  # (B, K, T, J)
     vis = visible(poses)[:, None]  # (B, 1, T, J)
-    n = vis.sum((-2, -1)).clamp(min=1)  # (B, 1)
-    return torch.where(vis > 0, ce, 0).sum((-2, -1)) / n, torch.where(vis > 0, l1, 0).sum((-2, -1)) / n
+    return torch.where(vis > 0, ce, 0).sum(2), torch.where(vis > 0, l1, 0).sum(2), vis.sum(2)
 
 
-def m2p_loss(logits, choice, poses, sigma=1.0, relax=0.05):
-    """Winner-takes-all over M2P's K hypotheses (multiple-hypothesis learning, relaxed as Rupprecht et al.
-    2017: the others get `relax` of the mean loss, so none is left behind): each sample trains the
-    hypothesis nearest its dance, and the choice logits [B, K] learn which one that is. Returns (loss,
-    {pose, ce, l1, choice}, best [B]): the winners' heatmap loss and the choice's cross-entropy."""
-    ce, l1 = hypothesis_losses(logits, poses, sigma)  # (B, K) each
-    per = ce + l1
-    best = per.detach().argmin(1)  # (B,)
-    win = per.gather(1, best[:, None]).mean()
-    pick = F.cross_entropy(choice.float(), best)
-    parts = {"ce": ce.gather(1, best[:, None]).mean(), "l1": l1.gather(1, best[:, None]).mean(), "choice": pick}
-    pose = (1 - relax) * win + relax * per.mean() if per.shape[1] > 1 else win
-    return pose + pick, {"pose": pose, **parts}, best
+def m2p_loss(logits, choice, poses, part, sigma=1.0, relax=0.05):
+    """Winner-takes-all per body part over M2P's K hypotheses (multiple-hypothesis learning, relaxed as
+    Rupprecht et al. 2017: the others get `relax` of the mean loss, so none is left behind): each part of
+    each sample trains the hypothesis nearest its dance, and the choice logits [B, P, K] learn which one
+    that is. part [J]: each joint's body part. Returns (loss, {pose, ce, l1, choice}, best [B, P])."""
+    ce, l1, n = hypothesis_losses(logits, poses, sigma)  # (B, K, J), (B, K, J), (B, 1, J)
+    parts = F.one_hot(part, choice.shape[1]).float()  # (J, P)
+    ce, l1, n = ce @ parts, l1 @ parts, n @ parts  # (B, K, P), (B, K, P), (B, 1, P): sums over each part
+    best = ((ce + l1) / n.clamp(min=1)).detach().argmin(1)  # (B, P)
+    total = n.sum((1, 2)).clamp(min=1)  # (B,): visible joint-frames
+    win = lambda x: (x.gather(1, best[:, None]).sum((1, 2)) / total).mean()  # noqa: E731  the winners' mean
+    pose = win(ce + l1)
+    if logits.shape[1] > 1:
+        pose = (1 - relax) * pose + relax * ((ce + l1).sum(2) / total[:, None]).mean()
+    pick = F.cross_entropy(choice.flatten(0, 1).float(), best.flatten())
+    return pose + pick, {"pose": pose, "ce": win(ce), "l1": win(l1), "choice": pick}, best
+
+
+def assemble_dance(xy, k, part, root):
+    """All hypotheses' joints xy [B, K, T, J, 2] and one hypothesis per body part k [B, P] -> the dance
+    [B, T, J, 2]: each part from its own hypothesis, each limb moved to hang from the torso hypothesis's
+    joint (the neck, a hip), since two hypotheses need not agree where the torso is."""
+    def pick(x, idx):  # x (B, K, T, J, 2), idx (B, J) -> (B, T, J, 2): joint j from hypothesis idx[:, j]
+        return x.gather(1, idx[:, None, None, :, None].expand(-1, 1, x.shape[2], -1, x.shape[-1])).squeeze(1)
+
+    idx, at_root = k[:, part], xy[:, :, :, root.clamp(min=0)]  # (B, J), (B, K, T, J, 2): each joint's root
+    hang = pick(at_root, k[:, :1].expand_as(idx)) - pick(at_root, idx)  # the torso's root minus the limb's own
+    return pick(xy, idx) + torch.where((root >= 0)[:, None], hang, 0)
 
 
 def draw_hypothesis(choice, generator):
-    """One of M2P's hypotheses for a clip, drawn from its choice logits [K] (sampling: one per clip,
-    from the first window, so that the whole clip dances one dance)."""
-    return torch.multinomial(choice.detach().float().cpu().softmax(-1), 1, generator=generator).item()
+    """M2P's hypothesis for each body part of a clip [P], drawn from its choice logits [P, K] (sampling:
+    once per clip, from the first window, so that the whole clip dances one dance)."""
+    return torch.multinomial(choice.detach().float().cpu().softmax(-1), 1, generator=generator)[:, 0]
 
 
 def pose_spread(poses):

@@ -478,21 +478,40 @@ def sample_views(model, scheduler, ref_cond, ref_idx, prompt_embeds, shape, clas
 
 M2P_CONFIGS = {
     "tiny": dict(d=32, layers=1, heads=2, heatmap=8, hypotheses=2),  # tests
-    "toy": dict(d=128, layers=3, heads=4, heatmap=12, hypotheses=8),  # the CPU toy run (64 px frames)
-    "base": dict(d=512, layers=8, heads=8, heatmap=64, hypotheses=8),  # real data
+    "toy": dict(d=128, layers=3, heads=4, heatmap=12, hypotheses=4),  # the CPU toy run (64 px frames)
+    "base": dict(d=512, layers=8, heads=8, heatmap=64, hypotheses=4),  # real data
 }
+
+
+# The 134 layout's joints by body part (docs/formats.md): 0 torso and head (face included), 1 right arm
+# (right hand), 2 left arm (left hand), 3 right leg (right foot), 4 left leg (left foot); each limb
+# hangs from a torso joint (the neck, a hip)
+LIMB_PARTS = {1: ((2, 3, 4, *range(113, 134)), 1), 2: ((5, 6, 7, *range(92, 113)), 1),
+              3: ((9, 10, 21, 22, 23), 8), 4: ((12, 13, 18, 19, 20), 11)}
+
+
+def body_parts(J):
+    """The first J joints' body part [J] and the torso joint each hangs from [J] (-1: the torso's own)."""
+    part, root = torch.zeros(J, dtype=torch.long), torch.full((J,), -1, dtype=torch.long)
+    for p, (joints, r) in LIMB_PARTS.items():
+        for j in joints:
+            if j < J:
+                part[j], root[j] = p, r
+    return part, root
 
 
 class M2PEncoder(nn.Module):
     """Music window [B, T, D] + reference pose [B, J, 3] + reference face crop [B, 3, h, w] ->
     K hypotheses of per-frame per-joint heatmap logits [B, K, T, J, 2, H] (x logits over columns, then
-    y logits over rows: the heatmap is separable, logits_2d[i, j] = y[i] + x[j]), their choice logits
-    [B, K] and a 512-d L2-normalised face embedding.
+    y logits over rows: the heatmap is separable, logits_2d[i, j] = y[i] + x[j]), the choice logits of
+    each body part's hypothesis [B, P, K] and a 512-d L2-normalised face embedding.
 
     One song fits many dances: a new dancer's limbs may move on the beats, off them or not at all, and a
-    single regressed dance averages these into one that hardly moves. M2P is therefore a mixture of K
-    dances (multiple-hypothesis learning, trained winner-takes-all: losses.m2p_loss); the choice head
-    learns which hypothesis fits, and sampling draws one hypothesis per clip from it.
+    single regressed dance averages these into one that hardly moves. M2P is therefore a mixture of
+    dances, per body part (as Bailando's separate upper and lower body codes): K hypotheses, each part
+    trained winner-takes-all (multiple-hypothesis learning: losses.m2p_loss), so K^P dances; the choice
+    head learns which hypothesis fits each part, and sampling draws one per part and clip from it
+    (losses.assemble_dance joins the parts).
 
     A depthwise temporal convolution (~1 s: turns beat impulses into smooth phase signals) and a
     pre-LN transformer over time (bidirectional: the whole window of music is known) on tokens
@@ -518,13 +537,18 @@ class M2PEncoder(nn.Module):
             nn.Conv2d(3, 32, 3, 2, 1), nn.GELU(), nn.Conv2d(32, 64, 3, 2, 1), nn.GELU(),
             nn.Conv2d(64, d, 3, 2, 1), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.face_proj = nn.Linear(d, d)
+        self.null_face = nn.Parameter(torch.zeros(d))  # the face token of a dancer M2P is not told about
         self.face_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, embed_dim))
         self.blocks = nn.ModuleList([Block(d, heads) for _ in range(layers)])
         self.norm = nn.LayerNorm(d)
         K = hypotheses
         self.offset_head = nn.Linear(d, K * joints * 2)  # offsets from the reference joints (normalised coords)
         self.residual_head = nn.Linear(d, K * joints * 2 * heatmap)  # x logits, then y logits
-        self.choice_head = nn.Linear(d, K)  # from the window's mean token
+        part, root = body_parts(joints)
+        self.register_buffer("part", part, persistent=False)  # (J,) body part of each joint
+        self.register_buffer("root", root, persistent=False)  # (J,) the torso joint a limb joint hangs from
+        self.P = int(part.max()) + 1
+        self.choice_head = nn.Linear(d, self.P * K)  # from the window's mean token
         self.log_width = nn.Parameter(torch.zeros(joints))  # Gaussian width per joint, in heatmap cells (exp)
         # dance is smooth: the offsets are low-passed in time (a fixed Gaussian of 2 frames), so
         # that per-frame feature spikes (onset/beat one-hots) cannot make the joints jitter
@@ -540,14 +564,21 @@ class M2PEncoder(nn.Module):
         if self.K > 1:  # equal hypotheses would stay equal (winner-takes-all ties): ~0.2 heatmap cells apart
             nn.init.normal_(self.offset_head.weight, std=0.2 / self.H / self.offset_head.in_features**0.5)
 
-    def forward(self, music, ref_pose, face):
+    def forward(self, music, ref_pose, face, drop_face=None):
+        """drop_face: None, True or [B] bool: the dance does not see these (all) samples' faces (the face
+        embedding does); sampling for a new dancer drops it: a face M2P never saw names no style it knows."""
         B, T, _ = music.shape
         assert T <= self.pos.shape[0], f"window of {T} frames, positions only for {self.pos.shape[0]}"
         face = F.interpolate(face, size=(self.face_size, self.face_size), mode="bilinear", antialias=True,
                              align_corners=False)  # (B, 3, face_size, face_size)
         f = self.face_cnn(face * 2 - 1)  # (B, d)
         pose_in = torch.cat([ref_pose[..., :2] - 0.5, ref_pose[..., 2:]], -1).flatten(1)  # (B, J * 3)
-        cond = self.pose_proj(pose_in) + self.face_proj(f)  # (B, d)
+        face_token = self.face_proj(f)  # (B, d)
+        if drop_face is True:
+            face_token = self.null_face.expand(B, -1)
+        elif drop_face is not None:
+            face_token = torch.where(drop_face[:, None], self.null_face, face_token)
+        cond = self.pose_proj(pose_in) + face_token  # (B, d)
         x = self.music_proj((music - self.music_mean) / self.music_std)  # (B, T, d)
         x = x + F.gelu(rearrange(self.music_conv(rearrange(x, "b t d -> b d t")), "b d t -> b t d"))
         x = x + self.pos[:T] + cond[:, None]  # (B, T, d)
@@ -563,7 +594,8 @@ class M2PEncoder(nn.Module):
         width = self.log_width.exp()[:, None, None]  # (J, 1, 1)
         gauss = -((cells - mu[..., None]) / width) ** 2 / 2  # (B, K, T, J, 2, H)
         res = rearrange(self.residual_head(x), "b t (k j c h) -> b k t j c h", k=self.K, j=self.J, c=2)
-        choice = self.choice_head(x.mean(1))  # (B, K)
+        # which hypothesis wins flips while they learn apart: that target does not shape the features
+        choice = rearrange(self.choice_head(x.detach().mean(1)), "b (p k) -> b p k", k=self.K)  # (B, P, K)
         embedding = F.normalize(self.face_head(f), dim=-1)  # (B, 512)
         return gauss + res, choice, embedding
 

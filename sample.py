@@ -76,6 +76,7 @@ from data import (
     write_video,
 )
 from losses import (
+    assemble_dance,
     axis_soft_argmax,
     beat_alignment,
     beats_within,
@@ -578,8 +579,8 @@ def dance_length(audio, sr, fps, max_seconds, where):
 
 @torch.no_grad()
 def m2p_poses(m2p, feats, ref_pose, face, W, smooth=0, seed=0):
-    """M2P's poses for music features (T, D): one of its dances (hypotheses), drawn with `seed` from the
-    first window's choice and kept for the whole clip; windows of its training length W overlapping by
+    """M2P's poses for music features (T, D): one of its dances (a hypothesis per body part), drawn with
+    `seed` from the first window's choice and kept for the whole clip; windows of its training length W overlapping by
     W / 4, cross-faded linearly in the overlaps, since separate windows jump at their boundaries; then a
     centred moving average over `smooth` frames (losses.smooth_poses), since M2P's poses jitter from
     frame to frame. Prints the largest joint jump at a window boundary beside the typical frame-to-frame
@@ -588,12 +589,12 @@ def m2p_poses(m2p, feats, ref_pose, face, W, smooth=0, seed=0):
     acc, total = torch.zeros(T, J, 2, device=feats.device), torch.zeros(T, device=feats.device)
     windows, pick = context_windows(T, W, ov), None
     for s, e in windows:
-        logits, choice, _ = m2p(feats[s:e][None], ref_pose[None], face)  # (1, K, e - s, J, 2, h), (1, K)
-        if pick is None:
-            pick = draw_hypothesis(choice[0], torch.Generator().manual_seed(seed))
+        logits, choice, _ = m2p(feats[s:e][None], ref_pose[None], face, drop_face=True)  # (1, K, e - s, J, 2, h)
+        if pick is None:  # (1, P): one hypothesis per body part
+            pick = draw_hypothesis(choice[0], torch.Generator().manual_seed(seed))[None].to(feats.device)
         i = torch.arange(e - s, device=feats.device)
         w = torch.minimum((i + 1) / (ov + 1), (e - s - i) / (ov + 1)).clamp(max=1)  # (e - s,): the fade
-        acc[s:e] += w[:, None, None] * axis_soft_argmax(logits[0, pick].float())
+        acc[s:e] += w[:, None, None] * assemble_dance(axis_soft_argmax(logits.float()), pick, m2p.part, m2p.root)[0]
         total[s:e] += w
     xy = smooth_poses(acc / total[:, None, None], smooth)  # (T, J, 2)
     jump = (xy[1:] - xy[:-1]).norm(dim=-1).mean(-1)  # (T - 1,): mean joint move from frame t to t + 1

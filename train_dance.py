@@ -42,6 +42,7 @@ from data import (
     read_list_file,
 )
 from losses import (
+    assemble_dance,
     axis_soft_argmax,
     diffusion_target,
     face_loss,
@@ -143,6 +144,7 @@ class Config:
     pose_detector: str = "full_frame"  # its person box: the whole frame, or a YOLOX ONNX file
     pose_loss_weight: float = 0.5  # M2P's heatmap loss, also when M2P trains in stages B and C
     face_loss_weight: float = 0.1
+    m2p_face_drop: float = 0.5  # share of stage-A samples whose dance does not see the face (sampling's case)
     m2p_smooth: int = 3  # M2P's poses averaged over this many frames (odd; 0 / 1: off) at validation, as sample.py
     # ---- stage B: pose guider + denoising UNet + ReferenceNet + face tokens on single frames
     max_steps_b: int = 1500
@@ -472,13 +474,16 @@ def stage_a(cfg):
             batch = {k: v.to(device) for k, v in next(loader).items() if torch.is_tensor(v)}
             # only the last micro-batch all-reduces the gradients
             sync = contextlib.nullcontext() if micro == G - 1 else accelerator.no_sync(model)
+            # without the face, one song fits many dances: there the K hypotheses learn them apart
+            gen = seeded(cfg.seed, accelerator.process_index, step, micro)
+            drop = (torch.rand(len(batch["music"]), generator=gen) < cfg.m2p_face_drop).to(device)
             with sync:
                 with accelerator.autocast():
-                    # (B, K, W, J, 2, h), (B, K), (B, 512)
-                    logits, choice, emb = model(batch["music"], batch["ref_pose"], batch["face"])
+                    # (B, K, W, J, 2, h), (B, P, K), (B, 512)
+                    logits, choice, emb = model(batch["music"], batch["ref_pose"], batch["face"], drop)
                 with torch.no_grad():
                     target = recognizer(batch["face"] * 2 - 1)  # (B, 512), 112x112 crops in [-1, 1]
-                pose, hm, _ = m2p_loss(logits, choice, batch["poses"], cfg.heatmap_sigma)
+                pose, hm, _ = m2p_loss(logits, choice, batch["poses"], raw.part, cfg.heatmap_sigma)
                 face = face_loss(emb.float(), target)
                 loss = cfg.pose_loss_weight * pose + cfg.face_loss_weight * face
                 accelerator.backward(loss / G)
@@ -621,11 +626,11 @@ def stage_b(cfg):
                 pose = target_pose
                 if m2p_on or use_m2p.any():  # M2P's pose for the target frame, from the music window
                     with contextlib.nullcontext() if m2p_on else torch.no_grad():
-                        # (B, K, W, J, 2, h), (B, K): the hypothesis nearest the true dance poses the frame
+                        # (B, K, W, J, 2, h), (B, P, K): the hypotheses nearest the true dance pose the frame
                         logits, choice, _ = m2p_model(batch["music"], batch["ref_pose"], batch["face"])
-                        m2p_l, _, best = m2p_loss(logits, choice, batch["poses"], cfg.heatmap_sigma)
-                        xy = axis_soft_argmax(logits.float())[torch.arange(B, device=device), best,
-                                                              batch["offsets"][:, 0]]  # (B, J, 2)
+                        m2p_l, _, best = m2p_loss(logits, choice, batch["poses"], m2p.part, cfg.heatmap_sigma)
+                        xy = assemble_dance(axis_soft_argmax(logits.float()), best, m2p.part, m2p.root)
+                        xy = xy[torch.arange(B, device=device), batch["offsets"][:, 0]]  # (B, J, 2)
                     m2p_pose = torch.cat([xy, batch["ref_pose"][..., 2:]], -1)  # visibility: the reference's
                     pose = torch.where(use_m2p[:, None, None], m2p_pose, target_pose)
                     if m2p_on:
@@ -802,10 +807,10 @@ def stage_c(cfg):
                 pose, m2p_l = batch["poses"][:, :T], None  # (B, T, J, 3)
                 if cfg.m2p_lr_c > 0 or use_m2p.any():
                     with contextlib.nullcontext() if cfg.m2p_lr_c > 0 else torch.no_grad():
-                        # (B, K, L, J, 2, h), (B, K): the hypothesis nearest the clip's dance poses it
+                        # (B, K, L, J, 2, h), (B, P, K): the hypotheses nearest the clip's dance pose it
                         logits, choice, _ = m2p_model(batch["music"], batch["ref_pose"], batch["face"])
-                        m2p_l, _, best = m2p_loss(logits, choice, batch["poses"], cfg.heatmap_sigma)
-                    xy = axis_soft_argmax(logits.float()[torch.arange(B, device=device), best])  # (B, L, J, 2)
+                        m2p_l, _, best = m2p_loss(logits, choice, batch["poses"], m2p.part, cfg.heatmap_sigma)
+                    xy = assemble_dance(axis_soft_argmax(logits.float()), best, m2p.part, m2p.root)  # (B, L, J, 2)
                     # smoothed as sampling smooths it
                     xy = torch.stack([smooth_poses(p, cfg.m2p_smooth) for p in xy])[:, :T]  # (B, T, J, 2)
                     vis = batch["ref_pose"][:, None, :, 2:].expand(-1, T, -1, -1)  # (B, T, J, 1): the reference's

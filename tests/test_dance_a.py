@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 import train_dance
 from data import DanceClipDataset, read_clip
 from losses import (
+    assemble_dance,
     axis_soft_argmax,
     beat_alignment,
     draw_hypothesis,
@@ -26,7 +27,7 @@ from losses import (
     soft_argmax,
     video_beats,
 )
-from models import IRESNET_CONFIGS, M2P_CONFIGS, IResNet, M2PEncoder
+from models import IRESNET_CONFIGS, M2P_CONFIGS, IResNet, M2PEncoder, body_parts
 from plumbing import InputError, load_config
 from weights import load_iresnet
 
@@ -177,36 +178,55 @@ def test_m2p_shapes_and_positions_for_150_frames():
     ref = torch.rand(2, 24, 3)
     logits, choice, emb = m(torch.randn(2, 150, 35), ref, torch.rand(2, 3, 112, 112))
     H, K = M2P_CONFIGS["tiny"]["heatmap"], M2P_CONFIGS["tiny"]["hypotheses"]
-    assert logits.shape == (2, K, 150, 24, 2, H) and choice.shape == (2, K)
+    assert logits.shape == (2, K, 150, 24, 2, H) and choice.shape == (2, 5, K)  # 5 body parts
     assert torch.allclose(emb.norm(dim=-1), torch.ones(2))
     # a new M2P starts near the reference pose, its hypotheses apart (winner-takes-all needs them unequal)
     xy = axis_soft_argmax(logits)  # (2, K, 150, 24, 2)
     assert (xy[:, 0] - xy[:, 1]).abs().max() > 1e-4
     assert (xy - ref[:, None, None, :, :2].clamp(0.5 / H, 1 - 0.5 / H)).abs().max() < 0.1
+    # the dance does not see a dropped face; the face embedding still does
+    face = torch.rand(2, 3, 112, 112)
+    music, ref = torch.randn(2, 30, 35), torch.rand(2, 24, 3)
+    a, _, emb_a = m(music, ref, face, drop_face=True)
+    b, _, emb_b = m(music, ref, torch.rand(2, 3, 112, 112), drop_face=torch.tensor([True, True]))
+    assert torch.allclose(a, b) and not torch.allclose(emb_a, emb_b)
 
 
-def test_separable_m2p_loss_equals_the_2d_heatmap_loss_and_trains_the_nearest_hypothesis():
+def test_separable_m2p_loss_equals_the_2d_heatmap_loss_and_trains_the_nearest_hypothesis_per_part():
     g = torch.Generator().manual_seed(0)
-    B, K, T, J, H = 2, 3, 5, 7, 16
+    B, K, T, J, H = 2, 3, 5, 24, 16
     poses = torch.cat([0.2 + 0.6 * torch.rand(B, T, J, 2, generator=g), torch.ones(B, T, J, 1)], -1)
     poses[0, :, 2, 2] = 0.1  # joint 2 of sample 0 invisible
     logits = torch.randn(B, K, T, J, 2, H, generator=g)
-    ce, l1 = hypothesis_losses(logits, poses)  # (B, K)
+    ce, l1, n = hypothesis_losses(logits, poses)  # (B, K, J) sums over time, (B, 1, J) counts
     for b in range(B):
         for k in range(K):  # the same as the 2-D loss on the heatmap y[i] + x[j], per sample and hypothesis
             full = logits[b, k, ..., 1, :, None] + logits[b, k, ..., 0, None, :]  # (T, J, H, W)
-            ref, parts = heatmap_loss(full, poses[b])
-            assert torch.allclose(ce[b, k], parts["ce"], atol=1e-4) and torch.allclose(l1[b, k], parts["l1"], atol=1e-4)
-    # the winner is the hypothesis nearest the dance: put the truth into hypothesis 2 of sample 1
-    logits[1, 2] = (gaussian_heatmaps(poses[1], H, 1.0).sum(-2).clamp(min=1e-9).log()  # x marginal (T, J, W)
-                    [..., None, :].expand(-1, -1, 2, -1).clone())
-    logits[1, 2, ..., 1, :] = gaussian_heatmaps(poses[1], H, 1.0).sum(-1).clamp(min=1e-9).log()  # y marginal
-    choice = torch.zeros(B, K, requires_grad=True)
-    loss, parts, best = m2p_loss(logits, choice, poses)
-    assert best[1] == 2 and parts["l1"] < l1.mean()
+            _, parts = heatmap_loss(full, poses[b])
+            assert torch.allclose(ce[b, k].sum() / n[b].sum(), parts["ce"], atol=1e-4)
+            assert torch.allclose(l1[b, k].sum() / n[b].sum(), parts["l1"], atol=1e-4)
+    # per body part the winner is the hypothesis nearest the dance: the truth of sample 1's left arm
+    # (part 2: joints 5-7) in hypothesis 2, its right leg (part 3: joints 9, 10, 21-23) in hypothesis 1
+    part, root = body_parts(J)
+    truth = gaussian_heatmaps(poses[1], H, 1.0)  # (T, J, H, W)
+    marginals = torch.stack([truth.sum(-2), truth.sum(-1)], -2).clamp(min=1e-9).log()  # (T, J, 2, H)
+    for k, joints in ((2, [5, 6, 7]), (1, [9, 10, 21, 22, 23])):
+        logits[1, k, :, joints] = marginals[:, joints]
+    choice = torch.zeros(B, 5, K, requires_grad=True)
+    loss, parts, best = m2p_loss(logits, choice, poses, part)
+    assert best[1, 2] == 2 and best[1, 3] == 1
     loss.backward()
-    assert choice.grad[1, 2] < 0 < choice.grad[1, 0]  # the choice learns to pick it
-    assert draw_hypothesis(torch.tensor([0.0, 30.0, 0.0]), torch.Generator().manual_seed(0)) == 1
+    assert choice.grad[1, 2, 2] < 0 < choice.grad[1, 2, 0]  # the choice learns to pick it
+    # the assembled dance takes each part from its hypothesis and hangs the limbs from the torso's joints
+    xy = axis_soft_argmax(logits)  # (B, K, T, J, 2)
+    dance = assemble_dance(xy, best, part, root)  # (B, T, J, 2)
+    torso = best[1, 0]
+    assert torch.allclose(dance[1, :, 8], xy[1, torso, :, 8])  # the hip: the torso's
+    knee = xy[1, 1, :, 9] - xy[1, 1, :, 8] + xy[1, torso, :, 8]  # the leg's knee, hung from the torso's hip
+    assert torch.allclose(dance[1, :, 9], knee, atol=1e-6)
+    assert torch.allclose(dance[1, :, 9] - dance[1, :, 8], poses[1, :, 9, :2] - xy[1, 1, :, 8], atol=0.02)
+    drawn = draw_hypothesis(torch.tensor([[0.0, 30.0, 0.0], [30.0, 0.0, 0.0]]), torch.Generator().manual_seed(0))
+    assert drawn.tolist() == [1, 0]
 
 
 def test_m2p_activation_checkpointing_gives_the_same_gradients():
@@ -218,7 +238,7 @@ def test_m2p_activation_checkpointing_gives_the_same_gradients():
         count = []  # tensors the forward keeps for backward
         with torch.autograd.graph.saved_tensors_hooks(lambda t: count.append(1) or t, lambda t: t):
             logits, choice, emb = m(torch.randn(2, 30, 35, generator=g), torch.rand(2, 24, 3, generator=g),
-                            torch.rand(2, 3, 112, 112, generator=g))
+                                    torch.rand(2, 3, 112, 112, generator=g), torch.tensor([True, False]))
         (logits.square().mean() + choice.sum() + emb.sum()).backward()
         grads.append([p.grad for p in m.parameters()])
         saved.append(len(count))
