@@ -603,6 +603,8 @@ def m2p_poses(m2p, feats, ref_pose, face, W, smooth=0, seed=0):
     if edges:
         print(f"M2P: {len(windows)} windows of {W} frames, cross-faded over {ov}; largest joint jump at a window "
               f"boundary {jump[edges].max():.4f}, median frame-to-frame {jump.median():.4f}")
+    print(f"M2P: dance {pick[0].tolist()} (a hypothesis per body part: torso, right arm, left arm, right leg, "
+          f"left leg; --seed draws others)")
     return torch.cat([xy, ref_pose[None, :, 2:].expand(T, -1, -1)], -1)
 
 
@@ -748,7 +750,7 @@ def run_dance_eval(cfg, device):
     read_poses = pose_reader({**c, "pose_model": cfg.pose_model or c.get("pose_model", "")},
                              Path(c["data_dir"]) == Path(TOY_DANCE_DIR), device)
     runs = []
-    for path in clips:
+    for i, path in enumerate(clips):
         clip = read_clip(path, fps)
         image, ref_pose, box, points = read_dance_reference(dataclasses.replace(cfg, ref_image=str(path)), J, fps)
         audio, sr = read_audio(path / "audio.wav")
@@ -756,7 +758,8 @@ def run_dance_eval(cfg, device):
         beats = beats_within(music_beats(audio, sr, fps), T, fps)
         if len(beats) == 0:
             raise InputError(f"{path / 'audio.wav'}: no music beat in the first {T / fps:.1f} s: raise --max_seconds")
-        x, poses, _ = generate_dance(d, cfg, image, ref_pose, box, points, audio, sr, T, device)
+        run_cfg = dataclasses.replace(cfg, seed=cfg.seed + i)  # each clip its own dance and noise, as separate runs
+        x, poses, _ = generate_dance(d, run_cfg, image, ref_pose, box, points, audio, sr, T, device)
         gen = torch.cat([im.cpu() for im in decoded(d["vae"], x)])  # (T, 3, S, S)
         gt = torch.stack([read_frame(clip["source"], t) for t in range(T)])
         gt = resize_frames(gt, S)
@@ -787,7 +790,8 @@ def run_dance_eval(cfg, device):
                "_still": [r["ref_pose"][None].expand(len(r["poses"]), -1, -1) for r in runs],
                "_mean_pose": [mean_pose[None].expand(len(r["poses"]), -1, -1) for r in runs], "_shuffled": [
                    m2p_poses(d["m2p"], runs[(i + 1) % n]["feats"][:len(r["poses"])], r["ref_pose"].to(device),
-                             r["face_in"], c["window"], cfg.m2p_smooth, cfg.seed).cpu() for i, r in enumerate(runs)]}
+                             r["face_in"], c["window"], cfg.m2p_smooth, cfg.seed + i).cpu()
+                   for i, r in enumerate(runs)]}
     if read_poses is not None:
         motions["_read"] = [r["read"]["gen"] for r in runs]
         motions["_read_gt"] = [r["read"]["gt"] for r in runs]  # the reader's own jitter on real frames
