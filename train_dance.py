@@ -475,8 +475,10 @@ def stage_a(cfg):
             # only the last micro-batch all-reduces the gradients
             sync = contextlib.nullcontext() if micro == G - 1 else accelerator.no_sync(model)
             # without the face, one song fits many dances: there the K hypotheses learn them apart
-            gen = seeded(cfg.seed, accelerator.process_index, step, micro)
-            drop = (torch.rand(len(batch["music"]), generator=gen) < cfg.m2p_face_drop).to(device)
+            # drawn for the global batch (every rank with rank 0's key) and strided over ranks as StepSampler
+            # strides the samples: the same samples drop their faces on any number of processes
+            drop = torch.rand(global_batch, generator=seeded(cfg.seed, 0, step, micro)) < cfg.m2p_face_drop
+            drop = drop[accelerator.process_index::accelerator.num_processes].to(device)
             with sync:
                 with accelerator.autocast():
                     # (B, K, W, J, 2, h), (B, P, K), (B, 512)
