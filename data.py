@@ -216,6 +216,20 @@ VISIBLE = 0.3  # DWPose: score below this = invisible
 
 
 JOINT_SETS = {"body18": 18, "body_feet24": 24, "all134": 134}  # the first n points of the 134 layout
+# the 134 layout's body parts: 0 torso and head (face included), 1 right arm and hand, 2 left arm and hand,
+# 3 right leg and foot, 4 left leg and foot; each limb hangs from a torso joint (the neck, a hip)
+LIMB_PARTS = {1: ((2, 3, 4, *range(113, 134)), 1), 2: ((5, 6, 7, *range(92, 113)), 1),
+              3: ((9, 10, 21, 22, 23), 8), 4: ((12, 13, 18, 19, 20), 11)}
+
+
+def body_parts(J):
+    """The first J joints' body part [J] and the torso joint each hangs from [J] (-1: the torso's own)."""
+    part, root = torch.zeros(J, dtype=torch.long), torch.full((J,), -1, dtype=torch.long)
+    for p, (joints, r) in LIMB_PARTS.items():
+        for j in (j for j in joints if j < J):
+            part[j], root[j] = p, r
+    return part, root
+
 
 
 # OpenPose-18 body, then feet 18-23 (the 134 layout's joints: docs/formats.md, poses.npy)

@@ -483,35 +483,16 @@ M2P_CONFIGS = {
 }
 
 
-# The 134 layout's joints by body part (docs/formats.md): 0 torso and head (face included), 1 right arm
-# (right hand), 2 left arm (left hand), 3 right leg (right foot), 4 left leg (left foot); each limb
-# hangs from a torso joint (the neck, a hip)
-LIMB_PARTS = {1: ((2, 3, 4, *range(113, 134)), 1), 2: ((5, 6, 7, *range(92, 113)), 1),
-              3: ((9, 10, 21, 22, 23), 8), 4: ((12, 13, 18, 19, 20), 11)}
-
-
-def body_parts(J):
-    """The first J joints' body part [J] and the torso joint each hangs from [J] (-1: the torso's own)."""
-    part, root = torch.zeros(J, dtype=torch.long), torch.full((J,), -1, dtype=torch.long)
-    for p, (joints, r) in LIMB_PARTS.items():
-        for j in joints:
-            if j < J:
-                part[j], root[j] = p, r
-    return part, root
-
-
 class M2PEncoder(nn.Module):
     """Music window [B, T, D] + reference pose [B, J, 3] + reference face crop [B, 3, h, w] ->
     K hypotheses of per-frame per-joint heatmap logits [B, K, T, J, 2, H] (x logits over columns, then
     y logits over rows: the heatmap is separable, logits_2d[i, j] = y[i] + x[j]), the choice logits of
     each body part's hypothesis [B, P, K] and a 512-d L2-normalised face embedding.
 
-    One song fits many dances: a new dancer's limbs may move on the beats, off them or not at all, and a
-    single regressed dance averages these into one that hardly moves. M2P is therefore a mixture of
-    dances, per body part (as Bailando's separate upper and lower body codes): K hypotheses, each part
-    trained winner-takes-all (multiple-hypothesis learning: losses.m2p_loss), so K^P dances; the choice
-    head learns which hypothesis fits each part, and sampling draws one per part and clip from it
-    (losses.assemble_dance joins the parts).
+    One song fits many dances (a limb moves on the beats, off them or not at all), and one regressed dance
+    averages them into one that hardly moves: M2P is a mixture, per body part (`parts` = data.body_parts)
+    as Bailando splits the body, of K hypotheses trained winner-takes-all (losses.m2p_loss); sampling
+    draws one per part from the choice logits (losses.draw_hypothesis, assemble_dance).
 
     A depthwise temporal convolution (~1 s: turns beat impulses into smooth phase signals) and a
     pre-LN transformer over time (bidirectional: the whole window of music is known) on tokens
@@ -520,8 +501,8 @@ class M2PEncoder(nn.Module):
     predicted offset, plus a zero-initialised residual: training starts from the reference pose
     instead of from noise."""
 
-    def __init__(self, music_dim, joints, d, layers, heads, heatmap, hypotheses=1, max_frames=300, face_size=32,
-                 embed_dim=512, conv_kernel=31, grad_checkpoint=False):
+    def __init__(self, music_dim, joints, d, layers, heads, heatmap, hypotheses=1, parts=None, max_frames=300,
+                 face_size=32, embed_dim=512, conv_kernel=31, grad_checkpoint=False):
         super().__init__()
         self.J, self.H, self.K = joints, heatmap, hypotheses
         self.face_size, self.grad_checkpoint = face_size, grad_checkpoint
@@ -544,7 +525,7 @@ class M2PEncoder(nn.Module):
         K = hypotheses
         self.offset_head = nn.Linear(d, K * joints * 2)  # offsets from the reference joints (normalised coords)
         self.residual_head = nn.Linear(d, K * joints * 2 * heatmap)  # x logits, then y logits
-        part, root = body_parts(joints)
+        part, root = parts if parts is not None else (torch.zeros(joints).long(), -torch.ones(joints).long())
         self.register_buffer("part", part, persistent=False)  # (J,) body part of each joint
         self.register_buffer("root", root, persistent=False)  # (J,) the torso joint a limb joint hangs from
         self.P = int(part.max()) + 1
@@ -565,8 +546,8 @@ class M2PEncoder(nn.Module):
             nn.init.normal_(self.offset_head.weight, std=0.2 / self.H / self.offset_head.in_features**0.5)
 
     def forward(self, music, ref_pose, face, drop_face=None):
-        """drop_face: None, True or [B] bool: the dance does not see these (all) samples' faces (the face
-        embedding does); sampling for a new dancer drops it: a face M2P never saw names no style it knows."""
+        # drop_face (True: all, or [B] bool): the dance does not see these faces, the face embedding does;
+        # sampling a new dancer drops it: a face M2P never saw names no style it knows
         B, T, _ = music.shape
         assert T <= self.pos.shape[0], f"window of {T} frames, positions only for {self.pos.shape[0]}"
         face = F.interpolate(face, size=(self.face_size, self.face_size), mode="bilinear", antialias=True,
@@ -602,10 +583,11 @@ class M2PEncoder(nn.Module):
 
 # The face recognizer, in the layout of insightface's arcface_torch `iresnet.py` so that its
 # `backbone.pth` files (iresnet18/34/50/100, glintr100 = iresnet100) load key for key.
-def m2p_encoder(music_dim, J, preset, window, grad_checkpoint=False):
-    """The M2P encoder of an M2P_CONFIGS preset for training windows of `window` frames (its position
-    table covers at least 300 frames, so sampling may use longer windows)."""
-    return M2PEncoder(music_dim, J, **M2P_CONFIGS[preset], max_frames=max(300, window), grad_checkpoint=grad_checkpoint)
+def m2p_encoder(music_dim, parts, preset, window, grad_checkpoint=False):
+    """The M2P encoder of an M2P_CONFIGS preset for joints of body `parts` (data.body_parts) and training
+    windows of `window` frames (its position table covers at least 300 frames: sampling may use longer)."""
+    return M2PEncoder(music_dim, len(parts[0]), **M2P_CONFIGS[preset], parts=parts, max_frames=max(300, window),
+                      grad_checkpoint=grad_checkpoint)
 
 
 IRESNET_CONFIGS = {

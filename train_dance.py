@@ -35,6 +35,7 @@ from data import (
     VISIBLE,
     DanceClipDataset,
     StepSampler,
+    body_parts,
     box_mask,
     face_crops,
     music_beats,
@@ -406,7 +407,7 @@ def stage_a(cfg):
             float(np.mean([pose_spread(p) for p in train_set.poses])))
 
     # models: the M2P encoder (trained) and the face recognizer (frozen)
-    m2p = m2p_encoder(train_set.music_dim, train_set.J, cfg.m2p_preset, cfg.window, cfg.grad_checkpoint)
+    m2p = m2p_encoder(train_set.music_dim, body_parts(train_set.J), cfg.m2p_preset, cfg.window, cfg.grad_checkpoint)
     feats = torch.from_numpy(np.concatenate(train_set.feats))  # (N, D)
     m2p.music_mean.copy_(feats.mean(0))
     m2p.music_std.copy_(feats.std(0).clamp(min=1e-3))  # constant features (e.g. silent one-hots) stay finite

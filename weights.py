@@ -23,7 +23,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from transformers import CLIPVisionModelWithProjection
 
 from cameras import camera_hash, file_sha256, load_prompt_embeds, load_rig
-from data import JOINT_SETS, MUSIC_DIM
+from data import JOINT_SETS, MUSIC_DIM, body_parts
 from models import (
     GSLRM,
     GSLRM_CONFIGS,
@@ -518,7 +518,7 @@ def read_dance_final(path, stage, fix):
 
 def load_m2p(path, c, music_dim, grad_checkpoint=False):
     """M2P from a final/ folder, rebuilt from that folder's config `c` (preset, joints, window)."""
-    m2p = m2p_encoder(music_dim, JOINT_SETS[c["joints"]], c["m2p_preset"], c["window"], grad_checkpoint)
+    m2p = m2p_encoder(music_dim, body_parts(JOINT_SETS[c["joints"]]), c["m2p_preset"], c["window"], grad_checkpoint)
     weights = Path(path) / "m2p.safetensors"
     try:
         load_model(m2p, str(weights), strict=True)

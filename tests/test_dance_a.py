@@ -13,7 +13,7 @@ from conftest import DANCE_FPS, DANCE_SECONDS
 from safetensors.torch import load_file
 
 import train_dance
-from data import DanceClipDataset, read_clip
+from data import DanceClipDataset, body_parts, read_clip
 from losses import (
     assemble_dance,
     axis_soft_argmax,
@@ -27,7 +27,7 @@ from losses import (
     soft_argmax,
     video_beats,
 )
-from models import IRESNET_CONFIGS, M2P_CONFIGS, IResNet, M2PEncoder, body_parts
+from models import IRESNET_CONFIGS, M2P_CONFIGS, IResNet, M2PEncoder
 from plumbing import InputError, load_config
 from weights import load_iresnet
 
@@ -174,7 +174,7 @@ def test_iresnet_loads_an_arcface_torch_state_dict(tmp_path):
 
 
 def test_m2p_shapes_and_positions_for_150_frames():
-    m = M2PEncoder(35, 24, **M2P_CONFIGS["tiny"])
+    m = M2PEncoder(35, 24, **M2P_CONFIGS["tiny"], parts=body_parts(24))
     ref = torch.rand(2, 24, 3)
     logits, choice, emb = m(torch.randn(2, 150, 35), ref, torch.rand(2, 3, 112, 112))
     H, K = M2P_CONFIGS["tiny"]["heatmap"], M2P_CONFIGS["tiny"]["hypotheses"]
