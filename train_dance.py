@@ -475,9 +475,9 @@ def stage_a(cfg):
             batch = {k: v.to(device) for k, v in next(loader).items() if torch.is_tensor(v)}
             # only the last micro-batch all-reduces the gradients
             sync = contextlib.nullcontext() if micro == G - 1 else accelerator.no_sync(model)
-            # without the face, one song fits many dances: there the K hypotheses learn them apart
-            # drawn for the global batch (every rank with rank 0's key) and strided over ranks as StepSampler
-            # strides the samples: the same samples drop their faces on any number of processes
+            # the dance does not see these samples' faces: without it one song fits many dances, which the
+            # hypotheses learn apart. Drawn for the global batch (every rank with rank 0's key) and strided
+            # over ranks as StepSampler strides the samples: the same on any number of processes
             drop = torch.rand(global_batch, generator=seeded(cfg.seed, 0, step, micro)) < cfg.m2p_face_drop
             drop = drop[accelerator.process_index::accelerator.num_processes].to(device)
             with sync:
