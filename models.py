@@ -918,20 +918,6 @@ def to_images(vae, x):
     return ((x + 1) / 2).clamp(0, 1)
 
 
-def context_windows(T, size, overlap):
-    """[start, end) windows of `size` frames, consecutive ones sharing `overlap`, covering frames 0..T-1
-    (the last window ends at T; CHAMP samples long videos in 24-frame windows overlapping by 4 and
-    averages the overlapping predictions at every denoising step)."""
-    if T <= size:
-        return [(0, T)]
-    if not 0 <= overlap < size:
-        raise InputError(f"window overlap {overlap}: expected 0 <= overlap < window size {size}")
-    starts = list(range(0, T - size + 1, size - overlap))
-    if starts[-1] + size < T:
-        starts.append(T - size)
-    return [(s, s + size) for s in starts]
-
-
 @torch.no_grad()
 def sample_frames(net, scheduler, ref, clip_emb, face_emb, heatmaps, cond_scale, shape, num_steps=25,
                   guidance=2.0, generator=None):

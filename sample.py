@@ -98,7 +98,6 @@ from losses import (
 from models import (
     Conditioner,
     clip_image_embeds,
-    context_windows,
     get_rays,
     mv_schedulers,
     sample_views,
@@ -575,6 +574,20 @@ def dance_length(audio, sr, fps, max_seconds, where):
         raise InputError(f"{where}: {len(audio) / sr:.2f} s of audio (--max_seconds {max_seconds}), "
                          "too short for a video")
     return T
+
+
+def context_windows(T, size, overlap):
+    """[start, end) windows of `size` frames, consecutive ones sharing `overlap`, covering frames 0..T-1
+    (the last window ends at T; CHAMP samples long videos in 24-frame windows overlapping by 4 and
+    averages the overlapping predictions at every denoising step)."""
+    if T <= size:
+        return [(0, T)]
+    if not 0 <= overlap < size:
+        raise InputError(f"window overlap {overlap}: expected 0 <= overlap < window size {size}")
+    starts = list(range(0, T - size + 1, size - overlap))
+    if starts[-1] + size < T:
+        starts.append(T - size)
+    return [(s, s + size) for s in starts]
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ import dance_eval
 import sample
 import train_dance
 from losses import pose_heatmaps
-from models import DANCE_UNET_CONFIGS, DanceNet, FaceTokens, PoseGuider, context_windows, motion_unet
+from models import DANCE_UNET_CONFIGS, DanceNet, FaceTokens, PoseGuider, motion_unet
 from plumbing import InputError, load_config
 from weights import load_motion_adapter
 
@@ -311,7 +311,7 @@ def test_all_chains_the_stages_and_stage_c_resumes_exactly(tiny_dance, tmp_path,
 
 def test_context_windows_cover_every_frame_and_overlap_as_asked():
     for T, size, overlap in [(5, 24, 4), (24, 24, 4), (25, 24, 4), (100, 24, 4), (61, 16, 0), (300, 24, 23)]:
-        w = context_windows(T, size, overlap)
+        w = sample.context_windows(T, size, overlap)
         count = torch.zeros(T)
         for s, e in w:
             assert 0 <= s < e <= T and e - s == min(size, T)
@@ -319,7 +319,7 @@ def test_context_windows_cover_every_frame_and_overlap_as_asked():
         assert (count >= 1).all() and w[0][0] == 0 and w[-1][1] == T
         assert all(b[0] - a[0] <= size - overlap for a, b in zip(w, w[1:]))  # no gap, overlap >= asked
     with pytest.raises(InputError, match="overlap"):
-        context_windows(100, 24, 24)
+        sample.context_windows(100, 24, 24)
 
 
 def dance_sample(final, clip_dir, out, **kw):
