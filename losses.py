@@ -235,9 +235,12 @@ def hypothesis_losses(logits, poses, sigma=1.0):
     mu = poses[:, None, ..., :2].float() * H - 0.5  # (B, 1, T, J, 2) in cells
     target = torch.exp(-((cells - mu[..., None]) ** 2) / (2 * sigma**2))  # (B, 1, T, J, 2, H)
     target = target / target.sum(-1, keepdim=True).clamp(min=1e-12)
-    logp = logits.float().log_softmax(-1)
-    ce = -torch.where(target > 0, target * logp, 0).sum((-2, -1))  # (B, K, T, J); 0 log 0 = 0
-    xy = (logp.exp() * (cells + 0.5) / H).sum(-1)  # (B, K, T, J, 2): axis_soft_argmax, one softmax fewer
+    # the softmax by hand: torch's (log_)softmax over a last dim of ~12 cells is slow on a CPU (half a stage-A step)
+    shifted = logits.float() - logits.detach().float().amax(-1, keepdim=True)
+    e = shifted.exp()
+    z = e.sum(-1)  # (B, K, T, J, 2)
+    ce = (z.log() * target.sum(-1) - (target * shifted).sum(-1)).sum(-1)  # (B, K, T, J): -sum target * log p
+    xy = (e * (cells + 0.5) / H).sum(-1) / z  # (B, K, T, J, 2): axis_soft_argmax
     l1 = (xy - poses[:, None, ..., :2]).abs().sum(-1) * H  # (B, K, T, J)
     vis = visible(poses)[:, None]  # (B, 1, T, J)
     return torch.where(vis > 0, ce, 0).sum(2), torch.where(vis > 0, l1, 0).sum(2), vis.sum(2)

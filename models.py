@@ -478,7 +478,7 @@ def sample_views(model, scheduler, ref_cond, ref_idx, prompt_embeds, shape, clas
 
 M2P_CONFIGS = {
     "tiny": dict(d=32, layers=1, heads=2, heatmap=8, hypotheses=2),  # tests
-    "toy": dict(d=128, layers=3, heads=4, heatmap=12, hypotheses=4),  # the CPU toy run (64 px frames)
+    "toy": dict(d=128, layers=3, heads=4, heatmap=12, hypotheses=8),  # the CPU toy run (64 px frames)
     "base": dict(d=512, layers=8, heads=8, heatmap=64, hypotheses=4),  # real data
 }
 
@@ -572,13 +572,13 @@ class M2PEncoder(nn.Module):
         offset = rearrange(offset, "b (k j c) t -> b k t j c", k=self.K, c=2)  # (B, K, T, J, 2)
         mu = (ref_pose[:, None, None, :, :2] + offset) * self.H - 0.5  # (B, K, T, J, 2) in cells (centres at i)
         cells = torch.arange(self.H, device=x.device, dtype=x.dtype)
-        width = self.log_width.exp()[:, None, None]  # (J, 1, 1)
-        gauss = -((cells - mu[..., None]) / width) ** 2 / 2  # (B, K, T, J, 2, H)
+        scale = (-self.log_width).exp()[:, None, None] * 0.5**0.5  # (J, 1, 1): 1 / (width sqrt 2)
         res = rearrange(self.residual_head(x), "b t (k j c h) -> b k t j c h", k=self.K, j=self.J, c=2)
+        dist = (cells - mu[..., None]) * scale  # (B, K, T, J, 2, H)
         # which hypothesis wins flips while they learn apart: that target does not shape the features
         choice = rearrange(self.choice_head(x.detach().mean(1)), "b (p k) -> b p k", k=self.K)  # (B, P, K)
         embedding = F.normalize(self.face_head(f), dim=-1)  # (B, 512)
-        return gauss + res, choice, embedding
+        return res - dist * dist, choice, embedding  # the Gaussian's log, -(d / width)^2 / 2, plus the residual
 
 
 # The face recognizer, in the layout of insightface's arcface_torch `iresnet.py` so that its

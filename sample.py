@@ -106,7 +106,7 @@ from models import (
 )
 from plumbing import InputError, cli
 from pose import PoseModel, face_box
-from toy import TOY_DANCE_DIR, eval_face_recognizer, frozen_encoders, pose_reader
+from toy import TOY_DANCE_DIR, eval_face_recognizer, frozen_encoders, pose_reader, toy_dancers_spread
 from weights import load_dance_final, load_gslrm_checkpoint, load_mv_checkpoint, mv_identity
 
 
@@ -832,6 +832,8 @@ def run_dance_eval(cfg, device):
          "psnr_copy_ref": mean(lambda i, r: psnr(r["ref_img"][None].expand_as(r["gt"]), r["gt"]).mean().item()),
          **motion, "m2p_smooth": cfg.m2p_smooth,
          "clips": n, "seconds": runs[0]["gen"].shape[0] / fps, "dance_checkpoint": str(cfg.dance_checkpoint)}
+    if Path(c["data_dir"]) == Path(TOY_DANCE_DIR):  # how much the toy's dancers move at large
+        m["pose_spread_toy_dancers"] = toy_dancers_spread(T, fps)
     if read_poses is not None:  # the generated video's poses read back: do they follow M2P's, and the music?
         for r in runs:
             r["read"]["bob"] = read_poses(r["bob"]).cpu()

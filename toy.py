@@ -61,6 +61,7 @@ from losses import (
     limb_beats,
     min_snr_weight,
     pose_error,
+    pose_spread,
     soft_argmax,
     weighted_mse,
 )
@@ -552,6 +553,19 @@ def toy_poses(dancer, phase):
         P[:, i + 2, :2] = P[:, ank, :2] + s * np.array([-side * 0.012, 0.015])
     P[:, :24, 2] = 1.0
     return P.astype(np.float32), np.concatenate([head, np.full((T, 1), r)], -1).astype(np.float32)
+
+
+def toy_dancers_spread(frames, fps=DANCE_FPS, n=1000, seed=1):
+    """How much the toy's dancers move at large: the mean pose spread (losses.pose_spread) over `frames`
+    frames of n new dancers, each on its own song (poses only, nothing rendered). A model that cannot
+    see a new dancer's style can at best match this; a handful of held-out dancers is one draw of it."""
+    spreads = []
+    for k in range(n):
+        rng = np.random.default_rng((seed, 2_000_000 + k))  # apart from write_toy_dance's dancers and songs
+        _, bpm, offset = toy_music(rng, 1.0, 100)  # its tempo and first beat (the audio: a token second)
+        dancer = toy_dancer(rng)
+        spreads.append(pose_spread(toy_poses(dancer, (np.arange(frames) / fps - offset) * bpm / 60)[0]))
+    return float(np.mean(spreads))
 
 
 def face_texture(dancer, radius_px):

@@ -93,6 +93,7 @@ from toy import (
     pose_reader,
     toy_clip,
     toy_dance,
+    toy_dancers_spread,
     toy_unet,
 )
 from weights import (
@@ -405,6 +406,9 @@ def stage_a(cfg):
     # a training dance moves (pose spread): the held-out dancers are a handful, their spread one draw
     real = (kinetic_windows(train_set.poses, cfg.fps), geometric_windows(train_set.poses, cfg.fps),
             float(np.mean([pose_spread(p) for p in train_set.poses])))
+    # the toy's: its dancers at large move (toy_dancers_spread), the most a new dancer's drawn dance should
+    toy_spread = (toy_dancers_spread(round(cfg.toy_seconds * cfg.fps), cfg.fps)
+                  if data_dir == Path(Config.data_dir) else None)
 
     # models: the M2P encoder (trained) and the face recognizer (frozen)
     m2p = m2p_encoder(train_set.music_dim, body_parts(train_set.J), cfg.m2p_preset, cfg.window, cfg.grad_checkpoint)
@@ -452,6 +456,8 @@ def stage_a(cfg):
                         beats[tag] = [music_beats(*read_audio(c["dir"] / "audio.wav"), cfg.fps) for c in clips]
                     m, video = evaluate_a(raw, recognizer, val_set, mean_pose, beats[tag], real, cfg, step, out_dir,
                                           device, tag)
+                    if toy_spread is not None:
+                        m["pose_spread_toy_dancers"] = toy_spread
                     m, frame = ({k if tag == "val" else f"seen_{k}": v for k, v in m.items()},
                                 "frame" if tag == "val" else "seen_frame")
                     log_eval(accelerator, m, step, out_dir, {frame: video.with_suffix(".png")})

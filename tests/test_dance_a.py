@@ -24,11 +24,13 @@ from losses import (
     hypothesis_losses,
     m2p_loss,
     motion_beats,
+    pose_spread,
     soft_argmax,
     video_beats,
 )
 from models import IRESNET_CONFIGS, M2P_CONFIGS, IResNet, M2PEncoder
 from plumbing import InputError, load_config
+from toy import toy_dancer, toy_dancers_spread, toy_music, toy_poses
 from weights import load_iresnet
 
 SECONDS, FPS = DANCE_SECONDS, DANCE_FPS
@@ -227,6 +229,20 @@ def test_separable_m2p_loss_equals_the_2d_heatmap_loss_and_trains_the_nearest_hy
     assert torch.allclose(dance[1, :, 9] - dance[1, :, 8], poses[1, :, 9, :2] - xy[1, 1, :, 8], atol=0.02)
     drawn = draw_hypothesis(torch.tensor([[0.0, 30.0, 0.0], [30.0, 0.0, 0.0]]), torch.Generator().manual_seed(0))
     assert drawn.tolist() == [1, 0]
+
+
+def test_toy_dancers_spread_measures_the_dancers_the_toy_set_draws():
+    # write_toy_dance's dancers on their songs' tempo (the first draws of toy_music), against
+    # toy_dancers_spread's own new dancers: one population, the means within their sampling error
+    n, T = 300, 90
+    mine = []
+    for k in range(n):
+        _, bpm, offset = toy_music(np.random.default_rng((0, k)), 1.0, 100)
+        phase = (np.arange(T) / DANCE_FPS - offset) * bpm / 60
+        mine.append(pose_spread(toy_poses(toy_dancer(np.random.default_rng((0, 1_000_000 + k))), phase)[0]))
+    theirs = toy_dancers_spread(T, DANCE_FPS, n=n)
+    assert abs(theirs - np.mean(mine)) < 4 * np.std(mine) * (2 / n) ** 0.5
+    assert 0.5 * np.mean(mine) < toy_dancers_spread(T // 3, DANCE_FPS, n=n) < np.mean(mine)  # a 1-s window moves less
 
 
 def test_m2p_activation_checkpointing_gives_the_same_gradients():
