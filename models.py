@@ -478,7 +478,7 @@ def sample_views(model, scheduler, ref_cond, ref_idx, prompt_embeds, shape, clas
 
 M2P_CONFIGS = {
     "tiny": dict(d=32, layers=1, heads=2, heatmap=8, hypotheses=2),  # tests
-    "toy": dict(d=128, layers=3, heads=4, heatmap=12, hypotheses=8),  # the CPU toy run (64 px frames)
+    "toy": dict(d=128, layers=3, heads=4, heatmap=12, hypotheses=4),  # the CPU toy run (64 px frames)
     "base": dict(d=512, layers=8, heads=8, heatmap=64, hypotheses=4),  # real data
 }
 
