@@ -235,7 +235,7 @@ def hypothesis_losses(logits, poses, sigma=1.0):
     mu = poses[:, None, ..., :2].float() * H - 0.5  # (B, 1, T, J, 2) in cells
     target = torch.exp(-((cells - mu[..., None]) ** 2) / (2 * sigma**2))  # (B, 1, T, J, 2, H)
     target = target / target.sum(-1, keepdim=True).clamp(min=1e-12)
-    # the softmax by hand: torch's (log_)softmax over a last dim of ~12 cells is slow on a CPU (half a stage-A step)
+    # the softmax by hand: torch's (log_)softmax over a last dim of ~12 cells is slow on a CPU
     shifted = logits.float() - logits.detach().float().amax(-1, keepdim=True)
     e = shifted.exp()
     z = e.sum(-1)  # (B, K, T, J, 2)

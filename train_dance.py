@@ -406,7 +406,7 @@ def stage_a(cfg):
     # a training dance moves (pose spread): the held-out dancers are a handful, their spread one draw
     real = (kinetic_windows(train_set.poses, cfg.fps), geometric_windows(train_set.poses, cfg.fps),
             float(np.mean([pose_spread(p) for p in train_set.poses])))
-    # the toy's: its dancers at large move (toy_dancers_spread), the most a new dancer's drawn dance should
+    # on the toy also how much its dancers move at large (toy_dancers_spread): a new dancer's dance can match no more
     toy_spread = (toy_dancers_spread(round(cfg.toy_seconds * cfg.fps), cfg.fps)
                   if data_dir == Path(Config.data_dir) else None)
 
