@@ -8,6 +8,7 @@
     python bench.py --only=stage_b      # dance stage B's step at the toy size, split by part
     python bench.py --only=stage_c      # dance stage C's step against the clip length; sampling frames/s
     python bench.py --only=train_gslrm,train_mvdiff  # the default toy steps, split by part
+    python bench.py --only=attention    # the toy networks in fp32 and bf16 (SDPA / models.attention)
 Timings are medians of a few repeats after a warm-up; compare figures from one run as ratios.
 """
 import argparse
@@ -31,6 +32,7 @@ from models import (
     referencenet_unused,
     sample_views,
 )
+from plumbing import make_accelerator, native_bf16_cpu
 from render import render_gaussians
 from toy import toy_face_recognizer, write_toy_mice
 
@@ -243,6 +245,44 @@ def bench_stage_c(B=2, S=32, J=24, lengths=(8, 16, 32, 64)):
           f"{ts * 1e3:.0f} ms ({16 / ts:.0f} frame-steps/s; 25 steps: {16 / ts / 25:.1f} frames/s) |")
 
 
+def bench_attention(repeat=5):
+    """The toy networks' fwd+bwd in fp32, under CPU bf16 autocast with SDPA, and under it with
+    models.attention (plain bf16 matmuls, fp32 softmax): GS-LRM's transformer (batch 2, 6 views of
+    32 px in 4 px patches) and the multi-view UNet (4 objects x 6 views at 32 px)."""
+    import models
+    from models import GSLRM_CONFIGS, Block
+    torch.manual_seed(0)
+    c = GSLRM_CONFIGS["toy"]
+    blocks = torch.nn.Sequential(*[Block(c["d"], c["heads"]) for _ in range(c["layers"])])
+    x = torch.randn(2, 2 + 6 * (32 // c["patch"]) ** 2, c["d"])  # (B, tokens, d)
+    unet = build_mv_unet("toy", 6)
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(4, 6, 3, 32, 32, generator=g), torch.randint(0, 1000, (4,), generator=g),
+            torch.randn(6, 8, 32, generator=g), torch.randint(0, 6, (4,), generator=g),
+            torch.randn(4, 3, 32, 32, generator=g))
+    nets = {f"GS-LRM toy transformer, batch 2, {x.shape[1]} tokens": lambda: blocks(x),
+            "multi-view UNet (toy), 4 objects x 6 views at 32 px": lambda: unet(*args)}
+    ours, sdpa = models.attention, lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    for name, net in nets.items():
+        t = {}
+        for mode in ("fp32", "bf16, SDPA", "bf16, models.attention"):
+            models.attention = sdpa if "SDPA" in mode else ours
+
+            def step():
+                with torch.autocast("cpu", torch.bfloat16, enabled=mode != "fp32"):
+                    out = net()
+                out.float().square().mean().backward()
+            t[mode] = timeit(step, repeat=repeat, warmup=1)
+        models.attention = ours
+        print(f"| {name}, fwd+bwd, fp32 | {t['fp32'] * 1e3:.0f} ms |")
+        for mode in ("bf16, SDPA", "bf16, models.attention"):
+            print(f"| same, {mode} | {t[mode] * 1e3:.0f} ms ({t['fp32'] / t[mode]:.2f}x) |")
+
+
+def precision():
+    return "bf16 autocast" if native_bf16_cpu() else "fp32: this CPU has no native bf16"
+
+
 def timed_parts(step, n=12, warmup=3):
     """step() -> {part: seconds} (its own perf_counter marks); median of each part over n steps."""
     for _ in range(warmup):
@@ -275,6 +315,7 @@ def bench_train_gslrm(data_dir="data/toy_mice", init_from=""):
     from plumbing import load_checkpoint, seeded
     from train_gslrm import Config, evaluate, split_views
     cfg, perf = Config(data_dir=data_dir), time.perf_counter
+    autocast = make_accelerator(cfg.mixed_precision).autocast  # bf16 where the trainer uses it
     torch.manual_seed(0)
     rig, S, n_in = load_rig(cfg.rig), cfg.image_size, cfg.num_input_views
     train_set = MultiViewDataset(f"{data_dir}/data_train.txt", S, range(6), cfg.num_novel_views, rig, 0, n_in)
@@ -296,7 +337,8 @@ def bench_train_gslrm(data_dir="data/toy_mice", init_from=""):
         tgt = torch.cat([batch["images"][:, pick], tgt], 1)  # (B, Vt, 4, H, W)
         tc2w, tK = torch.cat([c2w[:, pick], tc2w], 1), torch.cat([K[:, pick], tK], 1)
         t1 = perf()
-        gaussians = model(img, c2w, K)
+        with autocast():
+            gaussians = model(img, c2w, K)
         t2 = perf()
         pred, pred_alpha = model.render(gaussians, tc2w, tK, S, S).split([3, 1], dim=2)
         loss = mse(pred, tgt[:, :, :3]) + cfg.alpha_weight * mse(pred_alpha, tgt[:, :, 3:])
@@ -309,7 +351,7 @@ def bench_train_gslrm(data_dir="data/toy_mice", init_from=""):
         return {"data": t1 - t0, "GS-LRM forward": t2 - t1, "render forward": t3 - t2, "backward": t4 - t3,
                 "clip + AdamW": perf() - t4}
 
-    print_parts(f"train_gslrm step, toy preset, batch 2, 6 views in, 4 rendered at {S} px"
+    print_parts(f"train_gslrm step ({precision()}), toy preset, batch 2, 6 views in, 4 rendered at {S} px"
                 + (f", from {init_from}" if init_from else ", fresh weights"), timed_parts(step))
     mean_image = torch.full((3, S, S), 0.9)
     with tempfile.TemporaryDirectory() as d:
@@ -329,6 +371,7 @@ def bench_train_mvdiff(data_dir="data/toy_mice_mv"):
     from plumbing import seeded
     from train_mvdiff import Config, update_ema
     cfg, perf = Config(data_dir=data_dir), time.perf_counter
+    autocast = make_accelerator(cfg.mixed_precision).autocast  # bf16 where the trainer uses it
     torch.manual_seed(0)
     rig = load_rig(cfg.rig)
     train_set = MultiViewDataset(f"{data_dir}/data_train.txt", cfg.image_size, range(6), 0, rig, 0)
@@ -352,8 +395,9 @@ def bench_train_mvdiff(data_dir="data/toy_mice_mv"):
         noisy, target = noise_scheduler.add_noise(x0, noise, t), diffusion_target(noise_scheduler, x0, noise, t)
         weight = min_snr_weight(noise_scheduler.alphas_cumprod[t], cfg.min_snr_gamma, cfg.prediction_type)
         t1 = perf()
-        loss = weighted_mse(model(noisy, t, prompt_embeds, torch.zeros(B, dtype=torch.long), ref_cond),
-                            target, weight)
+        with autocast():
+            loss = weighted_mse(model(noisy, t, prompt_embeds, torch.zeros(B, dtype=torch.long), ref_cond),
+                                target, weight)
         t2 = perf()
         loss.backward()
         loss.item()
@@ -364,7 +408,8 @@ def bench_train_mvdiff(data_dir="data/toy_mice_mv"):
         optimizer.zero_grad(set_to_none=True)
         return {"data": t1 - t0, "UNet forward": t2 - t1, "backward": t3 - t2, "clip + AdamW + EMA": perf() - t3}
 
-    print_parts(f"train_mvdiff step, toy UNet, {cfg.batch_size} objects x 6 views at {cfg.image_size} px",
+    print_parts(f"train_mvdiff step ({precision()}), toy UNet, {cfg.batch_size} objects x 6 views at "
+                f"{cfg.image_size} px",
                 timed_parts(step))
 
 if __name__ == "__main__":

@@ -97,6 +97,16 @@ GSLRM_CONFIGS = {
 SH_C0 = 0.28209479177387814  # degree-0 spherical harmonic: rgb = 0.5 + SH_C0 * sh_dc
 
 
+def attention(q, k, v):
+    """F.scaled_dot_product_attention, except under CPU autocast: there the SDPA kernels' bf16 backward is
+    slower than plain bf16 matmuls (`bench.py --only=attention`), so the scores come from a matmul and
+    the softmax runs in fp32. q (..., Lq, d), k and v (..., Lk, d) -> (..., Lq, d)."""
+    if q.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+        return F.scaled_dot_product_attention(q, k, v)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (..., Lq, Lk)
+    return scores.float().softmax(-1) @ v
+
+
 class SelfAttention(nn.Module):
     def __init__(self, d, heads):
         super().__init__()
@@ -107,7 +117,7 @@ class SelfAttention(nn.Module):
     def forward(self, x):
         qkv = self.to_qkv(x).chunk(3, dim=-1)
         q, k, v = (rearrange(t, "b l (h e) -> b h l e", h=self.heads) for t in qkv)  # (B, heads, L, d_head)
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, L, d_head)
+        x = attention(q, k, v)  # (B, heads, L, d_head)
         return self.fc(rearrange(x, "b h l e -> b l (h e)"))
 
 
@@ -298,22 +308,30 @@ class MVAttnProcessor:
             v = torch.cat([v[b, ref_idx][:, None].expand_as(v), v], dim=3)
             # 4-D inputs: with 5-D ones SDPA falls back to its slow math path
             q, k, v = (rearrange(t, "b v h n d -> (b v) h n d") for t in (q, k, v))
-            out = F.scaled_dot_product_attention(q, k, v)  # (B*V, heads, N, d)
+            out = attention(q, k, v)  # (B*V, heads, N, d)
             out = rearrange(out, "bv h n d -> bv n (h d)")
         else:
             q, k, v = (rearrange(t, "b v h n d -> b h (v n) d") for t in (q, k, v))  # (B, heads, V*N, d)
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = attention(q, k, v)
             out = rearrange(out, "b h (v n) d -> (b v) n (h d)", v=V)
         return attn.to_out[1](attn.to_out[0](out))  # linear, dropout
 
 
-class CrossAttnProcessor(AttnProcessor2_0):
-    """diffusers' SDPA processor for attn2 (cross-attention to the prompt embeddings), taking and
-    ignoring the reference index that the UNet passes to every processor via cross_attention_kwargs."""
+class CrossAttnProcessor:
+    """attn2, cross-attention to the prompt embeddings: diffusers' AttnProcessor2_0 for the SD UNet's
+    attn2 with `attention` (its bf16 SDPA was the CPU toy step's slowest op), taking and ignoring the
+    reference index that the UNet passes to every processor via cross_attention_kwargs."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  ref_idx=None):
-        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        assert hidden_states.dim() == 3 and attention_mask is None and attn.norm_cross is None
+        assert attn.group_norm is None and attn.spatial_norm is None and not attn.residual_connection
+        assert attn.norm_q is None and attn.norm_k is None and attn.rescale_output_factor == 1.0
+        ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states  # (B, T, D)
+        q = rearrange(attn.to_q(hidden_states), "b n (h d) -> b h n d", h=attn.heads)  # (B, heads, N, d)
+        k, v = (rearrange(f(ctx), "b t (h d) -> b h t d", h=attn.heads) for f in (attn.to_k, attn.to_v))
+        out = rearrange(attention(q, k, v), "b h n d -> b n (h d)")  # (B, N, heads * d)
+        return attn.to_out[1](attn.to_out[0](out))  # linear, dropout
 
 
 def install_mv_attention(unet, num_views, sparse=True):

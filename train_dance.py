@@ -126,7 +126,7 @@ class Config:
     # ---- optimisation (every stage)
     batch_size: int = 8  # per process, per micro-step (stages A and B)
     grad_accum: int = 1  # micro-batches per optimizer step (stage C: of batch_size_c clips)
-    mixed_precision: str = "no"  # no | bf16 | fp16, used on GPU only
+    mixed_precision: str = "no"  # no | bf16 | fp16: on a GPU (bf16 also on a CPU with native bf16)
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1  # cosine decays to lr * this
     weight_decay: float = 0.01  # on >= 2-D parameters only (stage A); all parameters (B, C)

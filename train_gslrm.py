@@ -75,7 +75,7 @@ class Config:
     ssim_weight: float = 0.0
     alpha_weight: float = 1.0  # MSE on rendered alpha: a from-scratch toy stays opaque (FaceLift: 0)
     fg_weight: float = 0.0  # MSE and perceptual loss: the target's (dilated) mask counts 1 + this x (mean 1)
-    mixed_precision: str = "bf16"  # bf16 | no; bf16 autocast is used on GPU only
+    mixed_precision: str = "bf16"  # bf16 | no: autocast on a GPU or a CPU with native bf16 (else fp32)
     compile: bool = False
     # run
     out_dir: str = "out/gslrm_toy"

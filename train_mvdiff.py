@@ -101,7 +101,7 @@ class Config:
     weight_decay: float = 0.0  # on >= 2-D parameters only
     grad_clip: float = 1.0
     ema_decay: float = 0.99  # 0 = no EMA; validation uses the EMA weights when there are any
-    mixed_precision: str = "bf16"  # bf16 | no; used on GPU only
+    mixed_precision: str = "bf16"  # bf16 | no: autocast on a GPU or a CPU with native bf16 (else fp32)
     # validation
     val_every: int = 1000  # and at the last step (one toy validation costs ~40 s on 2 CPU cores)
     val_samples: int = 16  # held-out objects; reference view i % 6 for the i-th when random

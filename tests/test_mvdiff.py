@@ -15,7 +15,7 @@ import data
 import train_mvdiff
 from cameras import clip_prompt_embeds, load_prompt_embeds, load_rig, rig_view_prompts, save_prompt_embeds
 from losses import diffusion_target, min_snr_weight
-from models import MVAttnProcessor, build_mv_unet, sample_views
+from models import CrossAttnProcessor, MVAttnProcessor, attention, build_mv_unet, sample_views
 from plumbing import load_config
 from toy import toy_rig_prompt_embeds, write_toy_mice
 from weights import load_mv_unet
@@ -59,6 +59,40 @@ def test_sparse_attention_is_facelifts_reference_plus_own():
             kv = torch.cat([x[b * V + ref_idx[b]], x[b * V + k]])[None]  # (1, 2N, C)
             expect = attn(x[b * V + k][None], encoder_hidden_states=kv)[0]
             assert torch.allclose(out[b * V + k], expect, atol=1e-5)
+
+
+def test_cross_attention_is_diffusers_sdpa_processor():
+    """attn2 by hand = diffusers' AttnProcessor2_0, cross (prompt tokens) and self (no context)."""
+    attn = Attention(query_dim=16, cross_attention_dim=12, heads=2, dim_head=8)
+    x, ctx = torch.randn(3, 5, 16), torch.randn(3, 7, 12)
+    attn.set_processor(CrossAttnProcessor())
+    ours = attn(x, encoder_hidden_states=ctx)
+    attn.set_processor(AttnProcessor2_0())
+    assert torch.allclose(ours, attn(x, encoder_hidden_states=ctx), atol=1e-6)
+    plain = attn_layer()
+    expect = plain(x)
+    plain.set_processor(CrossAttnProcessor())
+    assert torch.allclose(plain(x), expect, atol=1e-6)
+
+
+def test_attention_under_cpu_autocast_is_sdpa_in_bf16():
+    """Without autocast `attention` is SDPA; under CPU bf16 autocast (matmuls, fp32 softmax) its output
+    and gradients stay within bf16's rounding of fp32 SDPA's, and a wrong scale would not."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 40, 16, generator=g, requires_grad=True) for _ in range(3))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert torch.equal(attention(q, k, v), ref)
+    grads_ref = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    with torch.autocast("cpu", torch.bfloat16):
+        out = attention(q, k, v)
+    assert out.dtype == torch.bfloat16
+    err = (out.float() - ref).abs().max().item()
+    assert err < 0.05, err
+    unscaled = torch.softmax(q @ k.transpose(-1, -2), -1) @ v  # the mistake the tolerance must catch
+    assert (unscaled - ref).abs().max().item() > 10 * err
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    for a, b in zip(grads, grads_ref):
+        assert (a - b).norm() / b.norm() < 0.03
 
 
 def mv_inputs(model, B=2, seed=0):

@@ -5,7 +5,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from plumbing import ConfigError, config_to_dict, load_config, save_config
+import plumbing
+from plumbing import ConfigError, config_to_dict, load_config, precision_here, save_config
 
 
 @dataclass
@@ -205,3 +206,12 @@ def test_sections_hold_one_parts_values_and_the_command_line_wins(tmp_path):
         load_config(Staged, ["--sections={}"])
     with pytest.raises(ConfigError, match="unknown key 'stage_b'"):  # a class without sections has none
         load_config(Cfg, ["--cfg", write(tmp_path, "stage_b:\n  lr: 1\n")])
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_mixed_precision_on_a_cpu_only_where_bf16_is_native(native, monkeypatch):
+    monkeypatch.setattr(plumbing, "native_bf16_cpu", lambda: native)
+    assert precision_here("bf16", cuda=False) == ("bf16" if native else "no")
+    assert precision_here("fp16", cuda=False) == "no"
+    assert precision_here("no", cuda=False) == "no"
+    assert precision_here("fp16", cuda=True) == "fp16" and precision_here("bf16", cuda=True) == "bf16"
