@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator, InitProcessGroupKwargs
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from safetensors.torch import load_model, save_model
 
@@ -358,7 +359,12 @@ def make_accelerator(mixed_precision="no", wandb=False):
     if "LOCAL_RANK" in os.environ and sys.platform.startswith("linux"):
         die_with_parent()
     cuda = torch.cuda.is_available()
-    return Accelerator(cpu=not cuda, mixed_precision=precision_here(mixed_precision, cuda),
+    precision = precision_here(mixed_precision, cuda)
+    if AcceleratorState._shared_state.get("_mixed_precision", precision) != precision:
+        # another run in this process (`--training_stage all`, a notebook, the tests) set another precision:
+        # accelerate keeps one global state and refuses to change it; the process group stays
+        AcceleratorState._reset_state()
+    return Accelerator(cpu=not cuda, mixed_precision=precision,
                        log_with="wandb" if wandb else None,
                        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=DDP_TIMEOUT_S))])
 

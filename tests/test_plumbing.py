@@ -215,3 +215,12 @@ def test_mixed_precision_on_a_cpu_only_where_bf16_is_native(native, monkeypatch)
     assert precision_here("fp16", cuda=False) == "no"
     assert precision_here("no", cuda=False) == "no"
     assert precision_here("fp16", cuda=True) == "fp16" and precision_here("bf16", cuda=True) == "bf16"
+
+
+def test_runs_with_other_precisions_in_one_process(monkeypatch):
+    """accelerate refuses a second Accelerator with another precision; ours starts a new state."""
+    from plumbing import make_accelerator
+    monkeypatch.setattr(plumbing, "native_bf16_cpu", lambda: True)
+    assert make_accelerator("bf16").mixed_precision == "bf16"
+    assert make_accelerator("no").mixed_precision == "no"
+    assert make_accelerator("bf16").mixed_precision == "bf16"
