@@ -70,7 +70,8 @@ def bench_render(S=64):
         rgb, alpha = render_gaussians(*params, w2c, K, S, S, 1.0, backend=backend)
         (rgb.mean() + alpha.mean()).backward()
 
-    t = {b: timeit(lambda: step(b), repeat=3 if b == "sparse" else 1, warmup=1 if b == "sparse" else 0)
+    # the sparse step is short and its time noisy here: the median of 15 (the dense one: 20 s, once)
+    t = {b: timeit(lambda: step(b), repeat=15 if b == "sparse" else 1, warmup=3 if b == "sparse" else 0)
          for b in ("sparse", "dense")}
     n = len(params[0])
     print(f"| render fwd+bwd, {n} pixel-sized Gaussians -> one {S}x{S} view, sparse "

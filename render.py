@@ -165,18 +165,22 @@ def _render_sparse(means, quats, scales, opacities, colors, w2c, K, bg, H, W):
         e = per_pair(torch.arange(len(cam), dtype=torch.int32, device=cam.device))  # (P,) entry of each pair
         start = count.cumsum(0, dtype=torch.int32) - count  # (E,) first pair of each entry
         local = torch.arange(P, dtype=torch.int32, device=e.device) - per_pair(start)  # (P,) index in the box
-        row = local // per_pair(bw)
-        pix = per_pair(cam.int() * (H * W) + y0 * W + x0) + row * (W - per_pair(bw)) + local  # (P,) output pixel
+        # row and column in the box, dividing in float32 (exact: a box has far fewer than 2^24 pixels;
+        # a CPU divides floats several times faster than ints)
+        row = torch.floor((local + 0.5) / per_pair(bw))  # (P,) float
+        col = local - row * per_pair(bw)
+        pix = per_pair(cam.int() * (H * W) + y0 * W + x0) + (row * W + col).int()  # (P,) output pixel
         u, v, c0, c1, c2, o = ent.detach()[:, :6].t().contiguous().index_select(1, e)  # (P,) each
-        dx, dy = _pixel_offsets(pix, H, W, u, v)
+        dx, dy = per_pair(x0).to(u.dtype) + col + 0.5 - u, per_pair(y0).to(u.dtype) + row + 0.5 - v
         maha2 = c0 * dx * dx + 2 * c1 * dx * dy + c2 * dy * dy
+        raw = o * torch.exp(-0.5 * maha2)  # (P,) alpha before the clamp
         # the pairs that count (as _pair_alpha's keep): inside the footprint ellipse, alpha >= 1/255
-        keep = ((maha2 <= FOOTPRINT_SIGMAS**2) & (o * torch.exp(-0.5 * maha2) >= ALPHA_MIN)).nonzero().squeeze(1)
-        pix = pix.index_select(0, keep)
-        by_pixel = pix.argsort(stable=True)
-        e, pix = e.index_select(0, keep.index_select(0, by_pixel)), pix.index_select(0, by_pixel)
+        keep = ((maha2 <= FOOTPRINT_SIGMAS**2) & (raw >= ALPHA_MIN)).nonzero().squeeze(1)
+        pix, by_pixel = pix.index_select(0, keep).sort(stable=True)
+        kept = keep.index_select(0, by_pixel)  # (P',) in (pixel, depth) order
+        e, raw = e.index_select(0, kept), raw.index_select(0, kept)
 
-    rgba = _Composite.apply(ent, e, pix, B * C * H * W, H, W)  # (D + 1, B*C*H*W)
+    rgba = _Composite.apply(ent, e, pix, raw, B * C * H * W, H, W)  # (D + 1, B*C*H*W)
     rgb, acc = rgba.t().reshape(B, C, H, W, D + 1).split([D, 1], -1)
     return rgb + (1 - acc) * bg[:, :, None, None, :], acc
 
@@ -185,17 +189,14 @@ class _Composite(torch.autograd.Function):
     """Front-to-back compositing of the (pixel, depth)-sorted pairs -> per pixel colour and alpha
     (D + 1, n_pix), with the gradient written out: autograd's graph of the same ops keeps more
     (P,) tensors and runs slower on a CPU. ent (E, 6 + D): u, v | conic 3 | opacity | colour D of
-    each entry; e, pix (P,) int32: each pair's entry and output pixel. Per-pair values are rows
-    (6 + D, P), not columns: contiguous for the elementwise ops, and index_add along dim 1 is the
-    fast one (int64 indices there: int32 ones take a slow path)."""
+    each entry; e, pix (P,) int32: each pair's entry and output pixel; raw (P,) its alpha before the
+    clamp, as the pair pass computed it (the same formula as below: the same numbers). Per-pair values
+    are rows (6 + D, L), not columns: contiguous for the elementwise ops, and index_add along dim 1 is
+    the fast one (int64 indices there: int32 ones take a slow path)."""
 
     @staticmethod
-    def forward(ctx, ent, e, pix, n_pix, H, W):
-        pe = ent.t().contiguous().index_select(1, e)  # (6 + D, P)
-        u, v, c0, c1, c2, o, col = pe[0], pe[1], pe[2], pe[3], pe[4], pe[5], pe[6:]
-        dx, dy = _pixel_offsets(pix, H, W, u, v)
-        fall = torch.exp(-0.5 * (c0 * dx * dx + 2 * c1 * dx * dy + c2 * dy * dy))  # (P,)
-        alpha = (o * fall).clamp(max=ALPHA_MAX)
+    def forward(ctx, ent, e, pix, raw, n_pix, H, W):
+        alpha = raw.clamp(max=ALPHA_MAX)
         # Exclusive transmittance per pixel = exp(segmented cumsum of log(1 - alpha)). The running
         # sum spans all pixels, so it is taken in float64 to keep the per-pixel differences exact.
         la = torch.log1p(-alpha.double())
@@ -205,10 +206,21 @@ class _Composite(torch.autograd.Function):
         seg = first.cumsum(0) - 1  # (P,) segment (= pixel list) of each pair
         before = cs.sub(la)[first].index_select(0, seg)  # sum of log(1 - alpha) of all earlier pixels' pairs
         incl = cs - before  # (P,) log transmittance after the pair: it lives while that stays above T_MIN
-        T_live = (torch.exp(incl - la) * (incl > math.log(T_MIN))).to(alpha.dtype)  # (P,)
-        w = alpha * T_live  # (P,) compositing weight
+        # Only the live pairs (each pixel's first ones, before its transmittance runs out) have a weight
+        # or a gradient; where many Gaussians overlap most pairs are not, so the rest are dropped here.
+        # A pixel's first pair is always live (alpha <= ALPHA_MAX), so its segment start stays.
+        live = (incl > math.log(T_MIN)).nonzero().squeeze(1)  # (L,)
+        alpha, e, first = alpha.index_select(0, live), e.index_select(0, live), first.index_select(0, live)
+        pix = pix.index_select(0, live)
+        pe = ent.t().contiguous().index_select(1, e)  # (6 + D, L)
+        u, v, c0, c1, c2, col = pe[0], pe[1], pe[2], pe[3], pe[4], pe[6:]
+        dx, dy = _pixel_offsets(pix, H, W, u, v)
+        fall = torch.exp(-0.5 * (c0 * dx * dx + 2 * c1 * dx * dy + c2 * dy * dy))  # (L,)
+        T_live = torch.exp((incl - la).index_select(0, live)).to(alpha.dtype)  # (L,)
+        seg = first.cumsum(0) - 1  # (L,)
+        w = alpha * T_live  # (L,) compositing weight
         pix64 = pix.long()
-        wc = torch.empty(len(col) + 1, len(w), dtype=w.dtype, device=w.device)  # (D + 1, P): w colour, w
+        wc = torch.empty(len(col) + 1, len(w), dtype=w.dtype, device=w.device)  # (D + 1, L): w colour, w
         torch.mul(w, col, out=wc[:-1])
         wc[-1] = w
         out = torch.zeros(len(col) + 1, n_pix, dtype=ent.dtype, device=ent.device)
@@ -244,12 +256,16 @@ class _Composite(torch.autograd.Function):
         torch.mul(d_raw, fall, out=grad_pe[5])
         torch.mul(w, g[:-1], out=grad_pe[6:])
         grad_ent = torch.zeros(len(pe), ctx.n_ent, dtype=pe.dtype, device=pe.device)
-        return grad_ent.index_add_(1, e.long(), grad_pe).t(), None, None, None, None, None
+        return grad_ent.index_add_(1, e.long(), grad_pe).t(), None, None, None, None, None, None
 
 
 def _pixel_offsets(pix, H, W, u, v):
-    """(P,) flat output pixels and Gaussian centres -> offsets of the pixel centres from them."""
-    return (pix % W).to(u.dtype) + 0.5 - u, (pix // W % H).to(u.dtype) + 0.5 - v
+    """(P,) flat output pixels and Gaussian centres -> offsets of the pixel centres from them. Divides
+    in float64, exact below 2^53 and several times faster than integer division on a CPU."""
+    p = pix.double()
+    rows = torch.floor(p / W)  # (P,) row over all images
+    x, y = p - rows * W, rows - torch.floor(rows / H) * H
+    return x.to(u.dtype) + 0.5 - u, y.to(u.dtype) + 0.5 - v
 
 
 def _render_dense(means, quats, scales, opacities, colors, w2c, K, bg, H, W):
