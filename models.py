@@ -78,11 +78,6 @@ def ray_encoding_facelift(origins, dirs):
     return torch.cat([dirs, origins + t * dirs], dim=-1)
 
 
-def plucker(origins, dirs):
-    """Standard Plücker coordinates (..., 6): (o x d, d)."""
-    return torch.cat([torch.linalg.cross(origins, dirs, dim=-1), dirs], dim=-1)
-
-
 # ----------------------------------------------------------------------------------------------
 # GS-LRM, exactly as released with FaceLift: posed views -> one pixel-aligned Gaussian per pixel
 # (+ 2 free Gaussians from 2 learned tokens). A plain pre-LN transformer over all views' patches.
@@ -279,6 +274,11 @@ MVDIFF_UNET_CONFIGS = {
 }
 
 
+def check_plain_attention(attn, attention_mask):  # options the SD UNet never sets: refuse, not ignore
+    assert attention_mask is None and attn.group_norm is None and attn.spatial_norm is None and not attn.norm_q
+    assert not attn.norm_k and not attn.residual_connection and attn.rescale_output_factor == 1.0
+
+
 class MVAttnProcessor:
     """Self-attention across the V views of each object (hidden states (B*V, N, C), views consecutive).
     sparse: each view's queries attend to [reference view's keys/values; its own] concatenated along
@@ -290,11 +290,8 @@ class MVAttnProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  ref_idx=None):
-        # the SD UNet's attn1 uses none of these; refuse rather than silently ignore them
-        assert encoder_hidden_states is None and attention_mask is None, (
-            "multi-view attention is self-attention only")
-        assert attn.group_norm is None and attn.spatial_norm is None and not attn.residual_connection
-        assert attn.norm_q is None and attn.norm_k is None and attn.rescale_output_factor == 1.0
+        assert encoder_hidden_states is None, "multi-view attention is self-attention only"
+        check_plain_attention(attn, attention_mask)
         V = self.num_views
         B = hidden_states.shape[0] // V
         if ref_idx is None:
@@ -318,15 +315,13 @@ class MVAttnProcessor:
 
 
 class CrossAttnProcessor:
-    """attn2, cross-attention to the prompt embeddings: diffusers' AttnProcessor2_0 for the SD UNet's
-    attn2 with `attention` (its bf16 SDPA was the CPU toy step's slowest op), taking and ignoring the
-    reference index that the UNet passes to every processor via cross_attention_kwargs."""
+    """attn2 (to the prompt embeddings): diffusers' AttnProcessor2_0 with `attention` (its bf16 SDPA was the
+    CPU toy's slowest op), ignoring the reference index the UNet passes to every processor."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  ref_idx=None):
-        assert hidden_states.dim() == 3 and attention_mask is None and attn.norm_cross is None
-        assert attn.group_norm is None and attn.spatial_norm is None and not attn.residual_connection
-        assert attn.norm_q is None and attn.norm_k is None and attn.rescale_output_factor == 1.0
+        assert hidden_states.dim() == 3 and attn.norm_cross is None
+        check_plain_attention(attn, attention_mask)
         ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states  # (B, T, D)
         q = rearrange(attn.to_q(hidden_states), "b n (h d) -> b h n d", h=attn.heads)  # (B, heads, N, d)
         k, v = (rearrange(f(ctx), "b t (h d) -> b h t d", h=attn.heads) for f in (attn.to_k, attn.to_v))
@@ -391,10 +386,6 @@ def build_mv_unet(preset, num_views=6, sparse=True, **overrides):
     return MVUNet(UNet2DConditionModel(**{**MVDIFF_UNET_CONFIGS[preset], **overrides}), num_views, sparse)
 
 
-# beside diffusers' files in our unet/ folders; FaceLift's has none
-REF_EMBED_FILE = "ref_view_embed.safetensors"
-
-
 class Conditioner:
     """The reference conditions. Pixel space (toy): the reference image itself, no class labels.
     Latent space (FaceLift): VAE latents x 0.18215 (the targets sampled from the posterior, the
@@ -427,11 +418,7 @@ class Conditioner:
         if not self.latent:
             return ref, None
         ref_latent = self.vae.encode(ref).latent_dist.mode() * 0.18215  # (B, 4, h, w)
-        # bicubic with antialiasing, as torchvision's resize (FaceLift's CLIP preprocessing)
-        px = F.interpolate((ref + 1) / 2, size=224, mode="bicubic", align_corners=False, antialias=True)
-        mean = torch.tensor([0.4815, 0.4578, 0.4082], device=px.device)[:, None, None]
-        std = torch.tensor([0.2686, 0.2613, 0.2758], device=px.device)[:, None, None]
-        emb = self.clip((px - mean) / std).image_embeds  # (B, 1024)
+        emb = clip_image_embeds(self.clip, (ref + 1) / 2)  # (B, 1024), FaceLift's CLIP preprocessing
         level = get_timestep_embedding(torch.zeros(len(emb), device=emb.device), emb.shape[-1],
                                        flip_sin_to_cos=True, downscale_freq_shift=0)  # (B, 1024)
         return ref_latent, torch.cat([emb, level.to(emb)], -1)  # labels (B, 2048)
@@ -911,8 +898,9 @@ def motion_unet(unet, adapter=None, max_frames=32, heads=4):
 
 
 def clip_image_embeds(clip, images):
-    """Frozen CLIP image encoder: images (B, 3, H, W) in [0, 1] -> projected embeddings (B, D),
-    resized to the encoder's input size and normalised with CLIP's statistics."""
+    """Frozen CLIP image encoder: images (B, 3, H, W) in [0, 1] -> projected embeddings (B, D), resized to
+    the encoder's input size (bicubic with antialiasing, as torchvision's resize) and normalised with CLIP's
+    statistics."""
     size = clip.config.vision_config.image_size if hasattr(clip.config, "vision_config") else clip.config.image_size
     px = F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True)
     mean = torch.tensor([0.4815, 0.4578, 0.4082], device=px.device)[:, None, None]

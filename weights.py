@@ -28,7 +28,6 @@ from models import (
     GSLRM,
     GSLRM_CONFIGS,
     IRESNET_CONFIGS,
-    REF_EMBED_FILE,
     DanceNet,
     FaceTokens,
     IResNet,
@@ -47,6 +46,9 @@ from plumbing import (
     save_config,
     write_state,
 )
+
+# beside diffusers' files in our unet/ folders; FaceLift's has none
+REF_EMBED_FILE = "ref_view_embed.safetensors"
 
 
 def check_keys(where, ours, theirs, ignore=lambda k: False):

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from models import get_rays, intrinsics_matrix, look_at_c2w, plucker, ray_encoding_facelift
+from models import get_rays, intrinsics_matrix, look_at_c2w, ray_encoding_facelift
 from render import quat_to_rotmat, render_gaussians
 
 
@@ -147,7 +147,6 @@ def test_ray_encodings():
     assert torch.allclose(enc[:, :3], d)
     assert torch.allclose((enc[:, 3:] * d).sum(-1), torch.zeros(10), atol=1e-5)
     assert torch.allclose(enc, ray_encoding_facelift(o + 0.7 * d, d), atol=1e-5)  # same ray, same code
-    assert torch.allclose(plucker(o, d), plucker(o - 1.3 * d, d), atol=1e-5)
 
 
 def test_quaternion_is_wxyz():
