@@ -32,7 +32,7 @@ from models import (
     referencenet_unused,
     sample_views,
 )
-from plumbing import make_accelerator, native_bf16_cpu
+from plumbing import make_accelerator
 from render import render_gaussians
 from toy import toy_face_recognizer, write_toy_mice
 
@@ -280,10 +280,6 @@ def bench_attention(repeat=5):
             print(f"| same, {mode} | {t[mode] * 1e3:.0f} ms ({t['fp32'] / t[mode]:.2f}x) |")
 
 
-def precision():
-    return "bf16 autocast" if native_bf16_cpu() else "fp32: this CPU has no native bf16"
-
-
 def timed_parts(step, n=12, warmup=3):
     """step() -> {part: seconds} (its own perf_counter marks); median of each part over n steps."""
     for _ in range(warmup):
@@ -316,7 +312,7 @@ def bench_train_gslrm(data_dir="data/toy_mice", init_from=""):
     from plumbing import load_checkpoint, seeded
     from train_gslrm import Config, evaluate, split_views
     cfg, perf = Config(data_dir=data_dir), time.perf_counter
-    autocast = make_accelerator(cfg.mixed_precision).autocast  # bf16 where the trainer uses it
+    accelerator = make_accelerator(cfg.mixed_precision)  # its autocast: bf16 where the trainer uses it
     torch.manual_seed(0)
     rig, S, n_in = load_rig(cfg.rig), cfg.image_size, cfg.num_input_views
     train_set = MultiViewDataset(f"{data_dir}/data_train.txt", S, range(6), cfg.num_novel_views, rig, 0, n_in)
@@ -338,7 +334,7 @@ def bench_train_gslrm(data_dir="data/toy_mice", init_from=""):
         tgt = torch.cat([batch["images"][:, pick], tgt], 1)  # (B, Vt, 4, H, W)
         tc2w, tK = torch.cat([c2w[:, pick], tc2w], 1), torch.cat([K[:, pick], tK], 1)
         t1 = perf()
-        with autocast():
+        with accelerator.autocast():
             gaussians = model(img, c2w, K)
         t2 = perf()
         pred, pred_alpha = model.render(gaussians, tc2w, tK, S, S).split([3, 1], dim=2)
@@ -352,8 +348,8 @@ def bench_train_gslrm(data_dir="data/toy_mice", init_from=""):
         return {"data": t1 - t0, "GS-LRM forward": t2 - t1, "render forward": t3 - t2, "backward": t4 - t3,
                 "clip + AdamW": perf() - t4}
 
-    print_parts(f"train_gslrm step ({precision()}), toy preset, batch 2, 6 views in, 4 rendered at {S} px"
-                + (f", from {init_from}" if init_from else ", fresh weights"), timed_parts(step))
+    print_parts(f"train_gslrm step ({accelerator.mixed_precision}), toy preset, batch 2, 6 views in, 4 rendered at "
+                f"{S} px" + (f", from {init_from}" if init_from else ", fresh weights"), timed_parts(step))
     mean_image = torch.full((3, S, S), 0.9)
     with tempfile.TemporaryDirectory() as d:
         t = timeit(lambda: evaluate(model, val_set, None, cfg, 0, mean_image, "cpu", d), repeat=1)
@@ -372,7 +368,7 @@ def bench_train_mvdiff(data_dir="data/toy_mice_mv"):
     from plumbing import seeded
     from train_mvdiff import Config, update_ema
     cfg, perf = Config(data_dir=data_dir), time.perf_counter
-    autocast = make_accelerator(cfg.mixed_precision).autocast  # bf16 where the trainer uses it
+    accelerator = make_accelerator(cfg.mixed_precision)  # its autocast: bf16 where the trainer uses it
     torch.manual_seed(0)
     rig = load_rig(cfg.rig)
     train_set = MultiViewDataset(f"{data_dir}/data_train.txt", cfg.image_size, range(6), 0, rig, 0)
@@ -396,7 +392,7 @@ def bench_train_mvdiff(data_dir="data/toy_mice_mv"):
         noisy, target = noise_scheduler.add_noise(x0, noise, t), diffusion_target(noise_scheduler, x0, noise, t)
         weight = min_snr_weight(noise_scheduler.alphas_cumprod[t], cfg.min_snr_gamma, cfg.prediction_type)
         t1 = perf()
-        with autocast():
+        with accelerator.autocast():
             loss = weighted_mse(model(noisy, t, prompt_embeds, torch.zeros(B, dtype=torch.long), ref_cond),
                                 target, weight)
         t2 = perf()
@@ -409,7 +405,7 @@ def bench_train_mvdiff(data_dir="data/toy_mice_mv"):
         optimizer.zero_grad(set_to_none=True)
         return {"data": t1 - t0, "UNet forward": t2 - t1, "backward": t3 - t2, "clip + AdamW + EMA": perf() - t3}
 
-    print_parts(f"train_mvdiff step ({precision()}), toy UNet, {cfg.batch_size} objects x 6 views at "
+    print_parts(f"train_mvdiff step ({accelerator.mixed_precision}), toy UNet, {cfg.batch_size} objects x 6 views at "
                 f"{cfg.image_size} px",
                 timed_parts(step))
 
