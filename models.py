@@ -93,9 +93,8 @@ SH_C0 = 0.28209479177387814  # degree-0 spherical harmonic: rgb = 0.5 + SH_C0 * 
 
 
 def attention(q, k, v):
-    """F.scaled_dot_product_attention, except under CPU autocast: there the SDPA kernels' bf16 backward is
-    slower than plain bf16 matmuls (`bench.py --only=attention`), so the scores come from a matmul and
-    the softmax runs in fp32. q (..., Lq, d), k and v (..., Lk, d) -> (..., Lq, d)."""
+    """q (..., Lq, d), k, v (..., Lk, d) -> (..., Lq, d): SDPA, except under CPU autocast, where SDPA's bf16
+    backward is slower than bf16 matmuls (`bench.py --only=attention`): scores by matmul, softmax in fp32."""
     if q.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
         return F.scaled_dot_product_attention(q, k, v)
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (..., Lq, Lk)
@@ -418,7 +417,7 @@ class Conditioner:
         if not self.latent:
             return ref, None
         ref_latent = self.vae.encode(ref).latent_dist.mode() * 0.18215  # (B, 4, h, w)
-        emb = clip_image_embeds(self.clip, (ref + 1) / 2)  # (B, 1024), FaceLift's CLIP preprocessing
+        emb = clip_image_embeds(self.clip, (ref + 1) / 2)  # (B, 1024)
         level = get_timestep_embedding(torch.zeros(len(emb), device=emb.device), emb.shape[-1],
                                        flip_sin_to_cos=True, downscale_freq_shift=0)  # (B, 1024)
         return ref_latent, torch.cat([emb, level.to(emb)], -1)  # labels (B, 2048)
@@ -898,9 +897,8 @@ def motion_unet(unet, adapter=None, max_frames=32, heads=4):
 
 
 def clip_image_embeds(clip, images):
-    """Frozen CLIP image encoder: images (B, 3, H, W) in [0, 1] -> projected embeddings (B, D), resized to
-    the encoder's input size (bicubic with antialiasing, as torchvision's resize) and normalised with CLIP's
-    statistics."""
+    """Frozen CLIP: images (B, 3, H, W) in [0, 1] -> embeddings (B, D); resized to its input size (bicubic,
+    antialiased: torchvision's resize, FaceLift's preprocessing) and normalised with CLIP's statistics."""
     size = clip.config.vision_config.image_size if hasattr(clip.config, "vision_config") else clip.config.image_size
     px = F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True)
     mean = torch.tensor([0.4815, 0.4578, 0.4082], device=px.device)[:, None, None]
